@@ -1,0 +1,40 @@
+# dynvm: `make lab` to try it against a simulated Xen lab, `make test` to run the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+LAB    ?= .lab
+
+.PHONY: install lab test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## lab: a simulated Xen lab of 4 hosts on 127.0.0.1 (Ctrl-C stops it)
+lab: $(STAMP)
+	@mkdir -p $(LAB)
+	$(BIN)/dynvm sim --hosts 4 --write-config $(LAB)/dynvmservice.ini --foreign-vms 2
+
+## test: the whole suite, in parallel on every core
+test: $(STAMP)
+	$(BIN)/python -m pytest -n auto -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+## bench: speed and memory figures, printed as tables (never part of `make test`)
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) $(LAB) .pytest_cache .ruff_cache build dist src/*.egg-info

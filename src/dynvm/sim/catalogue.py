@@ -1,0 +1,117 @@
+"""The OS templates every simulated host carries, and what their guests report.
+
+Names follow the ones in SPEC.md's example configuration; sizes follow the issue that
+introduced the simulator (Linux: 4 vCPUs, 4 GiB, 35 GiB disk; Windows: 6 vCPUs, 6 GiB,
+71 GiB). ``os_version`` maps are shaped like those real guest agents report (see
+``../shared/xapi/real-records``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class OsTemplate:
+    name_label: str
+    vcpus: int
+    memory: int
+    disk: int
+    os_version: dict[str, str]
+    windows: bool = False
+    base_template_name: str = ""
+    keys: tuple[str, ...] = field(default=())  # the config's <os>.template keys that use it
+
+
+def _linux(name: str, distro: str, major: str, minor: str, pretty: str, uname: str) -> dict[str, str]:
+    return {"name": pretty, "distro": distro, "major": major, "minor": minor, "uname": uname}
+
+
+TEMPLATES: tuple[OsTemplate, ...] = (
+    OsTemplate(
+        "tmpl-cnt7.7",
+        4,
+        4 * GiB,
+        35 * GiB,
+        _linux("centos", "centos", "7", "7", "CentOS Linux release 7.7.1908 (Core)", "3.10.0-1062.el7.x86_64"),
+        base_template_name="CentOS 7",
+        keys=("centos", "centos7"),
+    ),
+    OsTemplate(
+        "tmpl-cnt8.0",
+        4,
+        4 * GiB,
+        35 * GiB,
+        _linux("centos", "centos", "8", "0", "CentOS Linux release 8.0.1905 (Core)", "4.18.0-80.el8.x86_64"),
+        base_template_name="CentOS 8",
+        keys=("centos8",),
+    ),
+    OsTemplate(
+        "tmpl-oel8",
+        4,
+        4 * GiB,
+        35 * GiB,
+        _linux("oel", "oracle", "8", "2", "Oracle Linux Server release 8.2", "5.4.17-2011.1.2.el8uek.x86_64"),
+        base_template_name="Oracle Linux 8",
+        keys=("oel8",),
+    ),
+    OsTemplate(
+        "tmpl-deb10-too",
+        4,
+        4 * GiB,
+        35 * GiB,
+        _linux("debian", "debian", "10", "0", "Debian GNU/Linux 10 (buster)", "4.19.0-6-amd64"),
+        base_template_name="Debian Buster 10",
+        keys=("debian10",),
+    ),
+    OsTemplate(
+        "tmpl-ubu18-4cgb",
+        4,
+        4 * GiB,
+        35 * GiB,
+        _linux("ubuntu", "ubuntu", "18", "04", "Ubuntu 18.04.4 LTS", "4.15.0-76-generic"),
+        base_template_name="Ubuntu Bionic Beaver 18.04",
+        keys=("ubuntu18",),
+    ),
+    OsTemplate(
+        "tmpl-suse15",
+        4,
+        4 * GiB,
+        35 * GiB,
+        _linux("sles", "sles", "15", "1", "SUSE Linux Enterprise Server 15 SP1", "4.12.14-197.29-default"),
+        base_template_name="SUSE Linux Enterprise Server 15 (64-bit)",
+        keys=("suse15",),
+    ),
+    OsTemplate(
+        "tmpl-win16dc - PATCHED (1)",
+        6,
+        6 * GiB,
+        71 * GiB,
+        {
+            "name": "Microsoft Windows Server 2016 Datacenter|C:\\Windows|\\Device\\Harddisk0\\Partition2",
+            "distro": "windows",
+            "major": "10",
+            "minor": "0",
+            "spmajor": "0",
+            "spminor": "0",
+            "build": "14393",
+        },
+        windows=True,
+        base_template_name="Windows Server 2016 (64-bit)",
+        keys=("windows",),
+    ),
+)
+
+
+def template_for_key(key: str) -> OsTemplate:
+    for template in TEMPLATES:
+        if key in template.keys:
+            return template
+    raise KeyError(key)
+
+
+def os_keys() -> list[str]:
+    """The ``<os>.template`` keys written into a generated config, in a stable order."""
+    return ["centos", "centos7", "centos8", "windows", "oel8", "debian10", "ubuntu18", "suse15"]

@@ -1,0 +1,101 @@
+"""The guest agent of a running VM, played by timers.
+
+After ``VM.start`` the guest "boots" for ``boot_seconds``, then its agent reports
+``os_version`` in a fresh ``VM_guest_metrics``; after ``ip_seconds`` more it reports its
+address in ``networks["0/ip"]``: from the host's DHCP pool, or a 169.254.x.y (APIPA)
+address when a fault says so or the pool is empty, as a Windows guest does when DHCP fails.
+
+Timer callbacks run on the scheduler thread: they take the store lock briefly and never
+sleep. A VM that was shut down or restarted meanwhile has a new boot epoch, and the stale
+timer does nothing.
+"""
+
+from __future__ import annotations
+
+from .catalogue import OsTemplate
+from .host import SimHost
+from .schema import NULL_REF
+
+GENERIC_LINUX = {"name": "Linux", "distro": "linux", "major": "0", "minor": "0", "uname": "unknown"}
+
+
+def boot(host: SimHost, vm: str, instant: bool = False) -> None:
+    """Begin the guest's boot; called by ``VM.start`` once the domain runs."""
+    epoch = host.boot_epochs.get(vm, 0) + 1
+    host.boot_epochs[vm] = epoch
+    if instant:
+        _agent_up(host, vm, epoch, instant=True)
+    else:
+        delay = host.timing.scaled(host.timing.boot_seconds)
+        host.scheduler.call_later(delay, lambda: _agent_up(host, vm, epoch))
+
+
+def stop(host: SimHost, vm: str) -> None:
+    """The domain is gone: forget pending timers and give the address back."""
+    host.boot_epochs[vm] = host.boot_epochs.get(vm, 0) + 1
+    host.dhcp.release(vm)
+
+
+def _current(host: SimHost, vm: str, epoch: int) -> bool:
+    return host.boot_epochs.get(vm) == epoch and host.store.exists("VM", vm)
+
+
+def _agent_up(host: SimHost, vm: str, epoch: int, instant: bool = False) -> None:
+    store = host.store
+    with store.lock:
+        if not _current(host, vm, epoch):
+            return
+        profile: OsTemplate | None = host.guest_os.get(vm)
+        os_version = dict(profile.os_version) if profile else dict(GENERIC_LINUX)
+        metrics = store.create(
+            "VM_guest_metrics",
+            {
+                "os_version": os_version,
+                "PV_drivers_version": {"major": "7", "minor": "2", "micro": "0", "build": "148"},
+                "PV_drivers_up_to_date": True,
+                "PV_drivers_detected": True,
+                "other": {
+                    "feature-balloon": "1",
+                    "feature-shutdown": "1",
+                    "feature-suspend": "1",
+                    "feature-vcpu-hotplug": "1",
+                    "has-vendor-device": "0",
+                    "platform-feature-multiprocessor-suspend": "1",
+                },
+                "networks": {},
+                "live": True,
+                "last_updated": host.now(),
+            },
+        )
+        store.update("VM", vm, guest_metrics=metrics)
+    if instant:
+        _network_up(host, vm, epoch)
+    else:
+        host.scheduler.call_later(host.timing.scaled(host.timing.ip_seconds), lambda: _network_up(host, vm, epoch))
+
+
+def _network_up(host: SimHost, vm: str, epoch: int) -> None:
+    store = host.store
+    with store.lock:
+        if not _current(host, vm, epoch):
+            return
+        metrics = str(store.get("VM", vm)["guest_metrics"])
+        if metrics == NULL_REF or not store.exists("VM_guest_metrics", metrics):
+            return
+        ip = _choose_address(host, vm)
+        store.update("VM_guest_metrics", metrics, networks={"0/ip": ip, "0/ipv4/0": ip}, last_updated=host.now())
+
+
+def _choose_address(host: SimHost, vm: str) -> str:
+    faults = host.faults
+    apipa = False
+    if faults.apipa_next > 0:
+        faults.apipa_next -= 1
+        apipa = True
+    elif faults.apipa_rate > 0 and host.random.random() < faults.apipa_rate:
+        apipa = True
+    if not apipa and not faults.dhcp_exhausted:
+        ip = host.dhcp.lease(vm)
+        if ip is not None:
+            return ip
+    return f"169.254.{host.random.randint(1, 254)}.{host.random.randint(1, 254)}"

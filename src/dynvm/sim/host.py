@@ -1,0 +1,153 @@
+"""``SimHost``: the state of one simulated Xen host, shared by its API handlers.
+
+It owns the object store, the timing and fault settings, the DHCP pool and the refs of
+the objects every host has (the host itself, its pool, dom0, the local SR, the management
+network). Behaviour lives elsewhere: ``population`` fills a new host, ``lifecycle``
+changes VMs and disks, ``guest`` plays the guest agent, ``api`` answers the wire.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import threading
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .catalogue import OsTemplate
+from .scheduler import Scheduler
+from .settings import Faults, HostSpec, Timing
+from .store import ObjectStore
+
+
+def xapi_datetime(epoch: float) -> xmlrpc.client.DateTime:
+    return xmlrpc.client.DateTime(time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime(epoch)))
+
+
+@dataclass(slots=True)
+class HostRefs:
+    host: str = ""
+    pool: str = ""
+    metrics: str = ""
+    dom0: str = ""
+    sr: str = ""
+    iso_sr: str = ""
+    tools_iso: str = ""
+    network: str = ""
+    pif: str = ""
+    templates: dict[str, str] = field(default_factory=dict)  # name_label -> ref
+
+
+class DhcpPool:
+    """Leases of the host's loopback range, one per running VM."""
+
+    def __init__(self, network: ipaddress.IPv4Network) -> None:
+        self._free = [str(ip) for ip in list(network.hosts())[1:]]  # .1 is the gateway
+        self._free.reverse()
+        self._leases: dict[str, str] = {}  # vm ref -> ip
+        self._lock = threading.Lock()
+
+    def lease(self, vm: str) -> str | None:
+        with self._lock:
+            if vm in self._leases:
+                return self._leases[vm]
+            if not self._free:
+                return None
+            ip = self._free.pop()
+            self._leases[vm] = ip
+            return ip
+
+    def release(self, vm: str) -> None:
+        with self._lock:
+            ip = self._leases.pop(vm, None)
+            if ip is not None:
+                self._free.append(ip)
+
+    @property
+    def available(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
+class SimHost:
+    """Built empty; ``population.build_host`` creates one with its standard inventory."""
+
+    def __init__(
+        self,
+        spec: HostSpec,
+        timing: Timing | None = None,
+        scheduler: Scheduler | None = None,
+        wallclock: Callable[[], float] = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.timing = timing or Timing()
+        self.faults = Faults()
+        self.store = ObjectStore()
+        self.wallclock = wallclock
+        self.random = random.Random(seed)
+        self._own_scheduler = scheduler is None
+        self.scheduler = scheduler or Scheduler()
+        assert spec.dhcp_network is not None
+        self.dhcp = DhcpPool(spec.dhcp_network)
+        self.refs = HostRefs()
+        self.boot_epochs: dict[str, int] = {}  # vm ref -> boot number; stale timers check it
+        self.guest_os: dict[str, OsTemplate] = {}  # vm ref -> what its guest reports
+        self._domids = iter(range(1, 1 << 30))
+        self.up = threading.Event()
+        self.up.set()
+
+    def now(self) -> xmlrpc.client.DateTime:
+        return xapi_datetime(self.wallclock())
+
+    def next_domid(self) -> str:
+        return str(next(self._domids))
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep a scaled delay in the calling (request) thread; holds no lock."""
+        if seconds > 0:
+            time.sleep(self.timing.scaled(seconds))
+
+    def close(self) -> None:
+        if self._own_scheduler:
+            self.scheduler.stop()
+
+    # -- memory accounting -------------------------------------------------------------
+
+    def memory_in_use(self) -> int:
+        """Bytes held by resident domains (dom0 included), as xapi's admission sees it."""
+        with self.store.lock:
+            host = self.store.get("host", self.refs.host)
+            total = 0
+            for vm in host["resident_VMs"]:  # type: ignore[union-attr]
+                record = self.store.get("VM", vm)
+                total += int(record["memory_static_max"]) + int(record["memory_overhead"])  # type: ignore[arg-type]
+            return total
+
+    def memory_free(self) -> int:
+        return self.spec.memory - self.memory_in_use()
+
+    def refresh_memory_free(self) -> None:
+        with self.store.lock:
+            self.store.update("host_metrics", self.refs.metrics, memory_free=str(self.memory_free()), last_updated=self.now())
+
+    # -- storage accounting ------------------------------------------------------------
+
+    def refresh_sr_usage(self, sr: str) -> None:
+        with self.store.lock:
+            used = 0
+            allocated = 0
+            for vdi in self.store.get("SR", sr)["VDIs"]:  # type: ignore[union-attr]
+                record = self.store.get("VDI", vdi)
+                used += int(record["physical_utilisation"])  # type: ignore[arg-type]
+                allocated += int(record["virtual_size"])  # type: ignore[arg-type]
+            if sr == self.refs.sr:
+                used += self.faults.sr_reserved
+            self.store.update("SR", sr, physical_utilisation=str(used), virtual_allocation=str(allocated))
+
+    def sr_free(self, sr: str) -> int:
+        with self.store.lock:
+            record = self.store.get("SR", sr)
+            return int(record["physical_size"]) - int(record["physical_utilisation"])  # type: ignore[arg-type]

@@ -1,0 +1,135 @@
+"""A lab of simulated hosts in one process: what ``dynvm sim`` runs.
+
+It builds N hosts sharing one timer thread, starts each on its own 127.0.0.1 port plus a
+control port, and writes a ``.dynvmservice.ini`` that points dynvm at them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .catalogue import GiB, os_keys, template_for_key
+from .control import Control
+from .node import HostNode
+from .population import build_host
+from .scheduler import Scheduler
+from .server import Endpoint
+from .settings import HostSpec, Timing
+from .tls import server_context, write_self_signed
+
+
+@dataclass
+class LabOptions:
+    hosts: int = 4
+    base_port: int = 0
+    control_port: int = 0
+    host_cpus: int = 32
+    host_memory_gib: float = 128
+    foreign_vms: int = 0
+    apipa_rate: float = 0.0
+    tls: bool = False
+    seed: int | None = None
+    timing: Timing = field(default_factory=Timing)
+
+
+class Lab:
+    def __init__(self, options: LabOptions, files_prefix: Path | None = None) -> None:
+        """``files_prefix``: where ``--tls`` writes ``<prefix>.sim-cert.pem`` and its key
+        (beside the config it writes); a temporary directory when not given."""
+        if options.hosts < 1:
+            raise ValueError("a lab needs at least one host")
+        self.options = options
+        self.scheduler = Scheduler()
+        self.nodes: list[HostNode] = []
+        self._by_password: dict[str, HostNode] = {}
+        self.cert_path: Path | None = None
+        tls = None
+        if options.tls:
+            prefix = str(files_prefix or Path(tempfile.mkdtemp(prefix="dynvm-sim-")) / "lab")
+            self.cert_path = Path(prefix + ".sim-cert.pem")
+            key_path = Path(prefix + ".sim-key.pem")
+            write_self_signed(self.cert_path, key_path)
+            tls = server_context(self.cert_path, key_path)
+        self.control = Control(self._by_password.get)
+        for index in range(1, options.hosts + 1):
+            spec = HostSpec(
+                index=index,
+                password=secrets.token_urlsafe(12),
+                cpus=options.host_cpus,
+                memory=int(options.host_memory_gib * GiB),
+                foreign_vms=options.foreign_vms,
+            )
+            seed = None if options.seed is None else options.seed + index
+            timing = dataclasses.replace(options.timing)  # each host's timing can then change alone
+            host = build_host(spec, timing, self.scheduler, seed=seed)
+            host.faults.apipa_rate = options.apipa_rate
+            port = options.base_port + index - 1 if options.base_port else 0
+            node = HostNode(host, self.control.route, port, tls)
+            self.nodes.append(node)
+            self._by_password[spec.password] = node
+        self.control_endpoint = Endpoint(self.control.route, options.control_port)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.endpoint.start()
+        self.control_endpoint.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.endpoint.stop()
+        self.control_endpoint.stop()
+        self.scheduler.stop()
+
+    def config_text(self) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        lines = [
+            f"; Written by `dynvm sim` at {stamp}: {len(self.nodes)} simulated Xen hosts on 127.0.0.1.",
+            f"; dynvm-sim-control: {self.control_endpoint.url}/",
+            ";   sim.* methods (see the README); each takes the host's password first.",
+            "",
+            "[couchbase]",
+            "; Fill in to also keep VM history in Couchbase; empty keeps it in dynvm's database only.",
+            "couchbase.server=",
+            "couchbase.bucket=",
+            "couchbase.username=",
+            "couchbase.userpassword=",
+            "",
+            "[common]",
+            "vm.expiry.minutes=720",
+            "vm.network.timeout.secs=400",
+        ]
+        for index, node in enumerate(self.nodes, start=1):
+            spec = node.host.spec
+            lines += [
+                "",
+                f"[xenhost{index}]",
+                f"host.name={node.url}",
+                f"host.user={spec.user}",
+                f"host.password={spec.password}",
+                f"host.storage.name={spec.storage_name}",
+            ]
+            if self.cert_path is not None:
+                lines.append(f"host.tls.ca_file={self.cert_path}")
+            lines += [f"{key}.template={template_for_key(key).name_label}" for key in os_keys()]
+        return "\n".join(lines) + "\n"
+
+    def write_config(self, path: Path) -> None:
+        """Write the config atomically: a reader sees the old file or the whole new one.
+        It holds passwords, so only its owner may read it."""
+        path = path.expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.config_text())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,484 @@
+"""VM, disk and device operations with xapi's rules: power states, memory admission,
+copy-on-write clones, provisioning from ``other_config['disks']``, and VDIs that outlive
+their VM until ``VDI.destroy``.
+
+Each function is called from a request thread. Slow steps (``clone_seconds``,
+``start_seconds``) sleep before the store lock is taken, so many calls proceed at once;
+checks and changes happen together under the lock, so two calls cannot both pass a check
+that only one of them should (the last free memory, the last free disk space).
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from .errors import XapiError, bad_power_state
+from .guest import boot, stop
+from .host import SimHost
+from .schema import NULL_REF
+from .store import copy_record, new_uuid
+
+HALTED_OPERATIONS = [
+    "changing_dynamic_range",
+    "changing_static_range",
+    "changing_shadow_memory",
+    "changing_VCPUs",
+    "make_into_template",
+    "migrate_send",
+    "destroy",
+    "provision",
+    "export",
+    "start_on",
+    "start",
+    "clone",
+    "copy",
+    "snapshot",
+]
+RUNNING_OPERATIONS = [
+    "changing_dynamic_range",
+    "migrate_send",
+    "pool_migrate",
+    "changing_VCPUs_live",
+    "suspend",
+    "hard_reboot",
+    "hard_shutdown",
+    "clean_reboot",
+    "clean_shutdown",
+    "pause",
+    "checkpoint",
+    "snapshot",
+]
+
+
+def random_mac(host: SimHost) -> str:
+    octets = [0x02 | (host.random.randint(0, 255) & 0xFC)] + [host.random.randint(0, 255) for _ in range(5)]
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def _vm(host: SimHost, vm: str) -> dict[str, object]:
+    return host.store.get("VM", vm)
+
+
+def _fault(host: SimHost, operation: str, vm: str) -> None:
+    """Raise the error a test asked the next ``operation`` to fail with, if any."""
+    code = host.faults.take_failure(operation)
+    if code is None:
+        return
+    params: list[object]
+    match code:
+        case "HOST_NOT_ENOUGH_FREE_MEMORY":
+            params = [str(int(str(_vm(host, vm)["memory_static_max"]))), str(host.memory_free())]
+        case "SR_FULL":
+            params = ["0", str(host.sr_free(host.refs.sr))]
+        case "NO_HOSTS_AVAILABLE" | "EVENTS_LOST":
+            params = []
+        case "INTERNAL_ERROR":
+            params = [f"simulated {operation} failure"]
+        case _:
+            params = [vm]
+    raise XapiError(code, *params)
+
+
+def _require_power_state(host: SimHost, vm: str, *expected: str) -> dict[str, object]:
+    record = _vm(host, vm)
+    actual = str(record["power_state"])
+    if actual not in expected:
+        raise bad_power_state(vm, expected[0], actual)
+    return record
+
+
+# -- clone and provision ---------------------------------------------------------------
+
+
+def clone(host: SimHost, vm: str, new_name: str, instant: bool = False) -> str:
+    store = host.store
+    with store.lock:
+        _require_power_state(host, vm, "Halted")
+        _fault(host, "clone", vm)
+    if not instant:
+        host.sleep(host.timing.clone_seconds)
+    with store.lock:
+        source = _vm(host, vm)
+        if source["power_state"] != "Halted":  # it may have been started while we copied
+            raise bad_power_state(vm, "halted", str(source["power_state"]))
+        record = copy_record(source)
+        other_config = dict(record["other_config"])  # type: ignore[call-overload]
+        other_config["mac_seed"] = new_uuid()
+        metrics = store.create("VM_metrics", {"memory_actual": "0", "VCPUs_number": "0", "install_time": host.now()})
+        record.update(
+            uuid=new_uuid(),
+            name_label=new_name,
+            power_state="Halted",
+            is_default_template=False,
+            resident_on=NULL_REF,
+            domid="-1",
+            VBDs=[],
+            VIFs=[],
+            consoles=[],
+            snapshots=[],
+            children=[],
+            parent=vm,
+            metrics=metrics,
+            guest_metrics=NULL_REF,
+            other_config=other_config,
+            current_operations={},
+            allowed_operations=list(HALTED_OPERATIONS),
+        )
+        new_vm = store.create("VM", record)
+        if vm in host.guest_os:
+            host.guest_os[new_vm] = host.guest_os[vm]
+        for vbd in list(source["VBDs"]):  # type: ignore[call-overload]
+            _clone_vbd(host, vbd, new_vm)
+        for vif in list(source["VIFs"]):  # type: ignore[call-overload]
+            old = store.get("VIF", vif)
+            create_vif(host, {"VM": new_vm, "network": old["network"], "device": old["device"], "MTU": old["MTU"]})
+        return new_vm
+
+
+def _clone_vbd(host: SimHost, vbd: str, new_vm: str) -> None:
+    store = host.store
+    old = store.get("VBD", vbd)
+    vdi = str(old["VDI"])
+    if old["type"] == "Disk" and vdi != NULL_REF:
+        # Copy-on-write: a new VDI whose parent is the original's; it costs what the
+        # original costs on a thick SR, which is what capacity planning must assume.
+        source = store.get("VDI", vdi)
+        vdi = store.create(
+            "VDI",
+            {
+                "name_label": source["name_label"],
+                "name_description": source["name_description"],
+                "SR": source["SR"],
+                "virtual_size": source["virtual_size"],
+                "physical_utilisation": source["physical_utilisation"],
+                "type": source["type"],
+                "sharable": source["sharable"],
+                "read_only": False,
+                "managed": True,
+                "sm_config": {"vdi_type": "vhd", "vhd-parent": str(source["uuid"])},
+                "allowed_operations": ["clone", "snapshot", "destroy", "resize", "copy"],
+            },
+        )
+        host.refresh_sr_usage(str(source["SR"]))
+    create_vbd(
+        host,
+        {
+            "VM": new_vm,
+            "VDI": vdi,
+            "userdevice": old["userdevice"],
+            "bootable": old["bootable"],
+            "mode": old["mode"],
+            "type": old["type"],
+            "empty": old["empty"],
+            "unpluggable": old["unpluggable"],
+        },
+    )
+
+
+def provision(host: SimHost, vm: str) -> None:
+    """Turn a cloned template into a VM and create the disks its ``other_config['disks']``
+    asks for, each on the SR named by uuid (the pool's default SR when empty)."""
+    store = host.store
+    with store.lock:
+        record = _require_power_state(host, vm, "Halted")
+        _fault(host, "provision", vm)
+        store.update("VM", vm, is_a_template=False)
+        spec = dict(record["other_config"]).get("disks", "")  # type: ignore[call-overload]
+        if not spec:
+            return
+        try:
+            disks = ET.fromstring(spec).findall("disk")
+        except ET.ParseError as e:
+            raise XapiError("INTERNAL_ERROR", f"bad provision spec: {e}") from None
+        created: list[str] = []
+        try:
+            for disk in disks:
+                sr_uuid = disk.get("sr", "")
+                sr = store.by_uuid("SR", sr_uuid) if sr_uuid else str(store.get("pool", host.refs.pool)["default_SR"])
+                size = int(disk.get("size", "0"))
+                vdi = create_vdi(
+                    host,
+                    {
+                        "name_label": f"{record['name_label']} {disk.get('device', '0')}",
+                        "SR": sr,
+                        "virtual_size": str(size),
+                        "type": disk.get("type", "system"),
+                        "sharable": False,
+                        "read_only": False,
+                    },
+                )
+                created.append(vdi)
+                create_vbd(
+                    host,
+                    {
+                        "VM": vm,
+                        "VDI": vdi,
+                        "userdevice": disk.get("device", "0"),
+                        "bootable": disk.get("bootable", "false") == "true",
+                        "mode": "RW",
+                        "type": "Disk",
+                        "empty": False,
+                        "unpluggable": False,
+                    },
+                )
+        except XapiError:
+            for vdi in created:  # xapi deletes what it created when an install fails
+                destroy_vdi(host, vdi)
+            raise
+        other_config = dict(record["other_config"])  # type: ignore[call-overload]
+        other_config.pop("disks", None)
+        store.update("VM", vm, other_config=other_config)
+
+
+# -- power -----------------------------------------------------------------------------
+
+
+def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = False) -> None:
+    store = host.store
+    with store.lock:
+        record = _vm(host, vm)
+        if record["is_a_template"]:
+            raise XapiError("VM_IS_TEMPLATE", vm)
+        _require_power_state(host, vm, "Halted")
+        _fault(host, "start", vm)
+        needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
+        free = host.memory_free()
+        if needed > free:
+            raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
+        store.update(
+            "VM",
+            vm,
+            power_state="Paused" if start_paused else "Running",
+            resident_on=host.refs.host,
+            domid=host.next_domid(),
+            allowed_operations=list(RUNNING_OPERATIONS),
+        )
+        _attach_devices(host, record, True)
+        old_metrics = str(record["guest_metrics"])
+        if old_metrics != NULL_REF and store.exists("VM_guest_metrics", old_metrics):
+            store.destroy("VM_guest_metrics", old_metrics)
+        store.update("VM", vm, guest_metrics=NULL_REF)
+        metrics = str(record["metrics"])
+        if store.exists("VM_metrics", metrics):
+            store.update(
+                "VM_metrics",
+                metrics,
+                start_time=host.now(),
+                last_updated=host.now(),
+                memory_actual=str(record["memory_static_max"]),
+                VCPUs_number=str(record["VCPUs_at_startup"]),
+                hvm=True,
+                current_domain_type="hvm",
+            )
+        host.refresh_memory_free()
+    if not instant:
+        host.sleep(host.timing.start_seconds)
+    if not start_paused:
+        boot(host, vm, instant=instant)
+
+
+def hard_shutdown(host: SimHost, vm: str) -> None:
+    store = host.store
+    with store.lock:
+        record = _vm(host, vm)
+        if record["is_control_domain"]:
+            raise XapiError("OPERATION_NOT_ALLOWED", "the control domain cannot be shut down")
+        _require_power_state(host, vm, "Running", "Paused", "Suspended")
+        _fault(host, "hard_shutdown", vm)
+        stop(host, vm)
+        store.update(
+            "VM",
+            vm,
+            power_state="Halted",
+            resident_on=NULL_REF,
+            domid="-1",
+            allowed_operations=list(HALTED_OPERATIONS),
+        )
+        _attach_devices(host, record, False)
+        metrics = str(record["guest_metrics"])
+        if metrics != NULL_REF and store.exists("VM_guest_metrics", metrics):
+            store.update("VM_guest_metrics", metrics, live=False)
+        host.refresh_memory_free()
+
+
+def clean_shutdown(host: SimHost, vm: str) -> None:
+    with host.store.lock:
+        _require_power_state(host, vm, "Running")
+    hard_shutdown(host, vm)
+
+
+def _attach_devices(host: SimHost, record: dict[str, object], attached: bool) -> None:
+    for vbd in list(record["VBDs"]):  # type: ignore[call-overload]
+        host.store.update("VBD", vbd, currently_attached=attached)
+    for vif in list(record["VIFs"]):  # type: ignore[call-overload]
+        host.store.update("VIF", vif, currently_attached=attached)
+
+
+# -- destroy ---------------------------------------------------------------------------
+
+
+def destroy_vm(host: SimHost, vm: str) -> None:
+    """Destroy the VM and its devices; its VDIs stay until ``VDI.destroy``."""
+    store = host.store
+    with store.lock:
+        record = _vm(host, vm)
+        if record["is_control_domain"]:
+            raise XapiError("OPERATION_NOT_ALLOWED", "the control domain cannot be destroyed")
+        _require_power_state(host, vm, "Halted")
+        _fault(host, "destroy", vm)
+        for vbd in list(record["VBDs"]):  # type: ignore[call-overload]
+            store.destroy("VBD", vbd)
+        for vif in list(record["VIFs"]):  # type: ignore[call-overload]
+            store.destroy("VIF", vif)
+        for cls, ref in (("VM_metrics", record["metrics"]), ("VM_guest_metrics", record["guest_metrics"])):
+            if store.exists(cls, str(ref)):
+                store.destroy(cls, str(ref))
+        store.destroy("VM", vm)
+        host.guest_os.pop(vm, None)
+        host.boot_epochs.pop(vm, None)
+        host.dhcp.release(vm)
+
+
+def destroy_vdi(host: SimHost, vdi: str) -> None:
+    store = host.store
+    with store.lock:
+        record = store.get("VDI", vdi)
+        sr = str(record["SR"])
+        if store.get("SR", sr)["content_type"] == "iso":
+            raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
+        for vbd in record["VBDs"]:  # type: ignore[union-attr]
+            if store.get("VBD", vbd)["currently_attached"]:
+                raise XapiError("VDI_IN_USE", vdi, "destroy")
+        _fault(host, "vdi_destroy", vdi)
+        for vbd in list(record["VBDs"]):  # type: ignore[call-overload]
+            store.destroy("VBD", vbd)
+        store.destroy("VDI", vdi)
+        host.refresh_sr_usage(sr)
+
+
+# -- devices and disks -----------------------------------------------------------------
+
+
+def create_vdi(host: SimHost, fields: dict[str, object]) -> str:
+    store = host.store
+    with store.lock:
+        sr = str(fields.get("SR", NULL_REF))
+        store.get("SR", sr)
+        size = int(str(fields.get("virtual_size", "0")))
+        free = host.sr_free(sr)
+        if size > free:
+            raise XapiError("SR_FULL", size, free)
+        values = {
+            "physical_utilisation": str(size),  # thick provisioning: what you ask is what you use
+            "managed": True,
+            "location": "",
+            "sm_config": {"vdi_type": "vhd"},
+            "allowed_operations": ["clone", "snapshot", "destroy", "resize", "copy"],
+            **fields,
+        }
+        vdi = store.create("VDI", values)
+        store.update("VDI", vdi, location=store.get("VDI", vdi)["uuid"])
+        host.refresh_sr_usage(sr)
+        return vdi
+
+
+def create_vbd(host: SimHost, fields: dict[str, object]) -> str:
+    store = host.store
+    with store.lock:
+        vm = str(fields.get("VM", NULL_REF))
+        record = _vm(host, vm)
+        vdi = str(fields.get("VDI", NULL_REF))
+        if vdi != NULL_REF:
+            store.get("VDI", vdi)
+        device = str(fields.get("userdevice", ""))
+        used = {str(store.get("VBD", v)["userdevice"]) for v in record["VBDs"]}  # type: ignore[union-attr]
+        if device in ("", "autodetect"):
+            device = next(str(n) for n in range(16) if str(n) not in used)
+        elif device in used:
+            raise XapiError("DEVICE_ALREADY_EXISTS", device)
+        values = {
+            "storage_lock": False,
+            "status_code": "0",
+            "device": "",
+            "allowed_operations": ["attach"],
+            **fields,
+            "userdevice": device,
+            "currently_attached": False,
+        }
+        return store.create("VBD", values)
+
+
+def create_vif(host: SimHost, fields: dict[str, object]) -> str:
+    store = host.store
+    with store.lock:
+        vm = str(fields.get("VM", NULL_REF))
+        record = _vm(host, vm)
+        store.get("network", str(fields.get("network", NULL_REF)))
+        device = str(fields.get("device", "0"))
+        if any(store.get("VIF", v)["device"] == device for v in record["VIFs"]):  # type: ignore[union-attr]
+            raise XapiError("DEVICE_ALREADY_EXISTS", device)
+        mac = str(fields.get("MAC", "")) or random_mac(host)
+        values = {
+            "MTU": "1500",
+            "status_code": "0",
+            "allowed_operations": ["attach"],
+            "locking_mode": "network_default",
+            **fields,
+            "device": device,
+            "MAC": mac,
+            "MAC_autogenerated": not fields.get("MAC"),
+            "currently_attached": False,
+        }
+        return store.create("VIF", values)
+
+
+def destroy_device(host: SimHost, cls: str, ref: str) -> None:
+    """``VBD.destroy`` / ``VIF.destroy``: only an unplugged device can go."""
+    with host.store.lock:
+        if host.store.get(cls, ref)["currently_attached"]:
+            raise XapiError("OPERATION_NOT_ALLOWED", f"{cls} is currently attached; unplug it first")
+        host.store.destroy(cls, ref)
+
+
+# -- vCPUs and memory ------------------------------------------------------------------
+
+
+def set_vcpus(host: SimHost, vm: str, field: str, value: int) -> None:
+    """``set_VCPUs_max`` / ``set_VCPUs_at_startup`` on a halted VM.
+
+    xapi requires 1 <= VCPUs_at_startup <= VCPUs_max, so growing means max first and
+    shrinking means at_startup first. The error below is our best knowledge of what xapi
+    raises (VALUE_NOT_SUPPORTED with field, value and reason); its wording may differ.
+    """
+    with host.store.lock:
+        record = _require_power_state(host, vm, "Halted")
+        at_startup = value if field == "VCPUs_at_startup" else int(str(record["VCPUs_at_startup"]))
+        maximum = value if field == "VCPUs_max" else int(str(record["VCPUs_max"]))
+        if value < 1 or at_startup > maximum:
+            raise XapiError(
+                "VALUE_NOT_SUPPORTED",
+                field,
+                value,
+                "VCPUs_at_startup must be between 1 and VCPUs_max",
+            )
+        host.store.update("VM", vm, **{field: str(value)})
+
+
+MEMORY_FIELDS = ("memory_static_min", "memory_dynamic_min", "memory_dynamic_max", "memory_static_max")
+
+
+def set_memory(host: SimHost, vm: str, **changes: int) -> None:
+    """Any of the memory setters: checks static_min <= dynamic_min <= dynamic_max <= static_max."""
+    with host.store.lock:
+        record = _vm(host, vm)
+        if "memory_static_min" in changes or "memory_static_max" in changes:
+            _require_power_state(host, vm, "Halted")
+        values = {f: int(str(record[f])) for f in MEMORY_FIELDS}
+        values.update({f: int(v) for f, v in changes.items()})
+        ordered = [values[f] for f in MEMORY_FIELDS]
+        if ordered != sorted(ordered) or ordered[0] < 0:
+            raise XapiError(
+                "MEMORY_CONSTRAINT_VIOLATION",
+                "Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max",
+            )
+        host.store.update("VM", vm, **{f: str(v) for f, v in changes.items()}, memory_target=str(values["memory_dynamic_max"]))

@@ -1,0 +1,58 @@
+"""``HostNode``: one simulated host on the wire: its state, its xapi message table and the
+port it listens on. Calls to ``sim.*`` go to the control interface; every other call pays
+the configured latency and goes to xapi's message table."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+from .api import XapiApi
+from .errors import XapiError
+from .host import SimHost
+from .server import Endpoint, Reply, encode_response
+
+log = logging.getLogger(__name__)
+
+
+def success(value: object) -> dict[str, object]:
+    return {"Status": "Success", "Value": value}
+
+
+def failure(description: list[str]) -> dict[str, object]:
+    return {"Status": "Failure", "ErrorDescription": description}
+
+
+class HostNode:
+    def __init__(
+        self,
+        host: SimHost,
+        control: Callable[[str, tuple[object, ...]], Reply],
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host = host
+        self.api = XapiApi(host)
+        self._control = control
+        self.endpoint = Endpoint(self.route, port, tls)
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    def route(self, method: str, params: tuple[object, ...]) -> Reply:
+        if method.startswith("sim."):
+            return self._control(method, params)
+        latency = self.host.timing.latency
+        if latency > 0:
+            time.sleep(latency)
+        try:
+            response = success(self.api.dispatch(method, params))
+        except XapiError as e:
+            response = failure(e.description)
+        except Exception as e:  # a simulator bug must look like xapi's INTERNAL_ERROR, not a dead socket
+            log.exception("%s failed", method)
+            response = failure(["INTERNAL_ERROR", repr(e)])
+        return Reply(encode_response(response))

@@ -1,0 +1,392 @@
+"""Build a simulated host with what a freshly installed XenServer / XCP-ng host has, plus
+dynvm's OS templates and, on request, VMs that dynvm did not create.
+
+Values are modelled on the real records in ``../shared/xapi/real-records`` (XenServer 7.2
+and 8): int64 fields as decimal strings, realistic ``cpu_info``, ``software_version``,
+``platform`` and ``other_config`` maps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from . import lifecycle
+from .catalogue import TEMPLATES, OsTemplate
+from .host import SimHost
+from .scheduler import Scheduler
+from .settings import HostSpec, Timing
+
+GUEST_PLATFORM = {
+    "acpi": "1",
+    "apic": "true",
+    "cores-per-socket": "2",
+    "device-model": "qemu-upstream-compat",
+    "device_id": "0001",
+    "hpet": "true",
+    "nx": "true",
+    "pae": "true",
+    "timeoffset": "0",
+    "vga": "std",
+    "videoram": "8",
+    "viridian": "false",
+}
+
+BIOS_STRINGS = {
+    "bios-vendor": "Xen",
+    "bios-version": "",
+    "system-manufacturer": "Xen",
+    "system-product-name": "HVM domU",
+    "system-version": "",
+    "system-serial-number": "",
+    "baseboard-manufacturer": "",
+    "baseboard-product-name": "",
+    "hp-rombios": "",
+    "oem-1": "Xen",
+    "oem-2": "MS_VM_CERT/SHA1/bdbeb6e0a816d43fa6d3fe8aaef04c2bad9d3e3d",
+}
+
+FOREIGN_NAMES = ("jenkins-agent", "perf-runner", "build-cache", "sdk-tester", "qe-static")
+
+
+def build_host(
+    spec: HostSpec,
+    timing: Timing | None = None,
+    scheduler: Scheduler | None = None,
+    wallclock: Callable[[], float] = time.time,
+    seed: int | None = None,
+) -> SimHost:
+    host = SimHost(spec, timing, scheduler, wallclock, seed)
+    _populate(host)
+    return host
+
+
+def _populate(host: SimHost) -> None:
+    store, spec, refs = host.store, host.spec, host.refs
+    now = host.now()
+    with store.lock:
+        refs.pool = store.create("pool", {"name_label": "", "other_config": {"memory-ratio-hvm": "0.25"}})
+        refs.metrics = store.create(
+            "host_metrics",
+            {"memory_total": str(spec.memory), "memory_free": str(spec.memory), "live": True, "last_updated": now},
+        )
+        refs.host = store.create(
+            "host",
+            {
+                "name_label": spec.name_label,
+                "name_description": "Default install",
+                "hostname": spec.name_label,
+                "address": "127.0.0.1",
+                "enabled": True,
+                "API_version_major": "2",
+                "API_version_minor": "21",
+                "API_version_vendor": "XenSource",
+                "software_version": {
+                    "product_version": "8.2.1",
+                    "product_version_text": "8.2",
+                    "product_version_text_short": "8.2",
+                    "platform_name": "XCP",
+                    "platform_version": "3.2.1",
+                    "product_brand": "XCP-ng",
+                    "build_number": "release/yangtze/master/58",
+                    "hostname": "localhost",
+                    "date": "2024-04-02",
+                    "xapi": "1.20",
+                    "xen": "4.13.5-9.40",
+                    "linux": "4.19.0+1",
+                    "xencenter_min": "2.16",
+                    "xencenter_max": "2.16",
+                    "network_backend": "openvswitch",
+                    "db_schema": "5.602",
+                },
+                "cpu_info": {
+                    "cpu_count": str(spec.cpus),
+                    "socket_count": "2",
+                    "vendor": "GenuineIntel",
+                    "speed": "2597.070",
+                    "modelname": "Intel(R) Xeon(R) CPU E5-2660 v3 @ 2.60GHz",
+                    "family": "6",
+                    "model": "63",
+                    "stepping": "2",
+                    "flags": "fpu de tsc msr pae mce cx8 apic sep mca cmov pat clflush acpi mmx fxsr sse sse2 ht "
+                    "syscall nx lm constant_tsc rep_good nopl nonstop_tsc pni pclmulqdq monitor est ssse3 fma "
+                    "cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm",
+                    "features_pv": "17c9cbf5-f6f83203-2191cbf5-00000023-00000001-00000329-00000000-00000000",
+                    "features_hvm": "17cbfbff-f7fa3223-2d93fbff-00000023-00000001-000007ab-00000000-00000000",
+                },
+                "capabilities": ["xen-3.0-x86_64", "hvm-3.0-x86_32", "hvm-3.0-x86_32p", "hvm-3.0-x86_64", ""],
+                "sched_policy": "credit",
+                "supported_bootloaders": ["pygrub", "eliloader"],
+                "metrics": refs.metrics,
+                "edition": "xcp-ng",
+                "license_params": {"sku_type": "free", "restrict_vswitch_controller": "false"},
+                "license_server": {"address": "localhost", "port": "27000"},
+                "chipset_info": {"iommu": "true"},
+                "display": "enabled",
+                "virtual_hardware_platform_versions": ["0", "1", "2"],
+                "allowed_operations": ["vm_migrate", "provision", "vm_resume", "evacuate", "vm_start"],
+                "other_config": {"agent_start_time": f"{host.wallclock():.0f}.", "iscsi_iqn": ""},
+                "ssl_legacy": False,
+                "latest_synced_updates_applied": "unknown",
+                "numa_affinity_policy": "default_policy",
+                "ntp_mode": "Factory",
+                "timezone": "UTC",
+                "ssh_enabled": True,
+                "last_software_update": now,
+            },
+        )
+        for n in range(spec.cpus):
+            store.create(
+                "host_cpu",
+                {
+                    "host": refs.host,
+                    "number": str(n),
+                    "vendor": "GenuineIntel",
+                    "speed": "2597",
+                    "modelname": "Intel(R) Xeon(R) CPU E5-2660 v3 @ 2.60GHz",
+                    "family": "6",
+                    "model": "63",
+                    "stepping": "2",
+                    "utilisation": 0.0,
+                },
+            )
+        _storage(host)
+        _network(host)
+        store.update(
+            "pool",
+            refs.pool,
+            master=refs.host,
+            default_SR=refs.sr,
+            suspend_image_SR=refs.sr,
+            crash_dump_SR=refs.sr,
+        )
+        store.update("host", refs.host, suspend_image_sr=refs.sr, crash_dump_sr=refs.sr)
+        _dom0(host)
+        for template in TEMPLATES:
+            refs.templates[template.name_label] = _template(host, template)
+        host.refresh_memory_free()
+    for n in range(spec.foreign_vms):
+        template = TEMPLATES[n % (len(TEMPLATES) - 1)]  # Linux ones: they boot quickly
+        name = f"{FOREIGN_NAMES[n % len(FOREIGN_NAMES)]}-{spec.index:02d}-{n + 1:03d}"
+        add_foreign_vm(host, name, template)
+
+
+def _storage(host: SimHost) -> None:
+    store, spec, refs = host.store, host.spec, host.refs
+    refs.sr = store.create(
+        "SR",
+        {
+            "name_label": spec.storage_name,
+            "name_description": "",
+            "type": "lvm",
+            "content_type": "user",
+            "shared": False,
+            "physical_size": str(spec.sr_size),
+            "physical_utilisation": "0",
+            "virtual_allocation": "0",
+            "other_config": {"i18n-key": "local-storage", "i18n-original-value-name_label": "Local storage"},
+            "sm_config": {"allocation": "thick", "use_vhd": "true", "devserial": "scsi-3600508b1001c5e6f"},
+            "allowed_operations": ["vdi_create", "vdi_destroy", "vdi_clone", "vdi_snapshot", "vdi_resize", "scan"],
+        },
+    )
+    store.create(
+        "PBD",
+        {
+            "host": refs.host,
+            "SR": refs.sr,
+            "device_config": {"device": "/dev/disk/by-id/scsi-3600508b1001c5e6f-part3"},
+            "currently_attached": True,
+        },
+    )
+    refs.iso_sr = store.create(
+        "SR",
+        {
+            "name_label": "XCP-ng Tools",
+            "name_description": "XCP-ng Tools ISOs",
+            "type": "iso",
+            "content_type": "iso",
+            "shared": True,
+            "is_tools_sr": True,
+            "physical_size": "-1",
+            "physical_utilisation": "-1",
+            "virtual_allocation": "0",
+            "other_config": {"xensource_internal": "true", "xenserver_tools_sr": "true"},
+            "sm_config": {},
+        },
+    )
+    store.create(
+        "PBD",
+        {
+            "host": refs.host,
+            "SR": refs.iso_sr,
+            "device_config": {"location": "/opt/xensource/packages/iso", "legacy_mode": "true"},
+            "currently_attached": True,
+        },
+    )
+    refs.tools_iso = store.create(
+        "VDI",
+        {
+            "name_label": "guest-tools.iso",
+            "name_description": "",
+            "SR": refs.iso_sr,
+            "virtual_size": "61652992",
+            "physical_utilisation": "61652992",
+            "type": "user",
+            "sharable": True,
+            "read_only": True,
+            "location": "guest-tools.iso",
+            "managed": True,
+            "is_tools_iso": True,
+        },
+    )
+
+
+def _network(host: SimHost) -> None:
+    store, refs = host.store, host.refs
+    refs.network = store.create(
+        "network",
+        {
+            "name_label": "Pool-wide network associated with eth0",
+            "name_description": "",
+            "bridge": "xenbr0",
+            "MTU": "1500",
+            "managed": True,
+            "other_config": {},
+            "allowed_operations": [],
+            "purpose": [],
+        },
+    )
+    refs.pif = store.create(
+        "PIF",
+        {
+            "device": "eth0",
+            "network": refs.network,
+            "host": refs.host,
+            "MAC": "98:4b:e1:6a:10:21",
+            "MTU": "1500",
+            "VLAN": "-1",
+            "physical": True,
+            "currently_attached": True,
+            "ip_configuration_mode": "Static",
+            "IP": "127.0.0.1",
+            "netmask": "255.0.0.0",
+            "gateway": "",
+            "DNS": "",
+            "management": True,
+            "primary_address_type": "IPv4",
+            "ipv6_configuration_mode": "None",
+            "properties": {"gro": "on"},
+            "capabilities": ["fcoe"],
+            "igmp_snooping_status": "unknown",
+        },
+    )
+
+
+def _vm_fields(name: str, vcpus: int, memory: int) -> dict[str, object]:
+    return {
+        "name_label": name,
+        "user_version": "1",
+        "VCPUs_max": str(vcpus),
+        "VCPUs_at_startup": str(vcpus),
+        "VCPUs_params": {},
+        "memory_static_max": str(memory),
+        "memory_dynamic_max": str(memory),
+        "memory_dynamic_min": str(memory),
+        "memory_static_min": str(min(memory, 1024**3)),
+        "memory_target": str(memory),
+        "actions_after_shutdown": "destroy",
+        "actions_after_reboot": "restart",
+        "actions_after_crash": "restart",
+        "domid": "-1",
+        "domarch": "",
+        "PCI_bus": "",
+        "recommendations": "",
+        "affinity": "OpaqueRef:NULL",
+        "generation_id": "0:0",
+        "hardware_platform_version": "0",
+        "domain_type": "hvm",
+    }
+
+
+def _dom0(host: SimHost) -> None:
+    store, spec, refs = host.store, host.spec, host.refs
+    metrics = store.create(
+        "VM_metrics",
+        {"memory_actual": str(spec.dom0_memory), "VCPUs_number": str(spec.dom0_vcpus), "start_time": host.now()},
+    )
+    fields = _vm_fields(f"Control domain on host: {spec.name_label}", spec.dom0_vcpus, spec.dom0_memory)
+    fields.update(
+        name_description="The domain which manages physical devices and manages other domains",
+        is_control_domain=True,
+        power_state="Running",
+        resident_on=refs.host,
+        domid="0",
+        domain_type="pv",
+        metrics=metrics,
+        other_config={"storage_driver_domain": "OpaqueRef:NULL", "is_system_domain": "true"},
+        allowed_operations=[],
+    )
+    refs.dom0 = store.create("VM", fields)
+    store.update("host", refs.host, control_domain=refs.dom0)
+
+
+def _template(host: SimHost, template: OsTemplate) -> str:
+    """A custom template as users make them: an empty CD drive (the Windows one holds the
+    tools ISO), one VIF on the management network, and its root disk described in
+    ``other_config['disks']`` so that ``VM.provision`` creates it on the chosen SR."""
+    store, refs = host.store, host.refs
+    fields = _vm_fields(template.name_label, template.vcpus, template.memory)
+    disks = (
+        f'<provision><disk device="0" size="{template.disk}" sr="" bootable="true" type="system"/></provision>'
+    )
+    fields.update(
+        name_description=f"{template.base_template_name} template for CI",
+        is_a_template=True,
+        power_state="Halted",
+        HVM_boot_policy="BIOS order",
+        HVM_boot_params={"order": "cdn" if template.windows else "dc"},
+        HVM_shadow_multiplier=1.0,
+        platform=dict(GUEST_PLATFORM, viridian="true" if template.windows else "false"),
+        bios_strings=dict(BIOS_STRINGS),
+        other_config={
+            "base_template_name": template.base_template_name,
+            "install-methods": "cdrom" if template.windows else "cdrom,nfs,http,ftp",
+            "linux_template": "false" if template.windows else "true",
+            "mac_seed": "",
+            "disks": disks,
+        },
+        allowed_operations=list(lifecycle.HALTED_OPERATIONS),
+        recommendations='<restrictions><restriction field="memory-static-max" max="549755813888" />'
+        '<restriction field="vcpus-max" max="32" /><restriction property="number-of-vbds" max="255" />'
+        '<restriction property="number-of-vifs" max="7" /></restrictions>',
+    )
+    metrics = store.create("VM_metrics", {"memory_actual": "0", "VCPUs_number": "0", "install_time": host.now()})
+    fields["metrics"] = metrics
+    vm = store.create("VM", fields)
+    host.guest_os[vm] = template
+    lifecycle.create_vbd(
+        host,
+        {
+            "VM": vm,
+            "VDI": refs.tools_iso if template.windows else "OpaqueRef:NULL",
+            "userdevice": "3",
+            "bootable": False,
+            "mode": "RO",
+            "type": "CD",
+            "empty": not template.windows,
+            "unpluggable": True,
+        },
+    )
+    lifecycle.create_vif(host, {"VM": vm, "network": refs.network, "device": "0", "MTU": "1500"})
+    return vm
+
+
+def add_foreign_vm(host: SimHost, name: str, template: OsTemplate, running: bool = True) -> str:
+    """A VM made by hand on the host, not by dynvm: it carries no dynvm marker. When
+    ``running``, it is up with its address at once."""
+    vm = lifecycle.clone(host, host.refs.templates[template.name_label], name, instant=True)
+    lifecycle.provision(host, vm)
+    host.store.update("VM", vm, name_description="created by hand")
+    if running:
+        lifecycle.start(host, vm, instant=True)
+    return vm

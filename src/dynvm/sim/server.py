@@ -1,0 +1,173 @@
+"""XML-RPC over HTTP(S), the way xapi serves it: ``POST`` on any path, one thread per
+connection (so slow calls never hold up others), HTTP/1.1 keep-alive.
+
+``Endpoint`` owns one listening port and can go dark on purpose: ``refuse`` closes the
+port and every open connection (clients see "connection refused"); ``hang`` keeps
+accepting but never answers an xapi call (clients see a time-out). Both are undone by
+``restore``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import xmlrpc.client
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from socketserver import ThreadingMixIn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Reply:
+    """What a router answers: the XML body, or ``None`` to drop the connection unanswered,
+    and an action to run once the body has been sent."""
+
+    body: str | None
+    after: Callable[[], None] | None = None
+
+
+Router = Callable[[str, tuple[object, ...]], Reply]
+
+
+def encode_response(value: object) -> str:
+    return xmlrpc.client.dumps((value,), methodresponse=True, allow_none=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, False)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = self.rfile.read(length)
+            params, method = xmlrpc.client.loads(body)
+        except Exception:
+            self._send(400, "text/plain", b"bad XML-RPC request\n")
+            return
+        reply = self.server.router(method or "", params)
+        if reply.body is None:
+            self.close_connection = True
+            return
+        self._send(200, "text/xml", reply.body.encode("utf-8"))
+        if reply.after is not None:
+            reply.after()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._send(200, "text/plain", b"dynvm sim: a XenAPI simulator. POST XML-RPC here.\n")
+
+    def _send(self, status: int, content_type: str, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingMixIn, HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], router: Router, tls: ssl.SSLContext | None) -> None:
+        self.router = router
+        self._tls = tls
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        conn, addr = super().get_request()
+        if self._tls is not None:
+            # The handshake happens in the connection's own thread (on first read), so a
+            # slow client cannot stall the accept loop.
+            conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
+
+    def track(self, conn: socket.socket, alive: bool) -> None:
+        with self._lock:
+            (self._connections.add if alive else self._connections.discard)(conn)
+
+    def drop_connections(self) -> None:
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Endpoint:
+    """One listening 127.0.0.1 port (by default; ``bind`` says otherwise)."""
+
+    def __init__(self, router: Router, port: int = 0, tls: ssl.SSLContext | None = None, bind: str = "127.0.0.1") -> None:
+        self._router = router
+        self._tls = tls
+        self._bind = bind
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = port
+        self.down = ""  # "", "hang" or "refuse"
+        self._answering = threading.Event()
+        self._answering.set()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._tls else "http"
+        return f"{scheme}://{self._bind}:{self.port}"
+
+    def start(self) -> None:
+        self._server = _Server((self._bind, self.port), self._route, self._tls)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"sim-port-{self.port}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._answering.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.drop_connections()
+            self._server.server_close()
+            self._server = None
+
+    def _route(self, method: str, params: tuple[object, ...]) -> Reply:
+        if not method.startswith("sim.") and not self._answering.is_set():
+            self._answering.wait()  # a hung host: hold the call, then drop it unanswered
+            return Reply(None)
+        return self._router(method, params)
+
+    def go_down(self, mode: str) -> None:
+        if mode not in ("hang", "refuse"):
+            raise ValueError(f"unknown outage mode {mode!r}: use 'hang' or 'refuse'")
+        self.restore()
+        self.down = mode
+        if mode == "hang":
+            self._answering.clear()
+        else:
+            self.stop()
+
+    def restore(self) -> None:
+        if self.down == "refuse":
+            self.start()
+        self.down = ""
+        self._answering.set()

@@ -1,0 +1,87 @@
+"""What a simulated host is made of (``HostSpec``), how slow it is (``Timing``) and what is
+going wrong with it right now (``Faults``). Timing and faults can change while it runs."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from .catalogue import GiB
+
+TiB = 1024 * GiB
+
+
+@dataclass(slots=True)
+class HostSpec:
+    index: int  # 1-based, the N of [xenhostN]
+    password: str
+    user: str = "root"
+    cpus: int = 32
+    memory: int = 128 * GiB
+    dom0_memory: int = 4 * GiB
+    dom0_vcpus: int = 8
+    sr_size: int = 2 * TiB
+    foreign_vms: int = 0
+    storage_name: str = ""
+    dhcp_network: ipaddress.IPv4Network | None = None
+
+    def __post_init__(self) -> None:
+        if not self.storage_name:
+            self.storage_name = f"Local Storage {self.index:02d}"
+        if self.dhcp_network is None:
+            self.dhcp_network = default_dhcp_network(self.index)
+
+    @property
+    def name_label(self) -> str:
+        return f"sim-xen-{self.index:02d}"
+
+
+def default_dhcp_network(index: int) -> ipaddress.IPv4Network:
+    """Host N hands out addresses from 127.77.N.0/24 (then 127.78.x for N > 255): loopback
+    only, never a private or public range, so nothing can ever be sent off this machine."""
+    block = index - 1
+    return ipaddress.IPv4Network(f"127.{77 + block // 256}.{block % 256}.0/24")
+
+
+@dataclass(slots=True)
+class Timing:
+    """Delays in seconds (latency in milliseconds), each multiplied by ``time_scale``."""
+
+    latency_ms: float = 0.0
+    clone_seconds: float = 0.0
+    start_seconds: float = 0.0
+    boot_seconds: float = 0.0
+    ip_seconds: float = 0.0
+    time_scale: float = 1.0
+
+    def scaled(self, seconds: float) -> float:
+        return max(0.0, seconds * self.time_scale)
+
+    @property
+    def latency(self) -> float:
+        return self.scaled(self.latency_ms / 1000.0)
+
+
+@dataclass(slots=True)
+class Faults:
+    """Failures a test (or a user rehearsing an outage) switches on through ``sim.*``."""
+
+    down: str = ""  # "", "hang" (accepts, never answers) or "refuse" (port closed)
+    apipa_next: int = 0  # the next N boots report only a 169.254.x.y address
+    apipa_rate: float = 0.0  # that fraction of all boots do
+    dhcp_exhausted: bool = False  # no boot gets an address from the pool
+    # operation ("clone", "start", "provision", "destroy", ...) -> [error code, times left]
+    fail_next: dict[str, tuple[str, int]] = field(default_factory=dict)
+    sr_reserved: int = 0  # bytes of the SR taken by something outside xapi's view
+
+    def take_failure(self, operation: str) -> str | None:
+        """The error code the next call of ``operation`` must fail with, if any."""
+        entry = self.fail_next.get(operation)
+        if not entry:
+            return None
+        code, left = entry
+        if left <= 1:
+            del self.fail_next[operation]
+        else:
+            self.fail_next[operation] = (code, left - 1)
+        return code
