@@ -34,8 +34,12 @@ def sim_command(
     write_config: Annotated[
         Path, typer.Option(help="Write a .dynvmservice.ini for the lab here once every host listens.")
     ] = Path(".dynvmservice.ini"),
-    base_port: Annotated[int, typer.Option(min=0, max=65535, help="First host port (then +1 ...); 0 = free ports.")] = 0,
-    control_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the sim.* control endpoint; 0 = free.")] = 0,
+    base_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="First host port (then +1 ...); 0 = free ports.")
+    ] = 0,
+    control_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port of the sim.* control endpoint; 0 = free.")
+    ] = 0,
     clone_seconds: Annotated[float, typer.Option(min=0, help="Time VM.clone takes.")] = 0.5,
     boot_seconds: Annotated[float, typer.Option(min=0, help="From VM.start to the guest reporting os_version.")] = 2.0,
     ip_seconds: Annotated[float, typer.Option(min=0, help="Then until networks['0/ip'] appears.")] = 1.0,
@@ -45,7 +49,9 @@ def sim_command(
     host_cpus: Annotated[int, typer.Option(min=1, help="Physical CPUs per host.")] = 32,
     host_memory_gib: Annotated[float, typer.Option(min=8, help="Memory per host in GiB (dom0 takes 4).")] = 128,
     time_scale: Annotated[float, typer.Option(min=0, help="Multiplies every delay (0.1 = ten times faster).")] = 1.0,
-    tls: Annotated[bool, typer.Option(help="Serve HTTPS with a self-signed certificate written beside the config.")] = False,
+    tls: Annotated[
+        bool, typer.Option(help="Serve HTTPS with a self-signed certificate written beside the config.")
+    ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for MACs, APIPA draws: repeatable runs.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every call.")] = False,
 ) -> None:
@@ -90,7 +96,9 @@ def sim_command(
             table.add_column(column)
         for index, node in enumerate(lab.nodes, start=1):
             spec = node.host.spec
-            table.add_row(f"xenhost{index}", node.url, spec.storage_name, str(spec.cpus), f"{spec.memory / 2**30:g} GiB")
+            table.add_row(
+                f"xenhost{index}", node.url, spec.storage_name, str(spec.cpus), f"{spec.memory / 2**30:g} GiB"
+            )
         console.print(table)
         console.print(f"config:  {config_path}")
         console.print(f"control: {lab.control_endpoint.url}/  (sim.* methods)")

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from . import lifecycle
-from .errors import XapiError, field_type_error, handle_invalid, method_unknown, parameter_count_mismatch, session_invalid
+from .errors import (
+    XapiError,
+    field_type_error,
+    handle_invalid,
+    method_unknown,
+    parameter_count_mismatch,
+    session_invalid,
+)
 from .host import SimHost
 from .query import parse as parse_query
 from .schema import Field, schema
@@ -87,7 +94,9 @@ class XapiApi:
 
     # -- registration ------------------------------------------------------------------
 
-    def _add(self, name: str, handler: Handler, params: int, needs_session: bool = True, explicit: bool = False) -> None:
+    def _add(
+        self, name: str, handler: Handler, params: int, needs_session: bool = True, explicit: bool = False
+    ) -> None:
         self.messages[name] = Message(name, handler, params, needs_session, explicit)
 
     def _generate(self, cls: str, fields: dict[str, Field]) -> None:
@@ -210,7 +219,9 @@ class XapiApi:
         add("session.login_with_password", self._login, 4, needs_session=False)
         add("session.logout", lambda: "", 0)  # replaced per call in dispatch (needs the session)
 
-        add("VM.clone", lambda vm, name: lifecycle.clone(host, _str(vm, "vm"), _str(name, "new_name")), 2, explicit=True)
+        add(
+            "VM.clone", lambda vm, name: lifecycle.clone(host, _str(vm, "vm"), _str(name, "new_name")), 2, explicit=True
+        )
         add("VM.provision", lambda vm: self._void(lifecycle.provision, _str(vm, "vm")), 1, explicit=True)
         add("VM.start", self._start, 3, explicit=True)
         add("VM.start_on", lambda vm, ref, paused, force: self._start(vm, paused, force, ref), 4, explicit=True)
@@ -221,11 +232,23 @@ class XapiApi:
         add("VM.set_VCPUs_max", self._vcpus("VCPUs_max"), 2, explicit=True)
         add("VM.set_VCPUs_at_startup", self._vcpus("VCPUs_at_startup"), 2, explicit=True)
         add("VM.set_memory_limits", self._memory_limits, 5, explicit=True)
-        add("VM.set_memory", self._memory("memory_static_max", "memory_dynamic_max", "memory_dynamic_min"), 2, explicit=True)
+        add(
+            "VM.set_memory",
+            self._memory("memory_static_max", "memory_dynamic_max", "memory_dynamic_min"),
+            2,
+            explicit=True,
+        )
         for field in lifecycle.MEMORY_FIELDS:
             add(f"VM.set_{field}", self._memory(field), 2, explicit=True)
-        add("VM.set_memory_dynamic_range", self._memory_range("memory_dynamic_min", "memory_dynamic_max"), 3, explicit=True)
-        add("VM.set_memory_static_range", self._memory_range("memory_static_min", "memory_static_max"), 3, explicit=True)
+        add(
+            "VM.set_memory_dynamic_range",
+            self._memory_range("memory_dynamic_min", "memory_dynamic_max"),
+            3,
+            explicit=True,
+        )
+        add(
+            "VM.set_memory_static_range", self._memory_range("memory_static_min", "memory_static_max"), 3, explicit=True
+        )
         add("VM.get_allowed_VBD_devices", lambda vm: self._free_devices("VBD", "userdevice", _str(vm, "vm"), 16), 1)
         add("VM.get_allowed_VIF_devices", lambda vm: self._free_devices("VIF", "device", _str(vm, "vm"), 7), 1)
 
@@ -236,11 +259,18 @@ class XapiApi:
         add("VIF.create", lambda rec: lifecycle.create_vif(host, self._record("VIF", rec)), 1, explicit=True)
         add("VIF.destroy", lambda ref: self._void(lifecycle.destroy_device, "VIF", _str(ref, "self")), 1, explicit=True)
         add("VIF.move", self._vif_move, 2, explicit=True)
-        add("network.create", lambda rec: store.create("network", self._record("network", rec)), 1, explicit=True)
+        for cls in ("VM", "network", "PBD"):  # plain constructors: the record as given
+            add(f"{cls}.create", self._plain_create(cls), 1, explicit=True)
+        add("network.destroy", self._network_destroy, 1, explicit=True)
+        add("PBD.destroy", lambda ref: (store.destroy("PBD", _str(ref, "self")), "")[1], 1, explicit=True)
 
         add("host.list_methods", lambda: sorted(self.messages), 0)
         add("host.get_servertime", lambda ref: (store.get("host", _str(ref, "host")), host.now())[1], 1)
-        add("host.compute_free_memory", lambda ref: (store.get("host", _str(ref, "host")), str(host.memory_free()))[1], 1)
+        add(
+            "host.compute_free_memory",
+            lambda ref: (store.get("host", _str(ref, "host")), str(host.memory_free()))[1],
+            1,
+        )
 
         add("task.destroy", lambda ref: (store.destroy("task", _str(ref, "self")), "")[1], 1)
         add("task.cancel", self._task_cancel, 1)
@@ -270,7 +300,7 @@ class XapiApi:
     def _memory(self, *fields: str) -> Handler:
         def set_(vm: object, value: object) -> str:
             amount = _int(value, "value")
-            lifecycle.set_memory(self.host, _str(vm, "self"), **{f: amount for f in fields})
+            lifecycle.set_memory(self.host, _str(vm, "self"), **dict.fromkeys(fields, amount))
             return ""
 
         return set_
@@ -297,6 +327,26 @@ class XapiApi:
         with self.store.lock:
             used = {str(self.store.get(cls, d)[field]) for d in self.store.get("VM", vm)[f"{cls}s"]}  # type: ignore[union-attr]
         return [str(n) for n in range(limit) if str(n) not in used]
+
+    def _plain_create(self, cls: str) -> Handler:
+        def create(record: object) -> str:
+            fields = self._record(cls, record)
+            if cls == "VM":
+                fields.setdefault("power_state", "Halted")
+                fields["metrics"] = self.store.create("VM_metrics", {"install_time": self.host.now()})
+            return self.store.create(cls, fields)
+
+        return create
+
+    def _network_destroy(self, ref: object) -> str:
+        ref = _str(ref, "self")
+        with self.store.lock:
+            if self.store.get("network", ref)["VIFs"] or self.store.get("network", ref)["PIFs"]:
+                raise XapiError(
+                    "NETWORK_CONTAINS_VIF" if self.store.get("network", ref)["VIFs"] else "NETWORK_CONTAINS_PIF", ref
+                )
+            self.store.destroy("network", ref)
+        return ""
 
     def _vif_move(self, vif: object, network: object) -> str:
         vif, network = _str(vif, "self"), _str(network, "network")
@@ -382,7 +432,9 @@ class XapiApi:
                 result = f"<value>{escape(value)}</value>" if isinstance(value, str) and value else ""
                 outcome = {"status": "success", "result": result}
             if self.store.exists("task", task):
-                self.store.update("task", task, progress=1.0, finished=self.host.now(), allowed_operations=[], **outcome)
+                self.store.update(
+                    "task", task, progress=1.0, finished=self.host.now(), allowed_operations=[], **outcome
+                )
 
         threading.Thread(target=run, name=f"task-{message.name}", daemon=True).start()
         return task
@@ -504,4 +556,3 @@ class XapiApi:
             return message.handler(*args)
         finally:
             self._current_session.value = None
-

@@ -3,20 +3,8 @@ xapi. They are answered on every host's own port and on the lab's control port, 
 each takes the password of the host it acts on as its first argument (that is how a call
 on the control port picks its host). Answers use xapi's ``{Status, Value}`` envelope.
 
-| method | does |
-|---|---|
-| ``sim.status(pw)`` | the host's name, port, outage, faults, timing, running VMs, free DHCP leases |
-| ``sim.host_down(pw, mode)`` | ``"hang"``: accept, never answer xapi calls; ``"refuse"``: close the port |
-| ``sim.host_up(pw)`` | undo ``host_down`` (after ``refuse``, call it on the control port) |
-| ``sim.apipa_next(pw, n)`` | the next ``n`` boots report only a 169.254.x.y address |
-| ``sim.set_apipa_rate(pw, r)`` | that fraction of all boots do |
-| ``sim.dhcp_exhausted(pw, flag)`` | no boot gets a DHCP address while ``flag`` is true |
-| ``sim.fail_next(pw, op, code, n)`` | the next ``n`` calls of ``op`` (clone, provision, start, hard_shutdown, destroy, vdi_destroy) fail with ``code`` |
-| ``sim.invalidate_sessions(pw)`` | every session ends; the next call with one gets ``SESSION_INVALID`` |
-| ``sim.set_sr_free(pw, bytes)`` | the local SR has only that much free space left ("-1": give it all back) |
-| ``sim.set_timing(pw, {...})`` | change ``latency_ms``, ``clone_seconds``, ``start_seconds``, ``boot_seconds``, ``ip_seconds``, ``time_scale`` |
-| ``sim.add_foreign_vm(pw, name, os, running)`` | a VM made by hand (no dynvm marker); returns its ref |
-| ``sim.reset(pw)`` | clear every fault and outage |
+The README's "control interface" section lists the methods; each is a ``_<name>``
+method of ``Control`` below.
 """
 
 from __future__ import annotations
@@ -71,15 +59,16 @@ class Control:
         host = node.host
         with host.store.lock:
             running = sum(
-                1
-                for _, vm in host.store.items("VM")
-                if vm["power_state"] == "Running" and not vm["is_control_domain"]
+                1 for _, vm in host.store.items("VM") if vm["power_state"] == "Running" and not vm["is_control_domain"]
             )
         return {
             "name": host.spec.name_label,
             "url": node.url,
             "down": node.endpoint.down,
-            "faults": {k: (v if not isinstance(v, dict) else {op: list(e) for op, e in v.items()}) for k, v in dataclasses.asdict(host.faults).items()},
+            "faults": {
+                k: (v if not isinstance(v, dict) else {op: list(e) for op, e in v.items()})
+                for k, v in dataclasses.asdict(host.faults).items()
+            },
             "timing": dataclasses.asdict(host.timing),
             "running_vms": running,
             "dhcp_free": host.dhcp.available,
@@ -141,7 +130,9 @@ class Control:
             setattr(timing, key, float(value))
         return dataclasses.asdict(timing)
 
-    def _add_foreign_vm(self, node: HostNode, after: list, name: str, os_key: str = "centos", running: bool = True) -> str:
+    def _add_foreign_vm(
+        self, node: HostNode, after: list, name: str, os_key: str = "centos", running: bool = True
+    ) -> str:
         return add_foreign_vm(node.host, str(name), template_for_key(str(os_key)), bool(running))
 
     def _reset(self, node: HostNode, after: list) -> str:

@@ -131,7 +131,9 @@ class SimHost:
 
     def refresh_memory_free(self) -> None:
         with self.store.lock:
-            self.store.update("host_metrics", self.refs.metrics, memory_free=str(self.memory_free()), last_updated=self.now())
+            self.store.update(
+                "host_metrics", self.refs.metrics, memory_free=str(self.memory_free()), last_updated=self.now()
+            )
 
     # -- storage accounting ------------------------------------------------------------
 

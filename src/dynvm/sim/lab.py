@@ -10,6 +10,7 @@ import dataclasses
 import os
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,12 @@ class Lab:
         self.control_endpoint.start()
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.endpoint.stop()
-        self.control_endpoint.stop()
+        endpoints = [node.endpoint for node in self.nodes] + [self.control_endpoint]
+        stoppers = [threading.Thread(target=e.stop) for e in endpoints]  # in parallel: fast for 100 hosts
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
         self.scheduler.stop()
 
     def config_text(self) -> str:

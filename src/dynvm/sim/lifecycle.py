@@ -481,4 +481,6 @@ def set_memory(host: SimHost, vm: str, **changes: int) -> None:
                 "MEMORY_CONSTRAINT_VIOLATION",
                 "Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max",
             )
-        host.store.update("VM", vm, **{f: str(v) for f, v in changes.items()}, memory_target=str(values["memory_dynamic_max"]))
+        host.store.update(
+            "VM", vm, **{f: str(v) for f, v in changes.items()}, memory_target=str(values["memory_dynamic_max"])
+        )

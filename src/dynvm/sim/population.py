@@ -336,9 +336,7 @@ def _template(host: SimHost, template: OsTemplate) -> str:
     ``other_config['disks']`` so that ``VM.provision`` creates it on the chosen SR."""
     store, refs = host.store, host.refs
     fields = _vm_fields(template.name_label, template.vcpus, template.memory)
-    disks = (
-        f'<provision><disk device="0" size="{template.disk}" sr="" bootable="true" type="system"/></provision>'
-    )
+    disks = f'<provision><disk device="0" size="{template.disk}" sr="" bootable="true" type="system"/></provision>'
     fields.update(
         name_description=f"{template.base_template_name} template for CI",
         is_a_template=True,

@@ -127,7 +127,13 @@ class ClassSchema:
     fields: dict[str, Field]
 
     def blank_record(self) -> dict[str, object]:
-        return {f.name: f.type.default() for f in self.fields.values()}
+        """A record of a new object: xapi's documented default where it has one (every
+        enum has a valid value), otherwise the empty value of the field's type."""
+        defaults = DEFAULTS.get(self.name, {})
+        record = {f.name: f.type.default() for f in self.fields.values()}
+        for name, value in defaults.items():
+            record[name] = value.copy() if isinstance(value, list | dict) else value
+        return record
 
 
 @functools.cache
@@ -142,6 +148,82 @@ def schema() -> dict[str, ClassSchema]:
         result[cls_name] = ClassSchema(cls_name, fields)
     return result
 
+
+# xapi's defaults for fields a constructor does not set (enums above all: an empty string
+# is never a valid enum value on the wire).
+DEFAULTS: dict[str, dict[str, object]] = {
+    "session": {"validation_time": EPOCH, "last_active": EPOCH},
+    "task": {"status": "pending", "backtrace": "()", "created": EPOCH, "finished": EPOCH},
+    "pool": {
+        "telemetry_frequency": "weekly",
+        "update_sync_frequency": "weekly",
+        "telemetry_next_collection": EPOCH,
+        "last_update_sync": EPOCH,
+        "coordinator_bias": True,
+        "local_auth_max_threads": "8",
+        "ext_auth_max_threads": "1",
+        "ext_auth_cache_enabled": True,
+        "ext_auth_cache_size": "50",
+        "ext_auth_cache_expiry": "300",
+        "ha_reboot_vm_on_internal_shutdown": True,
+    },
+    "host": {
+        "display": "enabled",
+        "latest_synced_updates_applied": "unknown",
+        "numa_affinity_policy": "default_policy",
+        "ntp_mode": "Factory",
+        "timezone": "UTC",
+        "ssh_enabled": True,
+        "ssl_legacy": True,
+        "license_server": {"address": "localhost", "port": "27000"},
+        "virtual_hardware_platform_versions": ["0"],
+        "last_software_update": EPOCH,
+        "ssh_expiry": EPOCH,
+    },
+    "host_metrics": {"last_updated": EPOCH},
+    "VM": {
+        "power_state": "Halted",
+        "actions_after_softreboot": "soft_reboot",
+        "actions_after_shutdown": "destroy",
+        "actions_after_reboot": "restart",
+        "actions_after_crash": "restart",
+        "domain_type": "unspecified",
+        "secureboot_certificates_state": "ok",
+        "HVM_shadow_multiplier": 1.0,
+        "generation_id": "0:0",
+        "has_vendor_device": True,
+        "domid": "-1",
+        "snapshot_time": EPOCH,
+    },
+    "VM_metrics": {
+        "current_domain_type": "unspecified",
+        "start_time": EPOCH,
+        "install_time": EPOCH,
+        "last_updated": EPOCH,
+    },
+    "VM_guest_metrics": {
+        "can_use_hotplug_vbd": "unspecified",
+        "can_use_hotplug_vif": "unspecified",
+        "last_updated": EPOCH,
+    },
+    "VBD": {"mode": "RW", "type": "Disk", "unpluggable": True},
+    "VDI": {"type": "user", "on_boot": "persist", "snapshot_time": EPOCH},
+    "VIF": {
+        "locking_mode": "network_default",
+        "ipv4_configuration_mode": "None",
+        "ipv6_configuration_mode": "None",
+        "MTU": "1500",
+    },
+    "network": {"default_locking_mode": "unlocked", "MTU": "1500", "managed": True},
+    "PIF": {
+        "ip_configuration_mode": "None",
+        "ipv6_configuration_mode": "None",
+        "primary_address_type": "IPv4",
+        "igmp_snooping_status": "unknown",
+        "currently_attached": True,
+        "managed": True,
+    },
+}
 
 _FIELD_TABLES = {
     "session": """

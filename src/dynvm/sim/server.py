@@ -9,6 +9,7 @@ accepting but never answers an xapi call (clients see a time-out). Both are undo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -52,7 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.track(self.connection, False)
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         try:
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
@@ -68,7 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.after is not None:
             reply.after()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._send(200, "text/plain", b"dynvm sim: a XenAPI simulator. POST XML-RPC here.\n")
 
     def _send(self, status: int, content_type: str, data: bytes) -> None:
@@ -111,16 +112,16 @@ class _Server(ThreadingMixIn, HTTPServer):
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class Endpoint:
     """One listening 127.0.0.1 port (by default; ``bind`` says otherwise)."""
 
-    def __init__(self, router: Router, port: int = 0, tls: ssl.SSLContext | None = None, bind: str = "127.0.0.1") -> None:
+    def __init__(
+        self, router: Router, port: int = 0, tls: ssl.SSLContext | None = None, bind: str = "127.0.0.1"
+    ) -> None:
         self._router = router
         self._tls = tls
         self._bind = bind
@@ -139,7 +140,10 @@ class Endpoint:
     def start(self) -> None:
         self._server = _Server((self._bind, self.port), self._route, self._tls)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"sim-port-{self.port}", daemon=True)
+        # A short poll interval: stopping (and a "refuse" outage) takes effect within 0.1 s.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.1,), name=f"sim-port-{self.port}", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -1,0 +1,27 @@
+"""Fixtures shared by every test package."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout (CI has it there); ``DYNVM_SHARED`` overrides."""
+    return Path(os.environ.get("DYNVM_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def xenapi_model() -> dict[str, dict]:
+    """xapi's published data model, by class name. Never copied into the project."""
+    path = shared_dir() / "xapi" / "xenapi.json"
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must have ../shared/xapi/xenapi.json beside the checkout")
+        pytest.skip(f"{path} not found (set DYNVM_SHARED to the shared/ folder)")
+    return {c["name"]: c for c in json.loads(path.read_text())}
