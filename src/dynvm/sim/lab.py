@@ -53,6 +53,7 @@ class Lab:
         tls = None
         if options.tls:
             prefix = str(files_prefix or Path(tempfile.mkdtemp(prefix="dynvm-sim-")) / "lab")
+            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
             self.cert_path = Path(prefix + ".sim-cert.pem")
             key_path = Path(prefix + ".sim-key.pem")
             write_self_signed(self.cert_path, key_path)
