@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table of figures. Run with ``make bench``; never part of the tests."""

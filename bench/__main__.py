@@ -1,0 +1,25 @@
+"""``python -m bench [NAME ...]``: run the benchmarks (all by default) and print their tables."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+from bench import sim_bench
+
+BENCHMARKS = {"sim": sim_bench.run}
+
+
+def main(argv: list[str]) -> None:
+    console = Console(width=140)
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        console.print(f"Error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        raise SystemExit(2)
+    for name in names:
+        console.print(BENCHMARKS[name]())
+
+
+main(sys.argv[1:])
