@@ -25,64 +25,69 @@ class OsTemplate:
     keys: tuple[str, ...] = field(default=())  # the config's <os>.template keys that use it
 
 
-def _linux(name: str, distro: str, major: str, minor: str, pretty: str, uname: str) -> dict[str, str]:
-    return {"name": pretty, "distro": distro, "major": major, "minor": minor, "uname": uname}
+def _linux(
+    name_label: str, keys: tuple[str, ...], base: str, distro: str, version: str, pretty: str, uname: str
+) -> OsTemplate:
+    """A Linux template: 4 vCPUs, 4 GiB, a 35 GiB disk, and what its guest agent reports."""
+    major, _, minor = version.partition(".")
+    os_version = {"name": pretty, "distro": distro, "major": major, "minor": minor, "uname": uname}
+    return OsTemplate(name_label, 4, 4 * GiB, 35 * GiB, os_version, base_template_name=base, keys=keys)
 
 
 TEMPLATES: tuple[OsTemplate, ...] = (
-    OsTemplate(
+    _linux(
         "tmpl-cnt7.7",
-        4,
-        4 * GiB,
-        35 * GiB,
-        _linux("centos", "centos", "7", "7", "CentOS Linux release 7.7.1908 (Core)", "3.10.0-1062.el7.x86_64"),
-        base_template_name="CentOS 7",
-        keys=("centos", "centos7"),
+        ("centos", "centos7"),
+        "CentOS 7",
+        "centos",
+        "7.7",
+        "CentOS Linux release 7.7.1908 (Core)",
+        "3.10.0-1062.el7.x86_64",
     ),
-    OsTemplate(
+    _linux(
         "tmpl-cnt8.0",
-        4,
-        4 * GiB,
-        35 * GiB,
-        _linux("centos", "centos", "8", "0", "CentOS Linux release 8.0.1905 (Core)", "4.18.0-80.el8.x86_64"),
-        base_template_name="CentOS 8",
-        keys=("centos8",),
+        ("centos8",),
+        "CentOS 8",
+        "centos",
+        "8.0",
+        "CentOS Linux release 8.0.1905 (Core)",
+        "4.18.0-80.el8.x86_64",
     ),
-    OsTemplate(
+    _linux(
         "tmpl-oel8",
-        4,
-        4 * GiB,
-        35 * GiB,
-        _linux("oel", "oracle", "8", "2", "Oracle Linux Server release 8.2", "5.4.17-2011.1.2.el8uek.x86_64"),
-        base_template_name="Oracle Linux 8",
-        keys=("oel8",),
+        ("oel8",),
+        "Oracle Linux 8",
+        "oracle",
+        "8.2",
+        "Oracle Linux Server release 8.2",
+        "5.4.17-2011.1.2.el8uek.x86_64",
     ),
-    OsTemplate(
+    _linux(
         "tmpl-deb10-too",
-        4,
-        4 * GiB,
-        35 * GiB,
-        _linux("debian", "debian", "10", "0", "Debian GNU/Linux 10 (buster)", "4.19.0-6-amd64"),
-        base_template_name="Debian Buster 10",
-        keys=("debian10",),
+        ("debian10",),
+        "Debian Buster 10",
+        "debian",
+        "10.0",
+        "Debian GNU/Linux 10 (buster)",
+        "4.19.0-6-amd64",
     ),
-    OsTemplate(
+    _linux(
         "tmpl-ubu18-4cgb",
-        4,
-        4 * GiB,
-        35 * GiB,
-        _linux("ubuntu", "ubuntu", "18", "04", "Ubuntu 18.04.4 LTS", "4.15.0-76-generic"),
-        base_template_name="Ubuntu Bionic Beaver 18.04",
-        keys=("ubuntu18",),
+        ("ubuntu18",),
+        "Ubuntu Bionic Beaver 18.04",
+        "ubuntu",
+        "18.04",
+        "Ubuntu 18.04.4 LTS",
+        "4.15.0-76-generic",
     ),
-    OsTemplate(
+    _linux(
         "tmpl-suse15",
-        4,
-        4 * GiB,
-        35 * GiB,
-        _linux("sles", "sles", "15", "1", "SUSE Linux Enterprise Server 15 SP1", "4.12.14-197.29-default"),
-        base_template_name="SUSE Linux Enterprise Server 15 (64-bit)",
-        keys=("suse15",),
+        ("suse15",),
+        "SUSE Linux Enterprise Server 15 (64-bit)",
+        "sles",
+        "15.1",
+        "SUSE Linux Enterprise Server 15 SP1",
+        "4.12.14-197.29-default",
     ),
     OsTemplate(
         "tmpl-win16dc - PATCHED (1)",
