@@ -6,11 +6,14 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
 def build_cli() -> typer.Typer:
@@ -22,6 +25,7 @@ def build_cli() -> typer.Typer:
     )
     app.callback()(_root)
     app.command("sim")(sim_command)
+    app.command("check-config")(check_config_command)
     return app
 
 
@@ -107,6 +111,53 @@ def sim_command(
     finally:
         lab.stop()
     console.print("dynvm sim stopped.")
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="The .dynvmservice.ini (else $DYNVM_CONFIG, ~/.dynvmservice.ini, ./.dynvmservice.ini).",
+    ),
+]
+
+
+def load_or_exit(config: Path | None, console: Console) -> Settings:
+    """Load the configuration, or print why it is invalid and exit with code 2."""
+    from .config import ConfigError, load_settings, locate_config
+
+    try:
+        settings = load_settings(locate_config(config))
+    except ConfigError as e:
+        console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for warning in settings.warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    return settings
+
+
+def check_config_command(config: ConfigOption = None) -> None:
+    """Validate the configuration and show the hosts it names (never their passwords)."""
+    console = Console()
+    settings = load_or_exit(config, console)
+    table = Table(title=f"{settings.source}: {len(settings.hosts)} host(s)")
+    for column in ("ref", "section", "xapi URL", "user", "storage", "TLS", "OS keys"):
+        table.add_column(column)
+    for host in settings.hosts:
+        tls = (
+            "-"
+            if not host.url.startswith("https")
+            else (f"CA {host.tls_ca_file}" if host.tls_ca_file else ("verified" if host.tls_verify else "NOT verified"))
+        )
+        table.add_row(host.ref, host.section, host.url, host.user, host.storage_name, tls, str(len(host.templates)))
+    console.print(table)
+    console.print(f"OS keys: {', '.join(settings.os_keys) or 'none'}", markup=False)
+    common = settings.common
+    console.print(
+        f"expiry: {common.expiry_minutes:g} min · network timeout: {common.network_timeout_secs:g} s · "
+        f"cpu overcommit: {common.cpu_overcommit:g} · history in Couchbase: "
+        f"{'yes' if settings.couchbase.enabled else 'no'}"
+    )
 
 
 def main() -> None:

@@ -1,0 +1,392 @@
+"""``.dynvmservice.ini`` -> typed ``Settings``, validated with messages that name the file,
+section and key; and ``ConfigWatcher``, which reloads it when it changes.
+
+Users bring the file their existing service used (SPEC.md §2) and it loads as is. Keys
+dynvm adds are listed in the README ("Configuration"). Passwords are kept in ``Secret``,
+which never shows its value in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+import re
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPIRY_MINUTES = 720.0
+DEFAULT_NETWORK_TIMEOUT_SECS = 400.0
+HOST_SECTION = re.compile(r"^xenhost([1-9][0-9]*)$")
+OS_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+KNOWN_COMMON_KEYS = {"vm.expiry.minutes", "vm.network.timeout.secs", "cpu.overcommit", "db.url"}
+KNOWN_COUCHBASE_KEYS = {"couchbase.server", "couchbase.bucket", "couchbase.username", "couchbase.userpassword"}
+KNOWN_HOST_KEYS = {
+    "host.name",
+    "host.user",
+    "host.password",
+    "host.storage.name",
+    "host.network",
+    "host.tls.verify",
+    "host.tls.ca_file",
+}
+
+
+class ConfigError(Exception):
+    """An invalid configuration; the message says where and what, never a password."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A password. Its repr and str hide it; ``reveal()`` is the one way to read it."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    number: int  # the N of [xenhostN]: the host's ref in the API
+    url: str
+    user: str
+    password: Secret
+    storage_name: str
+    templates: Mapping[str, str]  # OS key -> template name (or name prefix)
+    network: str | None = None
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
+
+    @property
+    def section(self) -> str:
+        return f"xenhost{self.number}"
+
+    @property
+    def ref(self) -> str:
+        return str(self.number)
+
+    @property
+    def display(self) -> str:
+        """How logs and errors name the host: section and URL, never credentials."""
+        return f"{self.section} ({self.url})"
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    expiry_minutes: float = DEFAULT_EXPIRY_MINUTES
+    network_timeout_secs: float = DEFAULT_NETWORK_TIMEOUT_SECS
+    cpu_overcommit: float = 1.0
+    db_url: str | None = None
+
+
+@dataclass(frozen=True)
+class CouchbaseSettings:
+    server: str = ""
+    bucket: str = ""
+    username: str = ""
+    password: Secret = Secret("")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.server and self.bucket)
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: Path
+    common: CommonSettings = CommonSettings()
+    couchbase: CouchbaseSettings = CouchbaseSettings()
+    hosts: tuple[HostSettings, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def host(self, ref: str) -> HostSettings | None:
+        return next((h for h in self.hosts if h.ref == ref), None)
+
+    @property
+    def os_keys(self) -> list[str]:
+        return sorted({key for host in self.hosts for key in host.templates})
+
+
+# -- locating and loading ------------------------------------------------------------------
+
+
+def locate_config(
+    explicit: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    cwd: Path | None = None,
+) -> Path:
+    """``--config PATH``, else ``$DYNVM_CONFIG``, else ``~/.dynvmservice.ini``, else
+    ``./.dynvmservice.ini``. An explicit path is returned even if missing, so that the
+    error names it."""
+    environ = os.environ if environ is None else environ
+    if explicit is not None:
+        return explicit.expanduser()
+    if environ.get("DYNVM_CONFIG"):
+        return Path(environ["DYNVM_CONFIG"]).expanduser()
+    candidates = [(home or Path.home()) / ".dynvmservice.ini", (cwd or Path.cwd()) / ".dynvmservice.ini"]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        "no configuration found: give --config PATH, set DYNVM_CONFIG, or create "
+        + " or ".join(str(c) for c in candidates)
+    )
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the file; raises ``ConfigError`` naming file, section and key."""
+    parser = configparser.ConfigParser(
+        interpolation=None,  # passwords may hold '%'
+        inline_comment_prefixes=(";",),  # "720 ; default and maximum lifetime"; '#' may be in a password
+        strict=True,
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror or e}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: not a valid ini file: {_without_values(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return _Reader(path, parser).settings()
+
+
+def _without_values(error: configparser.Error) -> str:
+    # configparser quotes offending lines, which could hold a password: keep only the reason.
+    text = str(error).splitlines()[0]
+    return re.sub(r"\[line\s+(\d+)\]:.*", r"line \1", text)
+
+
+class _Reader:
+    def __init__(self, path: Path, parser: configparser.ConfigParser) -> None:
+        self.path = path
+        self.parser = parser
+        self.warnings: list[str] = []
+
+    def error(self, section: str, key: str | None, what: str) -> ConfigError:
+        where = f"[{section}] {key}" if key else f"[{section}]"
+        return ConfigError(f"{self.path}: {where}: {what}")
+
+    def warn(self, section: str, key: str | None, what: str) -> None:
+        where = f"[{section}] {key}" if key else f"[{section}]"
+        self.warnings.append(f"{self.path}: {where}: {what}")
+
+    def settings(self) -> Settings:
+        hosts = []
+        for section in self.parser.sections():
+            match = HOST_SECTION.match(section)
+            if match:
+                hosts.append(self.host(section, int(match.group(1))))
+            elif section not in ("common", "couchbase"):
+                self.warn(section, None, "unknown section, ignored")
+        if not hosts:
+            self.warn("xenhost1", None, "no [xenhostN] section: no host can be used until one is added")
+        return Settings(
+            source=self.path,
+            common=self.common(),
+            couchbase=self.couchbase(),
+            hosts=tuple(sorted(hosts, key=lambda h: h.number)),
+            warnings=tuple(self.warnings),
+        )
+
+    def _section(self, name: str, known: set[str]) -> Mapping[str, str]:
+        if not self.parser.has_section(name):
+            return {}
+        values = dict(self.parser.items(name))
+        for key in values:
+            if key not in known and not (name.startswith("xenhost") and key.endswith(".template")):
+                self.warn(name, key, "unknown key, ignored")
+        return values
+
+    def number(self, section: str, values: Mapping[str, str], key: str, default: float) -> float:
+        raw = values.get(key, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self.error(section, key, f"must be a number, not {raw!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise self.error(section, key, f"must be a positive number, not {raw!r}")
+        return value
+
+    def common(self) -> CommonSettings:
+        values = self._section("common", KNOWN_COMMON_KEYS)
+        return CommonSettings(
+            expiry_minutes=self.number("common", values, "vm.expiry.minutes", DEFAULT_EXPIRY_MINUTES),
+            network_timeout_secs=self.number("common", values, "vm.network.timeout.secs", DEFAULT_NETWORK_TIMEOUT_SECS),
+            cpu_overcommit=self.number("common", values, "cpu.overcommit", 1.0),
+            db_url=values.get("db.url", "").strip() or None,
+        )
+
+    def couchbase(self) -> CouchbaseSettings:
+        values = self._section("couchbase", KNOWN_COUCHBASE_KEYS)
+        settings = CouchbaseSettings(
+            server=values.get("couchbase.server", "").strip(),
+            bucket=values.get("couchbase.bucket", "").strip(),
+            username=values.get("couchbase.username", "").strip(),
+            password=Secret(values.get("couchbase.userpassword", "")),
+        )
+        if bool(settings.server) != bool(settings.bucket):
+            missing = "couchbase.bucket" if settings.server else "couchbase.server"
+            raise self.error("couchbase", missing, "is needed too (fill in both, or neither)")
+        return settings
+
+    def host(self, section: str, number: int) -> HostSettings:
+        values = self._section(section, KNOWN_HOST_KEYS)
+
+        def required(key: str) -> str:
+            value = values.get(key, "").strip()
+            if not value:
+                raise self.error(section, key, "is missing or empty")
+            return value
+
+        templates = {}
+        for key, value in values.items():
+            if key.endswith(".template"):
+                os_key = key.removesuffix(".template")
+                if not OS_KEY.match(os_key):
+                    raise self.error(section, key, "an OS key is lower-case letters, digits, '-' or '_'")
+                if not value.strip():
+                    raise self.error(section, key, "names no template")
+                templates[os_key] = value.strip()
+        if not templates:
+            raise self.error(section, None, "has no <os>.template line: which templates does this host have?")
+        password = values.get("host.password", "")
+        if not password:
+            raise self.error(section, "host.password", "is missing or empty")
+        verify = values.get("host.tls.verify", "true").strip().lower()
+        if verify not in TRUE_WORDS | FALSE_WORDS:
+            raise self.error(section, "host.tls.verify", f"must be true or false, not {verify!r}")
+        ca_file = None
+        if values.get("host.tls.ca_file", "").strip():
+            ca_file = Path(values["host.tls.ca_file"].strip()).expanduser()
+            if not ca_file.is_absolute():
+                ca_file = self.path.parent / ca_file
+            if not ca_file.is_file():
+                raise self.error(section, "host.tls.ca_file", f"{ca_file} does not exist")
+        return HostSettings(
+            number=number,
+            url=self.host_url(section, required("host.name")),
+            user=required("host.user"),
+            password=Secret(password),
+            storage_name=required("host.storage.name"),
+            templates=templates,
+            network=values.get("host.network", "").strip() or None,
+            tls_verify=verify in TRUE_WORDS,
+            tls_ca_file=ca_file,
+        )
+
+    def host_url(self, section: str, name: str) -> str:
+        """A bare address means xapi's default, HTTPS on 443; a URL is taken as given."""
+        if "://" not in name:
+            name = f"https://{name}"
+        parsed = urllib.parse.urlsplit(name)
+        try:
+            parsed.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise self.error(section, "host.name", f"has a bad port: {name!r}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise self.error(section, "host.name", f"must be an address or an http(s) URL, not {name!r}")
+        if parsed.username or parsed.password:
+            raise self.error(section, "host.name", "must not hold credentials: use host.user and host.password")
+        return name.rstrip("/")
+
+
+# -- watching ------------------------------------------------------------------------------
+
+
+class ConfigWatcher:
+    """Reloads the configuration within about a second of a change to the file.
+
+    ``on_change(settings)`` is called on the watcher thread with each new valid
+    configuration; an invalid edit is logged and the last good configuration stays. The
+    file's directory is watched, so editors that replace the file (write + rename) are
+    seen too. Every half second the file's size, inode and mtime are also compared with the
+    last load, which catches a change made before the watch was in place.
+    """
+
+    def __init__(self, path: Path, initial: Settings, on_change: Callable[[Settings], None]) -> None:
+        self.path = path.resolve()
+        self._current = initial
+        self._on_change = on_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._signature = _signature(self.path)
+
+    @property
+    def current(self) -> Settings:
+        with self._lock:
+            return self._current
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="config-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def reload(self) -> bool:
+        """Load the file now; True when a new configuration took effect."""
+        self._signature = _signature(self.path)
+        try:
+            settings = load_settings(self.path)
+        except ConfigError as e:
+            log.error("configuration not reloaded, keeping the last good one: %s", e)
+            return False
+        with self._lock:
+            if settings == self._current:
+                return False
+            self._current = settings
+        for warning in settings.warnings:
+            log.warning("%s", warning)
+        log.info("configuration reloaded from %s: %d host(s)", self.path, len(settings.hosts))
+        self._on_change(settings)
+        return True
+
+    def _run(self) -> None:
+        import watchfiles
+
+        name = self.path.name
+        for changes in watchfiles.watch(
+            self.path.parent,
+            watch_filter=lambda _change, changed: Path(changed).name == name,
+            debounce=100,
+            step=50,
+            stop_event=self._stop,
+            recursive=False,
+            rust_timeout=500,
+            yield_on_timeout=True,
+        ):
+            if not changes and _signature(self.path) == self._signature:
+                continue
+            try:
+                self.reload()
+            except Exception:  # a bug in a listener must not stop reloads for good
+                log.exception("applying the reloaded configuration failed")
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
