@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from dynvm.sim.lab import Lab, LabOptions
+from dynvm.sim.settings import Timing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,3 +29,23 @@ def xenapi_model() -> dict[str, dict]:
             pytest.fail(f"{path} is missing: CI must have ../shared/xapi/xenapi.json beside the checkout")
         pytest.skip(f"{path} not found (set DYNVM_SHARED to the shared/ folder)")
     return {c["name"]: c for c in json.loads(path.read_text())}
+
+
+# Fast but non-zero delays: every path through the timers runs, in milliseconds.
+FAST = Timing(clone_seconds=0.01, boot_seconds=0.05, ip_seconds=0.05)
+
+
+@pytest.fixture
+def make_lab() -> Iterator[Callable[..., Lab]]:
+    labs: list[Lab] = []
+
+    def make(hosts: int = 1, timing: Timing | None = None, **options: object) -> Lab:
+        options.setdefault("seed", 7)
+        lab = Lab(LabOptions(hosts=hosts, timing=timing or FAST, **options))  # type: ignore[arg-type]
+        lab.start()
+        labs.append(lab)
+        return lab
+
+    yield make
+    for lab in labs:
+        lab.stop()

@@ -9,30 +9,10 @@ import pytest
 import XenAPI
 
 from dynvm.sim.control import SimControlClient
-from dynvm.sim.lab import Lab, LabOptions
+from dynvm.sim.lab import Lab
 from dynvm.sim.node import HostNode
-from dynvm.sim.settings import Timing
 
 from .simtools import login
-
-# Fast but non-zero delays: every path through the timers runs, in milliseconds.
-FAST = Timing(clone_seconds=0.01, boot_seconds=0.05, ip_seconds=0.05)
-
-
-@pytest.fixture
-def make_lab() -> Iterator[Callable[..., Lab]]:
-    labs: list[Lab] = []
-
-    def make(hosts: int = 1, timing: Timing | None = None, **options: object) -> Lab:
-        options.setdefault("seed", 7)
-        lab = Lab(LabOptions(hosts=hosts, timing=timing or FAST, **options))  # type: ignore[arg-type]
-        lab.start()
-        labs.append(lab)
-        return lab
-
-    yield make
-    for lab in labs:
-        lab.stop()
 
 
 @pytest.fixture

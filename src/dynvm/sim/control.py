@@ -71,6 +71,7 @@ class Control:
             },
             "timing": dataclasses.asdict(host.timing),
             "running_vms": running,
+            "calls": node.calls,
             "dhcp_free": host.dhcp.available,
             "memory_free": str(host.memory_free()),
             "sr_free": str(host.sr_free(host.refs.sr)),

@@ -37,6 +37,7 @@ class HostNode:
         self.api = XapiApi(host)
         self._control = control
         self.endpoint = Endpoint(self.route, port, tls)
+        self.calls = 0  # xapi calls answered (not sim.*): lets tests prove a cache made none
 
     @property
     def url(self) -> str:
@@ -45,6 +46,7 @@ class HostNode:
     def route(self, method: str, params: tuple[object, ...]) -> Reply:
         if method.startswith("sim."):
             return self._control(method, params)
+        self.calls += 1
         latency = self.host.timing.latency
         if latency > 0:
             time.sleep(latency)

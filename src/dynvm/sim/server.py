@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 import xmlrpc.client
 from collections.abc import Callable
@@ -106,6 +107,13 @@ class _Server(ThreadingMixIn, HTTPServer):
             # slow client cannot stall the accept loop.
             conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         return conn, addr
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("client %s went away: %s", client_address, error)  # it gave up; that is its right
+        else:
+            super().handle_error(request, client_address)
 
     def track(self, conn: socket.socket, alive: bool) -> None:
         with self._lock:

@@ -1,0 +1,461 @@
+"""A live, in-memory mirror of every configured host, kept by ``event.from``.
+
+Per host, a watcher thread logs in with a session of its own, takes the current state of
+the classes below in one ``event.from`` call (empty token: every object, atomically with
+the token that follows it), then follows ``event.from`` and applies each add / mod / del.
+A change on a host shows in the mirror as soon as xapi reports it. A host that stops
+answering is marked down after at most ``event_timeout + 3`` seconds (the socket time-out
+of the long poll) and retried with backoff; when it answers again it is resynchronised
+from scratch.
+
+Queries (``Inventory.view(ref)`` and friends) are answered from memory and never call
+xapi. Records are trimmed to the fields dynvm reads, which keeps 10,000 VMs small.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import XenAPI
+
+from ..config import HostSettings, Settings
+from ..model import HostAuthFailed, HostUnreachable
+from .session import CONNECTION_ERRORS, SessionPool, describe, open_session
+
+log = logging.getLogger(__name__)
+
+NULL_REF = "OpaqueRef:NULL"
+
+# The classes mirrored, and the fields of each that dynvm reads.
+KEPT_FIELDS: dict[str, tuple[str, ...]] = {
+    "host": ("uuid", "name_label", "address", "cpu_info", "metrics", "control_domain", "enabled", "PBDs"),
+    "host_metrics": ("uuid", "memory_total", "memory_free", "live"),
+    "VM": (
+        "uuid",
+        "name_label",
+        "name_description",
+        "power_state",
+        "is_a_template",
+        "is_control_domain",
+        "is_a_snapshot",
+        "VCPUs_max",
+        "VCPUs_at_startup",
+        "memory_static_max",
+        "other_config",
+        "resident_on",
+        "guest_metrics",
+        "VBDs",
+        "VIFs",
+        "platform",
+    ),
+    "VM_guest_metrics": ("uuid", "os_version", "networks"),
+    "SR": ("uuid", "name_label", "type", "content_type", "physical_size", "physical_utilisation", "PBDs"),
+    "PBD": ("uuid", "host", "SR", "currently_attached"),
+    "PIF": ("uuid", "device", "network", "host", "management", "IP"),
+    "network": ("uuid", "name_label", "bridge"),
+    "VBD": ("uuid", "VM", "VDI", "type", "userdevice"),
+    "VDI": ("uuid", "SR", "virtual_size", "type", "name_label"),
+}
+CLASS_BY_LOWER = {name.lower(): name for name in KEPT_FIELDS}
+
+
+class HostState(enum.Enum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+def is_real_ip(address: str | None) -> bool:
+    """An address a CI job can use: not empty, not APIPA (169.254.x.y)."""
+    return bool(address) and not str(address).startswith("169.254.")
+
+
+@dataclass(frozen=True)
+class VmView:
+    ref: str
+    uuid: str
+    name: str
+    description: str
+    power_state: str
+    vcpus: str  # as xapi gives it: a decimal string
+    memory: str  # memory_static_max, a decimal string of bytes
+    other_config: dict[str, str]
+    networks: dict[str, str]
+    os_version: dict[str, str]
+
+    @property
+    def running(self) -> bool:
+        return self.power_state == "Running"
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every address the guest reports, interface order ("0/ip" first)."""
+        ordered = sorted(self.networks.items(), key=lambda kv: (kv[0] != "0/ip", kv[0]))
+        seen: list[str] = []
+        for key, value in ordered:
+            if (key.endswith("/ip") or "/ipv4/" in key) and value and value not in seen:
+                seen.append(value)
+        return seen
+
+    @property
+    def ip(self) -> str | None:
+        """The first usable address, if any."""
+        return next((a for a in self.addresses if is_real_ip(a)), None)
+
+
+@dataclass(frozen=True)
+class TemplateView:
+    ref: str
+    name: str
+    vcpus: int
+    memory: int
+    disk: int  # bytes its VMs' disks will take
+
+
+@dataclass(frozen=True)
+class HostView:
+    """A consistent snapshot of one host, as of its mirror's last applied change."""
+
+    ref: str
+    state: HostState
+    error: str = ""
+    name: str = ""
+    cpus: int = 0
+    memory_total: int = 0
+    memory_free: int = 0
+    dom0_memory: int = 0
+    vms: tuple[VmView, ...] = ()  # not templates, not dom0, not snapshots
+    templates: tuple[TemplateView, ...] = ()
+    storage: dict[str, tuple[int, int]] = field(default_factory=dict)  # SR name -> (size, used)
+
+    @property
+    def running_vms(self) -> list[VmView]:
+        return [vm for vm in self.vms if vm.running]
+
+    def storage_free(self, name: str) -> int | None:
+        if name not in self.storage:
+            return None
+        size, used = self.storage[name]
+        return size - used
+
+
+def _trim(cls: str, record: dict[str, Any]) -> dict[str, Any]:
+    return {f: record[f] for f in KEPT_FIELDS[cls] if f in record}
+
+
+def provision_disk_bytes(other_config: dict[str, str]) -> int:
+    """The disks a template's ``other_config['disks']`` will create, in bytes."""
+    spec = other_config.get("disks", "")
+    if not spec:
+        return 0
+    try:
+        return sum(int(d.get("size", "0")) for d in ET.fromstring(spec).findall("disk"))
+    except (ET.ParseError, ValueError):
+        return 0
+
+
+class HostMirror:
+    """The records of one host. Written only by its watcher; read by anyone."""
+
+    def __init__(self, settings: HostSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, dict[str, Any]]] = {cls: {} for cls in KEPT_FIELDS}
+        self._state = HostState.CONNECTING
+        self._error = ""
+        self._version = 0
+        self._view: HostView | None = None
+        self.synced = threading.Event()
+
+    # -- written by the watcher -------------------------------------------------------
+
+    def replace_all(self, events: Iterable[dict[str, Any]]) -> None:
+        records: dict[str, dict[str, dict[str, Any]]] = {cls: {} for cls in KEPT_FIELDS}
+        for event in events:
+            cls = CLASS_BY_LOWER.get(event["class"])
+            if cls is not None and event["operation"] != "del" and "snapshot" in event:
+                records[cls][event["ref"]] = _trim(cls, event["snapshot"])
+        with self._lock:
+            self._records = records
+            self._state = HostState.UP
+            self._error = ""
+            self._changed()
+        self.synced.set()
+
+    def apply(self, events: Iterable[dict[str, Any]]) -> None:
+        with self._lock:
+            for event in events:
+                cls = CLASS_BY_LOWER.get(event["class"])
+                if cls is None:
+                    continue
+                if event["operation"] == "del":
+                    self._records[cls].pop(event["ref"], None)
+                elif "snapshot" in event:
+                    self._records[cls][event["ref"]] = _trim(cls, event["snapshot"])
+            self._changed()
+
+    def mark_down(self, error: str) -> None:
+        with self._lock:
+            if self._state is not HostState.DOWN or self._error != error:
+                self._state = HostState.DOWN
+                self._error = error
+                self._changed()
+        self.synced.set()
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._view = None
+
+    # -- read by anyone ---------------------------------------------------------------
+
+    @property
+    def state(self) -> HostState:
+        with self._lock:
+            return self._state
+
+    def view(self) -> HostView:
+        with self._lock:
+            if self._view is None:
+                self._view = self._build_view()
+            return self._view
+
+    def _build_view(self) -> HostView:
+        ref = self.settings.ref
+        if self._state is not HostState.UP:
+            return HostView(ref, self._state, self._error, name=self.settings.section)
+        hosts = self._records["host"]
+        host = next(iter(hosts.values()), {})
+        metrics = self._records["host_metrics"].get(host.get("metrics", NULL_REF), {})
+        guest = self._records["VM_guest_metrics"]
+        vms, templates = [], []
+        dom0_memory = 0
+        for vm_ref, vm in self._records["VM"].items():
+            if vm.get("is_control_domain"):
+                dom0_memory += int(vm.get("memory_static_max", "0"))
+                continue
+            if vm.get("is_a_snapshot"):
+                continue
+            if vm.get("is_a_template"):
+                templates.append(self._template(vm_ref, vm))
+                continue
+            metrics_of_vm = guest.get(vm.get("guest_metrics", NULL_REF), {})
+            vms.append(
+                VmView(
+                    ref=vm_ref,
+                    uuid=vm["uuid"],
+                    name=vm.get("name_label", ""),
+                    description=vm.get("name_description", ""),
+                    power_state=vm.get("power_state", "Halted"),
+                    vcpus=vm.get("VCPUs_at_startup", "0"),
+                    memory=vm.get("memory_static_max", "0"),
+                    other_config=vm.get("other_config", {}),
+                    networks=metrics_of_vm.get("networks", {}),
+                    os_version=metrics_of_vm.get("os_version", {}),
+                )
+            )
+        storage = {}
+        for sr in self._records["SR"].values():
+            if sr.get("content_type") != "iso":
+                storage[sr["name_label"]] = (
+                    int(sr.get("physical_size", "0")),
+                    int(sr.get("physical_utilisation", "0")),
+                )
+        return HostView(
+            ref=ref,
+            state=HostState.UP,
+            name=host.get("name_label", self.settings.section),
+            cpus=int(host.get("cpu_info", {}).get("cpu_count", "0")),
+            memory_total=int(metrics.get("memory_total", "0")),
+            memory_free=int(metrics.get("memory_free", "0")),
+            dom0_memory=dom0_memory,
+            vms=tuple(sorted(vms, key=lambda v: v.name)),
+            templates=tuple(sorted(templates, key=lambda t: (t.name, t.ref))),
+            storage=storage,
+        )
+
+    def _template(self, ref: str, vm: dict[str, Any]) -> TemplateView:
+        disk = provision_disk_bytes(vm.get("other_config", {}))
+        for vbd_ref in vm.get("VBDs", []):
+            vbd = self._records["VBD"].get(vbd_ref, {})
+            vdi = self._records["VDI"].get(vbd.get("VDI", NULL_REF))
+            if vbd.get("type") == "Disk" and vdi:
+                disk += int(vdi.get("virtual_size", "0"))
+        return TemplateView(
+            ref=ref,
+            name=vm.get("name_label", ""),
+            vcpus=int(vm.get("VCPUs_at_startup", "0")),
+            memory=int(vm.get("memory_static_max", "0")),
+            disk=disk,
+        )
+
+
+class HostWatcher:
+    """Keeps one ``HostMirror`` in step with its host, on a thread of its own."""
+
+    def __init__(
+        self,
+        mirror: HostMirror,
+        event_timeout: float = 5.0,
+        max_backoff: float = 10.0,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.mirror = mirror
+        self.event_timeout = event_timeout
+        self.max_backoff = max_backoff
+        self._on_change = on_change or (lambda ref: None)
+        self._stop = threading.Event()
+        self._transport: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"watch-{mirror.settings.section}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        transport = self._transport
+        if transport is not None:
+            transport.abort()  # break a long poll in progress
+        if wait:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        host = self.mirror.settings
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except HostAuthFailed as e:
+                self._down(str(e))
+            except (HostUnreachable, *CONNECTION_ERRORS) as e:
+                message = (
+                    str(e) if isinstance(e, HostUnreachable) else f"{host.display} stopped answering: {describe(e)}"
+                )
+                self._down(message)
+            except XenAPI.Failure as e:
+                self._down(f"{host.display}: xapi error {' '.join(map(str, e.details))}")
+            except Exception as e:  # never let the watcher die: the host would look frozen
+                log.exception("%s: watcher failed", host.display)
+                self._down(f"{host.display}: {e!r}")
+            else:
+                continue
+            failures += 1
+            self._stop.wait(min(self.max_backoff, 0.5 * 2 ** (failures - 1)))
+
+    def _down(self, message: str) -> None:
+        if self._stop.is_set():
+            return
+        was = self.mirror.state
+        self.mirror.mark_down(message)
+        if was is not HostState.DOWN:
+            log.warning("host down: %s", message)
+            self._on_change(self.mirror.settings.ref)
+
+    def _follow(self) -> None:
+        host = self.mirror.settings
+        session, self._transport = open_session(host, timeout=self.event_timeout + 3.0)
+        try:
+            xapi = session.xenapi
+            classes = list(KEPT_FIELDS)
+            batch = xapi.event_from(classes, "", 0.0)
+            was = self.mirror.state
+            self.mirror.replace_all(batch["events"])
+            if was is not HostState.UP:
+                log.info("host up: %s (%d objects)", host.display, len(batch["events"]))
+            self._on_change(host.ref)
+            token = batch["token"]
+            while not self._stop.is_set():
+                batch = xapi.event_from(classes, token, self.event_timeout)
+                token = batch["token"]
+                if batch["events"]:
+                    self.mirror.apply(batch["events"])
+                    self._on_change(host.ref)
+        finally:
+            if self._stop.is_set():
+                self._transport.abort()
+
+
+class Inventory:
+    """Every configured host's mirror, watcher and session pool; follows config reloads."""
+
+    def __init__(
+        self,
+        event_timeout: float = 5.0,
+        call_timeout: float = 30.0,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.event_timeout = event_timeout
+        self.call_timeout = call_timeout
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._hosts: dict[str, tuple[HostMirror, HostWatcher, SessionPool]] = {}
+
+    def apply(self, settings: Settings) -> None:
+        """Start watchers for new hosts, stop them for removed ones, restart changed ones.
+
+        Called at start-up and by the config watcher on every reload."""
+        wanted = {h.ref: h for h in settings.hosts}
+        stale = []
+        with self._lock:
+            for ref, (mirror, watcher, pool) in list(self._hosts.items()):
+                if wanted.get(ref) != mirror.settings:
+                    stale.append((watcher, pool))
+                    del self._hosts[ref]
+            for ref, host in wanted.items():
+                if ref not in self._hosts:
+                    mirror = HostMirror(host)
+                    watcher = HostWatcher(mirror, self.event_timeout, on_change=self._on_change)
+                    pool = SessionPool(host, timeout=self.call_timeout)
+                    self._hosts[ref] = (mirror, watcher, pool)
+                    watcher.start()
+                    log.info("watching %s", host.display)
+        for watcher, pool in stale:
+            watcher.stop(wait=False)
+            pool.close()
+            log.info("stopped watching %s", watcher.mirror.settings.display)
+
+    def refs(self) -> list[str]:
+        with self._lock:
+            return sorted(self._hosts, key=int)
+
+    def mirror(self, ref: str) -> HostMirror | None:
+        with self._lock:
+            entry = self._hosts.get(ref)
+        return entry[0] if entry else None
+
+    def pool(self, ref: str) -> SessionPool | None:
+        with self._lock:
+            entry = self._hosts.get(ref)
+        return entry[2] if entry else None
+
+    def view(self, ref: str) -> HostView | None:
+        mirror = self.mirror(ref)
+        return mirror.view() if mirror else None
+
+    def views(self) -> list[HostView]:
+        with self._lock:
+            mirrors = [self._hosts[ref][0] for ref in sorted(self._hosts, key=int)]
+        return [m.view() for m in mirrors]
+
+    def wait_synced(self, timeout: float = 30.0) -> bool:
+        """Block until every host has been loaded once or found down (start-up)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            mirrors = [entry[0] for entry in self._hosts.values()]
+        return all(m.synced.wait(max(0.0, deadline - time.monotonic())) for m in mirrors)
+
+    def stop(self) -> None:
+        with self._lock:
+            entries = list(self._hosts.values())
+            self._hosts.clear()
+        for _, watcher, pool in entries:
+            watcher.stop(wait=False)
+            pool.close()
+        for _, watcher, _ in entries:
+            watcher.stop(wait=True)

@@ -1,0 +1,253 @@
+"""A thread-safe pool of logged-in XenAPI sessions per host.
+
+One ``XenAPI.Session`` is not thread-safe (it wraps one HTTP connection), so a session is
+used by one thread at a time: ``with pool.session() as xapi:`` lends one out and takes it
+back. Every call has a socket time-out, so a dead host can never hang a caller; a host
+that fails to answer is backed off (1 s, 2 s, 4 s ... up to 30 s) and, meanwhile, callers
+get ``HostUnreachable`` at once instead of waiting for another time-out. ``SESSION_INVALID``
+is handled by the SDK itself, which logs in again with the same credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import socket
+import ssl
+import threading
+import time
+import xmlrpc.client
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import XenAPI
+
+from ..config import HostSettings
+from ..model import HostAuthFailed, HostUnreachable
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2.21"
+ORIGINATOR = "dynvm"
+CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError)
+
+
+def to_wire(value: Any) -> Any:
+    """xapi's int64 travel as decimal strings (XML-RPC's <int> is 32-bit)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_wire(v) for v in value]
+    return value
+
+
+class _Timeouts:
+    """Mixed into the SDK's transports: a socket time-out on every call, and ``abort()`` to
+    break a call that is blocked (for shutdown)."""
+
+    timeout: float
+    _live: http.client.HTTPConnection | None = None
+    _aborted = False
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        if self._aborted:  # xmlrpc.client retries a reset connection once: not after abort()
+            raise ConnectionAbortedError("the session was closed")
+        connection = super().make_connection(host)  # type: ignore[misc]
+        connection.timeout = self.timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(self.timeout)
+        self._live = connection
+        return connection
+
+    def abort(self) -> None:
+        self._aborted = True
+        connection = self._live
+        sock = connection.sock if connection is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class TimeoutTransport(_Timeouts, xmlrpc.client.Transport):
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+
+class TimeoutSafeTransport(_Timeouts, xmlrpc.client.SafeTransport):
+    def __init__(self, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self.timeout = timeout
+
+
+class XapiSession(XenAPI.Session):
+    """The SDK's session, sending int arguments as xapi's decimal strings."""
+
+    def xenapi_request(self, methodname: str, params: tuple[Any, ...]) -> Any:
+        return super().xenapi_request(methodname, tuple(to_wire(p) for p in params))
+
+
+def tls_context(host: HostSettings) -> ssl.SSLContext:
+    if host.tls_ca_file is not None:
+        return ssl.create_default_context(cafile=str(host.tls_ca_file))
+    if not host.tls_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context()
+
+
+def open_session(host: HostSettings, timeout: float) -> tuple[XapiSession, _Timeouts]:
+    """Log in to one host: a new session (and HTTP connection) of its own."""
+    if host.url.startswith("https"):
+        transport: _Timeouts = TimeoutSafeTransport(timeout, tls_context(host))
+    else:
+        transport = TimeoutTransport(timeout)
+    session = XapiSession(host.url, transport=transport)
+    try:
+        session.xenapi.login_with_password(host.user, host.password.reveal(), API_VERSION, ORIGINATOR)
+    except XenAPI.Failure as e:
+        if e.details and e.details[0] == "SESSION_AUTHENTICATION_FAILED":
+            raise HostAuthFailed(
+                f"{host.display} refused the login of user {host.user!r}: check host.user and host.password",
+                host.ref,
+            ) from None
+        raise
+    except ssl.SSLError as e:
+        raise HostUnreachable(
+            f"{host.display}: TLS failed ({e.reason or e}); for a self-signed certificate set "
+            "host.tls.ca_file (or host.tls.verify=false)",
+            host.ref,
+        ) from None
+    except CONNECTION_ERRORS as e:
+        raise HostUnreachable(f"{host.display} does not answer: {describe(e)}", host.ref) from None
+    return session, transport
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    return str(error) or type(error).__name__
+
+
+class SessionPool:
+    """Sessions for one host, lent to one thread at a time."""
+
+    def __init__(
+        self,
+        host: HostSettings,
+        timeout: float = 30.0,
+        max_idle: int = 8,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._clock = clock
+        self._idle: list[tuple[XapiSession, _Timeouts]] = []
+        self._busy: set[_Timeouts] = set()
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._retry_at = 0.0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        """Lend a logged-in session's ``xenapi`` proxy to the calling thread.
+
+        A connection-level error inside the block discards the session, starts a backoff
+        and is raised as ``HostUnreachable``; xapi failures (``XenAPI.Failure``) pass through
+        and the session goes back to the pool.
+        """
+        session, transport = self._checkout()
+        try:
+            yield session.xenapi
+        except CONNECTION_ERRORS as e:
+            self._discard(transport, failed=True)
+            raise HostUnreachable(f"{self.host.display} stopped answering: {describe(e)}", self.host.ref) from None
+        except BaseException:
+            self._checkin(session, transport)
+            raise
+        else:
+            self._checkin(session, transport)
+
+    def _checkout(self) -> tuple[XapiSession, _Timeouts]:
+        with self._lock:
+            if self._closed:
+                raise HostUnreachable(f"{self.host.display} is no longer configured", self.host.ref)
+            if self._idle:
+                session, transport = self._idle.pop()
+                self._busy.add(transport)
+                return session, transport
+            wait = self._retry_at - self._clock()
+            if wait > 0:
+                raise HostUnreachable(
+                    f"{self.host.display} is not answering; next attempt in {wait:.1f} s", self.host.ref
+                )
+        try:
+            session, transport = open_session(self.host, self.timeout)
+        except HostUnreachable:
+            self._record_failure()
+            raise
+        with self._lock:
+            self._failures = 0
+            self._retry_at = 0.0
+            self._busy.add(transport)
+        return session, transport
+
+    def _checkin(self, session: XapiSession, transport: _Timeouts) -> None:
+        with self._lock:
+            self._busy.discard(transport)
+            self._failures = 0
+            if not self._closed and len(self._idle) < self.max_idle:
+                self._idle.append((session, transport))
+                return
+        self._logout(session)
+
+    def _discard(self, transport: _Timeouts, failed: bool) -> None:
+        with self._lock:
+            self._busy.discard(transport)
+        transport.abort()
+        if failed:
+            self._record_failure()
+
+    def _record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            delay = min(30.0, 2.0 ** (self._failures - 1))
+            self._retry_at = self._clock() + delay
+        log.warning("%s: not answering; backing off %.0f s", self.host.display, delay)
+
+    def reset_backoff(self) -> None:
+        """Allow the next checkout to try at once (e.g. when the host is known to be back)."""
+        with self._lock:
+            self._retry_at = 0.0
+
+    @property
+    def backing_off(self) -> bool:
+        with self._lock:
+            return self._retry_at > self._clock()
+
+    def close(self) -> None:
+        """Log out idle sessions and break calls still in progress. Called when the host is
+        removed from the configuration or dynvm stops."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        for transport in busy:
+            transport.abort()
+        for session, _ in idle:
+            self._logout(session)
+
+    def _logout(self, session: XapiSession) -> None:
+        with contextlib.suppress(Exception):
+            session.xenapi.session.logout()
