@@ -15,10 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## lab: a simulated Xen lab of 4 hosts on 127.0.0.1 (Ctrl-C stops it)
+## lab: dynvm on 127.0.0.1:5000 serving a simulated Xen lab of 4 hosts (Ctrl-C stops both)
 lab: $(STAMP)
-	@mkdir -p $(LAB)
-	$(BIN)/dynvm sim --hosts 4 --write-config $(LAB)/dynvmservice.ini --foreign-vms 2
+	$(BIN)/dynvm lab --hosts 4 --port 5000 --directory $(LAB)
 
 ## test: the whole suite, in parallel on every core
 test: $(STAMP)

@@ -26,6 +26,8 @@ def build_cli() -> typer.Typer:
     app.callback()(_root)
     app.command("sim")(sim_command)
     app.command("check-config")(check_config_command)
+    app.command("serve")(serve_command)
+    app.command("lab")(lab_command)
     return app
 
 
@@ -158,6 +160,137 @@ def check_config_command(config: ConfigOption = None) -> None:
         f"cpu overcommit: {common.cpu_overcommit:g} · history in Couchbase: "
         f"{'yes' if settings.couchbase.enabled else 'no'}"
     )
+
+
+def serve_command(
+    config: ConfigOption = None,
+    db: Annotated[
+        str | None,
+        typer.Option(help="Database URL (else [common] db.url, else SQLite in ~/.local/share/dynvm/)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Only 127.0.0.1 unless you say otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    shutdown_grace: Annotated[
+        float, typer.Option(min=0, help="On SIGTERM, seconds creates in flight may finish before they are rolled back.")
+    ] = 30.0,
+) -> None:
+    """Serve the dynvm API (no debugger, no auto-reload). SIGTERM stops it cleanly."""
+    import uvicorn
+
+    from .api.app import create_app
+    from .config import ConfigError, locate_config
+    from .runtime import Intervals, build_services
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    load_or_exit(config, console)  # a clear message and exit code 2 for an invalid file
+    try:
+        services = build_services(locate_config(config), db, intervals=Intervals(shutdown_grace=shutdown_grace))
+    except ConfigError as e:
+        console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except Exception as e:
+        console.print(f"Error: cannot open the database: {e}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"warning: binding {host}: dynvm is reachable from other machines", style="yellow")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(services),
+            host=host,
+            port=port,
+            log_level=log_level,
+            reload=False,
+            timeout_graceful_shutdown=5,
+            lifespan="on",
+        )
+    )
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+def lab_command(
+    hosts: Annotated[int, typer.Option(min=1, max=50)] = 4,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
+    directory: Annotated[Path, typer.Option(help="Where the lab keeps its config and database.")] = Path(".lab"),
+) -> None:
+    """A simulated Xen lab and dynvm serving it on 127.0.0.1, together, until Ctrl-C."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    console = Console()
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = (directory / "dynvmservice.ini").resolve()
+    config_path.unlink(missing_ok=True)
+    python = [sys.executable, "-m", "dynvm"]
+    sim = subprocess.Popen(
+        [*python, "sim", "--hosts", str(hosts), "--write-config", str(config_path), "--foreign-vms", "2"],
+        stdout=subprocess.DEVNULL,
+    )
+    serve = None
+    try:
+        deadline = time.monotonic() + 60
+        while not config_path.exists():
+            if sim.poll() is not None or time.monotonic() > deadline:
+                console.print("Error: the simulated lab did not start", style="red")
+                raise typer.Exit(1)
+            time.sleep(0.1)
+        db_url = f"sqlite:///{(directory / 'dynvm.db').resolve()}"
+        serve = subprocess.Popen(
+            [
+                *python,
+                "serve",
+                "--config",
+                str(config_path),
+                "--db",
+                db_url,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ]
+        )
+        base = f"http://127.0.0.1:{port}"
+        while True:
+            if serve.poll() is not None or time.monotonic() > deadline:
+                console.print("Error: dynvm serve did not start (is the port taken?)", style="red")
+                raise typer.Exit(1)
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        console.print(f"dynvm serves {hosts} simulated hosts at {base}  (config: {config_path})", markup=False)
+        console.print("Try the SPEC's example session:", style="bold")
+        for line in (
+            f"curl {base}/getavailablecount/centos",
+            f"curl '{base}/getservers/demoserver?os=centos&count=3'",
+            f"curl {base}/getavailablecount/centos",
+            f"curl '{base}/getservers/demoserver9?os=centos&count=2&format=detailed&expiresin=0.5'",
+            f"curl {base}/showall/centos",
+            f"curl '{base}/releaseservers/demoserver?os=centos&count=3'",
+            f"curl {base}/getavailablecount/centos",
+        ):
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        console.print("Ctrl-C stops both.", style="dim")
+        while sim.poll() is None and serve.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in (serve, sim):  # in this order: dynvm first
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        console.print("lab stopped.")
 
 
 def main() -> None:

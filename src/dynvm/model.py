@@ -68,3 +68,67 @@ class CreatedVm:
     template: str = ""
     create_seconds: float = 0.0
     attempts: int = 1
+
+
+class LeaseError(DynvmError):
+    """A request the lease engine turns down; ``status`` is the fitting HTTP status."""
+
+    status = 400
+
+
+class UnknownOs(LeaseError):
+    status = 400
+
+
+class NameInUse(LeaseError):
+    status = 409
+
+
+class NotEnoughCapacity(LeaseError):
+    status = 503
+
+
+class NoSuchLease(LeaseError):
+    status = 404
+
+
+class BadRequest(LeaseError):
+    status = 400
+
+
+class CreateFailed(LeaseError):
+    """Provisioning failed after its retries; everything built for the request was removed."""
+
+    status = 502
+
+
+class ShuttingDown(LeaseError):
+    status = 503
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One VM of a request, from reservation to release. Times are Unix seconds."""
+
+    id: str
+    request_id: str
+    name: str
+    username: str
+    os: str
+    host_ref: str
+    state: str
+    cpus: int
+    memory: int
+    disk: int
+    created_at: float
+    expires_at: float
+    owner: str
+    template: str = ""
+    vm_uuid: str | None = None
+    vm_ref: str | None = None
+    ip: str | None = None
+    os_version: str | None = None
+    ready_at: float | None = None
+    released_at: float | None = None
+    create_seconds: float | None = None
+    error: str | None = None

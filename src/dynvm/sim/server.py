@@ -110,8 +110,8 @@ class _Server(ThreadingMixIn, HTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError | TimeoutError):
-            log.debug("client %s went away: %s", client_address, error)  # it gave up; that is its right
+        if isinstance(error, OSError | ValueError):  # a client that gave up or closed mid-request
+            log.debug("client %s went away: %r", client_address, error)
         else:
             super().handle_error(request, client_address)
 

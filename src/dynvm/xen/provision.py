@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MARKER_KEY = "dynvm_lease"
 NULL_REF = "OpaqueRef:NULL"
-EVENT_SLICE = 10.0  # longest single event.from wait; the session's socket time-out is longer
+EVENT_SLICE = 2.0  # longest single event.from wait: how soon a cancel is noticed
 
 Progress = Callable[[str], None]
 
@@ -74,7 +75,11 @@ class Provisioner:
 
     # -- create ------------------------------------------------------------------------
 
-    def create(self, spec: VmSpec, progress: Progress | None = None) -> CreatedVm:
+    def create(
+        self, spec: VmSpec, progress: Progress | None = None, cancel: threading.Event | None = None
+    ) -> CreatedVm:
+        """Create the VM; ``cancel`` (set when dynvm stops) ends the attempt and removes
+        what it built."""
         progress = progress or (lambda stage: None)
         vlog = _VmLog(log, {"vm": spec.name})
         started = self.clock()
@@ -92,14 +97,16 @@ class Provisioner:
                     )
                     vm = self._task(xapi, "VM.clone", template, spec.name)
                     xapi.VM.add_to_other_config(vm, MARKER_KEY, spec.lease_id)
+                    self._check_cancel(cancel)
                     self._configure(xapi, vm, spec, template_name, sr, network, vlog)
                     progress("provisioning")
                     self._task(xapi, "VM.provision", vm)
+                    self._check_cancel(cancel)
                     progress("booting")
                     vlog.info("starting")
                     self._task(xapi, "VM.start", vm, False, False)
                     progress("waiting for IP")
-                    ip, os_version = self._wait_for_guest(xapi, vm, spec, vlog)
+                    ip, os_version = self._wait_for_guest(xapi, vm, spec, vlog, cancel)
                     created = self._describe(xapi, vm, spec, template_name, ip, os_version, started, attempt)
                 progress("ready")
                 vlog.info("ready at %s after %.1f s", ip, created.create_seconds)
@@ -113,17 +120,21 @@ class Provisioner:
             except (HostUnreachable, ProvisionError) as e:
                 if vm is not None:
                     progress("cleaning up")
-                    self._cleanup(vm, vlog)
+                    self._cleanup(vm, spec.lease_id, vlog)
                 raise ProvisionError(f"{spec.name}: {e}", self.host.ref) from None
             if vm is not None:
                 progress("cleaning up")
-                self._cleanup(vm, vlog)
+                self._cleanup(vm, spec.lease_id, vlog)
             if attempt < self.attempts:
                 progress("retrying")
         raise ProvisionError(
             f"{spec.name}: no usable VM on {self.host.display} after {self.attempts} attempts; last: {last_error}",
             self.host.ref,
         )
+
+    def _check_cancel(self, cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise ProvisionError("cancelled: dynvm is stopping", self.host.ref)
 
     def _task(self, xapi: Any, method: str, *args: Any) -> Any:
         """Run ``Async.<method>`` and follow its task with ``event.from`` until it ends."""
@@ -238,12 +249,15 @@ class Provisioner:
             xapi.VM.remove_from_other_config(vm, "disks")
             xapi.VM.add_to_other_config(vm, "disks", other["disks"])
 
-    def _wait_for_guest(self, xapi: Any, vm: str, spec: VmSpec, vlog: _VmLog) -> tuple[str, dict[str, str]]:
+    def _wait_for_guest(
+        self, xapi: Any, vm: str, spec: VmSpec, vlog: _VmLog, cancel: threading.Event | None
+    ) -> tuple[str, dict[str, str]]:
         deadline = self.clock() + self.network_timeout
         token = ""
         metrics_ref = NULL_REF
         seen_apipa = ""
         while True:
+            self._check_cancel(cancel)
             remaining = deadline - self.clock()
             subscriptions = [f"VM/{vm}"] + ([f"VM_guest_metrics/{metrics_ref}"] if metrics_ref != NULL_REF else [])
             batch = xapi.event_from(subscriptions, token, max(0.0, min(EVENT_SLICE, remaining)) if token else 0.0)
@@ -345,9 +359,22 @@ class Provisioner:
                 if e.details[:1] != ["HANDLE_INVALID"]:
                     raise
 
-    def _cleanup(self, vm: str, vlog: _VmLog) -> None:
+    def _mark(self, vm: str, lease_id: str) -> None:
+        with self.pool.session() as xapi:
+            try:
+                if MARKER_KEY not in xapi.VM.get_other_config(vm):
+                    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease_id)
+            except XenAPI.Failure as e:
+                if e.details[:1] != ["HANDLE_INVALID"]:  # already gone is fine
+                    raise
+
+    def _cleanup(self, vm: str, lease_id: str, vlog: _VmLog) -> None:
         """Destroy a failed attempt, retrying while the host is unreachable, up to
-        ``cleanup_timeout``. What cannot be removed is logged: reconcile removes it later."""
+        ``cleanup_timeout``. What cannot be removed is logged: reconcile removes it later.
+
+        The VM's ref came back from this attempt's own ``VM.clone``, so it is ours even if
+        the host died before the marker was written: the marker is written first, then the
+        VM is destroyed like any other dynvm VM (dynvm destroys only marked VMs)."""
         vlog.info("cleaning up the failed attempt")
         try:
             for attempt in Retrying(
@@ -358,7 +385,8 @@ class Provisioner:
             ):
                 with attempt:
                     self.pool.reset_backoff()
-                    self.destroy(vm)
+                    self._mark(vm, lease_id)
+                    self.destroy(vm, lease_id)
         except Exception as e:
             vlog.error("could not clean up %s (%s); the reconcile pass will remove it", vm, e)
 

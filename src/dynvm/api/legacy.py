@@ -1,0 +1,213 @@
+"""The seed service's routes, byte for byte (SPEC.md §1): what existing Jenkins jobs call.
+
+All answers are plain bodies: JSON text or a number, and on error a non-2xx status with a
+plain-text body that begins ``Error: ``. No business rule lives here: parsing, then the
+lease service, then formatting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from ..capacity import find_template
+from ..leases import LeaseRequest
+from ..model import BadRequest, DynvmError, LeaseError
+from ..runtime import Services
+from ..xen.inventory import HostState
+from ..xen.provision import MARKER_KEY
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+
+NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_COUNT = 50
+GiB = 1024**3
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def error(status: int, message: str) -> PlainTextResponse:
+    return PlainTextResponse(f"Error: {message}\n", status_code=status)
+
+
+def as_error(e: Exception) -> PlainTextResponse:
+    if isinstance(e, LeaseError):
+        return error(e.status, str(e))
+    if isinstance(e, DynvmError):
+        return error(502, str(e))
+    log.exception("unexpected error")
+    return error(500, "internal error; the service log has the details")
+
+
+def json_text(value: object, **options: object) -> Response:
+    return Response(json.dumps(value, **options), media_type="application/json")  # type: ignore[arg-type]
+
+
+def _int(name: str, raw: str | None, default: int | None, low: int, high: int) -> int | None:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, not {raw!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _username(raw: str) -> str:
+    if not NAME.match(raw):
+        raise BadRequest("the username must be 1 to 64 characters of letters, digits, '.', '_' or '-'")
+    return raw
+
+
+# -- listing and counting (from memory) ------------------------------------------------------
+
+
+def _vm_entry(vm) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {
+        "name": vm.name,
+        "name_description": vm.description,
+        "power_state": vm.power_state,
+        "vcpus": vm.vcpus,
+        "memory_static_max": vm.memory,
+        "networkinfo": ",".join(vm.addresses),
+    }
+
+
+def showall(services: Services, os: str | None) -> Response:
+    settings = services.current_settings()
+    if os is not None:
+        services.leases.check_os(settings, os)
+    lease_os = {lease.id: lease.os for lease in services.leases.leases.active()} if os else {}
+    result: dict[str, list[dict[str, str]]] = {}
+    for host in settings.hosts:
+        view = services.inventory.view(host.ref)
+        entries: list[dict[str, str]] = []
+        if view is not None and view.state is HostState.UP:
+            template = None
+            if os is not None and os in host.templates:
+                found = find_template(view, host.templates[os])
+                template = found.name if found else None
+            for vm in view.running_vms:
+                if os is not None:
+                    of_os = lease_os.get(vm.other_config.get(MARKER_KEY, "")) == os or (
+                        template is not None and f" from {template} on " in vm.description
+                    )
+                    if not of_os:
+                        continue
+                entries.append(_vm_entry(vm))
+        result[host.ref] = entries  # a host that is down is listed with no VMs
+    return json_text(result, indent=2, sort_keys=True)
+
+
+@router.get("/showall")
+async def showall_all(services: ServicesDep) -> Response:
+    return await _guard(showall, services, None)
+
+
+@router.get("/showall/{os}")
+async def showall_os(os: str, services: ServicesDep) -> Response:
+    return await _guard(showall, services, os)
+
+
+def available(services: Services, os: str) -> Response:
+    return PlainTextResponse(str(services.leases.available_count(os)))
+
+
+@router.get("/getavailablecount")
+async def getavailablecount(services: ServicesDep) -> Response:
+    return await _guard(available, services, "centos")
+
+
+@router.get("/getavailablecount/{os}")
+async def getavailablecount_os(os: str, services: ServicesDep) -> Response:
+    return await _guard(available, services, os)
+
+
+async def _guard(fn, *args) -> Response:  # type: ignore[no-untyped-def]
+    """Run a quick handler off the event loop and turn its errors into ``Error:`` bodies."""
+    import anyio
+
+    try:
+        return await anyio.to_thread.run_sync(fn, *args)
+    except Exception as e:
+        return as_error(e)
+
+
+# -- getting and releasing -------------------------------------------------------------------
+
+
+def parse_getservers(username: str, query: dict[str, str], max_minutes: float) -> tuple[LeaseRequest, str]:
+    fmt = query.get("format") or "servermanager"
+    if fmt not in ("servermanager", "detailed"):
+        raise BadRequest(f"format must be servermanager or detailed, not {fmt!r}")
+    expires = None
+    raw = query.get("expiresin")
+    if raw:
+        try:
+            expires = float(raw)
+        except ValueError:
+            raise BadRequest(f"expiresin is minutes (decimals allowed), not {raw!r}") from None
+        if not math.isfinite(expires) or expires <= 0:
+            raise BadRequest(f"expiresin must be a positive number of minutes, not {raw!r}")
+        expires = min(expires, max_minutes)
+    request = LeaseRequest(
+        username=_username(username),
+        os=query.get("os") or "centos",
+        count=_int("count", query.get("count"), 1, 1, MAX_COUNT) or 1,
+        cpus=_int("cpus", query.get("cpus"), None, 1, 256),
+        memory=_int("mem", query.get("mem"), None, GiB // 4, 4096 * GiB),
+        expires_in_minutes=expires,
+        host_ref=str(_int("xhostref", query.get("xhostref"), None, 1, 100000)) if query.get("xhostref") else None,
+    )
+    return request, fmt
+
+
+@router.get("/getservers/{username}")
+async def getservers(username: str, request: Request, services: ServicesDep) -> Response:
+    try:
+        lease_request, fmt = parse_getservers(
+            username, dict(request.query_params), services.current_settings().common.expiry_minutes
+        )
+        loop = asyncio.get_running_loop()
+        # The create runs on a thread of its own for minutes; this route awaits it without
+        # holding a worker, so every other route stays fast meanwhile.
+        leases = await loop.run_in_executor(services.requests, services.leases.acquire, lease_request)
+    except Exception as e:
+        return as_error(e)
+    if fmt == "detailed":
+        return json_text({lease.name: lease.ip for lease in leases}, indent=2)
+    return json_text([lease.ip for lease in leases])
+
+
+def release(services: Services, username: str, count: int) -> Response:
+    return json_text(services.leases.release(_username(username), count), indent=2)
+
+
+@router.get("/releaseservers/{username}")
+async def releaseservers(username: str, request: Request, services: ServicesDep) -> Response:
+    try:
+        count = _int("count", request.query_params.get("count"), 1, 1, MAX_COUNT) or 1
+    except Exception as e:
+        return as_error(e)
+    return await _guard(release, services, username, count)
+
+
+@router.get("/releaseservers/{username}/{state}")
+async def releaseservers_state(username: str, state: str, request: Request, services: ServicesDep) -> Response:
+    """The seed took a state here; it is accepted and the VMs are destroyed all the same."""
+    return await releaseservers(username, request, services)

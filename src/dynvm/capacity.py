@@ -1,0 +1,122 @@
+"""How many more VMs of an OS fit, host by host, and where a request's VMs go (SPEC.md §3).
+
+Per host, from the inventory mirror (no xapi call):
+
+- CPU: ``cpu_count x cpu.overcommit`` minus the vCPUs of its running VMs (dom0 aside),
+- memory: ``memory_total`` minus dom0 minus the memory of its running VMs,
+- disk: free space on the SR named ``host.storage.name``,
+
+each less what in-flight creates have reserved, until their VM runs (from then on the
+host's own figures count it). The count for an OS is the smallest of the three divided by
+what one VM of that OS needs. A down host counts 0; a host without the OS's template is
+skipped. Placement takes one VM at a time to the host with the most room left for it, so a
+request spreads over hosts; ``xhostref`` pins it to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .config import HostSettings
+from .model import NotEnoughCapacity
+from .xen.inventory import HostState, HostView, TemplateView
+from .xen.provision import MARKER_KEY
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one VM takes on a host: from its template unless the request says otherwise."""
+
+    cpus: int
+    memory: int
+    disk: int
+    template: str
+
+
+@dataclass
+class HostRoom:
+    ref: str
+    cpus: float
+    memory: int
+    disk: int
+
+    def fits(self, need: Need) -> int:
+        if need.cpus <= 0 or need.memory <= 0:
+            return 0
+        by_disk = self.disk // need.disk if need.disk > 0 else 1 << 30
+        return max(0, int(min(self.cpus // need.cpus, self.memory // need.memory, by_disk)))
+
+    def take(self, need: Need) -> None:
+        self.cpus -= need.cpus
+        self.memory -= need.memory
+        self.disk -= need.disk
+
+
+def find_template(view: HostView, name: str) -> TemplateView | None:
+    """The template named ``name``, else the first (by name, then ref) starting with it;
+    the same choice ``xen.provision`` makes."""
+    exact = [t for t in view.templates if t.name == name]
+    if exact:
+        return exact[0]
+    return next((t for t in view.templates if t.name.startswith(name)), None)
+
+
+def need_on(host: HostSettings, view: HostView, os: str, cpus: int | None, memory: int | None) -> Need | None:
+    name = host.templates.get(os)
+    if name is None or view.state is not HostState.UP:
+        return None
+    template = find_template(view, name)
+    if template is None:
+        return None
+    return Need(cpus or template.vcpus, memory or template.memory, template.disk, template.name)
+
+
+def room_on(
+    host: HostSettings, view: HostView, overcommit: float, reserved: Iterable[Mapping[str, object]]
+) -> HostRoom:
+    """What is left on a host. ``reserved``: this host's reservations (lease_id, cpus,
+    memory, disk); those whose VM already runs are counted by the host and skipped."""
+    if view.state is not HostState.UP:
+        return HostRoom(host.ref, 0, 0, 0)
+    running = view.running_vms
+    materialised = {vm.other_config.get(MARKER_KEY) for vm in running}
+    room = HostRoom(
+        ref=host.ref,
+        cpus=view.cpus * overcommit - sum(int(vm.vcpus) for vm in running),
+        memory=view.memory_total - view.dom0_memory - sum(int(vm.memory) for vm in running),
+        disk=view.storage_free(host.storage_name) or 0,
+    )
+    for reservation in reserved:
+        if reservation["lease_id"] not in materialised:
+            room.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]
+            room.memory -= int(reservation["memory"])  # type: ignore[call-overload]
+            room.disk -= int(reservation["disk"])  # type: ignore[call-overload]
+    return room
+
+
+@dataclass(frozen=True)
+class Candidate:
+    host: HostSettings
+    room: HostRoom
+    need: Need
+
+
+def available(candidates: Iterable[Candidate]) -> int:
+    return sum(c.room.fits(c.need) for c in candidates)
+
+
+def place(count: int, os: str, candidates: list[Candidate]) -> list[Candidate]:
+    """One candidate per VM, most room first; ``NotEnoughCapacity`` when they do not fit."""
+    room_left = available(candidates)
+    if count > room_left:
+        raise NotEnoughCapacity(
+            f"not enough capacity for {count} {os} VM(s): {room_left} can be made now"
+            + ("" if room_left else "; release some VMs or try again later")
+        )
+    chosen = []
+    for _ in range(count):
+        best = max(candidates, key=lambda c: (c.room.fits(c.need), -int(c.host.ref)))
+        best.room.take(best.need)
+        chosen.append(best)
+    return chosen

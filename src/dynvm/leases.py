@@ -1,0 +1,389 @@
+"""The rules of dynvm: acquire, release, expire and reconcile leases (no HTTP here).
+
+``acquire`` names the VMs (SPEC.md §1), refuses names held by a lease or by any VM on any
+host, reserves room on the chosen hosts and inserts the leases in one write transaction
+(so two requests never both get the last slot), then creates the VMs in parallel. It is
+all-or-nothing: if one VM still fails after its retries, the others are destroyed, every
+reservation is given back, and the error says what failed where.
+
+Every exit gives a reservation back or turns it into a lease: success (ready), failure
+(failed, VMs destroyed), an exception (same), the client going away (the create carries
+on and becomes a lease the user can release, or that expires), dynvm stopping (creates in
+flight are cancelled and rolled back).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from . import capacity
+from .config import HostSettings, Settings
+from .model import (
+    BadRequest,
+    CreatedVm,
+    CreateFailed,
+    DynvmError,
+    Lease,
+    NameInUse,
+    NoSuchLease,
+    NotDynvmVm,
+    ProvisionError,
+    ShuttingDown,
+    UnknownOs,
+    VmSpec,
+)
+from .store.history import HistoryStore, origin_of
+from .store.leases import LeaseStore
+from .store.tables import ACTIVE_STATES
+from .xen.inventory import HostState, Inventory
+from .xen.provision import MARKER_KEY, Provisioner
+
+log = logging.getLogger(__name__)
+
+VANISH_GRACE = 30.0  # seconds a new lease's VM may take to show in the mirror
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    username: str
+    os: str
+    count: int = 1
+    cpus: int | None = None
+    memory: int | None = None
+    expires_in_minutes: float | None = None  # None: [common] vm.expiry.minutes
+    host_ref: str | None = None
+
+
+@dataclass
+class ReconcileReport:
+    orphans_destroyed: list[str] = field(default_factory=list)  # VM names
+    vanished: list[str] = field(default_factory=list)  # lease names closed
+    failed_creates: list[str] = field(default_factory=list)  # creates of a dead process
+    errors: list[str] = field(default_factory=list)
+
+
+def vm_names(username: str, count: int) -> list[str]:
+    """``count=1``: the VM is named after the user; more: ``<user>1`` ... ``<user><count>``."""
+    return [username] if count == 1 else [f"{username}{n}" for n in range(1, count + 1)]
+
+
+class LeaseService:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        inventory: Inventory,
+        leases: LeaseStore,
+        history: HistoryStore,
+        clock: Callable[[], float] = time.time,
+        max_workers: int = 256,
+        owner: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self.inventory = inventory
+        self.leases = leases
+        self.history = history
+        self.clock = clock
+        self.owner = owner or f"dynvm-{uuid.uuid4()}"
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="create")
+        self._stopping = threading.Event()
+        self._cancel = threading.Event()
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
+
+    # -- capacity ----------------------------------------------------------------------
+
+    def _candidates(
+        self,
+        settings: Settings,
+        os: str,
+        req_cpus: int | None,
+        req_memory: int | None,
+        reserved: list[dict[str, object]],
+        only: str | None = None,
+    ) -> list[capacity.Candidate]:
+        out = []
+        for host in settings.hosts:
+            if only is not None and host.ref != only:
+                continue
+            view = self.inventory.view(host.ref)
+            if view is None:
+                continue
+            need = capacity.need_on(host, view, os, req_cpus, req_memory)
+            if need is None:
+                continue
+            room = capacity.room_on(
+                host, view, settings.common.cpu_overcommit, [r for r in reserved if r["host_ref"] == host.ref]
+            )
+            out.append(capacity.Candidate(host, room, need))
+        return out
+
+    def check_os(self, settings: Settings, os: str) -> None:
+        if not any(os in host.templates for host in settings.hosts):
+            known = ", ".join(settings.os_keys) or "none (no host is configured)"
+            raise UnknownOs(f"unknown OS {os!r}; the OSes that exist are: {known}")
+
+    def available_count(self, os: str) -> int:
+        settings = self.settings
+        self.check_os(settings, os)
+        with self.leases.db.read() as conn:
+            reserved = self.leases.pending_reservations(conn)
+        return capacity.available(self._candidates(settings, os, None, None, reserved))
+
+    # -- acquire -----------------------------------------------------------------------
+
+    def acquire(self, request: LeaseRequest) -> list[Lease]:
+        """Create ``request.count`` VMs and return their leases, ready, with IPs.
+
+        Blocks for as long as the VMs take to boot: call it from a worker thread."""
+        if self._stopping.is_set():
+            raise ShuttingDown("dynvm is stopping; try again in a moment")
+        settings = self.settings
+        self.check_os(settings, request.os)
+        if request.host_ref is not None:
+            host = settings.host(request.host_ref)
+            if host is None:
+                refs = ", ".join(h.ref for h in settings.hosts)
+                raise BadRequest(f"no host {request.host_ref}; xhostref is one of: {refs}")
+            if request.os not in host.templates:
+                raise BadRequest(
+                    f"host {request.host_ref} has no {request.os} template; choose another xhostref or leave it out"
+                )
+        names = vm_names(request.username, request.count)
+        self._refuse_names_on_hosts(names)
+        now = self.clock()
+        minutes = settings.common.expiry_minutes
+        if request.expires_in_minutes is not None:
+            minutes = min(request.expires_in_minutes, minutes)
+        request_id = str(uuid.uuid4())
+        with self.leases.db.write() as conn:
+            taken = self.leases.by_name(names, conn)
+            if taken:
+                raise NameInUse(
+                    f"{', '.join(sorted(lease.name for lease in taken))} already leased by dynvm: "
+                    f"release them first (releaseservers/{request.username}) or use another name"
+                )
+            self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
+            reserved = self.leases.pending_reservations(conn)
+            candidates = self._candidates(
+                settings, request.os, request.cpus, request.memory, reserved, only=request.host_ref
+            )
+            placement = capacity.place(request.count, request.os, candidates)
+            new = [
+                Lease(
+                    id=str(uuid.uuid4()),
+                    request_id=request_id,
+                    name=name,
+                    username=request.username,
+                    os=request.os,
+                    host_ref=choice.host.ref,
+                    state="creating",
+                    cpus=choice.need.cpus,
+                    memory=choice.need.memory,
+                    disk=choice.need.disk,
+                    created_at=now,
+                    expires_at=now + minutes * 60,
+                    owner=self.owner,
+                    template=choice.need.template,
+                )
+                for name, choice in zip(names, placement, strict=True)
+            ]
+            self.leases.insert(conn, new)
+        log.info(
+            "request %s: %s x %s for %s on host(s) %s",
+            request_id,
+            request.count,
+            request.os,
+            request.username,
+            ", ".join(sorted({lease.host_ref for lease in new})),
+        )
+        with self._idle:
+            self._in_flight += 1
+        try:
+            return self._create_all(settings, new)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _refuse_names_on_hosts(self, names: list[str]) -> None:
+        wanted = set(names)
+        for view in self.inventory.views():
+            clash = sorted(wanted & {vm.name for vm in view.vms})
+            if clash:
+                raise NameInUse(
+                    f"{', '.join(clash)} already exist(s) on host {view.ref}: choose another name "
+                    "(dynvm never reuses or touches a VM it did not create)"
+                )
+
+    def _create_all(self, settings: Settings, new: list[Lease]) -> list[Lease]:
+        futures: dict[str, Future[Lease]] = {
+            lease.id: self._pool.submit(self._create_one, settings, lease) for lease in new
+        }
+        wait(futures.values())
+        ready, failed = [], []
+        for lease in new:
+            error = futures[lease.id].exception()
+            if error is None:
+                ready.append(futures[lease.id].result())
+            else:
+                failed.append((lease, error))
+        if not failed:
+            return ready
+        for lease, error in failed:
+            self.leases.finish([lease.id], "failed", self.clock(), str(error))
+        for lease in ready:  # all or nothing
+            self._destroy(settings, lease, "failed", reason="another VM of its request failed")
+        first_lease, first_error = failed[0]
+        host = settings.host(first_lease.host_ref)
+        where = host.display if host else f"host {first_lease.host_ref}"
+        others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
+        raise CreateFailed(f"could not create {first_lease.name} on {where}: {first_error}{others}")
+
+    def _create_one(self, settings: Settings, lease: Lease) -> Lease:
+        host = settings.host(lease.host_ref)
+        if host is None:
+            raise ProvisionError(f"host {lease.host_ref} was removed from the configuration")
+        spec = VmSpec(
+            name=lease.name,
+            os=lease.os,
+            template=lease.template,
+            lease_id=lease.id,
+            cpus=lease.cpus,
+            memory=lease.memory,
+            windows=lease.os.startswith("win"),
+        )
+        created: CreatedVm = self._provisioner(settings, host).create(spec, cancel=self._cancel)
+        ready = self.leases.mark_ready(lease.id, created, self.clock())
+        self.history.record_created(ready, origin_of(host.url))
+        return ready
+
+    def _provisioner(self, settings: Settings, host: HostSettings) -> Provisioner:
+        pool = self.inventory.pool(host.ref)
+        if pool is None:
+            raise ProvisionError(f"host {host.ref} is not in the inventory")
+        return Provisioner(host, pool, settings.common.network_timeout_secs)
+
+    # -- release and expiry ------------------------------------------------------------
+
+    def release(self, username: str, count: int = 1) -> list[str]:
+        """Destroy the VMs ``getservers`` made for this user and count; returns the names
+        released. Only dynvm's VMs (a lease and the VM's marker) are touched."""
+        names = vm_names(username, count)
+        held = self.leases.by_name(names)
+        if not held:
+            raise NoSuchLease(
+                f"no VM named {', '.join(names)} is leased from dynvm: nothing to release "
+                "(check the username and count used with getservers)"
+            )
+        creating = [lease.name for lease in held if lease.state == "creating"]
+        if creating and len(creating) == len(held):
+            raise NameInUse(f"{', '.join(creating)} still being created: release it once getservers has answered")
+        moved = self.leases.set_state([lease.id for lease in held if lease.state == "ready"], "releasing", ["ready"])
+        settings = self.settings
+        released = []
+        for lease in held:
+            if lease.id in moved:
+                self._destroy(settings, lease, "released")
+                released.append(lease.name)
+        return sorted(released)
+
+    def _destroy(self, settings: Settings, lease: Lease, final_state: str, reason: str = "") -> None:
+        started = time.monotonic()
+        host = settings.host(lease.host_ref)
+        if lease.vm_ref and host is not None:
+            try:
+                self._provisioner(settings, host).destroy(lease.vm_ref, lease.id)
+            except NotDynvmVm as e:
+                log.error("%s", e)
+            except DynvmError as e:
+                # the VM stays marked; the reconcile pass destroys it once the host answers
+                log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
+        self.leases.finish([lease.id], final_state, self.clock(), reason or None)
+        current = self.leases.get(lease.id) or lease
+        self.history.record_deleted(current, time.monotonic() - started)
+        log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
+
+    def expire_due(self) -> list[str]:
+        """Destroy every lease past its expiry (the reaper calls this every few seconds)."""
+        due = self.leases.expired(self.clock())
+        moved = self.leases.set_state([lease.id for lease in due], "releasing", ["ready"])
+        settings = self.settings
+        expired = []
+        for lease in due:
+            if lease.id in moved:
+                self._destroy(settings, lease, "expired", reason="expired")
+                expired.append(lease.name)
+        return expired
+
+    # -- reconcile ---------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """At start-up: creates left by a process that died never finish; fail them so that
+        their VMs become orphans for ``reconcile``. Releases it left half-done are redone."""
+        stale = [lease for lease in self.leases.in_state("creating") if lease.owner != self.owner]
+        self.leases.finish([lease.id for lease in stale], "failed", self.clock(), "dynvm stopped during the create")
+        settings = self.settings
+        for lease in self.leases.in_state("releasing"):
+            self._destroy(settings, lease, "released", reason="release finished after a restart")
+        return [lease.name for lease in stale]
+
+    def reconcile(self) -> ReconcileReport:
+        """Make the hosts and the leases agree (at start-up and every minute): a VM with
+        dynvm's marker but no active lease is destroyed with its disks; a ready lease whose
+        VM is gone from its (answering) host is closed in the history."""
+        report = ReconcileReport()
+        settings = self.settings
+        active = {lease.id: lease for lease in self.leases.active()}
+        for host in settings.hosts:
+            view = self.inventory.view(host.ref)
+            if view is None or view.state is not HostState.UP:
+                continue
+            on_host = {vm.uuid for vm in view.vms}
+            for vm in view.vms:
+                marker = vm.other_config.get(MARKER_KEY)
+                if marker is None or marker in active:
+                    continue
+                again = self.leases.get(marker)  # a create that began after `active` was read
+                if again is not None and again.state in ACTIVE_STATES:
+                    continue
+                try:
+                    self._provisioner(settings, host).destroy(vm.ref, marker)
+                    report.orphans_destroyed.append(vm.name)
+                    log.warning("reconcile: destroyed %s on %s (dynvm's, but no lease holds it)", vm.name, host.display)
+                except DynvmError as e:
+                    report.errors.append(f"{vm.name}: {e}")
+            for lease in active.values():
+                if (
+                    lease.host_ref == host.ref
+                    and lease.state == "ready"
+                    and lease.vm_uuid not in on_host
+                    and (lease.ready_at or 0) < self.clock() - VANISH_GRACE  # the mirror may lag a moment
+                ):
+                    self.leases.finish([lease.id], "released", self.clock(), "the VM vanished from its host")
+                    self.history.record_deleted(self.leases.get(lease.id) or lease, 0.0)
+                    report.vanished.append(lease.name)
+                    log.warning("reconcile: %s vanished from %s; lease closed", lease.name, host.display)
+        return report
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Refuse new requests, let those in flight finish for ``grace`` seconds, then
+        cancel the rest (their VMs are removed) and wait for the roll-back."""
+        self._stopping.set()
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_flight == 0, timeout=grace):
+                log.warning("stopping: cancelling %d request(s) still in flight", self._in_flight)
+                self._cancel.set()
+                self._idle.wait_for(lambda: self._in_flight == 0, timeout=300)
+        self._pool.shutdown(wait=True, cancel_futures=True)

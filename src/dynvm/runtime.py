@@ -1,0 +1,149 @@
+"""The parts of a running service, built from a config file and a database URL, and the
+background duties that keep leases honest: the reaper (expiry), reconcile, and the history
+export. ``Services.start()`` / ``stop()`` are called from the app's lifespan; nothing
+starts at import or construction time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigWatcher, Settings, load_settings
+from .leases import LeaseService
+from .store.db import Database, default_db_url, describe_url
+from .store.history import CouchbaseSink, HistorySink, HistoryStore
+from .store.leases import LeaseStore
+from .xen.inventory import Inventory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Intervals:
+    reap: float = 2.0  # expiry is honoured within this (plus one destroy) of its time
+    reconcile: float = 60.0
+    export: float = 30.0
+    sync_wait: float = 15.0  # at start-up, how long to wait for hosts to answer once
+    shutdown_grace: float = 30.0
+
+
+class Background:
+    """One thread running a duty every ``interval`` seconds until stopped."""
+
+    def __init__(self, name: str, interval: float, duty: Callable[[], object]) -> None:
+        self.name = name
+        self.interval = interval
+        self.duty = duty
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.duty()
+            except Exception:  # a failed pass is logged; the next one tries again
+                log.exception("%s pass failed", self.name)
+
+
+@dataclass
+class Services:
+    config_path: Path
+    settings: Settings
+    db: Database
+    inventory: Inventory
+    leases: LeaseService
+    history: HistoryStore
+    watcher: ConfigWatcher
+    intervals: Intervals
+    requests: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=512, thread_name_prefix="request")
+    )
+    _loops: list[Background] = field(default_factory=list)
+
+    def current_settings(self) -> Settings:
+        return self.watcher.current
+
+    def start(self) -> None:
+        self.inventory.apply(self.settings)
+        if not self.inventory.wait_synced(self.intervals.sync_wait):
+            log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
+        recovered = self.leases.recover()
+        if recovered:
+            log.warning("creates interrupted by the last stop, now failed: %s", ", ".join(recovered))
+        report = self.leases.reconcile()
+        log.info(
+            "start-up reconcile: %d orphan(s) destroyed, %d vanished lease(s) closed",
+            len(report.orphans_destroyed),
+            len(report.vanished),
+        )
+        self.watcher.start()
+        self._loops = [
+            Background("reaper", self.intervals.reap, self.leases.expire_due),
+            Background("reconcile", self.intervals.reconcile, self.leases.reconcile),
+            Background("history-export", self.intervals.export, self.history.export_pending),
+        ]
+        for loop in self._loops:
+            loop.start()
+
+    def stop(self) -> None:
+        self.leases.shutdown(self.intervals.shutdown_grace)
+        for loop in self._loops:
+            loop.stop()
+        self.watcher.stop()
+        self.inventory.stop()
+        self.requests.shutdown(wait=False, cancel_futures=True)
+        self.db.close()
+
+
+def build_services(
+    config_path: Path,
+    db_url: str | None = None,
+    clock: Callable[[], float] = time.time,
+    intervals: Intervals | None = None,
+    sink: HistorySink | None = None,
+    event_timeout: float = 5.0,
+) -> Services:
+    """Load the configuration (``ConfigError`` if invalid) and open the database, migrated.
+
+    The database is ``db_url``, else ``[common] db.url``, else SQLite in
+    ``~/.local/share/dynvm/``."""
+    settings = load_settings(config_path)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    url = db_url or settings.common.db_url or default_db_url()
+    db = Database(url)
+    db.migrate()
+    log.info("database: %s", describe_url(url))
+    if sink is None and settings.couchbase.enabled:
+        try:
+            sink = CouchbaseSink(settings.couchbase)
+        except Exception as e:  # history stays in the database and is exported once it works
+            log.error("Couchbase history sink unavailable: %s", e)
+    history = HistoryStore(db, sink, clock)
+    inventory = Inventory(event_timeout=event_timeout)
+    holder: dict[str, ConfigWatcher] = {}
+    leases = LeaseService(lambda: holder["watcher"].current, inventory, LeaseStore(db), history, clock=clock)
+    watcher = ConfigWatcher(config_path, settings, inventory.apply)
+    holder["watcher"] = watcher
+    return Services(
+        config_path=config_path,
+        settings=settings,
+        db=db,
+        inventory=inventory,
+        leases=leases,
+        history=history,
+        watcher=watcher,
+        intervals=intervals or Intervals(),
+    )

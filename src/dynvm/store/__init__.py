@@ -1,0 +1,1 @@
+"""dynvm's own database: leases, reservations and VM history (SQLite or PostgreSQL)."""

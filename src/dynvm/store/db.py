@@ -1,0 +1,86 @@
+"""The database engine from a URL, with migrations applied at start.
+
+SQLite (the default, a file in ``~/.local/share/dynvm/``) runs in WAL mode with a busy
+time-out; ``Database.write()`` opens ``BEGIN IMMEDIATE`` so that writers queue up instead
+of failing mid-transaction, which is what makes a reservation's check-then-insert atomic.
+PostgreSQL gets the same guarantee from row locks (``host_locks``, ``FOR UPDATE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+DEFAULT_DB_PATH = Path("~/.local/share/dynvm/dynvm.db")
+
+
+def default_db_url() -> str:
+    return f"sqlite:///{DEFAULT_DB_PATH.expanduser()}"
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            _sqlite_transactions(self.engine)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (run at every start; cheap when current)."""
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A transaction that may write; on SQLite it holds the write lock from the start."""
+        with self.engine.connect() as connection:
+            connection = connection.execution_options(dynvm_immediate=True)
+            with connection.begin():
+                yield connection
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as connection, connection.begin():
+            yield connection
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    """pysqlite's own transaction handling begins late and never IMMEDIATE; take it over
+    (the recipe in SQLAlchemy's SQLite documentation) and pick the BEGIN per transaction."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get("dynvm_immediate", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,171 @@
+"""History documents: one per VM ever created, keyed by its xapi uuid (SPEC.md §3).
+
+They are kept in dynvm's database and, when ``[couchbase]`` is filled in and the
+``couchbase`` extra installed, also upserted into that bucket. The sink is written from a
+background pass, never from a request: a Couchbase outage is logged and retried later and
+never blocks or fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..config import CouchbaseSettings
+from ..model import Lease
+from .db import Database
+from .tables import history
+
+log = logging.getLogger(__name__)
+
+POOL_ID = "dynamicpool"
+DOCUMENT_VERSION = 1
+
+
+def origin_of(url: str) -> str:
+    """The host a VM came from, as the history names it: address[:port] of its xapi."""
+    return urllib.parse.urlsplit(url).netloc
+
+
+def created_document(lease: Lease, origin: str) -> dict[str, Any]:
+    """The document written when a VM is ready (state "available")."""
+    return {
+        "ipaddr": lease.ip or "",
+        "origin": origin,
+        "os": lease.os,
+        "state": "available",
+        "poolId": POOL_ID,
+        "prevUser": "",
+        "username": lease.username,
+        "ver": DOCUMENT_VERSION,
+        "memory": lease.memory,
+        "os_version": lease.os_version or "",
+        "name": lease.name,
+        "created_time": int(lease.ready_at or lease.created_at),
+        "create_duration_secs": round(lease.create_seconds or 0),
+        "cpu": lease.cpus,
+        "disk": lease.disk,
+        "deleted_time": None,
+        "live_duration_secs": None,
+        "delete_duration_secs": None,
+    }
+
+
+def deleted_document(document: dict[str, Any], deleted_at: float, delete_seconds: float) -> dict[str, Any]:
+    """The same document once the VM is gone (state "deleted")."""
+    done = dict(document)
+    done.update(
+        state="deleted",
+        prevUser=document["username"],
+        deleted_time=int(deleted_at),
+        live_duration_secs=max(0, int(deleted_at) - int(document["created_time"])),
+        delete_duration_secs=round(delete_seconds),
+    )
+    return done
+
+
+class HistorySink(Protocol):
+    def upsert(self, key: str, document: dict[str, Any]) -> None: ...
+
+
+class CouchbaseSink:
+    """Upserts documents into the configured bucket (needs the ``couchbase`` extra)."""
+
+    def __init__(self, settings: CouchbaseSettings, timeout: float = 10.0) -> None:
+        try:
+            from couchbase.auth import PasswordAuthenticator
+            from couchbase.cluster import Cluster
+            from couchbase.options import ClusterOptions, ClusterTimeoutOptions
+        except ImportError as e:
+            raise RuntimeError(
+                "[couchbase] is filled in but the Couchbase SDK is missing: pip install 'dynvm[couchbase]'"
+            ) from e
+        from datetime import timedelta
+
+        server = settings.server if "://" in settings.server else f"couchbase://{settings.server}"
+        options = ClusterOptions(
+            PasswordAuthenticator(settings.username, settings.password.reveal()),
+            timeout_options=ClusterTimeoutOptions(kv_timeout=timedelta(seconds=timeout)),
+        )
+        self._cluster = Cluster(server, options)
+        self._cluster.wait_until_ready(timedelta(seconds=timeout))
+        self._collection = self._cluster.bucket(settings.bucket).default_collection()
+
+    def upsert(self, key: str, document: dict[str, Any]) -> None:
+        self._collection.upsert(key, document)
+
+
+class HistoryStore:
+    def __init__(self, db: Database, sink: HistorySink | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.sink = sink
+        self.clock = clock
+
+    def record_created(self, lease: Lease, origin: str) -> dict[str, Any]:
+        assert lease.vm_uuid, "a VM is in the history once it exists"
+        document = created_document(lease, origin)
+        self._save(lease.vm_uuid, document)
+        return document
+
+    def record_deleted(self, lease: Lease, delete_seconds: float) -> dict[str, Any] | None:
+        if not lease.vm_uuid:
+            return None
+        document = self.get(lease.vm_uuid)
+        if document is None:
+            return None
+        done = deleted_document(document, self.clock(), delete_seconds)
+        self._save(lease.vm_uuid, done)
+        return done
+
+    def get(self, vm_uuid: str) -> dict[str, Any] | None:
+        with self.db.read() as conn:
+            row = conn.execute(select(history.c.document).where(history.c.vm_uuid == vm_uuid)).first()
+        return dict(row.document) if row else None
+
+    def all(self) -> list[dict[str, Any]]:
+        with self.db.read() as conn:
+            return [dict(r.document) for r in conn.execute(select(history.c.document).order_by(history.c.updated_at))]
+
+    def _save(self, vm_uuid: str, document: dict[str, Any]) -> None:
+        values = {"vm_uuid": vm_uuid, "document": document, "updated_at": self.clock(), "exported": False}
+        dialect = postgresql if not self.db.is_sqlite else sqlite
+        statement = dialect.insert(history).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[history.c.vm_uuid],
+            set_={"document": document, "updated_at": values["updated_at"], "exported": False},
+        )
+        with self.db.write() as conn:
+            conn.execute(statement)
+
+    def export_pending(self, limit: int = 500) -> int:
+        """Send documents not yet in the sink; returns how many went. A failure is logged
+        and those documents stay pending for the next pass."""
+        if self.sink is None:
+            return 0
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(history.c.vm_uuid, history.c.document, history.c.updated_at)
+                .where(history.c.exported.is_(False))
+                .limit(limit)
+            ).all()
+        sent = 0
+        for row in rows:
+            try:
+                self.sink.upsert(row.vm_uuid, dict(row.document))
+            except Exception as e:
+                log.warning("history export failed, will retry: %s", e)
+                break
+            with self.db.write() as conn:  # only if unchanged since it was read
+                conn.execute(
+                    update(history)
+                    .where((history.c.vm_uuid == row.vm_uuid) & (history.c.updated_at == row.updated_at))
+                    .values(exported=True)
+                )
+            sent += 1
+        return sent

@@ -1,0 +1,145 @@
+"""Leases and reservations in the database: the only code that writes those tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..model import CreatedVm, Lease, NameInUse
+from .db import Database
+from .tables import ACTIVE_STATES, host_locks, leases, reservations
+
+LEASE_FIELDS = [c.name for c in leases.columns]
+
+
+def _lease(row: object) -> Lease:
+    return Lease(**{name: getattr(row, name) for name in LEASE_FIELDS})
+
+
+class LeaseStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- reading -----------------------------------------------------------------------
+
+    def active(self, conn: Connection | None = None) -> list[Lease]:
+        return self._select(leases.c.state.in_(ACTIVE_STATES), conn)
+
+    def by_name(self, names: Iterable[str], conn: Connection | None = None) -> list[Lease]:
+        return self._select(leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_STATES), conn)
+
+    def by_request(self, request_id: str) -> list[Lease]:
+        return self._select(leases.c.request_id == request_id)
+
+    def get(self, lease_id: str) -> Lease | None:
+        found = self._select(leases.c.id == lease_id)
+        return found[0] if found else None
+
+    def expired(self, now: float) -> list[Lease]:
+        return self._select((leases.c.state == "ready") & (leases.c.expires_at <= now))
+
+    def in_state(self, *states: str) -> list[Lease]:
+        return self._select(leases.c.state.in_(states))
+
+    def _select(self, where: object, conn: Connection | None = None) -> list[Lease]:
+        query = select(leases).where(where).order_by(leases.c.name)  # type: ignore[arg-type]
+        if conn is not None:
+            return [_lease(row) for row in conn.execute(query)]
+        with self.db.read() as own:
+            return [_lease(row) for row in own.execute(query)]
+
+    def pending_reservations(self, conn: Connection) -> list[dict[str, object]]:
+        """Reservations of creates still in flight, with the lease they belong to."""
+        return [dict(row._mapping) for row in conn.execute(select(reservations))]
+
+    # -- writing -----------------------------------------------------------------------
+
+    def lock_hosts(self, conn: Connection, refs: Sequence[str]) -> None:
+        """Take the hosts' row locks for the rest of the transaction (PostgreSQL); rows are
+        created on first use. On SQLite, ``Database.write()`` already serialises writers."""
+        existing = {r.ref for r in conn.execute(select(host_locks.c.ref).where(host_locks.c.ref.in_(refs)))}
+        missing = [ref for ref in refs if ref not in existing]
+        if missing:
+            conn.execute(insert(host_locks), [{"ref": ref} for ref in missing])
+        conn.execute(select(host_locks.c.ref).where(host_locks.c.ref.in_(refs)).with_for_update())
+
+    def insert(self, conn: Connection, new: Sequence[Lease]) -> None:
+        """Insert leases in state ``creating`` with their reservations; a name already held
+        by an active lease raises ``NameInUse`` (the partial unique index decides)."""
+        try:
+            conn.execute(insert(leases), [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new])
+        except IntegrityError:
+            raise NameInUse("a VM name of this request is already in use by another lease") from None
+        conn.execute(
+            insert(reservations),
+            [
+                {
+                    "lease_id": lease.id,
+                    "host_ref": lease.host_ref,
+                    "cpus": lease.cpus,
+                    "memory": lease.memory,
+                    "disk": lease.disk,
+                    "owner": lease.owner,
+                    "created_at": lease.created_at,
+                }
+                for lease in new
+            ],
+        )
+
+    def mark_ready(self, lease_id: str, vm: CreatedVm, now: float) -> Lease:
+        with self.db.write() as conn:
+            conn.execute(
+                update(leases)
+                .where(leases.c.id == lease_id)
+                .values(
+                    state="ready",
+                    vm_uuid=vm.uuid,
+                    vm_ref=vm.ref,
+                    ip=vm.ip,
+                    os_version=vm.os_version.get("name", ""),
+                    cpus=vm.cpus,
+                    memory=vm.memory,
+                    disk=vm.disk,
+                    template=vm.template,
+                    ready_at=now,
+                    create_seconds=vm.create_seconds,
+                )
+            )
+            conn.execute(delete(reservations).where(reservations.c.lease_id == lease_id))
+            return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
+
+    def finish(self, lease_ids: Sequence[str], state: str, now: float, error: str | None = None) -> None:
+        """End leases (``released``, ``expired``, ``failed``) and free their reservations."""
+        if not lease_ids:
+            return
+        with self.db.write() as conn:
+            conn.execute(
+                update(leases).where(leases.c.id.in_(lease_ids)).values(state=state, released_at=now, error=error)
+            )
+            conn.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
+
+    def set_state(self, lease_ids: Sequence[str], state: str, only_from: Sequence[str]) -> list[str]:
+        """Move leases to ``state`` if they are in one of ``only_from``; returns those moved
+        (so two releasers never both release the same lease)."""
+        if not lease_ids:
+            return []
+        with self.db.write() as conn:
+            movable = [
+                row.id
+                for row in conn.execute(
+                    select(leases.c.id).where(leases.c.id.in_(lease_ids) & leases.c.state.in_(only_from))
+                )
+            ]
+            if movable:
+                conn.execute(update(leases).where(leases.c.id.in_(movable)).values(state=state))
+            return movable
+
+    def extend(self, lease_id: str, expires_at: float) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(leases).where(leases.c.id == lease_id).values(expires_at=expires_at))
+
+    def remember_vm(self, lease_id: str, vm_ref: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(leases).where(leases.c.id == lease_id).values(vm_ref=vm_ref))

@@ -1,0 +1,89 @@
+"""The schema. Migrations in ``migrations/`` create it; this module is its description for
+queries. SQLite and PostgreSQL behave alike: the partial unique index that keeps a VM
+name held by one active lease at a time exists in both."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+ACTIVE_STATES = ("creating", "ready", "releasing")
+ACTIVE_SQL = "state IN ('creating', 'ready', 'releasing')"
+
+metadata = MetaData()
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("request_id", String(36), nullable=False, index=True),
+    Column("name", String(64), nullable=False),
+    Column("username", String(64), nullable=False),
+    Column("os", String(64), nullable=False),
+    Column("host_ref", String(16), nullable=False),
+    Column("template", String(255), nullable=False, default=""),
+    # creating -> ready -> releasing -> released | expired; creating -> failed
+    Column("state", String(16), nullable=False),
+    Column("cpus", Integer, nullable=False),
+    Column("memory", BigInteger, nullable=False),
+    Column("disk", BigInteger, nullable=False),
+    Column("vm_uuid", String(36)),
+    Column("vm_ref", String(80)),
+    Column("ip", String(64)),
+    Column("os_version", String(255)),
+    Column("created_at", Float, nullable=False),
+    Column("ready_at", Float),
+    Column("expires_at", Float, nullable=False),
+    Column("released_at", Float),
+    Column("create_seconds", Float),
+    Column("error", Text),
+    Column("owner", String(64), nullable=False),
+    Index(
+        "uq_leases_active_name",
+        "name",
+        unique=True,
+        sqlite_where=text(ACTIVE_SQL),
+        postgresql_where=text(ACTIVE_SQL),
+    ),
+    Index("ix_leases_state_expires", "state", "expires_at"),
+)
+
+# What an in-flight create holds on a host until its VM runs (then the host's own figures
+# count it) or the create fails.
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("lease_id", String(36), ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True),
+    Column("host_ref", String(16), nullable=False, index=True),
+    Column("cpus", Integer, nullable=False),
+    Column("memory", BigInteger, nullable=False),
+    Column("disk", BigInteger, nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# One row per host ref: a reservation locks its hosts' rows (SELECT ... FOR UPDATE on
+# PostgreSQL; SQLite serialises writers with BEGIN IMMEDIATE instead).
+host_locks = Table("host_locks", metadata, Column("ref", String(16), primary_key=True))
+
+history = Table(
+    "history",
+    metadata,
+    Column("vm_uuid", String(36), primary_key=True),
+    Column("document", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("exported", Boolean, nullable=False, default=False),  # sent to the Couchbase sink
+)
