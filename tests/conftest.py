@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import XenAPI
 
 from dynvm.config import Settings, load_settings
+from dynvm.runtime import Intervals, Services, build_services
 from dynvm.sim.control import SimControlClient
 from dynvm.sim.lab import Lab, LabOptions
 from dynvm.sim.settings import Timing
@@ -82,10 +84,55 @@ class SimLab:
 
 @pytest.fixture
 def sim_lab(make_lab: Callable[..., Lab], tmp_path: Path) -> Callable[..., SimLab]:
-    def make(**options: object) -> SimLab:
+    def make(network_timeout: float | None = None, **options: object) -> SimLab:
         lab = make_lab(**options)
         path = tmp_path / f"lab{len(list(tmp_path.glob('lab*.ini')))}.ini"
         lab.write_config(path)
+        if network_timeout is not None:
+            text = path.read_text().replace("vm.network.timeout.secs=400", f"vm.network.timeout.secs={network_timeout}")
+            path.write_text(text)
         return SimLab(lab, load_settings(path))
 
     return make
+
+
+class FakeClock:
+    """Unix time that moves only when a test says so."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+QUIET = Intervals(reap=3600, reconcile=3600, export=3600, sync_wait=10, shutdown_grace=5)
+
+
+@pytest.fixture
+def make_services(sim_lab: Callable[..., SimLab], tmp_path: Path):
+    """dynvm's services (no HTTP) on a simulated lab and a SQLite file. Background loops
+    are parked (QUIET): tests call the reaper and reconcile themselves."""
+    made: list[Services] = []
+
+    def make(
+        lab: SimLab | None = None,
+        clock: Callable[[], float] = time.time,
+        intervals: Intervals = QUIET,
+        db: str = "dynvm.db",
+        **lab_options: object,
+    ) -> tuple[Services, SimLab]:
+        lab = lab or sim_lab(**lab_options)
+        services = build_services(
+            lab.settings.source, f"sqlite:///{tmp_path / db}", clock=clock, intervals=intervals, event_timeout=1.0
+        )
+        services.start()
+        made.append(services)
+        return services, lab
+
+    yield make
+    for services in made:
+        services.stop()

@@ -159,6 +159,7 @@ class LeaseService:
                     f"host {request.host_ref} has no {request.os} template; choose another xhostref or leave it out"
                 )
         names = vm_names(request.username, request.count)
+        self._refuse_leased_names(self.leases.by_name(names), request.username)
         self._refuse_names_on_hosts(names)
         now = self.clock()
         minutes = settings.common.expiry_minutes
@@ -166,12 +167,7 @@ class LeaseService:
             minutes = min(request.expires_in_minutes, minutes)
         request_id = str(uuid.uuid4())
         with self.leases.db.write() as conn:
-            taken = self.leases.by_name(names, conn)
-            if taken:
-                raise NameInUse(
-                    f"{', '.join(sorted(lease.name for lease in taken))} already leased by dynvm: "
-                    f"release them first (releaseservers/{request.username}) or use another name"
-                )
+            self._refuse_leased_names(self.leases.by_name(names, conn), request.username)
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             reserved = self.leases.pending_reservations(conn)
             candidates = self._candidates(
@@ -214,6 +210,13 @@ class LeaseService:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+
+    def _refuse_leased_names(self, taken: list[Lease], username: str) -> None:
+        if taken:
+            raise NameInUse(
+                f"{', '.join(sorted(lease.name for lease in taken))} already leased by dynvm: "
+                f"release them first (releaseservers/{username}) or use another name"
+            )
 
     def _refuse_names_on_hosts(self, names: list[str]) -> None:
         wanted = set(names)
@@ -289,6 +292,8 @@ class LeaseService:
         if creating and len(creating) == len(held):
             raise NameInUse(f"{', '.join(creating)} still being created: release it once getservers has answered")
         moved = self.leases.set_state([lease.id for lease in held if lease.state == "ready"], "releasing", ["ready"])
+        if not moved:
+            raise NoSuchLease(f"{', '.join(lease.name for lease in held)} already being released or expiring")
         settings = self.settings
         released = []
         for lease in held:

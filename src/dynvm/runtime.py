@@ -71,6 +71,7 @@ class Services:
         default_factory=lambda: ThreadPoolExecutor(max_workers=512, thread_name_prefix="request")
     )
     _loops: list[Background] = field(default_factory=list)
+    _stopped: bool = False
 
     def current_settings(self) -> Settings:
         return self.watcher.current
@@ -98,6 +99,10 @@ class Services:
             loop.start()
 
     def stop(self) -> None:
+        """Stop everything (in-flight creates finish or are rolled back). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.leases.shutdown(self.intervals.shutdown_grace)
         for loop in self._loops:
             loop.stop()

@@ -263,6 +263,8 @@ class Provisioner:
             batch = xapi.event_from(subscriptions, token, max(0.0, min(EVENT_SLICE, remaining)) if token else 0.0)
             token = batch["token"]
             for event in batch["events"]:
+                if event["class"] == "vm" and event["operation"] == "del":
+                    raise AttemptFailed("the VM was destroyed while booting")
                 if event["class"] == "vm" and "snapshot" in event:
                     if event["snapshot"]["power_state"] != "Running":
                         raise AttemptFailed(f"the VM stopped while booting ({event['snapshot']['power_state']})")

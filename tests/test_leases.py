@@ -1,0 +1,260 @@
+"""The lease engine against simulated hosts and a real SQLite file, with an injected clock."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dynvm.leases import LeaseRequest, vm_names
+from dynvm.model import BadRequest, CreateFailed, NameInUse, NoSuchLease, NotEnoughCapacity, UnknownOs
+from dynvm.sim.settings import Timing
+from dynvm.xen.inventory import HostState
+from dynvm.xen.provision import MARKER_KEY
+
+from .conftest import FakeClock
+from .sim.simtools import new_vm, wait_for
+
+GiB = 1024**3
+
+
+def test_names_follow_the_seed():
+    assert vm_names("job42", 1) == ["job42"]
+    assert vm_names("job42", 3) == ["job421", "job422", "job423"]
+
+
+def dynvm_vms(lab, index: int = 0) -> dict[str, dict]:
+    """The VMs on a host that carry dynvm's marker, by name."""
+    xapi = lab.xapi(index)
+    return {r["name_label"]: r for r in xapi.VM.get_all_records().values() if MARKER_KEY in r["other_config"]}
+
+
+def test_acquire_gives_ready_vms_with_ips_and_release_removes_them(make_services):
+    services, lab = make_services(hosts=2)
+    service = services.leases
+    before = service.available_count("centos")
+    assert before == 2 * 8  # 32 CPUs / 4 vCPUs per CentOS VM, per host
+    leases = service.acquire(LeaseRequest("demo", "centos", count=3))
+    assert [lease.name for lease in leases] == ["demo1", "demo2", "demo3"]
+    assert all(lease.state == "ready" and lease.ip.startswith("127.77.") for lease in leases)
+    assert {lease.host_ref for lease in leases} == {"1", "2"}  # spread over hosts
+    wait_for(lambda: service.available_count("centos") == before - 3, timeout=5)
+    assert service.release("demo", 3) == ["demo1", "demo2", "demo3"]
+    assert dynvm_vms(lab, 0) == {}
+    assert dynvm_vms(lab, 1) == {}
+    wait_for(lambda: service.available_count("centos") == before, timeout=5)
+    with pytest.raises(NoSuchLease):
+        service.release("demo", 3)
+
+
+def test_cpus_memory_and_a_pinned_host(make_services):
+    services, lab = make_services(hosts=2)
+    [lease] = services.leases.acquire(LeaseRequest("big", "centos", cpus=8, memory=16 * GiB, host_ref="2"))
+    assert lease.host_ref == "2"
+    record = dynvm_vms(lab, 1)["big"]
+    assert (record["VCPUs_at_startup"], record["memory_static_max"]) == ("8", str(16 * GiB))
+    with pytest.raises(BadRequest, match="no host 7; xhostref is one of: 1, 2"):
+        services.leases.acquire(LeaseRequest("x", "centos", host_ref="7"))
+
+
+def test_unknown_os_names_the_oses_that_exist(make_services):
+    services, _ = make_services()
+    with pytest.raises(UnknownOs, match="unknown OS 'rhel9'; the OSes that exist are: centos, centos7, centos8"):
+        services.leases.acquire(LeaseRequest("x", "rhel9"))
+
+
+def test_a_held_name_is_refused(make_services):
+    services, lab = make_services(foreign_vms=1)
+    services.leases.acquire(LeaseRequest("taken", "centos"))
+    with pytest.raises(NameInUse, match="taken already leased by dynvm"):
+        services.leases.acquire(LeaseRequest("taken", "centos"))
+    foreign = next(
+        r["name_label"]
+        for r in lab.xapi().VM.get_all_records().values()
+        if r["power_state"] == "Running" and not r["is_control_domain"] and MARKER_KEY not in r["other_config"]
+    )
+    with pytest.raises(NameInUse, match=r"already exist\(s\) on host 1"):
+        services.leases.acquire(LeaseRequest(foreign, "centos"))
+
+
+def test_a_foreign_vm_is_never_touched(make_services):
+    services, lab = make_services(foreign_vms=2)
+    xapi = lab.xapi()
+    foreign = {
+        r["name_label"]
+        for r in xapi.VM.get_all_records().values()
+        if r["power_state"] == "Running" and not r["is_control_domain"]
+    }
+    name = sorted(foreign)[0]
+    with pytest.raises(NoSuchLease):
+        services.leases.release(name)
+    report = services.leases.reconcile()
+    assert report.orphans_destroyed == []
+    assert foreign <= {r["name_label"] for r in xapi.VM.get_all_records().values() if r["power_state"] == "Running"}
+
+
+def test_not_enough_capacity_says_how_much_there_is(make_services):
+    services, lab = make_services(host_cpus=8)  # room for two CentOS VMs
+    with pytest.raises(NotEnoughCapacity, match="not enough capacity for 3 centos VM\\(s\\): 2 can be made now"):
+        services.leases.acquire(LeaseRequest("many", "centos", count=3))
+    assert dynvm_vms(lab) == {}
+
+
+def test_all_or_nothing_when_one_vm_cannot_be_made(make_services):
+    services, lab = make_services(hosts=2, network_timeout=1)
+    before = [lab.inventory_of(0), lab.inventory_of(1)]
+    lab.control(1).fail_next("start", "BOOTLOADER_FAILED", 3)  # every attempt on host 2 fails
+    with pytest.raises(CreateFailed) as error:
+        services.leases.acquire(LeaseRequest("allornot", "centos", count=2))
+    message = str(error.value)
+    assert "could not create allornot2 on xenhost2" in message
+    assert "BOOTLOADER_FAILED" in message
+    assert "the other 1 VM(s) of the request were removed" in message
+    assert [lab.inventory_of(0), lab.inventory_of(1)] == before
+    assert services.leases.leases.active() == []
+    with services.db.read() as conn:
+        assert services.leases.leases.pending_reservations(conn) == []
+    assert services.leases.available_count("centos") == 16
+
+
+def test_apipa_is_retried_transparently(make_services):
+    services, lab = make_services(network_timeout=0.5)
+    lab.control().apipa_next(1)
+    [lease] = services.leases.acquire(LeaseRequest("apipa", "windows"))
+    assert not lease.ip.startswith("169.254.")
+    assert list(dynvm_vms(lab)) == ["apipa"]
+
+
+def test_concurrent_requests_never_over_commit(make_services):
+    services, lab = make_services(host_cpus=16, timing=Timing(clone_seconds=0.05, boot_seconds=0.3))  # room: 4
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def ask(n: int) -> None:
+        try:
+            outcome: object = services.leases.acquire(LeaseRequest(f"storm{n}", "centos"))
+        except NotEnoughCapacity as e:
+            outcome = e
+        with lock:
+            results.append(outcome)
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(ask, range(12)))
+    granted = [r for r in results if isinstance(r, list)]
+    assert len(granted) == 4
+    assert len(results) == 12
+    host = lab.xapi().host.get_all()[0]
+    running = [v for v in lab.xapi().host.get_resident_VMs(host) if MARKER_KEY in lab.xapi().VM.get_other_config(v)]
+    assert len(running) == 4  # 4 x 4 vCPUs = the host's 16 CPUs, never more
+
+
+def test_expiry_follows_the_clock(make_services):
+    clock = FakeClock()
+    services, lab = make_services(clock=clock)
+    [lease] = services.leases.acquire(LeaseRequest("short", "centos", expires_in_minutes=0.5))
+    assert lease.expires_at == pytest.approx(clock.now + 30)
+    assert services.leases.expire_due() == []
+    clock.advance(29)
+    assert services.leases.expire_due() == []
+    clock.advance(2)
+    assert services.leases.expire_due() == ["short"]
+    assert dynvm_vms(lab) == {}
+    document = services.history.get(lease.vm_uuid)
+    assert document["state"] == "deleted"
+    assert document["live_duration_secs"] == 31
+
+
+def test_expiry_is_capped_at_the_configured_maximum(make_services):
+    clock = FakeClock()
+    services, _ = make_services(clock=clock)
+    [lease] = services.leases.acquire(LeaseRequest("long", "centos", expires_in_minutes=10_000))
+    assert lease.expires_at == pytest.approx(clock.now + 720 * 60)
+
+
+def test_an_expiry_survives_a_restart(make_services, sim_lab):
+    clock = FakeClock()
+    lab = sim_lab()
+    first, _ = make_services(lab=lab, clock=clock)
+    first.leases.acquire(LeaseRequest("persist", "centos", expires_in_minutes=1))
+    first.stop()  # dynvm goes away; the VM stays; the expiry is in the database
+    clock.advance(120)
+    second, _ = make_services(lab=lab, clock=clock)
+    assert second.leases.expire_due() == ["persist"]
+    assert dynvm_vms(lab) == {}
+
+
+def test_reconcile_destroys_dynvm_vms_without_a_lease_and_closes_vanished_leases(make_services):
+    clock = FakeClock()
+    services, lab = make_services(clock=clock)
+    xapi = lab.xapi()
+    orphan = new_vm(xapi, "orphan", start=True)  # as a crash between clone and lease would leave it
+    xapi.VM.add_to_other_config(orphan, MARKER_KEY, "lease-that-never-was")
+    [lease] = services.leases.acquire(LeaseRequest("vanishing", "centos"))
+    xapi.VM.hard_shutdown(lease.vm_ref)
+    xapi.VM.destroy(lease.vm_ref)  # someone removed it behind dynvm's back
+    wait_for(lambda: all(vm.name != "vanishing" for vm in services.inventory.view("1").vms), timeout=5)
+    wait_for(lambda: any(vm.name == "orphan" for vm in services.inventory.view("1").vms), timeout=5)
+    clock.advance(60)
+    report = services.leases.reconcile()
+    assert report.orphans_destroyed == ["orphan"]
+    assert report.vanished == ["vanishing"]
+    assert "orphan" not in {r["name_label"] for r in xapi.VM.get_all_records().values()}
+    assert services.leases.leases.active() == []
+    assert services.history.get(lease.vm_uuid)["state"] == "deleted"
+
+
+def test_start_up_fails_creates_a_dead_process_left_behind_and_removes_their_vms(make_services, sim_lab, tmp_path):
+    """What kill -9 during a create leaves: a lease row in 'creating' owned by the dead
+    process, and a marked VM on the host. (tests/test_serve.py kills a real process.)"""
+    from dynvm.model import Lease
+    from dynvm.store.db import Database
+    from dynvm.store.leases import LeaseStore
+
+    lab = sim_lab()
+    store = LeaseStore(Database(f"sqlite:///{tmp_path / 'dynvm.db'}"))
+    store.db.migrate()
+    lease = Lease(
+        id="lease-of-the-dead",
+        request_id="req",
+        name="crashed",
+        username="crashed",
+        os="centos",
+        host_ref="1",
+        state="creating",
+        cpus=4,
+        memory=4 * GiB,
+        disk=35 * GiB,
+        created_at=1.0,
+        expires_at=2e9,
+        owner="dynvm-that-died",
+        template="tmpl-cnt7.7",
+    )
+    with store.db.write() as conn:
+        store.insert(conn, [lease])
+    xapi = lab.xapi()
+    vm = new_vm(xapi, "crashed", start=True)
+    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease.id)
+
+    services, _ = make_services(lab=lab)  # recover + reconcile run at start-up
+    assert "crashed" not in dynvm_vms(lab)
+    assert services.leases.leases.get(lease.id).state == "failed"
+    with services.db.read() as conn:
+        assert services.leases.leases.pending_reservations(conn) == []
+    assert services.leases.available_count("centos") == 8
+
+
+def test_a_new_host_in_the_config_is_used_without_a_restart(make_services, sim_lab):
+    lab = sim_lab(hosts=2)
+    text = lab.settings.source.read_text()
+    only_first = text[: text.index("[xenhost2]")]
+    lab.settings.source.write_text(only_first)
+    services, _ = make_services(lab=lab)
+    assert services.leases.available_count("centos") == 8
+    with pytest.raises(BadRequest):
+        services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
+    lab.settings.source.write_text(text)
+    wait_for(lambda: services.leases.available_count("centos") == 16, timeout=10)
+    [lease] = services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
+    assert lease.host_ref == "2"
+    assert services.inventory.view("2").state is HostState.UP
