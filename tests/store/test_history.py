@@ -1,0 +1,155 @@
+"""History documents (SPEC.md §3) and their export to an optional sink."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dynvm.model import Lease
+from dynvm.store.db import Database
+from dynvm.store.history import HistoryStore, created_document, deleted_document, origin_of
+
+from ..conftest import FakeClock
+
+SPEC_FIELDS = {
+    "ipaddr",
+    "origin",
+    "os",
+    "state",
+    "poolId",
+    "prevUser",
+    "username",
+    "ver",
+    "memory",
+    "os_version",
+    "name",
+    "created_time",
+    "create_duration_secs",
+    "cpu",
+    "disk",
+    "deleted_time",
+    "live_duration_secs",
+    "delete_duration_secs",
+}
+
+
+def lease(**changes: object) -> Lease:
+    values: dict[str, object] = {
+        "id": "l1",
+        "request_id": "r1",
+        "name": "job421",
+        "username": "job42",
+        "os": "centos",
+        "host_ref": "1",
+        "state": "ready",
+        "cpus": 4,
+        "memory": 4294967296,
+        "disk": 37580963840,
+        "created_at": 1_800_000_000.0,
+        "expires_at": 1_800_043_200.0,
+        "owner": "me",
+        "template": "tmpl-cnt7.7",
+        "vm_uuid": "c5db1298-3e97-53bb-4f97-bd039ca8c217",
+        "ip": "127.77.0.9",
+        "os_version": "CentOS Linux release 7.7.1908 (Core)",
+        "ready_at": 1_800_000_042.6,
+        "create_seconds": 42.6,
+    }
+    values.update(changes)
+    return Lease(**values)  # type: ignore[arg-type]
+
+
+def test_a_created_document_has_every_field_of_the_spec():
+    document = created_document(lease(), "172.23.0.10")
+    assert set(document) == SPEC_FIELDS
+    assert document == {
+        "ipaddr": "127.77.0.9",
+        "origin": "172.23.0.10",
+        "os": "centos",
+        "state": "available",
+        "poolId": "dynamicpool",
+        "prevUser": "",
+        "username": "job42",
+        "ver": 1,
+        "memory": 4294967296,
+        "os_version": "CentOS Linux release 7.7.1908 (Core)",
+        "name": "job421",
+        "created_time": 1_800_000_042,
+        "create_duration_secs": 43,
+        "cpu": 4,
+        "disk": 37580963840,
+        "deleted_time": None,
+        "live_duration_secs": None,
+        "delete_duration_secs": None,
+    }
+
+
+def test_a_deleted_document_says_how_long_it_lived_and_who_used_it():
+    document = deleted_document(created_document(lease(), "h"), 1_800_003_642.0, 7.4)
+    assert set(document) == SPEC_FIELDS
+    assert document["state"] == "deleted"
+    assert document["prevUser"] == "job42"
+    assert document["deleted_time"] == 1_800_003_642
+    assert document["live_duration_secs"] == 3600
+    assert document["delete_duration_secs"] == 7
+
+
+def test_origin_is_the_hosts_address():
+    assert origin_of("https://172.23.0.10") == "172.23.0.10"
+    assert origin_of("http://127.0.0.1:9001") == "127.0.0.1:9001"
+
+
+class RecordingSink:
+    def __init__(self, failing: bool = False) -> None:
+        self.documents: dict[str, dict] = {}
+        self.failing = failing
+
+    def upsert(self, key: str, document: dict) -> None:
+        if self.failing:
+            raise ConnectionError("couchbase is down")
+        self.documents[key] = document
+
+
+def test_documents_reach_the_sink_and_an_outage_is_retried(tmp_path: Path):
+    db = Database(f"sqlite:///{tmp_path / 'h.db'}")
+    db.migrate()
+    sink = RecordingSink(failing=True)
+    store = HistoryStore(db, sink, FakeClock())
+    created = store.record_created(lease(), "172.23.0.10")
+    assert store.export_pending() == 0  # the sink is down: nothing lost, nothing raised
+    sink.failing = False
+    assert store.export_pending() == 1
+    assert sink.documents == {lease().vm_uuid: created}
+    assert store.export_pending() == 0  # nothing left to send
+    deleted = store.record_deleted(lease(), 3.0)
+    assert store.export_pending() == 1
+    assert sink.documents[lease().vm_uuid] == deleted
+    assert store.get(lease().vm_uuid) == deleted
+
+
+@pytest.mark.skipif(not os.environ.get("DYNVM_TEST_COUCHBASE_URL"), reason="set DYNVM_TEST_COUCHBASE_URL to run")
+def test_documents_land_in_a_real_couchbase_bucket(tmp_path: Path):
+    """DYNVM_TEST_COUCHBASE_URL=couchbase://user:password@host/bucket"""
+    import urllib.parse
+
+    from dynvm.config import CouchbaseSettings, Secret
+    from dynvm.store.history import CouchbaseSink
+
+    url = urllib.parse.urlsplit(os.environ["DYNVM_TEST_COUCHBASE_URL"])
+    settings = CouchbaseSettings(
+        server=f"{url.scheme}://{url.hostname}",
+        bucket=url.path.strip("/"),
+        username=url.username or "",
+        password=Secret(url.password or ""),
+    )
+    sink = CouchbaseSink(settings)
+    db = Database(f"sqlite:///{tmp_path / 'h.db'}")
+    db.migrate()
+    key = str(uuid.uuid4())
+    store = HistoryStore(db, sink)
+    store.record_created(lease(vm_uuid=key), "it")
+    assert store.export_pending() == 1
+    assert sink._collection.get(key).content_as[dict]["name"] == "job421"

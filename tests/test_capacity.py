@@ -1,0 +1,103 @@
+"""Capacity and placement arithmetic (pure: views are built by hand)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynvm.capacity import Candidate, HostRoom, Need, find_template, need_on, place, room_on
+from dynvm.config import HostSettings, Secret
+from dynvm.model import NotEnoughCapacity
+from dynvm.xen.inventory import HostState, HostView, TemplateView, VmView
+
+GiB = 1024**3
+
+
+def host(ref: str = "1", **templates: str) -> HostSettings:
+    return HostSettings(int(ref), f"http://h{ref}", "root", Secret("x"), "SR", templates or {"centos": "tmpl-cnt"})
+
+
+def vm(name: str, cpus: int, memory: int, lease: str | None = None) -> VmView:
+    other = {"dynvm_lease": lease} if lease else {}
+    return VmView(name, name, name, "", "Running", str(cpus), str(memory), other, {}, {})
+
+
+def view(
+    vms: tuple[VmView, ...] = (),
+    cpus: int = 32,
+    memory: int = 128 * GiB,
+    sr_free: int = 2048 * GiB,
+    state: HostState = HostState.UP,
+) -> HostView:
+    templates = (
+        TemplateView("t1", "tmpl-cnt7.7", 4, 4 * GiB, 35 * GiB),
+        TemplateView("t2", "tmpl-cnt8", 4, 8 * GiB, 0),
+    )
+    return HostView(
+        "1",
+        state,
+        cpus=cpus,
+        memory_total=memory,
+        dom0_memory=4 * GiB,
+        vms=vms,
+        templates=templates,
+        storage={"SR": (2048 * GiB, 2048 * GiB - sr_free)},
+    )
+
+
+def test_the_smallest_of_cpu_memory_and_disk_decides():
+    need = need_on(host(), view(), "centos", None, None)
+    assert need == Need(4, 4 * GiB, 35 * GiB, "tmpl-cnt7.7")
+    assert room_on(host(), view(), 1.0, []).fits(need) == 8  # CPU: 32 / 4
+    assert room_on(host(), view(), 2.0, []).fits(need) == 16  # overcommit doubles CPU room
+    assert room_on(host(), view(memory=20 * GiB), 1.0, []).fits(need) == 4  # (20 - 4 dom0) / 4
+    assert room_on(host(), view(sr_free=100 * GiB), 1.0, []).fits(need) == 2  # 100 / 35
+    busy = (vm("a", 8, 8 * GiB), vm("b", 8, 8 * GiB))
+    assert room_on(host(), view(busy), 1.0, []).fits(need) == 4  # (32 - 16) / 4
+
+
+def test_reservations_count_until_their_vm_runs():
+    need = need_on(host(), view(), "centos", None, None)
+    reserved = [
+        {"lease_id": "L1", "cpus": 4, "memory": 4 * GiB, "disk": 35 * GiB},
+        {"lease_id": "L2", "cpus": 4, "memory": 4 * GiB, "disk": 35 * GiB},
+    ]
+    assert room_on(host(), view(), 1.0, reserved).fits(need) == 6
+    running = (vm("x", 4, 4 * GiB, lease="L1"),)  # L1's VM runs: the host counts it, not the reservation
+    assert room_on(host(), view(running), 1.0, reserved).fits(need) == 6
+
+
+def test_a_down_host_or_a_missing_template_counts_nothing():
+    assert room_on(host(), view(state=HostState.DOWN), 1.0, []).fits(Need(4, GiB, GiB, "t")) == 0
+    assert need_on(host(), view(state=HostState.DOWN), "centos", None, None) is None
+    assert need_on(host(), view(), "windows", None, None) is None
+    assert need_on(host(windows="tmpl-win"), view(), "windows", None, None) is None  # no such template on it
+
+
+def test_templates_match_exactly_first_then_by_prefix():
+    assert find_template(view(), "tmpl-cnt8").name == "tmpl-cnt8"
+    assert find_template(view(), "tmpl-cnt7").name == "tmpl-cnt7.7"
+    assert find_template(view(), "tmpl-none") is None
+
+
+def test_requested_cpus_and_memory_replace_the_templates():
+    need = need_on(host(), view(), "centos", 16, 64 * GiB)
+    assert (need.cpus, need.memory, need.disk) == (16, 64 * GiB, 35 * GiB)
+    assert room_on(host(), view(), 1.0, []).fits(need) == 1
+
+
+def test_placement_spreads_and_refuses_what_does_not_fit():
+    need = Need(4, 4 * GiB, 0, "t")
+    candidates = [
+        Candidate(host("1"), HostRoom("1", 32, 128 * GiB, 0), need),
+        Candidate(host("2"), HostRoom("2", 16, 128 * GiB, 0), need),
+    ]
+    chosen = [c.host.ref for c in place(6, "centos", candidates)]
+    # most room first: host 1 (room for 8) takes VMs until it has no more room than host 2 (4)
+    assert chosen == ["1", "1", "1", "1", "1", "2"]
+    equal = [
+        Candidate(host("1"), HostRoom("1", 32, 128 * GiB, 0), need),
+        Candidate(host("2"), HostRoom("2", 32, 128 * GiB, 0), need),
+    ]
+    assert [c.host.ref for c in place(4, "centos", equal)] == ["1", "2", "1", "2"]
+    with pytest.raises(NotEnoughCapacity, match="not enough capacity for 7 centos VM\\(s\\): 6 can be made now"):
+        place(7, "centos", [Candidate(host("1"), HostRoom("1", 24, 128 * GiB, 0), need)])

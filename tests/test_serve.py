@@ -1,0 +1,150 @@
+"""``dynvm serve`` and ``dynvm lab`` as processes: start-up errors, SIGTERM, kill -9."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dynvm.sim.settings import Timing
+from dynvm.xen.provision import MARKER_KEY
+
+from .sim.simtools import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServeProcess:
+    def __init__(self, config: Path, db: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dynvm",
+                "serve",
+                "--config",
+                str(config),
+                "--db",
+                f"sqlite:///{db}",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"dynvm serve exited: {self.process.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).text == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.process.kill()
+                pytest.fail("dynvm serve did not answer /healthz within 60 s")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.process.send_signal(sig)
+        self.process.communicate(timeout=timeout)
+        return self.process.returncode
+
+
+def marked_vms(lab) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r["name_label"] for r in lab.xapi().VM.get_all_records().values() if MARKER_KEY in r["other_config"]]
+
+
+def test_an_invalid_config_stops_start_up_with_code_2(tmp_path: Path):
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[xenhost1]\nhost.name=h\nhost.user=root\nhost.password=pw\ncentos.template=t\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "dynvm", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert f"Error: {bad}: [xenhost1] host.storage.name: is missing or empty" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_rolls_back_creates_in_flight_and_exits_0(sim_lab, tmp_path: Path):
+    lab = sim_lab(timing=Timing(boot_seconds=3600))
+    serve = ServeProcess(lab.settings.source, tmp_path / "d.db", "--shutdown-grace", "0.5")
+    with httpx.Client(timeout=120) as client:
+        import threading
+
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(client.get(f"{serve.url}/getservers/inflight")))
+        waiting.start()
+        wait_for(lambda: marked_vms(lab) == ["inflight"], timeout=30)
+        assert serve.stop() == 0
+        waiting.join(30)
+    assert marked_vms(lab) == []  # nothing half-built is left behind
+    if answers:  # the client may see an error answer or a closed connection; both are honest
+        assert answers[0].status_code >= 500
+
+
+def test_kill_9_mid_create_is_cleaned_up_by_the_next_start(sim_lab, tmp_path: Path):
+    lab = sim_lab(timing=Timing(boot_seconds=3600))
+    db = tmp_path / "d.db"
+    first = ServeProcess(lab.settings.source, db)
+    with httpx.Client(timeout=5) as client, contextlib.suppress(httpx.ReadTimeout):  # a VM that will not boot
+        client.get(f"{first.url}/getservers/killed", timeout=0.5)
+    wait_for(lambda: marked_vms(lab) == ["killed"], timeout=30)
+    first.stop(signal.SIGKILL)
+    assert marked_vms(lab) == ["killed"]  # the crash left a VM behind ...
+    second = ServeProcess(lab.settings.source, db)
+    try:
+        assert marked_vms(lab) == []  # ... which the next start removes before serving
+        assert httpx.get(f"{second.url}/getavailablecount/centos").text == "8"
+        assert httpx.get(f"{second.url}/releaseservers/killed").status_code == 404
+    finally:
+        assert second.stop() == 0
+
+
+def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dynvm", "lab", "--hosts", "2", "--port", str(port), "--directory", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 90
+        while not any("Ctrl-C stops both" in line for line in lines):
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                pytest.fail("dynvm lab exited:\n" + "".join(lines))
+            lines.append(line)
+            assert time.monotonic() < deadline, "".join(lines)
+        text = "".join(lines)
+        assert f"curl http://127.0.0.1:{port}/getavailablecount/centos" in text
+        assert httpx.get(f"http://127.0.0.1:{port}/getavailablecount/centos", timeout=10).text == "12"  # 2 x (8 - 2)
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=90)
+    assert process.returncode == 0, output
+    assert "lab stopped." in output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
