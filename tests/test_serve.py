@@ -140,7 +140,15 @@ def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
             assert time.monotonic() < deadline, "".join(lines)
         text = "".join(lines)
         assert f"curl http://127.0.0.1:{port}/getavailablecount/centos" in text
-        assert httpx.get(f"http://127.0.0.1:{port}/getavailablecount/centos", timeout=10).text == "12"  # 2 x (8 - 2)
+        base = f"http://127.0.0.1:{port}"
+        # the SPEC's example session: count, get 3, count - 3, release, count again
+        assert httpx.get(f"{base}/getavailablecount/centos", timeout=10).text == "12"  # 2 hosts x (8 - 2 foreign)
+        got = httpx.get(f"{base}/getservers/demoserver", params={"os": "centos", "count": 3}, timeout=60)
+        assert len(got.json()) == 3
+        wait_for(lambda: httpx.get(f"{base}/getavailablecount/centos", timeout=10).text == "9", timeout=10)
+        released = httpx.get(f"{base}/releaseservers/demoserver", params={"os": "centos", "count": 3}, timeout=60)
+        assert released.json() == ["demoserver1", "demoserver2", "demoserver3"]
+        wait_for(lambda: httpx.get(f"{base}/getavailablecount/centos", timeout=10).text == "12", timeout=10)
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=90)

@@ -6,6 +6,9 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import pytest
+
 from dynvm.sim.settings import Timing
 from dynvm.xen.provision import MARKER_KEY
 
@@ -126,6 +129,16 @@ def test_a_short_expiry_destroys_the_vm_by_itself(serve):
     assert service.get("/releaseservers/brief").status_code == 404
     [expired] = service.services.leases.leases.in_state("expired")
     assert expired.name == "brief"
+
+
+def test_a_client_that_goes_away_still_gets_a_lease_it_can_release(serve):
+    service = serve(timing=Timing(clone_seconds=0.01, boot_seconds=1.0, ip_seconds=0.1))
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the VM is ready
+        service.http.get("/getservers/impatient", timeout=0.3)
+    wait_for(lambda: [lease.state for lease in service.services.leases.leases.active()] == ["ready"], timeout=15)
+    with service.services.db.read() as conn:
+        assert service.services.leases.leases.pending_reservations(conn) == []  # the reservation became a lease
+    assert service.get("/releaseservers/impatient").text == '[\n  "impatient"\n]'
 
 
 def test_healthz(serve):
