@@ -6,11 +6,7 @@ than 3.5 s, and VMs of one request are made in parallel. Goal: count=8 <= 1.5 x 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,90 +14,41 @@ from pathlib import Path
 import httpx
 from rich.table import Table
 
+from bench.processes import serve_process, sim_process
+
 CLONE, BOOT, IP = 0.5, 2.0, 1.0
 FLOOR = CLONE + BOOT + IP
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start(tmp: Path) -> tuple[subprocess.Popen, subprocess.Popen, str]:
-    config = tmp / "lab.ini"
-    sim = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dynvm",
-            "sim",
-            "--hosts",
-            "4",
-            "--host-cpus",
-            "64",
-            "--write-config",
-            str(config),
-            "--clone-seconds",
-            str(CLONE),
-            "--boot-seconds",
-            str(BOOT),
-            "--ip-seconds",
-            str(IP),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    while not config.exists():
-        time.sleep(0.05)
-    port = _free_port()
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dynvm",
-            "serve",
-            "--config",
-            str(config),
-            "--db",
-            f"sqlite:///{tmp / 'd.db'}",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return sim, serve, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("dynvm serve did not start")
-
-
 def run(runs: int = 3) -> Table:
     results: dict[int, list[float]] = {1: [], 8: [], 32: []}
+    flags = (
+        "--hosts",
+        "4",
+        "--host-cpus",
+        "64",
+        "--clone-seconds",
+        str(CLONE),
+        "--boot-seconds",
+        str(BOOT),
+        "--ip-seconds",
+        str(IP),
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        sim, serve, url = _start(Path(tmp))
-        try:
-            with httpx.Client(base_url=url, timeout=300) as client:
-                for n in range(runs):
-                    for count in results:
-                        started = time.perf_counter()
-                        answer = client.get(f"/getservers/bench{count}x{n}", params={"os": "centos", "count": count})
-                        results[count].append(time.perf_counter() - started)
-                        assert answer.status_code == 200, answer.text
-                        assert len(answer.json()) == count
-                        client.get(f"/releaseservers/bench{count}x{n}", params={"count": count})
-        finally:
-            for process in (serve, sim):
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
+        config = Path(tmp) / "lab.ini"
+        with (
+            sim_process(config, *flags),
+            serve_process(config, Path(tmp) / "d.db") as url,
+            httpx.Client(base_url=url, timeout=300) as client,
+        ):
+            for n in range(runs):
+                for count in results:
+                    started = time.perf_counter()
+                    answer = client.get(f"/getservers/bench{count}x{n}", params={"os": "centos", "count": count})
+                    results[count].append(time.perf_counter() - started)
+                    assert answer.status_code == 200, answer.text
+                    assert len(answer.json()) == count
+                    client.get(f"/releaseservers/bench{count}x{n}", params={"count": count})
     one, eight, many = (statistics.median(results[c]) for c in (1, 8, 32))
     table = Table(
         title=f"getservers wall time, sim clone {CLONE} s + boot {BOOT} s + IP {IP} s = {FLOOR} s "

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import http.client
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,13 +26,9 @@ import psutil
 import XenAPI
 from rich.table import Table
 
+from bench.processes import percentile, sim_process
 from dynvm.sim.lab import Lab, LabOptions
 from dynvm.sim.settings import Timing
-
-
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def _login(url: str, password: str) -> XenAPI.Session:
@@ -87,30 +81,8 @@ def _wire_samples(url: str, session: str, calls: int) -> list[float]:
 def big_lab(hosts: int = 20, vms_per_host: int = 50, calls: int = 100) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "lab.ini"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dynvm",
-                "sim",
-                "--hosts",
-                str(hosts),
-                "--foreign-vms",
-                str(vms_per_host),
-                "--host-memory-gib",
-                "512",
-                "--write-config",
-                str(config_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while not config_path.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("dynvm sim did not start")
-                time.sleep(0.1)
+        flags = ("--hosts", str(hosts), "--foreign-vms", str(vms_per_host), "--host-memory-gib", "512")
+        with sim_process(config_path, *flags) as process:
             config = ConfigParser(interpolation=None)
             config.read(config_path)
             host = config["xenhost1"]
@@ -127,14 +99,11 @@ def big_lab(hosts: int = 20, vms_per_host: int = 50, calls: int = 100) -> dict[s
             return {
                 "records": len(records),
                 "wire_p50": statistics.median(wire),
-                "wire_p99": _percentile(wire, 0.99),
+                "wire_p99": percentile(wire, 0.99),
                 "sdk_p50": statistics.median(sdk),
-                "sdk_p99": _percentile(sdk, 0.99),
+                "sdk_p99": percentile(sdk, 0.99),
                 "rss_mb": psutil.Process(process.pid).memory_info().rss / 1e6,
             }
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
 
 
 def run() -> Table:

@@ -8,10 +8,7 @@ Also: how long a change on a host takes to show in the mirror (contract: < 1 s).
 from __future__ import annotations
 
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,15 +16,11 @@ from pathlib import Path
 import XenAPI
 from rich.table import Table
 
+from bench.processes import percentile, sim_process
 from dynvm.config import load_settings
 from dynvm.xen.inventory import Inventory
 
 HOSTS, VMS, LATENCY_MS = 20, 50, 2
-
-
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def _mirror_listing(inventory: Inventory) -> list[dict[str, str]]:
@@ -67,35 +60,20 @@ def _seed_listing(sessions: list) -> list[dict[str, str]]:
 
 
 def run() -> Table:
-    with tempfile.TemporaryDirectory() as tmp:
+    flags = (
+        "--hosts",
+        str(HOSTS),
+        "--foreign-vms",
+        str(VMS),
+        "--host-memory-gib",
+        "512",
+        "--latency-ms",
+        str(LATENCY_MS),
+    )
+    with tempfile.TemporaryDirectory() as tmp, sim_process(Path(tmp) / "lab.ini", *flags):
         config = Path(tmp) / "lab.ini"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dynvm",
-                "sim",
-                "--hosts",
-                str(HOSTS),
-                "--foreign-vms",
-                str(VMS),
-                "--host-memory-gib",
-                "512",
-                "--latency-ms",
-                str(LATENCY_MS),
-                "--write-config",
-                str(config),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         inventory = Inventory()
         try:
-            deadline = time.monotonic() + 120
-            while not config.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("dynvm sim did not start")
-                time.sleep(0.1)
             settings = load_settings(config)
             started = time.monotonic()
             inventory.apply(settings)
@@ -136,8 +114,6 @@ def run() -> Table:
                 change.append(time.perf_counter() - t)
         finally:
             inventory.stop()
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
 
     mirror_p50, seed_p50 = statistics.median(mirror), statistics.median(seed)
     table = Table(
@@ -156,9 +132,9 @@ def run() -> Table:
     )
     table.add_row(
         "  same, p99",
-        f"{_percentile(mirror, 0.99) * 1e3:.2f} ms",
+        f"{percentile(mirror, 0.99) * 1e3:.2f} ms",
         "< 5 ms",
-        "yes" if _percentile(mirror, 0.99) < 0.005 else "NO",
+        "yes" if percentile(mirror, 0.99) < 0.005 else "NO",
     )
     table.add_row(
         "the seed's way (get_all + get_record + guest metrics per VM), median of 3",
