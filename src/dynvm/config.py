@@ -27,6 +27,8 @@ OS_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 KNOWN_COMMON_KEYS = {"vm.expiry.minutes", "vm.network.timeout.secs", "cpu.overcommit", "db.url"}
+KNOWN_AUTH_KEYS = {"required"}
+KNOWN_QUOTA_KEYS = {"max.count.per.request", "vms.per.user", "memory.gib.per.user"}
 KNOWN_COUCHBASE_KEYS = {"couchbase.server", "couchbase.bucket", "couchbase.username", "couchbase.userpassword"}
 KNOWN_HOST_KEYS = {
     "host.name",
@@ -105,10 +107,24 @@ class CouchbaseSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    required: bool = False  # True: every route but /healthz needs "Authorization: Bearer <token>"
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    max_count_per_request: int = 50
+    vms_per_user: int = 0  # 0: no limit
+    memory_per_user: int = 0  # bytes; 0: no limit
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     common: CommonSettings = CommonSettings()
     couchbase: CouchbaseSettings = CouchbaseSettings()
+    auth: AuthSettings = AuthSettings()
+    quota: QuotaSettings = QuotaSettings()
     hosts: tuple[HostSettings, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -192,7 +208,7 @@ class _Reader:
             match = HOST_SECTION.match(section)
             if match:
                 hosts.append(self.host(section, int(match.group(1))))
-            elif section not in ("common", "couchbase"):
+            elif section not in ("common", "couchbase", "auth", "quota"):
                 self.warn(section, None, "unknown section, ignored")
         if not hosts:
             self.warn("xenhost1", None, "no [xenhostN] section: no host can be used until one is added")
@@ -200,6 +216,8 @@ class _Reader:
             source=self.path,
             common=self.common(),
             couchbase=self.couchbase(),
+            auth=self.auth(),
+            quota=self.quota(),
             hosts=tuple(sorted(hosts, key=lambda h: h.number)),
             warnings=tuple(self.warnings),
         )
@@ -213,7 +231,9 @@ class _Reader:
                 self.warn(name, key, "unknown key, ignored")
         return values
 
-    def number(self, section: str, values: Mapping[str, str], key: str, default: float) -> float:
+    def number(
+        self, section: str, values: Mapping[str, str], key: str, default: float, allow_zero: bool = False
+    ) -> float:
         raw = values.get(key, "").strip()
         if not raw:
             return default
@@ -221,7 +241,7 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise self.error(section, key, f"must be a number, not {raw!r}") from None
-        if not value > 0 or value == float("inf"):
+        if not (value > 0 or (allow_zero and value == 0)) or value == float("inf"):
             raise self.error(section, key, f"must be a positive number, not {raw!r}")
         return value
 
@@ -233,6 +253,43 @@ class _Reader:
             cpu_overcommit=self.number("common", values, "cpu.overcommit", 1.0),
             db_url=values.get("db.url", "").strip() or None,
         )
+
+    def auth(self) -> AuthSettings:
+        values = self._section("auth", KNOWN_AUTH_KEYS)
+        return AuthSettings(required=self.boolean("auth", values, "required", False))
+
+    def quota(self) -> QuotaSettings:
+        values = self._section("quota", KNOWN_QUOTA_KEYS)
+
+        def whole(key: str, default: int) -> int:
+            raw = values.get(key, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit():
+                raise self.error("quota", key, f"must be a whole number (0: no limit), not {raw!r}")
+            return int(raw)
+
+        count = whole("max.count.per.request", 50)
+        if count < 1:
+            raise self.error("quota", "max.count.per.request", "must be at least 1")
+        memory_gib = (
+            self.number("quota", values, "memory.gib.per.user", 0.0)
+            if values.get("memory.gib.per.user", "0").strip() not in ("", "0")
+            else 0.0
+        )
+        return QuotaSettings(
+            max_count_per_request=count,
+            vms_per_user=whole("vms.per.user", 0),
+            memory_per_user=int(memory_gib * 1024**3),
+        )
+
+    def boolean(self, section: str, values: Mapping[str, str], key: str, default: bool) -> bool:
+        raw = values.get(key, "").strip().lower()
+        if not raw:
+            return default
+        if raw not in TRUE_WORDS | FALSE_WORDS:
+            raise self.error(section, key, f"must be true or false, not {raw!r}")
+        return raw in TRUE_WORDS
 
     def couchbase(self) -> CouchbaseSettings:
         values = self._section("couchbase", KNOWN_COUCHBASE_KEYS)
@@ -270,9 +327,7 @@ class _Reader:
         password = values.get("host.password", "")
         if not password:
             raise self.error(section, "host.password", "is missing or empty")
-        verify = values.get("host.tls.verify", "true").strip().lower()
-        if verify not in TRUE_WORDS | FALSE_WORDS:
-            raise self.error(section, "host.tls.verify", f"must be true or false, not {verify!r}")
+        verify = self.boolean(section, values, "host.tls.verify", True)
         ca_file = None
         if values.get("host.tls.ca_file", "").strip():
             ca_file = Path(values["host.tls.ca_file"].strip()).expanduser()
@@ -288,7 +343,7 @@ class _Reader:
             storage_name=required("host.storage.name"),
             templates=templates,
             network=values.get("host.network", "").strip() or None,
-            tls_verify=verify in TRUE_WORDS,
+            tls_verify=verify,
             tls_ca_file=ca_file,
         )
 

@@ -29,15 +29,19 @@ from .model import (
     CreatedVm,
     CreateFailed,
     DynvmError,
+    Forbidden,
     Lease,
+    LeaseError,
     NameInUse,
     NoSuchLease,
     NotDynvmVm,
     ProvisionError,
+    QuotaExceeded,
     ShuttingDown,
     UnknownOs,
     VmSpec,
 )
+from .requests import RequestTracker
 from .store.history import HistoryStore, origin_of
 from .store.leases import LeaseStore
 from .store.tables import ACTIVE_STATES
@@ -58,6 +62,31 @@ class LeaseRequest:
     memory: int | None = None
     expires_in_minutes: float | None = None  # None: [common] vm.expiry.minutes
     host_ref: str | None = None
+    caller: str | None = None  # the authenticated user; None when anonymous
+    request_id: str | None = None  # given by callers that track progress; else made here
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: ``user`` None is anonymous (allowed only while [auth] required=false)."""
+
+    user: str | None = None
+    admin: bool = False
+
+    def may_touch(self, lease: Lease) -> bool:
+        return self.admin or lease.caller is None or lease.caller == self.user
+
+
+ANONYMOUS = Caller()
+
+
+class LeaseEvents:
+    """What the service reports as it works (metrics listen); every method is a no-op here."""
+
+    def created(self, lease: Lease) -> None: ...
+    def create_failed(self, reason: str) -> None: ...
+    def ended(self, lease: Lease, state: str) -> None: ...
+    def reconciled(self, report: ReconcileReport) -> None: ...
 
 
 @dataclass
@@ -83,6 +112,8 @@ class LeaseService:
         clock: Callable[[], float] = time.time,
         max_workers: int = 256,
         owner: str | None = None,
+        tracker: RequestTracker | None = None,
+        events: LeaseEvents | None = None,
     ) -> None:
         self._settings = settings
         self.inventory = inventory
@@ -95,6 +126,8 @@ class LeaseService:
         self._cancel = threading.Event()
         self._in_flight = 0
         self._idle = threading.Condition()
+        self.tracker = tracker or RequestTracker(clock=clock)
+        self.events = events or LeaseEvents()
 
     @property
     def settings(self) -> Settings:
@@ -145,9 +178,28 @@ class LeaseService:
         """Create ``request.count`` VMs and return their leases, ready, with IPs.
 
         Blocks for as long as the VMs take to boot: call it from a worker thread."""
+        request_id = request.request_id or str(uuid.uuid4())
+        self.tracker.start(request_id, request.username, request.os, request.count)
+        try:
+            leases = self._acquire(request, request_id)
+        except LeaseError as e:
+            self.tracker.finish(request_id, str(e), e.status)
+            raise
+        except Exception as e:
+            self.tracker.finish(request_id, str(e), 500)
+            raise
+        self.tracker.finish(request_id)
+        return leases
+
+    def _acquire(self, request: LeaseRequest, request_id: str) -> list[Lease]:
         if self._stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
         settings = self.settings
+        if request.count > settings.quota.max_count_per_request:
+            raise QuotaExceeded(
+                f"count {request.count} is over the limit of {settings.quota.max_count_per_request} VMs per request "
+                "([quota] max.count.per.request)"
+            )
         self.check_os(settings, request.os)
         if request.host_ref is not None:
             host = settings.host(request.host_ref)
@@ -165,7 +217,6 @@ class LeaseService:
         minutes = settings.common.expiry_minutes
         if request.expires_in_minutes is not None:
             minutes = min(request.expires_in_minutes, minutes)
-        request_id = str(uuid.uuid4())
         with self.leases.db.write() as conn:
             self._refuse_leased_names(self.leases.by_name(names, conn), request.username)
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
@@ -174,6 +225,7 @@ class LeaseService:
                 settings, request.os, request.cpus, request.memory, reserved, only=request.host_ref
             )
             placement = capacity.place(request.count, request.os, candidates)
+            self._check_quota(settings, request, [c.need.memory for c in placement], conn)
             new = [
                 Lease(
                     id=str(uuid.uuid4()),
@@ -210,6 +262,30 @@ class LeaseService:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+
+    def _check_quota(self, settings: Settings, request: LeaseRequest, memory: list[int], conn: object) -> None:
+        """Per-user limits, counted inside the reservation's transaction. The user is the
+        caller when authenticated, else the name the VMs are requested under."""
+        quota = settings.quota
+        if not quota.vms_per_user and not quota.memory_per_user:
+            return
+        subject = request.caller or request.username
+        mine = [
+            lease
+            for lease in self.leases.active(conn)  # type: ignore[arg-type]
+            if (lease.caller or lease.username) == subject
+        ]
+        if quota.vms_per_user and len(mine) + request.count > quota.vms_per_user:
+            raise QuotaExceeded(
+                f"{subject} holds {len(mine)} VM(s); {request.count} more would pass the limit of "
+                f"{quota.vms_per_user} ([quota] vms.per.user): release some first"
+            )
+        held = sum(lease.memory for lease in mine)
+        if quota.memory_per_user and held + sum(memory) > quota.memory_per_user:
+            raise QuotaExceeded(
+                f"{subject} holds {held / 1024**3:g} GiB of VM memory; {sum(memory) / 1024**3:g} GiB more would "
+                f"pass the limit of {quota.memory_per_user / 1024**3:g} GiB ([quota] memory.gib.per.user)"
+            )
 
     def _refuse_leased_names(self, taken: list[Lease], username: str) -> None:
         if taken:
@@ -265,9 +341,20 @@ class LeaseService:
             memory=lease.memory,
             windows=lease.os.startswith("win"),
         )
-        created: CreatedVm = self._provisioner(settings, host).create(spec, cancel=self._cancel)
+
+        def progress(stage: str) -> None:
+            self.tracker.stage(lease.request_id, lease.name, stage)
+
+        try:
+            created: CreatedVm = self._provisioner(settings, host).create(spec, progress, cancel=self._cancel)
+        except Exception as e:
+            self.tracker.stage(lease.request_id, lease.name, "failed", error=str(e))
+            self.events.create_failed(type(e).__name__)
+            raise
         ready = self.leases.mark_ready(lease.id, created, self.clock())
+        self.tracker.stage(lease.request_id, lease.name, "ready", ip=ready.ip)
         self.history.record_created(ready, origin_of(host.url))
+        self.events.created(ready)
         return ready
 
     def _provisioner(self, settings: Settings, host: HostSettings) -> Provisioner:
@@ -278,15 +365,20 @@ class LeaseService:
 
     # -- release and expiry ------------------------------------------------------------
 
-    def release(self, username: str, count: int = 1) -> list[str]:
+    def release(self, username: str, count: int = 1, caller: Caller = ANONYMOUS) -> list[str]:
         """Destroy the VMs ``getservers`` made for this user and count; returns the names
         released. Only dynvm's VMs (a lease and the VM's marker) are touched."""
-        names = vm_names(username, count)
+        return self.release_names(vm_names(username, count), caller)
+
+    def release_names(self, names: list[str], caller: Caller = ANONYMOUS) -> list[str]:
         held = self.leases.by_name(names)
+        for lease in held:
+            if not caller.may_touch(lease):
+                raise Forbidden(f"{lease.name} belongs to {lease.caller}: only they or an admin may release it")
         if not held:
             raise NoSuchLease(
                 f"no VM named {', '.join(names)} is leased from dynvm: nothing to release "
-                "(check the username and count used with getservers)"
+                "(check the name, and the username and count used with getservers)"
             )
         creating = [lease.name for lease in held if lease.state == "creating"]
         if creating and len(creating) == len(held):
@@ -316,7 +408,21 @@ class LeaseService:
         self.leases.finish([lease.id], final_state, self.clock(), reason or None)
         current = self.leases.get(lease.id) or lease
         self.history.record_deleted(current, time.monotonic() - started)
+        self.events.ended(current, final_state)
         log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
+
+    def extend(self, name: str, minutes: float, caller: Caller = ANONYMOUS) -> Lease:
+        """Move a ready lease's expiry to ``minutes`` from now, capped at the maximum."""
+        [lease] = self.leases.by_name([name]) or [None]
+        if lease is None or lease.state != "ready":
+            raise NoSuchLease(f"no ready VM named {name} is leased from dynvm")
+        if not caller.may_touch(lease):
+            raise Forbidden(f"{lease.name} belongs to {lease.caller}: only they or an admin may extend it")
+        if not minutes > 0:
+            raise BadRequest("the new lifetime must be a positive number of minutes")
+        minutes = min(minutes, self.settings.common.expiry_minutes)
+        self.leases.extend(lease.id, self.clock() + minutes * 60)
+        return self.leases.get(lease.id) or lease
 
     def expire_due(self) -> list[str]:
         """Destroy every lease past its expiry (the reaper calls this every few seconds)."""
@@ -378,6 +484,7 @@ class LeaseService:
                     self.history.record_deleted(self.leases.get(lease.id) or lease, 0.0)
                     report.vanished.append(lease.name)
                     log.warning("reconcile: %s vanished from %s; lease closed", lease.name, host.display)
+        self.events.reconciled(report)
         return report
 
     # -- stopping ----------------------------------------------------------------------

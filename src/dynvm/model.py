@@ -106,6 +106,18 @@ class ShuttingDown(LeaseError):
     status = 503
 
 
+class QuotaExceeded(LeaseError):
+    status = 429
+
+
+class Forbidden(LeaseError):
+    status = 403
+
+
+class Unauthorized(LeaseError):
+    status = 401
+
+
 @dataclass(frozen=True)
 class Lease:
     """One VM of a request, from reservation to release. Times are Unix seconds."""
@@ -132,3 +144,4 @@ class Lease:
     released_at: float | None = None
     create_seconds: float | None = None
     error: str | None = None
+    caller: str | None = None  # the authenticated user who asked; None when anonymous

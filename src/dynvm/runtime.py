@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .auth import TokenStore
 from .config import ConfigWatcher, Settings, load_settings
 from .leases import LeaseService
 from .store.db import Database, default_db_url, describe_url
@@ -67,6 +68,7 @@ class Services:
     history: HistoryStore
     watcher: ConfigWatcher
     intervals: Intervals
+    tokens: TokenStore
     requests: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=512, thread_name_prefix="request")
     )
@@ -142,6 +144,7 @@ def build_services(
     leases = LeaseService(lambda: holder["watcher"].current, inventory, LeaseStore(db), history, clock=clock)
     watcher = ConfigWatcher(config_path, settings, inventory.apply)
     holder["watcher"] = watcher
+    tokens = TokenStore(db, clock)
     return Services(
         config_path=config_path,
         settings=settings,
@@ -151,4 +154,5 @@ def build_services(
         history=history,
         watcher=watcher,
         intervals=intervals or Intervals(),
+        tokens=tokens,
     )

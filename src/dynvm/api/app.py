@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
 from ..runtime import Services
-from . import legacy
+from . import errors, legacy
 
 
 def create_app(services: Services, manage_services: bool = True) -> FastAPI:
@@ -31,6 +31,7 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
 
     app = FastAPI(title="dynvm", version="0.1", lifespan=lifespan, docs_url="/docs", openapi_url="/openapi.json")
     app.state.services = services
+    errors.install(app)
     app.include_router(legacy.router)
 
     @app.get("/healthz", response_class=PlainTextResponse, include_in_schema=False)

@@ -12,44 +12,33 @@ import json
 import logging
 import math
 import re
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from ..capacity import find_template
-from ..leases import LeaseRequest
-from ..model import BadRequest, DynvmError, LeaseError
+from ..leases import Caller, LeaseRequest
+from ..model import BadRequest
 from ..runtime import Services
 from ..xen.inventory import HostState
 from ..xen.provision import MARKER_KEY
+from .deps import CallerDep, ServicesDep
+from .errors import render, render_exception
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-MAX_COUNT = 50
+MAX_COUNT = 1000  # a sanity bound; [quota] max.count.per.request is the real limit
 GiB = 1024**3
 
 
-def get_services(request: Request) -> Services:
-    return request.app.state.services
+def error(status: int, message: str) -> Response:
+    return render("/", status, message)
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
-
-
-def error(status: int, message: str) -> PlainTextResponse:
-    return PlainTextResponse(f"Error: {message}\n", status_code=status)
-
-
-def as_error(e: Exception) -> PlainTextResponse:
-    if isinstance(e, LeaseError):
-        return error(e.status, str(e))
-    if isinstance(e, DynvmError):
-        return error(502, str(e))
-    log.exception("unexpected error")
-    return error(500, "internal error; the service log has the details")
+def as_error(e: Exception) -> Response:
+    return render_exception("/", e)
 
 
 def json_text(value: object, **options: object) -> Response:
@@ -115,12 +104,12 @@ def showall(services: Services, os: str | None) -> Response:
 
 
 @router.get("/showall")
-async def showall_all(services: ServicesDep) -> Response:
+async def showall_all(services: ServicesDep, _: CallerDep) -> Response:
     return await _guard(showall, services, None)
 
 
 @router.get("/showall/{os}")
-async def showall_os(os: str, services: ServicesDep) -> Response:
+async def showall_os(os: str, services: ServicesDep, _: CallerDep) -> Response:
     return await _guard(showall, services, os)
 
 
@@ -129,12 +118,12 @@ def available(services: Services, os: str) -> Response:
 
 
 @router.get("/getavailablecount")
-async def getavailablecount(services: ServicesDep) -> Response:
+async def getavailablecount(services: ServicesDep, _: CallerDep) -> Response:
     return await _guard(available, services, "centos")
 
 
 @router.get("/getavailablecount/{os}")
-async def getavailablecount_os(os: str, services: ServicesDep) -> Response:
+async def getavailablecount_os(os: str, services: ServicesDep, _: CallerDep) -> Response:
     return await _guard(available, services, os)
 
 
@@ -151,7 +140,9 @@ async def _guard(fn, *args) -> Response:  # type: ignore[no-untyped-def]
 # -- getting and releasing -------------------------------------------------------------------
 
 
-def parse_getservers(username: str, query: dict[str, str], max_minutes: float) -> tuple[LeaseRequest, str]:
+def parse_getservers(
+    username: str, query: dict[str, str], max_minutes: float, caller: Caller
+) -> tuple[LeaseRequest, str]:
     fmt = query.get("format") or "servermanager"
     if fmt not in ("servermanager", "detailed"):
         raise BadRequest(f"format must be servermanager or detailed, not {fmt!r}")
@@ -172,16 +163,17 @@ def parse_getservers(username: str, query: dict[str, str], max_minutes: float) -
         cpus=_int("cpus", query.get("cpus"), None, 1, 256),
         memory=_int("mem", query.get("mem"), None, GiB // 4, 4096 * GiB),
         expires_in_minutes=expires,
+        caller=caller.user,
         host_ref=str(_int("xhostref", query.get("xhostref"), None, 1, 100000)) if query.get("xhostref") else None,
     )
     return request, fmt
 
 
 @router.get("/getservers/{username}")
-async def getservers(username: str, request: Request, services: ServicesDep) -> Response:
+async def getservers(username: str, request: Request, services: ServicesDep, caller: CallerDep) -> Response:
     try:
         lease_request, fmt = parse_getservers(
-            username, dict(request.query_params), services.current_settings().common.expiry_minutes
+            username, dict(request.query_params), services.current_settings().common.expiry_minutes, caller
         )
         loop = asyncio.get_running_loop()
         # The create runs on a thread of its own for minutes; this route awaits it without
@@ -194,20 +186,22 @@ async def getservers(username: str, request: Request, services: ServicesDep) -> 
     return json_text([lease.ip for lease in leases])
 
 
-def release(services: Services, username: str, count: int) -> Response:
-    return json_text(services.leases.release(_username(username), count), indent=2)
+def release(services: Services, username: str, count: int, caller: Caller) -> Response:
+    return json_text(services.leases.release(_username(username), count, caller), indent=2)
 
 
 @router.get("/releaseservers/{username}")
-async def releaseservers(username: str, request: Request, services: ServicesDep) -> Response:
+async def releaseservers(username: str, request: Request, services: ServicesDep, caller: CallerDep) -> Response:
     try:
         count = _int("count", request.query_params.get("count"), 1, 1, MAX_COUNT) or 1
     except Exception as e:
         return as_error(e)
-    return await _guard(release, services, username, count)
+    return await _guard(release, services, username, count, caller)
 
 
 @router.get("/releaseservers/{username}/{state}")
-async def releaseservers_state(username: str, state: str, request: Request, services: ServicesDep) -> Response:
+async def releaseservers_state(
+    username: str, state: str, request: Request, services: ServicesDep, caller: CallerDep
+) -> Response:
     """The seed took a state here; it is accepted and the VMs are destroyed all the same."""
-    return await releaseservers(username, request, services)
+    return await releaseservers(username, request, services, caller)

@@ -50,7 +50,8 @@ leases = Table(
     Column("released_at", Float),
     Column("create_seconds", Float),
     Column("error", Text),
-    Column("owner", String(64), nullable=False),
+    Column("owner", String(64), nullable=False),  # the dynvm process creating it
+    Column("caller", String(64)),  # the authenticated user who asked (None: anonymous)
     Index(
         "uq_leases_active_name",
         "name",
@@ -86,4 +87,16 @@ history = Table(
     Column("document", JSON, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("exported", Boolean, nullable=False, default=False),  # sent to the Couchbase sink
+)
+
+# API tokens: only a SHA-256 digest of each token is kept; the token is shown once.
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user", String(64), nullable=False, index=True),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("admin", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
 )
