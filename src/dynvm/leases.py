@@ -135,6 +135,12 @@ class LeaseService:
 
     # -- capacity ----------------------------------------------------------------------
 
+    def candidates(
+        self, settings: Settings, os: str, reserved: list[dict[str, object]], only: str | None = None
+    ) -> list[capacity.Candidate]:
+        """Where a VM of ``os`` with its template's resources could go, host by host."""
+        return self._candidates(settings, os, None, None, reserved, only)
+
     def _candidates(
         self,
         settings: Settings,
@@ -242,10 +248,12 @@ class LeaseService:
                     expires_at=now + minutes * 60,
                     owner=self.owner,
                     template=choice.need.template,
+                    caller=request.caller,
                 )
                 for name, choice in zip(names, placement, strict=True)
             ]
             self.leases.insert(conn, new)
+        self.tracker.placed(request_id, [(lease.name, lease.host_ref) for lease in new])
         log.info(
             "request %s: %s x %s for %s on host(s) %s",
             request_id,

@@ -60,7 +60,11 @@ class RequestTracker:
         self._changed = threading.Condition(self._lock)
 
     def start(self, request_id: str, username: str, os: str, count: int) -> None:
+        """Begin tracking; a request already announced (by the API, before it queued the
+        work) is left as it is."""
         with self._lock:
+            if request_id in self._requests:
+                return
             self._requests[request_id] = RequestStatus(request_id, username, os, count, self._clock())
             while len(self._requests) > self._limit:
                 self._requests.popitem(last=False)

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
 from ..runtime import Services
-from . import errors, legacy
+from . import errors, legacy, v1
 
 
 def create_app(services: Services, manage_services: bool = True) -> FastAPI:
@@ -33,6 +33,7 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
     app.state.services = services
     errors.install(app)
     app.include_router(legacy.router)
+    app.include_router(v1.router)
 
     @app.get("/healthz", response_class=PlainTextResponse, include_in_schema=False)
     async def healthz() -> str:

@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..config import CouchbaseSettings
@@ -25,6 +25,7 @@ from .tables import history
 log = logging.getLogger(__name__)
 
 POOL_ID = "dynamicpool"
+INDEXED = ("username", "os", "state", "created_time", "create_duration_secs", "live_duration_secs")
 DOCUMENT_VERSION = 1
 
 
@@ -133,15 +134,73 @@ class HistoryStore:
             return [dict(r.document) for r in conn.execute(select(history.c.document).order_by(history.c.updated_at))]
 
     def _save(self, vm_uuid: str, document: dict[str, Any]) -> None:
-        values = {"vm_uuid": vm_uuid, "document": document, "updated_at": self.clock(), "exported": False}
+        changes = {
+            "document": document,
+            "updated_at": self.clock(),
+            "exported": False,
+            **{column: document[column] for column in INDEXED},
+        }
         dialect = postgresql if not self.db.is_sqlite else sqlite
-        statement = dialect.insert(history).values(**values)
-        statement = statement.on_conflict_do_update(
-            index_elements=[history.c.vm_uuid],
-            set_={"document": document, "updated_at": values["updated_at"], "exported": False},
-        )
+        statement = dialect.insert(history).values(vm_uuid=vm_uuid, **changes)
+        statement = statement.on_conflict_do_update(index_elements=[history.c.vm_uuid], set_=changes)
         with self.db.write() as conn:
             conn.execute(statement)
+
+    def query(
+        self,
+        user: str | None = None,
+        os: str | None = None,
+        state: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Documents matching the filters, newest first, and how many match in all."""
+        where = []
+        if user is not None:
+            where.append(history.c.username == user)
+        if os is not None:
+            where.append(history.c.os == os)
+        if state is not None:
+            where.append(history.c.state == state)
+        if since is not None:
+            where.append(history.c.created_time >= since)
+        with self.db.read() as conn:
+            total = conn.execute(select(func.count()).select_from(history).where(*where)).scalar_one()
+            rows = conn.execute(
+                select(history.c.vm_uuid, history.c.document)
+                .where(*where)
+                .order_by(history.c.created_time.desc(), history.c.vm_uuid)
+                .limit(limit)
+                .offset(offset)
+            ).all()
+        return [{"uuid": r.vm_uuid, **dict(r.document)} for r in rows], total
+
+    def stats(self) -> dict[str, Any]:
+        """Per OS: VMs created, mean and p95 create time, mean lifetime; per user: totals."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(history.c.os, history.c.username, history.c.create_duration_secs, history.c.live_duration_secs)
+            ).all()
+        per_os: dict[str, dict[str, Any]] = {}
+        per_user: dict[str, dict[str, Any]] = {}
+        for os_key in sorted({r.os for r in rows}):
+            mine = [r for r in rows if r.os == os_key]
+            creates = sorted(float(r.create_duration_secs or 0) for r in mine)
+            lives = [float(r.live_duration_secs) for r in mine if r.live_duration_secs is not None]
+            per_os[os_key] = {
+                "vms_created": len(mine),
+                "mean_create_secs": round(sum(creates) / len(creates), 1),
+                "p95_create_secs": creates[min(len(creates) - 1, round(0.95 * (len(creates) - 1)))],
+                "mean_lifetime_secs": round(sum(lives) / len(lives), 1) if lives else None,
+            }
+        for user in sorted({r.username for r in rows}):
+            mine = [r for r in rows if r.username == user]
+            per_user[user] = {
+                "vms_created": len(mine),
+                "vm_hours": round(sum(float(r.live_duration_secs or 0) for r in mine) / 3600, 2),
+            }
+        return {"per_os": per_os, "per_user": per_user}
 
     def export_pending(self, limit: int = 500) -> int:
         """Send documents not yet in the sink; returns how many went. A failure is logged

@@ -87,6 +87,13 @@ history = Table(
     Column("document", JSON, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("exported", Boolean, nullable=False, default=False),  # sent to the Couchbase sink
+    # copies of document fields that queries filter and aggregate on
+    Column("username", String(64), index=True),
+    Column("os", String(64), index=True),
+    Column("state", String(16)),
+    Column("created_time", BigInteger, index=True),
+    Column("create_duration_secs", Float),
+    Column("live_duration_secs", Float),
 )
 
 # API tokens: only a SHA-256 digest of each token is kept; the token is shown once.

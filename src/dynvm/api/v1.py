@@ -1,0 +1,303 @@
+"""The JSON API, ``/api/v1`` (OpenAPI at ``/openapi.json``, docs at ``/docs``).
+
+Creating is asynchronous: ``POST /leases`` answers 202 with ``Location:
+/api/v1/requests/{id}``, where per-VM progress can be followed (``?wait=true`` answers when
+the request is done). Errors are RFC 9457 problem details with a human sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from ..capacity import available
+from ..leases import LeaseRequest
+from ..model import Lease, NoSuchLease
+from ..xen.inventory import HostState
+from ..xen.provision import MARKER_KEY
+from .deps import CallerDep, ServicesDep
+from .errors import render_exception
+
+router = APIRouter(prefix="/api/v1", tags=["v1"])
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+OS_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+GiB = 1024**3
+PROBLEM = {"model": dict, "content": {"application/problem+json": {}}, "description": "problem details"}
+ERRORS: dict[int | str, dict[str, Any]] = dict.fromkeys((400, 401, 403, 404, 409, 422, 429, 502, 503), PROBLEM)
+
+
+class LeaseIn(BaseModel):
+    os: str = Field(pattern=OS_PATTERN, description="OS key, e.g. centos")
+    name: str = Field(pattern=NAME_PATTERN, description="the VM name (count=1) or the prefix of <name>1..<name>N")
+    count: int = Field(1, ge=1, le=1000)
+    cpus: int | None = Field(None, ge=1, le=256, description="vCPUs; default: the template's")
+    memory: int | None = Field(None, ge=GiB // 4, le=4096 * GiB, description="bytes; default: the template's")
+    expires_in_minutes: float | None = Field(None, gt=0, le=10**7, description="capped at vm.expiry.minutes")
+    host: str | None = Field(None, pattern=r"^[1-9][0-9]{0,5}$", description="pin to [xenhostN]")
+
+
+class ExtendIn(BaseModel):
+    expires_in_minutes: float = Field(gt=0, le=10**7, description="new lifetime from now, capped at the maximum")
+
+
+class LeaseOut(BaseModel):
+    name: str
+    username: str
+    os: str
+    host: str
+    state: str
+    ip: str | None
+    cpus: int
+    memory: int
+    disk: int
+    vm_uuid: str | None
+    caller: str | None
+    created_at: float
+    ready_at: float | None
+    expires_at: float
+
+    @classmethod
+    def of(cls, lease: Lease) -> LeaseOut:
+        return cls(
+            name=lease.name,
+            username=lease.username,
+            os=lease.os,
+            host=lease.host_ref,
+            state=lease.state,
+            ip=lease.ip,
+            cpus=lease.cpus,
+            memory=lease.memory,
+            disk=lease.disk,
+            vm_uuid=lease.vm_uuid,
+            caller=lease.caller,
+            created_at=lease.created_at,
+            ready_at=lease.ready_at,
+            expires_at=lease.expires_at,
+        )
+
+
+class VmProgressOut(BaseModel):
+    name: str
+    host: str
+    stage: str
+    ip: str | None
+    error: str | None
+
+
+class RequestOut(BaseModel):
+    id: str
+    username: str
+    os: str
+    count: int
+    state: str = Field(description="pending, ready or failed")
+    error: str | None
+    created_at: float
+    finished_at: float | None
+    vms: list[VmProgressOut]
+
+
+class HostOut(BaseModel):
+    ref: str
+    name: str
+    url: str
+    state: str
+    error: str
+    cpus: int
+    memory_total: int
+    memory_free: int
+    running_vms: int
+    capacity: dict[str, int]
+
+
+class VmOut(BaseModel):
+    host: str
+    name: str
+    description: str
+    power_state: str
+    vcpus: int
+    memory: int
+    ips: list[str]
+    dynvm: bool
+
+
+class HistoryOut(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[dict[str, Any]]
+
+
+def _capacity(services, os_keys: list[str]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    return {os: services.leases.available_count(os) for os in os_keys}
+
+
+@router.get("/hosts", response_model=list[HostOut], responses=ERRORS)
+async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
+    def build() -> list[HostOut]:
+        settings = services.current_settings()
+        with services.db.read() as conn:
+            reserved = services.leases.leases.pending_reservations(conn)
+        out = []
+        for host in settings.hosts:
+            view = services.inventory.view(host.ref)
+            if view is None:
+                continue
+            per_os = {}
+            for os in sorted(host.templates):
+                candidates = services.leases.candidates(settings, os, reserved, only=host.ref)
+                per_os[os] = available(candidates)
+            out.append(
+                HostOut(
+                    ref=host.ref,
+                    name=view.name,
+                    url=host.url,
+                    state=view.state.value,
+                    error=view.error,
+                    cpus=view.cpus,
+                    memory_total=view.memory_total,
+                    memory_free=view.memory_free,
+                    running_vms=len(view.running_vms),
+                    capacity=per_os,
+                )
+            )
+        return out
+
+    return await anyio.to_thread.run_sync(build)
+
+
+@router.get("/vms", response_model=list[VmOut], responses=ERRORS)
+async def vms(services: ServicesDep, _: CallerDep) -> list[VmOut]:
+    out = []
+    for view in services.inventory.views():
+        if view.state is not HostState.UP:
+            continue
+        for vm in view.vms:
+            out.append(
+                VmOut(
+                    host=view.ref,
+                    name=vm.name,
+                    description=vm.description,
+                    power_state=vm.power_state,
+                    vcpus=int(vm.vcpus),
+                    memory=int(vm.memory),
+                    ips=vm.addresses,
+                    dynvm=MARKER_KEY in vm.other_config,
+                )
+            )
+    return out
+
+
+@router.get("/capacity", response_model=dict[str, int], responses=ERRORS)
+async def capacity(services: ServicesDep, _: CallerDep) -> dict[str, int]:
+    """How many more VMs of each OS can be made now."""
+    return await anyio.to_thread.run_sync(_capacity, services, services.current_settings().os_keys)
+
+
+@router.post("/leases", status_code=202, response_model=RequestOut, responses=ERRORS)
+async def create_leases(
+    body: LeaseIn,
+    services: ServicesDep,
+    caller: CallerDep,
+    response: Response,
+    wait: Annotated[bool, Query(description="answer when the VMs are ready (or failed)")] = False,
+) -> Any:
+    request_id = str(uuid.uuid4())
+    lease_request = LeaseRequest(
+        username=body.name,
+        os=body.os,
+        count=body.count,
+        cpus=body.cpus,
+        memory=body.memory,
+        expires_in_minutes=body.expires_in_minutes,
+        host_ref=body.host,
+        caller=caller.user,
+        request_id=request_id,
+    )
+    services.leases.tracker.start(request_id, body.name, body.os, body.count)
+    future = services.requests.submit(services.leases.acquire, lease_request)
+    location = f"/api/v1/requests/{request_id}"
+    if wait:
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as e:
+            problem = render_exception("/api/", e)
+            problem.headers["Location"] = location
+            return problem
+        return JSONResponse(services.leases.tracker.get(request_id), headers={"Location": location})
+    response.headers["Location"] = location
+    return services.leases.tracker.get(request_id)
+
+
+@router.get("/requests/{request_id}", response_model=RequestOut, responses=ERRORS)
+async def request_status(
+    request_id: str,
+    services: ServicesDep,
+    _: CallerDep,
+    wait: Annotated[bool, Query(description="answer when the request is done")] = False,
+    timeout: Annotated[float, Query(gt=0, le=3600, description="longest wait, seconds")] = 600,
+) -> Any:
+    tracker = services.leases.tracker
+    status = await anyio.to_thread.run_sync(tracker.wait, request_id, timeout) if wait else tracker.get(request_id)
+    if status is None:
+        raise NoSuchLease(f"no request {request_id} (requests are remembered until dynvm restarts)")
+    return status
+
+
+@router.get("/leases", response_model=list[LeaseOut], responses=ERRORS)
+async def list_leases(
+    services: ServicesDep,
+    _: CallerDep,
+    user: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+) -> list[LeaseOut]:
+    leases = await anyio.to_thread.run_sync(services.leases.leases.active)
+    return [LeaseOut.of(lease) for lease in leases if user is None or (lease.caller or lease.username) == user]
+
+
+@router.get("/leases/{name}", response_model=LeaseOut, responses=ERRORS)
+async def get_lease(name: str, services: ServicesDep, _: CallerDep) -> LeaseOut:
+    found = await anyio.to_thread.run_sync(services.leases.leases.by_name, [name])
+    if not found:
+        raise NoSuchLease(f"no VM named {name} is leased from dynvm")
+    return LeaseOut.of(found[0])
+
+
+@router.delete("/leases/{name}", response_model=dict[str, list[str]], responses=ERRORS)
+async def delete_lease(name: str, services: ServicesDep, caller: CallerDep) -> dict[str, list[str]]:
+    released = await anyio.to_thread.run_sync(services.leases.release_names, [name], caller)
+    return {"released": released}
+
+
+@router.patch("/leases/{name}", response_model=LeaseOut, responses=ERRORS)
+async def extend_lease(name: str, body: ExtendIn, services: ServicesDep, caller: CallerDep) -> LeaseOut:
+    lease = await anyio.to_thread.run_sync(services.leases.extend, name, body.expires_in_minutes, caller)
+    return LeaseOut.of(lease)
+
+
+@router.get("/history", response_model=HistoryOut, responses=ERRORS)
+async def history(
+    services: ServicesDep,
+    _: CallerDep,
+    user: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    os: Annotated[str | None, Query(pattern=OS_PATTERN)] = None,
+    state: Annotated[str | None, Query(pattern=r"^(available|deleted)$")] = None,
+    since: Annotated[float | None, Query(ge=0, le=10**11, description="Unix seconds")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> HistoryOut:
+    items, total = await anyio.to_thread.run_sync(
+        lambda: services.history.query(user=user, os=os, state=state, since=since, limit=limit, offset=offset)
+    )
+    return HistoryOut(total=total, limit=limit, offset=offset, items=items)
+
+
+@router.get("/stats", responses=ERRORS)
+async def stats(services: ServicesDep, _: CallerDep) -> dict[str, Any]:
+    """Per OS: VMs created, mean and p95 create time, mean lifetime; per user: totals."""
+    return await anyio.to_thread.run_sync(services.history.stats)

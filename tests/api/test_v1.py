@@ -1,0 +1,219 @@
+"""The JSON API over real HTTP: async leases with progress, ownership, auth, quotas,
+problem details, history and stats."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+GiB = 1024**3
+
+
+def with_config(sim_lab, extra: str, **options):  # type: ignore[no-untyped-def]
+    lab = sim_lab(**options)
+    lab.settings.source.write_text(lab.settings.source.read_text() + "\n" + extra + "\n")
+    return lab
+
+
+def problem(answer) -> dict:  # type: ignore[no-untyped-def]
+    assert answer.headers["content-type"].startswith("application/problem+json"), answer.text
+    body = answer.json()
+    assert set(body) == {"type", "title", "status", "detail"}
+    assert body["status"] == answer.status_code
+    return body
+
+
+def test_a_lease_request_is_accepted_then_followed_to_ready(serve):
+    service = serve(hosts=2)
+    answer = service.http.post("/api/v1/leases", json={"os": "centos", "name": "ci", "count": 2})
+    assert answer.status_code == 202
+    location = answer.headers["location"]
+    assert location.startswith("/api/v1/requests/")
+    assert answer.json()["state"] == "pending"
+    done = service.http.get(location, params={"wait": "true", "timeout": 60}).json()
+    assert done["state"] == "ready"
+    assert sorted(vm["name"] for vm in done["vms"]) == ["ci1", "ci2"]
+    assert all(vm["stage"] == "ready" and vm["ip"].startswith("127.77.") for vm in done["vms"])
+    leases = service.http.get("/api/v1/leases").json()
+    assert sorted(lease["name"] for lease in leases) == ["ci1", "ci2"]
+    one = service.http.get("/api/v1/leases/ci1").json()
+    assert (one["state"], one["os"], one["cpus"]) == ("ready", "centos", 4)
+    assert service.http.delete("/api/v1/leases/ci1").json() == {"released": ["ci1"]}
+    assert problem(service.http.get("/api/v1/leases/ci1"))["status"] == 404
+
+
+def test_wait_true_answers_with_the_finished_request(serve):
+    service = serve()
+    answer = service.http.post(
+        "/api/v1/leases", params={"wait": "true"}, json={"os": "windows", "name": "win", "cpus": 2, "memory": 4 * GiB}
+    )
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["state"] == "ready"
+    assert body["vms"][0]["name"] == "win"
+    lease = service.http.get("/api/v1/leases/win").json()
+    assert (lease["cpus"], lease["memory"]) == (2, 4 * GiB)
+
+
+def test_progress_shows_the_stages_of_a_slow_create(serve):
+    from dynvm.sim.settings import Timing
+
+    service = serve(timing=Timing(clone_seconds=0.01, boot_seconds=1.5, ip_seconds=0.1))
+    location = service.http.post("/api/v1/leases", json={"os": "centos", "name": "slow"}).headers["location"]
+    seen = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status = service.http.get(location).json()
+        seen.add(status["vms"][0]["stage"] if status["vms"] else "reserved")
+        if status["state"] != "pending":
+            break
+        time.sleep(0.05)
+    assert "waiting for IP" in seen or "booting" in seen
+    assert status["state"] == "ready"
+
+
+def test_extend_is_capped_at_the_maximum(serve):
+    service = serve()
+    service.http.post(
+        "/api/v1/leases", params={"wait": "true"}, json={"os": "centos", "name": "ext", "expires_in_minutes": 5}
+    )
+    before = service.http.get("/api/v1/leases/ext").json()["expires_at"]
+    after = service.http.patch("/api/v1/leases/ext", json={"expires_in_minutes": 10**6}).json()["expires_at"]
+    assert after > before
+    assert after <= time.time() + 720 * 60 + 5
+
+
+def test_errors_are_problem_details(serve):
+    service = serve()
+    unknown = problem(service.http.post("/api/v1/leases", params={"wait": "true"}, json={"os": "rhel9", "name": "x"}))
+    assert unknown["status"] == 400
+    assert "the OSes that exist are" in unknown["detail"]
+    invalid = problem(service.http.post("/api/v1/leases", json={"os": "centos", "name": "bad name!", "count": 0}))
+    assert invalid["status"] == 422
+    assert "name" in invalid["detail"]
+    assert "count" in invalid["detail"]
+    missing = problem(service.http.get("/api/v1/requests/nope"))
+    assert missing["status"] == 404
+
+
+def test_hosts_vms_and_capacity(serve):
+    service = serve(hosts=2, foreign_vms=1)
+    hosts = service.http.get("/api/v1/hosts").json()
+    assert [h["ref"] for h in hosts] == ["1", "2"]
+    assert hosts[0]["state"] == "up"
+    assert hosts[0]["capacity"]["centos"] == 7
+    assert hosts[0]["capacity"]["windows"] == 4
+    assert service.http.get("/api/v1/capacity").json()["centos"] == 14
+    vms = service.http.get("/api/v1/vms").json()
+    assert len(vms) == 2
+    assert all(not vm["dynvm"] and vm["ips"] for vm in vms)
+
+
+def test_history_and_stats(serve):
+    service = serve()
+    service.http.post("/api/v1/leases", params={"wait": "true"}, json={"os": "centos", "name": "hist", "count": 2})
+    service.http.delete("/api/v1/leases/hist1")
+    everything = service.http.get("/api/v1/history").json()
+    assert everything["total"] == 2
+    deleted = service.http.get("/api/v1/history", params={"state": "deleted"}).json()
+    assert [item["name"] for item in deleted["items"]] == ["hist1"]
+    page = service.http.get("/api/v1/history", params={"limit": 1, "offset": 1}).json()
+    assert (page["total"], len(page["items"])) == (2, 1)
+    assert service.http.get("/api/v1/history", params={"user": "nobody"}).json()["total"] == 0
+    stats = service.http.get("/api/v1/stats").json()
+    assert stats["per_os"]["centos"]["vms_created"] == 2
+    assert stats["per_os"]["centos"]["mean_lifetime_secs"] is not None
+    assert stats["per_user"]["hist"]["vms_created"] == 2
+
+
+def test_ownership_with_tokens(make_services, sim_lab):
+    from .conftest import RunningService
+
+    services, lab = make_services()
+    service = RunningService(services, lab)
+    try:
+        alice = {"Authorization": f"Bearer {services.tokens.create('alice')}"}
+        bob = {"Authorization": f"Bearer {services.tokens.create('bob')}"}
+        admin = {"Authorization": f"Bearer {services.tokens.create('ops', admin=True)}"}
+        service.http.post("/api/v1/leases", params={"wait": "true"}, headers=alice, json={"os": "centos", "name": "a"})
+        assert service.http.get("/api/v1/leases/a").json()["caller"] == "alice"
+        assert problem(service.http.delete("/api/v1/leases/a", headers=bob))["status"] == 403
+        assert (
+            problem(service.http.patch("/api/v1/leases/a", headers=bob, json={"expires_in_minutes": 5}))["status"]
+            == 403
+        )
+        assert service.get("/releaseservers/a").status_code == 403  # anonymous legacy callers too
+        assert service.http.patch("/api/v1/leases/a", headers=admin, json={"expires_in_minutes": 5}).status_code == 200
+        assert service.http.delete("/api/v1/leases/a", headers=alice).json() == {"released": ["a"]}
+        bad = problem(service.http.get("/api/v1/leases", headers={"Authorization": "Bearer dvm_wrong"}))
+        assert bad["status"] == 401
+    finally:
+        service.stop()
+
+
+def test_required_auth_guards_every_route_but_healthz(make_services, sim_lab):
+    from .conftest import RunningService
+
+    lab = with_config(sim_lab, "[auth]\nrequired=true")
+    services, _ = make_services(lab=lab)
+    service = RunningService(services, lab)
+    try:
+        assert service.get("/healthz").text == "ok"
+        legacy = service.get("/getavailablecount")
+        assert legacy.status_code == 401
+        assert legacy.text.startswith("Error: this dynvm needs a token")
+        assert problem(service.http.get("/api/v1/capacity"))["status"] == 401
+        token = services.tokens.create("carol")
+        assert service.http.get("/getavailablecount", headers={"Authorization": f"Bearer {token}"}).text == "8"
+    finally:
+        service.stop()
+
+
+def test_quotas(make_services, sim_lab):
+    from .conftest import RunningService
+
+    lab = with_config(sim_lab, "[quota]\nmax.count.per.request=3\nvms.per.user=2\nmemory.gib.per.user=12")
+    services, _ = make_services(lab=lab)
+    service = RunningService(services, lab)
+    try:
+        too_many = problem(
+            service.http.post("/api/v1/leases", params={"wait": "true"}, json={"os": "centos", "name": "q", "count": 4})
+        )
+        assert too_many["status"] == 429
+        assert "max.count.per.request" in too_many["detail"]
+        assert (
+            service.http.post(
+                "/api/v1/leases", params={"wait": "true"}, json={"os": "centos", "name": "q", "count": 2}
+            ).status_code
+            == 200
+        )
+        third = service.get("/getservers/q", count=1)  # anonymous legacy callers count by the VMs' user
+        assert third.status_code == 429
+        assert third.text.startswith("Error: q holds 2 VM(s); 1 more would pass the limit of 2")
+        bob = {"Authorization": f"Bearer {services.tokens.create('bob')}"}
+        first = service.http.post(
+            "/api/v1/leases",
+            params={"wait": "true"},
+            headers=bob,
+            json={"os": "windows", "name": "b1", "memory": 8 * GiB},
+        )
+        assert first.status_code == 200
+        second = problem(
+            service.http.post(
+                "/api/v1/leases",
+                params={"wait": "true"},
+                headers=bob,
+                json={"os": "windows", "name": "b2", "memory": 8 * GiB},
+            )
+        )
+        assert second["status"] == 429  # bob's 8 GiB + 8 GiB would pass 12 GiB
+        assert "bob holds 8 GiB of VM memory" in second["detail"]
+        assert "memory.gib.per.user" in second["detail"]
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
+def test_the_api_describes_itself(serve, path):
+    assert serve().http.get(path).status_code == 200
