@@ -28,6 +28,11 @@ def build_cli() -> typer.Typer:
     app.command("check-config")(check_config_command)
     app.command("serve")(serve_command)
     app.command("lab")(lab_command)
+    tokens = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
+    tokens.command("create")(token_create_command)
+    tokens.command("list")(token_list_command)
+    tokens.command("revoke")(token_revoke_command)
+    app.add_typer(tokens, name="token")
     return app
 
 
@@ -297,6 +302,80 @@ def lab_command(
                 except subprocess.TimeoutExpired:
                     process.kill()
         console.print("lab stopped.")
+
+
+DbOption = Annotated[
+    str | None, typer.Option("--db", help="Database URL (else [common] db.url, else the default SQLite file).")
+]
+
+
+def _token_store(config: Path | None, db: str | None, console: Console):  # type: ignore[no-untyped-def]
+    from .auth import TokenStore
+    from .config import ConfigError, load_settings, locate_config
+    from .store.db import Database, default_db_url
+
+    url = db
+    if url is None:
+        try:
+            url = load_settings(locate_config(config)).common.db_url
+        except ConfigError:
+            url = None  # no config: the default database
+    database = Database(url or default_db_url())
+    database.migrate()
+    return TokenStore(database)
+
+
+def token_create_command(
+    user: Annotated[str, typer.Argument(help="The user the token acts for (letters, digits, . _ -).")],
+    admin: Annotated[bool, typer.Option(help="May release and extend every user's leases.")] = False,
+    config: ConfigOption = None,
+    db: DbOption = None,
+) -> None:
+    """Make a token and print it once: dynvm keeps only its digest."""
+    import re
+
+    console = Console()
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", user):
+        console.print("Error: a user name is 1 to 64 letters, digits, '.', '_' or '-'", style="red", markup=False)
+        raise typer.Exit(2)
+    token = _token_store(config, db, console).create(user, admin)
+    typer.echo(token)
+    Console(stderr=True).print(
+        f"Token for {user}{' (admin)' if admin else ''}. It is shown this once; send it as "
+        "'Authorization: Bearer <token>' or set DYNVM_TOKEN for the dynvm CLI.",
+        style="dim",
+        markup=False,
+    )
+
+
+def token_list_command(config: ConfigOption = None, db: DbOption = None) -> None:
+    """List tokens (never the tokens themselves)."""
+    console = Console()
+    table = Table()
+    for column in ("id", "user", "admin", "created", "last used"):
+        table.add_column(column)
+    for info in _token_store(config, db, console).list():
+        table.add_row(info.id, info.user, "yes" if info.admin else "", _when(info.created_at), _when(info.last_used_at))
+    console.print(table)
+
+
+def token_revoke_command(
+    token_id: Annotated[str, typer.Argument(help="The id shown by 'dynvm token list'.")],
+    config: ConfigOption = None,
+    db: DbOption = None,
+) -> None:
+    """Revoke a token: requests carrying it are refused from now on."""
+    console = Console()
+    if not _token_store(config, db, console).revoke(token_id):
+        console.print(f"Error: no token with id {token_id}", style="red", markup=False)
+        raise typer.Exit(1)
+    console.print(f"revoked {token_id}", markup=False)
+
+
+def _when(epoch: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if epoch else "-"
 
 
 def main() -> None:

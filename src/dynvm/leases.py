@@ -133,6 +133,13 @@ class LeaseService:
     def settings(self) -> Settings:
         return self._settings()
 
+    def _report(self, event: str, *args: object) -> None:
+        """Tell the listeners (metrics); a failing listener never fails the lease work."""
+        try:
+            getattr(self.events, event)(*args)
+        except Exception:
+            log.exception("reporting %s failed", event)
+
     # -- capacity ----------------------------------------------------------------------
 
     def candidates(
@@ -357,12 +364,12 @@ class LeaseService:
             created: CreatedVm = self._provisioner(settings, host).create(spec, progress, cancel=self._cancel)
         except Exception as e:
             self.tracker.stage(lease.request_id, lease.name, "failed", error=str(e))
-            self.events.create_failed(type(e).__name__)
+            self._report("create_failed", type(e).__name__)
             raise
         ready = self.leases.mark_ready(lease.id, created, self.clock())
         self.tracker.stage(lease.request_id, lease.name, "ready", ip=ready.ip)
         self.history.record_created(ready, origin_of(host.url))
-        self.events.created(ready)
+        self._report("created", ready)
         return ready
 
     def _provisioner(self, settings: Settings, host: HostSettings) -> Provisioner:
@@ -416,7 +423,7 @@ class LeaseService:
         self.leases.finish([lease.id], final_state, self.clock(), reason or None)
         current = self.leases.get(lease.id) or lease
         self.history.record_deleted(current, time.monotonic() - started)
-        self.events.ended(current, final_state)
+        self._report("ended", current, final_state)
         log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
 
     def extend(self, name: str, minutes: float, caller: Caller = ANONYMOUS) -> Lease:
@@ -492,7 +499,7 @@ class LeaseService:
                     self.history.record_deleted(self.leases.get(lease.id) or lease, 0.0)
                     report.vanished.append(lease.name)
                     log.warning("reconcile: %s vanished from %s; lease closed", lease.name, host.display)
-        self.events.reconciled(report)
+        self._report("reconciled", report)
         return report
 
     # -- stopping ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from .auth import TokenStore
 from .config import ConfigWatcher, Settings, load_settings
 from .leases import LeaseService
+from .metrics import Metrics
 from .store.db import Database, default_db_url, describe_url
 from .store.history import CouchbaseSink, HistorySink, HistoryStore
 from .store.leases import LeaseStore
@@ -69,6 +70,7 @@ class Services:
     watcher: ConfigWatcher
     intervals: Intervals
     tokens: TokenStore
+    metrics: Metrics
     requests: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=512, thread_name_prefix="request")
     )
@@ -79,6 +81,7 @@ class Services:
         return self.watcher.current
 
     def start(self) -> None:
+        self.metrics.watch(self)
         self.inventory.apply(self.settings)
         if not self.inventory.wait_synced(self.intervals.sync_wait):
             log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
@@ -145,6 +148,8 @@ def build_services(
     watcher = ConfigWatcher(config_path, settings, inventory.apply)
     holder["watcher"] = watcher
     tokens = TokenStore(db, clock)
+    metrics = Metrics()
+    leases.events = metrics
     return Services(
         config_path=config_path,
         settings=settings,
@@ -155,4 +160,5 @@ def build_services(
         watcher=watcher,
         intervals=intervals or Intervals(),
         tokens=tokens,
+        metrics=metrics,
     )

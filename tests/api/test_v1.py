@@ -217,3 +217,17 @@ def test_quotas(make_services, sim_lab):
 @pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
 def test_the_api_describes_itself(serve, path):
     assert serve().http.get(path).status_code == 200
+
+
+def test_metrics_report_requests_vms_capacity_hosts_and_provisioning(serve):
+    service = serve()
+    service.get("/getservers/m", count=2)
+    service.get("/getavailablecount")
+    text = service.http.get("/metrics").text
+    assert 'dynvm_http_requests_total{route="/getservers/{username}",status="200"} 1.0' in text
+    assert 'dynvm_vms{host="1",os="centos",state="ready"} 2.0' in text
+    assert 'dynvm_host_up{host="1"} 1.0' in text
+    assert 'dynvm_capacity{os="centos"} 6.0' in text
+    assert "dynvm_provision_seconds_count 2.0" in text
+    service.get("/releaseservers/m", count=2)
+    assert 'dynvm_leases_ended_total{state="released"} 2.0' in service.http.get("/metrics").text

@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+import anyio
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..runtime import Services
 from . import errors, legacy, v1
+from .deps import CallerDep
 
 
 def create_app(services: Services, manage_services: bool = True) -> FastAPI:
@@ -19,8 +22,6 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        import anyio
-
         if manage_services:
             await anyio.to_thread.run_sync(services.start)
         try:
@@ -38,5 +39,18 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
     @app.get("/healthz", response_class=PlainTextResponse, include_in_schema=False)
     async def healthz() -> str:
         return "ok"
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(_: CallerDep) -> Response:
+        body = await anyio.to_thread.run_sync(services.metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")  # the template, not the raw path: few label values
+        services.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
 
     return app

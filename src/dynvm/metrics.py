@@ -1,0 +1,85 @@
+"""Prometheus metrics, on a registry of the app's own (no global state).
+
+Counters and the provisioning histogram are fed by the lease service's events and an
+HTTP middleware; gauges (VMs, capacity, hosts) are read from memory at scrape time."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .leases import LeaseEvents, ReconcileReport
+from .model import Lease
+from .xen.inventory import HostState
+
+if TYPE_CHECKING:
+    from .runtime import Services
+
+
+class Metrics(LeaseEvents):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "dynvm_http_requests", "HTTP requests answered", ["route", "status"], registry=self.registry
+        )
+        self.provisioning = Histogram(
+            "dynvm_provision_seconds",
+            "Time from request to a ready VM",
+            buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200),
+            registry=self.registry,
+        )
+        self.failures = Counter("dynvm_create_failures", "VM creates that failed", ["reason"], registry=self.registry)
+        self.leases_ended = Counter("dynvm_leases_ended", "Leases ended, by how", ["state"], registry=self.registry)
+        self.reconcile = Counter(
+            "dynvm_reconcile_actions", "What reconcile passes did", ["action"], registry=self.registry
+        )
+
+    def watch(self, services: Services) -> None:
+        """Start reporting the gauges read from the running services."""
+        self.registry.register(_Gauges(services))
+
+    # -- LeaseEvents ---------------------------------------------------------------------
+
+    def created(self, lease: Lease) -> None:
+        self.provisioning.observe(lease.create_seconds or 0.0)
+
+    def create_failed(self, reason: str) -> None:
+        self.failures.labels(reason).inc()
+
+    def ended(self, lease: Lease, state: str) -> None:
+        self.leases_ended.labels(state).inc()
+
+    def reconciled(self, report: ReconcileReport) -> None:
+        self.reconcile.labels("orphan_destroyed").inc(len(report.orphans_destroyed))
+        self.reconcile.labels("vanished_closed").inc(len(report.vanished))
+        self.reconcile.labels("error").inc(len(report.errors))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Gauges(Collector):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        services = self.services
+        vms = GaugeMetricFamily("dynvm_vms", "dynvm's VMs, by host, OS and lease state", labels=["host", "os", "state"])
+        for (host, os, state), n in sorted(
+            Tally((lease.host_ref, lease.os, lease.state) for lease in services.leases.leases.active()).items()
+        ):
+            vms.add_metric([host, os, state], n)
+        yield vms
+        up = GaugeMetricFamily("dynvm_host_up", "1 if the host answers, 0 if it is down or connecting", labels=["host"])
+        for view in services.inventory.views():
+            up.add_metric([view.ref], 1.0 if view.state is HostState.UP else 0.0)
+        yield up
+        capacity = GaugeMetricFamily("dynvm_capacity", "How many more VMs of an OS fit now", labels=["os"])
+        for os in services.current_settings().os_keys:
+            capacity.add_metric([os], services.leases.available_count(os))
+        yield capacity
