@@ -33,6 +33,14 @@ def build_cli() -> typer.Typer:
     tokens.command("list")(token_list_command)
     tokens.command("revoke")(token_revoke_command)
     app.add_typer(tokens, name="token")
+    for name, command in (
+        ("get", get_command),
+        ("release", release_command),
+        ("ls", ls_command),
+        ("capacity", capacity_command),
+        ("extend", extend_command),
+    ):
+        app.command(name)(command)
     return app
 
 
@@ -376,6 +384,191 @@ def _when(epoch: float | None) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if epoch else "-"
+
+
+ServerOption = Annotated[
+    str | None, typer.Option("--server", envvar="DYNVM_SERVER", help="dynvm's URL (default http://127.0.0.1:5000).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+
+
+def _client(server: str | None):  # type: ignore[no-untyped-def]
+    from .client import DynvmClient
+
+    return DynvmClient(server)  # the token comes from $DYNVM_TOKEN, never from the command line
+
+
+def _fail(console: Console, error: Exception) -> typer.Exit:
+    console.print(f"Error: {error}", style="red", markup=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def get_command(
+    os: Annotated[str, typer.Option("--os", help="OS key, e.g. centos.")] = "centos",
+    count: Annotated[int, typer.Option(min=1, max=1000)] = 1,
+    name: Annotated[str | None, typer.Option(help="VM name (count 1) or prefix; default: $USER-<random>.")] = None,
+    cpus: Annotated[int | None, typer.Option(min=1)] = None,
+    memory_gib: Annotated[float | None, typer.Option("--memory-gib", min=0.25)] = None,
+    expires: Annotated[float | None, typer.Option(help="Minutes until the VMs are destroyed.")] = None,
+    host: Annotated[str | None, typer.Option(help="Pin to host N ([xenhostN]).")] = None,
+    server: ServerOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Get VMs: shows each one's progress live and prints their IPs."""
+    import getpass
+    import json
+    import secrets
+
+    from rich.live import Live
+
+    from .client import ApiError
+
+    console = Console(stderr=True)
+    body = {
+        "os": os,
+        "count": count,
+        "name": name or f"{getpass.getuser()}-{secrets.token_hex(3)}",
+        "cpus": cpus,
+        "memory": int(memory_gib * 1024**3) if memory_gib else None,
+        "expires_in_minutes": expires,
+        "host": host,
+    }
+    client = _client(server)
+    try:
+        location, status = client.request_leases({k: v for k, v in body.items() if v is not None})
+        if json_out or not console.is_terminal:
+            status = client.follow(location, lambda s: None)
+        else:
+            with Live(_progress_table(status), console=console, refresh_per_second=8) as live:
+                status = client.follow(location, lambda s: live.update(_progress_table(s)))
+    except ApiError as e:
+        raise _fail(console, e) from None
+    finally:
+        client.close()
+    if json_out:
+        typer.echo(json.dumps(status, indent=2))
+    if status["state"] != "ready":
+        raise _fail(console, Exception(status.get("error") or "the request failed"))
+    if not json_out:
+        for vm in status["vms"]:
+            typer.echo(f"{vm['name']} {vm['ip']}")
+
+
+def _progress_table(status: dict) -> Table:  # type: ignore[type-arg]
+    table = Table(title=f"request {status['id'][:8]}: {status['state']}")
+    for column in ("VM", "host", "stage", "IP / error"):
+        table.add_column(column)
+    for vm in status["vms"]:
+        table.add_row(vm["name"], vm["host"], vm["stage"], vm["ip"] or vm["error"] or "")
+    return table
+
+
+def release_command(
+    names: Annotated[list[str], typer.Argument(help="VM names to release.")],
+    server: ServerOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Release VMs: destroys them and their disks."""
+    import json
+
+    from .client import ApiError
+
+    console = Console(stderr=True)
+    client = _client(server)
+    released = []
+    try:
+        for name in names:
+            released += client.release(name)
+    except ApiError as e:
+        raise _fail(console, e) from None
+    finally:
+        client.close()
+    typer.echo(json.dumps(released) if json_out else "\n".join(f"released {n}" for n in released))
+
+
+def ls_command(server: ServerOption = None, json_out: JsonOption = False) -> None:
+    """List the leases dynvm holds."""
+    import json
+    import time
+
+    from .client import ApiError
+
+    console = Console()
+    client = _client(server)
+    try:
+        leases = client.leases()
+    except ApiError as e:
+        raise _fail(Console(stderr=True), e) from None
+    finally:
+        client.close()
+    if json_out:
+        typer.echo(json.dumps(leases, indent=2))
+        return
+    table = Table()
+    for column in ("name", "os", "host", "state", "IP", "caller", "expires in"):
+        table.add_column(column)
+    for lease in leases:
+        left = max(0, lease["expires_at"] - time.time())
+        table.add_row(
+            lease["name"],
+            lease["os"],
+            lease["host"],
+            lease["state"],
+            lease["ip"] or "",
+            lease["caller"] or "-",
+            f"{left / 60:.0f} min",
+        )
+    console.print(table)
+
+
+def capacity_command(server: ServerOption = None, json_out: JsonOption = False) -> None:
+    """How many more VMs of each OS fit now, and the hosts' state."""
+    import json
+
+    from .client import ApiError
+
+    console = Console()
+    client = _client(server)
+    try:
+        capacity, hosts = client.capacity(), client.hosts()
+    except ApiError as e:
+        raise _fail(Console(stderr=True), e) from None
+    finally:
+        client.close()
+    if json_out:
+        typer.echo(json.dumps({"capacity": capacity, "hosts": hosts}, indent=2))
+        return
+    table = Table(title="available now")
+    table.add_column("OS")
+    table.add_column("VMs", justify="right")
+    for os, n in capacity.items():
+        table.add_row(os, str(n))
+    console.print(table)
+    for host in hosts:
+        console.print(f"host {host['ref']} {host['url']}: {host['state']} {host['error']}".rstrip(), markup=False)
+
+
+def extend_command(
+    name: Annotated[str, typer.Argument()],
+    minutes: Annotated[float, typer.Argument(help="New lifetime from now (capped at the maximum).")],
+    server: ServerOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Extend a lease's expiry."""
+    import json
+    import time
+
+    from .client import ApiError
+
+    client = _client(server)
+    try:
+        lease = client.extend(name, minutes)
+    except ApiError as e:
+        raise _fail(Console(stderr=True), e) from None
+    finally:
+        client.close()
+    left = (lease["expires_at"] - time.time()) / 60
+    typer.echo(json.dumps(lease, indent=2) if json_out else f"{name} now expires in {left:.0f} min")
 
 
 def main() -> None:

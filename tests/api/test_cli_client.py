@@ -1,0 +1,69 @@
+"""The dynvm CLI client against a real running service and simulator."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dynvm.cli import build_cli
+
+
+def run(service, *args: str, token: str | None = None):  # type: ignore[no-untyped-def]
+    env = {"DYNVM_SERVER": service.url, "DYNVM_TOKEN": token or ""}
+    return CliRunner().invoke(build_cli(), list(args), env=env)
+
+
+def test_get_ls_extend_release(serve):
+    service = serve(hosts=2)
+    got = run(service, "get", "--os", "centos", "--count", "2", "--name", "cli")
+    assert got.exit_code == 0, got.output
+    lines = [line for line in got.stdout.splitlines() if line.startswith("cli")]
+    assert [line.split()[0] for line in lines] == ["cli1", "cli2"]
+    assert all(line.split()[1].startswith("127.77.") for line in lines)
+    listed = json.loads(run(service, "ls", "--json").stdout)
+    assert sorted(lease["name"] for lease in listed) == ["cli1", "cli2"]
+    extended = run(service, "extend", "cli1", "30")
+    assert extended.exit_code == 0
+    assert "cli1 now expires in 30 min" in extended.stdout
+    released = run(service, "release", "cli1", "cli2", "--json")
+    assert json.loads(released.stdout) == ["cli1", "cli2"]
+    assert json.loads(run(service, "ls", "--json").stdout) == []
+
+
+def test_get_json_for_scripts(serve):
+    service = serve()
+    result = run(service, "get", "--name", "scripted", "--json")
+    assert result.exit_code == 0
+    status = json.loads(result.stdout)
+    assert status["state"] == "ready"
+    assert status["vms"][0]["name"] == "scripted"
+
+
+def test_failures_exit_non_zero_with_the_reason(serve):
+    service = serve()
+    unknown = run(service, "get", "--os", "rhel9", "--name", "x")
+    assert unknown.exit_code == 1
+    assert "unknown OS 'rhel9'" in unknown.output
+    missing = run(service, "release", "nothing-here")
+    assert missing.exit_code == 1
+    assert "no VM named nothing-here" in missing.output
+
+
+def test_capacity_and_tokens(serve):
+    service = serve()
+    capacity = json.loads(run(service, "capacity", "--json").stdout)
+    assert capacity["capacity"]["centos"] == 8
+    assert capacity["hosts"][0]["state"] == "up"
+    token = service.services.tokens.create("dana")
+    run(service, "get", "--name", "owned", token=token)
+    assert service.http.get("/api/v1/leases/owned").json()["caller"] == "dana"
+    refused = run(service, "extend", "owned", "5", token=service.services.tokens.create("eve"))
+    assert refused.exit_code == 1
+    assert "belongs to dana" in refused.output
+
+
+def test_an_unreachable_server_is_a_clear_error():
+    result = CliRunner().invoke(build_cli(), ["ls"], env={"DYNVM_SERVER": "http://127.0.0.1:9"})
+    assert result.exit_code == 1
+    assert "cannot reach dynvm at http://127.0.0.1:9" in result.output
