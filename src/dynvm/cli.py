@@ -242,13 +242,19 @@ def lab_command(
     import urllib.request
 
     console = Console()
+    stop = threading.Event()  # set by Ctrl-C or SIGTERM (handlers of our own: SIGINT may arrive ignored)
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     directory.mkdir(parents=True, exist_ok=True)
     config_path = (directory / "dynvmservice.ini").resolve()
     config_path.unlink(missing_ok=True)
     python = [sys.executable, "-m", "dynvm"]
+    # Sessions of their own: Ctrl-C reaches this command only, which then stops dynvm first
+    # and the lab second, so dynvm never sees its hosts vanish while it shuts down.
     sim = subprocess.Popen(
         [*python, "sim", "--hosts", str(hosts), "--write-config", str(config_path), "--foreign-vms", "2"],
         stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     serve = None
     try:
@@ -271,7 +277,8 @@ def lab_command(
                 str(port),
                 "--log-level",
                 "warning",
-            ]
+            ],
+            start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
         while True:
@@ -297,10 +304,8 @@ def lab_command(
         ):
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         console.print("Ctrl-C stops both.", style="dim")
-        while sim.poll() is None and serve.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        while sim.poll() is None and serve.poll() is None and not stop.wait(0.5):
+            pass
     finally:
         for process in (serve, sim):  # in this order: dynvm first
             if process is not None and process.poll() is None:
