@@ -123,11 +123,17 @@ def make_services(sim_lab: Callable[..., SimLab], tmp_path: Path):
         clock: Callable[[], float] = time.time,
         intervals: Intervals = QUIET,
         db: str = "dynvm.db",
+        replica: str | None = None,
         **lab_options: object,
     ) -> tuple[Services, SimLab]:
         lab = lab or sim_lab(**lab_options)
         services = build_services(
-            lab.settings.source, f"sqlite:///{tmp_path / db}", clock=clock, intervals=intervals, event_timeout=1.0
+            lab.settings.source,
+            f"sqlite:///{tmp_path / db}",
+            clock=clock,
+            intervals=intervals,
+            event_timeout=1.0,
+            replica=replica,
         )
         services.start()
         made.append(services)

@@ -258,3 +258,45 @@ def test_a_new_host_in_the_config_is_used_without_a_restart(make_services, sim_l
     [lease] = services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
     assert lease.host_ref == "2"
     assert services.inventory.view("2").state is HostState.UP
+
+
+def test_a_dead_replicas_creates_are_failed_once_its_heartbeat_is_stale(make_services, sim_lab, tmp_path):
+    """Another process (replica "a", still beating a moment ago) left a create behind."""
+    from dynvm.leases import REPLICA_STALE_SECONDS
+    from dynvm.model import Lease
+
+    clock = FakeClock()
+    lab = sim_lab()
+    services, _ = make_services(lab=lab, clock=clock, replica="b")
+    store = services.leases.leases
+    store.heartbeat("a#1", clock.now)
+    lease = Lease(
+        id="lease-a",
+        request_id="req-a",
+        name="half",
+        username="half",
+        os="centos",
+        host_ref="1",
+        state="creating",
+        cpus=4,
+        memory=4 * GiB,
+        disk=35 * GiB,
+        created_at=clock.now,
+        expires_at=clock.now + 3600,
+        owner="a#1",
+        template="tmpl-cnt7.7",
+    )
+    with store.db.write() as conn:
+        store.insert(conn, [lease])
+    xapi = lab.xapi()
+    vm = new_vm(xapi, "half", start=True)
+    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease.id)
+    wait_for(lambda: any(v.name == "half" for v in services.inventory.view("1").vms), timeout=5)
+
+    assert services.leases.recover() == []  # replica a is alive: its create is its own business
+    services.leases.reconcile()
+    assert "half" in dynvm_vms(lab)
+    clock.advance(REPLICA_STALE_SECONDS + 1)  # a has stopped beating
+    assert services.leases.recover() == ["half"]
+    assert services.leases.reconcile().orphans_destroyed == ["half"]
+    assert dynvm_vms(lab) == {}

@@ -27,8 +27,8 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, config: Path, db: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, config: Path, db: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [
@@ -111,7 +111,7 @@ def test_kill_9_mid_create_is_cleaned_up_by_the_next_start(sim_lab, tmp_path: Pa
     wait_for(lambda: marked_vms(lab) == ["killed"], timeout=30)
     first.stop(signal.SIGKILL)
     assert marked_vms(lab) == ["killed"]  # the crash left a VM behind ...
-    second = ServeProcess(lab.settings.source, db)
+    second = ServeProcess(lab.settings.source, db, port=first.port)  # the same replica, restarted
     try:
         assert marked_vms(lab) == []  # ... which the next start removes before serving
         assert httpx.get(f"{second.url}/getavailablecount/centos").text == "8"

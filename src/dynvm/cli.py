@@ -189,6 +189,8 @@ def serve_command(
     ] = 30.0,
 ) -> None:
     """Serve the dynvm API (no debugger, no auto-reload). SIGTERM stops it cleanly."""
+    import socket
+
     import uvicorn
 
     from .api.app import create_app
@@ -201,7 +203,12 @@ def serve_command(
     try:
         # uvicorn gives requests in flight the grace period (a create that finishes in time is
         # answered); what is still running after it is cancelled and rolled back at once.
-        services = build_services(locate_config(config), db, intervals=Intervals(shutdown_grace=0.5))
+        services = build_services(
+            locate_config(config),
+            db,
+            intervals=Intervals(shutdown_grace=0.5),
+            replica=f"{socket.gethostname()}:{port}",
+        )
     except ConfigError as e:
         console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

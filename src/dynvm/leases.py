@@ -51,6 +51,7 @@ from .xen.provision import MARKER_KEY, Provisioner
 log = logging.getLogger(__name__)
 
 VANISH_GRACE = 30.0  # seconds a new lease's VM may take to show in the mirror
+REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats every 2 s)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ class LeaseService:
         self.leases = leases
         self.history = history
         self.clock = clock
-        self.owner = owner or f"dynvm-{uuid.uuid4()}"
+        # "<replica name>#<this boot>": a restarted replica knows its own earlier creates are dead
+        self.owner = f"{owner or 'dynvm'}#{uuid.uuid4().hex[:12]}"
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="create")
         self._stopping = threading.Event()
         self._cancel = threading.Event()
@@ -453,14 +455,27 @@ class LeaseService:
 
     # -- reconcile ---------------------------------------------------------------------
 
+    def heartbeat(self) -> None:
+        """Tell other replicas this process is alive (every reaper tick)."""
+        self.leases.heartbeat(self.owner, self.clock())
+
     def recover(self) -> list[str]:
-        """At start-up: creates left by a process that died never finish; fail them so that
-        their VMs become orphans for ``reconcile``. Releases it left half-done are redone."""
-        stale = [lease for lease in self.leases.in_state("creating") if lease.owner != self.owner]
+        """Creates left by a process that died never finish: fail them, so that their VMs
+        become orphans for ``reconcile``. A process is dead when its heartbeat is older than
+        ``REPLICA_STALE_SECONDS``; creates of live replicas are theirs to finish. Releases a
+        dead process left half-done are redone. Runs at start-up and with each reconcile."""
+        self.heartbeat()
+        alive = self.leases.live_owners(self.clock(), REPLICA_STALE_SECONDS) | {self.owner}
+        me = self.owner.partition("#")[0]
+        alive = {owner for owner in alive if owner == self.owner or owner.partition("#")[0] != me}  # my past lives
+        stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
         self.leases.finish([lease.id for lease in stale], "failed", self.clock(), "dynvm stopped during the create")
         settings = self.settings
         for lease in self.leases.in_state("releasing"):
-            self._destroy(settings, lease, "released", reason="release finished after a restart")
+            if lease.owner in alive and lease.owner != self.owner:
+                continue
+            if self.leases.set_state([lease.id], "releasing", ["releasing"]):
+                self._destroy(settings, lease, "released", reason="release finished after a restart")
         return [lease.name for lease in stale]
 
     def reconcile(self) -> ReconcileReport:

@@ -19,6 +19,7 @@ from .leases import LeaseService
 from .metrics import Metrics
 from .store.db import Database, default_db_url, describe_url
 from .store.history import CouchbaseSink, HistorySink, HistoryStore
+from .store.leadership import Leadership
 from .store.leases import LeaseStore
 from .xen.inventory import Inventory
 
@@ -28,19 +29,23 @@ log = logging.getLogger(__name__)
 @dataclass
 class Intervals:
     reap: float = 2.0  # expiry is honoured within this (plus one destroy) of its time
-    reconcile: float = 60.0
+    reconcile: float = 30.0  # also how soon a dead replica's creates are cleaned up
     export: float = 30.0
     sync_wait: float = 15.0  # at start-up, how long to wait for hosts to answer once
     shutdown_grace: float = 30.0
 
 
 class Background:
-    """One thread running a duty every ``interval`` seconds until stopped."""
+    """One thread running a duty every ``interval`` seconds until stopped (and, with
+    ``when``, only while that says so: the leader's duties)."""
 
-    def __init__(self, name: str, interval: float, duty: Callable[[], object]) -> None:
+    def __init__(
+        self, name: str, interval: float, duty: Callable[[], object], when: Callable[[], bool] = lambda: True
+    ) -> None:
         self.name = name
         self.interval = interval
         self.duty = duty
+        self.when = when
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -54,7 +59,8 @@ class Background:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.duty()
+                if self.when():
+                    self.duty()
             except Exception:  # a failed pass is logged; the next one tries again
                 log.exception("%s pass failed", self.name)
 
@@ -71,6 +77,7 @@ class Services:
     intervals: Intervals
     tokens: TokenStore
     metrics: Metrics
+    leadership: Leadership
     requests: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=512, thread_name_prefix="request")
     )
@@ -85,23 +92,31 @@ class Services:
         self.inventory.apply(self.settings)
         if not self.inventory.wait_synced(self.intervals.sync_wait):
             log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
-        recovered = self.leases.recover()
-        if recovered:
-            log.warning("creates interrupted by the last stop, now failed: %s", ", ".join(recovered))
-        report = self.leases.reconcile()
-        log.info(
-            "start-up reconcile: %d orphan(s) destroyed, %d vanished lease(s) closed",
-            len(report.orphans_destroyed),
-            len(report.vanished),
-        )
+        self.leases.heartbeat()
+        if self.leadership.is_leader():  # a follower leaves this to the leader's next pass
+            recovered = self.leases.recover()
+            if recovered:
+                log.warning("creates interrupted by the last stop, now failed: %s", ", ".join(recovered))
+            report = self.leases.reconcile()
+            log.info(
+                "start-up reconcile: %d orphan(s) destroyed, %d vanished lease(s) closed",
+                len(report.orphans_destroyed),
+                len(report.vanished),
+            )
         self.watcher.start()
+        leading = self.leadership.is_leader
         self._loops = [
-            Background("reaper", self.intervals.reap, self.leases.expire_due),
-            Background("reconcile", self.intervals.reconcile, self.leases.reconcile),
-            Background("history-export", self.intervals.export, self.history.export_pending),
+            Background("heartbeat", self.intervals.reap, self.leases.heartbeat),
+            Background("reaper", self.intervals.reap, self.leases.expire_due, leading),
+            Background("reconcile", self.intervals.reconcile, self._reconcile, leading),
+            Background("history-export", self.intervals.export, self.history.export_pending, leading),
         ]
         for loop in self._loops:
             loop.start()
+
+    def _reconcile(self) -> None:
+        self.leases.recover()
+        self.leases.reconcile()
 
     def stop(self) -> None:
         """Stop everything (in-flight creates finish or are rolled back). Idempotent."""
@@ -111,6 +126,7 @@ class Services:
         self.leases.shutdown(self.intervals.shutdown_grace)
         for loop in self._loops:
             loop.stop()
+        self.leadership.resign()
         self.watcher.stop()
         self.inventory.stop()
         self.requests.shutdown(wait=False, cancel_futures=True)
@@ -124,6 +140,7 @@ def build_services(
     intervals: Intervals | None = None,
     sink: HistorySink | None = None,
     event_timeout: float = 5.0,
+    replica: str | None = None,
 ) -> Services:
     """Load the configuration (``ConfigError`` if invalid) and open the database, migrated.
 
@@ -144,7 +161,9 @@ def build_services(
     history = HistoryStore(db, sink, clock)
     inventory = Inventory(event_timeout=event_timeout)
     holder: dict[str, ConfigWatcher] = {}
-    leases = LeaseService(lambda: holder["watcher"].current, inventory, LeaseStore(db), history, clock=clock)
+    leases = LeaseService(
+        lambda: holder["watcher"].current, inventory, LeaseStore(db), history, clock=clock, owner=replica
+    )
     watcher = ConfigWatcher(config_path, settings, inventory.apply)
     holder["watcher"] = watcher
     tokens = TokenStore(db, clock)
@@ -161,4 +180,5 @@ def build_services(
         intervals=intervals or Intervals(),
         tokens=tokens,
         metrics=metrics,
+        leadership=Leadership(db),
     )

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from ..model import CreatedVm, Lease, NameInUse
 from .db import Database
-from .tables import ACTIVE_STATES, host_locks, leases, reservations
+from .tables import ACTIVE_STATES, host_locks, leases, replicas, reservations
 
 LEASE_FIELDS = [c.name for c in leases.columns]
 
@@ -57,13 +58,22 @@ class LeaseStore:
     # -- writing -----------------------------------------------------------------------
 
     def lock_hosts(self, conn: Connection, refs: Sequence[str]) -> None:
-        """Take the hosts' row locks for the rest of the transaction (PostgreSQL); rows are
-        created on first use. On SQLite, ``Database.write()`` already serialises writers."""
-        existing = {r.ref for r in conn.execute(select(host_locks.c.ref).where(host_locks.c.ref.in_(refs)))}
-        missing = [ref for ref in refs if ref not in existing]
-        if missing:
-            conn.execute(insert(host_locks), [{"ref": ref} for ref in missing])
-        conn.execute(select(host_locks.c.ref).where(host_locks.c.ref.in_(refs)).with_for_update())
+        """Take the hosts' row locks for the rest of the transaction.
+
+        Why row locks: a reservation reads what is reserved, decides, then inserts; two
+        replicas doing that at once on PostgreSQL (READ COMMITTED) could both see the last
+        slot free. ``SELECT ... FOR UPDATE`` on one row per host makes the second wait until
+        the first commits, and its reads then see the first's reservations. Rows are created
+        on first use (``ON CONFLICT DO NOTHING``, so replicas may race to create them).
+        SQLite has no row locks: ``Database.write()`` opens BEGIN IMMEDIATE, which
+        serialises writers for the whole database instead."""
+        if not refs:
+            return
+        dialect = sqlite if self.db.is_sqlite else postgresql
+        conn.execute(dialect.insert(host_locks).values([{"ref": ref} for ref in refs]).on_conflict_do_nothing())
+        conn.execute(
+            select(host_locks.c.ref).where(host_locks.c.ref.in_(refs)).order_by(host_locks.c.ref).with_for_update()
+        )
 
     def insert(self, conn: Connection, new: Sequence[Lease]) -> None:
         """Insert leases in state ``creating`` with their reservations; a name already held
@@ -139,6 +149,20 @@ class LeaseStore:
     def extend(self, lease_id: str, expires_at: float) -> None:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(expires_at=expires_at))
+
+    def heartbeat(self, owner: str, now: float) -> None:
+        dialect = sqlite if self.db.is_sqlite else postgresql
+        statement = dialect.insert(replicas).values(owner=owner, started_at=now, heartbeat_at=now)
+        statement = statement.on_conflict_do_update(index_elements=[replicas.c.owner], set_={"heartbeat_at": now})
+        with self.db.write() as conn:
+            conn.execute(statement)
+
+    def live_owners(self, now: float, stale_after: float) -> set[str]:
+        with self.db.read() as conn:
+            return {
+                row.owner
+                for row in conn.execute(select(replicas.c.owner).where(replicas.c.heartbeat_at >= now - stale_after))
+            }
 
     def remember_vm(self, lease_id: str, vm_ref: str) -> None:
         with self.db.write() as conn:

@@ -107,3 +107,13 @@ tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("last_used_at", Float),
 )
+
+# Every dynvm process beats here every few seconds; a process silent for longer than
+# REPLICA_STALE_SECONDS is dead, and its unfinished creates are failed by the others.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)
