@@ -127,9 +127,10 @@ def make_services(sim_lab: Callable[..., SimLab], tmp_path: Path):
         **lab_options: object,
     ) -> tuple[Services, SimLab]:
         lab = lab or sim_lab(**lab_options)
+        url = db if "://" in db else f"sqlite:///{tmp_path / db}"  # a file name, or a full URL
         services = build_services(
             lab.settings.source,
-            f"sqlite:///{tmp_path / db}",
+            url,
             clock=clock,
             intervals=intervals,
             event_timeout=1.0,

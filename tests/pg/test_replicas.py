@@ -1,0 +1,103 @@
+"""Several dynvm replicas on one PostgreSQL database."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dynvm.leases import LeaseRequest
+from dynvm.model import Lease, NameInUse, NotEnoughCapacity
+from dynvm.runtime import Intervals
+from dynvm.sim.settings import Timing
+from dynvm.store.db import Database
+from dynvm.store.leases import LeaseStore
+from dynvm.xen.provision import MARKER_KEY
+
+from ..sim.simtools import wait_for
+
+GiB = 1024**3
+
+
+def lease(name: str, **changes: object) -> Lease:
+    values: dict[str, object] = {
+        "id": f"id-{name}-{time.monotonic_ns()}",
+        "request_id": "r",
+        "name": name,
+        "username": name,
+        "os": "centos",
+        "host_ref": "1",
+        "state": "creating",
+        "cpus": 4,
+        "memory": GiB,
+        "disk": GiB,
+        "created_at": 1.0,
+        "expires_at": 2.0,
+        "owner": "t#1",
+    }
+    values.update(changes)
+    return Lease(**values)  # type: ignore[arg-type]
+
+
+def test_the_schema_behaves_as_on_sqlite(fresh_pg):
+    db = Database(fresh_pg)
+    db.migrate()
+    db.migrate()  # idempotent
+    store = LeaseStore(db)
+    first = lease("same")
+    with db.write() as conn:
+        store.insert(conn, [first])
+    with pytest.raises(NameInUse), db.write() as conn:
+        store.insert(conn, [lease("same")])  # the partial unique index, on PostgreSQL too
+    store.finish([first.id], "released", 3.0)
+    with db.write() as conn:
+        store.insert(conn, [lease("same")])  # a released name may be used again
+    db.close()
+
+
+def test_two_replicas_under_a_storm_grant_exactly_the_capacity(make_services, sim_lab, fresh_pg):
+    lab = sim_lab(hosts=2, host_cpus=16, timing=Timing(clone_seconds=0.05, boot_seconds=0.3))  # room: 2 x 4
+    a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
+    b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
+    assert not a.db.is_sqlite
+    assert a.leases.available_count("centos") == b.leases.available_count("centos") == 8
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def ask(n: int) -> None:
+        service = (a, b)[n % 2].leases
+        try:
+            result: object = service.acquire(LeaseRequest(f"storm{n}", "centos"))
+        except NotEnoughCapacity as e:
+            result = e
+        with lock:
+            outcomes.append(result)
+
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(ask, range(24)))  # three times the capacity, split over two replicas
+    granted = [o for o in outcomes if isinstance(o, list)]
+    assert len(granted) == 8
+    assert len(outcomes) == 24
+    for index in (0, 1):
+        mine = [
+            r
+            for r in lab.xapi(index).VM.get_all_records().values()
+            if MARKER_KEY in r["other_config"] and r["power_state"] == "Running"
+        ]
+        assert len(mine) == 4  # 4 x 4 vCPUs = 16 CPUs per host, never more
+
+
+def test_the_leader_runs_expiry_and_another_takes_over_when_it_dies(make_services, sim_lab, fresh_pg):
+    quick = Intervals(reap=0.2, reconcile=3600, export=3600, sync_wait=10, shutdown_grace=1)
+    lab = sim_lab()
+    a, _ = make_services(lab=lab, db=fresh_pg, replica="a", intervals=quick)
+    b, _ = make_services(lab=lab, db=fresh_pg, replica="b", intervals=quick)
+    assert a.leadership.is_leader()
+    assert not b.leadership.is_leader()  # exactly one leader
+    [doomed] = b.leases.acquire(LeaseRequest("doomed", "centos", expires_in_minutes=0.05))  # 3 s
+    a.stop()  # the leader goes away ...
+    wait_for(lambda: b.leadership.is_leader(), timeout=30)  # ... another takes over ...
+    wait_for(lambda: b.leases.leases.get(doomed.id).state == "expired", timeout=30)  # ... and expiry goes on
+    assert not any(r["name_label"] == "doomed" for r in lab.xapi().VM.get_all_records().values())
