@@ -156,3 +156,21 @@ def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
     assert "lab stopped." in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_kill_9_during_a_clone_leaves_nothing_once_the_clone_ends(sim_lab, tmp_path: Path):
+    """The clone goes on on the host after dynvm dies and ends without dynvm's marker; the
+    next start finds it through the clone's task (remembered in the lease) and removes it."""
+    lab = sim_lab(timing=Timing(clone_seconds=4.0, boot_seconds=0.05, ip_seconds=0.05))
+    db = tmp_path / "d.db"
+    first = ServeProcess(lab.settings.source, db)
+    with httpx.Client(timeout=5) as client, contextlib.suppress(httpx.ReadTimeout):
+        client.get(f"{first.url}/getservers/cloning", timeout=1.0)  # dies mid-clone
+    first.stop(signal.SIGKILL)
+    second = ServeProcess(lab.settings.source, db, port=first.port)
+    try:
+        names = {r["name_label"] for r in lab.xapi().VM.get_all_records().values()}
+        assert "cloning" not in names  # waited for the clone, marked it, destroyed it
+        assert httpx.get(f"{second.url}/getavailablecount/centos").text == "8"
+    finally:
+        assert second.stop() == 0

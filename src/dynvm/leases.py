@@ -51,6 +51,7 @@ from .xen.provision import MARKER_KEY, Provisioner
 log = logging.getLogger(__name__)
 
 VANISH_GRACE = 30.0  # seconds a new lease's VM may take to show in the mirror
+CLONE_TASK = "task/"  # a lease's vm_ref while its clone runs: "task/<xapi task ref>"
 REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats every 2 s)
 
 
@@ -363,7 +364,12 @@ class LeaseService:
             self.tracker.stage(lease.request_id, lease.name, stage)
 
         try:
-            created: CreatedVm = self._provisioner(settings, host).create(spec, progress, cancel=self._cancel)
+            created: CreatedVm = self._provisioner(settings, host).create(
+                spec,
+                progress,
+                cancel=self._cancel,
+                on_clone_task=lambda task: self.leases.remember_vm(lease.id, f"{CLONE_TASK}{task}"),
+            )
         except Exception as e:
             self.tracker.stage(lease.request_id, lease.name, "failed", error=str(e))
             self._report("create_failed", type(e).__name__)
@@ -469,8 +475,19 @@ class LeaseService:
         me = self.owner.partition("#")[0]
         alive = {owner for owner in alive if owner == self.owner or owner.partition("#")[0] != me}  # my past lives
         stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
-        self.leases.finish([lease.id for lease in stale], "failed", self.clock(), "dynvm stopped during the create")
         settings = self.settings
+        for lease in stale:  # a clone that was still running when its process died
+            host = settings.host(lease.host_ref)
+            if host is not None and (lease.vm_ref or "").startswith(CLONE_TASK):
+                try:
+                    provisioner = self._provisioner(settings, host)
+                    vm = provisioner.adopt_clone(lease.vm_ref.removeprefix(CLONE_TASK), lease.id)
+                    if vm:
+                        log.warning("recover: %s's clone ended after its process died; removing it", lease.name)
+                        provisioner.destroy(vm, lease.id)
+                except DynvmError as e:
+                    log.warning("recover: cannot look at %s's clone task yet: %s", lease.name, e)
+        self.leases.finish([lease.id for lease in stale], "failed", self.clock(), "dynvm stopped during the create")
         for lease in self.leases.in_state("releasing"):
             if lease.owner in alive and lease.owner != self.owner:
                 continue

@@ -76,10 +76,16 @@ class Provisioner:
     # -- create ------------------------------------------------------------------------
 
     def create(
-        self, spec: VmSpec, progress: Progress | None = None, cancel: threading.Event | None = None
+        self,
+        spec: VmSpec,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        on_clone_task: Callable[[str], None] | None = None,
     ) -> CreatedVm:
         """Create the VM; ``cancel`` (set when dynvm stops) ends the attempt and removes
-        what it built."""
+        what it built. ``on_clone_task`` is told the ref of each clone's xapi task before
+        the clone ends: if dynvm dies meanwhile, the clone finishes on the host without
+        dynvm's marker, and ``adopt_clone`` finds it through that task afterwards."""
         progress = progress or (lambda stage: None)
         vlog = _VmLog(log, {"vm": spec.name})
         started = self.clock()
@@ -95,7 +101,7 @@ class Provisioner:
                     vlog.info(
                         "attempt %d/%d: cloning %r on %s", attempt, self.attempts, template_name, self.host.display
                     )
-                    vm = self._task(xapi, "VM.clone", template, spec.name)
+                    vm = self._task(xapi, "VM.clone", template, spec.name, on_task=on_clone_task)
                     xapi.VM.add_to_other_config(vm, MARKER_KEY, spec.lease_id)
                     self._check_cancel(cancel)
                     self._configure(xapi, vm, spec, template_name, sr, network, vlog)
@@ -136,10 +142,13 @@ class Provisioner:
         if cancel is not None and cancel.is_set():
             raise ProvisionError("cancelled: dynvm is stopping", self.host.ref)
 
-    def _task(self, xapi: Any, method: str, *args: Any) -> Any:
-        """Run ``Async.<method>`` and follow its task with ``event.from`` until it ends."""
+    def _task(self, xapi: Any, method: str, *args: Any, on_task: Callable[[str], None] | None = None) -> Any:
+        """Run ``Async.<method>`` and follow its task with ``event.from`` until it ends.
+        ``on_task`` hears the task's ref before the wait (see ``create``'s ``on_clone_task``)."""
         cls, name = method.split(".")
         task = getattr(getattr(xapi.Async, cls), name)(*args)
+        if on_task is not None:
+            on_task(task)
         try:
             token = ""
             while True:
@@ -360,6 +369,35 @@ class Provisioner:
             except XenAPI.Failure as e:
                 if e.details[:1] != ["HANDLE_INVALID"]:
                     raise
+
+    def adopt_clone(self, task: str, lease_id: str, wait: float = 120.0) -> str | None:
+        """After a crash: the VM a clone task of ours made (waiting up to ``wait`` seconds
+        for a clone still running), marked as that lease's so that reconcile removes it.
+        None when the task is gone (xapi forgets finished tasks) or failed."""
+        with self.pool.session() as xapi:
+            deadline = self.clock() + wait
+            token = ""
+            record: dict[str, Any] | None = None
+            while record is None or record.get("status") == "pending":
+                slice_ = min(EVENT_SLICE, max(0.0, deadline - self.clock())) if token else 0.0
+                try:
+                    batch = xapi.event_from([f"task/{task}"], token, slice_)
+                except XenAPI.Failure:
+                    return None
+                snapshots = [e["snapshot"] for e in batch["events"] if "snapshot" in e]
+                if not token and not snapshots:
+                    return None  # no such task (any more)
+                token = batch["token"]
+                record = snapshots[-1] if snapshots else record
+                if self.clock() > deadline:
+                    return None
+            with contextlib.suppress(XenAPI.Failure):
+                xapi.task.destroy(task)
+            if record.get("status") != "success" or not record.get("result"):
+                return None
+        vm = record["result"].removeprefix("<value>").removesuffix("</value>")
+        self._mark(vm, lease_id)
+        return vm
 
     def _mark(self, vm: str, lease_id: str) -> None:
         with self.pool.session() as xapi:
