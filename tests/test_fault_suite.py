@@ -1,0 +1,168 @@
+"""The fault suite: each test drives a simulator fault through a real request and ends
+with every request either granted or refused with a clear error, and the same invariant:
+no VM or VDI on any host that dynvm does not account for, no open reservation, and the
+capacity back where it started once everything is released."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dynvm.leases import LeaseRequest
+from dynvm.model import CreateFailed, LeaseError, NotEnoughCapacity
+from dynvm.sim.settings import Timing
+from dynvm.xen.provision import MARKER_KEY
+
+from .sim.simtools import wait_for
+
+QUICK = Timing(clone_seconds=0.02, boot_seconds=0.1, ip_seconds=0.05)
+
+
+@pytest.fixture
+def rig(make_services):
+    services, lab = make_services(hosts=2, timing=QUICK, network_timeout=1, seed=11)
+    baseline = {
+        "capacity": services.leases.available_count("centos"),
+        "vms": [set(lab.xapi(i).VM.get_all()) for i in (0, 1)],
+        "vdis": [set(lab.xapi(i).VDI.get_all()) for i in (0, 1)],
+    }
+    return services, lab, baseline
+
+
+def check_invariants(services, lab, baseline) -> None:  # type: ignore[no-untyped-def]
+    """Release what is held, then: nothing left on any host, nothing reserved, capacity back."""
+    for lease in services.leases.leases.active():
+        if lease.state == "ready":
+            services.leases.release_names([lease.name])
+    assert services.leases.leases.active() == []
+    with services.db.read() as conn:
+        assert services.leases.leases.pending_reservations(conn) == []
+    for index in (0, 1):
+        xapi = lab.xapi(index)
+        marked = [r["name_label"] for r in xapi.VM.get_all_records().values() if MARKER_KEY in r["other_config"]]
+        assert marked == [], f"host {index + 1} keeps dynvm VMs no lease holds: {marked}"
+        assert set(xapi.VM.get_all()) == baseline["vms"][index]
+        assert set(xapi.VDI.get_all()) == baseline["vdis"][index], f"host {index + 1} leaks disks"
+    wait_for(lambda: services.leases.available_count("centos") == baseline["capacity"], timeout=10)
+
+
+def attempt(services, name: str, count: int = 1, **options):  # type: ignore[no-untyped-def]
+    """A request's outcome: its leases, or the error it ended with (which must be clear)."""
+    try:
+        return services.leases.acquire(LeaseRequest(name, options.pop("os", "centos"), count=count, **options))
+    except LeaseError as e:
+        error = e
+    assert str(error)  # a sentence for the user ...
+    assert "Traceback" not in str(error)  # ... never a stack trace
+    return error
+
+
+def test_apipa_on_thirty_percent_of_boots(rig):
+    services, lab, baseline = rig
+    for index in (0, 1):
+        lab.control(index).set_apipa_rate(0.3)
+    outcomes = [attempt(services, f"apipa{n}", count=2) for n in range(4)]
+    granted = [o for o in outcomes if isinstance(o, list)]
+    assert granted, "with three attempts per VM, most requests must succeed"
+    assert all(lease.ip and not lease.ip.startswith("169.254.") for leases in granted for lease in leases)
+    check_invariants(services, lab, baseline)
+
+
+def test_an_exhausted_dhcp_pool(rig):
+    services, lab, baseline = rig
+    for index in (0, 1):
+        lab.control(index).dhcp_exhausted(True)
+    outcome = attempt(services, "nodhcp")
+    assert isinstance(outcome, CreateFailed)
+    assert "only the APIPA address 169.254." in str(outcome)
+    for index in (0, 1):
+        lab.control(index).dhcp_exhausted(False)
+    check_invariants(services, lab, baseline)
+
+
+def test_clone_failures_are_retried(rig):
+    services, lab, baseline = rig
+    for index in (0, 1):
+        lab.control(index).fail_next("clone", "SR_BACKEND_FAILURE_44", 2)
+    [lease] = attempt(services, "clonefail")
+    assert lease.state == "ready"
+    check_invariants(services, lab, baseline)
+
+
+def test_a_start_that_always_fails(rig):
+    services, lab, baseline = rig
+    for index in (0, 1):
+        lab.control(index).fail_next("start", "BOOTLOADER_FAILED", 10)
+    outcome = attempt(services, "nostart", count=2)
+    assert isinstance(outcome, CreateFailed)
+    assert "BOOTLOADER_FAILED" in str(outcome)
+    check_invariants(services, lab, baseline)
+
+
+def test_every_session_ends_in_the_middle_of_a_request(make_services):
+    services, lab = make_services(
+        hosts=2, timing=Timing(clone_seconds=0.02, boot_seconds=0.8, ip_seconds=0.05), network_timeout=5, seed=11
+    )
+    baseline = {
+        "capacity": services.leases.available_count("centos"),
+        "vms": [set(lab.xapi(i).VM.get_all()) for i in (0, 1)],
+        "vdis": [set(lab.xapi(i).VDI.get_all()) for i in (0, 1)],
+    }
+    killer = threading.Timer(0.4, lambda: [lab.control(i).invalidate_sessions() for i in (0, 1)])
+    killer.start()
+    leases = attempt(services, "relogin", count=2)
+    killer.join()
+    assert isinstance(leases, list), leases  # the SDK logged in again; nobody noticed
+    check_invariants(services, lab, baseline)
+
+
+def test_a_host_going_down_in_the_middle_of_a_create(make_services):
+    services, lab = make_services(
+        hosts=2, timing=Timing(clone_seconds=0.02, boot_seconds=3, ip_seconds=0.05), network_timeout=10, seed=11
+    )
+    baseline = {
+        "capacity": services.leases.available_count("centos"),
+        "vms": [set(lab.xapi(i).VM.get_all()) for i in (0, 1)],
+        "vdis": [set(lab.xapi(i).VDI.get_all()) for i in (0, 1)],
+    }
+    control = lab.control(0)
+
+    def outage() -> None:
+        wait_for(lambda: any(v.name.startswith("outage") for v in services.inventory.view("1").vms), timeout=10)
+        control.host_down("refuse")
+        time.sleep(2)
+        control.host_up()
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    outcome = attempt(services, "outage", count=2)  # one VM per host
+    thread.join()
+    assert isinstance(outcome, CreateFailed)
+    assert "xenhost1" in str(outcome)
+    wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=30)
+    services.leases.reconcile()  # when the host is back, whatever is left there goes
+    check_invariants(services, lab, baseline)
+
+
+def test_a_full_sr_is_a_capacity_answer_not_a_failure(rig):
+    services, lab, baseline = rig
+    for index in (0, 1):
+        lab.control(index).set_sr_free(str(10 * 1024**3))  # less than one 35 GiB disk
+    wait_for(lambda: services.leases.available_count("centos") == 0, timeout=5)
+    outcome = attempt(services, "nodisk")
+    assert isinstance(outcome, NotEnoughCapacity)
+    assert "0 can be made now" in str(outcome)
+    for index in (0, 1):
+        lab.control(index).set_sr_free("-1")
+    check_invariants(services, lab, baseline)
+
+
+def test_a_slow_host(rig):
+    services, lab, baseline = rig
+    lab.control(0).set_timing({"latency_ms": 500})
+    [lease] = attempt(services, "slow", host_ref="1")
+    assert lease.state == "ready"
+    lab.control(0).set_timing({"latency_ms": 0})
+    check_invariants(services, lab, baseline)
