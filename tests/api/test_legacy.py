@@ -174,3 +174,22 @@ def test_counting_stays_fast_while_a_hundred_getservers_wait_and_stopping_rolls_
         marked = [r for r in service.lab.xapi(index).VM.get_all_records().values() if MARKER_KEY in r["other_config"]]
         assert marked == []
     assert service.services.leases.leases.active() == []
+
+
+def test_a_host_that_stops_answering_is_shown_empty_and_gets_no_vms(serve):
+    service = serve(hosts=2, foreign_vms=1)
+    service.lab.control(0).host_down("hang")
+    wait_for(lambda: service.services.inventory.view("1").state.value == "down", timeout=15)
+    started = time.monotonic()
+    listing = json.loads(service.get("/showall").text)
+    assert time.monotonic() - started < 2
+    assert listing["1"] == []  # documented: a down host is listed with no VMs
+    assert len(listing["2"]) == 1
+    assert service.get("/getavailablecount").text == "7"  # only host 2 counts
+    answer = service.get("/getservers/elsewhere")
+    assert answer.status_code == 200
+    placed = json.loads(service.get("/showall").text)["2"]
+    assert "elsewhere" in [vm["name"] for vm in placed]
+    pinned = service.get("/getservers/pinned", xhostref=1)
+    assert pinned.status_code == 503
+    service.lab.control(0).host_up()
