@@ -118,9 +118,10 @@ def test_every_session_ends_in_the_middle_of_a_request(make_services):
     check_invariants(services, lab, baseline)
 
 
-def test_a_host_going_down_in_the_middle_of_a_create(make_services):
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_host_going_down_in_the_middle_of_a_create(make_services, pinned):
     services, lab = make_services(
-        hosts=2, timing=Timing(clone_seconds=0.02, boot_seconds=3, ip_seconds=0.05), network_timeout=10, seed=11
+        hosts=2, timing=Timing(clone_seconds=0.02, boot_seconds=2, ip_seconds=0.05), network_timeout=10, seed=11
     )
     baseline = {
         "capacity": services.leases.available_count("centos"),
@@ -137,10 +138,17 @@ def test_a_host_going_down_in_the_middle_of_a_create(make_services):
 
     thread = threading.Thread(target=outage)
     thread.start()
-    outcome = attempt(services, "outage", count=2)  # one VM per host
+    if pinned:
+        outcome = attempt(services, "outage", count=2, host_ref="1")
+        assert isinstance(outcome, CreateFailed)  # pinned: nowhere else to go
+        assert "xenhost1" in str(outcome)
+        assert "stopped answering" in str(outcome)
+    else:
+        outcome = attempt(services, "outage", count=2)  # one VM per host at first
+        assert isinstance(outcome, list), outcome
+        assert {lease.host_ref for lease in outcome} == {"2"}  # host 1's VM was made again on host 2
+        assert all(lease.state == "ready" for lease in outcome)
     thread.join()
-    assert isinstance(outcome, CreateFailed)
-    assert "xenhost1" in str(outcome)
     wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=30)
     services.leases.reconcile()  # when the host is back, whatever is left there goes
     check_invariants(services, lab, baseline)

@@ -275,7 +275,7 @@ class LeaseService:
         with self._idle:
             self._in_flight += 1
         try:
-            return self._create_all(settings, new)
+            return self._create_all(settings, new, pinned=request.host_ref is not None)
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -322,9 +322,9 @@ class LeaseService:
                     "(dynvm never reuses or touches a VM it did not create)"
                 )
 
-    def _create_all(self, settings: Settings, new: list[Lease]) -> list[Lease]:
+    def _create_all(self, settings: Settings, new: list[Lease], pinned: bool = False) -> list[Lease]:
         futures: dict[str, Future[Lease]] = {
-            lease.id: self._pool.submit(self._create_one, settings, lease) for lease in new
+            lease.id: self._pool.submit(self._create_one, settings, lease, pinned) for lease in new
         }
         wait(futures.values())
         ready, failed = [], []
@@ -346,7 +346,47 @@ class LeaseService:
         others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
         raise CreateFailed(f"could not create {first_lease.name} on {where}: {first_error}{others}")
 
-    def _create_one(self, settings: Settings, lease: Lease) -> Lease:
+    def _create_one(self, settings: Settings, lease: Lease, pinned: bool = False) -> Lease:
+        """Create one VM; if its host stops answering and the request did not pin a host,
+        move the lease to the host with most room among those not tried yet."""
+        tried = {lease.host_ref}
+        while True:
+            try:
+                return self._create_on(settings, lease)
+            except ProvisionError as e:
+                if pinned or not e.unreachable:
+                    raise
+                moved = self._move(settings, lease, exclude=tried)
+                if moved is None:
+                    raise ProvisionError(f"{e}; no other host has room for it", e.host, unreachable=True) from None
+                log.warning("%s: host %s stopped answering; trying host %s", lease.name, lease.host_ref, moved.host_ref)
+                self.tracker.stage(lease.request_id, lease.name, "moved", host=moved.host_ref)
+                tried.add(moved.host_ref)
+                lease = moved
+
+    def _move(self, settings: Settings, lease: Lease, exclude: set[str]) -> Lease | None:
+        with self.leases.db.write() as conn:
+            self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
+            reserved = [r for r in self.leases.pending_reservations(conn) if r["lease_id"] != lease.id]
+            candidates = [
+                c
+                for c in self._candidates(settings, lease.os, lease.cpus, lease.memory, reserved)
+                if c.host.ref not in exclude
+            ]
+            if capacity.available(candidates) < 1:
+                return None
+            [choice] = capacity.place(1, lease.os, candidates)
+            return self.leases.move(
+                conn,
+                lease.id,
+                choice.host.ref,
+                choice.need.cpus,
+                choice.need.memory,
+                choice.need.disk,
+                choice.need.template,
+            )
+
+    def _create_on(self, settings: Settings, lease: Lease) -> Lease:
         host = settings.host(lease.host_ref)
         if host is None:
             raise ProvisionError(f"host {lease.host_ref} was removed from the configuration")

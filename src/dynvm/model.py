@@ -30,11 +30,15 @@ class HostAuthFailed(XenError):
 
 
 class ProvisionError(XenError):
-    """A VM could not be created; nothing it made is left behind unless ``leftovers`` says so."""
+    """A VM could not be created; nothing it made is left behind unless ``leftovers`` says so.
+    ``unreachable``: the host stopped answering (another host may do)."""
 
-    def __init__(self, message: str, host: str = "", leftovers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, message: str, host: str = "", leftovers: tuple[str, ...] = (), unreachable: bool = False
+    ) -> None:
         super().__init__(message, host)
         self.leftovers = leftovers
+        self.unreachable = unreachable
 
 
 class NotDynvmVm(XenError):

@@ -78,12 +78,21 @@ class RequestTracker:
                     status.vms[name] = VmProgress(name, host)
             self._changed.notify_all()
 
-    def stage(self, request_id: str, name: str, stage: str, ip: str | None = None, error: str | None = None) -> None:
+    def stage(
+        self,
+        request_id: str,
+        name: str,
+        stage: str,
+        ip: str | None = None,
+        error: str | None = None,
+        host: str | None = None,
+    ) -> None:
         with self._lock:
             status = self._requests.get(request_id)
             vm = status.vms.get(name) if status else None
             if vm is not None:
                 vm.stage = stage
+                vm.host = host or vm.host
                 vm.ip = ip or vm.ip
                 vm.error = error or vm.error
             self._changed.notify_all()

@@ -150,6 +150,15 @@ class LeaseStore:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(expires_at=expires_at))
 
+    def move(
+        self, conn: Connection, lease_id: str, host_ref: str, cpus: int, memory: int, disk: int, template: str
+    ) -> Lease:
+        """Put a lease still being created, and its reservation, on another host."""
+        values = {"host_ref": host_ref, "cpus": cpus, "memory": memory, "disk": disk}
+        conn.execute(update(leases).where(leases.c.id == lease_id).values(template=template, vm_ref=None, **values))
+        conn.execute(update(reservations).where(reservations.c.lease_id == lease_id).values(**values))
+        return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
+
     def heartbeat(self, owner: str, now: float) -> None:
         dialect = sqlite if self.db.is_sqlite else postgresql
         statement = dialect.insert(replicas).values(owner=owner, started_at=now, heartbeat_at=now)

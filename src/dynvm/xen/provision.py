@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MARKER_KEY = "dynvm_lease"
 NULL_REF = "OpaqueRef:NULL"
+UNREACHABLE_CLEANUP = 10.0  # seconds a failed attempt's cleanup waits for a host that stopped answering
 EVENT_SLICE = 2.0  # longest single event.from wait: how soon a cancel is noticed
 
 Progress = Callable[[str], None]
@@ -124,10 +125,12 @@ class Provisioner:
                 last_error = f"xapi error {_details(e)}"
                 vlog.warning("attempt %d/%d failed: %s", attempt, self.attempts, last_error)
             except (HostUnreachable, ProvisionError) as e:
+                unreachable = isinstance(e, HostUnreachable) or getattr(e, "unreachable", False)
                 if vm is not None:
                     progress("cleaning up")
-                    self._cleanup(vm, spec.lease_id, vlog)
-                raise ProvisionError(f"{spec.name}: {e}", self.host.ref) from None
+                    # a host that stopped answering gets a short while; reconcile does the rest
+                    self._cleanup(vm, spec.lease_id, vlog, UNREACHABLE_CLEANUP if unreachable else None)
+                raise ProvisionError(f"{spec.name}: {e}", self.host.ref, unreachable=unreachable) from None
             if vm is not None:
                 progress("cleaning up")
                 self._cleanup(vm, spec.lease_id, vlog)
@@ -408,7 +411,7 @@ class Provisioner:
                 if e.details[:1] != ["HANDLE_INVALID"]:  # already gone is fine
                     raise
 
-    def _cleanup(self, vm: str, lease_id: str, vlog: _VmLog) -> None:
+    def _cleanup(self, vm: str, lease_id: str, vlog: _VmLog, within: float | None = None) -> None:
         """Destroy a failed attempt, retrying while the host is unreachable, up to
         ``cleanup_timeout``. What cannot be removed is logged: reconcile removes it later.
 
@@ -419,7 +422,7 @@ class Provisioner:
         try:
             for attempt in Retrying(
                 retry=retry_if_exception_type(HostUnreachable),
-                stop=stop_after_delay(self.cleanup_timeout),
+                stop=stop_after_delay(within if within is not None else self.cleanup_timeout),
                 wait=wait_exponential(multiplier=0.5, max=10),
                 reraise=True,
             ):
