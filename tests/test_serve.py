@@ -102,20 +102,55 @@ def test_sigterm_rolls_back_creates_in_flight_and_exits_0(sim_lab, tmp_path: Pat
         assert answers[0].status_code >= 500
 
 
-def test_kill_9_mid_create_is_cleaned_up_by_the_next_start(sim_lab, tmp_path: Path):
-    lab = sim_lab(timing=Timing(boot_seconds=3600))
+KILL_POINTS = {
+    # where the create is when dynvm dies -> the simulator's timing that holds it there
+    "during boot": Timing(boot_seconds=3600),
+    "while waiting for the IP": Timing(boot_seconds=0.05, ip_seconds=3600),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_mid_create_is_cleaned_up_by_the_next_start(sim_lab, tmp_path: Path, point: str):
+    lab = sim_lab(timing=KILL_POINTS[point])
     db = tmp_path / "d.db"
     first = ServeProcess(lab.settings.source, db)
-    with httpx.Client(timeout=5) as client, contextlib.suppress(httpx.ReadTimeout):  # a VM that will not boot
+    with httpx.Client(timeout=5) as client, contextlib.suppress(httpx.ReadTimeout):  # a VM that will not be ready
         client.get(f"{first.url}/getservers/killed", timeout=0.5)
-    wait_for(lambda: marked_vms(lab) == ["killed"], timeout=30)
+    wait_for(lambda: marked_vms(lab) == ["killed"] and _running(lab, "killed"), timeout=30)
     first.stop(signal.SIGKILL)
     assert marked_vms(lab) == ["killed"]  # the crash left a VM behind ...
     second = ServeProcess(lab.settings.source, db, port=first.port)  # the same replica, restarted
     try:
         assert marked_vms(lab) == []  # ... which the next start removes before serving
-        assert httpx.get(f"{second.url}/getavailablecount/centos").text == "8"
+        assert httpx.get(f"{second.url}/getavailablecount/centos").text == "8"  # reservation given back
         assert httpx.get(f"{second.url}/releaseservers/killed").status_code == 404
+    finally:
+        assert second.stop() == 0
+
+
+def _running(lab, name: str) -> bool:  # type: ignore[no-untyped-def]
+    return any(
+        r["name_label"] == name and r["power_state"] == "Running" for r in lab.xapi().VM.get_all_records().values()
+    )
+
+
+def test_kill_9_during_a_release_is_finished_by_the_next_start(sim_lab, tmp_path: Path):
+    lab = sim_lab(timing=Timing(clone_seconds=0.02, boot_seconds=0.05, ip_seconds=0.05))
+    db = tmp_path / "d.db"
+    first = ServeProcess(lab.settings.source, db)
+    assert httpx.get(f"{first.url}/getservers/leaving", timeout=30).status_code == 200
+    lab.control().set_timing({"latency_ms": 400})  # a slow host: the release takes seconds
+    with httpx.Client(timeout=5) as client, contextlib.suppress(httpx.ReadTimeout):
+        client.get(f"{first.url}/releaseservers/leaving", timeout=0.8)
+    first.stop(signal.SIGKILL)  # mid-release
+    lab.control().set_timing({"latency_ms": 0})
+    second = ServeProcess(lab.settings.source, db, port=first.port)
+    try:
+        wait_for(lambda: marked_vms(lab) == [], timeout=30)
+        assert httpx.get(f"{second.url}/getavailablecount/centos").text == "8"
+        assert httpx.get(f"{second.url}/api/v1/leases").json() == []
+        history = httpx.get(f"{second.url}/api/v1/history", params={"state": "deleted"}).json()
+        assert [item["name"] for item in history["items"]] == ["leaving"]
     finally:
         assert second.stop() == 0
 
