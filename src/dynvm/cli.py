@@ -67,6 +67,7 @@ def sim_command(
     apipa_rate: Annotated[float, typer.Option(min=0, max=1, help="Fraction of boots that get only 169.254.x.y.")] = 0.0,
     host_cpus: Annotated[int, typer.Option(min=1, help="Physical CPUs per host.")] = 32,
     host_memory_gib: Annotated[float, typer.Option(min=8, help="Memory per host in GiB (dom0 takes 4).")] = 128,
+    sr_tib: Annotated[float, typer.Option(min=0.01, help="Size of each host's local SR in TiB.")] = 2,
     time_scale: Annotated[float, typer.Option(min=0, help="Multiplies every delay (0.1 = ten times faster).")] = 1.0,
     tls: Annotated[
         bool, typer.Option(help="Serve HTTPS with a self-signed certificate written beside the config.")
@@ -86,6 +87,7 @@ def sim_command(
         control_port=control_port,
         host_cpus=host_cpus,
         host_memory_gib=host_memory_gib,
+        sr_tib=sr_tib,
         foreign_vms=foreign_vms,
         apipa_rate=apipa_rate,
         tls=tls,

@@ -32,6 +32,7 @@ class LabOptions:
     control_port: int = 0
     host_cpus: int = 32
     host_memory_gib: float = 128
+    sr_tib: float = 2
     foreign_vms: int = 0
     apipa_rate: float = 0.0
     tls: bool = False
@@ -65,6 +66,7 @@ class Lab:
                 password=secrets.token_urlsafe(12),
                 cpus=options.host_cpus,
                 memory=int(options.host_memory_gib * GiB),
+                sr_size=int(options.sr_tib * 1024 * GiB),
                 foreign_vms=options.foreign_vms,
             )
             seed = None if options.seed is None else options.seed + index

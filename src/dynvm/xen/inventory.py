@@ -14,7 +14,10 @@ xapi. Records are trimmed to the fields dynvm reads, which keeps 10,000 VMs smal
 
 from __future__ import annotations
 
+import ctypes
 import enum
+import functools
+import gc
 import logging
 import threading
 import time
@@ -53,7 +56,6 @@ KEPT_FIELDS: dict[str, tuple[str, ...]] = {
         "guest_metrics",
         "VBDs",
         "VIFs",
-        "platform",
     ),
     "VM_guest_metrics": ("uuid", "os_version", "networks"),
     "SR": ("uuid", "name_label", "type", "content_type", "physical_size", "physical_utilisation", "PBDs"),
@@ -296,6 +298,24 @@ class HostMirror:
         )
 
 
+def release_free_memory() -> None:
+    """Hand memory freed by a full load back to the system (glibc keeps it otherwise)."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 class HostWatcher:
     """Keeps one ``HostMirror`` in step with its host, on a thread of its own."""
 
@@ -365,9 +385,11 @@ class HostWatcher:
             classes = list(KEPT_FIELDS)
             batch = xapi.event_from(classes, "", 0.0)
             was = self.mirror.state
-            self.mirror.replace_all(batch["events"])
+            loaded = len(batch["events"])
+            self.mirror.replace_all(batch.pop("events"))
+            release_free_memory()  # the full load's parse is garbage now
             if was is not HostState.UP:
-                log.info("host up: %s (%d objects)", host.display, len(batch["events"]))
+                log.info("host up: %s (%d objects)", host.display, loaded)
             self._on_change(host.ref)
             token = batch["token"]
             while not self._stop.is_set():
