@@ -66,6 +66,7 @@ KEPT_FIELDS: dict[str, tuple[str, ...]] = {
     "VDI": ("uuid", "SR", "virtual_size", "type", "name_label"),
 }
 CLASS_BY_LOWER = {name.lower(): name for name in KEPT_FIELDS}
+FULL_LOADS_AT_ONCE = 4
 
 
 class HostState(enum.Enum):
@@ -325,8 +326,10 @@ class HostWatcher:
         event_timeout: float = 5.0,
         max_backoff: float = 10.0,
         on_change: Callable[[str], None] | None = None,
+        full_loads: threading.BoundedSemaphore | None = None,
     ) -> None:
         self.mirror = mirror
+        self._full_loads = full_loads or threading.BoundedSemaphore(1)
         self.event_timeout = event_timeout
         self.max_backoff = max_backoff
         self._on_change = on_change or (lambda ref: None)
@@ -383,11 +386,15 @@ class HostWatcher:
         try:
             xapi = session.xenapi
             classes = list(KEPT_FIELDS)
-            batch = xapi.event_from(classes, "", 0.0)
-            was = self.mirror.state
-            loaded = len(batch["events"])
-            self.mirror.replace_all(batch.pop("events"))
-            release_free_memory()  # the full load's parse is garbage now
+            # A full load parses every record of the host (XML parsing is CPU-bound, so
+            # loading a hundred hosts at once is no faster): a few at a time keep the peak,
+            # and with it the process's resident memory, low.
+            with self._full_loads:
+                batch = xapi.event_from(classes, "", 0.0)
+                was = self.mirror.state
+                loaded = len(batch["events"])
+                self.mirror.replace_all(batch.pop("events"))
+                release_free_memory()  # the full load's parse is garbage now
             if was is not HostState.UP:
                 log.info("host up: %s (%d objects)", host.display, loaded)
             self._on_change(host.ref)
@@ -417,6 +424,7 @@ class Inventory:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._hosts: dict[str, tuple[HostMirror, HostWatcher, SessionPool]] = {}
+        self._full_loads = threading.BoundedSemaphore(FULL_LOADS_AT_ONCE)
 
     def apply(self, settings: Settings) -> None:
         """Start watchers for new hosts, stop them for removed ones, restart changed ones.
@@ -432,7 +440,9 @@ class Inventory:
             for ref, host in wanted.items():
                 if ref not in self._hosts:
                     mirror = HostMirror(host)
-                    watcher = HostWatcher(mirror, self.event_timeout, on_change=self._on_change)
+                    watcher = HostWatcher(
+                        mirror, self.event_timeout, on_change=self._on_change, full_loads=self._full_loads
+                    )
                     pool = SessionPool(host, timeout=self.call_timeout)
                     self._hosts[ref] = (mirror, watcher, pool)
                     watcher.start()
