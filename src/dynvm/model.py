@@ -89,7 +89,9 @@ class NameInUse(LeaseError):
 
 
 class NotEnoughCapacity(LeaseError):
-    status = 503
+    """A 4xx, not a 5xx: dynvm works; the pool is full. The answer says how many fit now."""
+
+    status = 429
 
 
 class NoSuchLease(LeaseError):
