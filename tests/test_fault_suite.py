@@ -23,12 +23,17 @@ QUICK = Timing(clone_seconds=0.02, boot_seconds=0.1, ip_seconds=0.05)
 @pytest.fixture
 def rig(make_services):
     services, lab = make_services(hosts=2, timing=QUICK, network_timeout=1, seed=11)
-    baseline = {
+    baseline = take_baseline(services, lab)
+    return services, lab, baseline
+
+
+def take_baseline(services, lab) -> dict:  # type: ignore[no-untyped-def]
+    """What must be true again once everything is released: capacity, VMs and disks."""
+    return {
         "capacity": services.leases.available_count("centos"),
         "vms": [set(lab.xapi(i).VM.get_all()) for i in (0, 1)],
         "vdis": [set(lab.xapi(i).VDI.get_all()) for i in (0, 1)],
     }
-    return services, lab, baseline
 
 
 def check_invariants(services, lab, baseline) -> None:  # type: ignore[no-untyped-def]
@@ -105,11 +110,7 @@ def test_every_session_ends_in_the_middle_of_a_request(make_services):
     services, lab = make_services(
         hosts=2, timing=Timing(clone_seconds=0.02, boot_seconds=0.8, ip_seconds=0.05), network_timeout=5, seed=11
     )
-    baseline = {
-        "capacity": services.leases.available_count("centos"),
-        "vms": [set(lab.xapi(i).VM.get_all()) for i in (0, 1)],
-        "vdis": [set(lab.xapi(i).VDI.get_all()) for i in (0, 1)],
-    }
+    baseline = take_baseline(services, lab)
     killer = threading.Timer(0.4, lambda: [lab.control(i).invalidate_sessions() for i in (0, 1)])
     killer.start()
     leases = attempt(services, "relogin", count=2)
@@ -123,11 +124,7 @@ def test_a_host_going_down_in_the_middle_of_a_create(make_services, pinned):
     services, lab = make_services(
         hosts=2, timing=Timing(clone_seconds=0.02, boot_seconds=2, ip_seconds=0.05), network_timeout=10, seed=11
     )
-    baseline = {
-        "capacity": services.leases.available_count("centos"),
-        "vms": [set(lab.xapi(i).VM.get_all()) for i in (0, 1)],
-        "vdis": [set(lab.xapi(i).VDI.get_all()) for i in (0, 1)],
-    }
+    baseline = take_baseline(services, lab)
     control = lab.control(0)
 
     def outage() -> None:

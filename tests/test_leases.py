@@ -207,34 +207,13 @@ def test_reconcile_destroys_dynvm_vms_without_a_lease_and_closes_vanished_leases
 def test_start_up_fails_creates_a_dead_process_left_behind_and_removes_their_vms(make_services, sim_lab, tmp_path):
     """What kill -9 during a create leaves: a lease row in 'creating' owned by the dead
     process, and a marked VM on the host. (tests/test_serve.py kills a real process.)"""
-    from dynvm.model import Lease
     from dynvm.store.db import Database
     from dynvm.store.leases import LeaseStore
 
     lab = sim_lab()
     store = LeaseStore(Database(f"sqlite:///{tmp_path / 'dynvm.db'}"))
     store.db.migrate()
-    lease = Lease(
-        id="lease-of-the-dead",
-        request_id="req",
-        name="crashed",
-        username="crashed",
-        os="centos",
-        host_ref="1",
-        state="creating",
-        cpus=4,
-        memory=4 * GiB,
-        disk=35 * GiB,
-        created_at=1.0,
-        expires_at=2e9,
-        owner="dynvm-that-died",
-        template="tmpl-cnt7.7",
-    )
-    with store.db.write() as conn:
-        store.insert(conn, [lease])
-    xapi = lab.xapi()
-    vm = new_vm(xapi, "crashed", start=True)
-    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease.id)
+    lease = leave_a_crashed_create(store, lab, "lease-of-the-dead", "crashed", "dynvm-that-died", 1.0)
 
     services, _ = make_services(lab=lab)  # recover + reconcile run at start-up
     assert "crashed" not in dynvm_vms(lab)
@@ -263,34 +242,13 @@ def test_a_new_host_in_the_config_is_used_without_a_restart(make_services, sim_l
 def test_a_dead_replicas_creates_are_failed_once_its_heartbeat_is_stale(make_services, sim_lab, tmp_path):
     """Another process (replica "a", still beating a moment ago) left a create behind."""
     from dynvm.leases import REPLICA_STALE_SECONDS
-    from dynvm.model import Lease
 
     clock = FakeClock()
     lab = sim_lab()
     services, _ = make_services(lab=lab, clock=clock, replica="b")
     store = services.leases.leases
     store.heartbeat("a#1", clock.now)
-    lease = Lease(
-        id="lease-a",
-        request_id="req-a",
-        name="half",
-        username="half",
-        os="centos",
-        host_ref="1",
-        state="creating",
-        cpus=4,
-        memory=4 * GiB,
-        disk=35 * GiB,
-        created_at=clock.now,
-        expires_at=clock.now + 3600,
-        owner="a#1",
-        template="tmpl-cnt7.7",
-    )
-    with store.db.write() as conn:
-        store.insert(conn, [lease])
-    xapi = lab.xapi()
-    vm = new_vm(xapi, "half", start=True)
-    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease.id)
+    leave_a_crashed_create(store, lab, "lease-a", "half", "a#1", clock.now)
     wait_for(lambda: any(v.name == "half" for v in services.inventory.view("1").vms), timeout=5)
 
     assert services.leases.recover() == []  # replica a is alive: its create is its own business
@@ -300,3 +258,32 @@ def test_a_dead_replicas_creates_are_failed_once_its_heartbeat_is_stale(make_ser
     assert services.leases.recover() == ["half"]
     assert services.leases.reconcile().orphans_destroyed == ["half"]
     assert dynvm_vms(lab) == {}
+
+
+def leave_a_crashed_create(store, lab, lease_id: str, name: str, owner: str, created_at: float):  # type: ignore[no-untyped-def]
+    """What a process that died mid-create leaves: its lease row in 'creating', and a
+    running VM with its marker on host 1."""
+    from dynvm.model import Lease
+
+    lease = Lease(
+        id=lease_id,
+        request_id=f"req-{lease_id}",
+        name=name,
+        username=name,
+        os="centos",
+        host_ref="1",
+        state="creating",
+        cpus=4,
+        memory=4 * GiB,
+        disk=35 * GiB,
+        created_at=created_at,
+        expires_at=created_at + 3600,
+        owner=owner,
+        template="tmpl-cnt7.7",
+    )
+    with store.db.write() as conn:
+        store.insert(conn, [lease])
+    xapi = lab.xapi()
+    vm = new_vm(xapi, name, start=True)
+    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease.id)
+    return lease
