@@ -4,10 +4,13 @@ its step-by-step progress only matters while someone is watching."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 STAGES = ("reserved", "cloning", "provisioning", "booting", "waiting for IP", "ready", "failed")
@@ -34,6 +37,8 @@ class RequestStatus:
     error_status: int | None = None
     vms: dict[str, VmProgress] = field(default_factory=dict)
     finished_at: float | None = None
+    # resolved when the request finishes (or is forgotten), for waiters on the event loop
+    done: Future[None] = field(default_factory=Future, repr=False)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -57,7 +62,6 @@ class RequestTracker:
         self._clock = clock
         self._requests: OrderedDict[str, RequestStatus] = OrderedDict()
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
 
     def start(self, request_id: str, username: str, os: str, count: int) -> None:
         """Begin tracking; a request already announced (by the API, before it queued the
@@ -67,8 +71,8 @@ class RequestTracker:
                 return
             self._requests[request_id] = RequestStatus(request_id, username, os, count, self._clock())
             while len(self._requests) > self._limit:
-                self._requests.popitem(last=False)
-            self._changed.notify_all()
+                _, forgotten = self._requests.popitem(last=False)
+                _resolve(forgotten.done)
 
     def placed(self, request_id: str, names_and_hosts: list[tuple[str, str]]) -> None:
         with self._lock:
@@ -76,7 +80,6 @@ class RequestTracker:
             if status is not None:
                 for name, host in names_and_hosts:
                     status.vms[name] = VmProgress(name, host)
-            self._changed.notify_all()
 
     def stage(
         self,
@@ -95,7 +98,6 @@ class RequestTracker:
                 vm.host = host or vm.host
                 vm.ip = ip or vm.ip
                 vm.error = error or vm.error
-            self._changed.notify_all()
 
     def finish(self, request_id: str, error: str | None = None, error_status: int | None = None) -> None:
         with self._lock:
@@ -105,19 +107,27 @@ class RequestTracker:
                 status.error = error
                 status.error_status = error_status
                 status.finished_at = self._clock()
-            self._changed.notify_all()
+                _resolve(status.done)
 
     def get(self, request_id: str) -> dict[str, object] | None:
         with self._lock:
             status = self._requests.get(request_id)
             return status.as_dict() if status else None
 
-    def wait(self, request_id: str, timeout: float) -> dict[str, object] | None:
-        """Block until the request is finished (or ``timeout``); returns its status."""
+    async def wait(self, request_id: str, timeout: float) -> dict[str, object] | None:
+        """Await the request's end (or ``timeout``) on the event loop, then return its
+        status. Called by ``?wait=true``; it must not block a thread: a hundred clients
+        waiting for slow creates would otherwise take every worker the other routes need."""
         with self._lock:
-            self._changed.wait_for(
-                lambda: request_id not in self._requests or self._requests[request_id].state != "pending",
-                timeout=timeout,
-            )
             status = self._requests.get(request_id)
-            return status.as_dict() if status else None
+        if status is None:
+            return None
+        # shield: a waiter that gives up must not cancel the future other waiters share
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(status.done)), timeout)
+        return self.get(request_id)
+
+
+def _resolve(done: Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)

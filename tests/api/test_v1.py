@@ -3,9 +3,13 @@ problem details, history and stats."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from ..sim.simtools import wait_for
 
 GiB = 1024**3
 
@@ -54,6 +58,37 @@ def test_wait_true_answers_with_the_finished_request(serve):
     assert body["vms"][0]["name"] == "win"
     lease = service.http.get("/api/v1/leases/win").json()
     assert (lease["cpus"], lease["memory"]) == (2, 4 * GiB)
+
+
+def test_waiting_clients_hold_no_worker_so_other_routes_still_answer(serve):
+    from dynvm.runtime import Intervals
+    from dynvm.sim.settings import Timing
+
+    service = serve(
+        timing=Timing(boot_seconds=3600),  # the VM never boots: the request ends when dynvm stops
+        intervals=Intervals(reap=3600, reconcile=3600, export=3600, sync_wait=10, shutdown_grace=0.1),
+    )
+    location = service.http.post("/api/v1/leases", json={"os": "centos", "name": "stuck"}).headers["location"]
+    with ThreadPoolExecutor(80) as pool:  # twice the threads the server lends to blocking handlers
+        waiting = [pool.submit(service.http.get, location, params={"wait": "true"}) for _ in range(80)]
+        wait_for(lambda: len(service.server.server_state.tasks) >= 80, timeout=30)  # all 80 are being served
+        assert service.get("/getavailablecount").status_code == 200
+        assert service.http.get("/api/v1/hosts").status_code == 200
+        assert [f for f in waiting if f.done()] == []
+        service.services.stop()  # the create is cancelled; every waiter gets the outcome
+        answers = [f.result() for f in waiting]
+    assert {a.json()["state"] for a in answers} == {"failed"}
+
+
+def test_a_wait_that_times_out_answers_with_the_request_still_pending():
+    from dynvm.requests import RequestTracker
+
+    tracker = RequestTracker()
+    tracker.start("r1", "alice", "centos", 1)
+    assert asyncio.run(tracker.wait("r1", timeout=0.01))["state"] == "pending"
+    assert asyncio.run(tracker.wait("gone", timeout=0.01)) is None
+    tracker.finish("r1")
+    assert asyncio.run(tracker.wait("r1", timeout=60))["state"] == "ready"
 
 
 def test_progress_shows_the_stages_of_a_slow_create(serve):

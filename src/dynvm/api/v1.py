@@ -244,7 +244,7 @@ async def request_status(
     timeout: Annotated[float, Query(gt=0, le=3600, description="longest wait, seconds")] = 600,
 ) -> Any:
     tracker = services.leases.tracker
-    status = await anyio.to_thread.run_sync(tracker.wait, request_id, timeout) if wait else tracker.get(request_id)
+    status = await tracker.wait(request_id, timeout) if wait else tracker.get(request_id)
     if status is None:
         raise NoSuchLease(f"no request {request_id} (requests are remembered until dynvm restarts)")
     return status
