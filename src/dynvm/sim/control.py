@@ -80,7 +80,13 @@ class Control:
     def _host_down(self, node: HostNode, after: list, mode: str) -> str:
         if mode not in ("hang", "refuse"):
             raise ValueError(f"mode must be 'hang' or 'refuse', not {mode!r}")
-        after.append(lambda: node.endpoint.go_down(mode))  # answer first, then go dark
+        if mode == "hang":
+            # at once: sim.* calls are still answered on a hung port, and the caller's next
+            # xapi call must already hang
+            node.endpoint.go_down(mode)
+        else:
+            # a refusing host closes the port this answer may be travelling on: answer first
+            after.append(lambda: node.endpoint.go_down(mode))
         return ""
 
     def _host_up(self, node: HostNode, after: list) -> str:
