@@ -3,8 +3,8 @@ copy-on-write clones, provisioning from ``other_config['disks']``, and VDIs that
 their VM until ``VDI.destroy``.
 
 Each function is called from a request thread. Slow steps (``clone_seconds``,
-``start_seconds``) sleep before the store lock is taken, so many calls proceed at once;
-checks and changes happen together under the lock, so two calls cannot both pass a check
+``start_seconds``, ``shutdown_seconds``) sleep outside the store lock, so many calls proceed
+at once; checks and changes happen together under the lock, so two calls cannot both pass a check
 that only one of them should (the last free memory, the last free disk space).
 """
 
@@ -279,6 +279,7 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
 
 def hard_shutdown(host: SimHost, vm: str) -> None:
     store = host.store
+    host.sleep(host.timing.shutdown_seconds)
     with store.lock:
         record = _vm(host, vm)
         if record["is_control_domain"]:

@@ -50,6 +50,7 @@ class Timing:
     latency_ms: float = 0.0
     clone_seconds: float = 0.0
     start_seconds: float = 0.0
+    shutdown_seconds: float = 0.0  # VM.hard_shutdown: a real host takes a few seconds
     boot_seconds: float = 0.0
     ip_seconds: float = 0.0
     time_scale: float = 1.0
