@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -46,6 +47,17 @@ def test_acquire_gives_ready_vms_with_ips_and_release_removes_them(make_services
     wait_for(lambda: service.available_count("centos") == before, timeout=5)
     with pytest.raises(NoSuchLease):
         service.release("demo", 3)
+
+
+def test_the_vms_of_a_release_are_destroyed_side_by_side(make_services):
+    services, lab = make_services()
+    services.leases.acquire(LeaseRequest("wide", "centos", count=4))
+    lab.control().set_timing({"shutdown_seconds": 1.5})  # as on a real host: seconds per shutdown
+    started = time.monotonic()
+    assert services.leases.release("wide", 4) == ["wide1", "wide2", "wide3", "wide4"]
+    elapsed = time.monotonic() - started
+    assert dynvm_vms(lab) == {}
+    assert elapsed < 4 * 1.5 - 1.5  # one after the other would take at least 6 s; side by side about 1.5
 
 
 def test_cpus_memory_and_a_pinned_host(make_services):

@@ -5,6 +5,8 @@ starts at import or construction time."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from .auth import TokenStore
 from .config import ConfigWatcher, Settings, load_settings
@@ -24,6 +27,7 @@ from .store.leases import LeaseStore
 from .xen.inventory import Inventory
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -86,6 +90,12 @@ class Services:
 
     def current_settings(self) -> Settings:
         return self.watcher.current
+
+    async def run_long(self, work: Callable[..., T], *args: object) -> T:
+        """Await ``work(*args)`` run on the request pool. For what may take minutes (creating
+        or destroying VMs): the server's own thread limiter, which quick routes share, is
+        never held by it, so counting and listing stay fast while VMs are made."""
+        return await asyncio.get_running_loop().run_in_executor(self.requests, functools.partial(work, *args))
 
     def start(self) -> None:
         self.metrics.watch(self)

@@ -7,12 +7,12 @@ lease service, then formatting.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import re
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
@@ -129,8 +129,6 @@ async def getavailablecount_os(os: str, services: ServicesDep, _: CallerDep) -> 
 
 async def _guard(fn, *args) -> Response:  # type: ignore[no-untyped-def]
     """Run a quick handler off the event loop and turn its errors into ``Error:`` bodies."""
-    import anyio
-
     try:
         return await anyio.to_thread.run_sync(fn, *args)
     except Exception as e:
@@ -175,10 +173,7 @@ async def getservers(username: str, request: Request, services: ServicesDep, cal
         lease_request, fmt = parse_getservers(
             username, dict(request.query_params), services.current_settings().common.expiry_minutes, caller
         )
-        loop = asyncio.get_running_loop()
-        # The create runs on a thread of its own for minutes; this route awaits it without
-        # holding a worker, so every other route stays fast meanwhile.
-        leases = await loop.run_in_executor(services.requests, services.leases.acquire, lease_request)
+        leases = await services.run_long(services.leases.acquire, lease_request)
     except Exception as e:
         return as_error(e)
     if fmt == "detailed":
@@ -194,9 +189,9 @@ def release(services: Services, username: str, count: int, caller: Caller) -> Re
 async def releaseservers(username: str, request: Request, services: ServicesDep, caller: CallerDep) -> Response:
     try:
         count = _int("count", request.query_params.get("count"), 1, 1, MAX_COUNT) or 1
+        return await services.run_long(release, services, username, count, caller)
     except Exception as e:
         return as_error(e)
-    return await _guard(release, services, username, count, caller)
 
 
 @router.get("/releaseservers/{username}/{state}")

@@ -270,7 +270,7 @@ async def get_lease(name: str, services: ServicesDep, _: CallerDep) -> LeaseOut:
 
 @router.delete("/leases/{name}", response_model=dict[str, list[str]], responses=ERRORS)
 async def delete_lease(name: str, services: ServicesDep, caller: CallerDep) -> dict[str, list[str]]:
-    released = await anyio.to_thread.run_sync(services.leases.release_names, [name], caller)
+    released = await services.run_long(services.leases.release_names, [name], caller)
     return {"released": released}
 
 
