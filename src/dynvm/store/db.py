@@ -3,12 +3,16 @@
 SQLite (the default, a file in ``~/.local/share/dynvm/``) runs in WAL mode with a busy
 time-out; ``Database.write()`` opens ``BEGIN IMMEDIATE`` so that writers queue up instead
 of failing mid-transaction, which is what makes a reservation's check-then-insert atomic.
+Within the process, writers first queue on a lock: SQLite's own busy handler waits by
+sleeping and polling (up to 100 ms a turn), and each waiting writer would hold a pooled
+connection meanwhile, so a burst of writers would starve quick readers of connections.
 PostgreSQL gets the same guarantee from row locks (``host_locks``, ``FOR UPDATE``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +38,7 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self._writer = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +58,7 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A transaction that may write; on SQLite it holds the write lock from the start."""
-        with self.engine.connect() as connection:
+        with self._writer, self.engine.connect() as connection:
             connection = connection.execution_options(dynvm_immediate=True)
             with connection.begin():
                 yield connection
