@@ -17,6 +17,7 @@ from dynvm.store.leases import LeaseStore
 from dynvm.xen.provision import MARKER_KEY
 
 from ..sim.simtools import wait_for
+from ..store.test_db import schema_drift
 
 GiB = 1024**3
 
@@ -45,6 +46,7 @@ def test_the_schema_behaves_as_on_sqlite(fresh_pg):
     db = Database(fresh_pg)
     db.migrate()
     db.migrate()  # idempotent
+    assert schema_drift(db) == []  # the migrations build what store/tables.py describes
     store = LeaseStore(db)
     first = lease("same")
     with db.write() as conn:

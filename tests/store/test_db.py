@@ -6,9 +6,25 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from dynvm.store.db import Database
+from dynvm.store.tables import metadata
+
+
+def schema_drift(db: Database) -> list[object]:
+    """What the migrations built that ``store/tables.py`` does not say, or the reverse."""
+    with db.engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn), metadata)
+
+
+def test_the_migrations_build_the_tables_the_code_describes(tmp_path: Path):
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    db.migrate()
+    assert schema_drift(db) == []
+    db.close()
 
 
 def test_sqlite_writers_queue_in_the_process_and_leave_connections_to_readers(tmp_path: Path):
