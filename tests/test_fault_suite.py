@@ -151,6 +151,47 @@ def test_a_host_going_down_in_the_middle_of_a_create(make_services, pinned):
     check_invariants(services, lab, baseline)
 
 
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_host_going_down_while_it_clones(make_services, pinned):
+    """The clone goes on on the host while dynvm cannot see it, and ends without dynvm's
+    marker; once the host answers again, reconcile finds that VM through its task."""
+    services, lab = make_services(
+        hosts=2, timing=Timing(clone_seconds=1.5, boot_seconds=0.1, ip_seconds=0.05), network_timeout=10, seed=11
+    )
+    baseline = take_baseline(services, lab)
+    control = lab.control(0)
+
+    def cloning_on_host_1() -> bool:
+        return any(
+            lease.host_ref == "1" and (lease.vm_ref or "").startswith("task/")
+            for lease in services.leases.leases.active()
+        )
+
+    def outage() -> None:
+        wait_for(cloning_on_host_1, timeout=10)
+        control.host_down("refuse")
+        time.sleep(2.5)  # the clone ends on the host meanwhile
+        control.host_up()
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    outcome = attempt(services, "midclone", count=2, **({"host_ref": "1"} if pinned else {}))
+    if pinned:
+        assert isinstance(outcome, CreateFailed)
+        assert "stopped answering" in str(outcome)
+    else:
+        assert isinstance(outcome, list), outcome
+        assert {lease.host_ref for lease in outcome} == {"2"}
+    thread.join()
+    wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=30)
+    unmarked = [r for r in lab.xapi(0).VM.get_all_records().values() if r["name_label"].startswith("midclone")]
+    assert unmarked  # what the clone left: a VM ...
+    assert all(MARKER_KEY not in r["other_config"] for r in unmarked)  # ... without dynvm's marker
+    report = services.leases.reconcile()
+    assert any(name.startswith("midclone") for name in report.orphans_destroyed), report
+    check_invariants(services, lab, baseline)
+
+
 def test_a_full_sr_is_a_capacity_answer_not_a_failure(rig):
     services, lab, baseline = rig
     for index in (0, 1):

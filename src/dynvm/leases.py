@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 VANISH_GRACE = 30.0  # seconds a new lease's VM may take to show in the mirror
 CLONE_TASK = "task/"  # a lease's vm_ref while its clone runs: "task/<xapi task ref>"
 REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats every 2 s)
+ADOPT_WAIT = 5.0  # seconds reconcile waits on a clone still running before it moves on
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
 
 
@@ -354,6 +355,8 @@ class LeaseService:
             try:
                 return self._create_on(settings, lease)
             except ProvisionError as e:
+                if e.unreachable:
+                    self._abandon_clone(lease)
                 if pinned or not e.unreachable:
                     raise
                 moved = self._move(settings, lease, exclude=tried)
@@ -363,6 +366,16 @@ class LeaseService:
                 self.tracker.stage(lease.request_id, lease.name, "moved", host=moved.host_ref)
                 tried.add(moved.host_ref)
                 lease = moved
+
+    def _abandon_clone(self, lease: Lease) -> None:
+        """The lease's host stopped answering: if a clone was running there, it may still end
+        and leave a VM without dynvm's marker. Remember its task for ``reconcile``."""
+        current = self.leases.get(lease.id)
+        vm_ref = (current.vm_ref if current else None) or ""
+        if vm_ref.startswith(CLONE_TASK):
+            task = vm_ref.removeprefix(CLONE_TASK)
+            self.leases.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.clock())
+            log.warning("%s: a clone may still run on host %s; reconcile removes it later", lease.name, lease.host_ref)
 
     def _move(self, settings: Settings, lease: Lease, exclude: set[str]) -> Lease | None:
         with self.leases.db.write() as conn:
@@ -528,8 +541,10 @@ class LeaseService:
                     if vm:
                         log.warning("recover: %s's clone ended after its process died; removing it", lease.name)
                         provisioner.destroy(vm, lease.id)
-                except DynvmError as e:
-                    log.warning("recover: cannot look at %s's clone task yet: %s", lease.name, e)
+                except (DynvmError, OSError) as e:
+                    log.warning("recover: cannot look at %s's clone task yet (%s); reconcile will", lease.name, e)
+                    task = lease.vm_ref.removeprefix(CLONE_TASK)
+                    self.leases.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.clock())
         self.leases.finish([lease.id for lease in stale], "failed", self.clock(), "dynvm stopped during the create")
         for lease in self.leases.in_state("releasing"):
             if lease.owner in alive and lease.owner != self.owner:
@@ -552,11 +567,11 @@ class LeaseService:
             on_host = {vm.uuid for vm in view.vms}
             for vm in view.vms:
                 marker = vm.other_config.get(MARKER_KEY)
-                if marker is None or marker in active:
+                if marker is None or (marker in active and active[marker].host_ref == host.ref):
                     continue
                 again = self.leases.get(marker)  # a create that began after `active` was read
-                if again is not None and again.state in ACTIVE_STATES:
-                    continue
+                if again is not None and again.state in ACTIVE_STATES and again.host_ref == host.ref:
+                    continue  # (on another host: an attempt left behind when the lease moved)
                 try:
                     self._provisioner(settings, host).destroy(vm.ref, marker)
                     report.orphans_destroyed.append(vm.name)
@@ -574,8 +589,35 @@ class LeaseService:
                     self.history.record_deleted(self.leases.get(lease.id) or lease, 0.0)
                     report.vanished.append(lease.name)
                     log.warning("reconcile: %s vanished from %s; lease closed", lease.name, host.display)
+        self._collect_abandoned_clones(settings, report)
         self._report("reconciled", report)
         return report
+
+    def _collect_abandoned_clones(self, settings: Settings, report: ReconcileReport) -> None:
+        """Clones dynvm stopped waiting for: once their host answers, find the VM each made
+        (through its task), mark it and destroy it. A clone still running is looked at again
+        on the next pass; a task xapi no longer knows left no VM to find."""
+        for row in self.leases.abandoned_clones():
+            host_ref, task, lease_id, name = (str(row[k]) for k in ("host_ref", "task", "lease_id", "name"))
+            host = settings.host(host_ref)
+            if host is None:
+                log.warning("reconcile: host %s left the configuration; cannot look for %s's clone", host_ref, name)
+                self.leases.forget_clone(host_ref, task)
+                continue
+            view = self.inventory.view(host_ref)
+            if view is None or view.state is not HostState.UP:
+                continue
+            try:
+                provisioner = self._provisioner(settings, host)
+                vm = provisioner.adopt_clone(task, lease_id, wait=ADOPT_WAIT)
+                if vm is not None:
+                    provisioner.destroy(vm, lease_id)
+                    report.orphans_destroyed.append(name)
+                    log.warning("reconcile: destroyed %s on %s (cloned after dynvm gave up)", name, host.display)
+            except (DynvmError, OSError) as e:
+                report.errors.append(f"{name}'s clone on {host.display}: {e}")
+                continue
+            self.leases.forget_clone(host_ref, task)
 
     # -- stopping ----------------------------------------------------------------------
 

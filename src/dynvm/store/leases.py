@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..model import CreatedVm, Lease, NameInUse
 from .db import Database
-from .tables import ACTIVE_STATES, host_locks, leases, replicas, reservations
+from .tables import ACTIVE_STATES, abandoned_clones, host_locks, leases, replicas, reservations
 
 LEASE_FIELDS = [c.name for c in leases.columns]
 
@@ -176,3 +176,27 @@ class LeaseStore:
     def remember_vm(self, lease_id: str, vm_ref: str) -> None:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(vm_ref=vm_ref))
+
+    # -- clones left behind on hosts that stopped answering ----------------------------
+
+    def abandon_clone(self, host_ref: str, task: str, lease_id: str, name: str, now: float) -> None:
+        """Remember a clone task dynvm stopped waiting for (its host stopped answering)."""
+        row = {"host_ref": host_ref, "task": task, "lease_id": lease_id, "name": name, "abandoned_at": now}
+        with self.db.write() as conn:
+            exists = conn.execute(
+                select(abandoned_clones.c.task).where(
+                    abandoned_clones.c.host_ref == host_ref, abandoned_clones.c.task == task
+                )
+            ).first()
+            if exists is None:
+                conn.execute(insert(abandoned_clones).values(**row))
+
+    def abandoned_clones(self) -> list[dict[str, object]]:
+        with self.db.read() as conn:
+            return [dict(row._mapping) for row in conn.execute(select(abandoned_clones))]
+
+    def forget_clone(self, host_ref: str, task: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                delete(abandoned_clones).where(abandoned_clones.c.host_ref == host_ref, abandoned_clones.c.task == task)
+            )

@@ -117,3 +117,17 @@ replicas = Table(
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
 )
+
+# A clone still running on a host when that host stopped answering: when it ends, the VM it
+# made has no dynvm marker yet (the marker is added once the clone returns). Reconcile finds
+# that VM through the task once the host answers again, marks it and destroys it. No foreign
+# key: the lease may be long closed (or moved to another host) by then.
+abandoned_clones = Table(
+    "abandoned_clones",
+    metadata,
+    Column("host_ref", String(16), primary_key=True),
+    Column("task", String(128), primary_key=True),
+    Column("lease_id", String(36), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("abandoned_at", Float, nullable=False),
+)

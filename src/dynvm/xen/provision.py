@@ -374,9 +374,11 @@ class Provisioner:
                     raise
 
     def adopt_clone(self, task: str, lease_id: str, wait: float = 120.0) -> str | None:
-        """After a crash: the VM a clone task of ours made (waiting up to ``wait`` seconds
-        for a clone still running), marked as that lease's so that reconcile removes it.
-        None when the task is gone (xapi forgets finished tasks) or failed."""
+        """The VM a clone task of ours made after dynvm stopped waiting for it (a crash, or
+        a host that stopped answering), marked as that lease's so that it can be destroyed.
+        Waits up to ``wait`` seconds for a clone still running, then raises
+        ``ProvisionError`` (ask again later). None when the task is gone (xapi forgets
+        finished tasks) or failed: there is no VM to find."""
         with self.pool.session() as xapi:
             deadline = self.clock() + wait
             token = ""
@@ -392,8 +394,8 @@ class Provisioner:
                     return None  # no such task (any more)
                 token = batch["token"]
                 record = snapshots[-1] if snapshots else record
-                if self.clock() > deadline:
-                    return None
+                if self.clock() > deadline and record is not None and record.get("status") == "pending":
+                    raise ProvisionError(f"clone task {task} is still running", self.host.ref)
             with contextlib.suppress(XenAPI.Failure):
                 xapi.task.destroy(task)
             if record.get("status") != "success" or not record.get("result"):
