@@ -18,6 +18,7 @@ from dynvm.xen.provision import MARKER_KEY
 
 from ..sim.simtools import wait_for
 from ..store.test_db import schema_drift
+from ..store.test_history import check_stats_and_query
 
 GiB = 1024**3
 
@@ -56,6 +57,13 @@ def test_the_schema_behaves_as_on_sqlite(fresh_pg):
     store.finish([first.id], "released", 3.0)
     with db.write() as conn:
         store.insert(conn, [lease("same")])  # a released name may be used again
+    db.close()
+
+
+def test_history_stats_and_queries_agree_with_sqlite(fresh_pg):
+    db = Database(fresh_pg)
+    db.migrate()
+    check_stats_and_query(db)
     db.close()
 
 

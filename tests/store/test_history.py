@@ -130,6 +130,53 @@ def test_documents_reach_the_sink_and_an_outage_is_retried(tmp_path: Path):
     assert store.get(lease().vm_uuid) == deleted
 
 
+def check_stats_and_query(db: Database) -> None:
+    """Twenty CentOS VMs taking 1..20 s to create, each living 600 s; one Windows VM still
+    alive. Shared by the SQLite test here and the PostgreSQL one in tests/pg."""
+    clock = FakeClock()
+    store = HistoryStore(db, None, clock)
+    for n in range(1, 21):
+        made = lease(
+            id=f"l{n}",
+            vm_uuid=str(uuid.UUID(int=n)),
+            username="ann" if n <= 5 else "bob",
+            create_seconds=float(n),
+            ready_at=clock.now,
+        )
+        store.record_created(made, "172.23.0.10")
+        clock.advance(600)
+        store.record_deleted(made, 2.0)
+    windows = lease(id="w", vm_uuid=str(uuid.UUID(int=99)), os="windows", username="ann", create_seconds=300.0)
+    store.record_created(windows, "172.23.0.10")
+    stats = store.stats()
+    assert stats["per_os"]["centos"] == {
+        "vms_created": 20,
+        "mean_create_secs": 10.5,
+        "p95_create_secs": 19.0,  # nearest rank: the 19th of 20
+        "mean_lifetime_secs": 600.0,
+    }
+    assert stats["per_os"]["windows"] == {
+        "vms_created": 1,
+        "mean_create_secs": 300.0,
+        "p95_create_secs": 300.0,
+        "mean_lifetime_secs": None,  # still alive
+    }
+    assert stats["per_user"] == {
+        "ann": {"vms_created": 6, "vm_hours": round(5 * 600 / 3600, 2)},
+        "bob": {"vms_created": 15, "vm_hours": round(15 * 600 / 3600, 2)},
+    }
+    page, total = store.query(user="bob", state="deleted", limit=4, offset=2)
+    assert total == 15
+    assert [d["create_duration_secs"] for d in page] == [18, 17, 16, 15]  # newest first
+
+
+def test_stats_and_queries_are_answered_by_the_database(tmp_path: Path):
+    db = Database(f"sqlite:///{tmp_path / 'h.db'}")
+    db.migrate()
+    check_stats_and_query(db)
+    db.close()
+
+
 @pytest.mark.skipif(not os.environ.get("DYNVM_TEST_COUCHBASE_URL"), reason="set DYNVM_TEST_COUCHBASE_URL to run")
 def test_documents_land_in_a_real_couchbase_bucket(tmp_path: Path):
     """DYNVM_TEST_COUCHBASE_URL=couchbase://user:password@host/bucket"""
