@@ -27,7 +27,9 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, config: Path, db: Path, *extra: str, port: int | None = None) -> None:
+    """A ``dynvm serve`` process; ``db`` is a SQLite file or a database URL."""
+
+    def __init__(self, config: Path, db: Path | str, *extra: str, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
@@ -39,7 +41,7 @@ class ServeProcess:
                 "--config",
                 str(config),
                 "--db",
-                f"sqlite:///{db}",
+                db if isinstance(db, str) else f"sqlite:///{db}",
                 "--port",
                 str(self.port),
                 "--log-level",
@@ -63,6 +65,13 @@ class ServeProcess:
                 self.process.kill()
                 pytest.fail("dynvm serve did not answer /healthz within 60 s")
             time.sleep(0.1)
+
+    def metric(self, name: str) -> float:
+        """A metric without labels, read from the process's ``/metrics``."""
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+        raise KeyError(name)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.process.send_signal(sig)

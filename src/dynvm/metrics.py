@@ -83,3 +83,8 @@ class _Gauges(Collector):
         for os in services.current_settings().os_keys:
             capacity.add_metric([os], services.leases.available_count(os))
         yield capacity
+        leader = GaugeMetricFamily(
+            "dynvm_leader", "1 if this replica runs the reaper, reconcile and history export (one replica does)"
+        )
+        leader.add_metric([], 1.0 if services.leadership.leading else 0.0)
+        yield leader

@@ -6,6 +6,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from dynvm.leases import LeaseRequest
@@ -19,6 +20,7 @@ from dynvm.xen.provision import MARKER_KEY
 from ..sim.simtools import wait_for
 from ..store.test_db import schema_drift
 from ..store.test_history import check_stats_and_query
+from ..test_serve import ServeProcess
 
 GiB = 1024**3
 
@@ -111,3 +113,24 @@ def test_the_leader_runs_expiry_and_another_takes_over_when_it_dies(make_service
     wait_for(lambda: b.leadership.is_leader(), timeout=30)  # ... another takes over ...
     wait_for(lambda: b.leases.leases.get(doomed.id).state == "expired", timeout=30)  # ... and expiry goes on
     assert not any(r["name_label"] == "doomed" for r in lab.xapi().VM.get_all_records().values())
+
+
+def test_kill_9_of_the_leader_process_moves_expiry_to_the_other(sim_lab, fresh_pg):
+    """Real processes: the leader dies without a word (its database connection just
+    closes); the other replica takes the advisory lock and expires what was due."""
+    lab = sim_lab()
+    leader = ServeProcess(lab.settings.source, fresh_pg)
+    other = ServeProcess(lab.settings.source, fresh_pg)
+    try:
+        assert (leader.metric("dynvm_leader"), other.metric("dynvm_leader")) == (1.0, 0.0)
+        answer = httpx.get(f"{other.url}/getservers/doomed", params={"expiresin": "0.05"}, timeout=60)  # 3 s
+        assert answer.status_code == 200, answer.text
+        leader.process.kill()
+        leader.process.wait(timeout=30)
+        wait_for(lambda: other.metric("dynvm_leader") == 1.0, timeout=30)
+        wait_for(lambda: httpx.get(f"{other.url}/api/v1/leases/doomed").status_code == 404, timeout=30)
+        assert not any(r["name_label"] == "doomed" for r in lab.xapi().VM.get_all_records().values())
+    finally:
+        if leader.process.poll() is None:
+            leader.process.kill()
+        assert other.stop() == 0

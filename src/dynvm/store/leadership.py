@@ -49,6 +49,12 @@ class Leadership:
                 self._drop()
                 return self._set(False)
 
+    @property
+    def leading(self) -> bool:
+        """The outcome of the last ``is_leader()``, without touching the database (for
+        metrics: a scrape must never take or drop the lock)."""
+        return self._leading
+
     def _set(self, leading: bool) -> bool:
         if leading != self._leading:
             log.info(
