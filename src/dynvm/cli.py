@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -373,9 +374,14 @@ def token_create_command(
 def token_list_command(config: ConfigOption = None, db: DbOption = None) -> None:
     """List tokens (never the tokens themselves)."""
     console = Console()
-    table = Table()
-    for column in ("id", "user", "admin", "created", "last used"):
-        table.add_column(column)
+    table = Table(box=box.SIMPLE)
+    # the id and the user whole, even in an 80-column terminal ('revoke' needs the id); the
+    # times wrap at their space
+    table.add_column("id", no_wrap=True)
+    table.add_column("user", no_wrap=True)
+    table.add_column("admin")
+    for column in ("created", "last used"):
+        table.add_column(column, min_width=10, overflow="fold")
     for info in _token_store(config, db, console).list():
         table.add_row(info.id, info.user, "yes" if info.admin else "", _when(info.created_at), _when(info.last_used_at))
     console.print(table)
