@@ -272,6 +272,45 @@ def test_a_dead_replicas_creates_are_failed_once_its_heartbeat_is_stale(make_ser
     assert dynvm_vms(lab) == {}
 
 
+def test_a_clone_that_outlasts_the_start_up_wait_is_left_to_reconcile(make_services, sim_lab, monkeypatch):
+    """A dead process's clone still runs when recover looks: start-up does not wait for it
+    beyond its budget (here none); reconcile removes the VM once the clone has ended."""
+    import dynvm.leases
+    from dynvm.model import Lease
+
+    monkeypatch.setattr(dynvm.leases, "RECOVER_CLONE_WAIT", 0.0)
+    lab = sim_lab(timing=Timing(clone_seconds=1.0))
+    services, _ = make_services(lab=lab)
+    xapi = lab.xapi()
+    template = xapi.VM.get_by_name_label("tmpl-cnt7.7")[0]
+    task = xapi.Async.VM.clone(template, "slowclone")  # as the dead process began it
+    lease = Lease(
+        id="lease-slow",
+        request_id="req-slow",
+        name="slowclone",
+        username="slowclone",
+        os="centos",
+        host_ref="1",
+        state="creating",
+        cpus=4,
+        memory=4 * GiB,
+        disk=35 * GiB,
+        created_at=1.0,
+        expires_at=3601.0,
+        owner="gone#1",  # never beat: dead
+        template="tmpl-cnt7.7",
+        vm_ref=f"task/{task}",
+    )
+    with services.db.write() as conn:
+        services.leases.leases.insert(conn, [lease])
+    assert services.leases.recover() == ["slowclone"]  # failed at once, its clone remembered
+    assert services.leases.leases.abandoned_clones()[0]["task"] == task
+    wait_for(lambda: xapi.task.get_status(task) == "success", timeout=10)
+    assert services.leases.reconcile().orphans_destroyed == ["slowclone"]
+    assert "slowclone" not in {r["name_label"] for r in xapi.VM.get_all_records().values()}
+    assert services.leases.leases.abandoned_clones() == []
+
+
 def leave_a_crashed_create(store, lab, lease_id: str, name: str, owner: str, created_at: float):  # type: ignore[no-untyped-def]
     """What a process that died mid-create leaves: its lease row in 'creating', and a
     running VM with its marker on host 1."""

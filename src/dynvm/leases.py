@@ -54,6 +54,7 @@ VANISH_GRACE = 30.0  # seconds a new lease's VM may take to show in the mirror
 CLONE_TASK = "task/"  # a lease's vm_ref while its clone runs: "task/<xapi task ref>"
 REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats every 2 s)
 ADOPT_WAIT = 5.0  # seconds reconcile waits on a clone still running before it moves on
+RECOVER_CLONE_WAIT = 30.0  # seconds start-up waits, in all, for clones a dead process left running
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
 
 
@@ -532,12 +533,15 @@ class LeaseService:
         alive = {owner for owner in alive if owner == self.owner or owner.partition("#")[0] != me}  # my past lives
         stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
         settings = self.settings
+        # clones still running get this long in all; the rest are left to reconcile's passes
+        give_up_at = time.monotonic() + RECOVER_CLONE_WAIT
         for lease in stale:  # a clone that was still running when its process died
             host = settings.host(lease.host_ref)
             if host is not None and (lease.vm_ref or "").startswith(CLONE_TASK):
                 try:
                     provisioner = self._provisioner(settings, host)
-                    vm = provisioner.adopt_clone(lease.vm_ref.removeprefix(CLONE_TASK), lease.id)
+                    wait_for_it = max(0.0, give_up_at - time.monotonic())
+                    vm = provisioner.adopt_clone(lease.vm_ref.removeprefix(CLONE_TASK), lease.id, wait=wait_for_it)
                     if vm:
                         log.warning("recover: %s's clone ended after its process died; removing it", lease.name)
                         provisioner.destroy(vm, lease.id)
