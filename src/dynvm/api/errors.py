@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model import DynvmError, LeaseError
@@ -28,11 +29,21 @@ TITLES = {
 }
 
 
+DATABASE_DOWN = "dynvm's database does not answer; try again in a moment (the service log says why)"
+
+
+def database_unreachable(error: Exception) -> bool:
+    """The database is down or unreachable (not a bug in a query): the caller may retry."""
+    return isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated)
+
+
 def status_of(error: Exception) -> int:
     if isinstance(error, LeaseError):
         return error.status
     if isinstance(error, DynvmError):
         return 502
+    if database_unreachable(error):
+        return 503
     return 500
 
 
@@ -51,12 +62,21 @@ def render_exception(request_path: str, error: Exception) -> Response:
     if status == 500:
         log.exception("unexpected error", exc_info=error)
         return render(request_path, 500, "internal error; the service log has the details")
+    if database_unreachable(error):
+        log.error("the database does not answer: %s", str(error).splitlines()[0])
+        return render(request_path, 503, DATABASE_DOWN)
     return render(request_path, status, str(error))
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(DynvmError)
     async def dynvm_error(request: Request, error: DynvmError) -> Response:
+        return render_exception(request.url.path, error)
+
+    # Its own handler, not the catch-all below: what reaches the catch-all is answered, then
+    # re-raised to the server, which logs a traceback and closes the connection.
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, error: DBAPIError) -> Response:
         return render_exception(request.url.path, error)
 
     @app.exception_handler(RequestValidationError)
