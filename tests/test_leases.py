@@ -276,7 +276,6 @@ def test_a_clone_that_outlasts_the_start_up_wait_is_left_to_reconcile(make_servi
     """A dead process's clone still runs when recover looks: start-up does not wait for it
     beyond its budget (here none); reconcile removes the VM once the clone has ended."""
     import dynvm.leases
-    from dynvm.model import Lease
 
     monkeypatch.setattr(dynvm.leases, "RECOVER_CLONE_WAIT", 0.0)
     lab = sim_lab(timing=Timing(clone_seconds=1.0))
@@ -284,23 +283,7 @@ def test_a_clone_that_outlasts_the_start_up_wait_is_left_to_reconcile(make_servi
     xapi = lab.xapi()
     template = xapi.VM.get_by_name_label("tmpl-cnt7.7")[0]
     task = xapi.Async.VM.clone(template, "slowclone")  # as the dead process began it
-    lease = Lease(
-        id="lease-slow",
-        request_id="req-slow",
-        name="slowclone",
-        username="slowclone",
-        os="centos",
-        host_ref="1",
-        state="creating",
-        cpus=4,
-        memory=4 * GiB,
-        disk=35 * GiB,
-        created_at=1.0,
-        expires_at=3601.0,
-        owner="gone#1",  # never beat: dead
-        template="tmpl-cnt7.7",
-        vm_ref=f"task/{task}",
-    )
+    lease = a_creating_lease("lease-slow", "slowclone", "gone#1", 1.0, vm_ref=f"task/{task}")  # never beat: dead
     with services.db.write() as conn:
         services.leases.leases.insert(conn, [lease])
     assert services.leases.recover() == ["slowclone"]  # failed at once, its clone remembered
@@ -311,12 +294,11 @@ def test_a_clone_that_outlasts_the_start_up_wait_is_left_to_reconcile(make_servi
     assert services.leases.leases.abandoned_clones() == []
 
 
-def leave_a_crashed_create(store, lab, lease_id: str, name: str, owner: str, created_at: float):  # type: ignore[no-untyped-def]
-    """What a process that died mid-create leaves: its lease row in 'creating', and a
-    running VM with its marker on host 1."""
+def a_creating_lease(lease_id: str, name: str, owner: str, created_at: float, vm_ref: str | None = None):  # type: ignore[no-untyped-def]
+    """A lease row as a create in progress writes it (on host 1)."""
     from dynvm.model import Lease
 
-    lease = Lease(
+    return Lease(
         id=lease_id,
         request_id=f"req-{lease_id}",
         name=name,
@@ -331,7 +313,14 @@ def leave_a_crashed_create(store, lab, lease_id: str, name: str, owner: str, cre
         expires_at=created_at + 3600,
         owner=owner,
         template="tmpl-cnt7.7",
+        vm_ref=vm_ref,
     )
+
+
+def leave_a_crashed_create(store, lab, lease_id: str, name: str, owner: str, created_at: float):  # type: ignore[no-untyped-def]
+    """What a process that died mid-create leaves: its lease row in 'creating', and a
+    running VM with its marker on host 1."""
+    lease = a_creating_lease(lease_id, name, owner, created_at)
     with store.db.write() as conn:
         store.insert(conn, [lease])
     xapi = lab.xapi()
