@@ -357,7 +357,7 @@ class LeaseService:
                 return self._create_on(settings, lease)
             except ProvisionError as e:
                 if e.unreachable:
-                    self._abandon_clone(lease)
+                    self._abandon_clone(self.leases.get(lease.id) or lease)  # its vm_ref as the create left it
                 if pinned or not e.unreachable:
                     raise
                 moved = self._move(settings, lease, exclude=tried)
@@ -369,14 +369,14 @@ class LeaseService:
                 lease = moved
 
     def _abandon_clone(self, lease: Lease) -> None:
-        """The lease's host stopped answering: if a clone was running there, it may still end
-        and leave a VM without dynvm's marker. Remember its task for ``reconcile``."""
-        current = self.leases.get(lease.id)
-        vm_ref = (current.vm_ref if current else None) or ""
+        """dynvm stops waiting for this lease's create (its host went silent, or the process
+        that ran it died): if a clone was running, it may still end and leave a VM without
+        dynvm's marker. Remember its task for ``_collect_abandoned_clones``."""
+        vm_ref = lease.vm_ref or ""
         if vm_ref.startswith(CLONE_TASK):
             task = vm_ref.removeprefix(CLONE_TASK)
             self.leases.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.clock())
-            log.warning("%s: a clone may still run on host %s; reconcile removes it later", lease.name, lease.host_ref)
+            log.warning("%s: a clone may still run on host %s; reconcile removes it", lease.name, lease.host_ref)
 
     def _move(self, settings: Settings, lease: Lease, exclude: set[str]) -> Lease | None:
         with self.leases.db.write() as conn:
@@ -533,23 +533,12 @@ class LeaseService:
         alive = {owner for owner in alive if owner == self.owner or owner.partition("#")[0] != me}  # my past lives
         stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
         settings = self.settings
-        # clones still running get this long in all; the rest are left to reconcile's passes
-        give_up_at = time.monotonic() + RECOVER_CLONE_WAIT
         for lease in stale:  # a clone that was still running when its process died
-            host = settings.host(lease.host_ref)
-            if host is not None and (lease.vm_ref or "").startswith(CLONE_TASK):
-                try:
-                    provisioner = self._provisioner(settings, host)
-                    wait_for_it = max(0.0, give_up_at - time.monotonic())
-                    vm = provisioner.adopt_clone(lease.vm_ref.removeprefix(CLONE_TASK), lease.id, wait=wait_for_it)
-                    if vm:
-                        log.warning("recover: %s's clone ended after its process died; removing it", lease.name)
-                        provisioner.destroy(vm, lease.id)
-                except (DynvmError, OSError) as e:
-                    log.warning("recover: cannot look at %s's clone task yet (%s); reconcile will", lease.name, e)
-                    task = lease.vm_ref.removeprefix(CLONE_TASK)
-                    self.leases.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.clock())
+            self._abandon_clone(lease)
         self.leases.finish([lease.id for lease in stale], "failed", self.clock(), "dynvm stopped during the create")
+        if stale:  # their clones get RECOVER_CLONE_WAIT in all; what still runs is left to reconcile
+            give_up_at = time.monotonic() + RECOVER_CLONE_WAIT
+            self._collect_abandoned_clones(settings, ReconcileReport(), give_up_at=give_up_at)
         for lease in self.leases.in_state("releasing"):
             if lease.owner in alive and lease.owner != self.owner:
                 continue
@@ -597,10 +586,14 @@ class LeaseService:
         self._report("reconciled", report)
         return report
 
-    def _collect_abandoned_clones(self, settings: Settings, report: ReconcileReport) -> None:
-        """Clones dynvm stopped waiting for: once their host answers, find the VM each made
-        (through its task), mark it and destroy it. A clone still running is looked at again
-        on the next pass; a task xapi no longer knows left no VM to find."""
+    def _collect_abandoned_clones(
+        self, settings: Settings, report: ReconcileReport, give_up_at: float | None = None
+    ) -> None:
+        """Clones dynvm stopped waiting for (its host went silent, or its process died):
+        once their host answers, find the VM each made (through its task), mark it and
+        destroy it. A clone still running is waited for ``ADOPT_WAIT`` seconds, or until
+        ``give_up_at`` (monotonic) when given, then looked at again on the next pass; a task
+        xapi no longer knows left no VM to find."""
         for row in self.leases.abandoned_clones():
             host_ref, task, lease_id, name = (str(row[k]) for k in ("host_ref", "task", "lease_id", "name"))
             host = settings.host(host_ref)
@@ -613,12 +606,14 @@ class LeaseService:
                 continue
             try:
                 provisioner = self._provisioner(settings, host)
-                vm = provisioner.adopt_clone(task, lease_id, wait=ADOPT_WAIT)
+                wait = ADOPT_WAIT if give_up_at is None else max(0.0, give_up_at - time.monotonic())
+                vm = provisioner.adopt_clone(task, lease_id, wait=wait)
                 if vm is not None:
                     provisioner.destroy(vm, lease_id)
                     report.orphans_destroyed.append(name)
                     log.warning("reconcile: destroyed %s on %s (cloned after dynvm gave up)", name, host.display)
             except (DynvmError, OSError) as e:
+                log.warning("reconcile: cannot look at %s's clone on %s yet (%s)", name, host.display, e)
                 report.errors.append(f"{name}'s clone on {host.display}: {e}")
                 continue
             self.leases.forget_clone(host_ref, task)
