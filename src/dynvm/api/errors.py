@@ -42,8 +42,6 @@ def status_of(error: Exception) -> int:
         return error.status
     if isinstance(error, DynvmError):
         return 502
-    if database_unreachable(error):
-        return 503
     return 500
 
 
@@ -58,13 +56,13 @@ def render(request_path: str, status: int, detail: str) -> Response:
 
 
 def render_exception(request_path: str, error: Exception) -> Response:
+    if database_unreachable(error):
+        log.error("the database does not answer: %s", str(error).splitlines()[0])
+        return render(request_path, 503, DATABASE_DOWN)
     status = status_of(error)
     if status == 500:
         log.exception("unexpected error", exc_info=error)
         return render(request_path, 500, "internal error; the service log has the details")
-    if database_unreachable(error):
-        log.error("the database does not answer: %s", str(error).splitlines()[0])
-        return render(request_path, 503, DATABASE_DOWN)
     return render(request_path, status, str(error))
 
 
