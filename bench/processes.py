@@ -53,40 +53,40 @@ def sim_process(config: Path, *flags: str, timeout: float = 120) -> Iterator[sub
         _stop(process)
 
 
+def serve_argv(config: Path, db: Path | str, port: int, *extra: str) -> list[str]:
+    """``dynvm serve`` on 127.0.0.1:``port``; ``db`` is a SQLite file or a database URL."""
+    url = db if isinstance(db, str) else f"sqlite:///{db}"
+    return [
+        *(sys.executable, "-m", "dynvm", "serve", "--config", str(config), "--db", url),
+        *("--port", str(port), "--log-level", "warning", *extra),
+    ]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Return once ``url``/healthz answers; ``RuntimeError`` if the process exits first or
+    ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError("dynvm serve exited")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"dynvm serve did not answer /healthz within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def serve_process(config: Path, db: Path, timeout: float = 60) -> Iterator[str]:
     """``dynvm serve`` on a free port; yields its base URL once /healthz answers."""
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dynvm",
-            "serve",
-            "--config",
-            str(config),
-            "--db",
-            f"sqlite:///{db}",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = subprocess.Popen(serve_argv(config, db, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dynvm serve did not start")
-            time.sleep(0.1)
+        wait_healthy(url, process, timeout)
         yield url
     finally:
         _stop(process)

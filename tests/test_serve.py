@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from bench.processes import free_port, serve_argv, wait_healthy
 
 from dynvm.sim.settings import Timing
 from dynvm.xen.provision import MARKER_KEY
 
 from .sim.simtools import wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ServeProcess:
@@ -33,38 +27,13 @@ class ServeProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dynvm",
-                "serve",
-                "--config",
-                str(config),
-                "--db",
-                db if isinstance(db, str) else f"sqlite:///{db}",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            serve_argv(config, db, self.port, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"dynvm serve exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).text == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.process.kill()
-                pytest.fail("dynvm serve did not answer /healthz within 60 s")
-            time.sleep(0.1)
+        try:
+            wait_healthy(self.url, self.process, timeout=60)
+        except RuntimeError as e:
+            self.process.kill()
+            pytest.fail(f"{e}: {self.process.communicate()[0]}")
 
     def metric(self, name: str) -> float:
         """A metric without labels, read from the process's ``/metrics``."""
