@@ -190,19 +190,30 @@ def serve_command(
     shutdown_grace: Annotated[
         float, typer.Option(min=0, help="On SIGTERM, seconds creates in flight may finish before they are rolled back.")
     ] = 30.0,
+    request_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a client has to send a whole request before it is cut off.")
+    ] = 30.0,
 ) -> None:
-    """Serve the dynvm API (no debugger, no auto-reload). SIGTERM stops it cleanly."""
+    """Serve the dynvm API (no debugger, no auto-reload). SIGTERM stops it cleanly.
+
+    The port is bound, and the config checked, before anything touches a Xen host."""
     import socket
 
     import uvicorn
 
     from .api.app import create_app
+    from .api.server import PortTaken, bind, protocol_with_request_timeout
     from .config import ConfigError, locate_config
     from .runtime import Intervals, build_services
 
     console = Console(stderr=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load_or_exit(config, console)  # a clear message and exit code 2 for an invalid file
+    try:
+        listener = bind(host, port)
+    except PortTaken as e:
+        console.print(f"Error: {e} (is another dynvm serve running?)", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     try:
         # uvicorn gives requests in flight the grace period (a create that finishes in time is
         # answered); what is still running after it is cancelled and rolled back at once.
@@ -229,13 +240,14 @@ def serve_command(
             reload=False,
             timeout_graceful_shutdown=max(1, round(shutdown_grace)),
             lifespan="on",
+            http=protocol_with_request_timeout(request_timeout),
         )
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; with these
     # handlers in place that ends here instead of killing the process: a clean stop exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    server.run()
+    server.run(sockets=[listener])
     if not server.started:
         raise typer.Exit(1)
 

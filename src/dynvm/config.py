@@ -26,7 +26,14 @@ HOST_SECTION = re.compile(r"^xenhost([1-9][0-9]*)$")
 OS_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
-KNOWN_COMMON_KEYS = {"vm.expiry.minutes", "vm.network.timeout.secs", "cpu.overcommit", "db.url"}
+KNOWN_COMMON_KEYS = {
+    "vm.expiry.minutes",
+    "vm.network.timeout.secs",
+    "cpu.overcommit",
+    "db.url",
+    "orphan.quarantine.hours",
+}
+DEFAULT_QUARANTINE_HOURS = 24.0
 KNOWN_AUTH_KEYS = {"required"}
 KNOWN_QUOTA_KEYS = {"max.count.per.request", "vms.per.user", "memory.gib.per.user"}
 KNOWN_COUCHBASE_KEYS = {"couchbase.server", "couchbase.bucket", "couchbase.username", "couchbase.userpassword"}
@@ -92,6 +99,9 @@ class CommonSettings:
     network_timeout_secs: float = DEFAULT_NETWORK_TIMEOUT_SECS
     cpu_overcommit: float = 1.0
     db_url: str | None = None
+    # how long a VM of this installation that its database does not know is kept halted
+    # before it is destroyed (0: destroyed at once)
+    quarantine_hours: float = DEFAULT_QUARANTINE_HOURS
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,11 @@ def load_settings(path: Path) -> Settings:
     return _Reader(path, parser).settings()
 
 
+def _without_credentials(url: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://***@host``."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", url)
+
+
 def _without_values(error: configparser.Error) -> str:
     # configparser quotes offending lines, which could hold a password: keep only the reason.
     text = str(error).splitlines()[0]
@@ -252,6 +267,9 @@ class _Reader:
             network_timeout_secs=self.number("common", values, "vm.network.timeout.secs", DEFAULT_NETWORK_TIMEOUT_SECS),
             cpu_overcommit=self.number("common", values, "cpu.overcommit", 1.0),
             db_url=values.get("db.url", "").strip() or None,
+            quarantine_hours=self.number(
+                "common", values, "orphan.quarantine.hours", DEFAULT_QUARANTINE_HOURS, allow_zero=True
+            ),
         )
 
     def auth(self) -> AuthSettings:
@@ -348,16 +366,18 @@ class _Reader:
         )
 
     def host_url(self, section: str, name: str) -> str:
-        """A bare address means xapi's default, HTTPS on 443; a URL is taken as given."""
+        """A bare address means xapi's default, HTTPS on 443; a URL is taken as given.
+        Errors quote the value without any ``user:password@`` written into it."""
         if "://" not in name:
             name = f"https://{name}"
         parsed = urllib.parse.urlsplit(name)
+        shown = _without_credentials(name)
         try:
             parsed.port  # noqa: B018 - raises on a bad port
         except ValueError:
-            raise self.error(section, "host.name", f"has a bad port: {name!r}") from None
+            raise self.error(section, "host.name", f"has a bad port: {shown!r}") from None
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise self.error(section, "host.name", f"must be an address or an http(s) URL, not {name!r}")
+            raise self.error(section, "host.name", f"must be an address or an http(s) URL, not {shown!r}")
         if parsed.username or parsed.password:
             raise self.error(section, "host.name", "must not hold credentials: use host.user and host.password")
         return name.rstrip("/")

@@ -14,6 +14,7 @@ flight are cancelled and rolled back).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from .model import (
     BadRequest,
     CreatedVm,
     CreateFailed,
-    DynvmError,
+    DestroyFailed,
     Forbidden,
     Lease,
     LeaseError,
@@ -45,8 +46,9 @@ from .requests import RequestTracker
 from .store.history import HistoryStore, origin_of
 from .store.leases import LeaseStore
 from .store.tables import ACTIVE_STATES
-from .xen.inventory import HostState, Inventory
-from .xen.provision import MARKER_KEY, Provisioner
+from .xen.inventory import HostState, HostView, Inventory, VmView
+from .xen.marker import Ownership, lease_of, ownership, quarantined_at
+from .xen.provision import DestroyResult, Provisioner
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats eve
 ADOPT_WAIT = 5.0  # seconds reconcile waits on a clone still running before it moves on
 RECOVER_CLONE_WAIT = 30.0  # seconds start-up waits, in all, for clones a dead process left running
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
+CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to another host if one has room
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,43 @@ class ReconcileReport:
     orphans_destroyed: list[str] = field(default_factory=list)  # VM names
     vanished: list[str] = field(default_factory=list)  # lease names closed
     failed_creates: list[str] = field(default_factory=list)  # creates of a dead process
+    quarantined: list[str] = field(default_factory=list)  # VMs (and disks) this database does not know
+    disks_destroyed: list[str] = field(default_factory=list)  # uuids of disks no VM or lease held
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReleaseOutcome:
+    """What a release did, name by name.
+
+    ``released``: gone, VM and disks. ``finishing``: the user's part is done, and dynvm
+    finishes the rest in the background (a disk that would not go yet, or a release
+    another process is doing): name -> sentence. ``failed``: the VM could not be
+    destroyed; the lease stays ``releasing`` and reconcile tries again: name -> sentence."""
+
+    released: list[str] = field(default_factory=list)
+    finishing: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """Every name the release took on (the seed's answer)."""
+        return sorted([*self.released, *self.finishing, *self.failed])
+
+    def add(self, other: ReleaseOutcome) -> None:
+        self.released.extend(other.released)
+        self.finishing.update(other.finishing)
+        self.failed.update(other.failed)
+
+
+@dataclass(frozen=True)
+class QuarantinedVm:
+    name: str
+    uuid: str
+    host_ref: str
+    lease_id: str
+    quarantined_at: float
+    destroy_at: float
 
 
 def vm_names(username: str, count: int) -> list[str]:
@@ -134,6 +173,13 @@ class LeaseService:
         self._idle = threading.Condition()
         self.tracker = tracker or RequestTracker(clock=clock)
         self.events = events or LeaseEvents()
+        self._releasing: set[str] = set()  # lease ids this process is destroying right now
+        self._releasing_lock = threading.Lock()
+
+    @functools.cached_property
+    def installation(self) -> str:
+        """This installation's id, written into the marker of every VM and disk it makes."""
+        return self.leases.installation_id()
 
     @property
     def settings(self) -> Settings:
@@ -338,35 +384,71 @@ class LeaseService:
             else:
                 failed.append((lease, error))
         if not failed:
-            return ready
+            handed = self.leases.hand_over([lease.id for lease in ready], self.clock())
+            if handed is not None:
+                return handed
+            # only a process that died and left the request to recover ends a ready lease
+            # before its hand-over; nothing that is not alive is ever handed out
+            gone = [lease for lease in ready if (self.leases.get(lease.id) or lease).state != "ready"]
+            self._roll_back(settings, [lease for lease in ready if lease not in gone], "another VM of it was ended")
+            raise CreateFailed(
+                f"{', '.join(lease.name for lease in gone)} ended before the request could hand it over; "
+                "the request's other VMs were removed: ask again"
+            )
         for lease, error in failed:
             self.leases.finish([lease.id], "failed", self.clock(), str(error))
-        self._destroy_all(settings, ready, "failed", reason="another VM of its request failed")  # all or nothing
+        self._roll_back(settings, ready, "another VM of its request failed")  # all or nothing
         first_lease, first_error = failed[0]
         host = settings.host(first_lease.host_ref)
         where = host.display if host else f"host {first_lease.host_ref}"
         others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
         raise CreateFailed(f"could not create {first_lease.name} on {where}: {first_error}{others}")
 
+    def _roll_back(self, settings: Settings, ready: list[Lease], reason: str) -> None:
+        """Destroy the ready VMs of a request that failed. They go through ``releasing``
+        first, so a destroy that fails now is redone by reconcile, never forgotten."""
+        moved = self.leases.set_state([lease.id for lease in ready], "releasing", ["ready"], owner=self.owner)
+        self._destroy_all(settings, [lease for lease in ready if lease.id in moved], "failed", reason=reason)
+
     def _create_one(self, settings: Settings, lease: Lease, pinned: bool = False) -> Lease:
-        """Create one VM; if its host stops answering and the request did not pin a host,
-        move the lease to the host with most room among those not tried yet."""
+        """Create one VM. Unpinned, it may move: when its host stops answering, to the host
+        with most room among those not tried yet; when its host's guests get no usable IP
+        (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
+        failed xapi call is retried where it happened."""
         tried = {lease.host_ref}
+        attempts_left = CREATE_ATTEMPTS
+        attempts = attempts_left if pinned else attempts_left - 1  # unpinned: one is kept for elsewhere
         while True:
             try:
-                return self._create_on(settings, lease)
+                return self._create_on(settings, lease, attempts)
             except ProvisionError as e:
                 if e.unreachable:
                     self._abandon_clone(self.leases.get(lease.id) or lease)  # its vm_ref as the create left it
-                if pinned or not e.unreachable:
+                if e.exhausted:
+                    attempts_left -= attempts
+                    attempts = attempts_left
+                    if attempts_left <= 0 and len(tried) > 1:
+                        hosts = ", ".join(sorted(tried))
+                        raise ProvisionError(
+                            f"{e} ({CREATE_ATTEMPTS} attempts in all, on hosts {hosts})", e.host
+                        ) from None
+                    if attempts_left <= 0:
+                        raise
+                    if pinned or not e.no_address:
+                        continue  # the last attempt, on the same host
+                elif pinned or not e.unreachable:
                     raise
                 moved = self._move(settings, lease, exclude=tried)
                 if moved is None:
-                    raise ProvisionError(f"{e}; no other host has room for it", e.host, unreachable=True) from None
-                log.warning("%s: host %s stopped answering; trying host %s", lease.name, lease.host_ref, moved.host_ref)
+                    if e.unreachable:
+                        raise ProvisionError(f"{e}; no other host has room for it", e.host, unreachable=True) from None
+                    continue  # no room elsewhere: the last attempt stays here
+                why = "stopped answering" if e.unreachable else "gives its guests no usable IP"
+                log.warning("%s: host %s %s; trying host %s", lease.name, lease.host_ref, why, moved.host_ref)
                 self.tracker.stage(lease.request_id, lease.name, "moved", host=moved.host_ref)
                 tried.add(moved.host_ref)
                 lease = moved
+                attempts = attempts_left
 
     def _abandon_clone(self, lease: Lease) -> None:
         """dynvm stops waiting for this lease's create (its host went silent, or the process
@@ -400,7 +482,7 @@ class LeaseService:
                 choice.need.template,
             )
 
-    def _create_on(self, settings: Settings, lease: Lease) -> Lease:
+    def _create_on(self, settings: Settings, lease: Lease, attempts: int = CREATE_ATTEMPTS) -> Lease:
         host = settings.host(lease.host_ref)
         if host is None:
             raise ProvisionError(f"host {lease.host_ref} was removed from the configuration")
@@ -423,6 +505,7 @@ class LeaseService:
                 progress,
                 cancel=self._cancel,
                 on_clone_task=lambda task: self.leases.remember_vm(lease.id, f"{CLONE_TASK}{task}"),
+                attempts=attempts,
             )
         except Exception as e:
             self.tracker.stage(lease.request_id, lease.name, "failed", error=str(e))
@@ -438,16 +521,19 @@ class LeaseService:
         pool = self.inventory.pool(host.ref)
         if pool is None:
             raise ProvisionError(f"host {host.ref} is not in the inventory")
-        return Provisioner(host, pool, settings.common.network_timeout_secs)
+        return Provisioner(host, pool, settings.common.network_timeout_secs, self.installation)
 
     # -- release and expiry ------------------------------------------------------------
 
-    def release(self, username: str, count: int = 1, caller: Caller = ANONYMOUS) -> list[str]:
-        """Destroy the VMs ``getservers`` made for this user and count; returns the names
-        released. Only dynvm's VMs (a lease and the VM's marker) are touched."""
+    def release(self, username: str, count: int = 1, caller: Caller = ANONYMOUS) -> ReleaseOutcome:
+        """Destroy the VMs ``getservers`` made for this user and count. Only dynvm's VMs (a
+        lease and the VM's marker) are touched."""
         return self.release_names(vm_names(username, count), caller)
 
-    def release_names(self, names: list[str], caller: Caller = ANONYMOUS) -> list[str]:
+    def release_names(self, names: list[str], caller: Caller = ANONYMOUS) -> ReleaseOutcome:
+        """Release these leases and say, name by name, what happened. Retrying is harmless:
+        a release another process is doing is reported as finishing; one that failed
+        earlier (its lease still ``releasing``) is tried again now."""
         held = self.leases.by_name(names)
         for lease in held:
             if not caller.may_touch(lease):
@@ -457,43 +543,97 @@ class LeaseService:
                 f"no VM named {', '.join(names)} is leased from dynvm: nothing to release "
                 "(check the name, and the username and count used with getservers)"
             )
-        creating = [lease.name for lease in held if lease.state == "creating"]
+        creating = [lease.name for lease in held if lease.handed_over_at is None and lease.state != "releasing"]
         if creating and len(creating) == len(held):
             raise NameInUse(f"{', '.join(creating)} still being created: release it once getservers has answered")
-        moved = self.leases.set_state([lease.id for lease in held if lease.state == "ready"], "releasing", ["ready"])
-        if not moved:
-            raise NoSuchLease(f"{', '.join(lease.name for lease in held)} already being released or expiring")
-        released = [lease for lease in held if lease.id in moved]
-        self._destroy_all(self.settings, released, "released")
-        return sorted(lease.name for lease in released)
+        outcome = ReleaseOutcome()
+        alive = self._live_owners()
+        retry = []
+        for lease in held:
+            if lease.state != "releasing":
+                continue
+            if self._is_releasing(lease.id) or (lease.owner in alive and lease.owner != self.owner):
+                outcome.finishing[lease.name] = "already being released; dynvm finishes it in the background"
+            else:
+                retry.append(lease.id)  # an earlier release that failed, or whose process died
+        ready = [lease.id for lease in held if lease.state == "ready" and lease.handed_over_at is not None]
+        moved = self.leases.set_state(ready, "releasing", ["ready"], owner=self.owner)
+        moved += self.leases.set_state(retry, "releasing", ["releasing"], owner=self.owner)
+        taken = [lease for lease in held if lease.id in moved]
+        if not taken and not outcome.finishing:
+            raise NoSuchLease(f"{', '.join(lease.name for lease in held)} already released or expiring")
+        outcome.add(self._destroy_all(self.settings, taken, "released"))
+        return outcome
 
-    def _destroy_all(self, settings: Settings, leases: list[Lease], final_state: str, reason: str = "") -> None:
+    def _is_releasing(self, lease_id: str) -> bool:
+        with self._releasing_lock:
+            return lease_id in self._releasing
+
+    def _live_owners(self) -> set[str]:
+        return self.leases.live_owners(self.clock(), REPLICA_STALE_SECONDS) | {self.owner}
+
+    def _destroy_all(
+        self, settings: Settings, leases: list[Lease], final_state: str, reason: str = ""
+    ) -> ReleaseOutcome:
         """Destroy these leases' VMs side by side: releasing eight VMs, or reaping a hundred,
         takes about as long as the slowest destroy, not the sum. Its own short-lived threads,
         not the create pool, so a release still completes while dynvm stops."""
+        outcome = ReleaseOutcome()
         if len(leases) <= 1:
             for lease in leases:
-                self._destroy(settings, lease, final_state, reason)
-            return
+                outcome.add(self._destroy(settings, lease, final_state, reason))
+            return outcome
         with ThreadPoolExecutor(min(len(leases), DESTROYS_AT_ONCE), thread_name_prefix="destroy") as pool:
-            list(pool.map(lambda lease: self._destroy(settings, lease, final_state, reason), leases))
+            for one in pool.map(lambda lease: self._destroy(settings, lease, final_state, reason), leases):
+                outcome.add(one)
+        return outcome
 
-    def _destroy(self, settings: Settings, lease: Lease, final_state: str, reason: str = "") -> None:
+    def _destroy(self, settings: Settings, lease: Lease, final_state: str, reason: str = "") -> ReleaseOutcome:
+        """Destroy one lease's VM and disks, then end the lease. When the VM cannot be
+        destroyed (its host does not answer, xapi refuses), the lease stays ``releasing``
+        and keeps its name: reconcile tries again within a minute. A disk that will not go
+        does not hold the lease: it keeps dynvm's marker and reconcile destroys it.
+        Never raises for a VM's sake: one failing VM never stops the others."""
+        outcome = ReleaseOutcome()
         started = time.monotonic()
-        host = settings.host(lease.host_ref)
-        if lease.vm_ref and host is not None:
-            try:
-                self._provisioner(settings, host).destroy(lease.vm_ref, lease.id)
-            except NotDynvmVm as e:
-                log.error("%s", e)
-            except DynvmError as e:
-                # the VM stays marked; the reconcile pass destroys it once the host answers
-                log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
-        self.leases.finish([lease.id], final_state, self.clock(), reason or None)
-        current = self.leases.get(lease.id) or lease
-        self.history.record_deleted(current, time.monotonic() - started)
-        self._report("ended", current, final_state)
-        log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
+        with self._releasing_lock:
+            self._releasing.add(lease.id)
+        try:
+            host = settings.host(lease.host_ref)
+            result = DestroyResult(gone_already=True)
+            if lease.vm_ref and not lease.vm_ref.startswith(CLONE_TASK):
+                if host is None:
+                    outcome.failed[lease.name] = (
+                        f"host {lease.host_ref} is no longer configured: {lease.name} is left on it"
+                    )
+                    log.error("%s: %s", lease.name, outcome.failed[lease.name])
+                    return outcome
+                try:
+                    result = self._provisioner(settings, host).destroy(lease.vm_ref, lease.id)
+                except NotDynvmVm as e:
+                    log.error("%s", e)  # never touched; the lease ends (it cannot hold this VM)
+                except Exception as e:
+                    outcome.failed[lease.name] = (
+                        f"could not destroy {lease.name} on {host.display} ({e}); dynvm tries again within a minute"
+                    )
+                    log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
+                    return outcome
+            self.leases.finish([lease.id], final_state, self.clock(), reason or None)
+            if result.disks_left:
+                outcome.finishing[lease.name] = (
+                    f"{lease.name} is gone, but {len(result.disks_left)} of its disk(s) could not be deleted yet "
+                    f"({'; '.join(result.disks_left)}); dynvm deletes them within a minute"
+                )
+            else:
+                outcome.released.append(lease.name)
+            current = self.leases.get(lease.id) or lease
+            self.history.record_deleted(current, time.monotonic() - started)
+            self._report("ended", current, final_state)
+            log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
+            return outcome
+        finally:
+            with self._releasing_lock:
+                self._releasing.discard(lease.id)
 
     def extend(self, name: str, minutes: float, caller: Caller = ANONYMOUS) -> Lease:
         """Move a ready lease's expiry to ``minutes`` from now, capped at the maximum."""
@@ -509,9 +649,10 @@ class LeaseService:
         return self.leases.get(lease.id) or lease
 
     def expire_due(self) -> list[str]:
-        """Destroy every lease past its expiry (the reaper calls this every few seconds)."""
+        """Destroy every lease past its expiry (the reaper calls this every few seconds).
+        Only handed-over leases expire: a request still being made keeps all its VMs."""
         due = self.leases.expired(self.clock())
-        moved = self.leases.set_state([lease.id for lease in due], "releasing", ["ready"])
+        moved = self.leases.set_state([lease.id for lease in due], "releasing", ["ready"], owner=self.owner)
         expired = [lease for lease in due if lease.id in moved]
         self._destroy_all(self.settings, expired, "expired", reason="expired")
         return [lease.name for lease in expired]
@@ -524,11 +665,14 @@ class LeaseService:
 
     def recover(self) -> list[str]:
         """Creates left by a process that died never finish: fail them, so that their VMs
-        become orphans for ``reconcile``. A process is dead when its heartbeat is older than
-        ``REPLICA_STALE_SECONDS``; creates of live replicas are theirs to finish. Releases a
-        dead process left half-done are redone. Runs at start-up and with each reconcile."""
+        become leftovers for ``reconcile``. A process is dead when its heartbeat is older
+        than ``REPLICA_STALE_SECONDS``; creates of live replicas are theirs to finish. A
+        dead process's request whose VMs were all ready is handed over now (its lifetime
+        starts). Releases that are not under way any more (their process died, or the
+        destroy failed) are redone; a release this process is doing right now is left
+        alone. Runs at start-up and with each reconcile."""
         self.heartbeat()
-        alive = self.leases.live_owners(self.clock(), REPLICA_STALE_SECONDS) | {self.owner}
+        alive = self._live_owners()
         me = self.owner.partition("#")[0]
         alive = {owner for owner in alive if owner == self.owner or owner.partition("#")[0] != me}  # my past lives
         stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
@@ -539,17 +683,42 @@ class LeaseService:
         if stale:  # their clones get RECOVER_CLONE_WAIT in all; what still runs is left to reconcile
             give_up_at = time.monotonic() + RECOVER_CLONE_WAIT
             self._collect_abandoned_clones(settings, ReconcileReport(), give_up_at=give_up_at)
+        self._hand_over_orphaned_requests(alive)
+        redo = []
         for lease in self.leases.in_state("releasing"):
-            if lease.owner in alive and lease.owner != self.owner:
+            if lease.owner in alive and (lease.owner != self.owner or self._is_releasing(lease.id)):
                 continue
-            if self.leases.set_state([lease.id], "releasing", ["releasing"]):
-                self._destroy(settings, lease, "released", reason="release finished after a restart")
+            if self.leases.set_state([lease.id], "releasing", ["releasing"], owner=self.owner):
+                redo.append(lease)
+        for lease in redo:
+            final = "expired" if lease.handed_over_at is not None and lease.expires_at <= self.clock() else "released"
+            self._destroy(settings, lease, final, reason="release finished by reconcile")
         return [lease.name for lease in stale]
 
+    def _hand_over_orphaned_requests(self, alive: set[str]) -> None:
+        """Ready leases a dead process never handed over (it died between the last VM's
+        ready and the answer): their lifetime starts now, so that they expire."""
+        waiting: dict[str, list[Lease]] = {}
+        for lease in self.leases.in_state("ready", "creating"):
+            if lease.handed_over_at is None:
+                waiting.setdefault(lease.request_id, []).append(lease)
+        for leases in waiting.values():
+            if all(lease.state == "ready" and lease.owner not in alive for lease in leases):
+                self.leases.hand_over([lease.id for lease in leases], self.clock())
+
     def reconcile(self) -> ReconcileReport:
-        """Make the hosts and the leases agree (at start-up and every minute): a VM with
-        dynvm's marker but no active lease is destroyed with its disks; a ready lease whose
-        VM is gone from its (answering) host is closed in the history."""
+        """Make the hosts and the leases agree (at start-up and every minute). Only VMs and
+        disks of this installation are looked at (``xen/marker.py``):
+
+        - a VM whose lease has ended (or moved to another host) is destroyed with its disks;
+        - a VM whose lease this database does not know (restored from an older backup, say)
+          is quarantined: halted and tagged, destroyed only ``[common]
+          orphan.quarantine.hours`` later;
+        - a ready lease whose VM is gone from its (answering) host is closed in the history;
+        - a marked disk that no VM uses and no active lease holds is destroyed (quarantined
+          like a VM when its lease is unknown).
+
+        One VM or disk that fails is logged and counted in the report; the pass goes on."""
         report = ReconcileReport()
         settings = self.settings
         active = {lease.id: lease for lease in self.leases.active()}
@@ -557,20 +726,9 @@ class LeaseService:
             view = self.inventory.view(host.ref)
             if view is None or view.state is not HostState.UP:
                 continue
-            on_host = {vm.uuid for vm in view.vms}
             for vm in view.vms:
-                marker = vm.other_config.get(MARKER_KEY)
-                if marker is None or (marker in active and active[marker].host_ref == host.ref):
-                    continue
-                again = self.leases.get(marker)  # a create that began after `active` was read
-                if again is not None and again.state in ACTIVE_STATES and again.host_ref == host.ref:
-                    continue  # (on another host: an attempt left behind when the lease moved)
-                try:
-                    self._provisioner(settings, host).destroy(vm.ref, marker)
-                    report.orphans_destroyed.append(vm.name)
-                    log.warning("reconcile: destroyed %s on %s (dynvm's, but no lease holds it)", vm.name, host.display)
-                except DynvmError as e:
-                    report.errors.append(f"{vm.name}: {e}")
+                self._guarded(report, f"{vm.name} on {host.display}", self._reconcile_vm, host, vm, active, report)
+            on_host = {vm.uuid for vm in view.vms}
             for lease in active.values():
                 if (
                     lease.host_ref == host.ref
@@ -578,13 +736,125 @@ class LeaseService:
                     and lease.vm_uuid not in on_host
                     and (lease.ready_at or 0) < self.clock() - VANISH_GRACE  # the mirror may lag a moment
                 ):
-                    self.leases.finish([lease.id], "released", self.clock(), "the VM vanished from its host")
-                    self.history.record_deleted(self.leases.get(lease.id) or lease, 0.0)
-                    report.vanished.append(lease.name)
-                    log.warning("reconcile: %s vanished from %s; lease closed", lease.name, host.display)
+                    self._guarded(report, lease.name, self._close_vanished, lease, host, report)
+            self._reconcile_disks(settings, host, view, report)
         self._collect_abandoned_clones(settings, report)
         self._report("reconciled", report)
         return report
+
+    def _guarded(self, report: ReconcileReport, what: str, step: Callable[..., object], *args: object) -> None:
+        try:
+            step(*args)
+        except Exception as e:
+            log.warning("reconcile: %s: %s", what, e)
+            report.errors.append(f"{what}: {e}")
+
+    def _reconcile_vm(self, host: HostSettings, vm: VmView, active: dict[str, Lease], report: ReconcileReport) -> None:
+        owner = ownership(vm.other_config, self.installation)
+        if owner in (Ownership.NOT_DYNVM, Ownership.OTHER_INSTALLATION):
+            return  # never ours to touch
+        lease_id = lease_of(vm.other_config) or ""
+        holder = active.get(lease_id)
+        if holder is None or holder.host_ref != host.ref:
+            holder = self.leases.get(lease_id)  # a create that began after `active` was read ...
+        known = holder is not None
+        if holder is not None and holder.state in ACTIVE_STATES and holder.host_ref == host.ref:
+            if owner is Ownership.UNNAMED:  # made before installation ids: write ours on it
+                self._provisioner(self.settings, host).claim(vm.ref, lease_id)
+            return  # (... on another host: an attempt left behind when the lease moved)
+        if not known:
+            if owner is Ownership.UNNAMED:
+                return  # dynvm's, from before installation ids, and not this database's: leave it
+            self._quarantine_or_destroy(host, vm.ref, vm.name, vm.other_config, report)
+            return
+        self._provisioner(self.settings, host).destroy(vm.ref, lease_id)
+        report.orphans_destroyed.append(vm.name)
+        log.warning("reconcile: destroyed %s on %s (dynvm's, but no lease holds it)", vm.name, host.display)
+
+    def _quarantine_or_destroy(
+        self, host: HostSettings, ref: str, name: str, other_config: dict[str, str], report: ReconcileReport
+    ) -> None:
+        """A VM of this installation whose lease the database does not know: halt and tag
+        it the first time it is seen, destroy it once the quarantine is over."""
+        provisioner = self._provisioner(self.settings, host)
+        since = quarantined_at(other_config)
+        keep = self.settings.common.quarantine_hours * 3600
+        now = self.clock()
+        if since is None and keep > 0:
+            if provisioner.quarantine(ref, now):
+                report.quarantined.append(name)
+                log.warning(
+                    "reconcile: %s on %s is this installation's, but its lease %s is unknown to this database "
+                    "(restored from an older backup?): halted and kept until %s, then destroyed",
+                    name,
+                    host.display,
+                    lease_of(other_config),
+                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now + keep)),
+                )
+            return
+        if since is not None and now < since + keep:
+            return
+        provisioner.destroy(ref, lease_of(other_config))
+        report.orphans_destroyed.append(name)
+        log.warning("reconcile: destroyed %s on %s (its quarantine is over)", name, host.display)
+
+    def _reconcile_disks(self, settings: Settings, host: HostSettings, view: HostView, report: ReconcileReport) -> None:
+        """Marked disks that no VM uses: destroyed when their lease has ended, quarantined
+        when this database does not know it (the lease's VM is gone, so the disk is
+        tagged rather than halted)."""
+        for disk in view.disks:
+            owner = ownership(disk.other_config, self.installation)
+            if disk.attached or owner in (Ownership.NOT_DYNVM, Ownership.OTHER_INSTALLATION):
+                continue
+            lease_id = lease_of(disk.other_config) or ""
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.state in ACTIVE_STATES:
+                continue  # being made, or detached by its user: theirs
+            if lease is None and owner is Ownership.UNNAMED:
+                continue
+
+            def collect(disk=disk, lease=lease, lease_id=lease_id) -> None:  # type: ignore[no-untyped-def]
+                provisioner = self._provisioner(settings, host)
+                if lease is None:
+                    since = quarantined_at(disk.other_config)
+                    keep = settings.common.quarantine_hours * 3600
+                    if since is None and keep > 0:
+                        provisioner.quarantine_disk(disk.ref, self.clock())
+                        report.quarantined.append(disk.uuid)
+                        return
+                    if since is not None and self.clock() < since + keep:
+                        return
+                problem = provisioner.destroy_disk(disk.ref, lease_id)
+                if problem:
+                    raise DestroyFailed(problem, host.ref)
+                report.disks_destroyed.append(disk.uuid)
+                log.warning(
+                    "reconcile: destroyed disk %s (%s) on %s: no VM or lease held it",
+                    disk.uuid,
+                    disk.name,
+                    host.display,
+                )
+
+            self._guarded(report, f"disk {disk.uuid} on {host.display}", collect)
+
+    def quarantined(self) -> list[QuarantinedVm]:
+        """VMs of this installation that reconcile holds halted in quarantine, from the mirror."""
+        keep = self.settings.common.quarantine_hours * 3600
+        out = []
+        for view in self.inventory.views():
+            for vm in view.vms:
+                since = quarantined_at(vm.other_config)
+                if since is not None and ownership(vm.other_config, self.installation) is Ownership.OURS:
+                    out.append(
+                        QuarantinedVm(vm.name, vm.uuid, view.ref, lease_of(vm.other_config) or "", since, since + keep)
+                    )
+        return sorted(out, key=lambda q: (q.quarantined_at, q.name))
+
+    def _close_vanished(self, lease: Lease, host: HostSettings, report: ReconcileReport) -> None:
+        self.leases.finish([lease.id], "released", self.clock(), "the VM vanished from its host")
+        self.history.record_deleted(self.leases.get(lease.id) or lease, 0.0)
+        report.vanished.append(lease.name)
+        log.warning("reconcile: %s vanished from %s; lease closed", lease.name, host.display)
 
     def _collect_abandoned_clones(
         self, settings: Settings, report: ReconcileReport, give_up_at: float | None = None
@@ -612,7 +882,7 @@ class LeaseService:
                     provisioner.destroy(vm, lease_id)
                     report.orphans_destroyed.append(name)
                     log.warning("reconcile: destroyed %s on %s (cloned after dynvm gave up)", name, host.display)
-            except (DynvmError, OSError) as e:
+            except Exception as e:  # one clone that cannot be looked at never stops the pass
                 log.warning("reconcile: cannot look at %s's clone on %s yet (%s)", name, host.display, e)
                 report.errors.append(f"{name}'s clone on {host.display}: {e}")
                 continue

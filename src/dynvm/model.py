@@ -31,18 +31,33 @@ class HostAuthFailed(XenError):
 
 class ProvisionError(XenError):
     """A VM could not be created; nothing it made is left behind unless ``leftovers`` says so.
-    ``unreachable``: the host stopped answering (another host may do)."""
+    ``unreachable``: the host stopped answering (another host may do). ``exhausted``: every
+    attempt on this host failed; ``no_address``: the last for want of a usable IP (APIPA, an
+    exhausted DHCP pool), which another host may not share."""
 
     def __init__(
-        self, message: str, host: str = "", leftovers: tuple[str, ...] = (), unreachable: bool = False
+        self,
+        message: str,
+        host: str = "",
+        leftovers: tuple[str, ...] = (),
+        unreachable: bool = False,
+        exhausted: bool = False,
+        no_address: bool = False,
     ) -> None:
         super().__init__(message, host)
         self.leftovers = leftovers
         self.unreachable = unreachable
+        self.exhausted = exhausted
+        self.no_address = no_address
 
 
 class NotDynvmVm(XenError):
-    """dynvm refuses to touch a VM it did not create (no dynvm marker)."""
+    """dynvm refuses to touch a VM it did not create (no marker of this installation)."""
+
+
+class DestroyFailed(XenError):
+    """xapi refused to shut down or destroy a VM; it keeps its marker, and reconcile
+    tries again."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,12 @@ class CreateFailed(LeaseError):
     status = 502
 
 
+class ReleaseFailed(LeaseError):
+    """A VM could not be destroyed; its lease stays ``releasing`` and reconcile retries."""
+
+    status = 502
+
+
 class ShuttingDown(LeaseError):
     status = 503
 
@@ -151,3 +172,11 @@ class Lease:
     create_seconds: float | None = None
     error: str | None = None
     caller: str | None = None  # the authenticated user who asked; None when anonymous
+    handed_over_at: float | None = None  # when the request answered with it; the lifetime starts
+
+    @property
+    def lifetime(self) -> float:
+        """Seconds it lives once handed over (before that, ``expires_at`` is reckoned from
+        ``created_at``; the hand-over moves it)."""
+        start = self.handed_over_at if self.handed_over_at is not None else self.created_at
+        return self.expires_at - start

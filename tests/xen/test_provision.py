@@ -18,12 +18,14 @@ from dynvm.xen.session import SessionPool
 from ..sim.simtools import wait_for
 
 GiB = 1024**3
+INSTALLATION = "test-installation"
 QUICK = Timing(clone_seconds=0.01, boot_seconds=0.05, ip_seconds=0.05)
 
 
 def provisioner(lab, network_timeout: float = 5.0, **options) -> Provisioner:
     host = lab.host()
-    return Provisioner(host, SessionPool(host, timeout=options.pop("timeout", 10.0)), network_timeout, **options)
+    pool = SessionPool(host, timeout=options.pop("timeout", 10.0))
+    return Provisioner(host, pool, network_timeout, options.pop("installation", INSTALLATION), **options)
 
 
 def spec(name: str = "job", os: str = "centos", template: str = "tmpl-cnt7.7", **kw) -> VmSpec:
@@ -133,11 +135,11 @@ def test_configuration_mistakes_are_explained(sim_lab):
     with pytest.raises(ProvisionError, match=r"no template named 'tmpl-none'.*fix rhel9.template in \[xenhost1\]"):
         provisioner(lab).create(spec("x", "rhel9", "tmpl-none"))
     wrong_sr = dataclasses.replace(host, storage_name="Fast SSD")
-    p = Provisioner(wrong_sr, SessionPool(wrong_sr), 5.0)
+    p = Provisioner(wrong_sr, SessionPool(wrong_sr), 5.0, INSTALLATION)
     with pytest.raises(ProvisionError, match=r"no storage repository named 'Fast SSD'.*'Local Storage 01'"):
         p.create(spec("y"))
     wrong_net = dataclasses.replace(host, network="CI VLAN")
-    p = Provisioner(wrong_net, SessionPool(wrong_net), 5.0)
+    p = Provisioner(wrong_net, SessionPool(wrong_net), 5.0, INSTALLATION)
     with pytest.raises(ProvisionError, match=r"no network named 'CI VLAN'.*fix host.network"):
         p.create(spec("z"))
     assert lab.inventory_of() == before  # the clones made before the network check are gone
@@ -157,7 +159,7 @@ def test_a_named_network_gets_the_vif(sim_lab):
         }
     )
     host = dataclasses.replace(lab.host(), network="CI VLAN")
-    created = Provisioner(host, SessionPool(host), 5.0).create(spec("vlan"))
+    created = Provisioner(host, SessionPool(host), 5.0, INSTALLATION).create(spec("vlan"))
     [vif] = xapi.VM.get_VIFs(created.ref)
     assert xapi.VIF.get_network(vif) == other
 

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .. import __version__
 from ..runtime import Services
 from . import errors, legacy, v1
 from .deps import CallerDep
@@ -36,9 +37,15 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
     app.include_router(legacy.router)
     app.include_router(v1.router)
 
-    @app.get("/healthz", response_class=PlainTextResponse, include_in_schema=False)
-    async def healthz() -> str:
-        return "ok"
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz(detail: bool = False) -> Response:
+        """``ok``; with ``?detail=true`` also which installation this is (the id in the
+        marker of every VM it makes), its version, and whether this replica leads."""
+        if not detail:
+            return PlainTextResponse("ok")
+        installation = await anyio.to_thread.run_sync(lambda: services.leases.installation)
+        leading = await anyio.to_thread.run_sync(services.leadership.is_leader)
+        return JSONResponse({"status": "ok", "installation": installation, "version": __version__, "leader": leading})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_: CallerDep) -> Response:

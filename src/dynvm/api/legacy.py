@@ -28,7 +28,9 @@ from .errors import render, render_exception
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
-NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would also take '２' or ' 5'
+DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 MAX_COUNT = 1000  # a sanity bound; [quota] max.count.per.request is the real limit
 GiB = 1024**3
 
@@ -48,18 +50,19 @@ def json_text(value: object, **options: object) -> Response:
 def _int(name: str, raw: str | None, default: int | None, low: int, high: int) -> int | None:
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be a whole number, not {raw!r}") from None
+    if not DIGITS.fullmatch(raw):
+        raise BadRequest(f"{name} must be a whole number, not {raw!r}")
+    value = int(raw)
     if not low <= value <= high:
         raise BadRequest(f"{name} must be between {low} and {high}, not {value}")
     return value
 
 
 def _username(raw: str) -> str:
-    if not NAME.match(raw):
-        raise BadRequest("the username must be 1 to 64 characters of letters, digits, '.', '_' or '-'")
+    if not NAME.fullmatch(raw) or not raw.strip("."):
+        raise BadRequest(
+            "the username must be 1 to 64 characters of letters, digits, '.', '_' or '-', and not only dots"
+        )
     return raw
 
 
@@ -73,7 +76,7 @@ def _vm_entry(vm) -> dict[str, str]:  # type: ignore[no-untyped-def]
         "power_state": vm.power_state,
         "vcpus": vm.vcpus,
         "memory_static_max": vm.memory,
-        "networkinfo": ",".join(vm.addresses),
+        "networkinfo": vm.networkinfo,
     }
 
 
@@ -147,10 +150,9 @@ def parse_getservers(
     expires = None
     raw = query.get("expiresin")
     if raw:
-        try:
-            expires = float(raw)
-        except ValueError:
-            raise BadRequest(f"expiresin is minutes (decimals allowed), not {raw!r}") from None
+        if not DECIMAL.fullmatch(raw):
+            raise BadRequest(f"expiresin is minutes (digits 0-9, decimals allowed), not {raw!r}")
+        expires = float(raw)
         if not math.isfinite(expires) or expires <= 0:
             raise BadRequest(f"expiresin must be a positive number of minutes, not {raw!r}")
         expires = min(expires, max_minutes)
@@ -182,7 +184,18 @@ async def getservers(username: str, request: Request, services: ServicesDep, cal
 
 
 def release(services: Services, username: str, count: int, caller: Caller) -> Response:
-    return json_text(services.leases.release(_username(username), count, caller), indent=2)
+    """200 and the names: all gone. 202 and the names: the VMs are gone, and dynvm finishes
+    the rest (a disk, or a release already under way) by itself; ``X-Dynvm-Detail`` says
+    what. 502 ``Error: …``: a VM could not be destroyed; dynvm retries within a minute."""
+    outcome = services.leases.release(_username(username), count, caller)
+    if outcome.failed:
+        done = f" ({', '.join(outcome.released)} released)" if outcome.released else ""
+        return error(502, " ".join(outcome.failed.values()) + done)
+    response = json_text(outcome.names, indent=2)
+    if outcome.finishing:
+        response.status_code = 202
+        response.headers["X-Dynvm-Detail"] = " ".join(outcome.finishing.values()).encode("ascii", "replace").decode()
+    return response
 
 
 @router.get("/releaseservers/{username}")

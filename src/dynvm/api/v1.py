@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from ..capacity import available
 from ..leases import LeaseRequest
-from ..model import Lease, NoSuchLease
+from ..model import Lease, NoSuchLease, ReleaseFailed
 from ..xen.inventory import HostState
 from ..xen.provision import MARKER_KEY
 from .deps import CallerDep, ServicesDep
@@ -26,7 +26,7 @@ from .errors import render_exception
 
 router = APIRouter(prefix="/api/v1", tags=["v1"])
 
-NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+NAME_PATTERN = r"^[A-Za-z0-9._-]{0,63}[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"  # not only dots (max_length: 64)
 OS_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 GiB = 1024**3
 PROBLEM = {"model": dict, "content": {"application/problem+json": {}}, "description": "problem details"}
@@ -35,7 +35,9 @@ ERRORS: dict[int | str, dict[str, Any]] = dict.fromkeys((400, 401, 403, 404, 409
 
 class LeaseIn(BaseModel):
     os: str = Field(pattern=OS_PATTERN, description="OS key, e.g. centos")
-    name: str = Field(pattern=NAME_PATTERN, description="the VM name (count=1) or the prefix of <name>1..<name>N")
+    name: str = Field(
+        pattern=NAME_PATTERN, max_length=64, description="the VM name (count=1) or the prefix of <name>1..<name>N"
+    )
     count: int = Field(1, ge=1, le=1000)
     cpus: int | None = Field(None, ge=1, le=256, description="vCPUs; default: the template's")
     memory: int | None = Field(None, ge=GiB // 4, le=4096 * GiB, description="bytes; default: the template's")
@@ -194,6 +196,34 @@ async def vms(services: ServicesDep, _: CallerDep) -> list[VmOut]:
     return out
 
 
+class QuarantinedOut(BaseModel):
+    name: str
+    uuid: str
+    host: str
+    lease_id: str = Field(description="the lease its marker names, unknown to this database")
+    quarantined_at: float = Field(description="Unix seconds: when reconcile halted and tagged it")
+    destroy_at: float = Field(description="Unix seconds: when reconcile destroys it ([common] orphan.quarantine.hours)")
+
+
+@router.get("/quarantine", response_model=list[QuarantinedOut], responses=ERRORS)
+async def quarantine(services: ServicesDep, _: CallerDep) -> list[QuarantinedOut]:
+    """VMs this installation made whose lease its database does not know (say, it was
+    restored from an older backup): halted and kept until ``destroy_at``. To keep one,
+    remove ``dynvm_lease`` from its ``other_config`` before then."""
+    found = await anyio.to_thread.run_sync(services.leases.quarantined)
+    return [
+        QuarantinedOut(
+            name=q.name,
+            uuid=q.uuid,
+            host=q.host_ref,
+            lease_id=q.lease_id,
+            quarantined_at=q.quarantined_at,
+            destroy_at=q.destroy_at,
+        )
+        for q in found
+    ]
+
+
 @router.get("/capacity", response_model=dict[str, int], responses=ERRORS)
 async def capacity(services: ServicesDep, _: CallerDep) -> dict[str, int]:
     """How many more VMs of each OS can be made now."""
@@ -254,7 +284,7 @@ async def request_status(
 async def list_leases(
     services: ServicesDep,
     _: CallerDep,
-    user: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    user: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
 ) -> list[LeaseOut]:
     leases = await anyio.to_thread.run_sync(services.leases.leases.active)
     return [LeaseOut.of(lease) for lease in leases if user is None or (lease.caller or lease.username) == user]
@@ -268,10 +298,28 @@ async def get_lease(name: str, services: ServicesDep, _: CallerDep) -> LeaseOut:
     return LeaseOut.of(found[0])
 
 
-@router.delete("/leases/{name}", response_model=dict[str, list[str]], responses=ERRORS)
-async def delete_lease(name: str, services: ServicesDep, caller: CallerDep) -> dict[str, list[str]]:
-    released = await services.run_long(services.leases.release_names, [name], caller)
-    return {"released": released}
+class ReleaseOut(BaseModel):
+    released: list[str] = Field(description="every name the release took on")
+    finishing: dict[str, str] | None = Field(
+        None, description="with 202 only: name -> what dynvm still finishes in the background"
+    )
+
+
+@router.delete(
+    "/leases/{name}",
+    response_model=ReleaseOut,
+    responses=ERRORS | {202: {"model": ReleaseOut, "description": "released; dynvm finishes the rest by itself"}},
+)
+async def delete_lease(name: str, services: ServicesDep, caller: CallerDep) -> Response:
+    """200: the VM and its disks are gone. 202: the VM is gone or being removed, and dynvm
+    finishes the rest in the background (nothing to do for the caller). 502: the VM could
+    not be destroyed; dynvm tries again within a minute, and so may the caller."""
+    outcome = await services.run_long(services.leases.release_names, [name], caller)
+    if outcome.failed:
+        raise ReleaseFailed(" ".join(outcome.failed.values()))
+    if outcome.finishing:
+        return JSONResponse({"released": outcome.names, "finishing": outcome.finishing}, status_code=202)
+    return JSONResponse({"released": outcome.names})
 
 
 @router.patch("/leases/{name}", response_model=LeaseOut, responses=ERRORS)
@@ -284,7 +332,7 @@ async def extend_lease(name: str, body: ExtendIn, services: ServicesDep, caller:
 async def history(
     services: ServicesDep,
     _: CallerDep,
-    user: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    user: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
     os: Annotated[str | None, Query(pattern=OS_PATTERN)] = None,
     state: Annotated[str | None, Query(pattern=r"^(available|deleted)$")] = None,
     since: Annotated[float | None, Query(ge=0, le=10**11, description="Unix seconds")] = None,

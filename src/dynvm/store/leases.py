@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..model import CreatedVm, Lease, NameInUse
 from .db import Database
-from .tables import ACTIVE_STATES, abandoned_clones, host_locks, leases, replicas, reservations
+from .tables import ACTIVE_STATES, abandoned_clones, host_locks, installation, leases, replicas, reservations
 
 LEASE_FIELDS = [c.name for c in leases.columns]
 
@@ -39,7 +39,16 @@ class LeaseStore:
         return found[0] if found else None
 
     def expired(self, now: float) -> list[Lease]:
-        return self._select((leases.c.state == "ready") & (leases.c.expires_at <= now))
+        """Ready leases past their expiry. A lease whose request has not handed it over yet
+        (its other VMs are still being made) never expires: its lifetime has not begun."""
+        return self._select(
+            (leases.c.state == "ready") & leases.c.handed_over_at.is_not(None) & (leases.c.expires_at <= now)
+        )
+
+    def installation_id(self) -> str:
+        """This installation's id (made once by migration 0006, kept for ever)."""
+        with self.db.read() as conn:
+            return str(conn.execute(select(installation.c.id)).scalar_one())
 
     def in_state(self, *states: str) -> list[Lease]:
         return self._select(leases.c.state.in_(states))
@@ -130,9 +139,12 @@ class LeaseStore:
             )
             conn.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
 
-    def set_state(self, lease_ids: Sequence[str], state: str, only_from: Sequence[str]) -> list[str]:
+    def set_state(
+        self, lease_ids: Sequence[str], state: str, only_from: Sequence[str], owner: str | None = None
+    ) -> list[str]:
         """Move leases to ``state`` if they are in one of ``only_from``; returns those moved
-        (so two releasers never both release the same lease)."""
+        (so two releasers never both release the same lease). ``owner``: the process that
+        now works on them (a release is its releaser's, not its creator's)."""
         if not lease_ids:
             return []
         with self.db.write() as conn:
@@ -142,9 +154,26 @@ class LeaseStore:
                     select(leases.c.id).where(leases.c.id.in_(lease_ids) & leases.c.state.in_(only_from))
                 )
             ]
+            values = {"state": state} | ({"owner": owner} if owner else {})
             if movable:
-                conn.execute(update(leases).where(leases.c.id.in_(movable)).values(state=state))
+                conn.execute(update(leases).where(leases.c.id.in_(movable)).values(**values))
             return movable
+
+    def hand_over(self, lease_ids: Sequence[str], now: float) -> list[Lease] | None:
+        """The request answers with these leases: their lifetime starts now. All or none:
+        None (and nothing changed) unless every one of them is still ready."""
+        with self.db.write() as conn:
+            rows = [_lease(r) for r in conn.execute(select(leases).where(leases.c.id.in_(lease_ids)))]
+            if len(rows) != len(lease_ids) or any(lease.state != "ready" for lease in rows):
+                return None
+            for lease in rows:
+                conn.execute(
+                    update(leases)
+                    .where(leases.c.id == lease.id)
+                    .values(handed_over_at=now, expires_at=now + lease.lifetime)
+                )
+            found = conn.execute(select(leases).where(leases.c.id.in_(lease_ids)).order_by(leases.c.name))
+            return [_lease(r) for r in found]
 
     def extend(self, lease_id: str, expires_at: float) -> None:
         with self.db.write() as conn:

@@ -52,6 +52,8 @@ leases = Table(
     Column("error", Text),
     Column("owner", String(64), nullable=False),  # the dynvm process creating it
     Column("caller", String(64)),  # the authenticated user who asked (None: anonymous)
+    # when the request handed its VMs over; the lifetime counts from here (None: not yet)
+    Column("handed_over_at", Float),
     Index(
         "uq_leases_active_name",
         "name",
@@ -130,4 +132,13 @@ abandoned_clones = Table(
     Column("lease_id", String(36), nullable=False),
     Column("name", String(64), nullable=False),
     Column("abandoned_at", Float, nullable=False),
+)
+
+# One row, made by migration 0006: the id of this installation, written into the marker of
+# every VM and disk it makes. Reconcile only ever touches VMs and disks carrying it.
+installation = Table(
+    "installation",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("created_at", Float, nullable=False),
 )

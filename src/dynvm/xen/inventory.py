@@ -30,6 +30,7 @@ import XenAPI
 
 from ..config import HostSettings, Settings
 from ..model import HostAuthFailed, HostUnreachable
+from .marker import MARKER_KEY
 from .session import CONNECTION_ERRORS, SessionPool, describe, open_session
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ KEPT_FIELDS: dict[str, tuple[str, ...]] = {
     "PIF": ("uuid", "device", "network", "host", "management", "IP"),
     "network": ("uuid", "name_label", "bridge"),
     "VBD": ("uuid", "VM", "VDI", "type", "userdevice"),
-    "VDI": ("uuid", "SR", "virtual_size", "type", "name_label"),
+    "VDI": ("uuid", "SR", "virtual_size", "type", "name_label", "other_config", "VBDs"),
 }
 CLASS_BY_LOWER = {name.lower(): name for name in KEPT_FIELDS}
 FULL_LOADS_AT_ONCE = 4
@@ -108,9 +109,26 @@ class VmView:
         return seen
 
     @property
+    def networkinfo(self) -> str:
+        """Every value of the guest's ``networks`` map joined by ',', in the order xapi
+        sent them, duplicates and IPv6 included: what the seed's /showall answered."""
+        return ",".join(self.networks.values())
+
+    @property
     def ip(self) -> str | None:
         """The first usable address, if any."""
         return next((a for a in self.addresses if is_real_ip(a)), None)
+
+
+@dataclass(frozen=True)
+class DiskView:
+    """A disk carrying dynvm's marker (the only disks the mirror lists)."""
+
+    ref: str
+    uuid: str
+    name: str
+    other_config: dict[str, str]
+    attached: bool  # some VBD (of some VM) still refers to it
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,7 @@ class HostView:
     vms: tuple[VmView, ...] = ()  # not templates, not dom0, not snapshots
     templates: tuple[TemplateView, ...] = ()
     storage: dict[str, tuple[int, int]] = field(default_factory=dict)  # SR name -> (size, used)
+    disks: tuple[DiskView, ...] = ()  # disks with dynvm's marker
 
     @property
     def running_vms(self) -> list[VmView]:
@@ -270,6 +289,17 @@ class HostMirror:
                     int(sr.get("physical_size", "0")),
                     int(sr.get("physical_utilisation", "0")),
                 )
+        disks = tuple(
+            DiskView(
+                ref=vdi_ref,
+                uuid=vdi["uuid"],
+                name=vdi.get("name_label", ""),
+                other_config=vdi.get("other_config", {}),
+                attached=bool(vdi.get("VBDs")),
+            )
+            for vdi_ref, vdi in self._records["VDI"].items()
+            if MARKER_KEY in vdi.get("other_config", {})
+        )
         return HostView(
             ref=ref,
             state=HostState.UP,
@@ -281,6 +311,7 @@ class HostMirror:
             vms=tuple(sorted(vms, key=lambda v: v.name)),
             templates=tuple(sorted(templates, key=lambda t: (t.name, t.ref))),
             storage=storage,
+            disks=disks,
         )
 
     def _template(self, ref: str, vm: dict[str, Any]) -> TemplateView:

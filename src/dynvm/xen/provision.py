@@ -1,16 +1,17 @@
 """Create and destroy one VM, the xapi way (SPEC.md §3).
 
 Create: find the template (exact name first, then the first name that starts with it, in
-name then uuid order), clone it, mark the clone as dynvm's at once (``other_config``
-``dynvm_lease``), name and describe it, put its VIF on the right network, set vCPUs (in
+name then uuid order), clone it, mark the clone and its disks as this installation's at
+once (``xen/marker.py``), name and describe it, put its VIF on the right network, set vCPUs (in
 the order xapi requires) and memory if asked, provision its disks on the SR named
 ``host.storage.name``, start it, and wait for the OS name (not for Windows) and a real IP
 (not 169.254.x.y) until ``vm.network.timeout.secs``. A failed attempt is destroyed with
 its disks and tried again, three attempts in all. Long operations run as ``Async.*``
 tasks followed with ``event.from``, so no socket waits minutes and a dead host is noticed.
 
-Destroy: only a VM carrying dynvm's marker; hard shutdown if running, destroy the VM, then
-its disks (never CD/ISO images).
+Destroy: only a VM carrying this installation's marker; hard shutdown if running, destroy
+the VM, then its disks (never CD/ISO images). A disk that will not go is reported, not
+raised: it carries the marker, and reconcile destroys it later.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,13 +30,15 @@ import XenAPI
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from ..config import HostSettings
-from ..model import CreatedVm, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
+from ..model import CreatedVm, DestroyFailed, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
 from .inventory import is_real_ip
+from .marker import INSTALLATION_KEY, MARKER_KEY, QUARANTINE_KEY, QUARANTINE_TAG, Ownership, marker, ownership
 from .session import SessionPool
 
 log = logging.getLogger(__name__)
 
-MARKER_KEY = "dynvm_lease"
+__all__ = ["MARKER_KEY", "DestroyResult", "Provisioner"]
+
 NULL_REF = "OpaqueRef:NULL"
 UNREACHABLE_CLEANUP = 10.0  # seconds a failed attempt's cleanup waits for a host that stopped answering
 EVENT_SLICE = 2.0  # longest single event.from wait: how soon a cancel is noticed
@@ -46,6 +50,11 @@ class AttemptFailed(Exception):
     """This attempt failed in a way another attempt may not (APIPA, time-out, a failed call)."""
 
 
+class NoAddress(AttemptFailed):
+    """The guest got no usable address in time (APIPA, an exhausted DHCP pool): another
+    host, on another network segment or DHCP scope, may do better."""
+
+
 class _VmLog(logging.LoggerAdapter):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.extra['vm']}] {msg}", kwargs  # type: ignore[index]
@@ -53,6 +62,28 @@ class _VmLog(logging.LoggerAdapter):
 
 def _details(error: XenAPI.Failure) -> str:
     return " ".join(str(d) for d in error.details)
+
+
+@dataclass(frozen=True)
+class DestroyResult:
+    """What a destroy did. ``disks_left``: disks that would not go (uuid: reason); they
+    keep dynvm's marker and reconcile destroys them."""
+
+    gone_already: bool = False
+    disks_left: tuple[str, ...] = ()
+
+
+def _set_keys(xapi: Any, cls: str, ref: str, keys: dict[str, str]) -> None:
+    """Write ``keys`` into an object's ``other_config``, replacing what is there."""
+    api = getattr(xapi, cls)
+    for key, value in keys.items():
+        try:
+            api.add_to_other_config(ref, key, value)
+        except XenAPI.Failure as e:
+            if e.details[:1] != ["MAP_DUPLICATE_KEY"]:
+                raise
+            api.remove_from_other_config(ref, key)
+            api.add_to_other_config(ref, key, value)
 
 
 class Provisioner:
@@ -63,12 +94,14 @@ class Provisioner:
         host: HostSettings,
         pool: SessionPool,
         network_timeout: float,
+        installation: str,
         attempts: int = 3,
         cleanup_timeout: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host = host
         self.pool = pool
+        self.installation = installation
         self.network_timeout = network_timeout
         self.attempts = attempts
         self.cleanup_timeout = cleanup_timeout
@@ -82,16 +115,20 @@ class Provisioner:
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         on_clone_task: Callable[[str], None] | None = None,
+        attempts: int | None = None,
     ) -> CreatedVm:
         """Create the VM; ``cancel`` (set when dynvm stops) ends the attempt and removes
         what it built. ``on_clone_task`` is told the ref of each clone's xapi task before
         the clone ends: if dynvm dies meanwhile, the clone finishes on the host without
-        dynvm's marker, and ``adopt_clone`` finds it through that task afterwards."""
+        dynvm's marker, and ``adopt_clone`` finds it through that task afterwards.
+        ``attempts`` overrides the provisioner's number of attempts for this create."""
         progress = progress or (lambda stage: None)
         vlog = _VmLog(log, {"vm": spec.name})
         started = self.clock()
         last_error = ""
-        for attempt in range(1, self.attempts + 1):
+        no_address = False
+        attempts = attempts or self.attempts
+        for attempt in range(1, attempts + 1):
             vm: str | None = None
             try:
                 with self.pool.session() as xapi:
@@ -99,15 +136,14 @@ class Provisioner:
                     sr = self._sr(xapi)
                     network = self._network(xapi)
                     progress("cloning")
-                    vlog.info(
-                        "attempt %d/%d: cloning %r on %s", attempt, self.attempts, template_name, self.host.display
-                    )
+                    vlog.info("attempt %d/%d: cloning %r on %s", attempt, attempts, template_name, self.host.display)
                     vm = self._task(xapi, "VM.clone", template, spec.name, on_task=on_clone_task)
-                    xapi.VM.add_to_other_config(vm, MARKER_KEY, spec.lease_id)
+                    self._mark_vm_and_disks(xapi, vm, spec.lease_id)
                     self._check_cancel(cancel)
                     self._configure(xapi, vm, spec, template_name, sr, network, vlog)
                     progress("provisioning")
                     self._task(xapi, "VM.provision", vm)
+                    self._mark_disks(xapi, vm, spec.lease_id)  # the disks provision just made
                     self._check_cancel(cancel)
                     progress("booting")
                     vlog.info("starting")
@@ -120,10 +156,12 @@ class Provisioner:
                 return created
             except AttemptFailed as e:
                 last_error = str(e)
-                vlog.warning("attempt %d/%d failed: %s", attempt, self.attempts, e)
+                no_address = isinstance(e, NoAddress)
+                vlog.warning("attempt %d/%d failed: %s", attempt, attempts, e)
             except XenAPI.Failure as e:
                 last_error = f"xapi error {_details(e)}"
-                vlog.warning("attempt %d/%d failed: %s", attempt, self.attempts, last_error)
+                no_address = False
+                vlog.warning("attempt %d/%d failed: %s", attempt, attempts, last_error)
             except (HostUnreachable, ProvisionError) as e:
                 unreachable = isinstance(e, HostUnreachable) or getattr(e, "unreachable", False)
                 if vm is not None:
@@ -134,12 +172,38 @@ class Provisioner:
             if vm is not None:
                 progress("cleaning up")
                 self._cleanup(vm, spec.lease_id, vlog)
-            if attempt < self.attempts:
+            if attempt < attempts:
                 progress("retrying")
         raise ProvisionError(
-            f"{spec.name}: no usable VM on {self.host.display} after {self.attempts} attempts; last: {last_error}",
+            f"{spec.name}: no usable VM on {self.host.display} after {attempts} "
+            f"attempt{'s' if attempts != 1 else ''}; last: {last_error}",
             self.host.ref,
+            exhausted=True,
+            no_address=no_address,
         )
+
+    def _mark_vm_and_disks(self, xapi: Any, vm: str, lease_id: str) -> None:
+        _set_keys(xapi, "VM", vm, marker(lease_id, self.installation))
+        self._mark_disks(xapi, vm, lease_id)
+
+    def _mark_disks(self, xapi: Any, vm: str, lease_id: str) -> None:
+        """Mark the VM's disks (not CD images) that do not carry the marker yet."""
+        keys = marker(lease_id, self.installation)
+        for vdi in self._disks(xapi, xapi.VM.get_VBDs(vm)):
+            if xapi.VDI.get_other_config(vdi).get(MARKER_KEY) != lease_id:
+                _set_keys(xapi, "VDI", vdi, keys)
+
+    def _disks(self, xapi: Any, vbds: list[str]) -> list[str]:
+        """The VDIs behind these VBDs that are disks of the VM's own (not CD/ISO images)."""
+        disks = []
+        for vbd in vbds:
+            vbd_record = xapi.VBD.get_record(vbd)
+            if vbd_record["type"] != "Disk" or vbd_record["VDI"] == NULL_REF:
+                continue  # CD drives and their ISO images are not ours to destroy
+            sr = xapi.VDI.get_SR(vbd_record["VDI"])
+            if xapi.SR.get_content_type(sr) != "iso":
+                disks.append(vbd_record["VDI"])
+        return disks
 
     def _check_cancel(self, cancel: threading.Event | None) -> None:
         if cancel is not None and cancel.is_set():
@@ -297,7 +361,7 @@ class Provisioner:
                     seen_apipa = apipa
             if remaining <= 0:
                 what = f"only the APIPA address {seen_apipa}" if seen_apipa else "no address"
-                raise AttemptFailed(f"{what} after {self.network_timeout:g} s (vm.network.timeout.secs)")
+                raise NoAddress(f"{what} after {self.network_timeout:g} s (vm.network.timeout.secs)")
 
     def _describe(
         self,
@@ -333,42 +397,127 @@ class Provisioner:
 
     # -- destroy -----------------------------------------------------------------------
 
-    def destroy(self, vm: str, lease_id: str | None = None) -> None:
-        """Destroy a dynvm VM (by ref) and its disks. Refuses a VM without dynvm's marker
-        (or with another lease's, when ``lease_id`` is given). A VM already gone is fine."""
+    def destroy(self, vm: str, lease_id: str | None = None) -> DestroyResult:
+        """Destroy a dynvm VM (by ref) and its disks. Refuses a VM without this
+        installation's marker (or with another lease's, when ``lease_id`` is given); a VM
+        marked before installations had ids is taken when ``lease_id`` names its lease.
+        A VM already gone is fine. A failure to shut down or destroy the VM raises
+        ``DestroyFailed``; disks that will not go are in the result."""
         with self.pool.session() as xapi:
             try:
                 record = xapi.VM.get_record(vm)
             except XenAPI.Failure as e:
                 if e.details[:1] == ["HANDLE_INVALID"]:
-                    return
-                raise
-            self._destroy(xapi, vm, record, lease_id, _VmLog(log, {"vm": record["name_label"]}))
+                    return DestroyResult(gone_already=True)
+                raise DestroyFailed(
+                    f"cannot read VM {vm} on {self.host.display}: {_details(e)}", self.host.ref
+                ) from None
+            return self._destroy(xapi, vm, record, lease_id, _VmLog(log, {"vm": record["name_label"]}))
 
-    def _destroy(self, xapi: Any, vm: str, record: dict[str, Any], lease_id: str | None, vlog: _VmLog) -> None:
-        marker = record["other_config"].get(MARKER_KEY)
-        if marker is None or (lease_id is not None and marker != lease_id):
+    def _refuse_unless_ours(self, what: str, record: dict[str, Any], lease_id: str | None) -> None:
+        marked = record["other_config"].get(MARKER_KEY)
+        owner = ownership(record["other_config"], self.installation)
+        reason = ""
+        if owner is Ownership.NOT_DYNVM:
+            reason = "dynvm did not create it"
+        elif owner is Ownership.OTHER_INSTALLATION:
+            reason = f"another dynvm installation made it ({record['other_config'][INSTALLATION_KEY]})"
+        elif owner is Ownership.UNNAMED and lease_id is None:
+            reason = "it names no dynvm installation, and no lease of this one claims it"
+        elif lease_id is not None and marked != lease_id:
+            reason = f"it belongs to lease {marked}, not {lease_id}"
+        if reason:
             raise NotDynvmVm(
-                f"refusing to destroy {record['name_label']!r} ({record['uuid']}) on {self.host.display}: "
-                + ("dynvm did not create it" if marker is None else f"it belongs to lease {marker}, not {lease_id}"),
+                f"refusing to destroy {what} {record['name_label']!r} ({record['uuid']}) "
+                f"on {self.host.display}: {reason}",
                 self.host.ref,
             )
-        disks = []
-        for vbd in record["VBDs"]:
-            vbd_record = xapi.VBD.get_record(vbd)
-            if vbd_record["type"] != "Disk" or vbd_record["VDI"] == NULL_REF:
-                continue  # CD drives and their ISO images are not ours to destroy
-            sr = xapi.VDI.get_SR(vbd_record["VDI"])
-            if xapi.SR.get_content_type(sr) != "iso":
-                disks.append(vbd_record["VDI"])
-        if record["power_state"] != "Halted":
-            vlog.info("hard shutdown")
-            self._task(xapi, "VM.hard_shutdown", vm)
-        vlog.info("destroying the VM and %d disk(s)", len(disks))
-        self._task(xapi, "VM.destroy", vm)
+
+    def _destroy(self, xapi: Any, vm: str, record: dict[str, Any], lease_id: str | None, vlog: _VmLog) -> DestroyResult:
+        self._refuse_unless_ours("VM", record, lease_id)
+        try:
+            disks = self._disks(xapi, record["VBDs"])
+            if record["power_state"] != "Halted":
+                vlog.info("hard shutdown")
+                self._task(xapi, "VM.hard_shutdown", vm)
+            vlog.info("destroying the VM and %d disk(s)", len(disks))
+            self._task(xapi, "VM.destroy", vm)
+        except XenAPI.Failure as e:
+            raise DestroyFailed(
+                f"cannot destroy {record['name_label']} on {self.host.display}: xapi error {_details(e)}",
+                self.host.ref,
+            ) from None
+        left = []
         for vdi in disks:
+            problem = self._destroy_vdi(xapi, vdi)
+            if problem:
+                left.append(problem)
+                vlog.warning("disk left behind: %s; reconcile will destroy it", problem)
+        return DestroyResult(disks_left=tuple(left))
+
+    def _destroy_vdi(self, xapi: Any, vdi: str) -> str:
+        """Destroy one disk; returns '' when it is gone, else '<uuid>: <reason>'."""
+        try:
+            uuid = xapi.VDI.get_uuid(vdi)
+        except XenAPI.Failure as e:
+            return "" if e.details[:1] == ["HANDLE_INVALID"] else f"{vdi}: xapi error {_details(e)}"
+        try:
+            self._task(xapi, "VDI.destroy", vdi)
+        except XenAPI.Failure as e:
+            if e.details[:1] != ["HANDLE_INVALID"]:
+                return f"{uuid}: xapi error {_details(e)}"
+        return ""
+
+    def destroy_disk(self, vdi: str, lease_id: str) -> str:
+        """Destroy a disk dynvm left behind (its VM is gone); refuses one without this
+        installation's marker for ``lease_id``, or one a VM still uses. Returns '' when
+        it is gone, else the reason it is not."""
+        with self.pool.session() as xapi:
             try:
-                self._task(xapi, "VDI.destroy", vdi)
+                record = xapi.VDI.get_record(vdi)
+            except XenAPI.Failure as e:
+                return "" if e.details[:1] == ["HANDLE_INVALID"] else f"{vdi}: xapi error {_details(e)}"
+            self._refuse_unless_ours("disk", record, lease_id)
+            if record["VBDs"]:
+                return f"{record['uuid']}: still attached to a VM"
+            return self._destroy_vdi(xapi, vdi)
+
+    def quarantine(self, vm: str, now: float) -> bool:
+        """Halt a VM of this installation that its database does not know, and tag it
+        with the time (``dynvm_quarantined_at``): it is kept, not destroyed, until the
+        quarantine ends. False if the VM is gone."""
+        with self.pool.session() as xapi:
+            try:
+                record = xapi.VM.get_record(vm)
+                if ownership(record["other_config"], self.installation) is not Ownership.OURS:
+                    raise NotDynvmVm(f"refusing to quarantine {record['name_label']!r}: not this installation's")
+                if record["power_state"] != "Halted":
+                    self._task(xapi, "VM.hard_shutdown", vm)
+                _set_keys(xapi, "VM", vm, {QUARANTINE_KEY: f"{now:.0f}"})
+                if QUARANTINE_TAG not in record["tags"]:
+                    xapi.VM.add_tags(vm, QUARANTINE_TAG)
+            except XenAPI.Failure as e:
+                if e.details[:1] == ["HANDLE_INVALID"]:
+                    return False
+                raise DestroyFailed(f"cannot quarantine VM {vm} on {self.host.display}: {_details(e)}") from None
+        return True
+
+    def quarantine_disk(self, vdi: str, now: float) -> None:
+        """Tag a disk of this installation whose lease its database does not know."""
+        with self.pool.session() as xapi:
+            try:
+                if ownership(xapi.VDI.get_other_config(vdi), self.installation) is Ownership.OURS:
+                    _set_keys(xapi, "VDI", vdi, {QUARANTINE_KEY: f"{now:.0f}"})
+            except XenAPI.Failure as e:
+                if e.details[:1] != ["HANDLE_INVALID"]:
+                    raise DestroyFailed(f"cannot quarantine disk {vdi} on {self.host.display}: {_details(e)}") from None
+
+    def claim(self, vm: str, lease_id: str) -> None:
+        """Write this installation's id on a VM marked for ``lease_id`` before ids existed
+        (the caller knows that lease is this installation's)."""
+        with self.pool.session() as xapi:
+            try:
+                _set_keys(xapi, "VM", vm, marker(lease_id, self.installation))
             except XenAPI.Failure as e:
                 if e.details[:1] != ["HANDLE_INVALID"]:
                     raise
@@ -408,7 +557,7 @@ class Provisioner:
         with self.pool.session() as xapi:
             try:
                 if MARKER_KEY not in xapi.VM.get_other_config(vm):
-                    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease_id)
+                    self._mark_vm_and_disks(xapi, vm, lease_id)
             except XenAPI.Failure as e:
                 if e.details[:1] != ["HANDLE_INVALID"]:  # already gone is fine
                     raise

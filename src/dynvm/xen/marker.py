@@ -1,0 +1,58 @@
+"""dynvm's marker: the ``other_config`` keys on every VM and disk dynvm makes, and how to
+read them. The one place that knows the keys.
+
+- ``dynvm_lease``: the lease the VM (or disk) was made for.
+- ``dynvm_installation``: the installation that made it (an id kept in its database). A
+  second dynvm on the same hosts, with a database of its own, has another id and never
+  touches these VMs.
+- ``dynvm_quarantined_at``: set (Unix seconds) when reconcile found a VM of this
+  installation that its database does not know — say, the database was restored from a
+  backup older than the VM. Such a VM is halted and kept, not destroyed, until the
+  quarantine ends (``[common] orphan.quarantine.hours``).
+
+VMs made before installations had ids carry only ``dynvm_lease``: they are this
+installation's when its database knows that lease, and are left alone otherwise.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+MARKER_KEY = "dynvm_lease"
+INSTALLATION_KEY = "dynvm_installation"
+QUARANTINE_KEY = "dynvm_quarantined_at"
+QUARANTINE_TAG = "dynvm-quarantined"  # also in the VM's tags, so that XenCenter shows it
+
+
+class Ownership(enum.Enum):
+    OURS = "ours"  # carries this installation's id
+    UNNAMED = "unnamed"  # dynvm's marker without an installation id (made before ids existed)
+    OTHER_INSTALLATION = "other installation"
+    NOT_DYNVM = "not dynvm"
+
+
+def ownership(other_config: Mapping[str, str], installation: str) -> Ownership:
+    if MARKER_KEY not in other_config:
+        return Ownership.NOT_DYNVM
+    made_by = other_config.get(INSTALLATION_KEY)
+    if made_by is None:
+        return Ownership.UNNAMED
+    return Ownership.OURS if made_by == installation else Ownership.OTHER_INSTALLATION
+
+
+def marker(lease_id: str, installation: str) -> dict[str, str]:
+    """The keys to write on a VM or disk made for ``lease_id``."""
+    return {MARKER_KEY: lease_id, INSTALLATION_KEY: installation}
+
+
+def lease_of(other_config: Mapping[str, str]) -> str | None:
+    return other_config.get(MARKER_KEY)
+
+
+def quarantined_at(other_config: Mapping[str, str]) -> float | None:
+    raw = other_config.get(QUARANTINE_KEY)
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,271 @@
+"""What a chaos soak and a second installation found (issue 11): dynvm never destroys another
+installation's VMs, never hands out a VM that expired, never forgets a disk, answers a
+release that hit a xapi failure honestly, and never lets one bad VM stop a reconcile pass."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from dynvm.leases import LeaseEvents, LeaseRequest
+from dynvm.model import CreateFailed
+from dynvm.xen.marker import INSTALLATION_KEY, MARKER_KEY, QUARANTINE_KEY, QUARANTINE_TAG
+
+from .conftest import FakeClock
+from .sim.simtools import new_vm, wait_for
+from .test_fault_suite import check_invariants, take_baseline
+
+HOUR = 3600
+
+
+def record_of(lab, name: str, index: int = 0) -> dict | None:  # type: ignore[no-untyped-def]
+    found = [r for r in lab.xapi(index).VM.get_all_records().values() if r["name_label"] == name]
+    return found[0] if found else None
+
+
+def disks_of(lab, record: dict, index: int = 0) -> list[str]:  # type: ignore[no-untyped-def]
+    xapi = lab.xapi(index)
+    vdis = [xapi.VBD.get_VDI(vbd) for vbd in record["VBDs"] if xapi.VBD.get_type(vbd) == "Disk"]
+    return [vdi for vdi in vdis if vdi != "OpaqueRef:NULL"]
+
+
+# -- 1. a second installation, and a database restored from an older backup --------------------
+
+
+def test_a_second_installation_on_the_same_hosts_never_touches_the_first_ones_vms(make_services, sim_lab):
+    lab = sim_lab()
+    first, _ = make_services(lab=lab, db="first.db")
+    [lease] = first.leases.acquire(LeaseRequest("precious", "centos"))
+    record = record_of(lab, "precious")
+    assert record["other_config"][INSTALLATION_KEY] == first.leases.installation
+    for vdi in disks_of(lab, record):  # its disks carry the marker too
+        assert lab.xapi().VDI.get_other_config(vdi)[INSTALLATION_KEY] == first.leases.installation
+
+    second, _ = make_services(lab=lab, db="second.db")  # start-up: recover + reconcile
+    assert second.leases.installation != first.leases.installation
+    report = second.leases.reconcile()
+    assert report.orphans_destroyed == [] and report.quarantined == []
+    assert record_of(lab, "precious")["power_state"] == "Running"
+    assert first.leases.leases.get(lease.id).state == "ready"
+
+
+def copy_sqlite(source, target) -> None:  # type: ignore[no-untyped-def]
+    """A consistent copy of a live SQLite database (what a backup tool makes)."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+
+
+def test_a_database_restored_from_an_older_backup_quarantines_newer_vms_before_destroying_them(
+    make_services, sim_lab, tmp_path
+):
+    clock = FakeClock()
+    lab = sim_lab()
+    live, _ = make_services(lab=lab, clock=clock, db="live.db")
+    live.leases.acquire(LeaseRequest("early", "centos"))
+    copy_sqlite(tmp_path / "live.db", tmp_path / "backup.db")
+    live.leases.acquire(LeaseRequest("late", "centos"))  # made after the backup
+    late_disks = disks_of(lab, record_of(lab, "late"))
+    live.stop()
+
+    restored, _ = make_services(lab=lab, clock=clock, db="backup.db")  # start-up reconcile runs here
+    late = record_of(lab, "late")
+    assert late is not None, "a VM the restored database does not know must not be destroyed at once"
+    assert late["power_state"] == "Halted"
+    assert late["other_config"][QUARANTINE_KEY] == f"{clock():.0f}"
+    assert QUARANTINE_TAG in late["tags"]
+    assert record_of(lab, "early")["power_state"] == "Running"  # the backup knows this one
+    wait_for(lambda: [q.name for q in restored.leases.quarantined()] == ["late"], timeout=5)
+    [held] = restored.leases.quarantined()
+    assert held.destroy_at == held.quarantined_at + 24 * HOUR
+
+    clock.advance(23 * HOUR)
+    assert restored.leases.reconcile().orphans_destroyed == []
+    assert record_of(lab, "late") is not None
+    clock.advance(2 * HOUR)
+    assert restored.leases.reconcile().orphans_destroyed == ["late"]
+    assert record_of(lab, "late") is None
+    assert set(late_disks).isdisjoint(lab.xapi().VDI.get_all())
+
+
+def test_vms_marked_before_installation_ids_are_claimed_when_known_and_left_alone_when_not(make_services):
+    services, lab = make_services()
+    [lease] = services.leases.acquire(LeaseRequest("old", "centos"))
+    xapi = lab.xapi()
+    xapi.VM.remove_from_other_config(lease.vm_ref, INSTALLATION_KEY)  # as an older dynvm marked it
+    stranger = new_vm(xapi, "stranger")
+    xapi.VM.add_to_other_config(stranger, MARKER_KEY, "a-lease-of-another-old-dynvm")
+    wait_for(lambda: any(vm.name == "stranger" for vm in services.inventory.view("1").vms), timeout=5)
+    report = services.leases.reconcile()
+    assert report.orphans_destroyed == [] and report.quarantined == []
+    assert xapi.VM.get_other_config(lease.vm_ref)[INSTALLATION_KEY] == services.leases.installation
+    assert MARKER_KEY in xapi.VM.get_other_config(stranger)  # untouched
+    assert INSTALLATION_KEY not in xapi.VM.get_other_config(stranger)
+
+
+def test_healthz_detail_names_the_installation(make_services):
+    from fastapi.testclient import TestClient
+
+    from dynvm.api.app import create_app
+
+    services, _ = make_services()
+    with TestClient(create_app(services, manage_services=False)) as http:
+        assert http.get("/healthz").text == "ok"
+        detail = http.get("/healthz", params={"detail": "true"}).json()
+    assert detail["installation"] == services.leases.installation
+    assert detail["status"] == "ok" and detail["leader"] is True
+
+
+# -- 2. the lifetime starts at the hand-over; nothing expired is ever handed out ---------------
+
+
+def test_a_lease_never_expires_while_its_request_is_still_being_made(make_services):
+    """count=2, one VM slowed by an APIPA retry, expires_in_minutes=0.15: before, the reaper
+    destroyed the first VM while the second was still booting, and the request answered
+    the destroyed VM's IP."""
+    clock = FakeClock()
+    services, lab = make_services(clock=clock, network_timeout=1)
+    lab.control().apipa_next(1)  # one of the two boots waits out the time-out and is retried
+    outcome: dict[str, object] = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(
+            leases=services.leases.acquire(LeaseRequest("brief", "centos", count=2, expires_in_minutes=0.15))
+        )
+    )
+    worker.start()
+
+    def half_ready() -> bool:
+        states = sorted(lease.state for lease in services.leases.leases.active())
+        return states == ["creating", "ready"]
+
+    wait_for(half_ready, timeout=10)
+    clock.advance(60)  # well past 0.15 minutes since the request arrived
+    assert services.leases.expire_due() == []
+    worker.join(timeout=30)
+    leases = outcome["leases"]
+    assert [lease.state for lease in leases] == ["ready", "ready"]
+    for lease in leases:
+        assert lease.handed_over_at == clock()
+        assert lease.expires_at == pytest.approx(clock() + 9)
+        assert record_of(lab, lease.name)["power_state"] == "Running"
+    clock.advance(8)
+    assert services.leases.expire_due() == []
+    clock.advance(2)
+    assert services.leases.expire_due() == ["brief1", "brief2"]
+
+
+def test_a_vm_cannot_be_released_while_its_request_is_still_being_made(make_services):
+    services, lab = make_services(network_timeout=1)
+    lab.control().apipa_next(1)
+    worker = threading.Thread(target=services.leases.acquire, args=(LeaseRequest("busy", "centos", count=2),))
+    worker.start()
+    wait_for(lambda: any(lease.state == "ready" for lease in services.leases.leases.active()), timeout=10)
+    ready = next(lease.name for lease in services.leases.leases.active() if lease.state == "ready")
+    from dynvm.model import NameInUse
+
+    with pytest.raises(NameInUse, match="still being created"):
+        services.leases.release_names([ready])
+    worker.join(timeout=30)
+    assert sorted(lease.state for lease in services.leases.leases.active()) == ["ready", "ready"]
+
+
+def test_the_seeds_own_example_expiresin_lives_its_three_seconds_after_the_answer(make_services):
+    clock = FakeClock()
+    services, _ = make_services(clock=clock)
+    leases = services.leases.acquire(LeaseRequest("quick", "centos", count=2, expires_in_minutes=0.05))
+    assert all(lease.expires_at == pytest.approx(clock() + 3) for lease in leases)
+
+
+# -- 3 and 4. a failed disk delete is retried; a release answers what happened ----------------
+
+
+class Ended(LeaseEvents):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def ended(self, lease, state: str) -> None:  # type: ignore[no-untyped-def]
+        self.names.append(lease.name)
+
+
+def test_a_disk_that_will_not_delete_is_reported_and_reconcile_deletes_it(make_services):
+    services, lab = make_services()
+    baseline = lab.inventory_of()
+    [lease] = services.leases.acquire(LeaseRequest("disky", "centos"))
+    [disk] = disks_of(lab, record_of(lab, "disky"))
+    lab.control().fail_next("vdi_destroy", "SR_BACKEND_FAILURE_1200", 1)
+    outcome = services.leases.release_names(["disky"])
+    assert outcome.released == [] and outcome.failed == {}
+    assert "could not be deleted yet" in outcome.finishing["disky"]
+    assert services.leases.leases.get(lease.id).state == "released"  # the user's part is done
+    assert disk in lab.xapi().VDI.get_all()  # ... but the disk is still there
+    wait_for(lambda: any(d.ref == disk and not d.attached for d in services.inventory.view("1").disks), timeout=5)
+    uuid = lab.xapi().VDI.get_uuid(disk)
+    assert services.leases.reconcile().disks_destroyed == [uuid]
+    assert disk not in lab.xapi().VDI.get_all()
+    assert lab.inventory_of() == baseline
+
+
+def test_a_release_whose_destroy_fails_keeps_the_lease_and_a_retry_or_reconcile_finishes_it(make_services):
+    services, lab = make_services()
+    baseline = lab.inventory_of()
+    [first, second] = services.leases.acquire(LeaseRequest("stuck", "centos", count=2))
+    lab.control().fail_next("destroy", "INTERNAL_ERROR", 2)
+    outcome = services.leases.release("stuck", 2)
+    assert sorted(outcome.failed) == ["stuck1", "stuck2"]
+    assert "tries again within a minute" in outcome.failed["stuck1"]
+    assert {services.leases.leases.get(x.id).state for x in (first, second)} == {"releasing"}
+    # a retry by the user tries again at once ...
+    assert services.leases.release_names(["stuck1"]).released == ["stuck1"]
+    # ... and reconcile finishes what is left
+    services.leases.recover()
+    assert services.leases.leases.get(second.id).state == "released"
+    assert services.leases.leases.active() == []
+    assert lab.inventory_of() == baseline
+
+
+def test_reconcile_never_redoes_a_release_this_process_is_still_doing(make_services):
+    services, lab = make_services()
+    ended = Ended()
+    services.leases.events = ended
+    services.leases.acquire(LeaseRequest("slowgo", "centos"))
+    lab.control().set_timing({"shutdown_seconds": 1.0})
+    worker = threading.Thread(target=services.leases.release_names, args=(["slowgo"],))
+    worker.start()
+    wait_for(lambda: services.leases.leases.active()[0].state == "releasing", timeout=5)
+    services.leases.recover()  # what the reconcile loop runs, while the release is under way
+    worker.join(timeout=30)
+    assert ended.names == ["slowgo"], "the release must end once, by the process doing it"
+
+
+def test_one_failing_vm_never_stops_a_reconcile_pass(make_services):
+    clock = FakeClock()
+    services, lab = make_services(clock=clock)
+    leases = services.leases.acquire(LeaseRequest("left", "centos", count=2))
+    services.leases.leases.finish([lease.id for lease in leases], "released", clock())  # leftovers
+    lab.control().fail_next("destroy", "INTERNAL_ERROR", 1)  # the first destroy of the pass fails
+    report = services.leases.reconcile()
+    assert len(report.orphans_destroyed) == 1 and len(report.errors) == 1
+    assert "INTERNAL_ERROR" in report.errors[0]
+    assert services.leases.reconcile().orphans_destroyed != []  # the next pass gets the other one
+    assert all(record_of(lab, lease.name) is None for lease in leases)
+
+
+# -- 6. APIPA retries move to another host ----------------------------------------------------
+
+
+def test_a_host_whose_guests_get_no_address_hands_the_last_attempt_to_another_host(make_services):
+    services, lab = make_services(hosts=2, network_timeout=0.3)
+    baseline = take_baseline(services, lab)
+    lab.control(1).dhcp_exhausted(True)  # host 2's guests never get an address
+    leases = services.leases.acquire(LeaseRequest("moving", "centos", count=2))
+    assert [lease.host_ref for lease in leases] == ["1", "1"]
+    lab.control(1).dhcp_exhausted(False)
+    check_invariants(services, lab, baseline)
+
+
+def test_a_pinned_request_keeps_its_attempts_on_its_host(make_services):
+    services, lab = make_services(hosts=2, network_timeout=0.3)
+    lab.control(1).dhcp_exhausted(True)
+    with pytest.raises(CreateFailed, match="after 3 attempts"):
+        services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
