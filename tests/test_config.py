@@ -243,3 +243,20 @@ def test_an_invalid_edit_keeps_the_last_good_config(watched, caplog):
     assert "vm.expiry.minutes" in caplog.text
     path.write_text(SEED_FILE.replace("vm.expiry.minutes=720", "vm.expiry.minutes=60"))
     assert recorder.wait(2.5).common.expiry_minutes == 60
+
+
+@pytest.mark.parametrize(
+    "name", ["http://root:s3cr3t-in-url@xen1:notaport", "ftp://root:s3cr3t-in-url@xen1", "http://:s3cr3t-in-url@"]
+)
+def test_a_password_written_into_host_name_is_never_echoed(tmp_path: Path, name: str):
+    path = write(tmp_path / "c.ini", SEED_FILE.replace("host.name=172.23.0.10", f"host.name={name}"))
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert "[xenhost1] host.name" in str(error.value)
+    assert "s3cr3t-in-url" not in str(error.value)
+
+
+def test_orphan_quarantine_hours(tmp_path: Path):
+    assert load_settings(write(tmp_path / "a.ini", SEED_FILE)).common.quarantine_hours == 24
+    text = SEED_FILE.replace("[common]\n", "[common]\norphan.quarantine.hours=0\n")
+    assert load_settings(write(tmp_path / "b.ini", text)).common.quarantine_hours == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from bench.processes import free_port, serve_argv, wait_healthy
 
+from dynvm.leases import LeaseRequest
 from dynvm.sim.settings import Timing
 from dynvm.xen.provision import MARKER_KEY
 
@@ -187,3 +189,39 @@ def test_kill_9_during_a_clone_leaves_nothing_once_the_clone_ends(sim_lab, tmp_p
         assert httpx.get(f"{second.url}/getavailablecount/centos").text == "8"
     finally:
         assert second.stop() == 0
+
+
+def test_a_second_serve_on_a_taken_port_fails_before_touching_any_host(sim_lab, tmp_path: Path, make_services):
+    """Before: start-up reconcile ran before uvicorn found its port taken, and destroyed
+    VMs on the way out. Now the port is bound first."""
+    lab = sim_lab()
+    db = tmp_path / "d.db"
+    services, _ = make_services(lab=lab, db=str(f"sqlite:///{db}"))
+    [lease] = services.leases.acquire(LeaseRequest("leftover", "centos"))
+    services.leases.leases.finish([lease.id], "released", time.time())  # a leftover reconcile would destroy
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(serve_argv(lab.settings.source, db, port), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"Error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert marked_vms(lab) == ["leftover"]  # nothing destructive ran
+
+
+def test_a_half_sent_request_is_cut_off(sim_lab, tmp_path: Path):
+    lab = sim_lab()
+    serve = ServeProcess(lab.settings.source, tmp_path / "d.db", "--request-timeout", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=15) as slow:
+            slow.sendall(b"GET /getavailablecount HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            slow.settimeout(15)
+            started = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by dynvm, not by the socket's time-out
+            assert time.monotonic() - started < 10
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=15) as silent:
+            assert silent.recv(1024) == b""  # a connection that sends nothing is closed too
+        assert httpx.get(f"{serve.url}/getavailablecount/centos", timeout=10).text == "8"  # others are served
+    finally:
+        assert serve.stop() == 0

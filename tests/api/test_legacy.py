@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -193,3 +194,75 @@ def test_a_host_that_stops_answering_is_shown_empty_and_gets_no_vms(serve):
     pinned = service.get("/getservers/pinned", xhostref=1)
     assert pinned.status_code == 429  # no room: the pinned host counts nothing while down
     service.lab.control(0).host_up()
+
+
+# -- issue 11: honest release answers, strict numbers and names, the seed's networkinfo ---------
+
+
+def test_a_release_that_leaves_a_disk_answers_202_with_the_names_and_a_sentence(serve):
+    service = serve()
+    assert service.get("/getservers/diskjob").status_code == 200
+    service.lab.control().fail_next("vdi_destroy", "SR_BACKEND_FAILURE_1200", 1)
+    answer = service.get("/releaseservers/diskjob")
+    assert answer.status_code == 202
+    assert answer.json() == ["diskjob"]  # the seed's body: existing jobs parse it as before
+    assert "dynvm deletes them within a minute" in answer.headers["x-dynvm-detail"]
+    again = service.get("/releaseservers/diskjob")  # retrying is harmless: nothing is leased any more
+    assert again.status_code == 404
+
+
+def test_a_release_whose_vm_cannot_be_destroyed_answers_502_and_a_retry_finishes_it(serve):
+    service = serve()
+    assert service.get("/getservers/stuckjob").status_code == 200
+    service.lab.control().fail_next("destroy", "INTERNAL_ERROR", 1)
+    answer = service.get("/releaseservers/stuckjob")
+    assert answer.status_code == 502
+    assert answer.text.startswith("Error: could not destroy stuckjob on xenhost1")
+    assert "dynvm tries again within a minute" in answer.text
+    retry = service.get("/releaseservers/stuckjob")
+    assert (retry.status_code, retry.json()) == (200, ["stuckjob"])
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"count": "２"}, "Error: count must be a whole number, not '２'"),
+        ({"count": " 2"}, "Error: count must be a whole number"),
+        ({"cpus": "٣"}, "Error: cpus must be a whole number"),
+        ({"expiresin": "１.５"}, "Error: expiresin is minutes"),
+        ({"xhostref": "¹"}, "Error: xhostref must be a whole number"),
+    ],
+)
+def test_only_ascii_digits_are_numbers(serve, query, message):
+    answer = serve().get("/getservers/digits", **query)
+    assert (answer.status_code, answer.text[: len(message)]) == (400, message)
+
+
+def test_names_made_only_of_dots_are_refused(serve):
+    service = serve()
+    host, port = service.url.removeprefix("http://").split(":")
+    for name in (".", "..", "..."):
+        # sent as is with http.client: httpx (like curl) collapses '.' and '..' before sending
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("GET", f"/getservers/{name}")
+        answer = connection.getresponse()
+        text = answer.read().decode()
+        connection.close()
+        assert answer.status == 400, (name, text)
+        assert "not only dots" in text
+        v1 = service.http.post("/api/v1/leases", json={"os": "centos", "name": name})
+        assert v1.status_code == 422, (name, v1.text)
+    assert service.services.leases.leases.active() == []
+
+
+def test_showall_networkinfo_joins_every_value_as_the_seed_did(serve):
+    service = serve()
+    [ip] = service.get("/getservers/netjob").json()
+    xapi = service.lab.xapi()
+    vm = xapi.VM.get_by_name_label("netjob")[0]
+    metrics = xapi.VM.get_guest_metrics(vm)
+    networks = xapi.VM_guest_metrics.get_networks(metrics)
+    expected = ",".join(networks.values())
+    assert expected.count(ip) == 2  # the sim reports it as 0/ip and 0/ipv4/0, like a real guest
+    [entry] = [e for e in service.get("/showall").json()["1"] if e["name"] == "netjob"]
+    assert entry["networkinfo"] == expected

@@ -201,6 +201,11 @@ def test_required_auth_guards_every_route_but_healthz(make_services, sim_lab):
         assert problem(service.http.get("/api/v1/capacity"))["status"] == 401
         token = services.tokens.create("carol")
         assert service.http.get("/getavailablecount", headers={"Authorization": f"Bearer {token}"}).text == "8"
+        # the API's description stays readable without a token, as the README says (and why):
+        # it is the same for every dynvm, holds no data, and /docs can act only with a token
+        for public in ("/openapi.json", "/docs", "/redoc"):
+            assert service.get(public).status_code == 200, public
+        assert problem(service.http.get("/api/v1/quarantine"))["status"] == 401
     finally:
         service.stop()
 
