@@ -46,7 +46,8 @@ def test_a_second_installation_on_the_same_hosts_never_touches_the_first_ones_vm
     second, _ = make_services(lab=lab, db="second.db")  # start-up: recover + reconcile
     assert second.leases.installation != first.leases.installation
     report = second.leases.reconcile()
-    assert report.orphans_destroyed == [] and report.quarantined == []
+    assert report.orphans_destroyed == []
+    assert report.quarantined == []
     assert record_of(lab, "precious")["power_state"] == "Running"
     assert first.leases.leases.get(lease.id).state == "ready"
 
@@ -98,7 +99,8 @@ def test_vms_marked_before_installation_ids_are_claimed_when_known_and_left_alon
     xapi.VM.add_to_other_config(stranger, MARKER_KEY, "a-lease-of-another-old-dynvm")
     wait_for(lambda: any(vm.name == "stranger" for vm in services.inventory.view("1").vms), timeout=5)
     report = services.leases.reconcile()
-    assert report.orphans_destroyed == [] and report.quarantined == []
+    assert report.orphans_destroyed == []
+    assert report.quarantined == []
     assert xapi.VM.get_other_config(lease.vm_ref)[INSTALLATION_KEY] == services.leases.installation
     assert MARKER_KEY in xapi.VM.get_other_config(stranger)  # untouched
     assert INSTALLATION_KEY not in xapi.VM.get_other_config(stranger)
@@ -114,7 +116,8 @@ def test_healthz_detail_names_the_installation(make_services):
         assert http.get("/healthz").text == "ok"
         detail = http.get("/healthz", params={"detail": "true"}).json()
     assert detail["installation"] == services.leases.installation
-    assert detail["status"] == "ok" and detail["leader"] is True
+    assert detail["status"] == "ok"
+    assert detail["leader"] is True
 
 
 # -- 2. the lifetime starts at the hand-over; nothing expired is ever handed out ---------------
@@ -195,7 +198,8 @@ def test_a_disk_that_will_not_delete_is_reported_and_reconcile_deletes_it(make_s
     [disk] = disks_of(lab, record_of(lab, "disky"))
     lab.control().fail_next("vdi_destroy", "SR_BACKEND_FAILURE_1200", 1)
     outcome = services.leases.release_names(["disky"])
-    assert outcome.released == [] and outcome.failed == {}
+    assert outcome.released == []
+    assert outcome.failed == {}
     assert "could not be deleted yet" in outcome.finishing["disky"]
     assert services.leases.leases.get(lease.id).state == "released"  # the user's part is done
     assert disk in lab.xapi().VDI.get_all()  # ... but the disk is still there
@@ -245,7 +249,8 @@ def test_one_failing_vm_never_stops_a_reconcile_pass(make_services):
     services.leases.leases.finish([lease.id for lease in leases], "released", clock())  # leftovers
     lab.control().fail_next("destroy", "INTERNAL_ERROR", 1)  # the first destroy of the pass fails
     report = services.leases.reconcile()
-    assert len(report.orphans_destroyed) == 1 and len(report.errors) == 1
+    assert len(report.orphans_destroyed) == 1
+    assert len(report.errors) == 1
     assert "INTERNAL_ERROR" in report.errors[0]
     assert services.leases.reconcile().orphans_destroyed != []  # the next pass gets the other one
     assert all(record_of(lab, lease.name) is None for lease in leases)
