@@ -274,3 +274,73 @@ def test_a_pinned_request_keeps_its_attempts_on_its_host(make_services):
     lab.control(1).dhcp_exhausted(True)
     with pytest.raises(CreateFailed, match="after 3 attempts"):
         services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
+
+
+# -- races a review found: replicas, a lease taken for dead, the answer's order ---------------
+
+
+def test_a_failed_release_is_retried_by_whichever_process_leads(make_services, sim_lab):
+    lab = sim_lab()
+    follower, _ = make_services(lab=lab, db="shared.db", replica="follower")
+    leader, _ = make_services(lab=lab, db="shared.db", replica="leader")
+    [lease] = follower.leases.acquire(LeaseRequest("handoff", "centos"))
+    lab.control().fail_next("destroy", "INTERNAL_ERROR", 1)
+    assert "handoff" in follower.leases.release_names(["handoff"]).failed
+    assert follower.leases.leases.get(lease.id).state == "releasing"
+    leader.leases.recover()  # the leader's reconcile loop, while the follower lives on
+    assert leader.leases.leases.get(lease.id).state == "released"
+    assert record_of(lab, "handoff") is None
+
+
+def test_a_vm_whose_lease_was_failed_meanwhile_is_never_handed_out(make_services):
+    """A replica taken for dead (its heartbeat went stale) has its creates failed by the
+    leader; when its own create then finishes, it must not bring the lease back."""
+    from dynvm.sim.settings import Timing
+
+    services, lab = make_services(timing=Timing(clone_seconds=0.01, boot_seconds=1.0, ip_seconds=0.05))
+    baseline = lab.inventory_of()
+    outcome: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            services.leases.acquire(LeaseRequest("zombie", "centos"))
+        except CreateFailed as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=ask)
+    worker.start()
+    wait_for(lambda: (record_of(lab, "zombie") or {}).get("power_state") == "Running", timeout=10)
+    [lease] = services.leases.leases.active()
+    services.leases.leases.finish([lease.id], "failed", 0.0, "its replica was taken for dead")
+    worker.join(timeout=30)
+    assert "the lease ended while its VM was being made" in str(outcome["error"])
+    assert services.leases.leases.get(lease.id).state == "failed"
+    assert lab.inventory_of() == baseline
+
+
+def test_a_request_a_dead_process_never_answered_is_rolled_back(make_services, sim_lab, tmp_path):
+    from dynvm.store.db import Database
+    from dynvm.store.leases import LeaseStore
+
+    from .test_leases import a_creating_lease
+
+    lab = sim_lab()
+    store = LeaseStore(Database(f"sqlite:///{tmp_path / 'dynvm.db'}"))
+    store.db.migrate()
+    lease = a_creating_lease("lease-unanswered", "unanswered", "dynvm-that-died", 1.0)
+    with store.db.write() as conn:
+        store.insert(conn, [lease])
+    xapi = lab.xapi()
+    vm = new_vm(xapi, "unanswered", start=True)
+    xapi.VM.add_to_other_config(vm, MARKER_KEY, lease.id)
+    store.remember_vm(lease.id, vm)
+    store.set_state([lease.id], "ready", ["creating"])  # ready, but its request never answered
+    services, _ = make_services(lab=lab)  # start-up: recover
+    assert services.leases.leases.get(lease.id).state == "failed"
+    assert record_of(lab, "unanswered") is None
+
+
+def test_the_answer_keeps_the_order_of_the_names_past_nine(make_services):
+    services, _ = make_services(hosts=2)
+    leases = services.leases.acquire(LeaseRequest("many", "centos", count=11))
+    assert [lease.name for lease in leases] == [f"many{n}" for n in range(1, 12)]

@@ -14,11 +14,13 @@ flight are cancelled and rolled back).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats eve
 ADOPT_WAIT = 5.0  # seconds reconcile waits on a clone still running before it moves on
 RECOVER_CLONE_WAIT = 30.0  # seconds start-up waits, in all, for clones a dead process left running
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
+RELEASE_RETRY = "release-retry"  # the owner of a lease whose destroy failed: whichever replica leads retries it
 CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to another host if one has room
 
 
@@ -173,7 +176,7 @@ class LeaseService:
         self._idle = threading.Condition()
         self.tracker = tracker or RequestTracker(clock=clock)
         self.events = events or LeaseEvents()
-        self._releasing: set[str] = set()  # lease ids this process is destroying right now
+        self._releasing: Counter[str] = Counter()  # lease ids this process is releasing right now
         self._releasing_lock = threading.Lock()
 
     @functools.cached_property
@@ -384,7 +387,11 @@ class LeaseService:
             else:
                 failed.append((lease, error))
         if not failed:
-            handed = self.leases.hand_over([lease.id for lease in ready], self.clock())
+            try:
+                handed = self.leases.hand_over([lease.id for lease in ready], self.clock())
+            except Exception:  # the database failed us: never leave ready leases nobody will hand over
+                self._roll_back(settings, ready, "the request could not be handed over")
+                raise
             if handed is not None:
                 return handed
             # only a process that died and left the request to recover ends a ready lease
@@ -407,8 +414,36 @@ class LeaseService:
     def _roll_back(self, settings: Settings, ready: list[Lease], reason: str) -> None:
         """Destroy the ready VMs of a request that failed. They go through ``releasing``
         first, so a destroy that fails now is redone by reconcile, never forgotten."""
-        moved = self.leases.set_state([lease.id for lease in ready], "releasing", ["ready"], owner=self.owner)
-        self._destroy_all(settings, [lease for lease in ready if lease.id in moved], "failed", reason=reason)
+        for lease in ready:
+            self.tracker.stage(lease.request_id, lease.name, "removed", error=reason)
+        self._release(settings, ready, ["ready"], "failed", reason)
+
+    def _release(
+        self,
+        settings: Settings,
+        candidates: list[Lease],
+        only_from: list[str],
+        final_state: str,
+        reason: str = "",
+        expect_owner: str | None = None,
+    ) -> tuple[ReleaseOutcome, list[Lease]]:
+        """Take these leases (those still in ``only_from``, and owned by ``expect_owner``
+        when given) into ``releasing`` as this process's, destroy their VMs, end them.
+        They count as this process's releases from before the claim until the end, so a
+        reconcile pass in this process never redoes one meanwhile."""
+        ids = [lease.id for lease in candidates]
+        with self._releasing_lock:
+            self._releasing.update(ids)
+        try:
+            moved = set(self.leases.set_state(ids, "releasing", only_from, owner=self.owner, expect_owner=expect_owner))
+            taken = [lease for lease in candidates if lease.id in moved]
+            return self._destroy_all(settings, taken, final_state, reason), taken
+        finally:
+            with self._releasing_lock:
+                self._releasing.subtract(ids)
+                for lease_id in ids:
+                    if self._releasing[lease_id] <= 0:
+                        del self._releasing[lease_id]
 
     def _create_one(self, settings: Settings, lease: Lease, pinned: bool = False) -> Lease:
         """Create one VM. Unpinned, it may move: when its host stops answering, to the host
@@ -438,6 +473,8 @@ class LeaseService:
                         continue  # the last attempt, on the same host
                 elif pinned or not e.unreachable:
                     raise
+                else:
+                    attempts_left = max(1, attempts_left - e.attempts_used)
                 moved = self._move(settings, lease, exclude=tried)
                 if moved is None:
                     if e.unreachable:
@@ -511,7 +548,11 @@ class LeaseService:
             self.tracker.stage(lease.request_id, lease.name, "failed", error=str(e))
             self._report("create_failed", type(e).__name__)
             raise
-        ready = self.leases.mark_ready(lease.id, created, self.clock())
+        ready = self.leases.mark_ready(lease.id, created, self.clock(), self.owner)
+        if ready is None:  # another replica took this process for dead and failed the lease
+            with contextlib.suppress(Exception):  # else reconcile removes it: its lease has ended
+                self._provisioner(settings, host).destroy(created.ref, lease.id)
+            raise ProvisionError(f"{lease.name}: the lease ended while its VM was being made", host.ref)
         self.tracker.stage(lease.request_id, lease.name, "ready", ip=ready.ip)
         self.history.record_created(ready, origin_of(host.url))
         self._report("created", ready)
@@ -548,21 +589,24 @@ class LeaseService:
             raise NameInUse(f"{', '.join(creating)} still being created: release it once getservers has answered")
         outcome = ReleaseOutcome()
         alive = self._live_owners()
-        retry = []
+        retry: dict[str, list[Lease]] = {}  # by the owner they must still have when taken
         for lease in held:
             if lease.state != "releasing":
                 continue
-            if self._is_releasing(lease.id) or (lease.owner in alive and lease.owner != self.owner):
+            if lease.owner in alive and (lease.owner != self.owner or self._is_releasing(lease.id)):
                 outcome.finishing[lease.name] = "already being released; dynvm finishes it in the background"
-            else:
-                retry.append(lease.id)  # an earlier release that failed, or whose process died
-        ready = [lease.id for lease in held if lease.state == "ready" and lease.handed_over_at is not None]
-        moved = self.leases.set_state(ready, "releasing", ["ready"], owner=self.owner)
-        moved += self.leases.set_state(retry, "releasing", ["releasing"], owner=self.owner)
-        taken = [lease for lease in held if lease.id in moved]
+            else:  # an earlier release that failed (owner RELEASE_RETRY), or whose process died
+                retry.setdefault(lease.owner, []).append(lease)
+        settings = self.settings
+        ready = [lease for lease in held if lease.state == "ready" and lease.handed_over_at is not None]
+        done, taken = self._release(settings, ready, ["ready"], "released")
+        outcome.add(done)
+        for owner, leases in retry.items():
+            done, again = self._release(settings, leases, ["releasing"], "released", expect_owner=owner)
+            outcome.add(done)
+            taken += again
         if not taken and not outcome.finishing:
             raise NoSuchLease(f"{', '.join(lease.name for lease in held)} already released or expiring")
-        outcome.add(self._destroy_all(self.settings, taken, "released"))
         return outcome
 
     def _is_releasing(self, lease_id: str) -> bool:
@@ -591,55 +635,51 @@ class LeaseService:
     def _destroy(self, settings: Settings, lease: Lease, final_state: str, reason: str = "") -> ReleaseOutcome:
         """Destroy one lease's VM and disks, then end the lease. When the VM cannot be
         destroyed (its host does not answer, xapi refuses), the lease stays ``releasing``
-        and keeps its name: reconcile tries again within a minute. A disk that will not go
-        does not hold the lease: it keeps dynvm's marker and reconcile destroys it.
-        Never raises for a VM's sake: one failing VM never stops the others."""
+        and keeps its name, owned by ``RELEASE_RETRY``: the leader's reconcile tries again
+        within a minute. A disk that will not go does not hold the lease: it keeps dynvm's
+        marker and reconcile destroys it. Never raises for a VM's sake: one failing VM
+        never stops the others. Called only through ``_release``, which claimed it."""
         outcome = ReleaseOutcome()
         started = time.monotonic()
-        with self._releasing_lock:
-            self._releasing.add(lease.id)
-        try:
-            host = settings.host(lease.host_ref)
-            result = DestroyResult(gone_already=True)
-            if lease.vm_ref and not lease.vm_ref.startswith(CLONE_TASK):
-                if host is None:
-                    outcome.failed[lease.name] = (
-                        f"host {lease.host_ref} is no longer configured: {lease.name} is left on it"
-                    )
-                    log.error("%s: %s", lease.name, outcome.failed[lease.name])
-                    return outcome
+        host = settings.host(lease.host_ref)
+        result = DestroyResult(gone_already=True)
+        if lease.vm_ref and not lease.vm_ref.startswith(CLONE_TASK):
+            if host is None:  # out of dynvm's reach: the lease ends, the VM stays where it is
+                reason = f"host {lease.host_ref} left the configuration; {lease.name} may still be on it"
+                log.error("%s: %s", lease.name, reason)
+            else:
                 try:
                     result = self._provisioner(settings, host).destroy(lease.vm_ref, lease.id)
                 except NotDynvmVm as e:
                     log.error("%s", e)  # never touched; the lease ends (it cannot hold this VM)
                 except Exception as e:
+                    self.leases.set_owner(lease.id, RELEASE_RETRY)
                     outcome.failed[lease.name] = (
                         f"could not destroy {lease.name} on {host.display} ({e}); dynvm tries again within a minute"
                     )
                     log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
                     return outcome
-            self.leases.finish([lease.id], final_state, self.clock(), reason or None)
-            if result.disks_left:
-                outcome.finishing[lease.name] = (
-                    f"{lease.name} is gone, but {len(result.disks_left)} of its disk(s) could not be deleted yet "
-                    f"({'; '.join(result.disks_left)}); dynvm deletes them within a minute"
-                )
-            else:
-                outcome.released.append(lease.name)
-            current = self.leases.get(lease.id) or lease
-            self.history.record_deleted(current, time.monotonic() - started)
-            self._report("ended", current, final_state)
-            log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
-            return outcome
-        finally:
-            with self._releasing_lock:
-                self._releasing.discard(lease.id)
+        self.leases.finish([lease.id], final_state, self.clock(), reason or None)
+        if result.disks_left:
+            outcome.finishing[lease.name] = (
+                f"{lease.name} is gone, but {len(result.disks_left)} of its disk(s) could not be deleted yet "
+                f"({'; '.join(result.disks_left)}); dynvm deletes them within a minute"
+            )
+        else:
+            outcome.released.append(lease.name)
+        current = self.leases.get(lease.id) or lease
+        self.history.record_deleted(current, time.monotonic() - started)
+        self._report("ended", current, final_state)
+        log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
+        return outcome
 
     def extend(self, name: str, minutes: float, caller: Caller = ANONYMOUS) -> Lease:
         """Move a ready lease's expiry to ``minutes`` from now, capped at the maximum."""
         [lease] = self.leases.by_name([name]) or [None]
         if lease is None or lease.state != "ready":
             raise NoSuchLease(f"no ready VM named {name} is leased from dynvm")
+        if lease.handed_over_at is None:
+            raise NameInUse(f"{name} is still being created: extend it once its request has answered")
         if not caller.may_touch(lease):
             raise Forbidden(f"{lease.name} belongs to {lease.caller}: only they or an admin may extend it")
         if not minutes > 0:
@@ -651,10 +691,7 @@ class LeaseService:
     def expire_due(self) -> list[str]:
         """Destroy every lease past its expiry (the reaper calls this every few seconds).
         Only handed-over leases expire: a request still being made keeps all its VMs."""
-        due = self.leases.expired(self.clock())
-        moved = self.leases.set_state([lease.id for lease in due], "releasing", ["ready"], owner=self.owner)
-        expired = [lease for lease in due if lease.id in moved]
-        self._destroy_all(self.settings, expired, "expired", reason="expired")
+        _, expired = self._release(self.settings, self.leases.expired(self.clock()), ["ready"], "expired", "expired")
         return [lease.name for lease in expired]
 
     # -- reconcile ---------------------------------------------------------------------
@@ -683,28 +720,21 @@ class LeaseService:
         if stale:  # their clones get RECOVER_CLONE_WAIT in all; what still runs is left to reconcile
             give_up_at = time.monotonic() + RECOVER_CLONE_WAIT
             self._collect_abandoned_clones(settings, ReconcileReport(), give_up_at=give_up_at)
-        self._hand_over_orphaned_requests(alive)
-        redo = []
+        self._roll_back_unanswered_requests(settings, alive)
         for lease in self.leases.in_state("releasing"):
             if lease.owner in alive and (lease.owner != self.owner or self._is_releasing(lease.id)):
                 continue
-            if self.leases.set_state([lease.id], "releasing", ["releasing"], owner=self.owner):
-                redo.append(lease)
-        for lease in redo:
             final = "expired" if lease.handed_over_at is not None and lease.expires_at <= self.clock() else "released"
-            self._destroy(settings, lease, final, reason="release finished by reconcile")
+            self._release(settings, [lease], ["releasing"], final, "release finished by reconcile", lease.owner)
         return [lease.name for lease in stale]
 
-    def _hand_over_orphaned_requests(self, alive: set[str]) -> None:
-        """Ready leases a dead process never handed over (it died between the last VM's
-        ready and the answer): their lifetime starts now, so that they expire."""
-        waiting: dict[str, list[Lease]] = {}
-        for lease in self.leases.in_state("ready", "creating"):
-            if lease.handed_over_at is None:
-                waiting.setdefault(lease.request_id, []).append(lease)
-        for leases in waiting.values():
-            if all(lease.state == "ready" and lease.owner not in alive for lease in leases):
-                self.leases.hand_over([lease.id for lease in leases], self.clock())
+    def _roll_back_unanswered_requests(self, settings: Settings, alive: set[str]) -> None:
+        """Ready leases a dead process never handed over (it died before its request
+        answered): nobody got them, so they are removed, all or nothing."""
+        waiting = [lease for lease in self.leases.in_state("ready") if lease.handed_over_at is None]
+        orphaned = [lease for lease in waiting if lease.owner not in alive]
+        if orphaned:
+            self._roll_back(settings, orphaned, "dynvm stopped before the request answered")
 
     def reconcile(self) -> ReconcileReport:
         """Make the hosts and the leases agree (at start-up and every minute). Only VMs and
@@ -758,10 +788,11 @@ class LeaseService:
         if holder is None or holder.host_ref != host.ref:
             holder = self.leases.get(lease_id)  # a create that began after `active` was read ...
         known = holder is not None
-        if holder is not None and holder.state in ACTIVE_STATES and holder.host_ref == host.ref:
+        left_behind = holder is not None and holder.vm_uuid is not None and holder.vm_uuid != vm.uuid
+        if holder is not None and holder.state in ACTIVE_STATES and holder.host_ref == host.ref and not left_behind:
             if owner is Ownership.UNNAMED:  # made before installation ids: write ours on it
                 self._provisioner(self.settings, host).claim(vm.ref, lease_id)
-            return  # (... on another host: an attempt left behind when the lease moved)
+            return  # (... on another host, or not the lease's VM: an attempt left behind)
         if not known:
             if owner is Ownership.UNNAMED:
                 return  # dynvm's, from before installation ids, and not this database's: leave it

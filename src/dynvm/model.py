@@ -43,12 +43,14 @@ class ProvisionError(XenError):
         unreachable: bool = False,
         exhausted: bool = False,
         no_address: bool = False,
+        attempts_used: int = 1,
     ) -> None:
         super().__init__(message, host)
         self.leftovers = leftovers
         self.unreachable = unreachable
         self.exhausted = exhausted
         self.no_address = no_address
+        self.attempts_used = attempts_used
 
 
 class NotDynvmVm(XenError):

@@ -96,7 +96,7 @@ class RequestTracker:
             if vm is not None:
                 vm.stage = stage
                 vm.host = host or vm.host
-                vm.ip = ip or vm.ip
+                vm.ip = None if stage == "removed" else (ip or vm.ip)  # a removed VM's IP is no one's
                 vm.error = error or vm.error
 
     def finish(self, request_id: str, error: str | None = None, error_status: int | None = None) -> None:

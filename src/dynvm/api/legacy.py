@@ -194,7 +194,8 @@ def release(services: Services, username: str, count: int, caller: Caller) -> Re
     response = json_text(outcome.names, indent=2)
     if outcome.finishing:
         response.status_code = 202
-        response.headers["X-Dynvm-Detail"] = " ".join(outcome.finishing.values()).encode("ascii", "replace").decode()
+        detail = " ".join(" ".join(outcome.finishing.values()).split())  # one line: no CR/LF in a header
+        response.headers["X-Dynvm-Detail"] = detail.encode("ascii", "replace").decode()
     return response
 
 

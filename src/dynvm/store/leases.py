@@ -107,11 +107,13 @@ class LeaseStore:
             ],
         )
 
-    def mark_ready(self, lease_id: str, vm: CreatedVm, now: float) -> Lease:
+    def mark_ready(self, lease_id: str, vm: CreatedVm, now: float, owner: str) -> Lease | None:
+        """The lease's VM is ready. None (nothing changed) if the lease is no longer being
+        created by ``owner``: another replica took it for dead and failed it meanwhile."""
         with self.db.write() as conn:
-            conn.execute(
+            done = conn.execute(
                 update(leases)
-                .where(leases.c.id == lease_id)
+                .where((leases.c.id == lease_id) & (leases.c.state == "creating") & (leases.c.owner == owner))
                 .values(
                     state="ready",
                     vm_uuid=vm.uuid,
@@ -126,6 +128,8 @@ class LeaseStore:
                     create_seconds=vm.create_seconds,
                 )
             )
+            if done.rowcount != 1:
+                return None
             conn.execute(delete(reservations).where(reservations.c.lease_id == lease_id))
             return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
 
@@ -140,40 +144,53 @@ class LeaseStore:
             conn.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
 
     def set_state(
-        self, lease_ids: Sequence[str], state: str, only_from: Sequence[str], owner: str | None = None
+        self,
+        lease_ids: Sequence[str],
+        state: str,
+        only_from: Sequence[str],
+        owner: str | None = None,
+        expect_owner: str | None = None,
     ) -> list[str]:
-        """Move leases to ``state`` if they are in one of ``only_from``; returns those moved
-        (so two releasers never both release the same lease). ``owner``: the process that
-        now works on them (a release is its releaser's, not its creator's)."""
+        """Move leases to ``state`` if they are in one of ``only_from`` (and, with
+        ``expect_owner``, still owned by it); returns those moved, so two releasers — two
+        threads, or two replicas — never both take the same lease. ``owner``: the process
+        that now works on them (a release is its releaser's, not its creator's). The rows
+        are locked while deciding (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers)."""
         if not lease_ids:
             return []
         with self.db.write() as conn:
-            movable = [
-                row.id
-                for row in conn.execute(
-                    select(leases.c.id).where(leases.c.id.in_(lease_ids) & leases.c.state.in_(only_from))
-                )
-            ]
+            where = leases.c.id.in_(lease_ids) & leases.c.state.in_(only_from)
+            if expect_owner is not None:
+                where &= leases.c.owner == expect_owner
+            movable = [row.id for row in conn.execute(select(leases.c.id).where(where).with_for_update())]
             values = {"state": state} | ({"owner": owner} if owner else {})
             if movable:
                 conn.execute(update(leases).where(leases.c.id.in_(movable)).values(**values))
             return movable
 
+    def set_owner(self, lease_id: str, owner: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(leases).where(leases.c.id == lease_id).values(owner=owner))
+
     def hand_over(self, lease_ids: Sequence[str], now: float) -> list[Lease] | None:
         """The request answers with these leases: their lifetime starts now. All or none:
-        None (and nothing changed) unless every one of them is still ready."""
+        None (and nothing changed) unless every one of them is still ready and not handed
+        over yet. Returned in the order of ``lease_ids`` (the order of the answer)."""
         with self.db.write() as conn:
-            rows = [_lease(r) for r in conn.execute(select(leases).where(leases.c.id.in_(lease_ids)))]
-            if len(rows) != len(lease_ids) or any(lease.state != "ready" for lease in rows):
+            query = select(leases).where(leases.c.id.in_(lease_ids)).with_for_update()
+            rows = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
+            if set(rows) != set(lease_ids) or any(
+                lease.state != "ready" or lease.handed_over_at is not None for lease in rows.values()
+            ):
                 return None
-            for lease in rows:
+            for lease in rows.values():
                 conn.execute(
                     update(leases)
                     .where(leases.c.id == lease.id)
                     .values(handed_over_at=now, expires_at=now + lease.lifetime)
                 )
-            found = conn.execute(select(leases).where(leases.c.id.in_(lease_ids)).order_by(leases.c.name))
-            return [_lease(r) for r in found]
+            found = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
+            return [found[lease_id] for lease_id in lease_ids]
 
     def extend(self, lease_id: str, expires_at: float) -> None:
         with self.db.write() as conn:

@@ -168,7 +168,9 @@ class Provisioner:
                     progress("cleaning up")
                     # a host that stopped answering gets a short while; reconcile does the rest
                     self._cleanup(vm, spec.lease_id, vlog, UNREACHABLE_CLEANUP if unreachable else None)
-                raise ProvisionError(f"{spec.name}: {e}", self.host.ref, unreachable=unreachable) from None
+                raise ProvisionError(
+                    f"{spec.name}: {e}", self.host.ref, unreachable=unreachable, attempts_used=attempt
+                ) from None
             if vm is not None:
                 progress("cleaning up")
                 self._cleanup(vm, spec.lease_id, vlog)
@@ -180,6 +182,7 @@ class Provisioner:
             self.host.ref,
             exhausted=True,
             no_address=no_address,
+            attempts_used=attempts,
         )
 
     def _mark_vm_and_disks(self, xapi: Any, vm: str, lease_id: str) -> None:

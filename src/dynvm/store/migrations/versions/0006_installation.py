@@ -38,5 +38,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_column("leases", "handed_over_at")
+    with op.batch_alter_table("leases") as batch:
+        batch.drop_column("handed_over_at")
     op.drop_table("installation")

@@ -1,0 +1,476 @@
+"""``make soak``: a bounded fault soak of real ``dynvm serve`` processes against ``dynvm sim``.
+
+Clients get, hold and release VMs through the legacy and v1 APIs while a fault thread
+injects, one at a time and in random order, the faults real labs have: kill -9 of a
+``dynvm serve``, a host refusing or hanging, APIPA and DHCP exhaustion, failing clone,
+start, destroy and disk destroy, sessions invalidated, a slow host. At the end every
+fault is lifted, everything held is released, and the soak waits for reconcile. Then it
+prints what the users would have seen and what was left on the hosts:
+
+- VMs and disks left behind (goal 0): on the hosts, beyond what was there at the start;
+- IPs handed out twice (0): an IP answered to a request while an earlier request still
+  held it (released by it, or its lifetime over, at the earliest);
+- dead VMs handed out (0): an answered IP whose VM was not running with that IP;
+- over-commits (0): a host whose running VMs had more vCPUs or memory than it has;
+- leases lost (0): a release answered 404 for a lease still within its lifetime;
+- 5xx other than 502 (0).
+
+Run on SQLite (one process) and on PostgreSQL (two replicas sharing a database), each for
+``--minutes`` (default 10; ``SOAK_MINUTES`` for ``make soak``). Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import XenAPI
+from rich.console import Console
+from rich.table import Table
+
+from bench.processes import free_port, serve_argv, sim_process, wait_healthy
+from dynvm.config import load_settings
+from dynvm.sim.control import SimControlClient
+from dynvm.xen.marker import MARKER_KEY
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PG_SOAK_DB = "dynvm_soak"
+HOSTS = 3
+CLIENTS = 6
+
+
+@dataclass
+class Grant:
+    name: str
+    ip: str
+    received: float
+    lifetime: float
+    ended: float | None = None  # when its release was sent (answered 200/202)
+
+    @property
+    def valid_until(self) -> float:
+        """Till when its user may count on it."""
+        own = self.received + self.lifetime
+        return min(own, self.ended) if self.ended is not None else own
+
+
+@dataclass
+class Tally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    faults: Counter = field(default_factory=Counter)
+    connection_errors: int = 0
+    grants: list[Grant] = field(default_factory=list)
+    doubles: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    overcommits: list[str] = field(default_factory=list)
+    server_errors: list[str] = field(default_factory=list)
+
+    def answered(self, response: httpx.Response) -> None:
+        with self.lock:
+            self.requests += 1
+            self.statuses[response.status_code] += 1
+            if response.status_code >= 500 and response.status_code != 502:
+                self.server_errors.append(f"{response.status_code} {response.request.url.path}: {response.text[:200]}")
+
+    def granted(self, grants: list[Grant]) -> None:
+        with self.lock:
+            for new in grants:
+                for old in self.grants:
+                    if old.ip == new.ip and old.received < new.received < old.valid_until:
+                        self.doubles.append(f"{new.ip}: {old.name} (until {old.valid_until:.1f}) and {new.name}")
+            self.grants.extend(grants)
+
+
+class Lab:
+    """The simulator's hosts, seen by the soak: observer sessions and sim.* control."""
+
+    def __init__(self, config: Path, control_url: str) -> None:
+        self.settings = load_settings(config)
+        self.control = [SimControlClient(control_url, h.password.reveal()) for h in self.settings.hosts]
+        self._local = threading.local()
+
+    def xapi(self, index: int):  # type: ignore[no-untyped-def]
+        """A session per thread and host (a XenAPI session is not thread-safe)."""
+        sessions = self._local.__dict__.setdefault("sessions", {})
+        if index not in sessions:
+            host = self.settings.hosts[index]
+            session = XenAPI.Session(host.url, transport=None)
+            session.xenapi.login_with_password(host.user, host.password.reveal(), "2.21", "soak")
+            sessions[index] = session
+        return sessions[index].xenapi
+
+    def forget_sessions(self) -> None:
+        self._local.__dict__.pop("sessions", None)
+
+    def objects(self) -> tuple[set[str], set[str]]:
+        vms, vdis = set(), set()
+        for index in range(len(self.settings.hosts)):
+            xapi = self.xapi(index)
+            vms |= {f"{index}:{r}" for r in xapi.VM.get_all()}
+            vdis |= {f"{index}:{r}" for r in xapi.VDI.get_all()}
+        return vms, vdis
+
+    def marked(self) -> list[str]:
+        found = []
+        for index in range(len(self.settings.hosts)):
+            xapi = self.xapi(index)
+            for cls in (xapi.VM, xapi.VDI):
+                found += [r["name_label"] for r in cls.get_all_records().values() if MARKER_KEY in r["other_config"]]
+        return found
+
+    def running_with_ip(self, name: str, ip: str) -> bool | None:
+        """Is a VM of that name running with that IP? None: a host did not answer."""
+        try:
+            for index in range(len(self.settings.hosts)):
+                xapi = self.xapi(index)
+                for vm in xapi.VM.get_by_name_label(name):
+                    record = xapi.VM.get_record(vm)
+                    if record["power_state"] != "Running" or record["guest_metrics"] == "OpaqueRef:NULL":
+                        continue
+                    if ip in xapi.VM_guest_metrics.get_networks(record["guest_metrics"]).values():
+                        return True
+            return False
+        except Exception:
+            self.forget_sessions()
+            return None
+
+
+class Servers:
+    """The ``dynvm serve`` processes (one on SQLite, two replicas on PostgreSQL)."""
+
+    def __init__(self, config: Path, db: Path | str, replicas: int, log_dir: Path) -> None:
+        self.config, self.db, self.log_dir = config, db, log_dir
+        self.ports = [free_port() for _ in range(replicas)]
+        self.processes: list[subprocess.Popen | None] = [None] * replicas
+        self.lock = threading.Lock()
+        for index in range(replicas):
+            self.start(index)
+
+    def url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.ports[index]}"
+
+    def start(self, index: int) -> None:
+        log = open(self.log_dir / f"serve{index}.log", "a")  # noqa: SIM115 - the process keeps it
+        process = subprocess.Popen(serve_argv(self.config, self.db, self.ports[index]), stdout=log, stderr=log)
+        wait_healthy(self.url(index), process, timeout=120)
+        with self.lock:
+            self.processes[index] = process
+
+    def kill(self, index: int) -> None:
+        with self.lock:
+            process, self.processes[index] = self.processes[index], None
+        if process is not None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+    def live_urls(self) -> list[str]:
+        with self.lock:
+            return [self.url(i) for i, p in enumerate(self.processes) if p is not None]
+
+    def stop(self) -> None:
+        for index, process in enumerate(self.processes):
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            self.processes[index] = None
+
+
+def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, rng: random.Random) -> None:
+    held: list[tuple[str, int, list[Grant]]] = []  # (user, count, grants)
+    made = 0
+    with httpx.Client(timeout=120) as http:
+        while time.monotonic() < until:
+            urls = servers.live_urls()
+            if not urls:
+                time.sleep(0.5)
+                continue
+            url = rng.choice(urls)
+            held = [h for h in held if min(g.received + g.lifetime for g in h[2]) > time.time() + 1]
+            try:
+                roll = rng.random()
+                if roll < 0.45 or not held:
+                    made += 1
+                    user, count = f"soak{number}x{made}", rng.choice((1, 1, 2, 3))
+                    lifetime = rng.uniform(3, 40)  # seconds; the SPEC's own example is 0.05 min
+                    sent = time.time()
+                    params = {"os": "centos", "count": count, "format": "detailed", "expiresin": f"{lifetime / 60:.4f}"}
+                    answer = http.get(f"{url}/getservers/{user}", params=params)
+                    tally.answered(answer)
+                    if answer.status_code == 200:
+                        received = time.time()
+                        grants = [Grant(n, ip, received, lifetime) for n, ip in answer.json().items()]
+                        tally.granted(grants)
+                        for grant in grants:
+                            if lab.running_with_ip(grant.name, grant.ip) is False:
+                                with tally.lock:
+                                    tally.dead.append(f"{grant.name} {grant.ip}")
+                        held.append((user, count, grants))
+                        del sent
+                elif roll < 0.80:
+                    user, count, grants = held.pop(rng.randrange(len(held)))
+                    sent = time.time()
+                    answer = http.get(f"{url}/releaseservers/{user}", params={"count": count})
+                    tally.answered(answer)
+                    if answer.status_code in (200, 202):
+                        for grant in grants:
+                            grant.ended = sent
+                    elif answer.status_code == 404 and sent < min(g.received + g.lifetime for g in grants) - 2:
+                        with tally.lock:
+                            tally.lost.append(f"{user} x{count}: {answer.text.strip()}")
+                    elif answer.status_code == 502:
+                        held.append((user, count, grants))  # dynvm finishes it; try again later
+                elif roll < 0.92:
+                    tally.answered(http.get(f"{url}/getavailablecount/centos"))
+                else:
+                    tally.answered(http.get(f"{url}/showall"))
+            except httpx.HTTPError:
+                with tally.lock:
+                    tally.connection_errors += 1
+                time.sleep(0.2)
+    # what this client still holds goes back at the end
+    for user, count, grants in held:
+        release_for_good(servers, tally, user, count, grants)
+
+
+def release_for_good(servers: Servers, tally: Tally, user: str, count: int, grants: list[Grant]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            for url in servers.live_urls():
+                sent = time.time()
+                answer = httpx.get(f"{url}/releaseservers/{user}", params={"count": count}, timeout=120)
+                tally.answered(answer)
+                if answer.status_code in (200, 202, 404):
+                    for grant in grants:
+                        grant.ended = grant.ended or sent
+                    return
+        time.sleep(2)
+
+
+FAULTS = (
+    "kill -9 of dynvm serve",
+    "host refuses connections",
+    "host hangs",
+    "APIPA on 30% of boots",
+    "DHCP pool exhausted",
+    "VM.destroy fails",
+    "VDI.destroy fails",
+    "VM.clone fails",
+    "VM.start fails",
+    "sessions invalidated",
+    "slow host (300 ms a call)",
+)
+
+
+def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: threading.Event) -> None:
+    host = rng.randrange(len(lab.control))
+    control = lab.control[host]
+    hold = rng.uniform(5, 12)
+    match kind:
+        case "kill -9 of dynvm serve":
+            index = rng.randrange(len(servers.ports))
+            servers.kill(index)
+            stop.wait(rng.uniform(0.5, 3))
+            servers.start(index)
+        case "host refuses connections" | "host hangs":
+            control.host_down("refuse" if "refuses" in kind else "hang")
+            stop.wait(hold)
+            control.host_up()
+        case "APIPA on 30% of boots":
+            control.set_apipa_rate(0.3)
+            stop.wait(hold * 2)
+            control.set_apipa_rate(0.0)
+        case "DHCP pool exhausted":
+            control.dhcp_exhausted(True)
+            stop.wait(hold)
+            control.dhcp_exhausted(False)
+        case "VM.destroy fails":
+            control.fail_next("destroy", "INTERNAL_ERROR", 2)
+        case "VDI.destroy fails":
+            control.fail_next("vdi_destroy", "SR_BACKEND_FAILURE_1200", 2)
+        case "VM.clone fails":
+            control.fail_next("clone", "SR_BACKEND_FAILURE_44", 2)
+        case "VM.start fails":
+            control.fail_next("start", "BOOTLOADER_FAILED", 2)
+        case "sessions invalidated":
+            control.invalidate_sessions()
+        case "slow host (300 ms a call)":
+            control.set_timing({"latency_ms": 300})
+            stop.wait(hold)
+            control.set_timing({"latency_ms": 0})
+
+
+def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event) -> None:
+    while not stop.wait(rng.uniform(8, 20)) and time.monotonic() < until:
+        kind = rng.choice(FAULTS)
+        with tally.lock:
+            tally.faults[kind] += 1
+        try:
+            inject(kind, lab, servers, rng, stop)
+        except Exception as e:  # the soak goes on; the count says it was tried
+            print(f"soak: injecting {kind!r} failed: {e}", file=sys.stderr)
+
+
+def sampler(lab: Lab, tally: Tally, stop: threading.Event) -> None:
+    """Every 2 s: no host runs more vCPUs or memory than it has."""
+    while not stop.wait(2):
+        for index in range(len(lab.settings.hosts)):
+            try:
+                xapi = lab.xapi(index)
+                [host] = xapi.host.get_all()
+                cpus = int(xapi.host.get_cpu_info(host)["cpu_count"])
+                memory = int(xapi.host_metrics.get_memory_total(xapi.host.get_metrics(host)))
+                running = [
+                    r
+                    for r in xapi.VM.get_all_records().values()
+                    if r["power_state"] == "Running" and not r["is_control_domain"]
+                ]
+                used_cpus = sum(int(r["VCPUs_at_startup"]) for r in running)
+                used_memory = sum(int(r["memory_static_max"]) for r in running)
+                if used_cpus > cpus or used_memory > memory:
+                    with tally.lock:
+                        tally.overcommits.append(f"host {index + 1}: {used_cpus}/{cpus} vCPUs, {used_memory} bytes")
+            except Exception:
+                lab.forget_sessions()  # a host that is down right now
+
+
+def fresh_postgres() -> str:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {PG_SOAK_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {PG_SOAK_DB}")
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{PG_SOAK_DB}"
+
+
+def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, dict[str, object]]:
+    rng = random.Random(seed)
+    config = work / f"{backend}.ini"
+    control_port = free_port()
+    timing = ("--clone-seconds", "0.2", "--boot-seconds", "0.8", "--ip-seconds", "0.4")
+    with sim_process(config, "--hosts", str(HOSTS), "--control-port", str(control_port), *timing):
+        text = config.read_text().replace("vm.network.timeout.secs=400", "vm.network.timeout.secs=4")
+        config.write_text(text)
+        lab = Lab(config, f"http://127.0.0.1:{control_port}/")
+        before_vms, before_vdis = lab.objects()
+        db: Path | str = work / "soak.db" if backend == "sqlite" else fresh_postgres()
+        servers = Servers(config, db, 1 if backend == "sqlite" else 2, work)
+        tally = Tally()
+        stop = threading.Event()
+        until = time.monotonic() + minutes * 60
+        threads = [
+            threading.Thread(target=client, args=(n, servers, lab, tally, until, random.Random(seed * 100 + n)))
+            for n in range(CLIENTS)
+        ]
+        threads.append(threading.Thread(target=faults, args=(lab, servers, tally, until, rng, stop)))
+        watcher = threading.Thread(target=sampler, args=(lab, tally, stop))
+        started = time.monotonic()
+        for thread in [*threads, watcher]:
+            thread.start()
+        for thread in threads[:-1]:
+            thread.join()
+        stop.set()
+        threads[-1].join()
+        watcher.join()
+        for control in lab.control:
+            control.reset()
+        for index, process in enumerate(servers.processes):
+            if process is None:
+                servers.start(index)
+        # everything is released; reconcile (every 30 s) removes what failures left
+        deadline = time.monotonic() + 180
+        leases: list = []
+        while time.monotonic() < deadline:
+            leases = httpx.get(f"{servers.url(0)}/api/v1/leases", timeout=30).json()
+            if not leases and not lab.marked():
+                break
+            time.sleep(3)
+        after_vms, after_vdis = lab.objects()
+        servers.stop()
+        figures = {
+            "duration": time.monotonic() - started,
+            "vms_left": len(after_vms - before_vms),
+            "disks_left": len(after_vdis - before_vdis),
+            "leases_left": len(leases),
+        }
+        return tally, figures
+
+
+def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float) -> Table:
+    title = f"fault soak on {backend}: {minutes:g} min, {HOSTS} hosts, {CLIENTS} clients (2 CPUs)"
+    out = Table(title=title)
+    for column in ("figure", "measured", "goal", "met"):
+        out.add_column(column, justify="left" if column == "figure" else "right")
+
+    def row(name: str, value: object, goal: object = "-") -> None:
+        met = "-" if goal == "-" else ("yes" if value == goal else "NO")
+        out.add_row(name, str(value), str(goal), met)
+
+    five = sum(n for status, n in tally.statuses.items() if status >= 500 and status != 502)
+    row("requests answered", tally.requests)
+    row("  by status", ", ".join(f"{s}: {n}" for s, n in sorted(tally.statuses.items())))
+    row("  connection errors (dynvm serve killed)", tally.connection_errors)
+    row("VMs granted", len(tally.grants))
+    row("faults injected", sum(tally.faults.values()))
+    for kind in FAULTS:
+        row(f"  {kind}", tally.faults.get(kind, 0))
+    row("VMs left behind", figures["vms_left"], 0)
+    row("disks left behind", figures["disks_left"], 0)
+    row("leases left after releasing all", figures["leases_left"], 0)
+    row("IPs handed out twice", len(tally.doubles), 0)
+    row("dead VMs handed out", len(tally.dead), 0)
+    row("over-commits", len(tally.overcommits), 0)
+    row("leases lost", len(tally.lost), 0)
+    row("5xx other than 502", five, 0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 10)))
+    parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("SOAK_SEED", 1)))
+    args = parser.parse_args()
+    console = Console(width=140)
+    backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
+    failed = False
+    for backend in backends:
+        with tempfile.TemporaryDirectory(prefix=f"dynvm-soak-{backend}-") as work:
+            tally, figures = soak(backend, args.minutes, args.seed, Path(work))
+            console.print(table(backend, tally, figures, args.minutes))
+            for label, items in (
+                ("IPs handed out twice", tally.doubles),
+                ("dead VMs handed out", tally.dead),
+                ("over-commits", tally.overcommits),
+                ("leases lost", tally.lost),
+                ("5xx", tally.server_errors),
+            ):
+                for item in items[:10]:
+                    console.print(f"{label}: {item}", markup=False)
+            bad = [tally.doubles, tally.dead, tally.overcommits, tally.lost, tally.server_errors]
+            failed = failed or any(bad) or any(figures[k] for k in ("vms_left", "disks_left", "leases_left"))
+            if failed:
+                console.print(f"serve logs: {work} (kept: copy them before the directory goes)", markup=False)
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
