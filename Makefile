@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LAB    ?= .lab
 
-.PHONY: install lab test lint format bench clean
+.PHONY: install lab test lint format bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ format: $(STAMP)
 ## bench: speed and memory figures, printed as tables (never part of `make test`)
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## soak: a bounded fault soak on SQLite and two PostgreSQL replicas (SOAK_MINUTES each, 10 by default)
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}
 
 clean:
 	rm -rf $(VENV) $(LAB) .pytest_cache .ruff_cache build dist src/*.egg-info
