@@ -326,3 +326,21 @@ def leave_a_crashed_create(store, lab, lease_id: str, name: str, owner: str, cre
     vm = new_vm(xapi, name, start=True)
     xapi.VM.add_to_other_config(vm, MARKER_KEY, lease.id)
     return lease
+
+
+def test_a_shortage_names_the_hosts_that_give_nothing_and_why(make_services, sim_lab):
+    lab = sim_lab(hosts=3)
+    text = lab.settings.source.read_text()
+    text = text.replace("windows.template=tmpl-win16dc - PATCHED (1)\n", "", 1)  # xenhost1: no windows key
+    lab.settings.source.write_text(text)
+    services, _ = make_services(lab=lab)
+    lab.control(2).host_down("refuse")
+    wait_for(lambda: services.inventory.view("3").state is HostState.DOWN, timeout=15)
+    with pytest.raises(NotEnoughCapacity) as error:
+        services.leases.acquire(LeaseRequest("big", "windows", count=40))
+    message = str(error.value)
+    assert message.startswith("not enough capacity for 40 windows VM(s): ")
+    assert "xenhost1 has no template for windows" in message
+    assert "xenhost3 is down: " in message
+    assert "release some VMs" not in message  # the real cause instead
+    lab.control(2).host_up()

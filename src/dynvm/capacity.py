@@ -23,6 +23,8 @@ from .model import NotEnoughCapacity
 from .xen.inventory import HostState, HostView, TemplateView
 from .xen.provision import MARKER_KEY
 
+FULL_HINT = "; release some VMs or try again later"
+
 
 @dataclass(frozen=True)
 class Need:
@@ -112,7 +114,7 @@ def place(count: int, os: str, candidates: list[Candidate]) -> list[Candidate]:
     if count > room_left:
         raise NotEnoughCapacity(
             f"not enough capacity for {count} {os} VM(s): {room_left} can be made now"
-            + ("" if room_left else "; release some VMs or try again later")
+            + ("" if room_left else FULL_HINT)
         )
     chosen = []
     for _ in range(count):

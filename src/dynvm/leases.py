@@ -38,6 +38,7 @@ from .model import (
     NameInUse,
     NoSuchLease,
     NotDynvmVm,
+    NotEnoughCapacity,
     ProvisionError,
     QuotaExceeded,
     ShuttingDown,
@@ -228,6 +229,26 @@ class LeaseService:
             out.append(capacity.Candidate(host, room, need))
         return out
 
+    def _explain_shortage(self, settings: Settings, message: str, request: LeaseRequest) -> str:
+        """Add why the hosts that give nothing give nothing: down (and why), refusing
+        dynvm's login, or without the template."""
+        reasons = []
+        for host in settings.hosts:
+            if request.host_ref is not None and host.ref != request.host_ref:
+                continue
+            view = self.inventory.view(host.ref)
+            name = host.templates.get(request.os)
+            if name is None:
+                reasons.append(f"{host.section} has no template for {request.os}")
+            elif view is None or view.state is not HostState.UP:
+                why = view.error if view is not None and view.error else "not answering yet"
+                reasons.append(f"{host.section} is down: {why}")
+            elif capacity.find_template(view, name) is None:
+                reasons.append(f"{host.section} has no template named {name!r} ({request.os}.template)")
+        if not reasons:
+            return message
+        return message.removesuffix(capacity.FULL_HINT) + "; " + "; ".join(reasons)
+
     def check_os(self, settings: Settings, os: str) -> None:
         if not any(os in host.templates for host in settings.hosts):
             known = ", ".join(settings.os_keys) or "none (no host is configured)"
@@ -259,9 +280,10 @@ class LeaseService:
         self.tracker.finish(request_id)
         return leases
 
-    def _acquire(self, request: LeaseRequest, request_id: str) -> list[Lease]:
-        if self._stopping.is_set():
-            raise ShuttingDown("dynvm is stopping; try again in a moment")
+    def validate(self, request: LeaseRequest) -> None:
+        """Refuse, at once, a request that can never be served as asked (a count over the
+        limit, an unknown OS, a host that does not exist or lacks the OS). Cheap: reads
+        only the configuration. ``acquire`` calls it too."""
         settings = self.settings
         if request.count > settings.quota.max_count_per_request:
             raise QuotaExceeded(
@@ -278,6 +300,12 @@ class LeaseService:
                 raise BadRequest(
                     f"host {request.host_ref} has no {request.os} template; choose another xhostref or leave it out"
                 )
+
+    def _acquire(self, request: LeaseRequest, request_id: str) -> list[Lease]:
+        if self._stopping.is_set():
+            raise ShuttingDown("dynvm is stopping; try again in a moment")
+        settings = self.settings
+        self.validate(request)
         names = vm_names(request.username, request.count)
         self._refuse_leased_names(self.leases.by_name(names), request.username)
         self._refuse_names_on_hosts(names)
@@ -292,7 +320,10 @@ class LeaseService:
             candidates = self._candidates(
                 settings, request.os, request.cpus, request.memory, reserved, only=request.host_ref
             )
-            placement = capacity.place(request.count, request.os, candidates)
+            try:
+                placement = capacity.place(request.count, request.os, candidates)
+            except NotEnoughCapacity as e:
+                raise NotEnoughCapacity(self._explain_shortage(settings, str(e), request)) from None
             self._check_quota(settings, request, [c.need.memory for c in placement], conn)
             new = [
                 Lease(

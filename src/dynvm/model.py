@@ -92,9 +92,11 @@ class CreatedVm:
 
 
 class LeaseError(DynvmError):
-    """A request the lease engine turns down; ``status`` is the fitting HTTP status."""
+    """A request the lease engine turns down; ``status`` is the fitting HTTP status and
+    ``title`` the problem's title on /api/v1 (None: the status's own)."""
 
     status = 400
+    title: str | None = None
 
 
 class UnknownOs(LeaseError):
@@ -106,9 +108,11 @@ class NameInUse(LeaseError):
 
 
 class NotEnoughCapacity(LeaseError):
-    """A 4xx, not a 5xx: dynvm works; the pool is full. The answer says how many fit now."""
+    """A 4xx, not a 5xx: dynvm works; the pool is full. The answer says how many fit now,
+    and why the hosts that give none do not (down, refusing dynvm's login, no template)."""
 
     status = 429
+    title = "Not enough capacity"
 
 
 class NoSuchLease(LeaseError):
@@ -137,6 +141,7 @@ class ShuttingDown(LeaseError):
 
 class QuotaExceeded(LeaseError):
     status = 429
+    title = "Quota exceeded"
 
 
 class Forbidden(LeaseError):

@@ -271,3 +271,12 @@ def test_metrics_report_requests_vms_capacity_hosts_and_provisioning(serve):
     assert "dynvm_provision_seconds_count 2.0" in text
     service.get("/releaseservers/m", count=2)
     assert 'dynvm_leases_ended_total{state="released"} 2.0' in service.http.get("/metrics").text
+
+
+def test_an_unknown_os_is_refused_at_once_and_a_shortage_is_not_called_a_quota(serve):
+    service = serve()
+    unknown = service.http.post("/api/v1/leases", json={"os": "rhel9", "name": "nope"})
+    assert unknown.status_code == 400
+    assert "the OSes that exist are" in problem(unknown)["detail"]
+    full = problem(service.http.post("/api/v1/leases?wait=true", json={"os": "centos", "name": "lots", "count": 40}))
+    assert (full["status"], full["title"]) == (429, "Not enough capacity")

@@ -22,7 +22,7 @@ TITLES = {
     404: "Not found",
     409: "Conflict",
     422: "Invalid input",
-    429: "Quota exceeded",
+    429: "Too many requests",
     500: "Internal error",
     502: "Xen host failure",
     503: "Unavailable",
@@ -45,10 +45,11 @@ def status_of(error: Exception) -> int:
     return 500
 
 
-def render(request_path: str, status: int, detail: str) -> Response:
+def render(request_path: str, status: int, detail: str, title: str | None = None) -> Response:
     if request_path.startswith("/api/"):
+        title = title or TITLES.get(status, "Error")
         return JSONResponse(
-            {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status, "detail": detail},
+            {"type": "about:blank", "title": title, "status": status, "detail": detail},
             status_code=status,
             media_type="application/problem+json",
         )
@@ -63,7 +64,7 @@ def render_exception(request_path: str, error: Exception) -> Response:
     if status == 500:
         log.exception("unexpected error", exc_info=error)
         return render(request_path, 500, "internal error; the service log has the details")
-    return render(request_path, status, str(error))
+    return render(request_path, status, str(error), getattr(error, "title", None))
 
 
 def install(app: FastAPI) -> None:

@@ -250,6 +250,7 @@ async def create_leases(
         caller=caller.user,
         request_id=request_id,
     )
+    await anyio.to_thread.run_sync(services.leases.validate, lease_request)  # an unknown OS is a 400 now
     services.leases.tracker.start(request_id, body.name, body.os, body.count)
     future = services.requests.submit(services.leases.acquire, lease_request)
     location = f"/api/v1/requests/{request_id}"
