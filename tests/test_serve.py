@@ -164,6 +164,21 @@ def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
         released = httpx.get(f"{base}/releaseservers/demoserver", params={"os": "centos", "count": 3}, timeout=60)
         assert released.json() == ["demoserver1", "demoserver2", "demoserver3"]
         wait_for(lambda: httpx.get(f"{base}/getavailablecount/centos", timeout=10).text == "12", timeout=10)
+        # the banner's token command writes where the lab's dynvm looks
+        config = tmp_path / "dynvmservice.ini"
+        assert f"dynvm token create $USER --config {config}" in " ".join(text.split())
+        made = subprocess.run(
+            [sys.executable, "-m", "dynvm", "token", "create", "alice", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.strip()
+        mine = httpx.get(f"{base}/api/v1/leases", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert mine.status_code == 200, mine.text
+        bogus = httpx.get(f"{base}/api/v1/leases", headers={"Authorization": "Bearer dvm_not-a-token"}, timeout=10)
+        assert bogus.status_code == 401
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=90)
@@ -225,3 +240,19 @@ def test_a_half_sent_request_is_cut_off(sim_lab, tmp_path: Path):
         assert httpx.get(f"{serve.url}/getavailablecount/centos", timeout=10).text == "8"  # others are served
     finally:
         assert serve.stop() == 0
+
+
+def test_dynvm_lab_on_a_taken_port_fails_loudly_and_starts_nothing(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "dynvm", "lab", "--port", str(port), "--directory", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
+    assert not (tmp_path / "dynvmservice.ini").exists()  # no simulator was started

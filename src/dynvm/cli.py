@@ -258,12 +258,20 @@ def lab_command(
     directory: Annotated[Path, typer.Option(help="Where the lab keeps its config and database.")] = Path(".lab"),
 ) -> None:
     """A simulated Xen lab and dynvm serving it on 127.0.0.1, together, until Ctrl-C."""
+    import json
     import subprocess
     import sys
     import time
     import urllib.request
 
+    from .api.server import PortTaken, bind
+
     console = Console()
+    try:  # before anything starts: a lab must never report another process's service as its own
+        bind("127.0.0.1", port).close()
+    except PortTaken as e:
+        console.print(f"Error: {e}: another process serves it; stop it or give --port", style="red", markup=False)
+        raise typer.Exit(1) from None
     stop = threading.Event()  # set by Ctrl-C or SIGTERM (handlers of our own: SIGINT may arrive ignored)
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -287,32 +295,26 @@ def lab_command(
                 raise typer.Exit(1)
             time.sleep(0.1)
         db_url = f"sqlite:///{(directory / 'dynvm.db').resolve()}"
+        # the lab's database in its config, so that 'dynvm token … --config' finds the same one
+        config_path.write_text(with_db_url(config_path.read_text(), db_url))
         serve = subprocess.Popen(
-            [
-                *python,
-                "serve",
-                "--config",
-                str(config_path),
-                "--db",
-                db_url,
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
+            [*python, "serve", "--config", str(config_path), "--port", str(port), "--log-level", "warning"],
             start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
         while True:
             if serve.poll() is not None or time.monotonic() > deadline:
-                console.print("Error: dynvm serve did not start (is the port taken?)", style="red")
+                console.print(f"Error: dynvm serve did not start on port {port}", style="red", markup=False)
                 raise typer.Exit(1)
             try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=1) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
+                with urllib.request.urlopen(f"{base}/healthz?detail=true", timeout=1) as answer:
+                    answered = json.loads(answer.read())
+                    break
+            except (OSError, ValueError):
                 time.sleep(0.2)
+        if serve.poll() is not None or answered.get("installation") != _installation_of(db_url):
+            console.print(f"Error: port {port} is answered by another service, not this lab's", style="red")
+            raise typer.Exit(1)
         console.print(f"dynvm serves {hosts} simulated hosts at {base}  (config: {config_path})", markup=False)
         console.print("Try the SPEC's example session:", style="bold")
         for line in (
@@ -325,6 +327,10 @@ def lab_command(
             f"curl {base}/getavailablecount/centos",
         ):
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        console.print("Tokens (needed once [auth] required=true is set in the config):", style="bold")
+        console.print(
+            f"  dynvm token create $USER --config {config_path}", markup=False, highlight=False, soft_wrap=True
+        )
         console.print("Ctrl-C stops both.", style="dim")
         while sim.poll() is None and serve.poll() is None and not stop.wait(0.5):
             pass
@@ -339,23 +345,63 @@ def lab_command(
         console.print("lab stopped.")
 
 
+def with_db_url(config_text: str, db_url: str) -> str:
+    """The config with ``db.url`` first in its ``[common]`` section (added if missing)."""
+    lines = config_text.splitlines()
+    if "[common]" not in (line.strip() for line in lines):
+        lines.append("[common]")
+    at = next(i for i, line in enumerate(lines) if line.strip() == "[common]")
+    lines.insert(at + 1, f"db.url={db_url}")
+    return "\n".join(lines) + "\n"
+
+
+def _installation_of(db_url: str) -> str | None:
+    from .store.db import Database
+    from .store.leases import LeaseStore
+
+    database = Database(db_url)
+    try:
+        return LeaseStore(database).installation_id()
+    except Exception:
+        return None
+    finally:
+        database.close()
+
+
 DbOption = Annotated[
     str | None, typer.Option("--db", help="Database URL (else [common] db.url, else the default SQLite file).")
 ]
 
 
+def database_url(config: Path | None, db: str | None, console: Console) -> str:
+    """The database ``dynvm serve`` would use with the same ``--config`` and ``--db``:
+    ``--db``, else ``[common] db.url`` of the config, else the default SQLite file. A
+    config that is named (or found) but invalid is an error, not a silent default."""
+    from .config import ConfigError, load_settings, locate_config
+    from .store.db import default_db_url
+
+    if db is not None:
+        return db
+    try:
+        path = locate_config(config)
+    except ConfigError:
+        if config is not None:
+            raise
+        return default_db_url()  # no config anywhere: the default database, as serve would fail to find one
+    try:
+        return load_settings(path).common.db_url or default_db_url()
+    except ConfigError as e:
+        console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _token_store(config: Path | None, db: str | None, console: Console):  # type: ignore[no-untyped-def]
     from .auth import TokenStore
-    from .config import ConfigError, load_settings, locate_config
-    from .store.db import Database, default_db_url
+    from .store.db import Database, describe_url
 
-    url = db
-    if url is None:
-        try:
-            url = load_settings(locate_config(config)).common.db_url
-        except ConfigError:
-            url = None  # no config: the default database
-    database = Database(url or default_db_url())
+    url = database_url(config, db, console)
+    Console(stderr=True).print(f"database: {describe_url(url)}", style="dim", markup=False, highlight=False)
+    database = Database(url)
     database.migrate()
     return TokenStore(database)
 
