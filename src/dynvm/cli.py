@@ -23,13 +23,14 @@ def build_cli() -> typer.Typer:
         help="Disposable VMs on XenServer / XCP-ng hosts for CI pipelines.",
         no_args_is_help=True,
         add_completion=False,
+        rich_markup_mode=None,  # help texts name config keys in brackets ([common] db.url): keep them
     )
     app.callback()(_root)
     app.command("sim")(sim_command)
     app.command("check-config")(check_config_command)
     app.command("serve")(serve_command)
     app.command("lab")(lab_command)
-    tokens = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
+    tokens = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True, rich_markup_mode=None)
     tokens.command("create")(token_create_command)
     tokens.command("list")(token_list_command)
     tokens.command("revoke")(token_revoke_command)
@@ -45,7 +46,19 @@ def build_cli() -> typer.Typer:
     return app
 
 
-def _root() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"dynvm {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print dynvm's version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
     """Disposable VMs on XenServer / XCP-ng hosts for CI pipelines."""
 
 
@@ -546,25 +559,43 @@ def release_command(
     server: ServerOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Release VMs: destroys them and their disks."""
+    """Release VMs: destroys them and their disks. Tries every name and reports each;
+    exits 1 if any could not be released."""
     import json
 
     from .client import ApiError
 
     console = Console(stderr=True)
     client = _client(server)
-    released = []
+    results: dict[str, str] = {}
     try:
         for name in names:
-            released += client.release(name)
-    except ApiError as e:
-        raise _fail(console, e) from None
+            try:
+                client.release(name)
+                results[name] = "released"
+            except ApiError as e:
+                results[name] = f"Error: {e}"
     finally:
         client.close()
-    typer.echo(json.dumps(released) if json_out else "\n".join(f"released {n}" for n in released))
+    released = [name for name, result in results.items() if result == "released"]
+    if json_out:
+        typer.echo(json.dumps(released))
+    for name, result in results.items():
+        if result == "released" and not json_out:
+            typer.echo(f"released {name}")
+        elif result != "released":
+            console.print(f"{name}: {result}", style="red", markup=False, soft_wrap=True)
+    if any(result != "released" for result in results.values()):
+        raise typer.Exit(1)
 
 
-def ls_command(server: ServerOption = None, json_out: JsonOption = False) -> None:
+def ls_command(
+    user: Annotated[
+        str | None, typer.Option(help="Only this user's leases (the token's user, or the name asked).")
+    ] = None,
+    server: ServerOption = None,
+    json_out: JsonOption = False,
+) -> None:
     """List the leases dynvm holds."""
     import json
     import time
@@ -574,7 +605,7 @@ def ls_command(server: ServerOption = None, json_out: JsonOption = False) -> Non
     console = Console()
     client = _client(server)
     try:
-        leases = client.leases()
+        leases = client.leases(user)
     except ApiError as e:
         raise _fail(Console(stderr=True), e) from None
     finally:
@@ -646,7 +677,8 @@ def extend_command(
     finally:
         client.close()
     left = (lease["expires_at"] - time.time()) / 60
-    typer.echo(json.dumps(lease, indent=2) if json_out else f"{name} now expires in {left:.0f} min")
+    capped = " (capped at the maximum, [common] vm.expiry.minutes)" if left < minutes - 0.5 else ""
+    typer.echo(json.dumps(lease, indent=2) if json_out else f"{name} now expires in {left:.0f} min{capped}")
 
 
 def main() -> None:

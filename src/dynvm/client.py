@@ -66,8 +66,8 @@ class DynvmClient:
                 return status
             time.sleep(0.05)
 
-    def leases(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/v1/leases").json()
+    def leases(self, user: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/leases", params={"user": user} if user else None).json()
 
     def release(self, name: str) -> list[str]:
         return self._call("DELETE", f"/api/v1/leases/{name}").json()["released"]

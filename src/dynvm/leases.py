@@ -307,14 +307,14 @@ class LeaseService:
         settings = self.settings
         self.validate(request)
         names = vm_names(request.username, request.count)
-        self._refuse_leased_names(self.leases.by_name(names), request.username)
+        self._refuse_leased_names(self.leases.by_name(names), request)
         self._refuse_names_on_hosts(names)
         now = self.clock()
         minutes = settings.common.expiry_minutes
         if request.expires_in_minutes is not None:
             minutes = min(request.expires_in_minutes, minutes)
         with self.leases.db.write() as conn:
-            self._refuse_leased_names(self.leases.by_name(names, conn), request.username)
+            self._refuse_leased_names(self.leases.by_name(names, conn), request)
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             reserved = self.leases.pending_reservations(conn)
             candidates = self._candidates(
@@ -388,12 +388,17 @@ class LeaseService:
                 f"pass the limit of {quota.memory_per_user / 1024**3:g} GiB ([quota] memory.gib.per.user)"
             )
 
-    def _refuse_leased_names(self, taken: list[Lease], username: str) -> None:
-        if taken:
-            raise NameInUse(
-                f"{', '.join(sorted(lease.name for lease in taken))} already leased by dynvm: "
-                f"release them first (releaseservers/{username}) or use another name"
-            )
+    def _refuse_leased_names(self, taken: list[Lease], request: LeaseRequest) -> None:
+        """409, with the command that releases exactly the names that clash: the same
+        user and count when they are all of them, else the names one by one."""
+        if not taken:
+            return
+        clash = sorted(lease.name for lease in taken)
+        if clash == sorted(vm_names(request.username, request.count)):
+            how = f"releaseservers/{request.username}?count={request.count}"
+        else:
+            how = f"dynvm release {' '.join(clash)}"
+        raise NameInUse(f"{', '.join(clash)} already leased by dynvm: release them first ({how}) or use another name")
 
     def _refuse_names_on_hosts(self, names: list[str]) -> None:
         wanted = set(names)

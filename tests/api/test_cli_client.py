@@ -67,3 +67,43 @@ def test_an_unreachable_server_is_a_clear_error():
     result = CliRunner().invoke(build_cli(), ["ls"], env={"DYNVM_SERVER": "http://127.0.0.1:9"})
     assert result.exit_code == 1
     assert "cannot reach dynvm at http://127.0.0.1:9" in result.output
+
+
+def test_release_tries_every_name_and_reports_each(serve):
+    service = serve()
+    assert run(service, "get", "--name", "kept").exit_code == 0
+    result = run(service, "release", "ghost", "kept")
+    assert result.exit_code == 1
+    assert "released kept" in result.stdout
+    assert "ghost: Error: no VM named ghost" in result.output
+    assert service.services.leases.leases.active() == []
+
+
+def test_ls_by_user_extend_says_when_capped_and_version(serve):
+    service = serve()
+    run(service, "get", "--name", "mine")
+    run(service, "get", "--name", "theirs")
+    listed = json.loads(run(service, "ls", "--user", "mine", "--json").stdout)
+    assert [lease["name"] for lease in listed] == ["mine"]
+    capped = run(service, "extend", "mine", "100000")
+    assert capped.exit_code == 0
+    assert "capped at the maximum" in capped.stdout
+    from dynvm import __version__
+
+    assert run(service, "--version").stdout.strip() == f"dynvm {__version__}"
+
+
+def test_help_keeps_the_config_keys_in_brackets():
+    result = CliRunner().invoke(build_cli(), ["serve", "--help"], env={"COLUMNS": "200"})
+    assert "[common] db.url" in result.output
+    assert "[xenhostN]" in CliRunner().invoke(build_cli(), ["get", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_a_name_clash_hint_releases_exactly_the_names_that_clash(serve):
+    service = serve()
+    assert service.get("/getservers/clash", count=2).status_code == 200
+    same = service.get("/getservers/clash", count=2)
+    assert same.status_code == 409
+    assert "release them first (releaseservers/clash?count=2)" in same.text
+    partly = service.get("/getservers/clash", count=3)
+    assert "clash1, clash2 already leased by dynvm: release them first (dynvm release clash1 clash2)" in partly.text
