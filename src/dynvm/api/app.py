@@ -15,6 +15,7 @@ from .. import __version__
 from ..runtime import Services
 from . import errors, legacy, v1
 from .deps import CallerDep
+from .docs import install_docs
 
 
 def create_app(services: Services, manage_services: bool = True) -> FastAPI:
@@ -31,7 +32,8 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
             if manage_services:
                 await anyio.to_thread.run_sync(services.stop)
 
-    app = FastAPI(title="dynvm", version="0.1", lifespan=lifespan, docs_url="/docs", openapi_url="/openapi.json")
+    app = FastAPI(title="dynvm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_docs(app)
     app.state.services = services
     errors.install(app)
     app.include_router(legacy.router)
