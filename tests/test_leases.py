@@ -344,3 +344,18 @@ def test_a_shortage_names_the_hosts_that_give_nothing_and_why(make_services, sim
     assert "xenhost3 is down: " in message
     assert "release some VMs" not in message  # the real cause instead
     lab.control(2).host_up()
+
+
+def test_after_a_restart_on_a_fresh_lab_leases_whose_vms_are_gone_are_closed_at_start_up(make_services, sim_lab):
+    """dynvm lab restarted with a fresh simulator: the old leases' VMs are gone. They are
+    closed by the start-up reconcile, not up to a minute later."""
+    lab = sim_lab()
+    first, _ = make_services(lab=lab, db="kept.db")
+    [lease] = first.leases.acquire(LeaseRequest("before", "centos"))
+    first.stop()
+    xapi = lab.xapi()
+    xapi.VM.hard_shutdown(lease.vm_ref)
+    xapi.VM.destroy(lease.vm_ref)  # as a fresh simulator would not have it
+    second, _ = make_services(lab=lab, db="kept.db")  # seconds later: well within the grace
+    assert second.leases.leases.get(lease.id).state == "released"
+    assert second.leases.leases.active() == []

@@ -652,6 +652,12 @@ class LeaseService:
     def _live_owners(self) -> set[str]:
         return self.leases.live_owners(self.clock(), REPLICA_STALE_SECONDS) | {self.owner}
 
+    def _live_processes(self) -> set[str]:
+        """Live owners, less this replica's past lives (a restarted replica knows its
+        earlier boots are dead, however fresh their last heartbeat)."""
+        me = self.owner.partition("#")[0]
+        return {owner for owner in self._live_owners() if owner == self.owner or owner.partition("#")[0] != me}
+
     def _destroy_all(
         self, settings: Settings, leases: list[Lease], final_state: str, reason: str = ""
     ) -> ReleaseOutcome:
@@ -745,9 +751,7 @@ class LeaseService:
         destroy failed) are redone; a release this process is doing right now is left
         alone. Runs at start-up and with each reconcile."""
         self.heartbeat()
-        alive = self._live_owners()
-        me = self.owner.partition("#")[0]
-        alive = {owner for owner in alive if owner == self.owner or owner.partition("#")[0] != me}  # my past lives
+        alive = self._live_processes()
         stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
         settings = self.settings
         for lease in stale:  # a clone that was still running when its process died
@@ -772,7 +776,7 @@ class LeaseService:
         if orphaned:
             self._roll_back(settings, orphaned, "dynvm stopped before the request answered")
 
-    def reconcile(self) -> ReconcileReport:
+    def reconcile(self, startup: bool = False) -> ReconcileReport:
         """Make the hosts and the leases agree (at start-up and every minute). Only VMs and
         disks of this installation are looked at (``xen/marker.py``):
 
@@ -784,10 +788,15 @@ class LeaseService:
         - a marked disk that no VM uses and no active lease holds is destroyed (quarantined
           like a VM when its lease is unknown).
 
-        One VM or disk that fails is logged and counted in the report; the pass goes on."""
+        One VM or disk that fails is logged and counted in the report; the pass goes on.
+
+        ``startup``: the mirror was just loaded whole, so a lease made by no live process
+        (this one's past lives included) whose VM is not in it is gone: it is closed at
+        once, not after the grace given to a VM the mirror may not show yet."""
         report = ReconcileReport()
         settings = self.settings
         active = {lease.id: lease for lease in self.leases.active()}
+        live = self._live_processes() - ({self.owner} if startup else set())
         for host in settings.hosts:
             view = self.inventory.view(host.ref)
             if view is None or view.state is not HostState.UP:
@@ -796,11 +805,12 @@ class LeaseService:
                 self._guarded(report, f"{vm.name} on {host.display}", self._reconcile_vm, host, vm, active, report)
             on_host = {vm.uuid for vm in view.vms}
             for lease in active.values():
+                settled = (lease.ready_at or 0) < self.clock() - VANISH_GRACE  # the mirror may lag a moment
                 if (
                     lease.host_ref == host.ref
                     and lease.state == "ready"
                     and lease.vm_uuid not in on_host
-                    and (lease.ready_at or 0) < self.clock() - VANISH_GRACE  # the mirror may lag a moment
+                    and (settled or (startup and lease.owner not in live))
                 ):
                     self._guarded(report, lease.name, self._close_vanished, lease, host, report)
             self._reconcile_disks(settings, host, view, report)

@@ -107,7 +107,7 @@ class Services:
             recovered = self.leases.recover()
             if recovered:
                 log.warning("creates interrupted by the last stop, now failed: %s", ", ".join(recovered))
-            report = self.leases.reconcile()
+            report = self.leases.reconcile(startup=True)
             log.info(
                 "start-up reconcile: %d orphan(s) destroyed, %d vanished lease(s) closed",
                 len(report.orphans_destroyed),

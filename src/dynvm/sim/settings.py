@@ -37,7 +37,8 @@ class HostSpec:
 
 
 def default_dhcp_network(index: int) -> ipaddress.IPv4Network:
-    """Host N hands out addresses from 127.77.N.0/24 (then 127.78.x for N > 255): loopback
+    """Host N (from 1) hands out addresses from 127.77.(N-1).0/24, .2 to .254 (then 127.78.x
+    from host 257 on): loopback
     only, never a private or public range, so nothing can ever be sent off this machine."""
     block = index - 1
     return ipaddress.IPv4Network(f"127.{77 + block // 256}.{block % 256}.0/24")
