@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -45,3 +46,37 @@ def test_a_user_name_is_checked(tmp_path: Path):
     bad = dynvm("token", "create", "bad name!", "--db", f"sqlite:///{tmp_path / 'd.db'}")
     assert bad.exit_code == 2
     assert "a user name is 1 to 64 letters" in bad.output
+
+
+def test_doctor_checks_every_host_and_exits_1_on_a_problem(sim_lab):
+    lab = sim_lab(hosts=3)
+    good = CliRunner().invoke(build_cli(), ["doctor", "--config", str(lab.settings.source)], env={"COLUMNS": "200"})
+    assert good.exit_code == 0, good.output
+    assert "all 3 host(s) fine" in good.output
+    assert "'tmpl-cnt7.7'" in good.output
+    text = lab.settings.source.read_text()
+    sections = text.split("[xenhost")
+    sections[2] = sections[2].replace("centos8.template=tmpl-cnt8.0", "centos8.template=tmpl-rhel")  # xenhost2
+    sections[3] = re.sub(r"host.password=\S+", "host.password=wrong", sections[3])  # xenhost3
+    sections[1] = sections[1].replace("oel8.template=tmpl-oel8", "oel8.template=tmpl-")  # xenhost1: ambiguous
+    lab.settings.source.write_text("[xenhost".join(sections))
+    bad = CliRunner().invoke(build_cli(), ["doctor", "--config", str(lab.settings.source)], env={"COLUMNS": "200"})
+    assert bad.exit_code == 1
+    output = " ".join(bad.output.split())
+    assert "no template named 'tmpl-rhel' (or starting with it): fix centos8.template" in output
+    assert "refused the login of user 'root'" in output
+    assert "templates starting with 'tmpl-'" in output
+    assert "make oel8.template exact" in output
+    assert "problems on xenhost1, xenhost2, xenhost3" in output
+    assert "wrong" not in output  # never a password
+
+
+def test_an_ini_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "broken.ini"
+    bad.write_text("[common]\nvm.expiry.minutes=720\nthis line has no equals sign secret-ish\n")
+    result = CliRunner().invoke(build_cli(), ["check-config", "--config", str(bad)])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert f"{bad}: not a valid ini file" in output
+    assert "line 3" in output
+    assert "secret-ish" not in output  # the line's content may hold a password

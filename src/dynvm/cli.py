@@ -28,6 +28,7 @@ def build_cli() -> typer.Typer:
     app.callback()(_root)
     app.command("sim")(sim_command)
     app.command("check-config")(check_config_command)
+    app.command("doctor")(doctor_command)
     app.command("serve")(serve_command)
     app.command("lab")(lab_command)
     tokens = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True, rich_markup_mode=None)
@@ -189,6 +190,37 @@ def check_config_command(config: ConfigOption = None) -> None:
         f"cpu overcommit: {common.cpu_overcommit:g} · history in Couchbase: "
         f"{'yes' if settings.couchbase.enabled else 'no'}"
     )
+
+
+def doctor_command(
+    config: ConfigOption = None,
+    timeout: Annotated[float, typer.Option(min=0.5, help="Seconds to wait for each host.")] = 10.0,
+) -> None:
+    """Log in to every host and check what the config names: credentials, a template per
+    OS key (present, unambiguous), storage and network. Exits 1 on any problem."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .xen.doctor import examine
+
+    console = Console()
+    settings = load_or_exit(config, console)
+    if not settings.hosts:
+        console.print("Error: the config names no [xenhostN] section", style="red", markup=False)
+        raise typer.Exit(1)
+    with ThreadPoolExecutor(max_workers=min(16, len(settings.hosts))) as pool:
+        reports = list(pool.map(lambda host: examine(host, timeout), settings.hosts))
+    for report in reports:
+        table = Table(title=f"[{report.host.section}] {report.host.url}", title_justify="left", box=box.SIMPLE)
+        for column in ("check", "", "detail"):
+            table.add_column(column, overflow="fold")
+        for check in report.checks:
+            table.add_row(check.what, "ok" if check.ok else "PROBLEM", check.detail, style=None if check.ok else "red")
+        console.print(table)
+    bad = [report.host.section for report in reports if not report.ok]
+    if bad:
+        console.print(f"problems on {', '.join(bad)}", style="red", markup=False)
+        raise typer.Exit(1)
+    console.print(f"all {len(reports)} host(s) fine", style="green")
 
 
 def serve_command(

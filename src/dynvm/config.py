@@ -198,7 +198,16 @@ def _without_credentials(url: str) -> str:
 
 
 def _without_values(error: configparser.Error) -> str:
-    # configparser quotes offending lines, which could hold a password: keep only the reason.
+    """What is wrong and on which line, but never the line's text (it may hold a password)."""
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: a key before any [section] header"
+    if isinstance(error, configparser.ParsingError):
+        lines = ", ".join(str(lineno) for lineno, _ in error.errors)
+        return f"line {lines}: not a 'key=value', a '[section]' or a comment"
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"line {error.lineno}: [{error.section}] {error.option} is given twice"
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"line {error.lineno}: [{error.section}] is given twice"
     text = str(error).splitlines()[0]
     return re.sub(r"\[line\s+(\d+)\]:.*", r"line \1", text)
 
