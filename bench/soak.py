@@ -207,6 +207,7 @@ class Servers:
 
 def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, rng: random.Random) -> None:
     held: list[tuple[str, int, list[Grant]]] = []  # (user, count, grants)
+    letting_go: list[tuple[str, int, list[Grant]]] = []  # released, but not answered 200/202 yet
     made = 0
     with httpx.Client(timeout=120) as http:
         while time.monotonic() < until:
@@ -241,20 +242,20 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                 elif roll < 0.80:
                     user, count, grants = held.pop(rng.randrange(len(held)))
                     sent = time.time()
-                    answer = http.get(f"{url}/releaseservers/{user}", params={"count": count})
-                    tally.answered(answer)
-                    if answer.status_code in (200, 202):
-                        for grant in grants:
-                            grant.ended = sent
-                    elif answer.status_code == 404 and sent < min(g.valid_until for g in grants) - 1:
-                        with tally.lock:
-                            tally.lost.append(f"{user} x{count}: {answer.text.strip()}")
-                    elif answer.status_code == 502:  # "...; dynvm tries again ... (x1, x2 released)"
-                        done = answer.text.rpartition("(")[2] if answer.text.rstrip().endswith("released)") else ""
-                        for grant in grants:
-                            if grant.name in done.replace(",", " ").split():
-                                grant.ended = sent
-                        held.append((user, count, grants))  # dynvm finishes the rest; ask again later
+                    for grant in grants:  # the user lets go now, whatever the answer: dynvm finishes
+                        grant.ended = sent
+                    try:
+                        answer = http.get(f"{url}/releaseservers/{user}", params={"count": count})
+                    except httpx.HTTPError:
+                        answer = None  # dynvm serve was killed: the release may or may not have begun
+                    if answer is not None:
+                        tally.answered(answer)
+                    if answer is not None and answer.status_code == 404:
+                        if sent < min(g.sent + g.lifetime for g in grants) - 1:
+                            with tally.lock:
+                                tally.lost.append(f"{user} x{count}: {answer.text.strip()}")
+                    elif answer is None or answer.status_code not in (200, 202):
+                        letting_go.append((user, count, grants))  # released for good at the end
                 elif roll < 0.92:
                     tally.answered(http.get(f"{url}/getavailablecount/centos"))
                 else:
@@ -264,7 +265,7 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                     tally.connection_errors += 1
                 time.sleep(0.2)
     # what this client still holds goes back at the end
-    for user, count, grants in held:
+    for user, count, grants in held + letting_go:
         release_for_good(servers, tally, user, count, grants)
 
 
@@ -280,6 +281,9 @@ def release_for_good(servers: Servers, tally: Tally, user: str, count: int, gran
                     for grant in grants:
                         grant.ended = grant.ended or sent
                     return
+                if answer.status_code == 502:
+                    for grant in grants:
+                        grant.ended = grant.ended or sent
         time.sleep(2)
 
 

@@ -15,7 +15,7 @@ ADMIN_URL = os.environ.get("DYNVM_TEST_PG", "postgresql://postgres@127.0.0.1:543
 
 @pytest.fixture(scope="session")
 def pg_url(worker_id: str) -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed: pip install -e '.[postgres]'")
     name = f"dynvm_test_{worker_id}_{uuid.uuid4().hex[:8]}"
     try:
         admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
 from dynvm.api.errors import DATABASE_DOWN
@@ -10,6 +9,8 @@ from dynvm.api.errors import DATABASE_DOWN
 from ..api.conftest import RunningService
 from ..sim.simtools import wait_for
 from .conftest import ADMIN_URL
+
+psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed: pip install -e '.[postgres]'")
 
 
 def set_connections(database: str, allowed: bool) -> None:

@@ -9,7 +9,7 @@ import time
 import pytest
 import XenAPI
 
-from .simtools import new_vm
+from .simtools import new_vm, wait_for
 
 
 def events_of(batch: dict, cls: str = "vm") -> list[tuple[str, str]]:
@@ -143,7 +143,8 @@ def test_a_waiting_call_ends_when_its_session_does(node, ctl):
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    time.sleep(0.2)
+    wait_for(lambda: node.api.event_waits == 1, timeout=10)  # the call is waiting, not merely sent
+    assert "answer" not in result
     ctl.invalidate_sessions()
     waiter.join(10)
     assert result["answer"]["ErrorDescription"][0] == "SESSION_INVALID"

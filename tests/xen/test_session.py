@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,6 +14,8 @@ import pytest
 from dynvm.config import Secret
 from dynvm.model import HostAuthFailed, HostUnreachable
 from dynvm.xen.session import SessionPool, XapiSession, to_wire
+
+from ..sim.simtools import wait_for
 
 
 def test_int64_arguments_are_sent_as_decimal_strings():
@@ -89,12 +93,22 @@ class FakeClock:
         return self.now
 
 
+def refuses(url: str) -> bool:
+    """The host's port refuses connections."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_a_refusing_host_fails_fast_and_is_backed_off(sim_lab):
     lab = sim_lab()
     clock = FakeClock()
     pool = SessionPool(lab.host(), clock=clock)
     lab.control().host_down("refuse")
-    time.sleep(0.3)  # the port closes just after the control call answers
+    wait_for(lambda: refuses(lab.host().url), timeout=5)  # the port closes just after the control call answers
     with pytest.raises(HostUnreachable, match="connection refused"), pool.session():
         pass
     # while backing off, callers are told at once, without another connection attempt

@@ -88,6 +88,7 @@ class XapiApi:
         self.store = host.store
         self.messages: dict[str, Message] = {}
         self._current_session = threading.local()  # the caller's session, for event.from
+        self.event_waits = 0  # event.from calls waiting for a change right now
         for cls in schema().values():
             self._generate(cls.name, cls.fields)
         self._behaviour()
@@ -476,7 +477,11 @@ class XapiApi:
                 remaining = deadline - time.monotonic()
                 if changes or remaining <= 0:
                     break
-                self.store.changed.wait(remaining)
+                self.event_waits += 1  # under the store's lock; tests wait for a call to be waiting
+                try:
+                    self.store.changed.wait(remaining)
+                finally:
+                    self.event_waits -= 1
             events = []
             for change in changes:
                 event: dict[str, object] = {

@@ -358,8 +358,10 @@ class HostWatcher:
         max_backoff: float = 10.0,
         on_change: Callable[[str], None] | None = None,
         full_loads: threading.BoundedSemaphore | None = None,
+        on_up: Callable[[], None] | None = None,
     ) -> None:
         self.mirror = mirror
+        self._on_up = on_up or (lambda: None)
         self._full_loads = full_loads or threading.BoundedSemaphore(1)
         self.event_timeout = event_timeout
         self.max_backoff = max_backoff
@@ -423,6 +425,8 @@ class HostWatcher:
             with self._full_loads:
                 batch = xapi.event_from(classes, "", 0.0)
                 was = self.mirror.state
+                if was is not HostState.UP:
+                    self._on_up()  # before the mirror says "up": callers then find the host's calls open
                 loaded = len(batch["events"])
                 self.mirror.replace_all(batch.pop("events"))
                 release_free_memory()  # the full load's parse is garbage now
@@ -471,10 +475,14 @@ class Inventory:
             for ref, host in wanted.items():
                 if ref not in self._hosts:
                     mirror = HostMirror(host)
-                    watcher = HostWatcher(
-                        mirror, self.event_timeout, on_change=self._on_change, full_loads=self._full_loads
-                    )
                     pool = SessionPool(host, timeout=self.call_timeout)
+                    watcher = HostWatcher(
+                        mirror,
+                        self.event_timeout,
+                        on_change=self._on_change,
+                        full_loads=self._full_loads,
+                        on_up=pool.reset_backoff,  # the host answers again: so may the calls that back off
+                    )
                     self._hosts[ref] = (mirror, watcher, pool)
                     watcher.start()
                     log.info("watching %s", host.display)
