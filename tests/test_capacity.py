@@ -8,12 +8,14 @@ from dynvm.capacity import Candidate, HostRoom, Need, find_template, need_on, pl
 from dynvm.config import HostSettings, Secret
 from dynvm.model import NotEnoughCapacity
 from dynvm.xen.inventory import HostState, HostView, TemplateView, VmView
+from dynvm.xen.memory import memory_overhead
 
 GiB = 1024**3
+MiB = 1024**2
 
 
 def host(ref: str = "1", **templates: str) -> HostSettings:
-    return HostSettings(int(ref), f"http://h{ref}", "root", Secret("x"), "SR", templates or {"centos": "tmpl-cnt"})
+    return HostSettings(int(ref), f"http://h{ref}", "root", Secret("x"), "SR", templates or {"centos": "tmpl-cnt7"})
 
 
 def vm(name: str, cpus: int, memory: int, lease: str | None = None) -> VmView:
@@ -29,8 +31,9 @@ def view(
     state: HostState = HostState.UP,
 ) -> HostView:
     templates = (
-        TemplateView("t1", "tmpl-cnt7.7", 4, 4 * GiB, 35 * GiB),
-        TemplateView("t2", "tmpl-cnt8", 4, 8 * GiB, 0),
+        TemplateView("t1", "tmpl-cnt7.7", 4, 4 * GiB, 35 * GiB, memory_overhead=38 * MiB),
+        TemplateView("t2", "tmpl-cnt8", 4, 8 * GiB, 0, memory_overhead=70 * MiB),
+        TemplateView("t3", "CentOS 7", 2, 2 * GiB, 0, builtin=True),
     )
     return HostView(
         "1",
@@ -46,10 +49,10 @@ def view(
 
 def test_the_smallest_of_cpu_memory_and_disk_decides():
     need = need_on(host(), view(), "centos", None, None)
-    assert need == Need(4, 4 * GiB, 35 * GiB, "tmpl-cnt7.7")
+    assert need == Need(4, 4 * GiB + 38 * MiB, 35 * GiB, "tmpl-cnt7.7", 4 * GiB)  # xapi admits on static_max + overhead
     assert room_on(host(), view(), 1.0, []).fits(need) == 8  # CPU: 32 / 4
     assert room_on(host(), view(), 2.0, []).fits(need) == 16  # overcommit doubles CPU room
-    assert room_on(host(), view(memory=20 * GiB), 1.0, []).fits(need) == 4  # (20 - 4 dom0) / 4
+    assert room_on(host(), view(memory=20 * GiB), 1.0, []).fits(need) == 3  # (20 - 4 dom0) / (4 GiB + 38 MiB)
     assert room_on(host(), view(sr_free=100 * GiB), 1.0, []).fits(need) == 2  # 100 / 35
     busy = (vm("a", 8, 8 * GiB), vm("b", 8, 8 * GiB))
     assert room_on(host(), view(busy), 1.0, []).fits(need) == 4  # (32 - 16) / 4
@@ -77,11 +80,15 @@ def test_templates_match_exactly_first_then_by_prefix():
     assert find_template(view(), "tmpl-cnt8").name == "tmpl-cnt8"
     assert find_template(view(), "tmpl-cnt7").name == "tmpl-cnt7.7"
     assert find_template(view(), "tmpl-none") is None
+    assert find_template(view(), "tmpl-cnt") is None  # two match: ambiguous, never the first by name
+    assert find_template(view(), "CentOS 7").name == "CentOS 7"  # a built-in template by its whole name ...
+    assert find_template(view(), "CentOS") is None  # ... never by a prefix
 
 
 def test_requested_cpus_and_memory_replace_the_templates():
     need = need_on(host(), view(), "centos", 16, 64 * GiB)
-    assert (need.cpus, need.memory, need.disk) == (16, 64 * GiB, 35 * GiB)
+    assert (need.cpus, need.static_max, need.disk) == (16, 64 * GiB, 35 * GiB)
+    assert need.memory == 64 * GiB + memory_overhead(64 * GiB, 16)  # the overhead xapi will compute for it
     assert room_on(host(), view(), 1.0, []).fits(need) == 1
 
 

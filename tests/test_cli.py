@@ -65,8 +65,8 @@ def test_doctor_checks_every_host_and_exits_1_on_a_problem(sim_lab):
     output = " ".join(bad.output.split())
     assert "no template named 'tmpl-rhel' (or starting with it): fix centos8.template" in output
     assert "refused the login of user 'root'" in output
-    assert "templates starting with 'tmpl-'" in output
-    assert "make oel8.template exact" in output
+    assert "templates start with 'tmpl-'" in output
+    assert "give the whole name: fix oel8.template" in output
     assert "problems on xenhost1, xenhost2, xenhost3" in output
     assert "wrong" not in output  # never a password
 

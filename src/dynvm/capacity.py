@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 from .config import HostSettings
 from .model import NotEnoughCapacity
+from .xen import templates
 from .xen.inventory import HostState, HostView, TemplateView
-from .xen.provision import MARKER_KEY
+from .xen.marker import MARKER_KEY
+from .xen.memory import memory_overhead
 
 FULL_HINT = "; release some VMs or try again later"
 
@@ -31,9 +33,10 @@ class Need:
     """What one VM takes on a host: from its template unless the request says otherwise."""
 
     cpus: int
-    memory: int
+    memory: int  # what the host must have free: memory_static_max + overhead
     disk: int
     template: str
+    static_max: int = 0  # memory_static_max alone (what the lease records)
 
 
 @dataclass
@@ -55,23 +58,35 @@ class HostRoom:
         self.disk -= need.disk
 
 
+def template_choice(view: HostView, name: str) -> templates.Choice:
+    """What ``<os>.template=name`` picks on this host (``xen/templates.py``: the same rule
+    create follows); the mirror already leaves snapshots out."""
+    return templates.choose((templates.Candidate(t.ref, t.name, builtin=t.builtin) for t in view.templates), name)
+
+
 def find_template(view: HostView, name: str) -> TemplateView | None:
-    """The template named ``name``, else the first (by name, then ref) starting with it;
-    the same choice ``xen.provision`` makes."""
-    exact = [t for t in view.templates if t.name == name]
-    if exact:
-        return exact[0]
-    return next((t for t in view.templates if t.name.startswith(name)), None)
+    """The one template ``name`` picks, or None (missing or ambiguous)."""
+    choice = template_choice(view, name)
+    return next((t for t in view.templates if choice.template and t.ref == choice.template.ref), None)
 
 
 def need_on(host: HostSettings, view: HostView, os: str, cpus: int | None, memory: int | None) -> Need | None:
+    """What one VM of ``os`` takes on this host. Its memory counts what xapi admits it on:
+    ``memory_static_max`` plus the overhead (the template's own, or recomputed for asked
+    vCPUs or memory as xapi would)."""
     name = host.templates.get(os)
     if name is None or view.state is not HostState.UP:
         return None
     template = find_template(view, name)
     if template is None:
         return None
-    return Need(cpus or template.vcpus, memory or template.memory, template.disk, template.name)
+    vcpus = cpus or template.vcpus
+    static_max = memory or template.memory
+    if cpus is None and memory is None and template.memory_overhead:
+        overhead = template.memory_overhead
+    else:
+        overhead = memory_overhead(static_max, max(vcpus, template.vcpus), template.shadow_multiplier)
+    return Need(vcpus, static_max + overhead, template.disk, template.name, static_max)
 
 
 def room_on(
@@ -86,7 +101,7 @@ def room_on(
     room = HostRoom(
         ref=host.ref,
         cpus=view.cpus * overcommit - sum(int(vm.vcpus) for vm in running),
-        memory=view.memory_total - view.dom0_memory - sum(int(vm.memory) for vm in running),
+        memory=view.memory_total - view.dom0_memory - sum(int(vm.memory) + vm.memory_overhead for vm in running),
         disk=view.storage_free(host.storage_name) or 0,
     )
     for reservation in reserved:

@@ -243,8 +243,8 @@ class LeaseService:
             elif view is None or view.state is not HostState.UP:
                 why = view.error if view is not None and view.error else "not answering yet"
                 reasons.append(f"{host.section} is down: {why}")
-            elif capacity.find_template(view, name) is None:
-                reasons.append(f"{host.section} has no template named {name!r} ({request.os}.template)")
+            elif (choice := capacity.template_choice(view, name)).template is None:
+                reasons.append(f"{host.section}: {choice.problem} ({request.os}.template)")
         if not reasons:
             return message
         return message.removesuffix(capacity.FULL_HINT) + "; " + "; ".join(reasons)
@@ -324,7 +324,7 @@ class LeaseService:
                 placement = capacity.place(request.count, request.os, candidates)
             except NotEnoughCapacity as e:
                 raise NotEnoughCapacity(self._explain_shortage(settings, str(e), request)) from None
-            self._check_quota(settings, request, [c.need.memory for c in placement], conn)
+            self._check_quota(settings, request, [c.need.static_max for c in placement], conn)
             new = [
                 Lease(
                     id=str(uuid.uuid4()),
@@ -335,7 +335,7 @@ class LeaseService:
                     host_ref=choice.host.ref,
                     state="creating",
                     cpus=choice.need.cpus,
-                    memory=choice.need.memory,
+                    memory=choice.need.static_max,
                     disk=choice.need.disk,
                     created_at=now,
                     expires_at=now + minutes * 60,
@@ -345,7 +345,7 @@ class LeaseService:
                 )
                 for name, choice in zip(names, placement, strict=True)
             ]
-            self.leases.insert(conn, new)
+            self.leases.insert(conn, new, [choice.need.memory for choice in placement])
         self.tracker.placed(request_id, [(lease.name, lease.host_ref) for lease in new])
         log.info(
             "request %s: %s x %s for %s on host(s) %s",
@@ -550,9 +550,10 @@ class LeaseService:
                 lease.id,
                 choice.host.ref,
                 choice.need.cpus,
-                choice.need.memory,
+                choice.need.static_max,
                 choice.need.disk,
                 choice.need.template,
+                reserve_memory=choice.need.memory,
             )
 
     def _create_on(self, settings: Settings, lease: Lease, attempts: int = CREATE_ATTEMPTS) -> Lease:

@@ -137,7 +137,13 @@ def test_a_client_that_goes_away_still_gets_a_lease_it_can_release(serve):
     service = serve(timing=Timing(clone_seconds=0.01, boot_seconds=1.0, ip_seconds=0.1))
     with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the VM is ready
         service.http.get("/getservers/impatient", timeout=0.3)
-    wait_for(lambda: [lease.state for lease in service.services.leases.leases.active()] == ["ready"], timeout=15)
+
+    def handed_over() -> bool:  # its request ended: the lease is the user's even though nobody heard
+        return [
+            (lease.state, lease.handed_over_at is not None) for lease in service.services.leases.leases.active()
+        ] == [("ready", True)]
+
+    wait_for(handed_over, timeout=15)
     with service.services.db.read() as conn:
         assert service.services.leases.leases.pending_reservations(conn) == []  # the reservation became a lease
     assert service.get("/releaseservers/impatient").text == '[\n  "impatient"\n]'

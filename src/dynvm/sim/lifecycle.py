@@ -50,6 +50,31 @@ RUNNING_OPERATIONS = [
 ]
 
 
+MiB = 1024**2
+
+
+def hvm_memory_overhead(static_max: int, vcpus_max: int, shadow_multiplier: float) -> int:
+    """``VM.memory_overhead`` as xapi computes it for an HVM guest (xen-api
+    ocaml/xenopsd/lib/memory.ml: 1 + 1 MiB extra, plus shadow pages: 256 per vCPU and two
+    per MiB of static_max, in MiB rounded up, times the shadow multiplier). The real
+    records agree: 2 GiB / 2 vCPUs -> 20 MiB, 1 GiB / 1 vCPU -> 11 MiB."""
+    static_max_mib = -(-static_max // MiB)
+    pages = 256 * vcpus_max + 2 * static_max_mib
+    shadow_mib = max(1, int(-(-pages // 256) * shadow_multiplier))
+    return (2 + shadow_mib) * MiB
+
+
+def refresh_memory_overhead(host: SimHost, vm: str) -> None:
+    """xapi recomputes the overhead when vCPUs or memory change (hold the store's lock)."""
+    record = host.store.get("VM", vm)
+    overhead = hvm_memory_overhead(
+        int(str(record["memory_static_max"])),
+        int(str(record["VCPUs_max"])),
+        float(record["HVM_shadow_multiplier"]),  # type: ignore[arg-type]
+    )
+    host.store.update("VM", vm, memory_overhead=str(overhead))
+
+
 def random_mac(host: SimHost) -> str:
     octets = [0x02 | (host.random.randint(0, 255) & 0xFC)] + [host.random.randint(0, 255) for _ in range(5)]
     return ":".join(f"{o:02x}" for o in octets)
@@ -238,8 +263,9 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
     with store.lock:
         record = _vm(host, vm)
         if record["is_a_template"]:
-            raise XapiError("VM_IS_TEMPLATE", vm)
+            raise XapiError("VM_IS_TEMPLATE", vm, "start")
         _require_power_state(host, vm, "Halted")
+        _check_cores_per_socket(record)
         _fault(host, "start", vm)
         needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
         free = host.memory_free()
@@ -277,6 +303,20 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
         boot(host, vm, instant=instant)
 
 
+def _check_cores_per_socket(record: dict[str, object]) -> None:
+    """xapi refuses to start a VM whose VCPUs_max is not a multiple of its
+    platform:cores-per-socket (xen-api xapi_vm_helpers.ml, validate_VCPUs_max:
+    VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE [VCPUs_max, cores-per-socket])."""
+    raw = dict(record["platform"]).get("cores-per-socket")  # type: ignore[call-overload]
+    if raw is None:
+        return
+    vcpus = int(str(record["VCPUs_max"]))
+    if not str(raw).isdigit() or int(raw) < 1:
+        raise XapiError("INVALID_VALUE", "platform:cores-per-socket", str(raw))
+    if vcpus % int(raw):
+        raise XapiError("VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE", str(vcpus), str(raw))
+
+
 def hard_shutdown(host: SimHost, vm: str) -> None:
     store = host.store
     host.sleep(host.timing.shutdown_seconds)
@@ -309,8 +349,15 @@ def clean_shutdown(host: SimHost, vm: str) -> None:
 
 
 def _attach_devices(host: SimHost, record: dict[str, object], attached: bool) -> None:
+    """Plug (or unplug) the VM's devices. xapi names a VBD's device (xvda, xvdd, ...) the
+    first time its VM runs, and keeps the name after a shutdown (the real records: a
+    halted, once-run VM's disk is xvda; its never-plugged CD has device "")."""
     for vbd in list(record["VBDs"]):  # type: ignore[call-overload]
-        host.store.update("VBD", vbd, currently_attached=attached)
+        fields: dict[str, object] = {"currently_attached": attached}
+        vbd_record = host.store.get("VBD", vbd)
+        if attached and not vbd_record["device"] and str(vbd_record["userdevice"]).isdigit():
+            fields["device"] = "xvd" + "abcdefghijklmnop"[int(str(vbd_record["userdevice"])) % 16]
+        host.store.update("VBD", vbd, **fields)
     for vif in list(record["VIFs"]):  # type: ignore[call-overload]
         host.store.update("VIF", vif, currently_attached=attached)
 
@@ -448,21 +495,17 @@ def set_vcpus(host: SimHost, vm: str, field: str, value: int) -> None:
     """``set_VCPUs_max`` / ``set_VCPUs_at_startup`` on a halted VM.
 
     xapi requires 1 <= VCPUs_at_startup <= VCPUs_max, so growing means max first and
-    shrinking means at_startup first. The error below is our best knowledge of what xapi
-    raises (VALUE_NOT_SUPPORTED with field, value and reason); its wording may differ.
+    shrinking means at_startup first; otherwise xapi answers INVALID_VALUE [field, value]
+    (xen-api xapi_vm_helpers.ml, validate_VCPUs_max / set_VCPUs_at_startup).
     """
     with host.store.lock:
         record = _require_power_state(host, vm, "Halted")
         at_startup = value if field == "VCPUs_at_startup" else int(str(record["VCPUs_at_startup"]))
         maximum = value if field == "VCPUs_max" else int(str(record["VCPUs_max"]))
         if value < 1 or at_startup > maximum:
-            raise XapiError(
-                "VALUE_NOT_SUPPORTED",
-                field,
-                value,
-                "VCPUs_at_startup must be between 1 and VCPUs_max",
-            )
+            raise XapiError("INVALID_VALUE", field, str(value))
         host.store.update("VM", vm, **{field: str(value)})
+        refresh_memory_overhead(host, vm)
 
 
 MEMORY_FIELDS = ("memory_static_min", "memory_dynamic_min", "memory_dynamic_max", "memory_static_max")
@@ -485,3 +528,4 @@ def set_memory(host: SimHost, vm: str, **changes: int) -> None:
         host.store.update(
             "VM", vm, **{f: str(v) for f, v in changes.items()}, memory_target=str(values["memory_dynamic_max"])
         )
+        refresh_memory_overhead(host, vm)

@@ -284,6 +284,7 @@ def _network(host: SimHost) -> None:
 
 def _vm_fields(name: str, vcpus: int, memory: int) -> dict[str, object]:
     return {
+        "memory_overhead": str(lifecycle.hvm_memory_overhead(memory, vcpus, 1.0)),
         "name_label": name,
         "user_version": "1",
         "VCPUs_max": str(vcpus),
@@ -322,6 +323,7 @@ def _dom0(host: SimHost) -> None:
         resident_on=refs.host,
         domid="0",
         domain_type="pv",
+        memory_overhead="0",  # dom0's memory is what Xen gave it at boot; no admission applies
         metrics=metrics,
         other_config={"storage_driver_domain": "OpaqueRef:NULL", "is_system_domain": "true"},
         allowed_operations=[],

@@ -208,8 +208,9 @@ class ObjectStore:
 
     def changes_since(self, generation: int, wanted: WantedFn) -> list[Change]:
         """Coalesced changes after ``generation`` (hold ``lock``), in xapi's manner: an
-        object created since then yields ``add`` (and ``mod``), one modified yields ``mod``,
-        one deleted yields ``del`` unless it was also created since then."""
+        object created since then yields one ``add`` (with its current record), one
+        modified yields ``mod``, one deleted yields ``del`` unless it was also created
+        since then."""
         if generation < self.forgotten_generation:
             raise XapiError("EVENTS_LOST")
         adds: list[Change] = []
@@ -220,8 +221,9 @@ class ObjectStore:
                 if stat.modified <= generation or not wanted(cls, ref):
                     continue
                 if stat.created > generation:
-                    adds.append(Change(cls, ref, "add", stat.created))
-                mods.append(Change(cls, ref, "mod", stat.modified))
+                    adds.append(Change(cls, ref, "add", stat.modified))
+                else:
+                    mods.append(Change(cls, ref, "mod", stat.modified))
         for (cls, ref), stat in self._tombstones.items():
             if stat.deleted > generation and stat.created <= generation and wanted(cls, ref):
                 dels.append(Change(cls, ref, "del", stat.deleted))

@@ -84,9 +84,12 @@ class LeaseStore:
             select(host_locks.c.ref).where(host_locks.c.ref.in_(refs)).order_by(host_locks.c.ref).with_for_update()
         )
 
-    def insert(self, conn: Connection, new: Sequence[Lease]) -> None:
+    def insert(self, conn: Connection, new: Sequence[Lease], reserve_memory: Sequence[int] | None = None) -> None:
         """Insert leases in state ``creating`` with their reservations; a name already held
-        by an active lease raises ``NameInUse`` (the partial unique index decides)."""
+        by an active lease raises ``NameInUse`` (the partial unique index decides).
+        ``reserve_memory``: what each reservation holds of the host's memory (the VM's
+        memory plus xapi's overhead for it); by default the lease's memory."""
+        reserve = list(reserve_memory) if reserve_memory is not None else [lease.memory for lease in new]
         try:
             conn.execute(insert(leases), [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new])
         except IntegrityError:
@@ -98,12 +101,12 @@ class LeaseStore:
                     "lease_id": lease.id,
                     "host_ref": lease.host_ref,
                     "cpus": lease.cpus,
-                    "memory": lease.memory,
+                    "memory": memory,
                     "disk": lease.disk,
                     "owner": lease.owner,
                     "created_at": lease.created_at,
                 }
-                for lease in new
+                for lease, memory in zip(new, reserve, strict=True)
             ],
         )
 
@@ -197,12 +200,21 @@ class LeaseStore:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(expires_at=expires_at))
 
     def move(
-        self, conn: Connection, lease_id: str, host_ref: str, cpus: int, memory: int, disk: int, template: str
+        self,
+        conn: Connection,
+        lease_id: str,
+        host_ref: str,
+        cpus: int,
+        memory: int,
+        disk: int,
+        template: str,
+        reserve_memory: int | None = None,
     ) -> Lease:
         """Put a lease still being created, and its reservation, on another host."""
         values = {"host_ref": host_ref, "cpus": cpus, "memory": memory, "disk": disk}
         conn.execute(update(leases).where(leases.c.id == lease_id).values(template=template, vm_ref=None, **values))
-        conn.execute(update(reservations).where(reservations.c.lease_id == lease_id).values(**values))
+        reserved = values | {"memory": reserve_memory if reserve_memory is not None else memory}
+        conn.execute(update(reservations).where(reservations.c.lease_id == lease_id).values(**reserved))
         return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
 
     def heartbeat(self, owner: str, now: float) -> None:

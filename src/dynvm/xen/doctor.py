@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import XenAPI
 
 from ..config import HostSettings
 from ..model import XenError
 from .session import open_session
+from .templates import candidate_of, choose
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,6 @@ class HostReport:
         self.checks.append(Check(what, ok, detail))
 
 
-def template_matches(templates: dict[str, dict[str, Any]], name: str) -> tuple[list[str], bool]:
-    """The templates an ``<os>.template`` name picks, and whether by exact name: every
-    exact match, else every template whose name starts with it. Snapshots are not
-    templates to clone (xapi marks them ``is_a_template`` too)."""
-    usable = {ref: r for ref, r in templates.items() if not r.get("is_a_snapshot")}
-    exact = sorted(r["name_label"] for r in usable.values() if r["name_label"] == name)
-    if exact:
-        return exact, True
-    return sorted(r["name_label"] for r in usable.values() if r["name_label"].startswith(name)), False
-
-
 def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
     report = HostReport(host)
     try:
@@ -64,19 +53,16 @@ def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
     xapi = session.xenapi
     try:
         report.add("login", True, f"as {host.user}")
-        templates = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
+        records = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
+        templates = [candidate_of(ref, r) for ref, r in records.items()]
         for os in sorted(host.templates):
-            name = host.templates[os]
-            found, exact = template_matches(templates, name)
-            key = f"{os}.template"
-            if not found:
-                report.add(f"template {os}", False, f"no template named {name!r} (or starting with it): fix {key}")
-            elif len(found) > 1:
-                names = ", ".join(repr(n) for n in found)
-                how = "named" if exact else "starting with"
-                report.add(f"template {os}", False, f"{len(found)} templates {how} {name!r}: {names}; make {key} exact")
+            choice = choose(templates, host.templates[os])
+            if choice.template is None:
+                report.add(f"template {os}", False, f"{choice.problem}: fix {os}.template")
             else:
-                report.add(f"template {os}", True, repr(found[0]) + ("" if exact else " (by prefix)"))
+                report.add(
+                    f"template {os}", True, repr(choice.template.name) + (" (by prefix)" if choice.by_prefix else "")
+                )
         srs = [r for r in xapi.SR.get_all_records().values() if r["name_label"] == host.storage_name]
         if not srs:
             report.add("storage", False, f"no storage repository named {host.storage_name!r}: fix host.storage.name")

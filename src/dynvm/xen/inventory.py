@@ -32,6 +32,7 @@ from ..config import HostSettings, Settings
 from ..model import HostAuthFailed, HostUnreachable
 from .marker import MARKER_KEY
 from .session import CONNECTION_ERRORS, SessionPool, describe, open_session
+from .templates import is_builtin
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,13 @@ KEPT_FIELDS: dict[str, tuple[str, ...]] = {
         "is_a_template",
         "is_control_domain",
         "is_a_snapshot",
+        "is_default_template",
         "VCPUs_max",
         "VCPUs_at_startup",
         "memory_static_max",
+        "memory_overhead",
+        "HVM_shadow_multiplier",
+        "platform",
         "other_config",
         "resident_on",
         "guest_metrics",
@@ -93,6 +98,7 @@ class VmView:
     other_config: dict[str, str]
     networks: dict[str, str]
     os_version: dict[str, str]
+    memory_overhead: int = 0  # bytes xapi holds for it beside memory_static_max
 
     @property
     def running(self) -> bool:
@@ -138,6 +144,10 @@ class TemplateView:
     vcpus: int
     memory: int
     disk: int  # bytes its VMs' disks will take
+    memory_overhead: int = 0  # what xapi adds to memory_static_max to admit one of its VMs
+    shadow_multiplier: float = 1.0
+    cores_per_socket: int | None = None  # platform:cores-per-socket
+    builtin: bool = False  # one of the host's built-in templates (picked only by exact name)
 
 
 @dataclass(frozen=True)
@@ -280,6 +290,7 @@ class HostMirror:
                     other_config=vm.get("other_config", {}),
                     networks=metrics_of_vm.get("networks", {}),
                     os_version=metrics_of_vm.get("os_version", {}),
+                    memory_overhead=int(vm.get("memory_overhead", "0")),
                 )
             )
         storage = {}
@@ -321,12 +332,17 @@ class HostMirror:
             vdi = self._records["VDI"].get(vbd.get("VDI", NULL_REF))
             if vbd.get("type") == "Disk" and vdi:
                 disk += int(vdi.get("virtual_size", "0"))
+        cores = vm.get("platform", {}).get("cores-per-socket", "")
         return TemplateView(
             ref=ref,
             name=vm.get("name_label", ""),
             vcpus=int(vm.get("VCPUs_at_startup", "0")),
             memory=int(vm.get("memory_static_max", "0")),
             disk=disk,
+            memory_overhead=int(vm.get("memory_overhead", "0")),
+            shadow_multiplier=float(vm.get("HVM_shadow_multiplier", 1.0)),
+            cores_per_socket=int(cores) if cores.isdigit() and int(cores) > 0 else None,
+            builtin=is_builtin(vm),
         )
 
 

@@ -34,6 +34,7 @@ from ..model import CreatedVm, DestroyFailed, HostUnreachable, NotDynvmVm, Provi
 from .inventory import is_real_ip
 from .marker import INSTALLATION_KEY, MARKER_KEY, QUARANTINE_KEY, QUARANTINE_TAG, Ownership, marker, ownership
 from .session import SessionPool
+from .templates import candidate_of, choose
 
 log = logging.getLogger(__name__)
 
@@ -237,23 +238,16 @@ class Provisioner:
                 xapi.task.destroy(task)
 
     def _template(self, xapi: Any, spec: VmSpec) -> tuple[str, str]:
-        exact = [r for r in xapi.VM.get_by_name_label(spec.template) if xapi.VM.get_is_a_template(r)]
-        if exact:
-            return sorted(exact, key=xapi.VM.get_uuid)[0], spec.template
-        templates = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
-        matches = sorted(
-            (r["name_label"], r["uuid"], ref)
-            for ref, r in templates.items()
-            if r["name_label"].startswith(spec.template)
-        )
-        if not matches:
+        """The one template ``spec.template`` picks (``xen/templates.py``: never a snapshot,
+        a built-in template only by its exact name, an ambiguous name refused)."""
+        records = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
+        choice = choose((candidate_of(ref, r) for ref, r in records.items()), spec.template)
+        if choice.template is None:
             raise ProvisionError(
-                f"no template named {spec.template!r} (or starting with it) on {self.host.display}; "
-                f"fix {spec.os}.template in [{self.host.section}]",
+                f"{choice.problem} on {self.host.display}: fix {spec.os}.template in [{self.host.section}]",
                 self.host.ref,
             )
-        name, _, ref = matches[0]
-        return ref, name
+        return choice.template.ref, choice.template.name
 
     def _sr(self, xapi: Any) -> str:
         found = sorted(xapi.SR.get_by_name_label(self.host.storage_name), key=xapi.SR.get_uuid)
@@ -309,6 +303,7 @@ class Provisioner:
                 }
             )
         if spec.cpus is not None:
+            self._fit_cores_per_socket(xapi, vm, spec.cpus, vlog)
             current_max = int(xapi.VM.get_VCPUs_max(vm))
             if spec.cpus > current_max:  # growing: the maximum first
                 xapi.VM.set_VCPUs_max(vm, spec.cpus)
@@ -327,6 +322,19 @@ class Provisioner:
             other["disks"] = _with_sr(other["disks"], sr_uuid)
             xapi.VM.remove_from_other_config(vm, "disks")
             xapi.VM.add_to_other_config(vm, "disks", other["disks"])
+
+    def _fit_cores_per_socket(self, xapi: Any, vm: str, cpus: int, vlog: _VmLog) -> None:
+        """xapi starts a VM only if its VCPUs_max is a multiple of platform:cores-per-socket
+        (VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE). Keep the template's value when it
+        divides ``cpus``; else take the largest divisor of ``cpus`` below it (1 at worst)."""
+        platform = xapi.VM.get_platform(vm)
+        raw = platform.get("cores-per-socket", "")
+        if not raw.isdigit() or int(raw) < 1 or cpus % int(raw) == 0:
+            return
+        cores = cores_per_socket_for(cpus, int(raw))
+        xapi.VM.remove_from_platform(vm, "cores-per-socket")
+        xapi.VM.add_to_platform(vm, "cores-per-socket", str(cores))
+        vlog.info("cores-per-socket %s does not divide %d vCPUs: set to %d", raw, cpus, cores)
 
     def _wait_for_guest(
         self, xapi: Any, vm: str, spec: VmSpec, vlog: _VmLog, cancel: threading.Event | None
@@ -586,6 +594,11 @@ class Provisioner:
                     self.destroy(vm, lease_id)
         except Exception as e:
             vlog.error("could not clean up %s (%s); the reconcile pass will remove it", vm, e)
+
+
+def cores_per_socket_for(cpus: int, preferred: int) -> int:
+    """The largest divisor of ``cpus`` not above ``preferred``."""
+    return max(d for d in range(1, min(cpus, preferred) + 1) if cpus % d == 0)
 
 
 def _with_sr(disks_xml: str, sr_uuid: str) -> str:
