@@ -82,6 +82,7 @@ class Tally:
     lost: list[str] = field(default_factory=list)
     overcommits: list[str] = field(default_factory=list)
     server_errors: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
 
     def answered(self, response: httpx.Response) -> None:
         with self.lock:
@@ -137,13 +138,21 @@ class Lab:
             vdis |= {f"{index}:{r}" for r in xapi.VDI.get_all()}
         return vms, vdis
 
-    def marked(self) -> list[str]:
-        found = []
-        for index in range(len(self.settings.hosts)):
-            xapi = self.xapi(index)
-            for cls in (xapi.VM, xapi.VDI):
-                found += [r["name_label"] for r in cls.get_all_records().values() if MARKER_KEY in r["other_config"]]
-        return found
+    def describe(self, vms: set[str], vdis: set[str]) -> list[str]:
+        """What is left: name, state, and whether it carries dynvm's marker."""
+        out = []
+        for cls, refs in (("VM", vms), ("VDI", vdis)):
+            for item in sorted(refs):
+                index, ref = item.split(":", 1)
+                try:
+                    record = getattr(self.xapi(int(index)), cls).get_record(ref)
+                except Exception as e:
+                    out.append(f"{cls} {ref} on host {int(index) + 1}: {e}")
+                    continue
+                marked = "marked" if MARKER_KEY in record["other_config"] else "unmarked"
+                state = record.get("power_state", "")
+                out.append(f"{cls} {record['name_label']!r} on host {int(index) + 1}: {state} {marked}".rstrip())
+        return out
 
     def running_with_ip(self, name: str, ip: str) -> bool | None:
         """Is a VM of that name running with that IP? None: a host did not answer."""
@@ -420,12 +429,13 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
         # everything is released; reconcile (every 30 s) removes what failures left
         deadline = time.monotonic() + 180
         leases: list = []
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # reconcile's passes (every 30 s) remove what failures left
             leases = httpx.get(f"{servers.url(0)}/api/v1/leases", timeout=30).json()
-            if not leases and not lab.marked():
+            if not leases and lab.objects() == (before_vms, before_vdis):
                 break
             time.sleep(3)
         after_vms, after_vdis = lab.objects()
+        tally.leftovers = lab.describe(after_vms - before_vms, after_vdis - before_vdis)
         servers.stop()
         tally.find_doubles()
         figures = {
@@ -486,6 +496,7 @@ def main() -> None:
                 ("over-commits", tally.overcommits),
                 ("leases lost", tally.lost),
                 ("5xx", tally.server_errors),
+                ("left behind", tally.leftovers),
             ):
                 for item in items[:10]:
                     console.print(f"{label}: {item}", markup=False)
