@@ -359,3 +359,34 @@ def test_after_a_restart_on_a_fresh_lab_leases_whose_vms_are_gone_are_closed_at_
     second, _ = make_services(lab=lab, db="kept.db")  # seconds later: well within the grace
     assert second.leases.leases.get(lease.id).state == "released"
     assert second.leases.leases.active() == []
+
+
+def test_templates_are_never_picked_from_snapshots_builtins_or_an_ambiguous_prefix(make_services, sim_lab, caplog):
+    lab = sim_lab()
+    text = lab.settings.source.read_text()
+    text = text.replace("centos8.template=tmpl-cnt8.0", "centos8.template=tmpl-cnt")  # 7.7 and 8.0: ambiguous
+    text = text.replace("oel8.template=tmpl-oel8", "oel8.template=Oracle")  # only built-ins start with it
+    text = text.replace("windows.template=tmpl-win16dc - PATCHED (1)", "windows.template=tmpl-win16dc")
+    lab.settings.source.write_text(text)
+    services, _ = make_services(lab=lab)
+    problems = services.leases.template_problems()
+    assert any("centos8.template: 2 templates start with 'tmpl-cnt'" in p for p in problems)
+    assert any("oel8.template: no template named 'Oracle'" in p for p in problems)  # built-ins need their whole name
+    assert "no VM of that OS is made there" in caplog.text
+    with pytest.raises(NotEnoughCapacity, match="2 templates start with 'tmpl-cnt'"):
+        services.leases.acquire(LeaseRequest("amb", "centos8"))
+    # a prefix that only a snapshot shares with the template still picks the template
+    [lease] = services.leases.acquire(LeaseRequest("win", "windows"))
+    assert lease.template == "tmpl-win16dc - PATCHED (1)"
+    [lease] = services.leases.acquire(LeaseRequest("exact", "centos"))  # a snapshot "tmpl-cnt7.7 before patch" exists
+    assert lease.template == "tmpl-cnt7.7"
+
+
+def test_asked_vcpus_get_a_cores_per_socket_that_divides_them(make_services):
+    services, lab = make_services()
+    [lease] = services.leases.acquire(LeaseRequest("three", "centos", cpus=3))  # the template says 2 per socket
+    record = dynvm_vms(lab)["three"]
+    assert (record["VCPUs_max"], record["platform"]["cores-per-socket"]) == ("3", "1")
+    assert record["power_state"] == "Running"
+    [lease] = services.leases.acquire(LeaseRequest("six", "centos", cpus=6))
+    assert dynvm_vms(lab)["six"]["platform"]["cores-per-socket"] == "2"  # the template's, as it divides 6

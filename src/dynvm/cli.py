@@ -168,8 +168,16 @@ def load_or_exit(config: Path | None, console: Console) -> Settings:
     return settings
 
 
-def check_config_command(config: ConfigOption = None) -> None:
+def check_config_command(
+    config: ConfigOption = None,
+    connect: Annotated[
+        bool, typer.Option("--connect", help="Also log in to every host and check it, as 'dynvm doctor' does.")
+    ] = False,
+) -> None:
     """Validate the configuration and show the hosts it names (never their passwords)."""
+    if connect:
+        doctor_command(config)
+        return
     console = Console()
     settings = load_or_exit(config, console)
     table = Table(title=f"{settings.source}: {len(settings.hosts)} host(s)")

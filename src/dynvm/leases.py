@@ -249,6 +249,20 @@ class LeaseService:
             return message
         return message.removesuffix(capacity.FULL_HINT) + "; " + "; ".join(reasons)
 
+    def template_problems(self) -> list[str]:
+        """Every ``<os>.template`` line that picks no template on its (answering) host:
+        missing, or ambiguous. Logged at start-up; that OS gets no VM on that host."""
+        problems = []
+        for host in self.settings.hosts:
+            view = self.inventory.view(host.ref)
+            if view is None or view.state is not HostState.UP:
+                continue
+            for os, name in sorted(host.templates.items()):
+                choice = capacity.template_choice(view, name)
+                if choice.template is None:
+                    problems.append(f"[{host.section}] {os}.template: {choice.problem} on {host.display}")
+        return problems
+
     def check_os(self, settings: Settings, os: str) -> None:
         if not any(os in host.templates for host in settings.hosts):
             known = ", ".join(settings.os_keys) or "none (no host is configured)"

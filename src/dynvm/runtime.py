@@ -103,6 +103,8 @@ class Services:
         if not self.inventory.wait_synced(self.intervals.sync_wait):
             log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
         self.leases.heartbeat()
+        for problem in self.leases.template_problems():
+            log.error("%s: no VM of that OS is made there until the config names one template", problem)
         if self.leadership.is_leader():  # a follower leaves this to the leader's next pass
             recovered = self.leases.recover()
             if recovered:

@@ -148,3 +148,13 @@ def test_a_waiting_call_ends_when_its_session_does(node, ctl):
     ctl.invalidate_sessions()
     waiter.join(10)
     assert result["answer"]["ErrorDescription"][0] == "SESSION_INVALID"
+
+
+def test_an_object_made_after_the_token_comes_as_one_add_with_its_current_record(session):
+    xapi = session.xenapi
+    token = xapi.event_from(["vm"], "", 0.0)["token"]
+    vm = new_vm(xapi, "fresh")  # created, then changed many times (provision, names, disks)
+    xapi.VM.set_name_description(vm, "changed after its creation")
+    events = [e for e in xapi.event_from(["vm"], token, 0.0)["events"] if e["ref"] == vm]
+    assert [e["operation"] for e in events] == ["add"]  # xapi_event.ml: a create is never also a mod
+    assert events[0]["snapshot"]["name_description"] == "changed after its creation"

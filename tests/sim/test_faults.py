@@ -86,6 +86,13 @@ def test_a_full_sr_refuses_new_disks(xapi, ctl):
     template = xapi.VM.get_by_name_label("tmpl-cnt7.7")[0]
     vm = xapi.VM.clone(template, "nospace")
     with pytest.raises(XenAPI.Failure) as failure:
+        xapi.VM.provision(vm)  # its disks name no SR: xapi takes none (the client must name one)
+    assert failure.value.details == ["UUID_INVALID", "sr", ""]
+    sr = next(s for s in xapi.SR.get_all() if xapi.SR.get_content_type(s) == "user")
+    other = xapi.VM.get_other_config(vm)
+    other["disks"] = other["disks"].replace('sr=""', f'sr="{xapi.SR.get_uuid(sr)}"')
+    xapi.VM.set_other_config(vm, other)
+    with pytest.raises(XenAPI.Failure) as failure:
         xapi.VM.provision(vm)
     assert failure.value.details == ["SR_FULL", str(35 * 1024**3), "1073741824"]
     ctl.set_sr_free("-1")

@@ -245,3 +245,87 @@ def test_sr_accounting_follows_disks(xapi):
     for vdi in xapi.SR.get_VDIs(sr):
         xapi.VDI.destroy(vdi)
     assert int(xapi.SR.get_physical_utilisation(sr)) == 0
+
+
+# -- xapi's own rules, traced to its sources (issue 13) ----------------------------------------
+
+
+def test_start_refuses_vcpus_that_are_no_multiple_of_cores_per_socket(xapi):
+    vm = new_vm(xapi, "odd")
+    assert xapi.VM.get_platform(vm)["cores-per-socket"] == "2"
+    xapi.VM.set_VCPUs_at_startup(vm, "3")
+    xapi.VM.set_VCPUs_max(vm, "3")
+    with pytest.raises(XenAPI.Failure) as failure:
+        xapi.VM.start(vm, False, False)
+    assert failure.value.details == ["VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE", "3", "2"]
+    xapi.VM.remove_from_platform(vm, "cores-per-socket")
+    xapi.VM.add_to_platform(vm, "cores-per-socket", "lots")
+    with pytest.raises(XenAPI.Failure) as failure:
+        xapi.VM.start(vm, False, False)
+    assert failure.value.details == ["INVALID_VALUE", "platform:cores-per-socket", "lots"]
+    xapi.VM.remove_from_platform(vm, "cores-per-socket")
+    xapi.VM.add_to_platform(vm, "cores-per-socket", "3")
+    xapi.VM.start(vm, False, False)
+
+
+def test_memory_overhead_follows_xapis_model_and_the_real_records(xapi):
+    import json
+
+    from ..conftest import shared_dir
+
+    vm = new_vm(xapi, "sized")
+    assert xapi.VM.get_memory_overhead(vm) == str(38 * 1024**2)  # 4 GiB, 4 vCPUs
+    for n in (1, 2):  # XenServer 7.2 records: 2 GiB / 2 vCPUs and 1 GiB / 1 vCPU, both HVM
+        real = json.loads((shared_dir() / "xapi" / "real-records" / f"ansible-test-vm-{n}-params.json").read_text())
+        [record] = real["VM"].values()
+        xapi.VM.set_memory_limits(vm, *[record["memory_static_max"]] * 4)
+        xapi.VM.set_VCPUs_at_startup(vm, "1")
+        xapi.VM.set_VCPUs_max(vm, record["VCPUs_max"])
+        assert xapi.VM.get_memory_overhead(vm) == record["memory_overhead"]
+
+
+def test_a_vbd_gets_its_device_name_when_its_vm_first_runs(xapi):
+    vm = new_vm(xapi, "devices")
+    vbds = {xapi.VBD.get_userdevice(b): b for b in xapi.VM.get_VBDs(vm)}
+    assert {xapi.VBD.get_device(b) for b in vbds.values()} == {""}
+    xapi.VM.start(vm, False, False)
+    assert xapi.VBD.get_device(vbds["0"]) == "xvda"
+    assert xapi.VBD.get_device(vbds["3"]) == "xvdd"
+    xapi.VM.hard_shutdown(vm)
+    assert xapi.VBD.get_device(vbds["0"]) == "xvda"  # kept once named
+
+
+def test_reboot_suspend_and_resume_are_served_as_advertised(xapi):
+    vm = new_vm(xapi, "cycles", start=True)
+    advertised = set(xapi.VM.get_allowed_operations(vm))
+    assert {"hard_reboot", "clean_reboot", "suspend", "hard_shutdown", "clean_shutdown"} <= advertised
+    assert not advertised & {"pool_migrate", "migrate_send", "checkpoint", "pause", "snapshot"}  # not served
+    for operation in ("hard_reboot", "clean_reboot"):
+        getattr(xapi.VM, operation)(vm)
+        assert xapi.VM.get_power_state(vm) == "Running"
+    xapi.VM.suspend(vm)
+    assert (xapi.VM.get_power_state(vm), xapi.VM.get_resident_on(vm)) == ("Suspended", "OpaqueRef:NULL")
+    assert set(xapi.VM.get_allowed_operations(vm)) == {"resume", "hard_shutdown"}
+    xapi.VM.resume(vm, False, False)
+    assert xapi.VM.get_power_state(vm) == "Running"
+
+
+def test_guests_report_every_nic_and_an_ipv6_link_local_address(xapi):
+    from .simtools import wait_for
+
+    linux = new_vm(xapi, "nics", start=True)
+    windows = new_vm(xapi, "winnics", template="tmpl-win16dc - PATCHED (1)", start=True)
+
+    def networks(vm: str) -> dict[str, str]:
+        metrics = xapi.VM.get_guest_metrics(vm)
+        return xapi.VM_guest_metrics.get_networks(metrics) if metrics != "OpaqueRef:NULL" else {}
+
+    wait_for(lambda: "0/ip" in networks(linux) and "1/ip" in networks(windows), timeout=10)
+    seen = networks(linux)
+    assert list(seen) == ["0/ip", "0/ipv4/0", "0/ipv6/0"]
+    assert seen["0/ip"] == seen["0/ipv4/0"]
+    assert seen["0/ipv6/0"].startswith("fe80:0000:0000:0000:")
+    assert len(seen["0/ipv6/0"].split(":")) == 8
+    both = networks(windows)
+    assert {"0/ip", "1/ip", "0/ipv6/0", "1/ipv6/0"} <= set(both)
+    assert both["0/ip"] != both["1/ip"]

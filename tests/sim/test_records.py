@@ -29,7 +29,20 @@ def test_get_all_records_where_filters_like_xapis_database(xapi, make_lab):
     running = xapi.VM.get_all_records_where('field "power_state" = "Running" and field "is_control_domain" = "false"')
     assert running == {}
     templates = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
-    assert len(templates) == 7
+    ci = [r for r in templates.values() if not r["is_default_template"] and not r["is_a_snapshot"]]
+    assert len(ci) == 7  # dynvm's OS templates; beside them, the host's built-ins and two snapshots
+    builtin = [r for r in templates.values() if r["is_default_template"]]
+    assert len(builtin) >= 20
+    assert all(r["other_config"]["default_template"] == "true" and r["VBDs"] == [] for r in builtin)
+    snapshots = [r for r in templates.values() if r["is_a_snapshot"]]
+    assert sorted(r["name_label"] for r in snapshots) == [
+        "tmpl-cnt7.7 before patch",
+        "tmpl-win16dc - PATCHED (1) before KB5005043",
+    ]
+    for snap in snapshots:
+        assert xapi.VM.get_snapshots(snap["snapshot_of"]) == [
+            ref for ref, r in templates.items() if r["uuid"] == snap["uuid"]
+        ]
     # the database spelling of namespaced fields works too
     named = xapi.VM.get_all_records_where('field "name__label" = "tmpl-oel8" or field "name_label" = "tmpl-suse15"')
     assert sorted(r["name_label"] for r in named.values()) == ["tmpl-oel8", "tmpl-suse15"]

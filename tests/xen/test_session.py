@@ -100,6 +100,8 @@ def refuses(url: str) -> bool:
         socket.create_connection((parsed.hostname, parsed.port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except OSError:  # reset while the port closes: not refusing yet
+        return False
     return False
 
 

@@ -120,3 +120,41 @@ def template_for_key(key: str) -> OsTemplate:
 def os_keys() -> list[str]:
     """The ``<os>.template`` keys written into a generated config, in a stable order."""
     return ["centos", "centos7", "centos8", "windows", "oel8", "debian10", "ubuntu18", "suse15"]
+
+
+# A few of the templates a freshly installed XenServer 8 / XCP-ng 8 host carries (a real
+# host has about a hundred; the names follow the real records' base_template_name values
+# and the XenServer 6.2 dump in ../shared/xapi/real-records/fog-xenserver). They hold no
+# disk, VIF or CD of their own, only a provision spec with sr="" (xe fills it in).
+BUILTIN_TEMPLATES: tuple[tuple[str, int, int, bool], ...] = (  # name, vCPUs, memory, Windows
+    ("CentOS 7", 1, 2 * GiB, False),
+    ("CentOS 8", 1, 2 * GiB, False),
+    ("CentOS Stream 9", 1, 2 * GiB, False),
+    ("Debian Buster 10", 1, 2 * GiB, False),
+    ("Debian Bullseye 11", 1, 2 * GiB, False),
+    ("Debian Bookworm 12", 1, 2 * GiB, False),
+    ("Oracle Linux 7", 1, 2 * GiB, False),
+    ("Oracle Linux 8", 1, 2 * GiB, False),
+    ("Red Hat Enterprise Linux 7", 1, 2 * GiB, False),
+    ("Red Hat Enterprise Linux 8", 1, 2 * GiB, False),
+    ("Rocky Linux 8", 1, 2 * GiB, False),
+    ("SUSE Linux Enterprise Server 12 SP5 (64-bit)", 1, 2 * GiB, False),
+    ("SUSE Linux Enterprise Server 15 (64-bit)", 1, 2 * GiB, False),
+    ("Ubuntu Bionic Beaver 18.04", 1, 2 * GiB, False),
+    ("Ubuntu Focal Fossa 20.04", 1, 2 * GiB, False),
+    ("Ubuntu Jammy Jellyfish 22.04", 1, 2 * GiB, False),
+    ("Windows 10 (64-bit)", 2, 4 * GiB, True),
+    ("Windows 11", 2, 4 * GiB, True),
+    ("Windows Server 2016 (64-bit)", 2, 4 * GiB, True),
+    ("Windows Server 2019 (64-bit)", 2, 4 * GiB, True),
+    ("Windows Server 2022 (64-bit)", 2, 4 * GiB, True),
+    ("Other install media", 1, GiB, False),
+)
+
+# Snapshots of the CI templates that an administrator took before patching them: xapi
+# lists them as templates (is_a_template and is_a_snapshot both true), and their names
+# start with the template's, so a name prefix would pick them.
+TEMPLATE_SNAPSHOTS: tuple[tuple[str, str], ...] = (
+    ("tmpl-cnt7.7", "tmpl-cnt7.7 before patch"),
+    ("tmpl-win16dc - PATCHED (1)", "tmpl-win16dc - PATCHED (1) before KB5005043"),
+)

@@ -75,6 +75,9 @@ def _agent_up(host: SimHost, vm: str, epoch: int, instant: bool = False) -> None
 
 
 def _network_up(host: SimHost, vm: str, epoch: int) -> None:
+    """The guest agent reports its addresses, NIC by NIC (one per VIF, keyed by the VIF's
+    device): ``N/ip`` and ``N/ipv4/0``, then the IPv6 link-local ``N/ipv6/0`` (xen-api
+    xapi_guest_agent.ml, ``networks``; the XenServer 7.2 record shows 0/ip and 0/ipv6/0)."""
     store = host.store
     with store.lock:
         if not _current(host, vm, epoch):
@@ -82,8 +85,30 @@ def _network_up(host: SimHost, vm: str, epoch: int) -> None:
         metrics = str(store.get("VM", vm)["guest_metrics"])
         if metrics == NULL_REF or not store.exists("VM_guest_metrics", metrics):
             return
-        ip = _choose_address(host, vm)
-        store.update("VM_guest_metrics", metrics, networks={"0/ip": ip, "0/ipv4/0": ip}, last_updated=host.now())
+        networks: dict[str, str] = {}
+        vifs = sorted((store.get("VIF", v) for v in store.get("VM", vm)["VIFs"]), key=lambda r: int(str(r["device"])))  # type: ignore[union-attr]
+        for vif in vifs or [{"device": "0", "MAC": ""}]:
+            nic = str(vif["device"])
+            ip = _choose_address(host, vm) if nic == "0" else _other_nic_address(host, f"{vm}#{nic}")
+            networks[f"{nic}/ip"] = ip
+            networks[f"{nic}/ipv4/0"] = ip
+            if vif["MAC"]:
+                networks[f"{nic}/ipv6/0"] = _link_local(str(vif["MAC"]))
+        store.update("VM_guest_metrics", metrics, networks=networks, last_updated=host.now())
+
+
+def _other_nic_address(host: SimHost, key: str) -> str:
+    """A second NIC asks the same DHCP pool; without an answer it shows APIPA, as Windows does."""
+    ip = None if host.faults.dhcp_exhausted else host.dhcp.lease(key)
+    return ip or f"169.254.{host.random.randint(1, 254)}.{host.random.randint(1, 254)}"
+
+
+def _link_local(mac: str) -> str:
+    """fe80::/64 with the MAC's EUI-64, written out whole as xapi's guest agent reports it."""
+    octets = [int(o, 16) for o in mac.split(":")]
+    eui = [octets[0] ^ 0x02, *octets[1:3], 0xFF, 0xFE, *octets[3:6]]
+    groups = ["fe80", "0000", "0000", "0000"] + [f"{eui[i]:02x}{eui[i + 1]:02x}" for i in range(0, 8, 2)]
+    return ":".join(groups)
 
 
 def _choose_address(host: SimHost, vm: str) -> str:

@@ -60,10 +60,11 @@ class DhcpPool:
             return ip
 
     def release(self, vm: str) -> None:
+        """Give back the VM's addresses: its first NIC's (keyed by the VM) and any other's
+        (keyed ``<vm>#<device>``)."""
         with self._lock:
-            ip = self._leases.pop(vm, None)
-            if ip is not None:
-                self._free.append(ip)
+            for key in [k for k in self._leases if k == vm or k.startswith(f"{vm}#")]:
+                self._free.append(self._leases.pop(key))
 
     @property
     def available(self) -> int:

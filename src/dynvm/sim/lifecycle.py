@@ -18,36 +18,27 @@ from .host import SimHost
 from .schema import NULL_REF
 from .store import copy_record, new_uuid
 
+# What a VM advertises in allowed_operations is what the simulator implements for it: a
+# third-party client that reads the list and calls an operation must find it served.
 HALTED_OPERATIONS = [
     "changing_dynamic_range",
     "changing_static_range",
-    "changing_shadow_memory",
     "changing_VCPUs",
-    "make_into_template",
-    "migrate_send",
     "destroy",
     "provision",
-    "export",
     "start_on",
     "start",
     "clone",
-    "copy",
-    "snapshot",
 ]
 RUNNING_OPERATIONS = [
     "changing_dynamic_range",
-    "migrate_send",
-    "pool_migrate",
-    "changing_VCPUs_live",
     "suspend",
     "hard_reboot",
     "hard_shutdown",
     "clean_reboot",
     "clean_shutdown",
-    "pause",
-    "checkpoint",
-    "snapshot",
 ]
+SUSPENDED_OPERATIONS = ["resume", "hard_shutdown"]
 
 
 MiB = 1024**2
@@ -181,7 +172,7 @@ def _clone_vbd(host: SimHost, vbd: str, new_vm: str) -> None:
                 "read_only": False,
                 "managed": True,
                 "sm_config": {"vdi_type": "vhd", "vhd-parent": str(source["uuid"])},
-                "allowed_operations": ["clone", "snapshot", "destroy", "resize", "copy"],
+                "allowed_operations": ["destroy"],
             },
         )
         host.refresh_sr_usage(str(source["SR"]))
@@ -202,7 +193,9 @@ def _clone_vbd(host: SimHost, vbd: str, new_vm: str) -> None:
 
 def provision(host: SimHost, vm: str) -> None:
     """Turn a cloned template into a VM and create the disks its ``other_config['disks']``
-    asks for, each on the SR named by uuid (the pool's default SR when empty)."""
+    asks for, each on the SR named by uuid. An empty ``sr`` (as built-in templates have it)
+    is ``UUID_INVALID [sr, ""]``: xe rewrites it to the default SR on the client side, xapi
+    does not (xen-api xapi_templates.ml, create_disk; cli_util.ml)."""
     store = host.store
     with store.lock:
         record = _require_power_state(host, vm, "Halted")
@@ -219,7 +212,9 @@ def provision(host: SimHost, vm: str) -> None:
         try:
             for disk in disks:
                 sr_uuid = disk.get("sr", "")
-                sr = store.by_uuid("SR", sr_uuid) if sr_uuid else str(store.get("pool", host.refs.pool)["default_SR"])
+                if not sr_uuid:
+                    raise XapiError("UUID_INVALID", "sr", sr_uuid)
+                sr = store.by_uuid("SR", sr_uuid)
                 size = int(disk.get("size", "0"))
                 vdi = create_vdi(
                     host,
@@ -265,12 +260,12 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
         if record["is_a_template"]:
             raise XapiError("VM_IS_TEMPLATE", vm, "start")
         _require_power_state(host, vm, "Halted")
-        _check_cores_per_socket(record)
         _fault(host, "start", vm)
         needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
         free = host.memory_free()
-        if needed > free:
+        if needed > free:  # xapi's assert_can_boot_here runs before the platform check
             raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
+        _check_cores_per_socket(record)
         store.update(
             "VM",
             vm,
@@ -305,15 +300,18 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
 
 def _check_cores_per_socket(record: dict[str, object]) -> None:
     """xapi refuses to start a VM whose VCPUs_max is not a multiple of its
-    platform:cores-per-socket (xen-api xapi_vm_helpers.ml, validate_VCPUs_max:
-    VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE [VCPUs_max, cores-per-socket])."""
+    platform:cores-per-socket (xen-api vm_platform.ml, sanity_check, at VM.start only:
+    VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE [vcpu_max, cores_per_socket], also for 0 or a
+    negative value; INVALID_VALUE [platform:cores-per-socket, value] for a non-integer)."""
     raw = dict(record["platform"]).get("cores-per-socket")  # type: ignore[call-overload]
     if raw is None:
         return
     vcpus = int(str(record["VCPUs_max"]))
-    if not str(raw).isdigit() or int(raw) < 1:
-        raise XapiError("INVALID_VALUE", "platform:cores-per-socket", str(raw))
-    if vcpus % int(raw):
+    try:
+        cores = int(str(raw))
+    except ValueError:
+        raise XapiError("INVALID_VALUE", "platform:cores-per-socket", str(raw)) from None
+    if cores < 1 or vcpus % cores:
         raise XapiError("VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE", str(vcpus), str(raw))
 
 
@@ -346,6 +344,63 @@ def clean_shutdown(host: SimHost, vm: str) -> None:
     with host.store.lock:
         _require_power_state(host, vm, "Running")
     hard_shutdown(host, vm)
+
+
+def reboot(host: SimHost, vm: str, clean: bool) -> None:
+    """``hard_reboot`` / ``clean_reboot``: the domain restarts, its guest boots again (new
+    guest metrics, its address asked for anew) and it stays Running."""
+    with host.store.lock:
+        record = _vm(host, vm)
+        if record["is_a_template"]:
+            raise XapiError("VM_IS_TEMPLATE", vm, "clean_reboot" if clean else "hard_reboot")
+        _require_power_state(host, vm, "Running")
+        stop(host, vm)
+        old_metrics = str(record["guest_metrics"])
+        if old_metrics != NULL_REF and host.store.exists("VM_guest_metrics", old_metrics):
+            host.store.destroy("VM_guest_metrics", old_metrics)
+        host.store.update("VM", vm, guest_metrics=NULL_REF, domid=host.next_domid())
+    host.sleep(host.timing.shutdown_seconds if clean else 0.0)
+    boot(host, vm)
+
+
+def suspend(host: SimHost, vm: str) -> None:
+    """The VM's memory goes to disk; it holds no host memory and keeps its address lease."""
+    with host.store.lock:
+        record = _vm(host, vm)
+        if record["is_a_template"]:
+            raise XapiError("VM_IS_TEMPLATE", vm, "suspend")
+        _require_power_state(host, vm, "Running")
+        host.boot_epochs[vm] = host.boot_epochs.get(vm, 0) + 1  # pending guest timers stop
+        host.store.update(
+            "VM",
+            vm,
+            power_state="Suspended",
+            resident_on=NULL_REF,
+            domid="-1",
+            allowed_operations=list(SUSPENDED_OPERATIONS),
+        )
+        host.refresh_memory_free()
+
+
+def resume(host: SimHost, vm: str) -> None:
+    with host.store.lock:
+        record = _vm(host, vm)
+        if record["is_a_template"]:
+            raise XapiError("VM_IS_TEMPLATE", vm, "resume")
+        _require_power_state(host, vm, "Suspended")
+        needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
+        free = host.memory_free()
+        if needed > free:
+            raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
+        host.store.update(
+            "VM",
+            vm,
+            power_state="Running",
+            resident_on=host.refs.host,
+            domid=host.next_domid(),
+            allowed_operations=list(RUNNING_OPERATIONS),
+        )
+        host.refresh_memory_free()
 
 
 def _attach_devices(host: SimHost, record: dict[str, object], attached: bool) -> None:
@@ -421,7 +476,7 @@ def create_vdi(host: SimHost, fields: dict[str, object]) -> str:
             "managed": True,
             "location": "",
             "sm_config": {"vdi_type": "vhd"},
-            "allowed_operations": ["clone", "snapshot", "destroy", "resize", "copy"],
+            "allowed_operations": ["destroy"],
             **fields,
         }
         vdi = store.create("VDI", values)
@@ -495,15 +550,16 @@ def set_vcpus(host: SimHost, vm: str, field: str, value: int) -> None:
     """``set_VCPUs_max`` / ``set_VCPUs_at_startup`` on a halted VM.
 
     xapi requires 1 <= VCPUs_at_startup <= VCPUs_max, so growing means max first and
-    shrinking means at_startup first; otherwise xapi answers INVALID_VALUE [field, value]
-    (xen-api xapi_vm_helpers.ml, validate_VCPUs_max / set_VCPUs_at_startup).
+    shrinking means at_startup first; otherwise xapi answers INVALID_VALUE with its
+    sentence in the field slot, then the value (xen-api xapi_vm.ml, set_VCPUs_max and
+    set_VCPUs_at_startup).
     """
     with host.store.lock:
         record = _require_power_state(host, vm, "Halted")
         at_startup = value if field == "VCPUs_at_startup" else int(str(record["VCPUs_at_startup"]))
         maximum = value if field == "VCPUs_max" else int(str(record["VCPUs_max"]))
         if value < 1 or at_startup > maximum:
-            raise XapiError("INVALID_VALUE", field, str(value))
+            raise XapiError("INVALID_VALUE", "VCPU values must satisfy: 0 < VCPUs_at_startup ≤ VCPUs_max", str(value))
         host.store.update("VM", vm, **{field: str(value)})
         refresh_memory_overhead(host, vm)
 

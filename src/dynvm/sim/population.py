@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from . import lifecycle
-from .catalogue import TEMPLATES, OsTemplate
+from .catalogue import BUILTIN_TEMPLATES, TEMPLATE_SNAPSHOTS, TEMPLATES, OsTemplate
 from .host import SimHost
 from .scheduler import Scheduler
 from .settings import HostSpec, Timing
@@ -164,6 +164,10 @@ def _populate(host: SimHost) -> None:
         _dom0(host)
         for template in TEMPLATES:
             refs.templates[template.name_label] = _template(host, template)
+        for name, vcpus, memory, windows in BUILTIN_TEMPLATES:
+            _builtin_template(host, name, vcpus, memory, windows)
+        for parent, name in TEMPLATE_SNAPSHOTS:
+            _snapshot(host, refs.templates[parent], name)
         host.refresh_memory_free()
     for n in range(spec.foreign_vms):
         template = TEMPLATES[n % (len(TEMPLATES) - 1)]  # Linux ones: they boot quickly
@@ -378,13 +382,63 @@ def _template(host: SimHost, template: OsTemplate) -> str:
         },
     )
     lifecycle.create_vif(host, {"VM": vm, "network": refs.network, "device": "0", "MTU": "1500"})
+    if template.windows:  # Windows guests in CI labs often have a second NIC: they report both
+        lifecycle.create_vif(host, {"VM": vm, "network": refs.network, "device": "1", "MTU": "1500"})
     return vm
+
+
+def _builtin_template(host: SimHost, name: str, vcpus: int, memory: int, windows: bool) -> str:
+    """One of the host's own templates: no devices, a provision spec with sr="", and
+    ``is_default_template`` (XenServer 7.2 on; older hosts only have the other_config key)."""
+    fields = _vm_fields(name, vcpus, memory)
+    disk = 32 * 1024**3 if windows else 10 * 1024**3
+    fields.update(
+        name_description=f"Template which allows VM installation from install media ({name})",
+        is_a_template=True,
+        is_default_template=True,
+        power_state="Halted",
+        HVM_boot_policy="BIOS order",
+        HVM_boot_params={"order": "cdn" if windows else "dc"},
+        HVM_shadow_multiplier=1.0,
+        platform=dict(GUEST_PLATFORM, viridian="true" if windows else "false"),
+        other_config={
+            "default_template": "true",
+            "linux_template": "false" if windows else "true",
+            "install-methods": "cdrom" if windows else "cdrom,nfs,http,ftp",
+            "disks": f'<provision><disk device="0" size="{disk}" sr="" bootable="true" type="system"/></provision>',
+        },
+        allowed_operations=list(lifecycle.HALTED_OPERATIONS),
+    )
+    return host.store.create("VM", fields)
+
+
+def _snapshot(host: SimHost, parent: str, name: str) -> str:
+    """A snapshot of a template, as VM.snapshot leaves it: a template too, pointing at its
+    parent (``snapshot_of``), with copy-on-write disks of its own."""
+    store = host.store
+    source = store.get("VM", parent)
+    fields = {k: v for k, v in source.items() if k not in ("uuid", "VBDs", "VIFs", "snapshots", "children", "metrics")}
+    fields.update(
+        name_label=name,
+        is_a_template=True,
+        is_a_snapshot=True,
+        snapshot_of=parent,
+        snapshot_time=host.now(),
+        allowed_operations=["clone", "destroy"],
+        other_config={**dict(source["other_config"]), "mac_seed": ""},  # type: ignore[call-overload]
+    )
+    return store.create("VM", fields)
 
 
 def add_foreign_vm(host: SimHost, name: str, template: OsTemplate, running: bool = True) -> str:
     """A VM made by hand on the host, not by dynvm: it carries no dynvm marker. When
     ``running``, it is up with its address at once."""
     vm = lifecycle.clone(host, host.refs.templates[template.name_label], name, instant=True)
+    with host.store.lock:  # disks on the local SR, named as a client must (xapi takes no empty sr)
+        other = dict(host.store.get("VM", vm)["other_config"])  # type: ignore[call-overload]
+        sr_uuid = host.store.get("SR", host.refs.sr)["uuid"]
+        other["disks"] = other["disks"].replace('sr=""', f'sr="{sr_uuid}"')
+        host.store.update("VM", vm, other_config=other)
     lifecycle.provision(host, vm)
     host.store.update("VM", vm, name_description="created by hand")
     if running:
