@@ -342,7 +342,8 @@ def _template(host: SimHost, template: OsTemplate) -> str:
     ``other_config['disks']`` so that ``VM.provision`` creates it on the chosen SR."""
     store, refs = host.store, host.refs
     fields = _vm_fields(template.name_label, template.vcpus, template.memory)
-    disks = f'<provision><disk device="0" size="{template.disk}" sr="" bootable="true" type="system"/></provision>'
+    sr_uuid = store.get("SR", refs.sr)["uuid"]  # an admin's template names the SR its disks go on
+    disks = f'<provision><disk device="0" size="{template.disk}" sr="{sr_uuid}" bootable="true" type="system"/></provision>'
     fields.update(
         name_description=f"{template.base_template_name} template for CI",
         is_a_template=True,
@@ -434,11 +435,6 @@ def add_foreign_vm(host: SimHost, name: str, template: OsTemplate, running: bool
     """A VM made by hand on the host, not by dynvm: it carries no dynvm marker. When
     ``running``, it is up with its address at once."""
     vm = lifecycle.clone(host, host.refs.templates[template.name_label], name, instant=True)
-    with host.store.lock:  # disks on the local SR, named as a client must (xapi takes no empty sr)
-        other = dict(host.store.get("VM", vm)["other_config"])  # type: ignore[call-overload]
-        sr_uuid = host.store.get("SR", host.refs.sr)["uuid"]
-        other["disks"] = other["disks"].replace('sr=""', f'sr="{sr_uuid}"')
-        host.store.update("VM", vm, other_config=other)
     lifecycle.provision(host, vm)
     host.store.update("VM", vm, name_description="created by hand")
     if running:
