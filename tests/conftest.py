@@ -18,6 +18,25 @@ from dynvm.sim.lab import Lab, LabOptions
 from dynvm.sim.settings import Timing
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_ID = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # one id for the whole run, handed to xdist workers so their reports can be matched to it
+    run = os.environ.setdefault("DYNVM_TEST_RUN", f"{os.getpid()}-{time.time():.0f}")
+    config.stash[RUN_ID] = run
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
+    """How much of xapi the simulator serves, per class (written by tests/sim/test_schema.py)."""
+    coverage = config.cache.get("dynvm/xapi-coverage", None) if config.cache else None
+    if not coverage or coverage.get("run") != config.stash[RUN_ID]:
+        return
+    terminalreporter.section("xapi messages dynvm sim serves, per class")
+    for cls, mine, published, mine_explicit, explicit in coverage["rows"]:
+        terminalreporter.write_line(
+            f"{cls:<18} {mine:>4} of {published:<4} messages ({mine_explicit} of {explicit} explicit, the rest accessors)"
+        )
 
 
 def shared_dir() -> Path:

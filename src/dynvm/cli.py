@@ -88,6 +88,9 @@ def sim_command(
         bool, typer.Option(help="Serve HTTPS with a self-signed certificate written beside the config.")
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for MACs, APIPA draws: repeatable runs.")] = None,
+    xenserver_version: Annotated[
+        str, typer.Option(help="The XenServer release the hosts act as (e.g. 7.0: no VIF.move nor VM.set_memory).")
+    ] = "8.2",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every call.")] = False,
 ) -> None:
     """Run a simulated Xen lab that speaks xapi's XML-RPC, until Ctrl-C or SIGTERM."""
@@ -107,6 +110,7 @@ def sim_command(
         apipa_rate=apipa_rate,
         tls=tls,
         seed=seed,
+        xenserver_version=_version(xenserver_version),
         timing=Timing(
             latency_ms=latency_ms,
             clone_seconds=clone_seconds,
@@ -143,6 +147,13 @@ def sim_command(
     finally:
         lab.stop()
     console.print("dynvm sim stopped.")
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    if not (major.isdigit() and (minor.isdigit() or not minor)):
+        raise typer.BadParameter(f"a version is MAJOR.MINOR (e.g. 7.0), not {text!r}", param_hint="--xenserver-version")
+    return int(major), int(minor or 0)
 
 
 ConfigOption = Annotated[

@@ -7,6 +7,8 @@ import xmlrpc.client
 
 import pytest
 
+from ..conftest import RUN_ID
+
 from dynvm.sim.api import XapiApi
 from dynvm.sim.node import HostNode
 from dynvm.sim.schema import FieldType, schema
@@ -107,3 +109,50 @@ def test_records_on_the_wire_have_xapis_types_and_enum_values(make_lab, xenapi_m
                 _check_wire_value(f"{name}.{field.name}", field.type, record[field.name], enums)
             seen.add(name)
     assert seen == set(schema()), "every modelled class must have been checked on at least one record"
+
+
+XENSERVER_RELEASES = {"ely": (7, 1), "falcon": (7, 2), "inverness": (7, 3), "jura": (7, 4), "kolkata": (7, 5)}
+
+
+def test_the_releases_of_messages_older_hosts_lack_match_xapis_datamodel(xenapi_model):
+    from dynvm.sim.settings import INTRODUCED_IN
+
+    for method, version in INTRODUCED_IN.items():
+        cls, name = method.split(".")
+        [message] = [m for m in xenapi_model[cls]["messages"] if m["name"] == name]
+        published = [t["release"] for t in message["lifecycle"]["transitions"] if t["transition"] == "published"]
+        assert XENSERVER_RELEASES[published[0]] == version, method
+
+
+def test_an_older_host_does_not_know_the_newer_messages(make_lab):
+    import XenAPI
+
+    from .simtools import login, new_vm
+
+    old = login(make_lab(xenserver_version=(7, 0)).nodes[0]).xenapi
+    [host] = old.host.get_all()
+    assert old.host.get_software_version(host)["product_version"] == "7.0.1"
+    vm = new_vm(old, "legacy")
+    with pytest.raises(XenAPI.Failure) as failure:
+        old.VM.set_memory(vm, str(2 * 1024**3))
+    assert failure.value.details == ["MESSAGE_METHOD_UNKNOWN", "VM.set_memory"]
+    with pytest.raises(XenAPI.Failure) as failure:
+        old.VIF.move(old.VM.get_VIFs(vm)[0], old.network.get_all()[0])
+    assert failure.value.details == ["MESSAGE_METHOD_UNKNOWN", "VIF.move"]
+
+
+def test_which_xapi_messages_are_served_per_class(node: HostNode, xenapi_model, request):
+    """The coverage of xapi's messages, per class the simulator models: printed at the end
+    of the run (tests/conftest.py), so that a reader sees what is served and what is not."""
+    served = set(XapiApi(node.host).messages)
+    rows = []
+    for cls in sorted({name.partition(".")[0] for name in served}):
+        if cls not in xenapi_model:
+            continue
+        published = {m["name"] for m in xenapi_model[cls]["messages"]}
+        explicit = {m["name"] for m in xenapi_model[cls]["messages"] if not m.get("implicit")}
+        mine = {name.partition(".")[2] for name in served if name.startswith(f"{cls}.")} & published
+        rows.append((cls, len(mine), len(published), len(mine & explicit), len(explicit)))
+        assert mine, cls
+    request.config.cache.set("dynvm/xapi-coverage", {"rows": rows, "run": request.config.stash[RUN_ID]})
+    assert {row[0] for row in rows} >= {"VM", "VDI", "VBD", "VIF", "SR", "host", "task", "session", "event"}

@@ -33,6 +33,7 @@ from .errors import (
 from .host import SimHost
 from .query import parse as parse_query
 from .schema import Field, schema
+from .settings import INTRODUCED_IN
 from .store import copy_record
 
 # Classes with a generated get_by_name_label (xapi generates it only for some).
@@ -543,7 +544,8 @@ class XapiApi:
         is_async = method.startswith("Async.")
         name = method[len("Async.") :] if is_async else method
         message = self.messages.get(name)
-        if message is None or (is_async and not message.explicit):
+        too_old = self.host.spec.xenserver_version < INTRODUCED_IN.get(name, (0, 0))
+        if message is None or (is_async and not message.explicit) or too_old:
             raise method_unknown(method)
         expected = message.params + (1 if message.needs_session else 0)
         if name == "session.login_with_password":

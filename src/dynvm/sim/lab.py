@@ -38,6 +38,7 @@ class LabOptions:
     tls: bool = False
     seed: int | None = None
     timing: Timing = field(default_factory=Timing)
+    xenserver_version: tuple[int, int] = (8, 2)
 
 
 class Lab:
@@ -68,6 +69,7 @@ class Lab:
                 memory=int(options.host_memory_gib * GiB),
                 sr_size=int(options.sr_tib * 1024 * GiB),
                 foreign_vms=options.foreign_vms,
+                xenserver_version=options.xenserver_version,
             )
             seed = None if options.seed is None else options.seed + index
             timing = dataclasses.replace(options.timing)  # each host's timing can then change alone

@@ -82,9 +82,9 @@ def _populate(host: SimHost) -> None:
                 "API_version_minor": "21",
                 "API_version_vendor": "XenSource",
                 "software_version": {
-                    "product_version": "8.2.1",
-                    "product_version_text": "8.2",
-                    "product_version_text_short": "8.2",
+                    "product_version": "{}.{}.1".format(*spec.xenserver_version),
+                    "product_version_text": "{}.{}".format(*spec.xenserver_version),
+                    "product_version_text_short": "{}.{}".format(*spec.xenserver_version),
                     "platform_name": "XCP",
                     "platform_version": "3.2.1",
                     "product_brand": "XCP-ng",
@@ -343,7 +343,9 @@ def _template(host: SimHost, template: OsTemplate) -> str:
     store, refs = host.store, host.refs
     fields = _vm_fields(template.name_label, template.vcpus, template.memory)
     sr_uuid = store.get("SR", refs.sr)["uuid"]  # an admin's template names the SR its disks go on
-    disks = f'<provision><disk device="0" size="{template.disk}" sr="{sr_uuid}" bootable="true" type="system"/></provision>'
+    disks = (
+        f'<provision><disk device="0" size="{template.disk}" sr="{sr_uuid}" bootable="true" type="system"/></provision>'
+    )
     fields.update(
         name_description=f"{template.base_template_name} template for CI",
         is_a_template=True,

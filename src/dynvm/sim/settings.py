@@ -24,6 +24,7 @@ class HostSpec:
     foreign_vms: int = 0
     storage_name: str = ""
     dhcp_network: ipaddress.IPv4Network | None = None
+    xenserver_version: tuple[int, int] = (8, 2)  # an older host lacks the messages released after it
 
     def __post_init__(self) -> None:
         if not self.storage_name:
@@ -34,6 +35,12 @@ class HostSpec:
     @property
     def name_label(self) -> str:
         return f"sim-xen-{self.index:02d}"
+
+
+# Messages dynvm or its peers may call that a host has only from some XenServer release on
+# (xenapi.json, each message's lifecycle "published" release: "ely" is XenServer 7.1; the
+# tests check this table against it). An older host answers MESSAGE_METHOD_UNKNOWN.
+INTRODUCED_IN: dict[str, tuple[int, int]] = {"VIF.move": (7, 1), "VM.set_memory": (7, 1)}
 
 
 def default_dhcp_network(index: int) -> ipaddress.IPv4Network:
