@@ -35,7 +35,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  #
     terminalreporter.section("xapi messages dynvm sim serves, per class")
     for cls, mine, published, mine_explicit, explicit in coverage["rows"]:
         terminalreporter.write_line(
-            f"{cls:<18} {mine:>4} of {published:<4} messages ({mine_explicit} of {explicit} explicit, the rest accessors)"
+            f"{cls:<18} {mine:>4} of {published:<4} messages ({mine_explicit} of {explicit} explicit, rest accessors)"
         )
 
 

@@ -168,7 +168,7 @@ def test_a_host_going_down_while_it_clones(make_services, pinned):
     def clone_ended_on_host_1() -> bool:  # seen inside the simulator: host 1 answers no one meanwhile
         store = lab.lab.nodes[0].host.store
         with store.lock:
-            return any(str(r["name_label"]).startswith("midclone") for _, r in store.items("VM"))  # made at its end
+            return any(str(r["name_label"]).startswith("dynvm-clone-") for _, r in store.items("VM"))  # made at its end
 
     def outage() -> None:
         wait_for(cloning_on_host_1, timeout=10)
@@ -187,11 +187,11 @@ def test_a_host_going_down_while_it_clones(make_services, pinned):
         assert {lease.host_ref for lease in outcome} == {"2"}
     thread.join()
     wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=30)
-    unmarked = [r for r in lab.xapi(0).VM.get_all_records().values() if r["name_label"].startswith("midclone")]
-    assert unmarked  # what the clone left: a VM ...
+    unmarked = [r for r in lab.xapi(0).VM.get_all_records().values() if r["name_label"].startswith("dynvm-clone-")]
+    assert unmarked  # what the clone left: a VM under its clone name ...
     assert all(MARKER_KEY not in r["other_config"] for r in unmarked)  # ... without dynvm's marker
     report = services.leases.reconcile()
-    assert any(name.startswith("midclone") for name in report.orphans_destroyed), report
+    assert any(name.startswith("dynvm-clone-") for name in report.orphans_destroyed), report
     check_invariants(services, lab, baseline)
 
 

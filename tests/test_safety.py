@@ -344,3 +344,53 @@ def test_the_answer_keeps_the_order_of_the_names_past_nine(make_services):
     services, _ = make_services(hosts=2)
     leases = services.leases.acquire(LeaseRequest("many", "centos", count=11))
     assert [lease.name for lease in leases] == [f"many{n}" for n in range(1, 12)]
+
+
+def test_a_clone_left_unprovisioned_by_a_crash_is_still_found_and_removed(make_services):
+    """kill -9 between VM.clone and VM.provision leaves a marked VM that is still a
+    template (a clone of a template is one until provisioned): the soak found reconcile
+    never looked at templates, and such clones stayed on the hosts for ever."""
+    clock = FakeClock()
+    services, lab = make_services(clock=clock)
+    xapi = lab.xapi()
+    baseline = lab.inventory_of()
+    [lease] = services.leases.acquire(LeaseRequest("crashed", "centos"))
+    services.leases.release_names(["crashed"])
+    clone = xapi.VM.clone(xapi.VM.get_by_name_label("tmpl-cnt7.7")[0], "crashed")
+    xapi.VM.add_to_other_config(clone, MARKER_KEY, lease.id)  # marked for a lease that has ended
+    xapi.VM.add_to_other_config(clone, INSTALLATION_KEY, services.leases.installation)
+    assert xapi.VM.get_is_a_template(clone) is True
+    wait_for(lambda: any(vm.ref == clone for vm in services.inventory.view("1").vms), timeout=5)
+    assert all(t.ref != clone for t in services.inventory.view("1").templates)  # never offered as a template
+    assert services.leases.reconcile().orphans_destroyed == ["crashed"]
+    assert lab.inventory_of() == baseline
+
+
+def test_a_clone_dynvm_died_before_marking_is_known_by_its_name(make_services):
+    """kill -9 after VM.clone, before the marker: the clone is made under the name
+    dynvm-clone-<lease id>, which only this installation's leases have."""
+    from dynvm.xen.marker import clone_name
+
+    clock = FakeClock()
+    services, lab = make_services(clock=clock)
+    xapi = lab.xapi()
+    baseline = lab.inventory_of()
+    [lease] = services.leases.acquire(LeaseRequest("unmarked", "centos"))
+    services.leases.release_names(["unmarked"])
+    template = xapi.VM.get_by_name_label("tmpl-cnt7.7")[0]
+    ours = xapi.VM.clone(template, clone_name(lease.id))  # as the crash left it: no marker at all
+    stranger = xapi.VM.clone(template, clone_name("a-lease-this-database-never-had"))
+    wait_for(lambda: len([v for v in services.inventory.view("1").vms if v.name.startswith("dynvm-clone-")]) == 2, 5)
+    assert services.leases.reconcile().orphans_destroyed == [clone_name(lease.id)]
+    assert ours not in xapi.VM.get_all()
+    assert MARKER_KEY not in xapi.VM.get_other_config(stranger)  # not ours: untouched
+    xapi.VM.destroy(stranger)
+    assert lab.inventory_of() == baseline
+
+
+def test_a_clone_is_named_for_its_lease_until_it_is_marked(make_services):
+    services, lab = make_services()
+    [lease] = services.leases.acquire(LeaseRequest("renamed", "centos"))
+    record = record_of(lab, "renamed")
+    assert record["other_config"][MARKER_KEY] == lease.id
+    assert record_of(lab, f"dynvm-clone-{lease.id}") is None

@@ -15,6 +15,7 @@ flight are cancelled and rolled back).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -50,7 +51,7 @@ from .store.history import HistoryStore, origin_of
 from .store.leases import LeaseStore
 from .store.tables import ACTIVE_STATES
 from .xen.inventory import HostState, HostView, Inventory, VmView
-from .xen.marker import Ownership, lease_of, ownership, quarantined_at
+from .xen.marker import Ownership, lease_of, lease_of_clone_name, marker, ownership, quarantined_at
 from .xen.provision import DestroyResult, Provisioner
 
 log = logging.getLogger(__name__)
@@ -842,7 +843,18 @@ class LeaseService:
 
     def _reconcile_vm(self, host: HostSettings, vm: VmView, active: dict[str, Lease], report: ReconcileReport) -> None:
         owner = ownership(vm.other_config, self.installation)
-        if owner in (Ownership.NOT_DYNVM, Ownership.OTHER_INSTALLATION):
+        if owner is Ownership.NOT_DYNVM:
+            made_for = lease_of_clone_name(vm.name)
+            if made_for is None or self.leases.get(made_for) is None:
+                return  # never ours to touch
+            # a clone of ours that dynvm died before marking: its name holds one of our leases
+            self._provisioner(self.settings, host).claim(vm.ref, made_for)
+            log.warning(
+                "reconcile: %s on %s is a clone of lease %s that was never marked", vm.name, host.display, made_for
+            )
+            vm = dataclasses.replace(vm, other_config={**vm.other_config, **marker(made_for, self.installation)})
+            owner = Ownership.OURS
+        if owner is Ownership.OTHER_INSTALLATION:
             return  # never ours to touch
         lease_id = lease_of(vm.other_config) or ""
         holder = active.get(lease_id)

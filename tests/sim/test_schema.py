@@ -7,12 +7,11 @@ import xmlrpc.client
 
 import pytest
 
-from ..conftest import RUN_ID
-
 from dynvm.sim.api import XapiApi
 from dynvm.sim.node import HostNode
 from dynvm.sim.schema import FieldType, schema
 
+from ..conftest import RUN_ID
 from .simtools import guest_ip, login, new_vm, wait_for
 
 ACCESS = {"RW": "w", "RO/constructor": "c", "RO/runtime": "r"}

@@ -30,7 +30,7 @@ import XenAPI
 
 from ..config import HostSettings, Settings
 from ..model import HostAuthFailed, HostUnreachable
-from .marker import MARKER_KEY
+from .marker import MARKER_KEY, lease_of_clone_name
 from .session import CONNECTION_ERRORS, SessionPool, describe, open_session
 from .templates import is_builtin
 
@@ -178,6 +178,11 @@ class HostView:
         return size - used
 
 
+def is_dynvm_clone(vm: dict[str, Any]) -> bool:
+    """A clone dynvm made (marked, or still under its clone name), whatever its template flag."""
+    return MARKER_KEY in vm.get("other_config", {}) or lease_of_clone_name(vm.get("name_label", "")) is not None
+
+
 def _trim(cls: str, record: dict[str, Any]) -> dict[str, Any]:
     return {f: record[f] for f in KEPT_FIELDS[cls] if f in record}
 
@@ -274,9 +279,9 @@ class HostMirror:
                 continue
             if vm.get("is_a_snapshot"):
                 continue
-            if vm.get("is_a_template"):
+            if vm.get("is_a_template") and not is_dynvm_clone(vm):
                 templates.append(self._template(vm_ref, vm))
-                continue
+                continue  # (dynvm's clone, not provisioned yet, is a VM to account for, not a template)
             metrics_of_vm = guest.get(vm.get("guest_metrics", NULL_REF), {})
             vms.append(
                 VmView(

@@ -12,6 +12,10 @@ read them. The one place that knows the keys.
 
 VMs made before installations had ids carry only ``dynvm_lease``: they are this
 installation's when its database knows that lease, and are left alone otherwise.
+
+A clone is made under a name of its own, ``dynvm-clone-<lease id>``, and renamed once it
+is marked: a clone that lost its marker race (dynvm died between the clone and the
+marker) is still recognisable by that name, which holds a lease id only dynvm knows.
 """
 
 from __future__ import annotations
@@ -39,6 +43,18 @@ def ownership(other_config: Mapping[str, str], installation: str) -> Ownership:
     if made_by is None:
         return Ownership.UNNAMED
     return Ownership.OURS if made_by == installation else Ownership.OTHER_INSTALLATION
+
+
+CLONE_NAME_PREFIX = "dynvm-clone-"
+
+
+def clone_name(lease_id: str) -> str:
+    """The name a clone is made under, until it is marked and renamed."""
+    return f"{CLONE_NAME_PREFIX}{lease_id}"
+
+
+def lease_of_clone_name(name: str) -> str | None:
+    return name.removeprefix(CLONE_NAME_PREFIX) if name.startswith(CLONE_NAME_PREFIX) else None
 
 
 def marker(lease_id: str, installation: str) -> dict[str, str]:

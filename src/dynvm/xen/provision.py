@@ -32,8 +32,17 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from ..config import HostSettings
 from ..model import CreatedVm, DestroyFailed, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
 from .inventory import is_real_ip
-from .marker import INSTALLATION_KEY, MARKER_KEY, QUARANTINE_KEY, QUARANTINE_TAG, Ownership, marker, ownership
-from .session import SessionPool
+from .marker import (
+    INSTALLATION_KEY,
+    MARKER_KEY,
+    QUARANTINE_KEY,
+    QUARANTINE_TAG,
+    Ownership,
+    clone_name,
+    marker,
+    ownership,
+)
+from .session import CONNECTION_ERRORS, SessionPool
 from .templates import candidate_of, choose
 
 log = logging.getLogger(__name__)
@@ -138,8 +147,17 @@ class Provisioner:
                     network = self._network(xapi)
                     progress("cloning")
                     vlog.info("attempt %d/%d: cloning %r on %s", attempt, attempts, template_name, self.host.display)
-                    vm = self._task(xapi, "VM.clone", template, spec.name, on_task=on_clone_task)
-                    self._mark_vm_and_disks(xapi, vm, spec.lease_id)
+                    # the clone's task is let go only once the clone is marked: should dynvm die
+                    # in between, the task still names the VM and adopt_clone finds it (xapi
+                    # keeps a finished task until it is destroyed)
+                    task = self._begin(xapi, "VM.clone", template, clone_name(spec.lease_id), on_task=on_clone_task)
+                    try:
+                        vm = self._outcome(xapi, task)
+                        self._mark_vm_and_disks(xapi, vm, spec.lease_id)
+                        xapi.VM.set_name_label(vm, spec.name)  # its own name only once it is marked
+                    finally:
+                        with contextlib.suppress(XenAPI.Failure, *CONNECTION_ERRORS):
+                            xapi.task.destroy(task)
                     self._check_cancel(cancel)
                     self._configure(xapi, vm, spec, template_name, sr, network, vlog)
                     progress("provisioning")
@@ -216,26 +234,33 @@ class Provisioner:
     def _task(self, xapi: Any, method: str, *args: Any, on_task: Callable[[str], None] | None = None) -> Any:
         """Run ``Async.<method>`` and follow its task with ``event.from`` until it ends.
         ``on_task`` hears the task's ref before the wait (see ``create``'s ``on_clone_task``)."""
+        task = self._begin(xapi, method, *args, on_task=on_task)
+        try:
+            return self._outcome(xapi, task)
+        finally:
+            with contextlib.suppress(XenAPI.Failure):
+                xapi.task.destroy(task)
+
+    def _begin(self, xapi: Any, method: str, *args: Any, on_task: Callable[[str], None] | None = None) -> str:
         cls, name = method.split(".")
         task = getattr(getattr(xapi.Async, cls), name)(*args)
         if on_task is not None:
             on_task(task)
-        try:
-            token = ""
-            while True:
-                batch = xapi.event_from([f"task/{task}"], token, EVENT_SLICE)
-                token = batch["token"]
-                for event in batch["events"]:
-                    record = event.get("snapshot", {})
-                    status = record.get("status", "pending")
-                    if status == "success":
-                        result = record.get("result", "")
-                        return result.removeprefix("<value>").removesuffix("</value>") if result else None
-                    if status in ("failure", "cancelled"):
-                        raise XenAPI.Failure(record.get("error_info") or [f"TASK_{status.upper()}"])
-        finally:
-            with contextlib.suppress(XenAPI.Failure):
-                xapi.task.destroy(task)
+        return task
+
+    def _outcome(self, xapi: Any, task: str) -> Any:
+        token = ""
+        while True:
+            batch = xapi.event_from([f"task/{task}"], token, EVENT_SLICE)
+            token = batch["token"]
+            for event in batch["events"]:
+                record = event.get("snapshot", {})
+                status = record.get("status", "pending")
+                if status == "success":
+                    result = record.get("result", "")
+                    return result.removeprefix("<value>").removesuffix("</value>") if result else None
+                if status in ("failure", "cancelled"):
+                    raise XenAPI.Failure(record.get("error_info") or [f"TASK_{status.upper()}"])
 
     def _template(self, xapi: Any, spec: VmSpec) -> tuple[str, str]:
         """The one template ``spec.template`` picks (``xen/templates.py``: never a snapshot,
@@ -524,11 +549,12 @@ class Provisioner:
                     raise DestroyFailed(f"cannot quarantine disk {vdi} on {self.host.display}: {_details(e)}") from None
 
     def claim(self, vm: str, lease_id: str) -> None:
-        """Write this installation's id on a VM marked for ``lease_id`` before ids existed
-        (the caller knows that lease is this installation's)."""
+        """Write this installation's marker for ``lease_id`` on a VM and its disks: one
+        marked before installation ids existed, or a clone (``dynvm-clone-<lease>``) that
+        dynvm died before marking. The caller knows that lease is this installation's."""
         with self.pool.session() as xapi:
             try:
-                _set_keys(xapi, "VM", vm, marker(lease_id, self.installation))
+                self._mark_vm_and_disks(xapi, vm, lease_id)
             except XenAPI.Failure as e:
                 if e.details[:1] != ["HANDLE_INVALID"]:
                     raise
