@@ -257,14 +257,10 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
     store = host.store
     with store.lock:
         record = _vm(host, vm)
-        if record["is_a_template"]:
-            raise XapiError("VM_IS_TEMPLATE", vm, "start")
+        _refuse_template(record, vm, "start")
         _require_power_state(host, vm, "Halted")
         _fault(host, "start", vm)
-        needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
-        free = host.memory_free()
-        if needed > free:  # xapi's assert_can_boot_here runs before the platform check
-            raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
+        _admit(host, record)  # xapi's assert_can_boot_here runs before the platform check
         _check_cores_per_socket(record)
         store.update(
             "VM",
@@ -296,6 +292,20 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
         host.sleep(host.timing.start_seconds)
     if not start_paused:
         boot(host, vm, instant=instant)
+
+
+def _refuse_template(record: dict[str, object], vm: str, operation: str) -> None:
+    """xapi's check_template (xapi_vm_lifecycle.ml): VM_IS_TEMPLATE [vm, operation]."""
+    if record["is_a_template"]:
+        raise XapiError("VM_IS_TEMPLATE", vm, operation)
+
+
+def _admit(host: SimHost, record: dict[str, object]) -> None:
+    """Memory admission: static_max plus xapi's overhead must fit in the host's free memory."""
+    needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
+    free = host.memory_free()
+    if needed > free:
+        raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
 
 
 def _check_cores_per_socket(record: dict[str, object]) -> None:
@@ -351,8 +361,7 @@ def reboot(host: SimHost, vm: str, clean: bool) -> None:
     guest metrics, its address asked for anew) and it stays Running."""
     with host.store.lock:
         record = _vm(host, vm)
-        if record["is_a_template"]:
-            raise XapiError("VM_IS_TEMPLATE", vm, "clean_reboot" if clean else "hard_reboot")
+        _refuse_template(record, vm, "clean_reboot" if clean else "hard_reboot")
         _require_power_state(host, vm, "Running")
         stop(host, vm)
         old_metrics = str(record["guest_metrics"])
@@ -367,8 +376,7 @@ def suspend(host: SimHost, vm: str) -> None:
     """The VM's memory goes to disk; it holds no host memory and keeps its address lease."""
     with host.store.lock:
         record = _vm(host, vm)
-        if record["is_a_template"]:
-            raise XapiError("VM_IS_TEMPLATE", vm, "suspend")
+        _refuse_template(record, vm, "suspend")
         _require_power_state(host, vm, "Running")
         host.boot_epochs[vm] = host.boot_epochs.get(vm, 0) + 1  # pending guest timers stop
         host.store.update(
@@ -385,13 +393,9 @@ def suspend(host: SimHost, vm: str) -> None:
 def resume(host: SimHost, vm: str) -> None:
     with host.store.lock:
         record = _vm(host, vm)
-        if record["is_a_template"]:
-            raise XapiError("VM_IS_TEMPLATE", vm, "resume")
+        _refuse_template(record, vm, "resume")
         _require_power_state(host, vm, "Suspended")
-        needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
-        free = host.memory_free()
-        if needed > free:
-            raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
+        _admit(host, record)
         host.store.update(
             "VM",
             vm,
