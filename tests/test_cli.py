@@ -69,6 +69,12 @@ def test_doctor_checks_every_host_and_exits_1_on_a_problem(sim_lab):
     assert "give the whole name: fix oel8.template" in output
     assert "problems on xenhost1, xenhost2, xenhost3" in output
     assert "wrong" not in output  # never a password
+    both = CliRunner().invoke(
+        build_cli(), ["check-config", "--connect", "--config", str(lab.settings.source)], env={"COLUMNS": "200"}
+    )
+    assert both.exit_code == 1
+    assert "OS keys:" in both.output  # the config's table first ...
+    assert "problems on xenhost1, xenhost2, xenhost3" in " ".join(both.output.split())  # ... then the hosts
 
 
 def test_an_ini_syntax_error_names_the_file_and_line(tmp_path):

@@ -354,16 +354,34 @@ def test_a_clone_left_unprovisioned_by_a_crash_is_still_found_and_removed(make_s
     services, lab = make_services(clock=clock)
     xapi = lab.xapi()
     baseline = lab.inventory_of()
+    from dynvm.xen.marker import clone_name
+
     [lease] = services.leases.acquire(LeaseRequest("crashed", "centos"))
     services.leases.release_names(["crashed"])
-    clone = xapi.VM.clone(xapi.VM.get_by_name_label("tmpl-cnt7.7")[0], "crashed")
+    clone = xapi.VM.clone(xapi.VM.get_by_name_label("tmpl-cnt7.7")[0], clone_name(lease.id))
     xapi.VM.add_to_other_config(clone, MARKER_KEY, lease.id)  # marked for a lease that has ended
     xapi.VM.add_to_other_config(clone, INSTALLATION_KEY, services.leases.installation)
     assert xapi.VM.get_is_a_template(clone) is True
     wait_for(lambda: any(vm.ref == clone for vm in services.inventory.view("1").vms), timeout=5)
     assert all(t.ref != clone for t in services.inventory.view("1").templates)  # never offered as a template
-    assert services.leases.reconcile().orphans_destroyed == ["crashed"]
+    assert services.leases.reconcile().orphans_destroyed == [clone_name(lease.id)]
     assert lab.inventory_of() == baseline
+
+
+def test_an_admins_template_made_from_a_dynvm_vm_is_never_taken_for_a_clone(make_services):
+    """A template an admin made out of a leased VM carries that VM's marker: it stays a
+    template, is never reconciled away, and a clone of it gets its own marker."""
+    services, lab = make_services()
+    xapi = lab.xapi()
+    [lease] = services.leases.acquire(LeaseRequest("golden", "centos"))
+    admin = xapi.VM.clone(xapi.VM.get_by_name_label("tmpl-cnt7.7")[0], "tmpl-golden")
+    for key, value in xapi.VM.get_other_config(lease.vm_ref).items():
+        if key.startswith("dynvm_"):
+            xapi.VM.add_to_other_config(admin, key, value)
+    services.leases.release_names(["golden"])  # its lease ends: the template must stay all the same
+    wait_for(lambda: any(t.ref == admin for t in services.inventory.view("1").templates), timeout=5)
+    assert services.leases.reconcile().orphans_destroyed == []
+    assert admin in xapi.VM.get_all()
 
 
 def test_a_clone_dynvm_died_before_marking_is_known_by_its_name(make_services):

@@ -85,7 +85,7 @@ def need_on(host: HostSettings, view: HostView, os: str, cpus: int | None, memor
     if cpus is None and memory is None and template.memory_overhead:
         overhead = template.memory_overhead
     else:
-        overhead = memory_overhead(static_max, max(vcpus, template.vcpus), template.shadow_multiplier)
+        overhead = memory_overhead(static_max, vcpus, template.shadow_multiplier)  # provision sets VCPUs_max so
     return Need(vcpus, static_max + overhead, template.disk, template.name, static_max)
 
 

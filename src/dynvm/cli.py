@@ -186,9 +186,6 @@ def check_config_command(
     ] = False,
 ) -> None:
     """Validate the configuration and show the hosts it names (never their passwords)."""
-    if connect:
-        doctor_command(config)
-        return
     console = Console()
     settings = load_or_exit(config, console)
     table = Table(title=f"{settings.source}: {len(settings.hosts)} host(s)")
@@ -209,6 +206,8 @@ def check_config_command(
         f"cpu overcommit: {common.cpu_overcommit:g} · history in Couchbase: "
         f"{'yes' if settings.couchbase.enabled else 'no'}"
     )
+    if connect:
+        doctor_command(config)
 
 
 def doctor_command(

@@ -138,6 +138,7 @@ def test_an_older_host_does_not_know_the_newer_messages(make_lab):
     with pytest.raises(XenAPI.Failure) as failure:
         old.VIF.move(old.VM.get_VIFs(vm)[0], old.network.get_all()[0])
     assert failure.value.details == ["MESSAGE_METHOD_UNKNOWN", "VIF.move"]
+    assert {"VIF.move", "VM.set_memory"}.isdisjoint(old.host.list_methods())
 
 
 def test_which_xapi_messages_are_served_per_class(node: HostNode, xenapi_model, request):

@@ -270,7 +270,11 @@ class XapiApi:
         add("network.destroy", self._network_destroy, 1, explicit=True)
         add("PBD.destroy", lambda ref: (store.destroy("PBD", _str(ref, "self")), "")[1], 1, explicit=True)
 
-        add("host.list_methods", lambda: sorted(self.messages), 0)
+        add(
+            "host.list_methods",
+            lambda: sorted(m for m in self.messages if host.spec.xenserver_version >= INTRODUCED_IN.get(m, (0, 0))),
+            0,
+        )
         add("host.get_servertime", lambda ref: (store.get("host", _str(ref, "host")), host.now())[1], 1)
         add(
             "host.compute_free_memory",

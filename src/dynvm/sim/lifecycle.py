@@ -369,6 +369,9 @@ def reboot(host: SimHost, vm: str, clean: bool) -> None:
             host.store.destroy("VM_guest_metrics", old_metrics)
         host.store.update("VM", vm, guest_metrics=NULL_REF, domid=host.next_domid())
     host.sleep(host.timing.shutdown_seconds if clean else 0.0)
+    with host.store.lock:  # a shutdown or suspend during the reboot wins: no guest comes up
+        if not host.store.exists("VM", vm) or _vm(host, vm)["power_state"] != "Running":
+            return
     boot(host, vm)
 
 

@@ -63,8 +63,13 @@ def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
                 report.add(
                     f"template {os}", True, repr(choice.template.name) + (" (by prefix)" if choice.by_prefix else "")
                 )
-        srs = [r for r in xapi.SR.get_all_records().values() if r["name_label"] == host.storage_name]
-        if not srs:
+        srs = sorted(
+            (r for r in xapi.SR.get_all_records().values() if r["name_label"] == host.storage_name),
+            key=lambda r: r["uuid"],  # the one provision takes
+        )
+        if len(srs) > 1:
+            report.add("storage", False, f"{len(srs)} storage repositories are named {host.storage_name!r}: rename one")
+        elif not srs:
             report.add("storage", False, f"no storage repository named {host.storage_name!r}: fix host.storage.name")
         elif srs[0]["content_type"] == "iso":
             report.add("storage", False, f"{host.storage_name!r} holds ISO images, not disks: fix host.storage.name")

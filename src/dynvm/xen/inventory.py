@@ -179,8 +179,9 @@ class HostView:
 
 
 def is_dynvm_clone(vm: dict[str, Any]) -> bool:
-    """A clone dynvm made (marked, or still under its clone name), whatever its template flag."""
-    return MARKER_KEY in vm.get("other_config", {}) or lease_of_clone_name(vm.get("name_label", "")) is not None
+    """A clone dynvm is making, still a template: it keeps its clone name until provisioned
+    (a template that merely carries dynvm's marker — made from a dynvm VM — is an admin's)."""
+    return lease_of_clone_name(vm.get("name_label", "")) is not None
 
 
 def _trim(cls: str, record: dict[str, Any]) -> dict[str, Any]:

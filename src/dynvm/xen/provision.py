@@ -154,7 +154,6 @@ class Provisioner:
                     try:
                         vm = self._outcome(xapi, task)
                         self._mark_vm_and_disks(xapi, vm, spec.lease_id)
-                        xapi.VM.set_name_label(vm, spec.name)  # its own name only once it is marked
                     finally:
                         with contextlib.suppress(XenAPI.Failure, *CONNECTION_ERRORS):
                             xapi.task.destroy(task)
@@ -163,6 +162,9 @@ class Provisioner:
                     progress("provisioning")
                     self._task(xapi, "VM.provision", vm)
                     self._mark_disks(xapi, vm, spec.lease_id)  # the disks provision just made
+                    # its own name only once it is a VM: a dynvm clone that is still a template
+                    # always has its clone name, so no admin's template is ever taken for one
+                    xapi.VM.set_name_label(vm, spec.name)
                     self._check_cancel(cancel)
                     progress("booting")
                     vlog.info("starting")
@@ -591,9 +593,12 @@ class Provisioner:
         return vm
 
     def _mark(self, vm: str, lease_id: str) -> None:
+        """Mark a clone of ours for ``lease_id`` unless it already is (a marker it inherited
+        from a template made out of a dynvm VM is not ours: it is replaced)."""
         with self.pool.session() as xapi:
             try:
-                if MARKER_KEY not in xapi.VM.get_other_config(vm):
+                current = xapi.VM.get_other_config(vm)
+                if any(current.get(key) != value for key, value in marker(lease_id, self.installation).items()):
                     self._mark_vm_and_disks(xapi, vm, lease_id)
             except XenAPI.Failure as e:
                 if e.details[:1] != ["HANDLE_INVALID"]:  # already gone is fine

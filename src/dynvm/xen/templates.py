@@ -7,7 +7,8 @@ A real host also holds about a hundred built-in templates (``is_default_template
 marks ``is_a_template`` too (xenapi.json: VM.is_a_snapshot, "Snapshotted VMs can never be
 started, they are used only for cloning"). So:
 
-- snapshots are never picked, not even by exact name;
+- snapshots are never picked, not even by exact name, and nor are dynvm's own clones
+  that are still templates (``dynvm-clone-<lease>``);
 - built-in templates are picked only by their exact name, never by a prefix;
 - more than one match is ambiguous: nothing is picked, and the error names the matches.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .marker import lease_of_clone_name
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ def candidate_of(ref: str, record: dict[str, object]) -> Candidate:
 
 
 def choose(templates: Iterable[Candidate], wanted: str) -> Choice:
-    usable = [t for t in templates if not t.snapshot]
+    # a dynvm clone not provisioned yet is a template too, under its clone name: never a pick
+    usable = [t for t in templates if not t.snapshot and lease_of_clone_name(t.name) is None]
     exact = [t for t in usable if t.name == wanted]
     if len(exact) == 1:
         return Choice(exact[0])
