@@ -167,6 +167,7 @@ def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
         # the banner's token command writes where the lab's dynvm looks
         config = tmp_path / "dynvmservice.ini"
         assert f"dynvm token create $USER --config {config}" in " ".join(text.split())
+        assert "once [auth] required=true is set" in " ".join(text.split())  # rich must not eat [auth]
         made = subprocess.run(
             [sys.executable, "-m", "dynvm", "token", "create", "alice", "--config", str(config)],
             capture_output=True,

@@ -390,7 +390,7 @@ def lab_command(
             f"curl {base}/getavailablecount/centos",
         ):
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
-        console.print("Tokens (needed once [auth] required=true is set in the config):", style="bold")
+        console.print("Tokens (needed once [auth] required=true is set in the config):", style="bold", markup=False)
         console.print(
             f"  dynvm token create $USER --config {config_path}", markup=False, highlight=False, soft_wrap=True
         )
