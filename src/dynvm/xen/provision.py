@@ -153,7 +153,7 @@ class Provisioner:
                     task = self._begin(xapi, "VM.clone", template, clone_name(spec.lease_id), on_task=on_clone_task)
                     try:
                         vm = self._outcome(xapi, task)
-                        self._mark_vm_and_disks(xapi, vm, spec.lease_id)
+                        _set_keys(xapi, "VM", vm, marker(spec.lease_id, self.installation))
                     finally:
                         with contextlib.suppress(XenAPI.Failure, *CONNECTION_ERRORS):
                             xapi.task.destroy(task)
@@ -211,11 +211,13 @@ class Provisioner:
         self._mark_disks(xapi, vm, lease_id)
 
     def _mark_disks(self, xapi: Any, vm: str, lease_id: str) -> None:
-        """Mark the VM's disks (not CD images) that do not carry the marker yet."""
+        """Mark the VM's disks (not its CD drives). Called once its disks exist (after
+        provision); until then the VM's own marker, or its clone name, leads to them."""
         keys = marker(lease_id, self.installation)
-        for vdi in self._disks(xapi, xapi.VM.get_VBDs(vm)):
-            if xapi.VDI.get_other_config(vdi).get(MARKER_KEY) != lease_id:
-                _set_keys(xapi, "VDI", vdi, keys)
+        for vbd in xapi.VM.get_VBDs(vm):
+            record = xapi.VBD.get_record(vbd)
+            if record["type"] == "Disk" and record["VDI"] != NULL_REF:
+                _set_keys(xapi, "VDI", record["VDI"], keys)
 
     def _disks(self, xapi: Any, vbds: list[str]) -> list[str]:
         """The VDIs behind these VBDs that are disks of the VM's own (not CD/ISO images)."""
@@ -266,9 +268,15 @@ class Provisioner:
 
     def _template(self, xapi: Any, spec: VmSpec) -> tuple[str, str]:
         """The one template ``spec.template`` picks (``xen/templates.py``: never a snapshot,
-        a built-in template only by its exact name, an ambiguous name refused)."""
-        records = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
+        a built-in template only by its exact name, an ambiguous name refused). The exact
+        name is looked up first, which is cheap; only a prefix needs every template's record
+        (a real host has about a hundred)."""
+        exact = {ref: xapi.VM.get_record(ref) for ref in xapi.VM.get_by_name_label(spec.template)}
+        records = {ref: r for ref, r in exact.items() if r["is_a_template"]}
         choice = choose((candidate_of(ref, r) for ref, r in records.items()), spec.template)
+        if choice.template is None and not any(not r["is_a_snapshot"] for r in records.values()):
+            records = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
+            choice = choose((candidate_of(ref, r) for ref, r in records.items()), spec.template)
         if choice.template is None:
             raise ProvisionError(
                 f"{choice.problem} on {self.host.display}: fix {spec.os}.template in [{self.host.section}]",
