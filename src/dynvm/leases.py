@@ -881,10 +881,10 @@ class LeaseService:
         """A VM of this installation whose lease the database does not know: halt and tag
         it the first time it is seen, destroy it once the quarantine is over."""
         provisioner = self._provisioner(self.settings, host)
-        since = quarantined_at(other_config)
+        step = self._quarantine_step(other_config)
         keep = self.settings.common.quarantine_hours * 3600
         now = self.clock()
-        if since is None and keep > 0:
+        if step == "quarantine":
             if provisioner.quarantine(ref, now):
                 report.quarantined.append(name)
                 log.warning(
@@ -896,11 +896,20 @@ class LeaseService:
                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now + keep)),
                 )
             return
-        if since is not None and now < since + keep:
+        if step == "wait":
             return
         provisioner.destroy(ref, lease_of(other_config))
         report.orphans_destroyed.append(name)
         log.warning("reconcile: destroyed %s on %s (its quarantine is over)", name, host.display)
+
+    def _quarantine_step(self, other_config: dict[str, str]) -> str:
+        """For a VM or disk whose lease this database does not know: "quarantine" it (the
+        first time it is seen), "wait" (its quarantine is not over), or "destroy" it."""
+        since = quarantined_at(other_config)
+        keep = self.settings.common.quarantine_hours * 3600
+        if since is None:
+            return "quarantine" if keep > 0 else "destroy"
+        return "wait" if self.clock() < since + keep else "destroy"
 
     def _reconcile_disks(self, settings: Settings, host: HostSettings, view: HostView, report: ReconcileReport) -> None:
         """Marked disks that no VM uses: destroyed when their lease has ended, quarantined
@@ -919,15 +928,12 @@ class LeaseService:
 
             def collect(disk=disk, lease=lease, lease_id=lease_id) -> None:  # type: ignore[no-untyped-def]
                 provisioner = self._provisioner(settings, host)
-                if lease is None:
-                    since = quarantined_at(disk.other_config)
-                    keep = settings.common.quarantine_hours * 3600
-                    if since is None and keep > 0:
-                        provisioner.quarantine_disk(disk.ref, self.clock())
-                        report.quarantined.append(disk.uuid)
-                        return
-                    if since is not None and self.clock() < since + keep:
-                        return
+                step = "destroy" if lease is not None else self._quarantine_step(disk.other_config)
+                if step == "quarantine":
+                    provisioner.quarantine_disk(disk.ref, self.clock())
+                    report.quarantined.append(disk.uuid)
+                if step != "destroy":
+                    return
                 problem = provisioner.destroy_disk(disk.ref, lease_id)
                 if problem:
                     raise DestroyFailed(problem, host.ref)
