@@ -700,7 +700,7 @@ class LeaseService:
         outcome = ReleaseOutcome()
         started = time.monotonic()
         host = settings.host(lease.host_ref)
-        result = DestroyResult(gone_already=True)
+        result = DestroyResult()  # nothing left, unless the destroy below says otherwise
         if lease.vm_ref and not lease.vm_ref.startswith(CLONE_TASK):
             if host is None:  # out of dynvm's reach: the lease ends, the VM stays where it is
                 reason = f"host {lease.host_ref} left the configuration; {lease.name} may still be on it"

@@ -79,7 +79,6 @@ class DestroyResult:
     """What a destroy did. ``disks_left``: disks that would not go (uuid: reason); they
     keep dynvm's marker and reconcile destroys them."""
 
-    gone_already: bool = False
     disks_left: tuple[str, ...] = ()
 
 
@@ -454,7 +453,7 @@ class Provisioner:
                 record = xapi.VM.get_record(vm)
             except XenAPI.Failure as e:
                 if e.details[:1] == ["HANDLE_INVALID"]:
-                    return DestroyResult(gone_already=True)
+                    return DestroyResult()  # gone already
                 raise DestroyFailed(
                     f"cannot read VM {vm} on {self.host.display}: {_details(e)}", self.host.ref
                 ) from None
