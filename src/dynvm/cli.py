@@ -64,7 +64,10 @@ def _root(
 
 
 def sim_command(
-    hosts: Annotated[int, typer.Option(min=1, max=1000, help="How many simulated hosts.")] = 4,
+    hosts: Annotated[int, typer.Option(min=1, max=1000, help="How many simulated hosts (pools with --pool-size).")] = 4,
+    pool_size: Annotated[
+        int, typer.Option(min=1, max=16, help="Hosts per pool: a master and members sharing one SR.")
+    ] = 1,
     write_config: Annotated[
         Path, typer.Option(help="Write a .dynvmservice.ini for the lab here once every host listens.")
     ] = Path(".dynvmservice.ini"),
@@ -111,6 +114,7 @@ def sim_command(
         tls=tls,
         seed=seed,
         xenserver_version=_version(xenserver_version),
+        pool_size=pool_size,
         timing=Timing(
             latency_ms=latency_ms,
             clone_seconds=clone_seconds,
@@ -131,14 +135,17 @@ def sim_command(
         raise typer.Exit(1) from None
     try:
         lab.write_config(config_path)
-        table = Table(title=f"dynvm sim: {hosts} host(s)", show_lines=False)
-        for column in ("section", "xapi URL", "storage", "CPUs", "memory"):
+        title = f"dynvm sim: {hosts} host(s)" if pool_size == 1 else f"dynvm sim: {hosts} pool(s) of {pool_size}"
+        table = Table(title=title, show_lines=False)
+        for column in ("section", "host", "xapi URL", "storage", "CPUs", "memory"):
             table.add_column(column)
         for index, node in enumerate(lab.nodes, start=1):
             spec = node.host.spec
-            table.add_row(
-                f"xenhost{index}", node.url, spec.storage_name, str(spec.cpus), f"{spec.memory / 2**30:g} GiB"
-            )
+            size = f"{spec.memory / 2**30:g} GiB"
+            table.add_row(f"xenhost{index}", spec.member_name(0), node.url, spec.storage_name, str(spec.cpus), size)
+            for member in lab.members[index]:
+                name = spec.member_name(member.position) + " (member)"
+                table.add_row("", name, member.url, "(shared)", str(spec.cpus), size)
         console.print(table)
         console.print(f"config:  {config_path}")
         console.print(f"control: {lab.control_endpoint.url}/  (sim.* methods)")

@@ -40,7 +40,7 @@ def new_vm(xapi, name: str, template: str = "tmpl-cnt7.7", start: bool = False) 
     """Clone + provision (+ start) the way dynvm does it, disks on the local SR."""
     source = xapi.VM.get_by_name_label(template)[0]
     vm = xapi.VM.clone(source, name)
-    sr = next(s for s in xapi.SR.get_all() if xapi.SR.get_content_type(s) == "user")
+    sr = next(s for s in xapi.SR.get_all() if xapi.SR.get_content_type(s) != "iso")
     other = xapi.VM.get_other_config(vm)
     other["disks"] = other["disks"].replace('sr=""', f'sr="{xapi.SR.get_uuid(sr)}"')
     xapi.VM.set_other_config(vm, other)

@@ -88,8 +88,9 @@ def _check_wire_value(where: str, ftype: FieldType, value: object, enums: dict[s
             pytest.fail(f"{where}: unexpected type {ftype}")
 
 
-def test_records_on_the_wire_have_xapis_types_and_enum_values(make_lab, xenapi_model):
-    node = make_lab(foreign_vms=2).nodes[0]
+@pytest.mark.parametrize("pool_size", [1, 3], ids=["one-host", "pool-of-3"])
+def test_records_on_the_wire_have_xapis_types_and_enum_values(make_lab, xenapi_model, pool_size):
+    node = make_lab(foreign_vms=2, pool_size=pool_size).nodes[0]
     session = login(node)
     xapi = session.xenapi
     vm = new_vm(xapi, "typed", "tmpl-win16dc - PATCHED (1)", start=True)

@@ -278,7 +278,7 @@ class XapiApi:
         add("host.get_servertime", lambda ref: (store.get("host", _str(ref, "host")), host.now())[1], 1)
         add(
             "host.compute_free_memory",
-            lambda ref: (store.get("host", _str(ref, "host")), str(host.memory_free()))[1],
+            lambda ref: (store.get("host", _str(ref, "host")), str(host.memory_free(_str(ref, "host"))))[1],
             1,
         )
 
@@ -294,10 +294,9 @@ class XapiApi:
         return ""
 
     def _start(self, vm: object, paused: object, force: object, host_ref: object | None = None) -> str:
-        if host_ref is not None:  # VM.start_on: a one-host pool, so it can only be this host
-            self.store.get("host", _str(host_ref, "host"))
+        on = None if host_ref is None else _str(host_ref, "host")  # VM.start_on: that member only
         _bool(force, "force")
-        lifecycle.start(self.host, _str(vm, "vm"), _bool(paused, "start_paused"))
+        lifecycle.start(self.host, _str(vm, "vm"), _bool(paused, "start_paused"), on=on)
         return ""
 
     def _vcpus(self, field: str) -> Handler:

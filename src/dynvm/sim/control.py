@@ -75,6 +75,19 @@ class Control:
             "dhcp_free": host.dhcp.available,
             "memory_free": str(host.memory_free()),
             "sr_free": str(host.sr_free(host.refs.sr)),
+            "members": [self._member_status(node, position, ref) for position, ref in enumerate(host.refs.members)],
+        }
+
+    @staticmethod
+    def _member_status(node: HostNode, position: int, ref: str) -> dict[str, object]:
+        host = node.host
+        with host.store.lock:
+            resident = len(host.store.get("host", ref)["resident_VMs"]) - 1  # type: ignore[arg-type]  # dom0 aside
+        return {
+            "name": host.spec.member_name(position),
+            "ref": ref,
+            "memory_free": str(host.memory_free(ref)),
+            "resident_vms": resident,
         }
 
     def _host_down(self, node: HostNode, after: list, mode: str) -> str:

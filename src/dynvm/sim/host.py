@@ -2,8 +2,11 @@
 
 It owns the object store, the timing and fault settings, the DHCP pool and the refs of
 the objects every host has (the host itself, its pool, dom0, the local SR, the management
-network). Behaviour lives elsewhere: ``population`` fills a new host, ``lifecycle``
-changes VMs and disks, ``guest`` plays the guest agent, ``api`` answers the wire.
+network). A ``SimHost`` is really one *pool*: one database, as xapi keeps one per pool on
+its master, holding a ``host`` record per member (``members``; the master first). Memory
+is per member: a VM holds memory on the member it is ``resident_on``. Behaviour lives
+elsewhere: ``population`` fills a new host, ``lifecycle`` changes VMs and disks, ``guest``
+plays the guest agent, ``api`` answers the wire.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class HostRefs:
     network: str = ""
     pif: str = ""
     templates: dict[str, str] = field(default_factory=dict)  # name_label -> ref
+    members: list[str] = field(default_factory=list)  # host refs, the master (``host``) first
+    member_metrics: dict[str, str] = field(default_factory=dict)  # host ref -> host_metrics ref
 
 
 class DhcpPool:
@@ -117,24 +122,29 @@ class SimHost:
 
     # -- memory accounting -------------------------------------------------------------
 
-    def memory_in_use(self) -> int:
-        """Bytes held by resident domains (dom0 included), as xapi's admission sees it."""
+    def memory_in_use(self, member: str | None = None) -> int:
+        """Bytes held by the domains resident on a member (the master when not given), dom0
+        included, as xapi's admission sees it."""
         with self.store.lock:
-            host = self.store.get("host", self.refs.host)
+            host = self.store.get("host", member or self.refs.host)
             total = 0
             for vm in host["resident_VMs"]:  # type: ignore[union-attr]
                 record = self.store.get("VM", vm)
                 total += int(record["memory_static_max"]) + int(record["memory_overhead"])  # type: ignore[arg-type]
             return total
 
-    def memory_free(self) -> int:
-        return self.spec.memory - self.memory_in_use()
+    def memory_free(self, member: str | None = None) -> int:
+        return self.spec.memory - self.memory_in_use(member)
 
     def refresh_memory_free(self) -> None:
+        """Write every member's free memory into its ``host_metrics``, only where it changed
+        (an unchanged record must not make an event)."""
         with self.store.lock:
-            self.store.update(
-                "host_metrics", self.refs.metrics, memory_free=str(self.memory_free()), last_updated=self.now()
-            )
+            now = self.now()
+            for member, metrics in self.refs.member_metrics.items():
+                free = str(self.memory_free(member))
+                if self.store.get("host_metrics", metrics)["memory_free"] != free:
+                    self.store.update("host_metrics", metrics, memory_free=free, last_updated=now)
 
     # -- storage accounting ------------------------------------------------------------
 

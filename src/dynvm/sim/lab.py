@@ -1,7 +1,9 @@
 """A lab of simulated hosts in one process: what ``dynvm sim`` runs.
 
-It builds N hosts sharing one timer thread, starts each on its own 127.0.0.1 port plus a
-control port, and writes a ``.dynvmservice.ini`` that points dynvm at them.
+It builds N pools (one host each unless ``pool_size`` says more) sharing one timer thread,
+starts each pool's master and every other member on its own 127.0.0.1 port, plus a
+control port, and writes a ``.dynvmservice.ini`` with one section per pool that points
+dynvm at the pool's master.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .catalogue import GiB, os_keys, template_for_key
 from .control import Control
-from .node import HostNode
+from .node import HostNode, MemberNode
 from .population import build_host
 from .scheduler import Scheduler
 from .server import Endpoint
@@ -39,6 +41,7 @@ class LabOptions:
     seed: int | None = None
     timing: Timing = field(default_factory=Timing)
     xenserver_version: tuple[int, int] = (8, 2)
+    pool_size: int = 1  # hosts per pool; above 1 they share an SR and a master
 
 
 class Lab:
@@ -47,9 +50,12 @@ class Lab:
         (beside the config it writes); a temporary directory when not given."""
         if options.hosts < 1:
             raise ValueError("a lab needs at least one host")
+        if options.pool_size < 1:
+            raise ValueError("a pool needs at least one host")
         self.options = options
         self.scheduler = Scheduler()
         self.nodes: list[HostNode] = []
+        self.members: dict[int, list[MemberNode]] = {}  # pool index -> members that are not its master
         self._by_password: dict[str, HostNode] = {}
         self.cert_path: Path | None = None
         tls = None
@@ -70,6 +76,7 @@ class Lab:
                 sr_size=int(options.sr_tib * 1024 * GiB),
                 foreign_vms=options.foreign_vms,
                 xenserver_version=options.xenserver_version,
+                pool_size=options.pool_size,
             )
             seed = None if options.seed is None else options.seed + index
             timing = dataclasses.replace(options.timing)  # each host's timing can then change alone
@@ -79,15 +86,32 @@ class Lab:
             node = HostNode(host, self.control.route, port, tls)
             self.nodes.append(node)
             self._by_password[spec.password] = node
+            self.members[index] = [
+                MemberNode(node, position, self._member_port(index, position), tls)
+                for position in range(1, options.pool_size)
+            ]
         self.control_endpoint = Endpoint(self.control.route, options.control_port)
+
+    def _member_port(self, index: int, position: int) -> int:
+        """With a base port, members take the ports after every master's, pool by pool."""
+        options = self.options
+        if not options.base_port:
+            return 0
+        return options.base_port + options.hosts + (index - 1) * (options.pool_size - 1) + position - 1
+
+    def member_nodes(self) -> list[MemberNode]:
+        return [member for members in self.members.values() for member in members]
 
     def start(self) -> None:
         for node in self.nodes:
             node.endpoint.start()
+        for member in self.member_nodes():
+            member.endpoint.start()
         self.control_endpoint.start()
 
     def stop(self) -> None:
-        endpoints = [node.endpoint for node in self.nodes] + [self.control_endpoint]
+        endpoints = [node.endpoint for node in self.nodes] + [m.endpoint for m in self.member_nodes()]
+        endpoints.append(self.control_endpoint)
         stoppers = [threading.Thread(target=e.stop) for e in endpoints]  # in parallel: fast for 100 hosts
         for thread in stoppers:
             thread.start()
@@ -98,7 +122,7 @@ class Lab:
     def config_text(self) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         lines = [
-            f"; Written by `dynvm sim` at {stamp}: {len(self.nodes)} simulated Xen hosts on 127.0.0.1.",
+            f"; Written by `dynvm sim` at {stamp}: {self._lab_words()} on 127.0.0.1.",
             f"; dynvm-sim-control: {self.control_endpoint.url}/",
             ";   sim.* methods (see the README); each takes the host's password first.",
             "",
@@ -115,8 +139,11 @@ class Lab:
         ]
         for index, node in enumerate(self.nodes, start=1):
             spec = node.host.spec
+            lines += [""]
+            if self.members[index]:
+                others = ", ".join(m.url for m in self.members[index])
+                lines.append(f"; a pool of {spec.pool_size} hosts; its other members answer on {others}")
             lines += [
-                "",
                 f"[xenhost{index}]",
                 f"host.name={node.url}",
                 f"host.user={spec.user}",
@@ -127,6 +154,11 @@ class Lab:
                 lines.append(f"host.tls.ca_file={self.cert_path}")
             lines += [f"{key}.template={template_for_key(key).name_label}" for key in os_keys()]
         return "\n".join(lines) + "\n"
+
+    def _lab_words(self) -> str:
+        if self.options.pool_size == 1:
+            return f"{len(self.nodes)} simulated Xen hosts"
+        return f"{len(self.nodes)} simulated Xen pools of {self.options.pool_size} hosts"
 
     def write_config(self, path: Path) -> None:
         """Write the config atomically: a reader sees the old file or the whole new one.

@@ -253,20 +253,22 @@ def provision(host: SimHost, vm: str) -> None:
 # -- power -----------------------------------------------------------------------------
 
 
-def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = False) -> None:
+def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = False, on: str | None = None) -> None:
+    """``VM.start`` (``on`` None: xapi chooses the member) or ``VM.start_on`` (``on``: that
+    member, and only it)."""
     store = host.store
     with store.lock:
         record = _vm(host, vm)
         _refuse_template(record, vm, "start")
         _require_power_state(host, vm, "Halted")
         _fault(host, "start", vm)
-        _admit(host, record)  # xapi's assert_can_boot_here runs before the platform check
+        member = choose_member(host, record, on)  # xapi's assert_can_boot_here runs before the platform check
         _check_cores_per_socket(record)
         store.update(
             "VM",
             vm,
             power_state="Paused" if start_paused else "Running",
-            resident_on=host.refs.host,
+            resident_on=member,
             domid=host.next_domid(),
             allowed_operations=list(RUNNING_OPERATIONS),
         )
@@ -300,12 +302,45 @@ def _refuse_template(record: dict[str, object], vm: str, operation: str) -> None
         raise XapiError("VM_IS_TEMPLATE", vm, operation)
 
 
-def _admit(host: SimHost, record: dict[str, object]) -> None:
-    """Memory admission: static_max plus xapi's overhead must fit in the host's free memory."""
+def _admit(host: SimHost, record: dict[str, object], member: str) -> None:
+    """Memory admission: static_max plus xapi's overhead must fit in the member's free memory."""
     needed = int(str(record["memory_static_max"])) + int(str(record["memory_overhead"]))
-    free = host.memory_free()
+    free = host.memory_free(member)
     if needed > free:
-        raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", needed, free)
+        raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", str(needed), str(free))
+
+
+def choose_member(host: SimHost, record: dict[str, object], on: str | None) -> str:
+    """Where a VM starts or resumes, admitted on memory there.
+
+    ``on`` (``VM.start_on``): that member or its error (HANDLE_INVALID for a ref that is
+    no host of this pool). Otherwise xapi chooses (xen-api xapi_vm_helpers.ml,
+    ``choose_host_for_vm``): the VM's ``affinity`` host when the VM fits there, else one of
+    the members it fits on — here the one with most free memory, so a test can predict it;
+    none fits: ``NO_HOSTS_AVAILABLE`` in a pool, the member's own error in a one-host pool
+    (xapi reports the single host's reason)."""
+    members = host.refs.members
+    if on is not None:
+        host.store.get("host", on)  # HANDLE_INVALID [host, ref]
+        if on not in members:
+            raise XapiError("HANDLE_INVALID", "host", on)
+        _admit(host, record, on)
+        return on
+    if len(members) == 1:
+        _admit(host, record, members[0])
+        return members[0]
+    by_room = sorted(members, key=lambda m: (-host.memory_free(m), members.index(m)))
+    affinity = str(record.get("affinity", NULL_REF))
+    if affinity in members:
+        by_room.remove(affinity)
+        by_room.insert(0, affinity)
+    for member in by_room:
+        try:
+            _admit(host, record, member)
+        except XapiError:
+            continue
+        return member
+    raise XapiError("NO_HOSTS_AVAILABLE")
 
 
 def _check_cores_per_socket(record: dict[str, object]) -> None:
@@ -398,12 +433,12 @@ def resume(host: SimHost, vm: str) -> None:
         record = _vm(host, vm)
         _refuse_template(record, vm, "resume")
         _require_power_state(host, vm, "Suspended")
-        _admit(host, record)
+        member = choose_member(host, record, None)
         host.store.update(
             "VM",
             vm,
             power_state="Running",
-            resident_on=host.refs.host,
+            resident_on=member,
             domid=host.next_domid(),
             allowed_operations=list(RUNNING_OPERATIONS),
         )

@@ -63,93 +63,12 @@ def build_host(
 
 def _populate(host: SimHost) -> None:
     store, spec, refs = host.store, host.spec, host.refs
-    now = host.now()
     with store.lock:
-        refs.pool = store.create("pool", {"name_label": "", "other_config": {"memory-ratio-hvm": "0.25"}})
-        refs.metrics = store.create(
-            "host_metrics",
-            {"memory_total": str(spec.memory), "memory_free": str(spec.memory), "live": True, "last_updated": now},
-        )
-        refs.host = store.create(
-            "host",
-            {
-                "name_label": spec.name_label,
-                "name_description": "Default install",
-                "hostname": spec.name_label,
-                "address": "127.0.0.1",
-                "enabled": True,
-                "API_version_major": "2",
-                "API_version_minor": "21",
-                "API_version_vendor": "XenSource",
-                "software_version": {
-                    "product_version": "{}.{}.1".format(*spec.xenserver_version),
-                    "product_version_text": "{}.{}".format(*spec.xenserver_version),
-                    "product_version_text_short": "{}.{}".format(*spec.xenserver_version),
-                    "platform_name": "XCP",
-                    "platform_version": "3.2.1",
-                    "product_brand": "XCP-ng",
-                    "build_number": "release/yangtze/master/58",
-                    "hostname": "localhost",
-                    "date": "2024-04-02",
-                    "xapi": "1.20",
-                    "xen": "4.13.5-9.40",
-                    "linux": "4.19.0+1",
-                    "xencenter_min": "2.16",
-                    "xencenter_max": "2.16",
-                    "network_backend": "openvswitch",
-                    "db_schema": "5.602",
-                },
-                "cpu_info": {
-                    "cpu_count": str(spec.cpus),
-                    "socket_count": "2",
-                    "vendor": "GenuineIntel",
-                    "speed": "2597.070",
-                    "modelname": "Intel(R) Xeon(R) CPU E5-2660 v3 @ 2.60GHz",
-                    "family": "6",
-                    "model": "63",
-                    "stepping": "2",
-                    "flags": "fpu de tsc msr pae mce cx8 apic sep mca cmov pat clflush acpi mmx fxsr sse sse2 ht "
-                    "syscall nx lm constant_tsc rep_good nopl nonstop_tsc pni pclmulqdq monitor est ssse3 fma "
-                    "cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm",
-                    "features_pv": "17c9cbf5-f6f83203-2191cbf5-00000023-00000001-00000329-00000000-00000000",
-                    "features_hvm": "17cbfbff-f7fa3223-2d93fbff-00000023-00000001-000007ab-00000000-00000000",
-                },
-                "capabilities": ["xen-3.0-x86_64", "hvm-3.0-x86_32", "hvm-3.0-x86_32p", "hvm-3.0-x86_64", ""],
-                "sched_policy": "credit",
-                "supported_bootloaders": ["pygrub", "eliloader"],
-                "metrics": refs.metrics,
-                "edition": "xcp-ng",
-                "license_params": {"sku_type": "free", "restrict_vswitch_controller": "false"},
-                "license_server": {"address": "localhost", "port": "27000"},
-                "chipset_info": {"iommu": "true"},
-                "display": "enabled",
-                "virtual_hardware_platform_versions": ["0", "1", "2"],
-                "allowed_operations": ["vm_migrate", "provision", "vm_resume", "evacuate", "vm_start"],
-                "other_config": {"agent_start_time": f"{host.wallclock():.0f}.", "iscsi_iqn": ""},
-                "ssl_legacy": False,
-                "latest_synced_updates_applied": "unknown",
-                "numa_affinity_policy": "default_policy",
-                "ntp_mode": "Factory",
-                "timezone": "UTC",
-                "ssh_enabled": True,
-                "last_software_update": now,
-            },
-        )
-        for n in range(spec.cpus):
-            store.create(
-                "host_cpu",
-                {
-                    "host": refs.host,
-                    "number": str(n),
-                    "vendor": "GenuineIntel",
-                    "speed": "2597",
-                    "modelname": "Intel(R) Xeon(R) CPU E5-2660 v3 @ 2.60GHz",
-                    "family": "6",
-                    "model": "63",
-                    "stepping": "2",
-                    "utilisation": 0.0,
-                },
-            )
+        pool_name = f"sim-pool-{spec.index:02d}" if spec.pool_size > 1 else ""  # a one-host pool has no name
+        refs.pool = store.create("pool", {"name_label": pool_name, "other_config": {"memory-ratio-hvm": "0.25"}})
+        for position in range(spec.pool_size):
+            _member(host, position)
+        refs.host, refs.metrics = refs.members[0], refs.member_metrics[refs.members[0]]
         _storage(host)
         _network(host)
         store.update(
@@ -160,8 +79,11 @@ def _populate(host: SimHost) -> None:
             suspend_image_SR=refs.sr,
             crash_dump_SR=refs.sr,
         )
-        store.update("host", refs.host, suspend_image_sr=refs.sr, crash_dump_sr=refs.sr)
-        _dom0(host)
+        for member in refs.members:
+            store.update("host", member, suspend_image_sr=refs.sr, crash_dump_sr=refs.sr)
+            dom0 = _dom0(host, member)
+            if member == refs.host:
+                refs.dom0 = dom0
         for template in TEMPLATES:
             refs.templates[template.name_label] = _template(host, template)
         for name, vcpus, memory, windows in BUILTIN_TEMPLATES:
@@ -175,33 +97,147 @@ def _populate(host: SimHost) -> None:
         add_foreign_vm(host, name, template)
 
 
-def _storage(host: SimHost) -> None:
+def _member(host: SimHost, position: int) -> str:
+    """One host of the pool (``position`` 0 is the master): its record, metrics and CPUs.
+    Every member has the spec's CPUs and memory; real pools are alike (xapi's pool-join
+    asserts the members' CPUs are compatible)."""
     store, spec, refs = host.store, host.spec, host.refs
+    now = host.now()
+    name = spec.member_name(position)
+    metrics = store.create(
+        "host_metrics",
+        {"memory_total": str(spec.memory), "memory_free": str(spec.memory), "live": True, "last_updated": now},
+    )
+    member = store.create(
+        "host",
+        {
+            "name_label": name,
+            "name_description": "Default install",
+            "hostname": name,
+            "address": "127.0.0.1",
+            "enabled": True,
+            "API_version_major": "2",
+            "API_version_minor": "21",
+            "API_version_vendor": "XenSource",
+            "software_version": {
+                "product_version": "{}.{}.1".format(*spec.xenserver_version),
+                "product_version_text": "{}.{}".format(*spec.xenserver_version),
+                "product_version_text_short": "{}.{}".format(*spec.xenserver_version),
+                "platform_name": "XCP",
+                "platform_version": "3.2.1",
+                "product_brand": "XCP-ng",
+                "build_number": "release/yangtze/master/58",
+                "hostname": "localhost",
+                "date": "2024-04-02",
+                "xapi": "1.20",
+                "xen": "4.13.5-9.40",
+                "linux": "4.19.0+1",
+                "xencenter_min": "2.16",
+                "xencenter_max": "2.16",
+                "network_backend": "openvswitch",
+                "db_schema": "5.602",
+            },
+            "cpu_info": {
+                "cpu_count": str(spec.cpus),
+                "socket_count": "2",
+                "vendor": "GenuineIntel",
+                "speed": "2597.070",
+                "modelname": "Intel(R) Xeon(R) CPU E5-2660 v3 @ 2.60GHz",
+                "family": "6",
+                "model": "63",
+                "stepping": "2",
+                "flags": "fpu de tsc msr pae mce cx8 apic sep mca cmov pat clflush acpi mmx fxsr sse sse2 ht "
+                "syscall nx lm constant_tsc rep_good nopl nonstop_tsc pni pclmulqdq monitor est ssse3 fma "
+                "cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm",
+                "features_pv": "17c9cbf5-f6f83203-2191cbf5-00000023-00000001-00000329-00000000-00000000",
+                "features_hvm": "17cbfbff-f7fa3223-2d93fbff-00000023-00000001-000007ab-00000000-00000000",
+            },
+            "capabilities": ["xen-3.0-x86_64", "hvm-3.0-x86_32", "hvm-3.0-x86_32p", "hvm-3.0-x86_64", ""],
+            "sched_policy": "credit",
+            "supported_bootloaders": ["pygrub", "eliloader"],
+            "metrics": metrics,
+            "edition": "xcp-ng",
+            "license_params": {"sku_type": "free", "restrict_vswitch_controller": "false"},
+            "license_server": {"address": "localhost", "port": "27000"},
+            "chipset_info": {"iommu": "true"},
+            "display": "enabled",
+            "virtual_hardware_platform_versions": ["0", "1", "2"],
+            "allowed_operations": ["vm_migrate", "provision", "vm_resume", "evacuate", "vm_start"],
+            "other_config": {"agent_start_time": f"{host.wallclock():.0f}.", "iscsi_iqn": ""},
+            "ssl_legacy": False,
+            "latest_synced_updates_applied": "unknown",
+            "numa_affinity_policy": "default_policy",
+            "ntp_mode": "Factory",
+            "timezone": "UTC",
+            "ssh_enabled": True,
+            "last_software_update": now,
+        },
+    )
+    for n in range(spec.cpus):
+        store.create(
+            "host_cpu",
+            {
+                "host": member,
+                "number": str(n),
+                "vendor": "GenuineIntel",
+                "speed": "2597",
+                "modelname": "Intel(R) Xeon(R) CPU E5-2660 v3 @ 2.60GHz",
+                "family": "6",
+                "model": "63",
+                "stepping": "2",
+                "utilisation": 0.0,
+            },
+        )
+    refs.members.append(member)
+    refs.member_metrics[member] = metrics
+    return member
+
+
+def _storage(host: SimHost) -> None:
+    """The SR dynvm's disks go on, with a PBD per member that reaches it: a one-host pool's
+    local LVM SR, or a pool's shared one (modelled on the shared ``lvmohba`` SR in
+    real-records/ansible-test-vm-1-params.json: ``shared``, no content type, multipathed),
+    plus the tools ISO SR every member mounts."""
+    store, spec, refs = host.store, host.spec, host.refs
+    if spec.shared_storage:
+        sr_fields: dict[str, object] = {
+            "type": "lvmohba",
+            "content_type": "",
+            "shared": True,
+            "other_config": {"auto-scan": "false"},
+            "sm_config": {
+                "allocation": "thick",
+                "devserial": "scsi-3600a098038302d353624495242443848",
+                "multipathable": "true",
+                "use_vhd": "true",
+            },
+        }
+        device_config = {"SCSIid": "3600a098038302d353624495242443848"}
+    else:
+        sr_fields = {
+            "type": "lvm",
+            "content_type": "user",
+            "shared": False,
+            "other_config": {"i18n-key": "local-storage", "i18n-original-value-name_label": "Local storage"},
+            "sm_config": {"allocation": "thick", "use_vhd": "true", "devserial": "scsi-3600508b1001c5e6f"},
+        }
+        device_config = {"device": "/dev/disk/by-id/scsi-3600508b1001c5e6f-part3"}
     refs.sr = store.create(
         "SR",
         {
             "name_label": spec.storage_name,
             "name_description": "",
-            "type": "lvm",
-            "content_type": "user",
-            "shared": False,
             "physical_size": str(spec.sr_size),
             "physical_utilisation": "0",
             "virtual_allocation": "0",
-            "other_config": {"i18n-key": "local-storage", "i18n-original-value-name_label": "Local storage"},
-            "sm_config": {"allocation": "thick", "use_vhd": "true", "devserial": "scsi-3600508b1001c5e6f"},
             "allowed_operations": ["vdi_create", "vdi_destroy", "vdi_clone", "vdi_snapshot", "vdi_resize", "scan"],
+            **sr_fields,
         },
     )
-    store.create(
-        "PBD",
-        {
-            "host": refs.host,
-            "SR": refs.sr,
-            "device_config": {"device": "/dev/disk/by-id/scsi-3600508b1001c5e6f-part3"},
-            "currently_attached": True,
-        },
-    )
+    for member in refs.members:
+        store.create(
+            "PBD", {"host": member, "SR": refs.sr, "device_config": dict(device_config), "currently_attached": True}
+        )
     refs.iso_sr = store.create(
         "SR",
         {
@@ -218,15 +254,16 @@ def _storage(host: SimHost) -> None:
             "sm_config": {},
         },
     )
-    store.create(
-        "PBD",
-        {
-            "host": refs.host,
-            "SR": refs.iso_sr,
-            "device_config": {"location": "/opt/xensource/packages/iso", "legacy_mode": "true"},
-            "currently_attached": True,
-        },
-    )
+    for member in refs.members:
+        store.create(
+            "PBD",
+            {
+                "host": member,
+                "SR": refs.iso_sr,
+                "device_config": {"location": "/opt/xensource/packages/iso", "legacy_mode": "true"},
+                "currently_attached": True,
+            },
+        )
     refs.tools_iso = store.create(
         "VDI",
         {
@@ -260,13 +297,21 @@ def _network(host: SimHost) -> None:
             "purpose": [],
         },
     )
-    refs.pif = store.create(
+    for position, member in enumerate(refs.members):
+        pif = _pif(host, member, position)
+        if member == refs.host:
+            refs.pif = pif
+
+
+def _pif(host: SimHost, member: str, position: int) -> str:
+    """A member's management interface on the pool-wide network."""
+    return host.store.create(
         "PIF",
         {
             "device": "eth0",
-            "network": refs.network,
-            "host": refs.host,
-            "MAC": "98:4b:e1:6a:10:21",
+            "network": host.refs.network,
+            "host": member,
+            "MAC": f"98:4b:e1:6a:10:{0x21 + position:02x}",
             "MTU": "1500",
             "VLAN": "-1",
             "physical": True,
@@ -313,18 +358,19 @@ def _vm_fields(name: str, vcpus: int, memory: int) -> dict[str, object]:
     }
 
 
-def _dom0(host: SimHost) -> None:
-    store, spec, refs = host.store, host.spec, host.refs
+def _dom0(host: SimHost, member: str) -> str:
+    store, spec = host.store, host.spec
     metrics = store.create(
         "VM_metrics",
         {"memory_actual": str(spec.dom0_memory), "VCPUs_number": str(spec.dom0_vcpus), "start_time": host.now()},
     )
-    fields = _vm_fields(f"Control domain on host: {spec.name_label}", spec.dom0_vcpus, spec.dom0_memory)
+    name = str(store.get("host", member)["name_label"])
+    fields = _vm_fields(f"Control domain on host: {name}", spec.dom0_vcpus, spec.dom0_memory)
     fields.update(
         name_description="The domain which manages physical devices and manages other domains",
         is_control_domain=True,
         power_state="Running",
-        resident_on=refs.host,
+        resident_on=member,
         domid="0",
         domain_type="pv",
         memory_overhead="0",  # dom0's memory is what Xen gave it at boot; no admission applies
@@ -332,8 +378,9 @@ def _dom0(host: SimHost) -> None:
         other_config={"storage_driver_domain": "OpaqueRef:NULL", "is_system_domain": "true"},
         allowed_operations=[],
     )
-    refs.dom0 = store.create("VM", fields)
-    store.update("host", refs.host, control_domain=refs.dom0)
+    dom0 = store.create("VM", fields)
+    store.update("host", member, control_domain=dom0)
+    return dom0
 
 
 def _template(host: SimHost, template: OsTemplate) -> str:

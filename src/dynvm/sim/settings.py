@@ -25,6 +25,7 @@ class HostSpec:
     storage_name: str = ""
     dhcp_network: ipaddress.IPv4Network | None = None
     xenserver_version: tuple[int, int] = (8, 2)  # an older host lacks the messages released after it
+    pool_size: int = 1  # hosts in this pool: the master, then members sharing its SR and network
 
     def __post_init__(self) -> None:
         if not self.storage_name:
@@ -34,7 +35,17 @@ class HostSpec:
 
     @property
     def name_label(self) -> str:
+        """The master's name (a one-host pool's only host)."""
         return f"sim-xen-{self.index:02d}"
+
+    def member_name(self, position: int) -> str:
+        """The name of the pool's ``position``-th host (0: the master)."""
+        return self.name_label if position == 0 else f"{self.name_label}-h{position + 1}"
+
+    @property
+    def shared_storage(self) -> bool:
+        """A pool of several hosts keeps its VMs' disks on one SR every member reaches."""
+        return self.pool_size > 1
 
 
 # Messages dynvm or its peers may call that a host has only from some XenServer release on
