@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dynvm.capacity import Candidate, HostRoom, Need, find_template, need_on, place, room_on
+from dynvm.capacity import Candidate, HostRoom, MemberRoom, Need, find_template, need_on, place, room_on
 from dynvm.config import HostSettings, Secret
 from dynvm.model import NotEnoughCapacity
-from dynvm.xen.inventory import HostState, HostView, TemplateView, VmView
+from dynvm.xen.inventory import HostState, HostView, MemberView, TemplateView, VmView
 from dynvm.xen.memory import memory_overhead
 
 GiB = 1024**3
@@ -18,9 +18,9 @@ def host(ref: str = "1", **templates: str) -> HostSettings:
     return HostSettings(int(ref), f"http://h{ref}", "root", Secret("x"), "SR", templates or {"centos": "tmpl-cnt7"})
 
 
-def vm(name: str, cpus: int, memory: int, lease: str | None = None) -> VmView:
+def vm(name: str, cpus: int, memory: int, lease: str | None = None, on: str = "OpaqueRef:NULL") -> VmView:
     other = {"dynvm_lease": lease} if lease else {}
-    return VmView(name, name, name, "", "Running", str(cpus), str(memory), other, {}, {})
+    return VmView(name, name, name, "", "Running", str(cpus), str(memory), other, {}, {}, resident_on=on)
 
 
 def view(
@@ -92,19 +92,74 @@ def test_requested_cpus_and_memory_replace_the_templates():
     assert room_on(host(), view(), 1.0, []).fits(need) == 1
 
 
+def lone(ref: str, cpus: float, memory: int, disk: int = 0) -> HostRoom:
+    return HostRoom(ref, disk, [MemberRoom("", cpus, memory)])
+
+
 def test_placement_spreads_and_refuses_what_does_not_fit():
     need = Need(4, 4 * GiB, 0, "t")
     candidates = [
-        Candidate(host("1"), HostRoom("1", 32, 128 * GiB, 0), need),
-        Candidate(host("2"), HostRoom("2", 16, 128 * GiB, 0), need),
+        Candidate(host("1"), lone("1", 32, 128 * GiB), need),
+        Candidate(host("2"), lone("2", 16, 128 * GiB), need),
     ]
     chosen = [c.host.ref for c in place(6, "centos", candidates)]
     # most room first: host 1 (room for 8) takes VMs until it has no more room than host 2 (4)
     assert chosen == ["1", "1", "1", "1", "1", "2"]
     equal = [
-        Candidate(host("1"), HostRoom("1", 32, 128 * GiB, 0), need),
-        Candidate(host("2"), HostRoom("2", 32, 128 * GiB, 0), need),
+        Candidate(host("1"), lone("1", 32, 128 * GiB), need),
+        Candidate(host("2"), lone("2", 32, 128 * GiB), need),
     ]
     assert [c.host.ref for c in place(4, "centos", equal)] == ["1", "2", "1", "2"]
     with pytest.raises(NotEnoughCapacity, match="not enough capacity for 7 centos VM\\(s\\): 6 can be made now"):
-        place(7, "centos", [Candidate(host("1"), HostRoom("1", 24, 128 * GiB, 0), need)])
+        place(7, "centos", [Candidate(host("1"), lone("1", 24, 128 * GiB), need)])
+
+
+def pool_view(vms: tuple[VmView, ...] = (), sr_free: int = 2048 * GiB, **member_state: bool) -> HostView:
+    """A pool of three 32-CPU, 128 GiB hosts (m1 the master) sharing one SR."""
+    members = tuple(
+        MemberView(f"m{i}", f"h{i}", 32, 128 * GiB, 0, 4 * GiB, master=i == 1, **member_state if i == 3 else {})
+        for i in (1, 2, 3)
+    )
+    return HostView(
+        "1",
+        HostState.UP,
+        cpus=96,
+        memory_total=3 * 128 * GiB,
+        vms=vms,
+        templates=view().templates,
+        storage={"SR": (2048 * GiB, 2048 * GiB - sr_free)},
+        members=members,
+    )
+
+
+def test_a_pool_counts_room_per_member_and_its_shared_disk_once():
+    need = need_on(host(centos="tmpl-cnt7.7"), pool_view(), "centos", None, None)
+    assert room_on(host(), pool_view(), 1.0, []).fits(need) == 3 * 8  # CPUs: 32 / 4 per member
+    # a big VM running on m2 takes m2's room only
+    busy = pool_view((vm("big", 32, 8 * GiB, on="m2"),))
+    room = room_on(host(), busy, 1.0, [])
+    assert [m.fits(need) for m in room.members] == [8, 0, 8]
+    # the SR is one for the pool: 10 VMs of 35 GiB fill 350 GiB, wherever their CPUs are
+    assert room_on(host(), pool_view(sr_free=350 * GiB), 1.0, []).fits(need) == 10
+
+
+def test_a_reservation_holds_room_on_its_member():
+    need = need_on(host(centos="tmpl-cnt7.7"), pool_view(), "centos", None, None)
+    reserved = [{"lease_id": "L1", "member": "m3", "cpus": 32, "memory": 4 * GiB, "disk": 0}]
+    assert [m.fits(need) for m in room_on(host(), pool_view(), 1.0, reserved).members] == [8, 8, 0]
+    older = [{"lease_id": "L2", "member": None, "cpus": 32, "memory": 4 * GiB, "disk": 0}]  # before members
+    assert [m.fits(need) for m in room_on(host(), pool_view(), 1.0, older).members] == [0, 8, 8]
+
+
+def test_a_disabled_or_lost_member_gives_no_room():
+    need = need_on(host(centos="tmpl-cnt7.7"), pool_view(), "centos", None, None)
+    assert room_on(host(), pool_view(enabled=False), 1.0, []).fits(need) == 16
+    assert room_on(host(), pool_view(live=False), 1.0, []).fits(need) == 16
+
+
+def test_placement_in_a_pool_names_the_member_with_most_room():
+    need = Need(4, 4 * GiB, 0, "t")
+    room = HostRoom("1", 1 << 50, [MemberRoom("m1", 8, 128 * GiB), MemberRoom("m2", 16, 128 * GiB)])
+    chosen = place(4, "centos", [Candidate(host("1"), room, need)])
+    assert [p.member for p in chosen] == ["m2", "m2", "m1", "m2"]  # a tie: more memory left wins
+    assert {p.host.ref for p in chosen} == {"1"}

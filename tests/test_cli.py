@@ -48,6 +48,17 @@ def test_a_user_name_is_checked(tmp_path: Path):
     assert "a user name is 1 to 64 letters" in bad.output
 
 
+def test_doctor_follows_a_pool_member_to_its_master_and_names_the_members(sim_lab):
+    lab = sim_lab(pool_size=3)
+    text = lab.settings.source.read_text().replace(lab.lab.nodes[0].url, lab.lab.members[1][0].url)
+    lab.settings.source.write_text(text)
+    run = CliRunner().invoke(build_cli(), ["doctor", "--config", str(lab.settings.source)], env={"COLUMNS": "200"})
+    assert run.exit_code == 0, run.output
+    output = " ".join(run.output.split())
+    assert "3 hosts, master sim-xen-01; members sim-xen-01-h2, sim-xen-01-h3" in output
+    assert "(shared by the pool)" in output
+
+
 def test_doctor_checks_every_host_and_exits_1_on_a_problem(sim_lab):
     lab = sim_lab(hosts=3)
     good = CliRunner().invoke(build_cli(), ["doctor", "--config", str(lab.settings.source)], env={"COLUMNS": "200"})

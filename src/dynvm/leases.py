@@ -357,6 +357,7 @@ class LeaseService:
                     owner=self.owner,
                     template=choice.need.template,
                     caller=request.caller,
+                    member=choice.member or None,
                 )
                 for name, choice in zip(names, placement, strict=True)
             ]
@@ -569,6 +570,7 @@ class LeaseService:
                 choice.need.disk,
                 choice.need.template,
                 reserve_memory=choice.need.memory,
+                member=choice.member or None,
             )
 
     def _create_on(self, settings: Settings, lease: Lease, attempts: int = CREATE_ATTEMPTS) -> Lease:
@@ -583,6 +585,7 @@ class LeaseService:
             cpus=lease.cpus,
             memory=lease.memory,
             windows=lease.os.startswith("win"),
+            member=lease.member,
         )
 
         def progress(stage: str) -> None:

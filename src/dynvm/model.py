@@ -73,6 +73,7 @@ class VmSpec:
     cpus: int | None = None  # None: the template's own
     memory: int | None = None  # bytes; None: the template's own
     windows: bool = False
+    member: str | None = None  # the pool member (host ref) to start it on; None: xapi chooses
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class CreatedVm:
     template: str = ""
     create_seconds: float = 0.0
     attempts: int = 1
+    member: str = ""  # the pool member (host ref) it runs on
 
 
 class LeaseError(DynvmError):
@@ -180,6 +182,7 @@ class Lease:
     error: str | None = None
     caller: str | None = None  # the authenticated user who asked; None when anonymous
     handed_over_at: float | None = None  # when the request answered with it; the lifetime starts
+    member: str | None = None  # the pool member (host ref) it was placed on and starts on
 
     @property
     def lifetime(self) -> float:

@@ -26,8 +26,10 @@ def test_a_pool_has_a_host_record_per_member_and_one_master(pool):
     assert xapi.pool.get_name_label(pool_ref) == "sim-pool-01"
     for ref, host in hosts.items():
         dom0 = host["control_domain"]
-        assert xapi.VM.get_resident_on(dom0) == ref and xapi.VM.get_is_control_domain(dom0)
-        assert len(host["host_CPUs"]) == 32 and len(host["PIFs"]) == 1
+        assert xapi.VM.get_resident_on(dom0) == ref
+        assert xapi.VM.get_is_control_domain(dom0)
+        assert len(host["host_CPUs"]) == 32
+        assert len(host["PIFs"]) == 1
         assert int(xapi.host_metrics.get_memory_total(host["metrics"])) == 128 * GiB
 
 
@@ -35,7 +37,8 @@ def test_the_pools_sr_is_shared_with_a_pbd_on_every_member(pool):
     xapi = login(pool.nodes[0]).xenapi
     [sr] = xapi.SR.get_by_name_label("Local Storage 01")
     record = xapi.SR.get_record(sr)
-    assert record["shared"] is True and record["type"] == "lvmohba"  # as the real pool's SR
+    assert record["shared"] is True
+    assert record["type"] == "lvmohba"
     assert {xapi.PBD.get_host(p) for p in record["PBDs"]} == set(xapi.host.get_all())
     assert xapi.pool.get_default_SR(xapi.pool.get_all()[0]) == sr
 

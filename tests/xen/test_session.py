@@ -13,7 +13,7 @@ import pytest
 
 from dynvm.config import Secret
 from dynvm.model import HostAuthFailed, HostUnreachable
-from dynvm.xen.session import SessionPool, XapiSession, to_wire
+from dynvm.xen.session import SessionPool, XapiSession, master_url, to_wire
 
 from ..sim.simtools import wait_for
 
@@ -151,3 +151,22 @@ def test_tls_with_the_hosts_certificate_and_without_verification(sim_lab):
     default = dataclasses.replace(host, tls_ca_file=None, tls_verify=True)
     with pytest.raises(HostUnreachable, match=r"host\.tls\.ca_file"), SessionPool(default).session():
         pass
+
+
+def test_the_master_url_keeps_the_members_scheme_and_port_unless_the_address_has_one():
+    assert master_url("https://xen2.lab", "10.0.0.1") == "https://10.0.0.1"
+    assert master_url("https://xen2.lab:8443", "10.0.0.1") == "https://10.0.0.1:8443"
+    assert master_url("http://127.0.0.1:4001", "127.0.0.1:4000") == "http://127.0.0.1:4000"
+    assert master_url("https://xen2.lab", "fd00::1") == "https://[fd00::1]"
+    assert master_url("https://xen2.lab", "[fd00::1]:443") == "https://[fd00::1]:443"
+
+
+def test_a_session_on_a_pool_member_is_opened_on_its_master(sim_lab):
+    lab = sim_lab(pool_size=2)
+    member = dataclasses.replace(lab.host(), url=lab.lab.members[1][0].url)
+    pool = SessionPool(member)
+    with pool.session() as xapi:
+        assert len(xapi.host.get_all()) == 2
+        [pool_ref] = xapi.pool.get_all()
+        assert xapi.host.get_name_label(xapi.pool.get_master(pool_ref)) == "sim-xen-01"
+    pool.close()

@@ -69,8 +69,10 @@ def _username(raw: str) -> str:
 # -- listing and counting (from memory) ------------------------------------------------------
 
 
-def _vm_entry(vm) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    return {
+def _vm_entry(vm, member: str | None = None) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The seed's six keys; in a pool of several hosts, also ``member``: the name of the
+    host it runs on (a lone host's entries stay byte for byte the seed's)."""
+    entry = {
         "name": vm.name,
         "name_description": vm.description,
         "power_state": vm.power_state,
@@ -78,6 +80,9 @@ def _vm_entry(vm) -> dict[str, str]:  # type: ignore[no-untyped-def]
         "memory_static_max": vm.memory,
         "networkinfo": vm.networkinfo,
     }
+    if member is not None:
+        entry["member"] = member
+    return entry
 
 
 def showall(services: Services, os: str | None) -> Response:
@@ -101,7 +106,8 @@ def showall(services: Services, os: str | None) -> Response:
                     )
                     if not of_os:
                         continue
-                entries.append(_vm_entry(vm))
+                member = next((m.name for m in view.members if m.ref == vm.resident_on), "") if view.is_pool else None
+                entries.append(_vm_entry(vm, member))
         result[host.ref] = entries  # a host that is down is listed with no VMs
     return json_text(result, indent=2, sort_keys=True)
 

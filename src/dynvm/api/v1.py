@@ -105,21 +105,35 @@ class RequestOut(BaseModel):
     vms: list[VmProgressOut]
 
 
-class HostOut(BaseModel):
-    ref: str
+class MemberOut(BaseModel):
+    ref: str = Field(description="xapi's ref of the member's host record")
     name: str
-    url: str
-    state: str
-    error: str
+    master: bool
+    enabled: bool = Field(description="false: xapi starts no VM there (disabled, maintenance)")
+    live: bool = Field(description="false: the pool's master has lost touch with it")
     cpus: int
     memory_total: int
     memory_free: int
     running_vms: int
+
+
+class HostOut(BaseModel):
+    ref: str = Field(description="the N of [xenhostN]: what xhostref names")
+    name: str = Field(description="the pool master's name (a one-host pool's host)")
+    url: str
+    state: str
+    error: str
+    cpus: int = Field(description="physical CPUs of every member together")
+    memory_total: int
+    memory_free: int
+    running_vms: int
     capacity: dict[str, int]
+    members: list[MemberOut] = Field(description="the hosts of the pool, the master first; one for a lone host")
 
 
 class VmOut(BaseModel):
     host: str
+    member: str = Field(description="the name of the pool member it runs on; empty when halted")
     name: str
     description: str
     power_state: str
@@ -167,6 +181,20 @@ async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
                     memory_free=view.memory_free,
                     running_vms=len(view.running_vms),
                     capacity=per_os,
+                    members=[
+                        MemberOut(
+                            ref=m.ref,
+                            name=m.name,
+                            master=m.master,
+                            enabled=m.enabled,
+                            live=m.live,
+                            cpus=m.cpus,
+                            memory_total=m.memory_total,
+                            memory_free=m.memory_free,
+                            running_vms=sum(1 for vm in view.running_vms if vm.resident_on == m.ref),
+                        )
+                        for m in view.members
+                    ],
                 )
             )
         return out
@@ -180,10 +208,12 @@ async def vms(services: ServicesDep, _: CallerDep) -> list[VmOut]:
     for view in services.inventory.views():
         if view.state is not HostState.UP:
             continue
+        names = {m.ref: m.name for m in view.members}
         for vm in view.vms:
             out.append(
                 VmOut(
                     host=view.ref,
+                    member=names.get(vm.resident_on, ""),
                     name=vm.name,
                     description=vm.description,
                     power_state=vm.power_state,

@@ -100,6 +100,7 @@ class LeaseStore:
                 {
                     "lease_id": lease.id,
                     "host_ref": lease.host_ref,
+                    "member": lease.member,
                     "cpus": lease.cpus,
                     "memory": memory,
                     "disk": lease.disk,
@@ -127,6 +128,7 @@ class LeaseStore:
                     memory=vm.memory,
                     disk=vm.disk,
                     template=vm.template,
+                    member=vm.member or None,
                     ready_at=now,
                     create_seconds=vm.create_seconds,
                 )
@@ -209,9 +211,10 @@ class LeaseStore:
         disk: int,
         template: str,
         reserve_memory: int | None = None,
+        member: str | None = None,
     ) -> Lease:
-        """Put a lease still being created, and its reservation, on another host."""
-        values = {"host_ref": host_ref, "cpus": cpus, "memory": memory, "disk": disk}
+        """Put a lease still being created, and its reservation, on another host (and member)."""
+        values = {"host_ref": host_ref, "member": member, "cpus": cpus, "memory": memory, "disk": disk}
         conn.execute(update(leases).where(leases.c.id == lease_id).values(template=template, vm_ref=None, **values))
         reserved = values | {"memory": reserve_memory if reserve_memory is not None else memory}
         conn.execute(update(reservations).where(reservations.c.lease_id == lease_id).values(**reserved))

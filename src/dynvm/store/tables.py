@@ -54,6 +54,7 @@ leases = Table(
     Column("caller", String(64)),  # the authenticated user who asked (None: anonymous)
     # when the request handed its VMs over; the lifetime counts from here (None: not yet)
     Column("handed_over_at", Float),
+    Column("member", String(80)),  # the pool member (host ref) it was placed on; None: not known
     Index(
         "uq_leases_active_name",
         "name",
@@ -71,6 +72,7 @@ reservations = Table(
     metadata,
     Column("lease_id", String(36), ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True),
     Column("host_ref", String(16), nullable=False, index=True),
+    Column("member", String(80)),  # the pool member whose CPU and memory it holds
     Column("cpus", Integer, nullable=False),
     Column("memory", BigInteger, nullable=False),
     Column("disk", BigInteger, nullable=False),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import XenAPI
 
@@ -36,6 +37,16 @@ class HostReport:
         self.checks.append(Check(what, ok, detail))
 
 
+def _pool(xapi: Any, host: HostSettings, report: HostReport) -> None:
+    """Say which hosts the pool has and which is its master (host.name may name any)."""
+    records = xapi.host.get_all_records()
+    if len(records) < 2:
+        return
+    master = xapi.pool.get_master(xapi.pool.get_all()[0])
+    names = [records[master]["name_label"], *sorted(r["name_label"] for ref, r in records.items() if ref != master)]
+    report.add("pool", True, f"{len(records)} hosts, master {names[0]}; members {', '.join(names[1:])}")
+
+
 def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
     report = HostReport(host)
     try:
@@ -44,15 +55,12 @@ def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
         report.add("login", False, str(e))
         return report
     except XenAPI.Failure as e:
-        details = list(e.details)
-        if details[:1] == ["HOST_IS_SLAVE"]:
-            report.add("login", False, f"{host.display} is a pool member; its master is {details[1]}")
-        else:
-            report.add("login", False, f"xapi refused the login: {' '.join(map(str, details))}")
+        report.add("login", False, f"xapi refused the login: {' '.join(map(str, e.details))}")
         return report
     xapi = session.xenapi
     try:
         report.add("login", True, f"as {host.user}")
+        _pool(xapi, host, report)
         records = xapi.VM.get_all_records_where('field "is_a_template" = "true"')
         templates = [candidate_of(ref, r) for ref, r in records.items()]
         for os in sorted(host.templates):
@@ -75,7 +83,19 @@ def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
             report.add("storage", False, f"{host.storage_name!r} holds ISO images, not disks: fix host.storage.name")
         else:
             free = int(srs[0]["physical_size"]) - int(srs[0]["physical_utilisation"])
-            report.add("storage", True, f"{host.storage_name!r}, {free / 1024**3:,.0f} GiB free")
+            members = set(xapi.host.get_all())
+            reached = {xapi.PBD.get_host(pbd) for pbd in srs[0]["PBDs"]}
+            if len(members) > 1 and not members <= reached:
+                names = ", ".join(sorted(xapi.host.get_name_label(m) for m in members - reached))
+                report.add(
+                    "storage",
+                    False,
+                    f"{host.storage_name!r} is not reachable from every pool member ({names} lack it): "
+                    "name a shared SR in host.storage.name",
+                )
+            else:
+                shared = " (shared by the pool)" if len(members) > 1 else ""
+                report.add("storage", True, f"{host.storage_name!r}{shared}, {free / 1024**3:,.0f} GiB free")
         if host.network:
             found_net = xapi.network.get_by_name_label(host.network)
             report.add(

@@ -40,6 +40,7 @@ NULL_REF = "OpaqueRef:NULL"
 
 # The classes mirrored, and the fields of each that dynvm reads.
 KEPT_FIELDS: dict[str, tuple[str, ...]] = {
+    "pool": ("uuid", "name_label", "master"),
     "host": ("uuid", "name_label", "address", "cpu_info", "metrics", "control_domain", "enabled", "PBDs"),
     "host_metrics": ("uuid", "memory_total", "memory_free", "live"),
     "VM": (
@@ -99,6 +100,7 @@ class VmView:
     networks: dict[str, str]
     os_version: dict[str, str]
     memory_overhead: int = 0  # bytes xapi holds for it beside memory_static_max
+    resident_on: str = NULL_REF  # the pool member it runs on
 
     @property
     def running(self) -> bool:
@@ -151,8 +153,25 @@ class TemplateView:
 
 
 @dataclass(frozen=True)
+class MemberView:
+    """One host of a pool (a one-host pool's only one). CPU and memory are per member:
+    a VM uses those of the member it runs on."""
+
+    ref: str
+    name: str
+    cpus: int
+    memory_total: int
+    memory_free: int
+    dom0_memory: int
+    master: bool
+    enabled: bool = True  # False: xapi starts no VM there (host.disable, maintenance)
+    live: bool = True  # host_metrics.live: False when the master lost touch with it
+
+
+@dataclass(frozen=True)
 class HostView:
-    """A consistent snapshot of one host, as of its mirror's last applied change."""
+    """A consistent snapshot of one configured host — a pool: its master and members — as
+    of its mirror's last applied change. ``cpus``, ``memory_*`` sum the members'."""
 
     ref: str
     state: HostState
@@ -166,10 +185,18 @@ class HostView:
     templates: tuple[TemplateView, ...] = ()
     storage: dict[str, tuple[int, int]] = field(default_factory=dict)  # SR name -> (size, used)
     disks: tuple[DiskView, ...] = ()  # disks with dynvm's marker
+    members: tuple[MemberView, ...] = ()  # the master first
 
     @property
     def running_vms(self) -> list[VmView]:
         return [vm for vm in self.vms if vm.running]
+
+    @property
+    def is_pool(self) -> bool:
+        return len(self.members) > 1
+
+    def member(self, ref: str) -> MemberView | None:
+        return next((m for m in self.members if m.ref == ref), None)
 
     def storage_free(self, name: str) -> int | None:
         if name not in self.storage:
@@ -268,15 +295,13 @@ class HostMirror:
         ref = self.settings.ref
         if self._state is not HostState.UP:
             return HostView(ref, self._state, self._error, name=self.settings.section)
-        hosts = self._records["host"]
-        host = next(iter(hosts.values()), {})
-        metrics = self._records["host_metrics"].get(host.get("metrics", NULL_REF), {})
         guest = self._records["VM_guest_metrics"]
         vms, templates = [], []
-        dom0_memory = 0
+        dom0_memory: dict[str, int] = {}  # member ref -> its control domain's memory
         for vm_ref, vm in self._records["VM"].items():
             if vm.get("is_control_domain"):
-                dom0_memory += int(vm.get("memory_static_max", "0"))
+                member = vm.get("resident_on", NULL_REF)
+                dom0_memory[member] = dom0_memory.get(member, 0) + int(vm.get("memory_static_max", "0"))
                 continue
             if vm.get("is_a_snapshot"):
                 continue
@@ -297,8 +322,10 @@ class HostMirror:
                     networks=metrics_of_vm.get("networks", {}),
                     os_version=metrics_of_vm.get("os_version", {}),
                     memory_overhead=int(vm.get("memory_overhead", "0")),
+                    resident_on=vm.get("resident_on", NULL_REF),
                 )
             )
+        members = self._members(dom0_memory)
         storage = {}
         for sr in self._records["SR"].values():
             if sr.get("content_type") != "iso":
@@ -320,16 +347,39 @@ class HostMirror:
         return HostView(
             ref=ref,
             state=HostState.UP,
-            name=host.get("name_label", self.settings.section),
-            cpus=int(host.get("cpu_info", {}).get("cpu_count", "0")),
-            memory_total=int(metrics.get("memory_total", "0")),
-            memory_free=int(metrics.get("memory_free", "0")),
-            dom0_memory=dom0_memory,
+            name=members[0].name if members else self.settings.section,
+            cpus=sum(m.cpus for m in members),
+            memory_total=sum(m.memory_total for m in members),
+            memory_free=sum(m.memory_free for m in members),
+            dom0_memory=sum(m.dom0_memory for m in members),
             vms=tuple(sorted(vms, key=lambda v: v.name)),
             templates=tuple(sorted(templates, key=lambda t: (t.name, t.ref))),
             storage=storage,
             disks=disks,
+            members=members,
         )
+
+    def _members(self, dom0_memory: dict[str, int]) -> tuple[MemberView, ...]:
+        """Every host record of the pool, the master first, then by name."""
+        pool = next(iter(self._records["pool"].values()), {})
+        master = pool.get("master", NULL_REF)
+        members = []
+        for host_ref, host in self._records["host"].items():
+            metrics = self._records["host_metrics"].get(host.get("metrics", NULL_REF), {})
+            members.append(
+                MemberView(
+                    ref=host_ref,
+                    name=host.get("name_label", ""),
+                    cpus=int(host.get("cpu_info", {}).get("cpu_count", "0")),
+                    memory_total=int(metrics.get("memory_total", "0")),
+                    memory_free=int(metrics.get("memory_free", "0")),
+                    dom0_memory=dom0_memory.get(host_ref, 0),
+                    master=host_ref == master or len(self._records["host"]) == 1,
+                    enabled=bool(host.get("enabled", True)),
+                    live=bool(metrics.get("live", True)),
+                )
+            )
+        return tuple(sorted(members, key=lambda m: (not m.master, m.name)))
 
     def _template(self, ref: str, vm: dict[str, Any]) -> TemplateView:
         disk = provision_disk_bytes(vm.get("other_config", {}))

@@ -166,8 +166,7 @@ class Provisioner:
                     xapi.VM.set_name_label(vm, spec.name)
                     self._check_cancel(cancel)
                     progress("booting")
-                    vlog.info("starting")
-                    self._task(xapi, "VM.start", vm, False, False)
+                    self._start(xapi, vm, spec, attempt, vlog)
                     progress("waiting for IP")
                     ip, os_version = self._wait_for_guest(xapi, vm, spec, vlog, cancel)
                     created = self._describe(xapi, vm, spec, template_name, ip, os_version, started, attempt)
@@ -408,6 +407,17 @@ class Provisioner:
                 what = f"only the APIPA address {seen_apipa}" if seen_apipa else "no address"
                 raise NoAddress(f"{what} after {self.network_timeout:g} s (vm.network.timeout.secs)")
 
+    def _start(self, xapi: Any, vm: str, spec: VmSpec, attempt: int, vlog: _VmLog) -> None:
+        """Start the VM on the member its room was reserved on (``VM.start_on``). A retry
+        lets xapi choose (``VM.start``): the member that refused the first attempt (full,
+        disabled, gone from the pool) would refuse again."""
+        if spec.member and attempt == 1:
+            vlog.info("starting on member %s", spec.member)
+            self._task(xapi, "VM.start_on", vm, spec.member, False, False)
+        else:
+            vlog.info("starting")
+            self._task(xapi, "VM.start", vm, False, False)
+
     def _describe(
         self,
         xapi: Any,
@@ -438,6 +448,7 @@ class Provisioner:
             template=template,
             create_seconds=self.clock() - started,
             attempts=attempt,
+            member=record["resident_on"] if record["resident_on"] != NULL_REF else "",
         )
 
     # -- destroy -----------------------------------------------------------------------

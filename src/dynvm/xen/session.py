@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import logging
 import socket
 import ssl
 import threading
 import time
+import urllib.parse
 import xmlrpc.client
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -103,13 +105,50 @@ def tls_context(host: HostSettings) -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def master_url(url: str, address: str) -> str:
+    """The URL of a pool's master, from a member's URL and the address its
+    ``HOST_IS_SLAVE`` names: the member's scheme, the master's address, and the member's
+    port unless the address carries one (``host:port``, ``[v6]:port``; a bare IPv6
+    address is bracketed)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        ipaddress.IPv6Address(address)
+        netloc = f"[{address}]" + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        target = urllib.parse.urlsplit(f"//{address}")
+        port = target.port or parts.port
+        netloc = (target.hostname or address) if ":" not in (target.hostname or "") else f"[{target.hostname}]"
+        netloc += f":{port}" if port else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+MAX_MASTER_HOPS = 2  # a member names its master; a master that moved may name another once
+
+
 def open_session(host: HostSettings, timeout: float) -> tuple[XapiSession, _Timeouts]:
-    """Log in to one host: a new session (and HTTP connection) of its own."""
-    if host.url.startswith("https"):
+    """Log in to one host: a new session (and HTTP connection) of its own.
+
+    ``host.name`` may be any member of a pool: a member refuses the login with
+    ``HOST_IS_SLAVE [master address]`` (only the master hands out sessions; the SDK does
+    not follow it), and the login goes to the master it names."""
+    url = host.url
+    for _ in range(MAX_MASTER_HOPS + 1):
+        try:
+            return _login(host, url, timeout)
+        except XenAPI.Failure as e:
+            if not (e.details and e.details[0] == "HOST_IS_SLAVE" and len(e.details) > 1):
+                raise
+            url = master_url(url, str(e.details[1]))
+            log.info("%s is a pool member; logging in to its master at %s", host.display, url)
+    raise HostUnreachable(f"{host.display}: each pool member named another as master; last {url}", host.ref)
+
+
+def _login(host: HostSettings, url: str, timeout: float) -> tuple[XapiSession, _Timeouts]:
+    if url.startswith("https"):
         transport: _Timeouts = TimeoutSafeTransport(timeout, tls_context(host))
     else:
         transport = TimeoutTransport(timeout)
-    session = XapiSession(host.url, transport=transport)
+    session = XapiSession(url, transport=transport)
     try:
         session.xenapi.login_with_password(host.user, host.password.reveal(), API_VERSION, ORIGINATOR)
     except XenAPI.Failure as e:
