@@ -6,9 +6,15 @@ import sys
 
 from rich.console import Console
 
-from bench import lease_bench, service_bench, sim_bench, xen_bench
+from bench import lease_bench, queue_bench, service_bench, sim_bench, xen_bench
 
-BENCHMARKS = {"sim": sim_bench.run, "xen": xen_bench.run, "leases": lease_bench.run, "service": service_bench.run}
+BENCHMARKS = {
+    "sim": sim_bench.run,
+    "xen": xen_bench.run,
+    "leases": lease_bench.run,
+    "service": service_bench.run,
+    "queue": queue_bench.run,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -257,3 +257,25 @@ def test_dynvm_lab_on_a_taken_port_fails_loudly_and_starts_nothing(tmp_path: Pat
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
     assert not (tmp_path / "dynvmservice.ini").exists()  # no simulator was started
+
+
+def test_kill_9_keeps_queued_requests_queued_and_the_next_start_serves_them(sim_lab, tmp_path: Path):
+    lab = sim_lab(host_cpus=8)  # room for two CentOS VMs
+    db = tmp_path / "d.db"
+    first = ServeProcess(lab.settings.source, db)
+    assert httpx.get(f"{first.url}/getservers/holder?count=2", timeout=60).status_code == 200
+    answer = httpx.post(f"{first.url}/api/v1/leases", json={"os": "centos", "name": "kept", "wait_minutes": 30})
+    location = answer.headers["location"]
+    wait_for(lambda: httpx.get(f"{first.url}{location}").json()["position"] == 1, timeout=10)
+    before = httpx.get(f"{first.url}{location}").json()
+    first.stop(signal.SIGKILL)
+    second = ServeProcess(lab.settings.source, db, port=first.port)
+    try:
+        after = httpx.get(f"{second.url}{location}").json()
+        assert (after["state"], after["position"], after["created_at"]) == ("queued", 1, before["created_at"])
+        assert httpx.get(f"{second.url}/releaseservers/holder?count=2", timeout=60).status_code == 200
+        done = httpx.get(f"{second.url}{location}", params={"wait": "true", "timeout": 60}, timeout=90).json()
+        assert done["state"] == "ready"
+        assert marked_vms(lab) == ["kept"]
+    finally:
+        assert second.stop() == 0

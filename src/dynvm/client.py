@@ -62,9 +62,12 @@ class DynvmClient:
         while True:
             status = self._call("GET", location, params={"wait": "true", "timeout": interval}).json()
             on_update(status)
-            if status["state"] != "pending":
+            if status["state"] not in ("queued", "creating"):
                 return status
             time.sleep(0.05)
+
+    def cancel(self, location: str) -> dict[str, Any]:
+        return self._call("DELETE", location).json()
 
     def leases(self, user: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/leases", params={"user": user} if user else None).json()

@@ -32,6 +32,7 @@ KNOWN_COMMON_KEYS = {
     "cpu.overcommit",
     "db.url",
     "orphan.quarantine.hours",
+    "queue.wait.minutes",
 }
 DEFAULT_QUARANTINE_HOURS = 24.0
 KNOWN_AUTH_KEYS = {"required"}
@@ -102,6 +103,9 @@ class CommonSettings:
     # how long a VM of this installation that its database does not know is kept halted
     # before it is destroyed (0: destroyed at once)
     quarantine_hours: float = DEFAULT_QUARANTINE_HOURS
+    # how long a request that does not fit waits in the queue when its caller says nothing
+    # (0: refused at once with 429, the seed's behaviour)
+    queue_wait_minutes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,7 @@ class _Reader:
             quarantine_hours=self.number(
                 "common", values, "orphan.quarantine.hours", DEFAULT_QUARANTINE_HOURS, allow_zero=True
             ),
+            queue_wait_minutes=self.number("common", values, "queue.wait.minutes", 0.0, allow_zero=True),
         )
 
     def auth(self) -> AuthSettings:

@@ -28,6 +28,16 @@ from dataclasses import dataclass, field
 
 from . import capacity
 from .config import HostSettings, Settings
+from .engine.requests import (
+    CANCELLED,
+    CREATING,
+    FAILED,
+    QUEUED,
+    DurableTracker,
+    RequestRecord,
+    RequestStore,
+)
+from .engine.scheduler import Scheduler
 from .model import (
     BadRequest,
     CreatedVm,
@@ -42,11 +52,11 @@ from .model import (
     NotEnoughCapacity,
     ProvisionError,
     QuotaExceeded,
+    RequestCancelled,
     ShuttingDown,
     UnknownOs,
     VmSpec,
 )
-from .requests import RequestTracker
 from .store.history import HistoryStore, origin_of
 from .store.leases import LeaseStore
 from .store.tables import ACTIVE_STATES
@@ -63,6 +73,7 @@ ADOPT_WAIT = 5.0  # seconds reconcile waits on a clone still running before it m
 RECOVER_CLONE_WAIT = 30.0  # seconds start-up waits, in all, for clones a dead process left running
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
 RELEASE_RETRY = "release-retry"  # the owner of a lease whose destroy failed: whichever replica leads retries it
+FINISHED_REQUESTS_KEPT = 7 * 24 * 3600.0  # seconds a finished request's status stays readable
 CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to another host if one has room
 
 
@@ -100,6 +111,8 @@ class LeaseEvents:
     def create_failed(self, reason: str) -> None: ...
     def ended(self, lease: Lease, state: str) -> None: ...
     def reconciled(self, report: ReconcileReport) -> None: ...
+    def request_event(self, kind: str, record: RequestRecord) -> None: ...
+    def scheduler_passed(self, seconds: float) -> None: ...
 
 
 @dataclass
@@ -161,7 +174,6 @@ class LeaseService:
         clock: Callable[[], float] = time.time,
         max_workers: int = 256,
         owner: str | None = None,
-        tracker: RequestTracker | None = None,
         events: LeaseEvents | None = None,
     ) -> None:
         self._settings = settings
@@ -176,7 +188,10 @@ class LeaseService:
         self._cancel = threading.Event()
         self._in_flight = 0
         self._idle = threading.Condition()
-        self.tracker = tracker or RequestTracker(clock=clock)
+        self.requests = RequestStore(leases.db, clock)
+        self.tracker = DurableTracker(self.requests, self.owner)
+        self.scheduler = Scheduler(self, self.requests, clock)
+        self.scheduler.events = lambda kind, record: self._request_event(kind, record.id)
         self.events = events or LeaseEvents()
         self._releasing: Counter[str] = Counter()  # lease ids this process is releasing right now
         self._releasing_lock = threading.Lock()
@@ -189,6 +204,14 @@ class LeaseService:
     @property
     def settings(self) -> Settings:
         return self._settings()
+
+    def _request_event(self, kind: str, request_id: str | None) -> None:
+        """Tell the listeners a request moved (served from the queue, ready, ended)."""
+        if request_id is None:
+            return
+        record = self.requests.get(request_id)
+        if record is not None:
+            self._report("request_event", kind, record)
 
     def _report(self, event: str, *args: object) -> None:
         """Tell the listeners (metrics); a failing listener never fails the lease work."""
@@ -287,10 +310,10 @@ class LeaseService:
         try:
             leases = self._acquire(request, request_id)
         except LeaseError as e:
-            self.tracker.finish(request_id, str(e), e.status)
+            self.tracker.finish(request_id, e)
             raise
         except Exception as e:
-            self.tracker.finish(request_id, str(e), 500)
+            self.tracker.finish(request_id, e)
             raise
         self.tracker.finish(request_id)
         return leases
@@ -317,9 +340,16 @@ class LeaseService:
                 )
 
     def _acquire(self, request: LeaseRequest, request_id: str) -> list[Lease]:
+        settings = self.settings
+        new = self._reserve(settings, request, request_id, immediate=True)
+        return self._build(settings, new, request_id, pinned=request.host_ref is not None)
+
+    def _reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
+        """Name the VMs, reserve their room and insert their leases, in one transaction.
+        ``immediate``: a request that does not wait, which may take room only if that
+        delays no queued request (``Scheduler.may_serve_now``)."""
         if self._stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
-        settings = self.settings
         self.validate(request)
         names = vm_names(request.username, request.count)
         self._refuse_leased_names(self.leases.by_name(names), request)
@@ -339,6 +369,12 @@ class LeaseService:
                 placement = capacity.place(request.count, request.os, candidates)
             except NotEnoughCapacity as e:
                 raise NotEnoughCapacity(self._explain_shortage(settings, str(e), request)) from None
+            if immediate and not self.scheduler.may_serve_now(settings, reserved, _record_of(request, request_id)):
+                waiting = len(self.requests.in_state(QUEUED))
+                raise NotEnoughCapacity(
+                    f"not enough capacity for {request.count} {request.os} VM(s) now: {waiting} request(s) wait in "
+                    "the queue for the room it would take; ask with wait=<minutes> to queue behind them"
+                )
             self._check_quota(settings, request, [c.need.static_max for c in placement], conn)
             new = [
                 Lease(
@@ -371,14 +407,110 @@ class LeaseService:
             request.username,
             ", ".join(sorted({lease.host_ref for lease in new})),
         )
+        return new
+
+    def _build(self, settings: Settings, new: list[Lease], request_id: str, pinned: bool) -> list[Lease]:
         with self._idle:
             self._in_flight += 1
         try:
-            return self._create_all(settings, new, pinned=request.host_ref is not None)
+            return self._create_all(settings, new, pinned=pinned, request_id=request_id)
         finally:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+            self.scheduler.wake()  # a failed request gave its room back
+
+    # -- the queue ---------------------------------------------------------------------
+
+    def submit(self, request: LeaseRequest, wait_seconds: float, origin: str = "v1") -> RequestRecord:
+        """Queue a request that may wait up to ``wait_seconds`` for room. Refused at once
+        (as ``acquire`` would) when it can never be served as asked. Returns the queued
+        request; the leader's scheduler serves it."""
+        if self._stopping.is_set():
+            raise ShuttingDown("dynvm is stopping; try again in a moment")
+        self.validate(request)
+        request_id = request.request_id or str(uuid.uuid4())
+        record = dataclasses.replace(
+            _record_of(request, request_id),
+            state=QUEUED,
+            owner=self.owner,
+            origin=origin,
+            created_at=self.clock(),
+            wait_until=self.clock() + wait_seconds,
+        )
+        if not self.scheduler.can_ever_fit(self.settings, record):
+            raise NotEnoughCapacity(
+                f"{request.count} {request.os} VM(s) can never be served at once: more than every host "
+                f"{'(host ' + request.host_ref + ') ' if request.host_ref else ''}holds for {request.os}; "
+                "ask for fewer"
+            )
+        self._refuse_leased_names(self.leases.by_name(vm_names(request.username, request.count)), request)
+        self.requests.insert(record)
+        self.scheduler.wake()
+        return record
+
+    def grant(self, record: RequestRecord) -> bool:
+        """Serve a queued request now (the scheduler decided): reserve its room and start
+        making its VMs in the background. False, and the request still queued, when its
+        room is gone after all; a request that can no longer be served as asked (its name
+        taken meanwhile, a quota) ends failed with the reason (True: it was dealt with)."""
+        if not self.requests.transition(record.id, [QUEUED], CREATING, builder=self.owner, position=None, eta_at=None):
+            return False  # cancelled or timed out meanwhile
+        request = _request_of(record)
+        settings = self.settings
+        try:
+            new = self._reserve(settings, request, record.id, immediate=False)
+        except NotEnoughCapacity:
+            self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None)
+            return False
+        except LeaseError as e:
+            self.tracker.finish(record.id, e)
+            return True
+        except Exception as e:
+            log.exception("request %s: could not be served", record.id)
+            self.tracker.finish(record.id, e)
+            return True
+
+        def build() -> None:
+            try:
+                self._build(settings, new, record.id, pinned=request.host_ref is not None)
+            except LeaseError as e:
+                self.tracker.finish(record.id, e)
+            except Exception as e:
+                log.exception("request %s failed", record.id)
+                self.tracker.finish(record.id, e)
+
+        self._pool.submit(build)
+        return True
+
+    def cancel(self, request_id: str, caller: Caller = ANONYMOUS) -> RequestRecord:
+        """Cancel a request before it is ready: a queued one ends at once; a creating one
+        has its VMs removed by the process making them. Cancelling a ready request is
+        refused (release its VMs instead)."""
+        record = self.requests.get(request_id)
+        if record is None:
+            raise NoSuchLease(f"no request {request_id}")
+        if not (caller.admin or record.caller is None or record.caller == caller.user):
+            raise Forbidden(f"request {request_id} belongs to {record.caller}: only they or an admin may cancel it")
+        if record.state == "ready":
+            raise NameInUse(
+                f"request {request_id} is ready: its VMs were handed over; release them instead "
+                f"(releaseservers/{record.username}?count={record.count})"
+            )
+        if record.finished:
+            return record
+        updated = self.requests.request_cancel(request_id)
+        if updated is not None and updated.state == CANCELLED:
+            self._request_event("cancelled", request_id)
+        self.scheduler.wake()
+        return updated or record
+
+    def leases_of(self, request_id: str) -> list[Lease]:
+        """The ready leases of a request, in the order of its answer."""
+        found = {lease.name: lease for lease in self.leases.by_request(request_id) if lease.state in ACTIVE_STATES}
+        record = self.requests.get(request_id)
+        names = vm_names(record.username, record.count) if record else sorted(found)
+        return [found[name] for name in names if name in found]
 
     def _check_quota(self, settings: Settings, request: LeaseRequest, memory: list[int], conn: object) -> None:
         """Per-user limits, counted inside the reservation's transaction. The user is the
@@ -426,9 +558,12 @@ class LeaseService:
                     "(dynvm never reuses or touches a VM it did not create)"
                 )
 
-    def _create_all(self, settings: Settings, new: list[Lease], pinned: bool = False) -> list[Lease]:
+    def _create_all(
+        self, settings: Settings, new: list[Lease], pinned: bool = False, request_id: str | None = None
+    ) -> list[Lease]:
+        cancel = _RequestCancel(self._cancel, self.requests, request_id)
         futures: dict[str, Future[Lease]] = {
-            lease.id: self._pool.submit(self._create_one, settings, lease, pinned) for lease in new
+            lease.id: self._pool.submit(self._create_one, settings, lease, pinned, cancel) for lease in new
         }
         wait(futures.values())
         ready, failed = [], []
@@ -440,11 +575,16 @@ class LeaseService:
                 failed.append((lease, error))
         if not failed:
             try:
-                handed = self.leases.hand_over([lease.id for lease in ready], self.clock())
+                handed = self.leases.hand_over([lease.id for lease in ready], self.clock(), request_id)
+            except RequestCancelled:
+                self._roll_back(settings, ready, "its request was cancelled")
+                self._end_cancelled(request_id)
+                raise RequestCancelled("the request was cancelled; every VM made for it was removed") from None
             except Exception:  # the database failed us: never leave ready leases nobody will hand over
                 self._roll_back(settings, ready, "the request could not be handed over")
                 raise
             if handed is not None:
+                self._request_event("ready", request_id)
                 return handed
             # only a process that died and left the request to recover ends a ready lease
             # before its hand-over; nothing that is not alive is ever handed out
@@ -456,12 +596,27 @@ class LeaseService:
             )
         for lease, error in failed:
             self.leases.finish([lease.id], "failed", self.clock(), str(error))
+        if cancel.is_set() and not self._cancel.is_set():
+            self._roll_back(settings, ready, "its request was cancelled")
+            self._end_cancelled(request_id)
+            raise RequestCancelled("the request was cancelled; every VM made for it was removed")
         self._roll_back(settings, ready, "another VM of its request failed")  # all or nothing
         first_lease, first_error = failed[0]
         host = settings.host(first_lease.host_ref)
         where = host.display if host else f"host {first_lease.host_ref}"
         others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
         raise CreateFailed(f"could not create {first_lease.name} on {where}: {first_error}{others}")
+
+    def _end_cancelled(self, request_id: str | None) -> None:
+        if request_id is not None:
+            self.requests.transition(
+                request_id,
+                [CREATING],
+                CANCELLED,
+                error="cancelled by its caller; what was built was removed",
+                error_status=409,
+                error_kind="RequestCancelled",
+            )
 
     def _roll_back(self, settings: Settings, ready: list[Lease], reason: str) -> None:
         """Destroy the ready VMs of a request that failed. They go through ``releasing``
@@ -491,13 +646,16 @@ class LeaseService:
             taken = [lease for lease in candidates if lease.id in moved]
             return self._destroy_all(settings, taken, final_state, reason), taken
         finally:
+            self.scheduler.wake()  # room was given back
             with self._releasing_lock:
                 self._releasing.subtract(ids)
                 for lease_id in ids:
                     if self._releasing[lease_id] <= 0:
                         del self._releasing[lease_id]
 
-    def _create_one(self, settings: Settings, lease: Lease, pinned: bool = False) -> Lease:
+    def _create_one(
+        self, settings: Settings, lease: Lease, pinned: bool = False, cancel: _RequestCancel | None = None
+    ) -> Lease:
         """Create one VM. Unpinned, it may move: when its host stops answering, to the host
         with most room among those not tried yet; when its host's guests get no usable IP
         (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
@@ -507,7 +665,7 @@ class LeaseService:
         attempts = attempts_left if pinned else attempts_left - 1  # unpinned: one is kept for elsewhere
         while True:
             try:
-                return self._create_on(settings, lease, attempts)
+                return self._create_on(settings, lease, attempts, cancel)
             except ProvisionError as e:
                 if e.unreachable:
                     self._abandon_clone(self.leases.get(lease.id) or lease)  # its vm_ref as the create left it
@@ -573,7 +731,13 @@ class LeaseService:
                 member=choice.member or None,
             )
 
-    def _create_on(self, settings: Settings, lease: Lease, attempts: int = CREATE_ATTEMPTS) -> Lease:
+    def _create_on(
+        self,
+        settings: Settings,
+        lease: Lease,
+        attempts: int = CREATE_ATTEMPTS,
+        cancel: _RequestCancel | None = None,
+    ) -> Lease:
         host = settings.host(lease.host_ref)
         if host is None:
             raise ProvisionError(f"host {lease.host_ref} was removed from the configuration")
@@ -595,7 +759,7 @@ class LeaseService:
             created: CreatedVm = self._provisioner(settings, host).create(
                 spec,
                 progress,
-                cancel=self._cancel,
+                cancel=cancel or self._cancel,  # type: ignore[arg-type]
                 on_clone_task=lambda task: self.leases.remember_vm(lease.id, f"{CLONE_TASK}{task}"),
                 attempts=attempts,
             )
@@ -780,12 +944,46 @@ class LeaseService:
             give_up_at = time.monotonic() + RECOVER_CLONE_WAIT
             self._collect_abandoned_clones(settings, ReconcileReport(), give_up_at=give_up_at)
         self._roll_back_unanswered_requests(settings, alive)
+        self._recover_requests(alive)
         for lease in self.leases.in_state("releasing"):
             if lease.owner in alive and (lease.owner != self.owner or self._is_releasing(lease.id)):
                 continue
             final = "expired" if lease.handed_over_at is not None and lease.expires_at <= self.clock() else "released"
             self._release(settings, [lease], ["releasing"], final, "release finished by reconcile", lease.owner)
         return [lease.name for lease in stale]
+
+    def _recover_requests(self, alive: set[str]) -> None:
+        """Requests a dead process left. One it was making VMs for (their leases were just
+        failed above) goes back to the queue, in its old place, if its caller can still
+        be answered (v1: its status is read by id) and its wait has not run out; else it
+        fails. A queued one whose caller waited on the dead process (a legacy request: the
+        HTTP answer died with it) is cancelled; v1 ones stay queued for the leader."""
+        now = self.clock()
+        for record in self.requests.in_state(CREATING):
+            if record.builder in alive or record.builder is None:
+                continue
+            if record.origin == "v1" and record.wait_until is not None and record.wait_until > now:
+                self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None, vms=[])
+                log.warning("request %s: dynvm stopped while making its VMs; queued again", record.id)
+            else:
+                self.requests.transition(
+                    record.id,
+                    [CREATING],
+                    FAILED,
+                    error="dynvm stopped while making its VMs; everything built was removed: ask again",
+                    error_status=503,
+                )
+        for record in self.requests.in_state(QUEUED):
+            if record.origin == "legacy" and record.owner not in alive:
+                self.requests.transition(
+                    record.id,
+                    [QUEUED],
+                    CANCELLED,
+                    error="the dynvm process its caller waited on stopped",
+                    error_status=409,
+                    error_kind="RequestCancelled",
+                )
+        self.requests.forget_finished(now - FINISHED_REQUESTS_KEPT)
 
     def _roll_back_unanswered_requests(self, settings: Settings, alive: set[str]) -> None:
         """Ready leases a dead process never handed over (it died before its request
@@ -1013,3 +1211,62 @@ class LeaseService:
                 self._cancel.set()
                 self._idle.wait_for(lambda: self._in_flight == 0, timeout=300)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _RequestCancel:
+    """What a create checks between its steps: dynvm stopping, or its request cancelled
+    (read from the request's row at most every ``CANCEL_CHECK`` seconds)."""
+
+    CANCEL_CHECK = 0.5
+
+    def __init__(self, stopping: threading.Event, store: RequestStore, request_id: str | None) -> None:
+        self._stopping = stopping
+        self._store = store
+        self._request_id = request_id
+        self._checked_at = -self.CANCEL_CHECK
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        if self._stopping.is_set() or self._cancelled:
+            return True
+        if self._request_id is None:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at >= self.CANCEL_CHECK:
+                self._checked_at = now
+                record = self._store.get(self._request_id)
+                self._cancelled = bool(record and record.cancel_requested)
+        return self._cancelled
+
+
+def _record_of(request: LeaseRequest, request_id: str) -> RequestRecord:
+    return RequestRecord(
+        id=request_id,
+        username=request.username,
+        os=request.os,
+        count=request.count,
+        state=CREATING,
+        owner="",
+        created_at=0.0,
+        caller=request.caller,
+        cpus=request.cpus,
+        memory=request.memory,
+        expires_in_minutes=request.expires_in_minutes,
+        host_ref=request.host_ref,
+    )
+
+
+def _request_of(record: RequestRecord) -> LeaseRequest:
+    return LeaseRequest(
+        username=record.username,
+        os=record.os,
+        count=record.count,
+        cpus=record.cpus,
+        memory=record.memory,
+        expires_in_minutes=record.expires_in_minutes,
+        host_ref=record.host_ref,
+        caller=record.caller,
+        request_id=record.id,
+    )

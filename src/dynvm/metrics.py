@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .engine.requests import QUEUED, RequestRecord
 from .leases import LeaseEvents, ReconcileReport
 from .model import Lease
 from .xen.inventory import HostState
@@ -38,6 +39,30 @@ class Metrics(LeaseEvents):
         self.reconcile = Counter(
             "dynvm_reconcile_actions", "What reconcile passes did", ["action"], registry=self.registry
         )
+        waits = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+        self.queue_wait = Histogram(
+            "dynvm_queue_wait_seconds",
+            "Time a request waited in the queue before it was served",
+            ["os"],
+            buckets=waits,
+            registry=self.registry,
+        )
+        self.eta_error = Histogram(
+            "dynvm_queue_eta_error_seconds",
+            "|ready - ETA forecast when the request was first queued|, for queued requests that became ready",
+            ["os"],
+            buckets=waits,
+            registry=self.registry,
+        )
+        self.scheduler_pass = Histogram(
+            "dynvm_scheduler_pass_seconds",
+            "Time one scheduler pass takes (time-outs, grants, the forecast of the whole queue)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.requests_ended = Counter(
+            "dynvm_requests_ended", "Lease requests that ended, by state", ["state"], registry=self.registry
+        )
 
     def watch(self, services: Services) -> None:
         """Start reporting the gauges read from the running services."""
@@ -53,6 +78,17 @@ class Metrics(LeaseEvents):
 
     def ended(self, lease: Lease, state: str) -> None:
         self.leases_ended.labels(state).inc()
+
+    def scheduler_passed(self, seconds: float) -> None:
+        self.scheduler_pass.observe(seconds)
+
+    def request_event(self, kind: str, record: RequestRecord) -> None:
+        if kind == "served" and record.created_at:
+            self.queue_wait.labels(record.os).observe(max(0.0, (record.started_at or 0) - record.created_at))
+        elif kind == "ready" and record.eta_first is not None and record.finished_at is not None:
+            self.eta_error.labels(record.os).observe(abs(record.finished_at - record.eta_first))
+        if kind in ("ready", "failed", "cancelled", "timed out"):
+            self.requests_ended.labels(kind).inc()
 
     def reconciled(self, report: ReconcileReport) -> None:
         self.reconcile.labels("orphan_destroyed").inc(len(report.orphans_destroyed))
@@ -83,6 +119,19 @@ class _Gauges(Collector):
         for os in services.current_settings().os_keys:
             capacity.add_metric([os], services.leases.available_count(os))
         yield capacity
+        length = GaugeMetricFamily("dynvm_queue_length", "Requests waiting in the queue", labels=["os"])
+        oldest = GaugeMetricFamily(
+            "dynvm_queue_oldest_wait_seconds", "How long the oldest waiting request has waited", labels=["os"]
+        )
+        now = services.leases.clock()
+        waiting: dict[str, list[float]] = {}
+        for record in services.leases.requests.in_state(QUEUED):
+            waiting.setdefault(record.os, []).append(now - record.created_at)
+        for os in sorted(set(services.current_settings().os_keys) | set(waiting)):
+            length.add_metric([os], len(waiting.get(os, [])))
+            oldest.add_metric([os], max(waiting.get(os, [0.0])))
+        yield length
+        yield oldest
         leader = GaugeMetricFamily(
             "dynvm_leader", "1 if this replica runs the reaper, reconcile and history export (one replica does)"
         )

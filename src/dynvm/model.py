@@ -121,6 +121,19 @@ class NoSuchLease(LeaseError):
     status = 404
 
 
+class RequestCancelled(LeaseError):
+    """The request's caller cancelled it (or hung up) before it was served; what was built
+    for it was removed."""
+
+    status = 409
+
+
+class QueueTimedOut(LeaseError):
+    """A request waited in the queue for as long as it was told to, and was not served."""
+
+    status = 429
+
+
 class BadRequest(LeaseError):
     status = 400
 

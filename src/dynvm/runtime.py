@@ -125,6 +125,7 @@ class Services:
         ]
         for loop in self._loops:
             loop.start()
+        self.leases.scheduler.start(leading)
 
     def _reconcile(self) -> None:
         self.leases.recover()
@@ -135,6 +136,7 @@ class Services:
         if self._stopped:
             return
         self._stopped = True
+        self.leases.scheduler.stop()
         self.leases.shutdown(self.intervals.shutdown_grace)
         for loop in self._loops:
             loop.stop()

@@ -35,7 +35,7 @@ def test_a_lease_request_is_accepted_then_followed_to_ready(serve):
     assert answer.status_code == 202
     location = answer.headers["location"]
     assert location.startswith("/api/v1/requests/")
-    assert answer.json()["state"] == "pending"
+    assert answer.json()["state"] == "creating"
     done = service.http.get(location, params={"wait": "true", "timeout": 60}).json()
     assert done["state"] == "ready"
     assert sorted(vm["name"] for vm in done["vms"]) == ["ci1", "ci2"]
@@ -81,15 +81,20 @@ def test_waiting_clients_hold_no_worker_so_other_routes_still_answer(serve):
     assert {a.json()["state"] for a in answers} == {"failed"}
 
 
-def test_a_wait_that_times_out_answers_with_the_request_still_pending():
-    from dynvm.requests import RequestTracker
+def test_a_wait_that_times_out_answers_with_the_request_still_under_way(tmp_path):
+    from dynvm.engine.requests import DurableTracker, RequestStore
+    from dynvm.store.db import Database
 
-    tracker = RequestTracker()
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.migrate()
+    store = RequestStore(db)
+    tracker = DurableTracker(store, "me")
     tracker.start("r1", "alice", "centos", 1)
-    assert asyncio.run(tracker.wait("r1", timeout=0.01))["state"] == "pending"
-    assert asyncio.run(tracker.wait("gone", timeout=0.01)) is None
+    assert asyncio.run(store.wait_finished("r1", timeout=0.01)).state == "creating"
+    assert asyncio.run(store.wait_finished("gone", timeout=0.01)) is None
     tracker.finish("r1")
-    assert asyncio.run(tracker.wait("r1", timeout=60))["state"] == "ready"
+    assert asyncio.run(store.wait_finished("r1", timeout=60)).state == "ready"
+    db.close()
 
 
 def test_progress_shows_the_stages_of_a_slow_create(serve):
@@ -102,7 +107,7 @@ def test_progress_shows_the_stages_of_a_slow_create(serve):
     while time.monotonic() < deadline:
         status = service.http.get(location).json()
         seen.add(status["vms"][0]["stage"] if status["vms"] else "reserved")
-        if status["state"] != "pending":
+        if status["state"] not in ("queued", "creating"):
             break
         time.sleep(0.05)
     assert "waiting for IP" in seen or "booting" in seen

@@ -134,3 +134,22 @@ def test_kill_9_of_the_leader_process_moves_expiry_to_the_other(sim_lab, fresh_p
         if leader.process.poll() is None:
             leader.process.kill()
         assert other.stop() == 0
+
+
+def test_a_request_queued_on_a_follower_is_served_by_the_leader_and_by_the_next_one(make_services, sim_lab, fresh_pg):
+    lab = sim_lab(host_cpus=8)  # room for two CentOS VMs
+    a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
+    b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
+    assert a.leadership.is_leader()
+    b.leases.acquire(LeaseRequest("holder", "centos", count=2))
+    first = b.leases.submit(LeaseRequest("q1", "centos"), 600)  # accepted by the follower
+    second = b.leases.submit(LeaseRequest("q2", "centos", caller="bob"), 600)
+    wait_for(lambda: b.leases.requests.get(first.id).position == 1, timeout=10)  # the leader's forecast
+    b.leases.release_names(["holder1"])
+    wait_for(lambda: b.leases.requests.get(first.id).state == "ready", timeout=30)  # served by a, seen by b
+    assert a.leases.requests.get(first.id).builder == a.leases.owner
+    a.stop()  # the leader goes away with a request still queued
+    wait_for(lambda: b.leadership.is_leader(), timeout=30)
+    b.leases.release_names(["holder2"])
+    wait_for(lambda: b.leases.requests.get(second.id).state == "ready", timeout=30)
+    assert sorted(lease.name for lease in b.leases.leases.active()) == ["q1", "q2"]

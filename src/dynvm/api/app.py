@@ -4,12 +4,13 @@ lifespan starts the services and stops them cleanly."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..runtime import Services
@@ -54,12 +55,33 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
         body = await anyio.to_thread.run_sync(services.metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")  # the template, not the raw path: few label values
-        services.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RequestCounter, count=lambda path, status: services.metrics.requests.labels(path, status).inc())
     return app
+
+
+class RequestCounter:
+    """Counts answers by route template and status. Plain ASGI, not ``@app.middleware``:
+    Starlette's ``BaseHTTPMiddleware`` hides a client's hang-up from the route, and a
+    legacy request waiting in the queue must see it (to cancel itself)."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, str], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if status:
+                route = scope.get("route")
+                self.count(getattr(route, "path", "unmatched"), str(status[0]))  # templates: few label values

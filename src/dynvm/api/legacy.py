@@ -7,10 +7,12 @@ lease service, then formatting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import re
+import uuid
 
 import anyio
 from fastapi import APIRouter, Request
@@ -18,7 +20,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from ..capacity import find_template
 from ..leases import Caller, LeaseRequest
-from ..model import BadRequest
+from ..model import BadRequest, Lease, RequestCancelled
 from ..runtime import Services
 from ..xen.inventory import HostState
 from ..xen.provision import MARKER_KEY
@@ -147,6 +149,18 @@ async def _guard(fn, *args) -> Response:  # type: ignore[no-untyped-def]
 # -- getting and releasing -------------------------------------------------------------------
 
 
+def parse_wait(raw: str | None, default: float) -> float:
+    """``wait=<minutes>``: how long a request that does not fit may wait in the queue."""
+    if raw is None or raw == "":
+        return default
+    if not DECIMAL.fullmatch(raw):
+        raise BadRequest(f"wait is minutes (digits 0-9, decimals allowed; 0 = do not wait), not {raw!r}")
+    minutes = float(raw)
+    if not math.isfinite(minutes) or minutes > 7 * 24 * 60:
+        raise BadRequest(f"wait is at most a week of minutes ({7 * 24 * 60}), not {raw!r}")
+    return minutes
+
+
 def parse_getservers(
     username: str, query: dict[str, str], max_minutes: float, caller: Caller
 ) -> tuple[LeaseRequest, str]:
@@ -178,15 +192,42 @@ def parse_getservers(
 @router.get("/getservers/{username}")
 async def getservers(username: str, request: Request, services: ServicesDep, caller: CallerDep) -> Response:
     try:
-        lease_request, fmt = parse_getservers(
-            username, dict(request.query_params), services.current_settings().common.expiry_minutes, caller
-        )
-        leases = await services.run_long(services.leases.acquire, lease_request)
+        common = services.current_settings().common
+        lease_request, fmt = parse_getservers(username, dict(request.query_params), common.expiry_minutes, caller)
+        minutes = parse_wait(request.query_params.get("wait"), common.queue_wait_minutes)
+        if minutes > 0:
+            leases = await _wait_for_leases(services, request, lease_request, minutes)
+        else:
+            leases = await services.run_long(services.leases.acquire, lease_request)
     except Exception as e:
         return as_error(e)
     if fmt == "detailed":
         return json_text({lease.name: lease.ip for lease in leases}, indent=2)
     return json_text([lease.ip for lease in leases])
+
+
+async def _wait_for_leases(
+    services: Services, request: Request, lease_request: LeaseRequest, minutes: float
+) -> list[Lease]:
+    """Queue the request and hold the answer until its VMs are ready, it fails, or its wait
+    runs out (the scheduler then ends it ``timed out``: a 429 saying how long it waited).
+    A client that hangs up cancels it: everything built for it is removed."""
+    engine = services.leases
+    lease_request = dataclasses.replace(lease_request, request_id=str(uuid.uuid4()))
+    record = await anyio.to_thread.run_sync(engine.submit, lease_request, minutes * 60, "legacy")
+
+    async def connected() -> bool:
+        return not await request.is_disconnected()
+
+    # once served, its create may take up to three attempts of vm.network.timeout.secs
+    longest = minutes * 60 + 3 * services.current_settings().common.network_timeout_secs + 600
+    final = await engine.requests.wait_finished(record.id, longest, still_wanted=connected)
+    if final is None or not final.finished:
+        await anyio.to_thread.run_sync(engine.cancel, record.id)
+        raise RequestCancelled("the client hung up while its request waited; it was cancelled")
+    if final.state != "ready":
+        raise final.failure()
+    return await anyio.to_thread.run_sync(engine.leases_of, record.id)
 
 
 def release(services: Services, username: str, count: int, caller: Caller) -> Response:

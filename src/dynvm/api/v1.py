@@ -2,12 +2,13 @@
 
 Creating is asynchronous: ``POST /leases`` answers 202 with ``Location:
 /api/v1/requests/{id}``, where per-VM progress can be followed (``?wait=true`` answers when
-the request is done). Errors are RFC 9457 problem details with a human sentence.
+the request is done). With ``wait_minutes`` a request that does not fit now waits in the
+queue (``GET /queue``), with its position and ETA in its status, and can be cancelled
+(``DELETE /requests/{id}``). Errors are RFC 9457 problem details with a human sentence.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Annotated, Any
 
@@ -43,6 +44,13 @@ class LeaseIn(BaseModel):
     memory: int | None = Field(None, ge=GiB // 4, le=4096 * GiB, description="bytes; default: the template's")
     expires_in_minutes: float | None = Field(None, gt=0, le=10**7, description="capped at vm.expiry.minutes")
     host: str | None = Field(None, pattern=r"^[1-9][0-9]{0,5}$", description="pin to [xenhostN]")
+    wait_minutes: float | None = Field(
+        None,
+        ge=0,
+        le=7 * 24 * 60,
+        description="wait in the queue up to this long when the VMs do not fit now; "
+        "0: refuse at once (429); default: [common] queue.wait.minutes",
+    )
 
 
 class ExtendIn(BaseModel):
@@ -98,10 +106,14 @@ class RequestOut(BaseModel):
     username: str
     os: str
     count: int
-    state: str = Field(description="pending, ready or failed")
+    state: str = Field(description="queued, creating, ready, failed, cancelled or timed out")
     error: str | None
     created_at: float
     finished_at: float | None
+    position: int | None = Field(None, description="while queued: its place in the queue, 1 = next")
+    eta: str | None = Field(None, description="while queued: when its VMs are expected ready (ISO-8601 UTC)")
+    eta_seconds: float | None = Field(None, description="while queued: seconds from now to the ETA")
+    wait_until: float | None = Field(None, description="Unix seconds: a queued request times out then")
     vms: list[VmProgressOut]
 
 
@@ -280,20 +292,26 @@ async def create_leases(
         caller=caller.user,
         request_id=request_id,
     )
-    await anyio.to_thread.run_sync(services.leases.validate, lease_request)  # an unknown OS is a 400 now
-    services.leases.tracker.start(request_id, body.name, body.os, body.count)
-    future = services.requests.submit(services.leases.acquire, lease_request)
+    minutes = body.wait_minutes
+    if minutes is None:
+        minutes = services.current_settings().common.queue_wait_minutes
+    engine = services.leases
+    if minutes > 0:
+        await anyio.to_thread.run_sync(engine.submit, lease_request, minutes * 60, "v1")
+    else:
+        await anyio.to_thread.run_sync(engine.validate, lease_request)  # an unknown OS is a 400 now
+        await anyio.to_thread.run_sync(engine.tracker.start, request_id, body.name, body.os, body.count)
+        services.requests.submit(engine.acquire, lease_request)
     location = f"/api/v1/requests/{request_id}"
     if wait:
-        try:
-            await asyncio.wrap_future(future)
-        except Exception as e:
-            problem = render_exception("/api/", e)
+        record = await engine.requests.wait_finished(request_id, timeout=minutes * 60 + 24 * 3600)
+        if record is not None and record.state != "ready":
+            problem = render_exception("/api/", record.failure())
             problem.headers["Location"] = location
             return problem
-        return JSONResponse(services.leases.tracker.get(request_id), headers={"Location": location})
+        return JSONResponse(engine.tracker.get(request_id), headers={"Location": location})
     response.headers["Location"] = location
-    return services.leases.tracker.get(request_id)
+    return await anyio.to_thread.run_sync(engine.tracker.get, request_id)
 
 
 @router.get("/requests/{request_id}", response_model=RequestOut, responses=ERRORS)
@@ -304,11 +322,59 @@ async def request_status(
     wait: Annotated[bool, Query(description="answer when the request is done")] = False,
     timeout: Annotated[float, Query(gt=0, le=3600, description="longest wait, seconds")] = 600,
 ) -> Any:
-    tracker = services.leases.tracker
-    status = await tracker.wait(request_id, timeout) if wait else tracker.get(request_id)
+    store = services.leases.requests
+    if wait:
+        await store.wait_finished(request_id, timeout)
+    status = await anyio.to_thread.run_sync(services.leases.tracker.get, request_id)
     if status is None:
-        raise NoSuchLease(f"no request {request_id} (requests are remembered until dynvm restarts)")
+        raise NoSuchLease(f"no request {request_id} (finished requests are kept for a week)")
     return status
+
+
+@router.delete("/requests/{request_id}", response_model=RequestOut, responses=ERRORS)
+async def cancel_request(request_id: str, services: ServicesDep, caller: CallerDep) -> Any:
+    """Cancel a request in any state before ``ready``: a queued one ends at once; one
+    being created ends once the VMs made for it are removed (follow it to ``cancelled``).
+    A ready request is refused with 409: release its VMs instead."""
+    await anyio.to_thread.run_sync(services.leases.cancel, request_id, caller)
+    return await anyio.to_thread.run_sync(services.leases.tracker.get, request_id)
+
+
+class QueuedOut(BaseModel):
+    id: str
+    position: int | None = Field(description="1 = next")
+    user: str
+    os: str
+    count: int
+    age_seconds: float
+    eta: str | None
+    eta_seconds: float | None
+
+
+@router.get("/queue", response_model=list[QueuedOut], responses=ERRORS)
+async def queue(services: ServicesDep, _: CallerDep) -> list[QueuedOut]:
+    """The requests waiting for room, in the order they will be served."""
+    from ..engine.requests import QUEUED
+    from ..engine.scheduler import fair_order
+
+    waiting = await anyio.to_thread.run_sync(services.leases.requests.in_state, QUEUED)
+    now = services.leases.clock()
+    out = []
+    for record in fair_order(waiting):
+        status = record.as_dict(now)
+        out.append(
+            QueuedOut(
+                id=record.id,
+                position=record.position,
+                user=record.caller or record.username,
+                os=record.os,
+                count=record.count,
+                age_seconds=round(now - record.created_at, 1),
+                eta=status["eta"],
+                eta_seconds=status["eta_seconds"],
+            )
+        )
+    return out
 
 
 @router.get("/leases", response_model=list[LeaseOut], responses=ERRORS)

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, false, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from ..model import CreatedVm, Lease, NameInUse
+from ..model import CreatedVm, Lease, NameInUse, RequestCancelled
 from .db import Database
-from .tables import ACTIVE_STATES, abandoned_clones, host_locks, installation, leases, replicas, reservations
+from .tables import (
+    ACTIVE_STATES,
+    abandoned_clones,
+    host_locks,
+    installation,
+    leases,
+    replicas,
+    requests,
+    reservations,
+)
 
 LEASE_FIELDS = [c.name for c in leases.columns]
 
@@ -59,6 +68,18 @@ class LeaseStore:
             return [_lease(row) for row in conn.execute(query)]
         with self.db.read() as own:
             return [_lease(row) for row in own.execute(query)]
+
+    def recent_ended(self, limit: int = 2000) -> list[Lease]:
+        """The leases that ended last (released or expired, after a hand-over): what the
+        queue's forecast learns create and hold times from."""
+        query = (
+            select(leases)
+            .where(leases.c.state.in_(["released", "expired"]) & leases.c.handed_over_at.is_not(None))
+            .order_by(leases.c.released_at.desc())
+            .limit(limit)
+        )
+        with self.db.read() as conn:
+            return [_lease(row) for row in conn.execute(query)]
 
     def pending_reservations(self, conn: Connection) -> list[dict[str, object]]:
         """Reservations of creates still in flight, with the lease they belong to."""
@@ -177,11 +198,27 @@ class LeaseStore:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(owner=owner))
 
-    def hand_over(self, lease_ids: Sequence[str], now: float) -> list[Lease] | None:
+    def hand_over(self, lease_ids: Sequence[str], now: float, request_id: str | None = None) -> list[Lease] | None:
         """The request answers with these leases: their lifetime starts now. All or none:
         None (and nothing changed) unless every one of them is still ready and not handed
-        over yet. Returned in the order of ``lease_ids`` (the order of the answer)."""
+        over yet. Returned in the order of ``lease_ids`` (the order of the answer).
+
+        With ``request_id``, the request turns ``ready`` in the same transaction, unless
+        its caller cancelled it: then ``RequestCancelled`` and nothing changed (a cancel and
+        a hand-over that race: the database decides, and only one happens)."""
         with self.db.write() as conn:
+            if request_id is not None:
+                done = conn.execute(
+                    update(requests)
+                    .where(
+                        (requests.c.id == request_id)
+                        & (requests.c.state == "creating")
+                        & (requests.c.cancel_requested == false())
+                    )
+                    .values(state="ready", finished_at=now)
+                )
+                if done.rowcount != 1:
+                    raise RequestCancelled("the request was cancelled before its VMs were handed over")
             query = select(leases).where(leases.c.id.in_(lease_ids)).with_for_update()
             rows = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
             if set(rows) != set(lease_ids) or any(

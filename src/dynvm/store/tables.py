@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     text,
 )
 
@@ -143,4 +144,39 @@ installation = Table(
     metadata,
     Column("id", String(36), primary_key=True),
     Column("created_at", Float, nullable=False),
+)
+
+# Every lease request from acceptance to its end (engine/requests.py): queued -> creating ->
+# ready | failed | cancelled | timed out. ``vms`` holds per-VM progress; ``position`` and
+# ``eta_at`` are written by the scheduler while the request waits.
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("username", String(64), nullable=False),
+    Column("caller", String(64)),
+    Column("os", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("cpus", Integer),
+    Column("memory", BigInteger),
+    Column("expires_in_minutes", Float),
+    Column("host_ref", String(16)),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("origin", String(16), nullable=False, server_default="v1"),  # legacy | v1
+    Column("state", String(16), nullable=False),
+    Column("owner", String(64), nullable=False),  # the process that accepted it (its caller waits there)
+    Column("builder", String(64)),  # the process making its VMs (the leader, for a queued one)
+    Column("created_at", Float, nullable=False),
+    Column("wait_until", Float),  # a queued request times out then (None: it never waits)
+    Column("started_at", Float),  # when its leases were reserved
+    Column("finished_at", Float),
+    Column("error", Text),
+    Column("error_status", Integer),  # the HTTP status its error answers with
+    Column("error_kind", String(32)),  # the engine's error class (NotEnoughCapacity, ...)
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    Column("position", Integer),
+    Column("eta_at", Float),
+    Column("eta_first", Float),
+    Column("vms", JSON, nullable=False),
+    Index("ix_requests_state_created", "state", "created_at"),
 )

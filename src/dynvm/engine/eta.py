@@ -1,0 +1,152 @@
+"""When each waiting request will be served: a forecast from what dynvm knows, not a guess.
+
+The room left on every host now (``capacity.HostRoom``), the moments the leases holding
+room are expected to give it back, and the order of the queue. Walking forward in time,
+each request in turn starts at the first moment the room given back lets all its VMs fit
+(as placement would put them), takes that room, and gives it back itself after the
+create time and the hold time of its OS. Its ETA is its start plus the create time.
+
+A lease is expected to end at ``handed_over_at + f x lifetime``, ``f`` being the median
+fraction of their lifetime the leases of that OS were actually held (from the ended
+leases); one already held longer than that is expected at its expiry, an upper bound it
+cannot pass. A request whose VMs never fit in what is forecast (its host is down, say)
+has no ETA.
+
+Pure: no database, no clock, no xapi. The scheduler and the bench call it.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..capacity import HostRoom, Need
+
+MAX_FORECAST = 500  # queued requests forecast per pass; later ones wait for a nearer place
+
+
+@dataclass(frozen=True, order=True)
+class Release:
+    """Room a lease is expected to give back at ``at``."""
+
+    at: float
+    host_ref: str
+    member: str
+    cpus: int
+    memory: int  # what the host admitted it on: memory_static_max + overhead
+    disk: int
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A queued request as the forecast sees it: where its VMs could go and what each
+    takes there (``needs``: host ref -> need; only its pinned host when it has one)."""
+
+    id: str
+    os: str
+    count: int
+    needs: Mapping[str, Need]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per OS, learned from ended leases (``default`` for an OS with none)."""
+
+    create: Mapping[str, float]
+    hold_fraction: Mapping[str, float]
+    default_create: float = 65.0  # the seed's own measured create time
+
+    def create_seconds(self, os: str) -> float:
+        return self.create.get(os, self.default_create)
+
+
+def fit(rooms: Mapping[str, HostRoom], waiting: Waiting) -> list[tuple[str, str]] | None:
+    """Where its VMs would go now, most room first (``capacity.place``'s rule), taking the
+    room from ``rooms``; None, and ``rooms`` untouched, when they do not all fit."""
+    trial = {ref: copy.deepcopy(room) for ref, room in rooms.items() if ref in waiting.needs}  # hosts it may use
+    placed = []
+    for _ in range(waiting.count):
+        best = max(
+            trial,
+            key=lambda ref: (trial[ref].fits(waiting.needs[ref]), -int(ref) if ref.isdigit() else 0),
+            default=None,
+        )
+        if best is None or trial[best].fits(waiting.needs[best]) < 1:
+            return None
+        placed.append((best, trial[best].take(waiting.needs[best])))
+    for ref, room in trial.items():
+        rooms[ref].disk, rooms[ref].members = room.disk, room.members  # type: ignore[index]
+    return placed
+
+
+def _give_back(rooms: Mapping[str, HostRoom], release: Release) -> None:
+    room = rooms.get(release.host_ref)
+    if room is None or not room.members:
+        return
+    member = next((m for m in room.members if m.ref == release.member), room.members[0])
+    member.cpus += release.cpus
+    member.memory += release.memory
+    room.disk += release.disk
+
+
+def forecast(
+    now: float,
+    rooms: Mapping[str, HostRoom],
+    releases: Iterable[Release],
+    queue: Sequence[Waiting],
+    timing: Timing,
+    hold_seconds: Mapping[str, float],
+) -> dict[str, float | None]:
+    """Each waiting request's ETA (Unix seconds), in queue order; None: not within what
+    is forecast. ``hold_seconds``: per OS, how long the VMs of a request served now are
+    expected to be held. ``rooms`` is not changed."""
+    state = {ref: copy.deepcopy(room) for ref, room in rooms.items()}
+    events = sorted(releases)
+    heapq.heapify(events)
+    clock = now
+    etas: dict[str, float | None] = {}
+    for index, waiting in enumerate(queue):
+        if index >= MAX_FORECAST:
+            etas[waiting.id] = None
+            continue
+        placed = fit(state, waiting)
+        while placed is None and events:
+            release = heapq.heappop(events)
+            clock = max(clock, release.at)
+            _give_back(state, release)
+            while events and events[0].at <= clock:  # everything given back by then
+                _give_back(state, heapq.heappop(events))
+            placed = fit(state, waiting)
+        if placed is None:
+            etas[waiting.id] = None
+            continue
+        ready_at = clock + timing.create_seconds(waiting.os)
+        etas[waiting.id] = ready_at
+        end = ready_at + hold_seconds.get(waiting.os, 0.0)
+        for host_ref, member in placed:
+            need = waiting.needs[host_ref]
+            heapq.heappush(events, Release(end, host_ref, member, need.cpus, need.memory, need.disk))
+    return etas
+
+
+def expected_end(
+    now: float,
+    os: str,
+    state: str,
+    handed_over_at: float | None,
+    created_at: float,
+    expires_at: float,
+    timing: Timing,
+) -> float:
+    """When an active lease is expected to give its room back."""
+    if state == "releasing":
+        return now
+    fraction = timing.hold_fraction.get(os, 1.0)
+    if handed_over_at is None:  # still being made: its lifetime has not started
+        lifetime = expires_at - created_at
+        return now + timing.create_seconds(os) + fraction * lifetime
+    lifetime = expires_at - handed_over_at
+    expected = handed_over_at + fraction * lifetime
+    return expected if expected > now else max(now, expires_at)

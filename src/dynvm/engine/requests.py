@@ -1,0 +1,352 @@
+"""The durable lease request: a row from the moment a request is accepted until it ends.
+
+States: ``queued`` (waiting for room, until ``wait_until``) -> ``creating`` (its leases
+reserved, its VMs being made) -> ``ready`` | ``failed``; a request can also end
+``cancelled`` (by its caller, before ``ready``) or ``timed out`` (still queued at its
+deadline). Per-VM progress is kept in the row, so every replica answers the same, and a
+restart forgets nothing.
+
+Every transition is one conditional UPDATE (``WHERE state = …``): when a cancel and a
+grant, or a cancel and the hand-over, race, the database decides which one happened and
+the other sees that it lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from ..store.db import Database
+from ..store.tables import requests
+
+QUEUED = "queued"
+CREATING = "creating"
+READY = "ready"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TIMED_OUT = "timed out"
+FINAL_STATES = (READY, FAILED, CANCELLED, TIMED_OUT)
+STAGES = ("reserved", "cloning", "provisioning", "booting", "waiting for IP", "ready", "failed", "removed", "moved")
+POLL_SECONDS = 0.25  # how often a waiter looks at the row when the change may come from another replica
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    id: str
+    username: str
+    os: str
+    count: int
+    state: str
+    owner: str
+    created_at: float
+    origin: str = "v1"
+    builder: str | None = None
+    caller: str | None = None
+    cpus: int | None = None
+    memory: int | None = None
+    expires_in_minutes: float | None = None
+    host_ref: str | None = None
+    priority: int = 0
+    wait_until: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    error_status: int | None = None
+    error_kind: str | None = None
+    cancel_requested: bool = False
+    position: int | None = None
+    eta_at: float | None = None
+    eta_first: float | None = None  # the first ETA forecast for it: what its ETA error is measured on
+    vms: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def failure(self) -> Exception:
+        """The error a request that did not become ready answers with: the engine's own
+        kind (a 429 shortage, a 409 clash, ...), rebuilt from the row."""
+        from .. import model
+
+        kind = getattr(model, self.error_kind or "", None)
+        cls = kind if isinstance(kind, type) and issubclass(kind, model.LeaseError) else model.LeaseError
+        error = cls(self.error or f"the request ended {self.state}")
+        if cls is model.LeaseError or self.error_status:
+            error.status = self.error_status or 500
+        return error
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        """What ``GET /api/v1/requests/{id}`` answers."""
+        eta_seconds = None if self.eta_at is None else max(0.0, round(self.eta_at - now, 1))
+        return {
+            "id": self.id,
+            "username": self.username,
+            "os": self.os,
+            "count": self.count,
+            "state": self.state,
+            "error": self.error,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "position": self.position if self.state == QUEUED else None,
+            "eta": _iso(self.eta_at) if self.state == QUEUED and self.eta_at is not None else None,
+            "eta_seconds": eta_seconds if self.state == QUEUED else None,
+            "wait_until": self.wait_until,
+            "vms": [dict(vm) for vm in self.vms],
+        }
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _record(row: Any) -> RequestRecord:
+    values = dict(row._mapping)
+    values["vms"] = list(values.get("vms") or [])
+    values["cancel_requested"] = bool(values.get("cancel_requested"))
+    return RequestRecord(**values)
+
+
+class RequestStore:
+    """The ``requests`` table, and the in-process wake-ups that let a waiter on this
+    replica hear of a change at once (a change made elsewhere is seen by polling)."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[Future[None]]] = {}
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        with self.db.read() as conn:
+            row = conn.execute(select(requests).where(requests.c.id == request_id)).first()
+        return _record(row) if row is not None else None
+
+    def in_state(self, *states: str) -> list[RequestRecord]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(requests).where(requests.c.state.in_(states)).order_by(requests.c.created_at, requests.c.id)
+            )
+            return [_record(row) for row in rows]
+
+    # -- writing -----------------------------------------------------------------------
+
+    def insert(self, record: RequestRecord) -> None:
+        values = {k: getattr(record, k) for k in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
+        with self.db.write() as conn:
+            conn.execute(requests.insert().values(**values))
+
+    def ensure(self, record: RequestRecord) -> None:
+        """Insert unless a row with this id exists (a request announced before its work)."""
+        if self.get(record.id) is None:
+            self.insert(record)
+
+    def transition(self, request_id: str, from_states: Iterable[str], to: str, **values: Any) -> bool:
+        """Move the request to ``to`` if it is in one of ``from_states``; whether it moved."""
+        now = self.clock()
+        if to in FINAL_STATES:
+            values.setdefault("finished_at", now)
+        if to == CREATING:
+            values.setdefault("started_at", now)
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(requests)
+                .where((requests.c.id == request_id) & requests.c.state.in_(list(from_states)))
+                .values(state=to, **values)
+            )
+            moved = done.rowcount == 1
+        if moved:
+            self.notify(request_id)
+        return moved
+
+    def request_cancel(self, request_id: str) -> RequestRecord | None:
+        """Cancel: a queued request ends at once; a creating one is flagged, and the
+        process making its VMs rolls them back. Returns the request as it is now."""
+        if self.transition(
+            request_id,
+            [QUEUED],
+            CANCELLED,
+            error="cancelled by its caller",
+            error_status=409,
+            error_kind="RequestCancelled",
+        ):
+            return self.get(request_id)
+        with self.db.write() as conn:
+            conn.execute(
+                update(requests)
+                .where((requests.c.id == request_id) & (requests.c.state == CREATING))
+                .values(cancel_requested=True)
+            )
+        self.notify(request_id)
+        return self.get(request_id)
+
+    def set_vms(self, request_id: str, vms: list[dict[str, Any]]) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+        self.notify(request_id)
+
+    def update_vm(self, request_id: str, name: str, **changes: Any) -> None:
+        """Change one VM's progress entry (row-locked: a request's VMs progress side by side)."""
+        with self.db.write() as conn:
+            row = conn.execute(select(requests.c.vms).where(requests.c.id == request_id).with_for_update()).first()
+            if row is None:
+                return
+            vms = [dict(vm) for vm in row[0] or []]
+            for vm in vms:
+                if vm["name"] == name:
+                    vm.update(changes)
+            conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+        self.notify(request_id)
+
+    def set_forecast(self, forecast: dict[str, tuple[int, float | None]]) -> None:
+        """Write each queued request's position and ETA, where they changed."""
+        if not forecast:
+            return
+        with self.db.write() as conn:
+            rows = conn.execute(
+                select(requests.c.id, requests.c.position, requests.c.eta_at).where(
+                    requests.c.id.in_(list(forecast)) & (requests.c.state == QUEUED)
+                )
+            ).all()
+            for request_id, position, eta_at in rows:
+                new_position, new_eta = forecast[request_id]
+                moved_eta = (eta_at is None) != (new_eta is None) or abs((eta_at or 0) - (new_eta or 0)) >= 1
+                if position != new_position or moved_eta:
+                    values: dict[str, Any] = {"position": new_position, "eta_at": new_eta}
+                    if new_eta is not None:
+                        conn.execute(
+                            update(requests)
+                            .where((requests.c.id == request_id) & requests.c.eta_first.is_(None))
+                            .values(eta_first=new_eta)
+                        )
+                    conn.execute(update(requests).where(requests.c.id == request_id).values(**values))
+
+    def forget_finished(self, before: float) -> int:
+        """Drop requests that ended before ``before`` (their leases and history remain)."""
+        with self.db.write() as conn:
+            done = conn.execute(
+                delete(requests).where(requests.c.state.in_(FINAL_STATES) & (requests.c.finished_at < before))
+            )
+            return done.rowcount
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def notify(self, request_id: str) -> None:
+        with self._lock:
+            waiters = self._waiters.pop(request_id, [])
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _changed(self, request_id: str) -> Future[None]:
+        future: Future[None] = Future()
+        with self._lock:
+            self._waiters.setdefault(request_id, []).append(future)
+        return future
+
+    async def wait_until_changed(self, request_id: str, timeout: float) -> None:
+        """Return when this process changes the request, or after ``timeout`` (a change
+        by another replica is found by the caller's next read)."""
+        future = self._changed(request_id)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(request_id, [])
+                if future in waiting:
+                    waiting.remove(future)
+                if not waiting:
+                    self._waiters.pop(request_id, None)
+
+    async def wait_finished(
+        self, request_id: str, timeout: float, still_wanted: Callable[[], Any] | None = None
+    ) -> RequestRecord | None:
+        """Await the request's end, or ``timeout`` seconds; then the request as it is.
+        ``still_wanted`` (awaitable factory) is asked between looks; when it says no, the
+        wait ends early (a client that hung up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await asyncio.to_thread(self.get, request_id)
+            if record is None or record.finished:
+                return record
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return record
+            if still_wanted is not None and not await still_wanted():
+                return record
+            await self.wait_until_changed(request_id, min(POLL_SECONDS, left))
+
+
+class DurableTracker:
+    """The progress the lease engine reports while it makes a request's VMs, written into
+    the request's row. A request started directly (``LeaseService.acquire``, with no row
+    yet) gets one in state ``creating``."""
+
+    def __init__(self, store: RequestStore, owner: str) -> None:
+        self.store = store
+        self.owner = owner
+
+    def start(self, request_id: str, username: str, os: str, count: int) -> None:
+        self.store.ensure(
+            RequestRecord(
+                id=request_id,
+                username=username,
+                os=os,
+                count=count,
+                state=CREATING,
+                owner=self.owner,
+                builder=self.owner,
+                created_at=self.store.clock(),
+                started_at=self.store.clock(),
+            )
+        )
+
+    def placed(self, request_id: str, names_and_hosts: list[tuple[str, str]]) -> None:
+        vms = [{"name": n, "host": h, "stage": "reserved", "ip": None, "error": None} for n, h in names_and_hosts]
+        self.store.set_vms(request_id, vms)
+
+    def stage(
+        self,
+        request_id: str,
+        name: str,
+        stage: str,
+        ip: str | None = None,
+        error: str | None = None,
+        host: str | None = None,
+    ) -> None:
+        changes: dict[str, Any] = {"stage": stage}
+        if host:
+            changes["host"] = host
+        if stage == "removed":
+            changes["ip"] = None  # a removed VM's address is no one's
+        elif ip:
+            changes["ip"] = ip
+        if error:
+            changes["error"] = error
+        self.store.update_vm(request_id, name, **changes)
+
+    def finish(self, request_id: str, error: Exception | None = None) -> None:
+        """The request ended: ready, or failed with ``error`` (its HTTP status and kind kept,
+        so a waiter on any replica answers as the engine raised it)."""
+        if error is None:
+            self.store.transition(request_id, [CREATING, QUEUED], READY)
+        else:
+            status = getattr(error, "status", 500)
+            kind = type(error).__name__
+            self.store.transition(
+                request_id, [CREATING, QUEUED], FAILED, error=str(error), error_status=status, error_kind=kind
+            )
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        record = self.store.get(request_id)
+        return record.as_dict(self.store.clock()) if record else None

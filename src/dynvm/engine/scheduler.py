@@ -1,0 +1,333 @@
+"""Who is served next: the one scheduler (on the leader) that gives room to waiting requests.
+
+**Order.** Higher ``priority`` first; within a priority, round-robin between users: each
+user's requests are numbered by age (their oldest is 0), and the queue is ordered by that
+number, then by age. A user with 50 queued requests and a user with one thus alternate:
+the flood never starves the single request. ``position`` is the place in this order (1 is
+next).
+
+**Serving.** Each pass (on a wake-up — a request queued, room freed — or every
+``interval``) walks the order. A request whose VMs fit now is served if it is the head
+(the first that is not served) or if serving it now does not make the head's ETA later
+(backfilling, as batch schedulers do: a small request may go ahead into room the head
+cannot use yet). A request pinned with ``xhostref`` fits only on that host, so it waits for
+it. One whose count can never fit (over every host's whole size for its OS) ends at once.
+
+**Immediate requests** (no ``wait``) are not queued: they are served at once if they fit
+and, when requests are waiting, only if that does not delay the head either; else they
+are refused with today's 429.
+
+Serving a request reserves its room in the same transaction as its leases
+(``LeaseService.grant``), so two passes, or a pass and an immediate request, never hand
+out the same room.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import capacity
+from ..xen.inventory import HostState
+from ..xen.marker import MARKER_KEY
+from . import eta
+from .requests import CANCELLED, QUEUED, TIMED_OUT, RequestRecord, RequestStore
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..leases import LeaseService
+
+log = logging.getLogger(__name__)
+
+LEARN_EVERY = 30.0  # seconds between re-reading create and hold times from the ended leases
+
+
+def fair_order(queued: Sequence[RequestRecord]) -> list[RequestRecord]:
+    """Priority, then each user's n-th request before anyone's (n+1)-th, then age."""
+    rank: dict[tuple[int, str], int] = defaultdict(int)
+    keyed = []
+    for record in sorted(queued, key=lambda r: (r.created_at, r.id)):
+        user = record.caller or record.username
+        n = rank[(record.priority, user)]
+        rank[(record.priority, user)] += 1
+        keyed.append(((-record.priority, n, record.created_at, record.id), record))
+    return [record for _, record in sorted(keyed, key=lambda kv: kv[0])]
+
+
+@dataclass
+class Snapshot:
+    """The room on every answering host now, and what each active lease will give back."""
+
+    now: float
+    rooms: dict[str, capacity.HostRoom]
+    releases: list[eta.Release]
+
+
+@dataclass
+class PassReport:
+    served: list[str] = dataclasses.field(default_factory=list)
+    timed_out: list[str] = dataclasses.field(default_factory=list)
+    refused: list[str] = dataclasses.field(default_factory=list)
+    waiting: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        leases: LeaseService,
+        store: RequestStore,
+        clock: Callable[[], float] = time.time,
+        interval: float = 0.5,
+    ) -> None:
+        self.leases = leases
+        self.store = store
+        self.clock = clock
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one pass at a time in this process
+        self._timing: eta.Timing | None = None
+        self._learned_at = -LEARN_EVERY
+        self._hold: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+        self.events: Callable[[str, RequestRecord], None] = lambda event, record: None
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def start(self, leading: Callable[[], bool]) -> None:
+        def run() -> None:
+            while not self._stop.is_set():
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                try:
+                    if leading():
+                        self.run_pass()
+                except Exception:  # a failed pass is logged; the next one tries again
+                    log.exception("scheduler pass failed")
+
+        self._thread = threading.Thread(target=run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        """Something changed (a request queued, room freed): run a pass soon."""
+        self._wake.set()
+
+    # -- learning ----------------------------------------------------------------------
+
+    def timing(self) -> eta.Timing:
+        """Create times and hold fractions per OS, from the leases that ended lately."""
+        now = time.monotonic()
+        if self._timing is None or now - self._learned_at >= LEARN_EVERY:
+            creates: dict[str, list[float]] = defaultdict(list)
+            fractions: dict[str, list[float]] = defaultdict(list)
+            holds: dict[str, list[float]] = defaultdict(list)
+            for lease in self.leases.leases.recent_ended():
+                if lease.create_seconds:
+                    creates[lease.os].append(lease.create_seconds)
+                if lease.handed_over_at is not None and lease.released_at is not None:
+                    lifetime = lease.expires_at - lease.handed_over_at
+                    held = max(0.0, lease.released_at - lease.handed_over_at)
+                    holds[lease.os].append(held)
+                    if lifetime > 0:
+                        fractions[lease.os].append(min(1.0, held / lifetime))
+            self._timing = eta.Timing(
+                create={os: statistics.median(v) for os, v in creates.items()},
+                hold_fraction={os: statistics.median(v) for os, v in fractions.items()},
+            )
+            self._hold = {os: statistics.median(v) for os, v in holds.items()}
+            self._learned_at = now
+        return self._timing
+
+    def hold_seconds(self, settings: Settings) -> dict[str, float]:
+        self.timing()
+        default = settings.common.expiry_minutes * 60
+        return {os: self._hold.get(os, default) for os in settings.os_keys}
+
+    # -- what the hosts hold -----------------------------------------------------------
+
+    def snapshot(self, settings: Settings, reserved: list[dict[str, object]]) -> Snapshot:
+        now = self.clock()
+        rooms: dict[str, capacity.HostRoom] = {}
+        for host in settings.hosts:
+            view = self.leases.inventory.view(host.ref)
+            if view is None or view.state is not HostState.UP:
+                continue
+            mine = [r for r in reserved if r["host_ref"] == host.ref]
+            rooms[host.ref] = capacity.room_on(host, view, settings.common.cpu_overcommit, mine)
+        timing = self.timing()
+        memory_of = {str(r["lease_id"]): int(r["memory"]) for r in reserved}  # type: ignore[call-overload]
+        releases = []
+        for lease in self.leases.leases.active():
+            end = eta.expected_end(
+                now, lease.os, lease.state, lease.handed_over_at, lease.created_at, lease.expires_at, timing
+            )
+            memory = memory_of.get(lease.id, lease.memory)
+            releases.append(eta.Release(end, lease.host_ref, lease.member or "", lease.cpus, memory, lease.disk))
+        return Snapshot(now, rooms, releases)
+
+    def waiting_of(self, settings: Settings, record: RequestRecord) -> eta.Waiting:
+        needs = {}
+        for host in settings.hosts:
+            if record.host_ref is not None and host.ref != record.host_ref:
+                continue
+            view = self.leases.inventory.view(host.ref)
+            if view is None:
+                continue
+            need = capacity.need_on(host, view, record.os, record.cpus, record.memory)
+            if need is not None:
+                needs[host.ref] = need
+        return eta.Waiting(record.id, record.os, record.count, needs)
+
+    def can_ever_fit(self, settings: Settings, record: RequestRecord) -> bool:
+        """Whether the request fits in the whole size of its hosts (every dynvm VM gone).
+        A host that is down might hold it once back: then it may."""
+        whole: dict[str, capacity.HostRoom] = {}
+        for host in settings.hosts:
+            if record.host_ref is not None and host.ref != record.host_ref:
+                continue
+            if record.os not in host.templates:
+                continue
+            view = self.leases.inventory.view(host.ref)
+            if view is None or view.state is not HostState.UP:
+                return True
+            others = dataclasses.replace(view, vms=tuple(v for v in view.vms if MARKER_KEY not in v.other_config))
+            whole[host.ref] = capacity.room_on(host, others, settings.common.cpu_overcommit, [])
+        return eta.fit(whole, self.waiting_of(settings, record)) is not None
+
+    def _head_eta(self, settings: Settings, snap: Snapshot, head: RequestRecord) -> float | None:
+        queue = [self.waiting_of(settings, head)]
+        etas = eta.forecast(snap.now, snap.rooms, snap.releases, queue, self.timing(), self.hold_seconds(settings))
+        return etas[head.id]
+
+    def delays_head(self, settings: Settings, snap: Snapshot, head: RequestRecord, candidate: eta.Waiting) -> bool:
+        """Whether serving ``candidate`` now makes the head's ETA later."""
+        before = self._head_eta(settings, snap, head)
+        if before is None:
+            return False  # the head is not forecast to fit at all (its host is down): go ahead
+        rooms = {ref: _copy_room(room) for ref, room in snap.rooms.items()}
+        placed = eta.fit(rooms, candidate)
+        if placed is None:
+            return True
+        hold = self.hold_seconds(settings).get(candidate.os, 0.0)
+        end = snap.now + self.timing().create_seconds(candidate.os) + hold
+        releases = list(snap.releases)
+        for host_ref, member in placed:
+            need = candidate.needs[host_ref]
+            releases.append(eta.Release(end, host_ref, member, need.cpus, need.memory, need.disk))
+        after = eta.forecast(
+            snap.now, rooms, releases, [self.waiting_of(settings, head)], self.timing(), self.hold_seconds(settings)
+        )[head.id]
+        return after is None or after > before + 1.0
+
+    # -- immediate requests ------------------------------------------------------------
+
+    def may_serve_now(self, settings: Settings, reserved: list[dict[str, object]], candidate: RequestRecord) -> bool:
+        """For a request that does not wait: may it take room now, with requests queued?
+        Called inside the reservation's transaction (the rooms are as locked)."""
+        queued = self.store.in_state(QUEUED)
+        if not queued:
+            return True
+        head = fair_order(queued)[0]
+        snap = self.snapshot(settings, reserved)
+        return not self.delays_head(settings, snap, head, self.waiting_of(settings, candidate))
+
+    # -- one pass ----------------------------------------------------------------------
+
+    def run_pass(self) -> PassReport:
+        """Time out, serve and forecast the queue once. Called on the leader only."""
+        with self._lock:
+            queued = self.store.in_state(QUEUED)
+            if not queued:
+                return PassReport()  # nothing waits: no snapshot, nothing to forecast
+            started = time.perf_counter()
+            try:
+                return self._pass(queued)
+            finally:
+                self.leases._report("scheduler_passed", time.perf_counter() - started)
+
+    def _pass(self, queued: list[RequestRecord]) -> PassReport:
+        report = PassReport()
+        settings = self.leases.settings
+        now = self.clock()
+        order = []
+        for record in fair_order(queued):
+            if record.cancel_requested:
+                self.store.transition(
+                    record.id,
+                    [QUEUED],
+                    CANCELLED,
+                    error="cancelled by its caller",
+                    error_status=409,
+                    error_kind="RequestCancelled",
+                )
+            elif record.wait_until is not None and record.wait_until <= now:
+                waited = (now - record.created_at) / 60
+                where = f"; it was number {record.position} in the queue" if record.position else ""
+                message = (
+                    f"not enough capacity for {record.count} {record.os} VM(s) after waiting {waited:.1f} minute(s)"
+                    f"{where}: release some VMs, ask for fewer, or wait longer"
+                )
+                if self.store.transition(
+                    record.id, [QUEUED], TIMED_OUT, error=message, error_status=429, error_kind="QueueTimedOut"
+                ):
+                    report.timed_out.append(record.id)
+                    self.events("timed out", record)
+            elif not self.can_ever_fit(settings, record):
+                message = (
+                    f"{record.count} {record.os} VM(s) can never be served at once: more than every host "
+                    f"{'(host ' + record.host_ref + ') ' if record.host_ref else ''}holds for {record.os}"
+                )
+                if self.store.transition(
+                    record.id, [QUEUED], "failed", error=message, error_status=429, error_kind="NotEnoughCapacity"
+                ):
+                    report.refused.append(record.id)
+                    self.events("failed", record)
+            else:
+                order.append(record)
+        head: RequestRecord | None = None
+        left: list[RequestRecord] = []
+        snap = self._fresh_snapshot(settings)
+        for record in order:
+            waiting = self.waiting_of(settings, record)
+            fits = eta.fit({ref: _copy_room(room) for ref, room in snap.rooms.items()}, waiting) is not None
+            may_go = fits and (head is None or not self.delays_head(settings, snap, head, waiting))
+            if may_go and self.leases.grant(record):
+                report.served.append(record.id)
+                self.events("served", record)
+                snap = self._fresh_snapshot(settings)
+                continue
+            if head is None:
+                head = record
+            left.append(record)
+        report.waiting = len(left)
+        self._forecast(settings, snap, left)
+        return report
+
+    def _fresh_snapshot(self, settings: Settings) -> Snapshot:
+        with self.leases.leases.db.read() as conn:
+            reserved = self.leases.leases.pending_reservations(conn)
+        return self.snapshot(settings, reserved)
+
+    def _forecast(self, settings: Settings, snap: Snapshot, left: list[RequestRecord]) -> None:
+        queue = [self.waiting_of(settings, record) for record in left]
+        etas = eta.forecast(snap.now, snap.rooms, snap.releases, queue, self.timing(), self.hold_seconds(settings))
+        self.store.set_forecast({record.id: (index, etas.get(record.id)) for index, record in enumerate(left, 1)})
+
+
+def _copy_room(room: capacity.HostRoom) -> capacity.HostRoom:
+    return capacity.HostRoom(room.ref, room.disk, [dataclasses.replace(m) for m in room.members])

@@ -1,0 +1,103 @@
+"""Waiting in the queue over HTTP: legacy ``wait=``, v1 ``wait_minutes``, the queue's
+listing, cancel, and a client that hangs up."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from dynvm.engine.requests import CANCELLED, QUEUED
+
+from ..sim.simtools import wait_for
+
+SMALL = {"host_cpus": 8}  # room for two CentOS VMs
+
+
+def test_legacy_wait_holds_the_answer_until_room_frees_and_answers_as_the_seed_did(serve):
+    service = serve(**SMALL)
+    assert service.get("/getservers/holder", os="centos", count=2).status_code == 200
+    answer: dict[str, object] = {}
+    waiter = threading.Thread(
+        target=lambda: answer.update(r=service.get("/getservers/patient", os="centos", wait="5", format="detailed"))
+    )
+    waiter.start()
+    wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
+    [queued] = service.get("/api/v1/queue").json()
+    assert queued["position"] == 1
+    assert queued["user"] == "patient"
+    assert service.get("/releaseservers/holder", count=2).status_code == 200
+    waiter.join(timeout=30)
+    response = answer["r"]
+    assert response.status_code == 200
+    [line] = [x for x in response.text.splitlines() if ":" in x]
+    assert line.strip().startswith('"patient": "127.77.0.')  # the seed's detailed format
+
+
+def test_legacy_wait_that_runs_out_is_a_429_saying_how_long_it_waited(serve):
+    service = serve(**SMALL)
+    service.get("/getservers/holder", os="centos", count=2)
+    started = time.monotonic()
+    response = service.get("/getservers/late", os="centos", wait="0.02")  # 1.2 s
+    assert time.monotonic() - started >= 1.0
+    assert response.status_code == 429
+    assert response.text.startswith("Error: not enough capacity for 1 centos VM(s) after waiting 0.0")
+    assert "number 1 in the queue" in response.text
+
+
+def test_a_legacy_client_that_hangs_up_while_queued_cancels_its_request(serve):
+    service = serve(**SMALL)
+    service.get("/getservers/holder", os="centos", count=2)
+    port = int(service.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /getservers/gone?os=centos&wait=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
+        [record] = service.services.leases.requests.in_state(QUEUED)
+    wait_for(lambda: service.services.leases.requests.get(record.id).state == CANCELLED, timeout=10)
+    service.get("/releaseservers/holder", count=2)
+    service.services.leases.scheduler.run_pass()
+    assert service.get("/showall").json()["1"] == []  # nothing was made for it
+
+
+def test_v1_queue_position_eta_and_cancel(serve):
+    service = serve(**SMALL)
+    service.get("/getservers/holder", os="centos", count=2)
+    answer = service.http.post("/api/v1/leases", json={"os": "centos", "name": "queued1", "wait_minutes": 30})
+    assert answer.status_code == 202
+    location = answer.headers["location"]
+    assert answer.json()["state"] == QUEUED
+    wait_for(lambda: service.http.get(location).json()["position"] == 1, timeout=10)
+    status = service.http.get(location).json()
+    assert status["eta"].endswith("Z")
+    assert status["eta_seconds"] > 0
+    cancelled = service.http.delete(location)
+    assert cancelled.status_code == 200
+    assert cancelled.json()["state"] == CANCELLED
+    assert service.get("/api/v1/queue").json() == []
+
+
+def test_v1_wait_and_queue_answers_when_served(serve):
+    service = serve(**SMALL)
+    service.get("/getservers/holder", os="centos", count=2)
+    done: dict[str, object] = {}
+
+    def ask() -> None:
+        body = {"os": "centos", "name": "later", "wait_minutes": 5}
+        done["r"] = service.http.post("/api/v1/leases", params={"wait": "true"}, json=body)
+
+    waiter = threading.Thread(target=ask)
+    waiter.start()
+    wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
+    service.get("/releaseservers/holder1")
+    waiter.join(timeout=30)
+    assert done["r"].status_code == 200
+    assert done["r"].json()["state"] == "ready"
+    assert done["r"].json()["vms"][0]["ip"].startswith("127.77.")
+
+
+def test_a_cancel_of_a_ready_request_is_a_409(serve):
+    service = serve()
+    location = service.http.post("/api/v1/leases?wait=true", json={"os": "centos", "name": "done"}).headers["location"]
+    refused = service.http.delete(location)
+    assert refused.status_code == 409
+    assert "release them instead" in refused.json()["detail"]

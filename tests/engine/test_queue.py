@@ -1,0 +1,179 @@
+"""The durable queue against simulated hosts and a real SQLite file: waiting, position and
+ETA, fairness, backfilling, cancel, time-outs, and what a restart keeps."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynvm.engine.requests import CANCELLED, QUEUED
+from dynvm.leases import LeaseRequest
+from dynvm.model import NotEnoughCapacity, RequestCancelled
+from dynvm.sim.settings import Timing
+
+from ..conftest import FakeClock
+from ..sim.simtools import wait_for
+
+# 8 host CPUs: room for two 4-vCPU CentOS VMs
+SMALL = {"host_cpus": 8}
+
+
+def dynvm_vm_names(lab) -> list[str]:
+    from dynvm.xen.marker import MARKER_KEY
+
+    records = lab.xapi().VM.get_all_records().values()
+    return sorted(r["name_label"] for r in records if MARKER_KEY in r["other_config"])
+
+
+def state_of(services, request_id: str) -> str:
+    return services.leases.requests.get(request_id).state
+
+
+def test_a_request_that_does_not_fit_waits_its_turn_and_is_served_when_room_frees(make_services):
+    services, _ = make_services(**SMALL)
+    engine = services.leases
+    engine.acquire(LeaseRequest("holder", "centos", count=2))
+    queued = engine.submit(LeaseRequest("waiter", "centos"), wait_seconds=600)
+    engine.scheduler.run_pass()
+    record = engine.requests.get(queued.id)
+    assert record.state == QUEUED
+    assert record.position == 1
+    assert record.eta_at is not None  # from the holders' expiry: dynvm knows when room comes back
+    status = record.as_dict(engine.clock())
+    assert status["eta"].endswith("Z")
+    assert status["eta_seconds"] > 0
+    engine.release("holder", 2)
+    wait_for(lambda: state_of(services, queued.id) == "ready", timeout=20)
+    [lease] = engine.leases_of(queued.id)
+    assert lease.name == "waiter"
+    assert lease.ip
+    assert lease.handed_over_at is not None
+
+
+def test_without_wait_a_shortage_is_still_refused_at_once(make_services):
+    services, _ = make_services(**SMALL)
+    services.leases.acquire(LeaseRequest("holder", "centos", count=2))
+    with pytest.raises(NotEnoughCapacity, match="0 can be made now"):
+        services.leases.acquire(LeaseRequest("impatient", "centos"))
+
+
+def test_a_request_that_does_not_wait_may_not_take_the_room_the_queue_head_waits_for(make_services):
+    services, _ = make_services(**SMALL)
+    engine = services.leases
+    engine.acquire(LeaseRequest("holder", "centos"))  # one of two slots left
+    head = engine.submit(LeaseRequest("pair", "centos", count=2), wait_seconds=600)  # needs both
+    engine.scheduler.run_pass()
+    assert state_of(services, head.id) == QUEUED
+    with pytest.raises(NotEnoughCapacity, match="wait in the queue"):
+        engine.acquire(LeaseRequest("jumper", "centos"))  # it fits, but the pair would wait longer
+    engine.release("holder")
+    wait_for(lambda: state_of(services, head.id) == "ready", timeout=20)
+
+
+def test_a_small_request_is_backfilled_when_it_does_not_delay_the_head(make_services):
+    # two hosts of 8 CPUs; the head is pinned to host 1, which is full: host 2's room is
+    # of no use to it, so a small request may take it now
+    services, _ = make_services(hosts=2, **SMALL)
+    engine = services.leases
+    engine.acquire(LeaseRequest("fill", "centos", count=2, host_ref="1"))
+    head = engine.submit(LeaseRequest("pinned", "centos", host_ref="1"), wait_seconds=600)
+    small = engine.submit(LeaseRequest("small", "centos"), wait_seconds=600)
+    engine.scheduler.run_pass()
+    assert state_of(services, head.id) == QUEUED
+    wait_for(lambda: state_of(services, small.id) == "ready", timeout=20)
+    assert engine.leases_of(small.id)[0].host_ref == "2"
+
+
+def test_one_users_flood_does_not_starve_anothers_single_request(make_services):
+    services, _ = make_services(**SMALL)
+    engine = services.leases
+    engine.acquire(LeaseRequest("holder", "centos", count=2))
+    flood = [engine.submit(LeaseRequest(f"flood{i}x", "centos", caller="alice"), 600) for i in range(20)]
+    lone = engine.submit(LeaseRequest("lone", "centos", caller="bob"), 600)
+    engine.scheduler.run_pass()
+    assert engine.requests.get(lone.id).position == 2  # after the flood's first, not its twentieth
+    engine.release("holder", 2)
+    wait_for(lambda: state_of(services, lone.id) == "ready", timeout=20)
+    assert state_of(services, flood[0].id) == "ready"
+    assert all(state_of(services, r.id) == QUEUED for r in flood[1:])
+
+
+def test_a_queued_request_that_is_cancelled_is_never_served(make_services):
+    services, lab = make_services(**SMALL)
+    engine = services.leases
+    engine.acquire(LeaseRequest("holder", "centos", count=2))
+    queued = engine.submit(LeaseRequest("changed-mind", "centos"), 600)
+    assert engine.cancel(queued.id).state == CANCELLED
+    engine.release("holder", 2)
+    engine.scheduler.run_pass()
+    assert state_of(services, queued.id) == CANCELLED
+    assert dynvm_vm_names(lab) == []
+
+
+def test_a_cancel_while_creating_removes_what_was_built(make_services):
+    services, lab = make_services(timing=Timing(boot_seconds=2.0))
+    engine = services.leases
+    request = engine.submit(LeaseRequest("slow", "centos", count=2), 600)
+    wait_for(lambda: state_of(services, request.id) == "creating", timeout=10)
+    wait_for(lambda: dynvm_vm_names(lab), timeout=10)
+    engine.cancel(request.id)
+    wait_for(lambda: state_of(services, request.id) == CANCELLED, timeout=30)
+    assert engine.leases.active() == []
+    wait_for(lambda: dynvm_vm_names(lab) == [], timeout=10)
+    with pytest.raises(RequestCancelled.__mro__[1]):  # a ready request cannot be cancelled; nor one gone
+        engine.cancel("no-such-request")
+
+
+def test_a_cancel_that_loses_to_the_hand_over_leaves_the_vms_with_their_request(make_services):
+    services, lab = make_services()
+    engine = services.leases
+    request = engine.submit(LeaseRequest("quick", "centos"), 600)
+    wait_for(lambda: state_of(services, request.id) == "ready", timeout=20)
+    from dynvm.model import NameInUse
+
+    with pytest.raises(NameInUse, match="release them instead"):
+        engine.cancel(request.id)
+    assert dynvm_vm_names(lab) == ["quick"]  # handed over, and nothing else touched it
+
+
+def test_a_request_still_queued_at_its_deadline_times_out(make_services):
+    clock = FakeClock()
+    services, _ = make_services(clock=clock, **SMALL)
+    engine = services.leases
+    engine.acquire(LeaseRequest("holder", "centos", count=2))
+    queued = engine.submit(LeaseRequest("late", "centos"), wait_seconds=60)
+    engine.scheduler.run_pass()
+    clock.advance(30)
+    scrape = services.metrics.exposition().decode()
+    assert 'dynvm_queue_length{os="centos"} 1.0' in scrape
+    assert 'dynvm_queue_oldest_wait_seconds{os="centos"} 30.0' in scrape
+    clock.advance(31)
+    engine.scheduler.run_pass()
+    record = engine.requests.get(queued.id)
+    assert record.state == "timed out"
+    assert "after waiting 1.0 minute(s)" in record.error
+    assert "number 1 in the queue" in record.error
+    assert record.error_status == 429
+    assert 'dynvm_requests_ended_total{state="timed out"} 1.0' in services.metrics.exposition().decode()
+
+
+def test_a_request_that_can_never_fit_is_refused_instead_of_queued(make_services):
+    services, _ = make_services(**SMALL)
+    with pytest.raises(NotEnoughCapacity, match="can never be served at once"):
+        services.leases.submit(LeaseRequest("greedy", "centos", count=3), wait_seconds=600)
+
+
+def test_queued_requests_survive_a_restart_and_keep_their_order(make_services, sim_lab, tmp_path):
+    lab = sim_lab(**SMALL)
+    first, _ = make_services(lab=lab, db="kept.db")
+    first.leases.acquire(LeaseRequest("holder", "centos", count=2))
+    a = first.leases.submit(LeaseRequest("first", "centos"), 600)
+    b = first.leases.submit(LeaseRequest("second", "centos", caller="bob"), 600)
+    first.leases.scheduler.run_pass()
+    first.stop()
+    second, _ = make_services(lab=lab, db="kept.db")
+    assert [second.leases.requests.get(r.id).state for r in (a, b)] == [QUEUED, QUEUED]
+    second.leases.release_names(["holder1"])  # one slot: the older request gets it
+    wait_for(lambda: state_of(second, a.id) == "ready", timeout=20)
+    assert state_of(second, b.id) == QUEUED
+    second.leases.release_names(["holder2"])
+    wait_for(lambda: state_of(second, b.id) == "ready", timeout=20)

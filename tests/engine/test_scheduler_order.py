@@ -1,0 +1,25 @@
+"""The queue's order (pure)."""
+
+from __future__ import annotations
+
+from dynvm.engine.requests import QUEUED, RequestRecord
+from dynvm.engine.scheduler import fair_order
+
+
+def queued(request_id: str, user: str, at: float, priority: int = 0) -> RequestRecord:
+    return RequestRecord(request_id, user, "centos", 1, QUEUED, "me", at, priority=priority)
+
+
+def test_users_take_turns_and_each_users_requests_keep_their_order():
+    flood = [queued(f"a{i}", "alice", i) for i in range(5)]
+    late = queued("b0", "bob", 10)
+    order = [r.id for r in fair_order([*flood, late])]
+    assert order == ["a0", "b0", "a1", "a2", "a3", "a4"]  # bob's one is second, not sixth
+
+
+def test_a_higher_priority_class_goes_first_and_age_breaks_ties():
+    order = [
+        r.id
+        for r in fair_order([queued("low", "alice", 0), queued("high", "carol", 5, priority=1), queued("b", "bob", 1)])
+    ]
+    assert order == ["high", "low", "b"]
