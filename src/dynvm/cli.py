@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -559,10 +560,15 @@ def get_command(
     memory_gib: Annotated[float | None, typer.Option("--memory-gib", min=0.25)] = None,
     expires: Annotated[float | None, typer.Option(help="Minutes until the VMs are destroyed.")] = None,
     host: Annotated[str | None, typer.Option(help="Pin to host N ([xenhostN]).")] = None,
+    wait: Annotated[
+        str | None,
+        typer.Option(help="Wait in the queue up to this long if the VMs do not fit now: 30m, 90s, 2h (0: do not)."),
+    ] = None,
     server: ServerOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Get VMs: shows each one's progress live and prints their IPs."""
+    """Get VMs: shows each one's progress live (while queued, its position and ETA) and
+    prints their IPs. Ctrl-C cancels the request; what was built for it is removed."""
     import getpass
     import json
     import secrets
@@ -580,8 +586,10 @@ def get_command(
         "memory": int(memory_gib * 1024**3) if memory_gib else None,
         "expires_in_minutes": expires,
         "host": host,
+        "wait_minutes": _minutes(wait) if wait is not None else None,
     }
     client = _client(server)
+    location = None
     try:
         location, status = client.request_leases({k: v for k, v in body.items() if v is not None})
         if json_out or not console.is_terminal:
@@ -589,6 +597,12 @@ def get_command(
         else:
             with Live(_progress_table(status), console=console, refresh_per_second=8) as live:
                 status = client.follow(location, lambda s: live.update(_progress_table(s)))
+    except KeyboardInterrupt:
+        if location is not None:
+            with contextlib.suppress(ApiError):
+                client.cancel(location)
+            console.print("cancelled: what was built for the request is removed")
+        raise typer.Exit(130) from None
     except ApiError as e:
         raise _fail(console, e) from None
     finally:
@@ -602,8 +616,27 @@ def get_command(
             typer.echo(f"{vm['name']} {vm['ip']}")
 
 
+def _minutes(text: str) -> float:
+    """``30m``, ``90s``, ``2h`` or a number of minutes."""
+    units = {"s": 1 / 60, "m": 1.0, "h": 60.0}
+    raw = text.strip().lower()
+    factor = units.get(raw[-1:])
+    number = raw[:-1] if factor is not None else raw
+    try:
+        value = float(number) * (factor or 1.0)
+    except ValueError:
+        raise typer.BadParameter(f"a duration is like 30m, 90s or 2h, not {text!r}", param_hint="--wait") from None
+    if value < 0 or value != value:
+        raise typer.BadParameter(f"a duration cannot be negative: {text!r}", param_hint="--wait")
+    return value
+
+
 def _progress_table(status: dict) -> Table:  # type: ignore[type-arg]
-    table = Table(title=f"request {status['id'][:8]}: {status['state']}")
+    title = f"request {status['id'][:8]}: {status['state']}"
+    if status["state"] == "queued" and status.get("position"):
+        eta = f", ready in about {status['eta_seconds']:.0f} s ({status['eta']})" if status.get("eta") else ""
+        title += f", number {status['position']} in the queue{eta}"
+    table = Table(title=title)
     for column in ("VM", "host", "stage", "IP / error"):
         table.add_column(column)
     for vm in status["vms"]:

@@ -107,3 +107,55 @@ def test_a_name_clash_hint_releases_exactly_the_names_that_clash(serve):
     assert "release them first (releaseservers/clash?count=2)" in same.text
     partly = service.get("/getservers/clash", count=3)
     assert "clash1, clash2 already leased by dynvm: release them first (dynvm release clash1 clash2)" in partly.text
+
+
+def test_get_wait_queues_until_room_frees(serve):
+    import threading
+
+    from dynvm.engine.requests import QUEUED
+
+    from ..sim.simtools import wait_for
+
+    service = serve(host_cpus=8)  # room for two CentOS VMs
+    assert run(service, "get", "--count", "2", "--name", "holder").exit_code == 0
+    result: dict[str, object] = {}
+    waiter = threading.Thread(target=lambda: result.update(r=run(service, "get", "--name", "waits", "--wait", "5m")))
+    waiter.start()
+    wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
+    assert run(service, "release", "holder1").exit_code == 0
+    waiter.join(timeout=60)
+    got = result["r"]
+    assert got.exit_code == 0, got.output
+    assert got.stdout.split()[0] == "waits"
+
+
+def test_the_live_line_shows_the_place_in_the_queue_and_the_eta():
+    from dynvm.cli import _progress_table
+
+    status = {"id": "abcdef123456", "state": "queued", "position": 3, "eta": "2026-12-01T12:00:00Z"}
+    table = _progress_table({**status, "eta_seconds": 42.0, "vms": []})
+    assert table.title == "request abcdef12: queued, number 3 in the queue, ready in about 42 s (2026-12-01T12:00:00Z)"
+
+
+def test_ctrl_c_on_a_queued_get_cancels_the_request(serve):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from dynvm.engine.requests import CANCELLED, QUEUED
+
+    from ..sim.simtools import wait_for
+
+    service = serve(host_cpus=8)
+    assert run(service, "get", "--count", "2", "--name", "holder").exit_code == 0
+    env = {**os.environ, "DYNVM_SERVER": service.url, "DYNVM_TOKEN": ""}
+    cli = [sys.executable, "-m", "dynvm", "get", "--name", "impatient", "--wait", "10m"]
+    process = subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=20)
+    [queued] = service.services.leases.requests.in_state(QUEUED)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "cancelled" in err
+    assert service.services.leases.requests.get(queued.id).state == CANCELLED
