@@ -1,7 +1,7 @@
 """The queue under a wave of demand, through real ``dynvm serve`` and ``dynvm sim`` processes.
 
 4 hosts of 16 CPUs (capacity 16 CentOS VMs of 4 vCPUs), clone 0.5 s + boot 2 s + IP 1 s.
-Clients ask for 1-3 VMs with ``wait_minutes``, faster than the VMs are given back, hold
+Clients ask for 1-2 VMs with ``wait_minutes``, faster than the VMs are given back, hold
 them 20-60 s and release them. For each request that had to wait, its ETA is read the
 moment it is queued (once the scheduler has placed it) and compared with when it was
 ready; the naive estimate it is compared with is ``position x mean create time``. Then a
@@ -85,7 +85,7 @@ def _wave(url: str, requests: int, seconds: float, seed: int) -> Run:
     limits = httpx.Limits(max_connections=400, keepalive_expiry=2.0)
     with httpx.Client(base_url=url, timeout=900, limits=limits) as client:
         for n in range(requests):
-            count = rng.choice((1, 1, 2, 3))
+            count = rng.choice((1, 1, 1, 2))
             hold = rng.uniform(20, 60)
             thread = threading.Thread(target=_ask, args=(client, f"wave{n}x", count, hold, run))
             thread.start()
@@ -133,9 +133,10 @@ def _fairness(url: str, db: Path, flood_size: int = 40) -> tuple[int, float]:
         freed = time.monotonic()
         for n in range(1, 17):
             client.delete(f"/api/v1/leases/fill{n}", headers=alice)
-        while client.get(single, headers=bob).json()["state"] != "ready":
+        deadline = freed + 120
+        while client.get(single, headers=bob).json()["state"] != "ready" and time.monotonic() < deadline:
             time.sleep(0.1)
-        waited = time.monotonic() - freed
+        waited = time.monotonic() - freed  # 120 s: it was never served
         for location in flood:
             client.delete(location, headers=alice)
         for lease in client.get("/api/v1/leases", headers=alice).json():
@@ -143,7 +144,7 @@ def _fairness(url: str, db: Path, flood_size: int = 40) -> tuple[int, float]:
     return (order.index("bob") if "bob" in order else -1), waited
 
 
-def run(requests: int = 120, seconds: float = 60.0, seed: int = 1) -> Table:
+def run(requests: int = 50, seconds: float = 30.0, seed: int = 1) -> Table:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "lab.ini"
         db = Path(tmp) / "d.db"

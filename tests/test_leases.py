@@ -274,9 +274,9 @@ def test_a_dead_replicas_creates_are_failed_once_its_heartbeat_is_stale(make_ser
 def test_a_clone_that_outlasts_the_start_up_wait_is_left_to_reconcile(make_services, sim_lab, monkeypatch):
     """A dead process's clone still runs when recover looks: start-up does not wait for it
     beyond its budget (here none); reconcile removes the VM once the clone has ended."""
-    import dynvm.leases
+    import dynvm.engine.upkeep
 
-    monkeypatch.setattr(dynvm.leases, "RECOVER_CLONE_WAIT", 0.0)
+    monkeypatch.setattr(dynvm.engine.upkeep, "RECOVER_CLONE_WAIT", 0.0)
     lab = sim_lab(timing=Timing(clone_seconds=1.0))
     services, _ = make_services(lab=lab)
     xapi = lab.xapi()

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select, update
 
-from .leases import ANONYMOUS, Caller
-from .model import Unauthorized
+from .model import ANONYMOUS, Caller, Unauthorized
 from .store.db import Database
 from .store.tables import tokens
 

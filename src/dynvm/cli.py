@@ -592,8 +592,19 @@ def get_command(
     location = None
     try:
         location, status = client.request_leases({k: v for k, v in body.items() if v is not None})
-        if json_out or not console.is_terminal:
+        if json_out:
             status = client.follow(location, lambda s: None)
+        elif not console.is_terminal:  # a log (CI): one line each time the request moves
+            said: list[str] = []
+
+            def say(update: dict) -> None:  # type: ignore[type-arg]
+                line = _progress_table(update).title or ""
+                if not said or said[-1] != line:
+                    said.append(line)
+                    console.print(line, soft_wrap=True, highlight=False)
+
+            say(status)
+            status = client.follow(location, say)
         else:
             with Live(_progress_table(status), console=console, refresh_per_second=8) as live:
                 status = client.follow(location, lambda s: live.update(_progress_table(s)))

@@ -14,7 +14,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .engine.requests import QUEUED, RequestRecord
-from .leases import LeaseEvents, ReconcileReport
+from .engine.upkeep import ReconcileReport
+from .leases import LeaseEvents
 from .model import Lease
 from .xen.inventory import HostState
 

@@ -203,3 +203,35 @@ class Lease:
         ``created_at``; the hand-over moves it)."""
         start = self.handed_over_at if self.handed_over_at is not None else self.created_at
         return self.expires_at - start
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    username: str
+    os: str
+    count: int = 1
+    cpus: int | None = None
+    memory: int | None = None
+    expires_in_minutes: float | None = None  # None: [common] vm.expiry.minutes
+    host_ref: str | None = None
+    caller: str | None = None  # the authenticated user; None when anonymous
+    request_id: str | None = None  # given by callers that track progress; else made here
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: ``user`` None is anonymous (allowed only while [auth] required=false)."""
+
+    user: str | None = None
+    admin: bool = False
+
+    def may_touch(self, lease: Lease) -> bool:
+        return self.admin or lease.caller is None or lease.caller == self.user
+
+
+ANONYMOUS = Caller()
+
+
+def vm_names(username: str, count: int) -> list[str]:
+    """``count=1``: the VM is named after the user; more: ``<user>1`` ... ``<user><count>``."""
+    return [username] if count == 1 else [f"{username}{n}" for n in range(1, count + 1)]

@@ -91,9 +91,13 @@ def test_one_users_flood_does_not_starve_anothers_single_request(make_services):
     lone = engine.submit(LeaseRequest("lone", "centos", caller="bob"), 600)
     engine.scheduler.run_pass()
     assert engine.requests.get(lone.id).position == 2  # after the flood's first, not its twentieth
-    engine.release("holder", 2)
+    engine.release_names(["holder1"])  # one slot: the flood's oldest has it
+    wait_for(lambda: state_of(services, flood[0].id) == "ready", timeout=20)
+    engine.scheduler.run_pass()
+    # alice's next request is older than bob's, but alice was just served: bob's turn
+    assert engine.requests.get(lone.id).position == 1
+    engine.release_names(["holder2"])
     wait_for(lambda: state_of(services, lone.id) == "ready", timeout=20)
-    assert state_of(services, flood[0].id) == "ready"
     assert all(state_of(services, r.id) == QUEUED for r in flood[1:])
 
 
@@ -177,3 +181,23 @@ def test_queued_requests_survive_a_restart_and_keep_their_order(make_services, s
     assert state_of(second, b.id) == QUEUED
     second.leases.release_names(["holder2"])
     wait_for(lambda: state_of(second, b.id) == "ready", timeout=20)
+
+
+def test_a_request_pinned_to_a_host_that_goes_down_waits_for_it_and_is_served_when_it_is_back(make_services):
+    services, lab = make_services(hosts=2, **SMALL)
+    engine = services.leases
+    engine.acquire(LeaseRequest("fill", "centos", count=2, host_ref="1"))
+    pinned = engine.submit(LeaseRequest("pinned", "centos", host_ref="1"), 600)
+    engine.scheduler.run_pass()
+    assert engine.requests.get(pinned.id).eta_at is not None
+    lab.control(0).host_down("refuse")
+    wait_for(lambda: services.inventory.view("1").state.value == "down", timeout=20)
+    engine.scheduler.run_pass()
+    record = engine.requests.get(pinned.id)
+    assert record.state == QUEUED  # not refused: the host may come back
+    assert record.eta_at is None  # and no ETA is made up meanwhile
+    lab.control(0).host_up()
+    wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=30)
+    engine.release_names(["fill1"])
+    wait_for(lambda: state_of(services, pinned.id) == "ready", timeout=30)
+    assert engine.leases_of(pinned.id)[0].host_ref == "1"

@@ -23,3 +23,12 @@ def test_a_higher_priority_class_goes_first_and_age_breaks_ties():
         for r in fair_order([queued("low", "alice", 0), queued("high", "carol", 5, priority=1), queued("b", "bob", 1)])
     ]
     assert order == ["high", "low", "b"]
+
+
+def test_a_user_served_while_another_waited_falls_behind_them():
+    # alice's a5 is older than bob's b0, but three of alice's were served since a5 came
+    served = [("alice", 20.0), ("alice", 21.0), ("alice", 22.0)]
+    order = [r.id for r in fair_order([queued("a5", "alice", 5), queued("b0", "bob", 10)], served)]
+    assert order == ["b0", "a5"]
+    # what was served before a request came does not count against it
+    assert [r.id for r in fair_order([queued("a5", "alice", 30), queued("b0", "bob", 31)], served)] == ["a5", "b0"]

@@ -13,7 +13,7 @@ import anyio
 from fastapi import Depends, Header, Request
 
 from ..auth import caller_from_header
-from ..leases import Caller
+from ..model import Caller
 from ..runtime import Services
 
 

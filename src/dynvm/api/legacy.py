@@ -19,8 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from ..capacity import find_template
-from ..leases import Caller, LeaseRequest
-from ..model import BadRequest, Lease, RequestCancelled
+from ..model import BadRequest, Caller, Lease, LeaseRequest, RequestCancelled
 from ..runtime import Services
 from ..xen.inventory import HostState
 from ..xen.provision import MARKER_KEY

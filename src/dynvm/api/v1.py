@@ -18,8 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..capacity import available
-from ..leases import LeaseRequest
-from ..model import Lease, NoSuchLease, ReleaseFailed
+from ..model import Lease, LeaseRequest, NoSuchLease, ReleaseFailed
 from ..xen.inventory import HostState
 from ..xen.provision import MARKER_KEY
 from .deps import CallerDep, ServicesDep
@@ -355,12 +354,12 @@ class QueuedOut(BaseModel):
 async def queue(services: ServicesDep, _: CallerDep) -> list[QueuedOut]:
     """The requests waiting for room, in the order they will be served."""
     from ..engine.requests import QUEUED
-    from ..engine.scheduler import fair_order
 
     waiting = await anyio.to_thread.run_sync(services.leases.requests.in_state, QUEUED)
     now = services.leases.clock()
     out = []
-    for record in fair_order(waiting):
+    ordered = await anyio.to_thread.run_sync(services.leases.scheduler.order, waiting) if waiting else []
+    for record in ordered:
         status = record.as_dict(now)
         out.append(
             QueuedOut(

@@ -137,6 +137,15 @@ class RequestStore:
             )
             return [_record(row) for row in rows]
 
+    def started_since(self, since: float) -> list[tuple[str, float]]:
+        """(user, started_at) of every request that got room since ``since``: what the
+        scheduler's fairness counts."""
+        query = select(requests.c.caller, requests.c.username, requests.c.started_at).where(
+            requests.c.started_at >= since
+        )
+        with self.db.read() as conn:
+            return [(caller or username, started) for caller, username, started in conn.execute(query)]
+
     # -- writing -----------------------------------------------------------------------
 
     def insert(self, record: RequestRecord) -> None:
@@ -167,17 +176,16 @@ class RequestStore:
             self.notify(request_id)
         return moved
 
+    def end_cancelled(self, request_id: str, from_states: Iterable[str], why: str) -> bool:
+        """End the request ``cancelled`` (answered as a 409 saying ``why``)."""
+        return self.transition(
+            request_id, from_states, CANCELLED, error=why, error_status=409, error_kind="RequestCancelled"
+        )
+
     def request_cancel(self, request_id: str) -> RequestRecord | None:
         """Cancel: a queued request ends at once; a creating one is flagged, and the
         process making its VMs rolls them back. Returns the request as it is now."""
-        if self.transition(
-            request_id,
-            [QUEUED],
-            CANCELLED,
-            error="cancelled by its caller",
-            error_status=409,
-            error_kind="RequestCancelled",
-        ):
+        if self.end_cancelled(request_id, [QUEUED], "cancelled by its caller"):
             return self.get(request_id)
         with self.db.write() as conn:
             conn.execute(

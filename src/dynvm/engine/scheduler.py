@@ -38,7 +38,7 @@ from .. import capacity
 from ..xen.inventory import HostState
 from ..xen.marker import MARKER_KEY
 from . import eta
-from .requests import CANCELLED, QUEUED, TIMED_OUT, RequestRecord, RequestStore
+from .requests import QUEUED, TIMED_OUT, RequestRecord, RequestStore
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -49,15 +49,26 @@ log = logging.getLogger(__name__)
 LEARN_EVERY = 30.0  # seconds between re-reading create and hold times from the ended leases
 
 
-def fair_order(queued: Sequence[RequestRecord]) -> list[RequestRecord]:
-    """Priority, then each user's n-th request before anyone's (n+1)-th, then age."""
+def user_of(record: RequestRecord) -> str:
+    """Whom fairness counts a request for: its token's user, else the name it asks under."""
+    return record.caller or record.username
+
+
+def fair_order(queued: Sequence[RequestRecord], served: Sequence[tuple[str, float]] = ()) -> list[RequestRecord]:
+    """Priority, then users in turn, then age.
+
+    A request's turn is how many of its user's requests go before it: those still queued
+    ahead of it, plus those served while it waited (``served``: (user, started_at) of the
+    requests that got room lately). A user whose requests keep being served thus falls
+    behind one who has had none, however old the first user's next request is."""
     rank: dict[tuple[int, str], int] = defaultdict(int)
     keyed = []
     for record in sorted(queued, key=lambda r: (r.created_at, r.id)):
-        user = record.caller or record.username
-        n = rank[(record.priority, user)]
+        user = user_of(record)
+        ahead = rank[(record.priority, user)]
         rank[(record.priority, user)] += 1
-        keyed.append(((-record.priority, n, record.created_at, record.id), record))
+        while_waiting = sum(1 for who, at in served if who == user and at >= record.created_at)
+        keyed.append(((-record.priority, ahead + while_waiting, record.created_at, record.id), record))
     return [record for _, record in sorted(keyed, key=lambda kv: kv[0])]
 
 
@@ -242,11 +253,17 @@ class Scheduler:
         queued = self.store.in_state(QUEUED)
         if not queued:
             return True
-        head = fair_order(queued)[0]
+        head = self.order(queued)[0]
         snap = self.snapshot(settings, reserved)
         return not self.delays_head(settings, snap, head, self.waiting_of(settings, candidate))
 
     # -- one pass ----------------------------------------------------------------------
+
+    def order(self, queued: list[RequestRecord]) -> list[RequestRecord]:
+        """The queue in the order it is served (``fair_order``), counting what each user
+        was served while its oldest waiting request waited."""
+        oldest = min(r.created_at for r in queued)
+        return fair_order(queued, self.store.started_since(oldest))
 
     def run_pass(self) -> PassReport:
         """Time out, serve and forecast the queue once. Called on the leader only."""
@@ -265,16 +282,9 @@ class Scheduler:
         settings = self.leases.settings
         now = self.clock()
         order = []
-        for record in fair_order(queued):
+        for record in self.order(queued):
             if record.cancel_requested:
-                self.store.transition(
-                    record.id,
-                    [QUEUED],
-                    CANCELLED,
-                    error="cancelled by its caller",
-                    error_status=409,
-                    error_kind="RequestCancelled",
-                )
+                self.store.end_cancelled(record.id, [QUEUED], "cancelled by its caller")
             elif record.wait_until is not None and record.wait_until <= now:
                 waited = (now - record.created_at) / 60
                 where = f"; it was number {record.position} in the queue" if record.position else ""

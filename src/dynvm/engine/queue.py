@@ -1,0 +1,197 @@
+"""Waiting requests as the lease engine takes them: queue one (``submit``), serve it when
+the scheduler says so (``grant``), cancel it, and find its leases. The order and the
+forecast are the scheduler's (``scheduler.py``); the rows are ``requests.py``'s.
+
+``Queueing`` is a part of ``LeaseService`` (``leases.py``), which it extends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+
+from ..model import (
+    ANONYMOUS,
+    Caller,
+    Forbidden,
+    Lease,
+    LeaseError,
+    LeaseRequest,
+    NameInUse,
+    NoSuchLease,
+    NotEnoughCapacity,
+    ShuttingDown,
+    vm_names,
+)
+from ..store.tables import ACTIVE_STATES
+from .requests import CANCELLED, CREATING, QUEUED, RequestRecord, RequestStore
+
+log = logging.getLogger(__name__)
+
+
+class Queueing:
+    """The queue's side of ``LeaseService``."""
+
+    def submit(self, request: LeaseRequest, wait_seconds: float, origin: str = "v1") -> RequestRecord:
+        """Queue a request that may wait up to ``wait_seconds`` for room. Refused at once
+        (as ``acquire`` would) when it can never be served as asked. Returns the queued
+        request; the leader's scheduler serves it."""
+        if self._stopping.is_set():
+            raise ShuttingDown("dynvm is stopping; try again in a moment")
+        self.validate(request)
+        request_id = request.request_id or str(uuid.uuid4())
+        record = dataclasses.replace(
+            _record_of(request, request_id),
+            state=QUEUED,
+            owner=self.owner,
+            origin=origin,
+            created_at=self.clock(),
+            wait_until=self.clock() + wait_seconds,
+        )
+        if not self.scheduler.can_ever_fit(self.settings, record):
+            raise NotEnoughCapacity(
+                f"{request.count} {request.os} VM(s) can never be served at once: more than every host "
+                f"{'(host ' + request.host_ref + ') ' if request.host_ref else ''}holds for {request.os}; "
+                "ask for fewer"
+            )
+        self._refuse_leased_names(self.leases.by_name(vm_names(request.username, request.count)), request)
+        self.requests.insert(record)
+        self.scheduler.wake()
+        return record
+
+    def grant(self, record: RequestRecord) -> bool:
+        """Serve a queued request now (the scheduler decided): reserve its room and start
+        making its VMs in the background. False, and the request still queued, when its
+        room is gone after all; a request that can no longer be served as asked (its name
+        taken meanwhile, a quota) ends failed with the reason (True: it was dealt with)."""
+        if not self.requests.transition(record.id, [QUEUED], CREATING, builder=self.owner, position=None, eta_at=None):
+            return False  # cancelled or timed out meanwhile
+        request = _request_of(record)
+        settings = self.settings
+        try:
+            new = self._reserve(settings, request, record.id, immediate=False)
+        except NotEnoughCapacity:
+            self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None)
+            return False
+        except LeaseError as e:
+            self.tracker.finish(record.id, e)
+            return True
+        except Exception as e:
+            log.exception("request %s: could not be served", record.id)
+            self.tracker.finish(record.id, e)
+            return True
+
+        def build() -> None:
+            try:
+                self._build(settings, new, record.id, pinned=request.host_ref is not None)
+            except LeaseError as e:
+                self.tracker.finish(record.id, e)
+            except Exception as e:
+                log.exception("request %s failed", record.id)
+                self.tracker.finish(record.id, e)
+
+        self._pool.submit(build)
+        return True
+
+    def cancel(self, request_id: str, caller: Caller = ANONYMOUS) -> RequestRecord:
+        """Cancel a request before it is ready: a queued one ends at once; a creating one
+        has its VMs removed by the process making them. Cancelling a ready request is
+        refused (release its VMs instead)."""
+        record = self.requests.get(request_id)
+        if record is None:
+            raise NoSuchLease(f"no request {request_id}")
+        if not (caller.admin or record.caller is None or record.caller == caller.user):
+            raise Forbidden(f"request {request_id} belongs to {record.caller}: only they or an admin may cancel it")
+        if record.state == "ready":
+            raise NameInUse(
+                f"request {request_id} is ready: its VMs were handed over; release them instead "
+                f"(releaseservers/{record.username}?count={record.count})"
+            )
+        if record.finished:
+            return record
+        updated = self.requests.request_cancel(request_id)
+        if updated is not None and updated.state == CANCELLED:
+            self._request_event("cancelled", request_id)
+        self.scheduler.wake()
+        return updated or record
+
+    def leases_of(self, request_id: str) -> list[Lease]:
+        """The ready leases of a request, in the order of its answer."""
+        found = {lease.name: lease for lease in self.leases.by_request(request_id) if lease.state in ACTIVE_STATES}
+        record = self.requests.get(request_id)
+        names = vm_names(record.username, record.count) if record else sorted(found)
+        return [found[name] for name in names if name in found]
+
+    def _end_cancelled(self, request_id: str | None) -> None:
+        if request_id is not None:
+            self.requests.end_cancelled(request_id, [CREATING], "cancelled by its caller; what was built was removed")
+
+    def _request_event(self, kind: str, request_id: str | None) -> None:
+        """Tell the listeners a request moved (served from the queue, ready, ended)."""
+        if request_id is None:
+            return
+        record = self.requests.get(request_id)
+        if record is not None:
+            self._report("request_event", kind, record)
+
+
+class _RequestCancel:
+    """What a create checks between its steps: dynvm stopping, or its request cancelled
+    (read from the request's row at most every ``CANCEL_CHECK`` seconds)."""
+
+    CANCEL_CHECK = 0.5
+
+    def __init__(self, stopping: threading.Event, store: RequestStore, request_id: str | None) -> None:
+        self._stopping = stopping
+        self._store = store
+        self._request_id = request_id
+        self._checked_at = -self.CANCEL_CHECK
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        if self._stopping.is_set() or self._cancelled:
+            return True
+        if self._request_id is None:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at >= self.CANCEL_CHECK:
+                self._checked_at = now
+                record = self._store.get(self._request_id)
+                self._cancelled = bool(record and record.cancel_requested)
+        return self._cancelled
+
+
+def _record_of(request: LeaseRequest, request_id: str) -> RequestRecord:
+    return RequestRecord(
+        id=request_id,
+        username=request.username,
+        os=request.os,
+        count=request.count,
+        state=CREATING,
+        owner="",
+        created_at=0.0,
+        caller=request.caller,
+        cpus=request.cpus,
+        memory=request.memory,
+        expires_in_minutes=request.expires_in_minutes,
+        host_ref=request.host_ref,
+    )
+
+
+def _request_of(record: RequestRecord) -> LeaseRequest:
+    return LeaseRequest(
+        username=record.username,
+        os=record.os,
+        count=record.count,
+        cpus=record.cpus,
+        memory=record.memory,
+        expires_in_minutes=record.expires_in_minutes,
+        host_ref=record.host_ref,
+        caller=record.caller,
+        request_id=record.id,
+    )
