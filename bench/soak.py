@@ -1,6 +1,7 @@
 """``make soak``: a bounded fault soak of real ``dynvm serve`` processes against ``dynvm sim``.
 
-Clients get, hold and release VMs through the legacy and v1 APIs while a fault thread
+Clients get, hold and release VMs through the legacy and v1 APIs (some of them waiting in
+the queue with ``wait=``, so queued and creating requests meet every fault) while a fault thread
 injects, one at a time and in random order, the faults real labs have: kill -9 of a
 ``dynvm serve``, a host refusing or hanging, APIPA and DHCP exhaustion, failing clone,
 start, destroy and disk destroy, sessions invalidated, a slow host. At the end every
@@ -214,6 +215,9 @@ class Servers:
             self.processes[index] = None
 
 
+WAITING_SHARE = 0.3  # of getservers that send wait=<2-20 s>: the queue under the same faults
+
+
 def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, rng: random.Random) -> None:
     held: list[tuple[str, int, list[Grant]]] = []  # (user, count, grants)
     letting_go: list[tuple[str, int, list[Grant]]] = []  # released, but not answered 200/202 yet
@@ -237,6 +241,8 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                     lifetime = rng.uniform(3, 40)  # seconds; the SPEC's own example is 0.05 min
                     sent = time.time()
                     params = {"os": "centos", "count": count, "format": "detailed", "expiresin": f"{lifetime / 60:.4f}"}
+                    if rng.random() < WAITING_SHARE:  # some wait in the queue when the hosts are full
+                        params["wait"] = f"{rng.uniform(2, 20) / 60:.4f}"
                     answer = http.get(f"{url}/getservers/{user}", params=params)
                     tally.answered(answer)
                     if answer.status_code == 200:
