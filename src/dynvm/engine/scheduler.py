@@ -32,7 +32,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import capacity
 from ..xen.inventory import HostState
@@ -105,6 +105,9 @@ class Scheduler:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one pass at a time in this process
         self._timing: eta.Timing | None = None
+        # during a pass: what requests alike share (needs per host, whether they can ever
+        # fit), computed once; templates and host sizes do not change within a pass
+        self._memo: dict[tuple[object, ...], Any] | None = None
         self._learned_at = -LEARN_EVERY
         self._hold: dict[str, float] = {}
         self._thread: threading.Thread | None = None
@@ -192,6 +195,9 @@ class Scheduler:
         return Snapshot(now, rooms, releases)
 
     def waiting_of(self, settings: Settings, record: RequestRecord) -> eta.Waiting:
+        key = ("needs", record.os, record.cpus, record.memory, record.host_ref)
+        if self._memo is not None and key in self._memo:
+            return eta.Waiting(record.id, record.os, record.count, self._memo[key])
         needs = {}
         for host in settings.hosts:
             if record.host_ref is not None and host.ref != record.host_ref:
@@ -202,11 +208,22 @@ class Scheduler:
             need = capacity.need_on(host, view, record.os, record.cpus, record.memory)
             if need is not None:
                 needs[host.ref] = need
+        if self._memo is not None:
+            self._memo[key] = needs
         return eta.Waiting(record.id, record.os, record.count, needs)
 
     def can_ever_fit(self, settings: Settings, record: RequestRecord) -> bool:
         """Whether the request fits in the whole size of its hosts (every dynvm VM gone).
         A host that is down might hold it once back: then it may."""
+        key = ("fits", record.os, record.cpus, record.memory, record.host_ref, record.count)
+        if self._memo is not None and key in self._memo:
+            return bool(self._memo[key])
+        fits = self._can_ever_fit(settings, record)
+        if self._memo is not None:
+            self._memo[key] = fits
+        return fits
+
+    def _can_ever_fit(self, settings: Settings, record: RequestRecord) -> bool:
         whole: dict[str, capacity.HostRoom] = {}
         for host in settings.hosts:
             if record.host_ref is not None and host.ref != record.host_ref:
@@ -230,7 +247,7 @@ class Scheduler:
         before = self._head_eta(settings, snap, head)
         if before is None:
             return False  # the head is not forecast to fit at all (its host is down): go ahead
-        rooms = {ref: _copy_room(room) for ref, room in snap.rooms.items()}
+        rooms = _copy_rooms(snap.rooms)
         placed = eta.fit(rooms, candidate)
         if placed is None:
             return True
@@ -272,9 +289,11 @@ class Scheduler:
             if not queued:
                 return PassReport()  # nothing waits: no snapshot, nothing to forecast
             started = time.perf_counter()
+            self._memo = {}
             try:
                 return self._pass(queued)
             finally:
+                self._memo = None
                 self.leases._report("scheduler_passed", time.perf_counter() - started)
 
     def _pass(self, queued: list[RequestRecord]) -> PassReport:
@@ -312,14 +331,19 @@ class Scheduler:
         head: RequestRecord | None = None
         left: list[RequestRecord] = []
         snap = self._fresh_snapshot(settings)
+        misfits: set[tuple[object, ...]] = set()  # requests alike that do not fit this snapshot
         for record in order:
+            alike = (record.os, record.cpus, record.memory, record.host_ref, record.count)
             waiting = self.waiting_of(settings, record)
-            fits = eta.fit({ref: _copy_room(room) for ref, room in snap.rooms.items()}, waiting) is not None
+            fits = alike not in misfits and eta.fit(_copy_rooms(snap.rooms), waiting) is not None
+            if not fits:
+                misfits.add(alike)
             may_go = fits and (head is None or not self.delays_head(settings, snap, head, waiting))
             if may_go and self.leases.grant(record):
                 report.served.append(record.id)
                 self.events("served", record)
                 snap = self._fresh_snapshot(settings)
+                misfits.clear()
                 continue
             if head is None:
                 head = record
@@ -339,5 +363,8 @@ class Scheduler:
         self.store.set_forecast({record.id: (index, etas.get(record.id)) for index, record in enumerate(left, 1)})
 
 
-def _copy_room(room: capacity.HostRoom) -> capacity.HostRoom:
-    return capacity.HostRoom(room.ref, room.disk, [dataclasses.replace(m) for m in room.members])
+def _copy_rooms(rooms: dict[str, capacity.HostRoom]) -> dict[str, capacity.HostRoom]:
+    return {
+        ref: capacity.HostRoom(room.ref, room.disk, [dataclasses.replace(m) for m in room.members])
+        for ref, room in rooms.items()
+    }
