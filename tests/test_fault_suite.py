@@ -215,3 +215,54 @@ def test_a_slow_host(rig):
     assert lease.state == "ready"
     lab.control(0).set_timing({"latency_ms": 0})
     check_invariants(services, lab, baseline)
+
+
+def test_a_cancel_racing_the_grant_hands_the_vm_over_or_removes_it_never_both(rig):
+    """Each round frees one slot for a queued request and cancels it a moment later, at
+    a different point of its life each time: queued, being made, or handed over."""
+    import contextlib
+    import random
+
+    from dynvm.model import NameInUse
+
+    services, lab, baseline = rig
+    engine = services.leases
+    attempt(services, "fill", count=16)  # both hosts full
+    rng = random.Random(5)
+    ends = []
+    for n in range(1, 9):
+        waiter = engine.submit(LeaseRequest(f"race{n}x", "centos"), 600)
+        engine.scheduler.run_pass()
+        engine.release_names([f"fill{n}"])
+        threading.Event().wait(rng.uniform(0, 0.4))  # somewhere in its grant, create or hand-over
+        with contextlib.suppress(NameInUse):  # handed over first: the cancel lost, the VM is the request's
+            engine.cancel(waiter.id)
+        wait_for(lambda waiter=waiter: engine.requests.get(waiter.id).finished, timeout=30)
+        record = engine.requests.get(waiter.id)
+        mine = [lease for lease in engine.leases.active() if lease.request_id == waiter.id]
+        if record.state == "ready":
+            assert [lease.state for lease in mine] == ["ready"]  # handed over, and kept
+        else:
+            assert record.state == "cancelled"
+            wait_for(lambda waiter=waiter: not [x for x in engine.leases.active() if x.request_id == waiter.id])
+        ends.append(record.state)
+    assert set(ends) <= {"ready", "cancelled"}
+    check_invariants(services, lab, baseline)
+
+
+def test_a_queued_request_whose_create_fails_ends_failed_and_leaves_nothing(rig):
+    services, lab, baseline = rig
+    engine = services.leases
+    attempt(services, "fill", count=16)
+    waiter = engine.submit(LeaseRequest("doomed", "centos"), 600)
+    engine.scheduler.run_pass()
+    for index in (0, 1):
+        lab.control(index).fail_next("start", "BOOTLOADER_FAILED", 10)
+    engine.release_names(["fill1"])
+    wait_for(lambda: engine.requests.get(waiter.id).finished, timeout=30)
+    record = engine.requests.get(waiter.id)
+    assert record.state == "failed"
+    assert "BOOTLOADER_FAILED" in record.error
+    for index in (0, 1):
+        lab.control(index).reset()
+    check_invariants(services, lab, baseline)
