@@ -753,8 +753,12 @@ class LeaseService(Queueing, Upkeep):
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Refuse new requests, let those in flight finish for ``grace`` seconds, then
-        cancel the rest (their VMs are removed) and wait for the roll-back."""
+        cancel the rest (their VMs are removed) and wait for the roll-back. Legacy requests
+        queued here are cancelled: their callers' connections end with this process."""
         self._stopping.set()
+        for record in self.requests.in_state(QUEUED):
+            if record.origin == "legacy" and record.owner == self.owner:
+                self.requests.end_cancelled(record.id, [QUEUED], "dynvm stopped while its caller waited")
         with self._idle:
             if not self._idle.wait_for(lambda: self._in_flight == 0, timeout=grace):
                 log.warning("stopping: cancelling %d request(s) still in flight", self._in_flight)

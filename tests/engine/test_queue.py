@@ -201,3 +201,15 @@ def test_a_request_pinned_to_a_host_that_goes_down_waits_for_it_and_is_served_wh
     engine.release_names(["fill1"])
     wait_for(lambda: state_of(services, pinned.id) == "ready", timeout=30)
     assert engine.leases_of(pinned.id)[0].host_ref == "1"
+
+
+def test_stopping_cancels_the_legacy_requests_queued_here_and_keeps_the_v1_ones(make_services, sim_lab):
+    lab = sim_lab(**SMALL)
+    first, _ = make_services(lab=lab, db="stop.db")
+    first.leases.acquire(LeaseRequest("holder", "centos", count=2))
+    legacy = first.leases.submit(LeaseRequest("legacy", "centos"), 600, origin="legacy")
+    v1 = first.leases.submit(LeaseRequest("v1", "centos"), 600, origin="v1")
+    first.stop()
+    second, _ = make_services(lab=lab, db="stop.db")
+    assert state_of(second, legacy.id) == CANCELLED  # its caller's connection ended with the process
+    assert state_of(second, v1.id) == QUEUED  # read by id: it is still served

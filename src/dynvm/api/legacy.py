@@ -220,7 +220,12 @@ async def _wait_for_leases(
 
     # once served, its create may take up to three attempts of vm.network.timeout.secs
     longest = minutes * 60 + 3 * services.current_settings().common.network_timeout_secs + 600
-    final = await engine.requests.wait_finished(record.id, longest, still_wanted=connected)
+    try:
+        final = await engine.requests.wait_finished(record.id, longest, still_wanted=connected)
+    except BaseException:  # the server is stopping and cancels this wait: nobody will be answered
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(engine.requests.request_cancel, record.id)
+        raise
     if final is None or not final.finished:
         await anyio.to_thread.run_sync(engine.cancel, record.id)
         raise RequestCancelled("the client hung up while its request waited; it was cancelled")
