@@ -213,3 +213,32 @@ def test_stopping_cancels_the_legacy_requests_queued_here_and_keeps_the_v1_ones(
     second, _ = make_services(lab=lab, db="stop.db")
     assert state_of(second, legacy.id) == CANCELLED  # its caller's connection ended with the process
     assert state_of(second, v1.id) == QUEUED  # read by id: it is still served
+
+
+def test_a_request_whose_builder_died_goes_back_to_the_queue_while_its_caller_waits(make_services):
+    import dataclasses
+
+    from dynvm.engine.requests import CREATING
+
+    services, _ = make_services(**SMALL)
+    engine = services.leases
+    now = engine.clock()
+    base = engine.requests.get(engine.submit(LeaseRequest("template-row", "centos"), 600).id)
+    rows = {
+        # its caller waits on this (live) process: queued again
+        "waited-on-here": dataclasses.replace(base, id="r1", origin="legacy", owner=engine.owner),
+        # its caller's process died too: nobody to answer
+        "caller-gone": dataclasses.replace(base, id="r2", origin="legacy", owner="gone#1"),
+        # read by id: queued again
+        "v1": dataclasses.replace(base, id="r3", origin="v1", owner="gone#1"),
+        # did not wait at all: failed
+        "immediate": dataclasses.replace(base, id="r4", origin="legacy", owner=engine.owner, wait_until=None),
+    }
+    for record in rows.values():
+        engine.requests.insert(dataclasses.replace(record, state=CREATING, builder="gone#2", created_at=now))
+    engine.recover()
+    states = {name: state_of(services, record.id) for name, record in rows.items()}
+    assert states["waited-on-here"] == QUEUED
+    assert states["v1"] == QUEUED
+    assert states["caller-gone"] == "failed"
+    assert states["immediate"] == "failed"

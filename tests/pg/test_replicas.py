@@ -153,3 +153,23 @@ def test_a_request_queued_on_a_follower_is_served_by_the_leader_and_by_the_next_
     b.leases.release_names(["holder2"])
     wait_for(lambda: b.leases.requests.get(second.id).state == "ready", timeout=30)
     assert sorted(lease.name for lease in b.leases.leases.active()) == ["q1", "q2"]
+
+
+def test_a_leader_that_stops_while_making_a_followers_request_gives_it_back_to_the_queue(
+    make_services, sim_lab, fresh_pg
+):
+    from dynvm.sim.settings import Timing
+
+    lab = sim_lab(timing=Timing(clone_seconds=0.05, boot_seconds=60, ip_seconds=0.05))  # outlasts a's grace
+    a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
+    b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
+    assert a.leadership.is_leader()
+    request = b.leases.submit(LeaseRequest("handed", "centos"), 600, origin="legacy")  # its caller waits on b
+    wait_for(lambda: b.leases.requests.get(request.id).state == "creating", timeout=10)
+    assert b.leases.requests.get(request.id).builder == a.leases.owner
+    a.stop()  # the leader stops mid-create: it rolls its VMs back, and the request waits again
+    assert b.leases.requests.get(request.id).state == "queued"
+    lab.control().set_timing({"boot_seconds": 0.1})
+    wait_for(lambda: b.leadership.is_leader(), timeout=30)
+    wait_for(lambda: b.leases.requests.get(request.id).state == "ready", timeout=60)
+    assert b.leases.requests.get(request.id).builder == b.leases.owner

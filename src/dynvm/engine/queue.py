@@ -87,10 +87,14 @@ class Queueing:
         def build() -> None:
             try:
                 self._build(settings, new, record.id, pinned=request.host_ref is not None)
-            except LeaseError as e:
-                self.tracker.finish(record.id, e)
             except Exception as e:
-                log.exception("request %s failed", record.id)
+                if self._stopping.is_set() and record.owner != self.owner and self.may_requeue(record, {record.owner}):
+                    # this replica stops; the caller waits on another: another leader makes them
+                    self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None, vms=[])
+                    log.warning("request %s: stopping while making its VMs; queued again", record.id)
+                    return
+                if not isinstance(e, LeaseError):
+                    log.exception("request %s failed", record.id)
                 self.tracker.finish(record.id, e)
 
         self._pool.submit(build)

@@ -20,7 +20,7 @@ from ..model import DestroyFailed, Lease
 from ..store.tables import ACTIVE_STATES
 from ..xen.inventory import HostState, HostView, VmView
 from ..xen.marker import Ownership, lease_of, lease_of_clone_name, marker, ownership, quarantined_at
-from .requests import CREATING, FAILED, QUEUED
+from .requests import CREATING, FAILED, QUEUED, RequestRecord
 
 if TYPE_CHECKING:
     from ..config import HostSettings, Settings
@@ -95,17 +95,19 @@ class Upkeep:
 
     def _recover_requests(self, alive: set[str]) -> None:
         """Requests a dead process left. One it was making VMs for (their leases were just
-        failed above) goes back to the queue, in its old place, if its caller can still
-        be answered (v1: its status is read by id) and its wait has not run out; else it
-        fails. A queued one whose caller waited on the dead process (a legacy request: the
-        HTTP answer died with it) is cancelled; v1 ones stay queued for the leader."""
+        failed above) goes back to the queue, in its old place, if it waits and its caller
+        can still be answered (v1: its status is read by id; legacy: the process its
+        caller waits on is alive); a wait that ran out meanwhile then times out as any
+        other. Else it fails (nobody waits for the answer). A queued one whose caller
+        waited on the dead process (legacy: the HTTP answer died with it) is cancelled;
+        v1 ones stay queued for the leader."""
         now = self.clock()
         for record in self.requests.in_state(CREATING):
             if record.builder in alive or record.builder is None:
                 continue
-            if record.origin == "v1" and record.wait_until is not None and record.wait_until > now:
+            if self.may_requeue(record, alive):
                 self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None, vms=[])
-                log.warning("request %s: dynvm stopped while making its VMs; queued again", record.id)
+                log.warning("request %s: the dynvm making its VMs stopped; queued again", record.id)
             else:
                 self.requests.transition(
                     record.id,
@@ -118,6 +120,12 @@ class Upkeep:
             if record.origin == "legacy" and record.owner not in alive:
                 self.requests.end_cancelled(record.id, [QUEUED], "the dynvm process its caller waited on stopped")
         self.requests.forget_finished(now - FINISHED_REQUESTS_KEPT)
+
+    @staticmethod
+    def may_requeue(record: RequestRecord, alive: set[str]) -> bool:
+        """Whether a request whose VMs stopped being made goes back to the queue: it waits,
+        and whoever waits for its answer is still there."""
+        return record.wait_until is not None and (record.origin == "v1" or record.owner in alive)
 
     def _roll_back_unanswered_requests(self, settings: Settings, alive: set[str]) -> None:
         """Ready leases a dead process never handed over (it died before its request
