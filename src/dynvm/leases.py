@@ -421,6 +421,8 @@ class LeaseService(Queueing, Upkeep):
             else:
                 failed.append((lease, error))
         if not failed:
+            if request_id is not None:
+                self.tracker.flush(request_id)  # its VMs' last stages, before anyone reads it ready
             try:
                 handed = self.leases.hand_over([lease.id for lease in ready], self.clock(), request_id)
             except RequestCancelled:

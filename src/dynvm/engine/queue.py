@@ -146,7 +146,7 @@ class _RequestCancel:
     """What a create checks between its steps: dynvm stopping, or its request cancelled
     (read from the request's row at most every ``CANCEL_CHECK`` seconds)."""
 
-    CANCEL_CHECK = 0.5
+    CANCEL_CHECK = 1.0
 
     def __init__(self, stopping: threading.Event, store: RequestStore, request_id: str | None) -> None:
         self._stopping = stopping

@@ -14,6 +14,7 @@ the other sees that it lost.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +35,8 @@ CANCELLED = "cancelled"
 TIMED_OUT = "timed out"
 FINAL_STATES = (READY, FAILED, CANCELLED, TIMED_OUT)
 STAGES = ("reserved", "cloning", "provisioning", "booting", "waiting for IP", "ready", "failed", "removed", "moved")
+log = logging.getLogger(__name__)
+
 POLL_SECONDS = 0.25  # how often a waiter looks at the row when the change may come from another replica
 
 
@@ -201,18 +204,23 @@ class RequestStore:
             conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
         self.notify(request_id)
 
-    def update_vm(self, request_id: str, name: str, **changes: Any) -> None:
-        """Change one VM's progress entry (row-locked: a request's VMs progress side by side)."""
+    def update_vms(self, changes: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Change VMs' progress entries (request id -> VM name -> fields), every request's
+        in one transaction (row-locked: a request's VMs progress side by side)."""
+        if not changes:
+            return
         with self.db.write() as conn:
-            row = conn.execute(select(requests.c.vms).where(requests.c.id == request_id).with_for_update()).first()
-            if row is None:
-                return
-            vms = [dict(vm) for vm in row[0] or []]
-            for vm in vms:
-                if vm["name"] == name:
-                    vm.update(changes)
-            conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
-        self.notify(request_id)
+            for request_id, by_name in changes.items():
+                query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
+                row = conn.execute(query).first()
+                if row is None:
+                    continue
+                vms = [dict(vm) for vm in row[0] or []]
+                for vm in vms:
+                    vm.update(by_name.get(vm["name"], {}))
+                conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+        for request_id in changes:
+            self.notify(request_id)
 
     def set_forecast(self, forecast: dict[str, tuple[int, float | None]]) -> None:
         """Write each queued request's position and ETA, where they changed."""
@@ -298,11 +306,57 @@ class RequestStore:
 class DurableTracker:
     """The progress the lease engine reports while it makes a request's VMs, written into
     the request's row. A request started directly (``LeaseService.acquire``, with no row
-    yet) gets one in state ``creating``."""
+    yet) gets one in state ``creating``.
+
+    Stage changes are gathered and written together, every ``FLUSH_SECONDS`` (a hundred
+    VMs booting at once would otherwise be a hundred write transactions per stage, and on
+    SQLite every one waits for the disk). Reads in this process see them at once; other
+    replicas within ``FLUSH_SECONDS``. They are written before the request ends."""
+
+    FLUSH_SECONDS = 0.2
 
     def __init__(self, store: RequestStore, owner: str) -> None:
         self.store = store
         self.owner = owner
+        self._pending: dict[str, dict[str, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    def _queue(self, request_id: str, name: str, changes: dict[str, Any]) -> None:
+        with self._lock:
+            self._pending.setdefault(request_id, {}).setdefault(name, {}).update(changes)
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="progress", daemon=True)
+                self._flusher.start()
+        self._wake.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.FLUSH_SECONDS)  # gather what comes meanwhile
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # the database is away for a moment: the next change tries again
+                log.warning("writing request progress failed; retrying with the next change", exc_info=True)
+
+    def flush(self, request_id: str | None = None) -> None:
+        """Write what is gathered (only ``request_id``'s, when given) now."""
+        with self._lock:
+            if request_id is None:
+                taken, self._pending = self._pending, {}
+            else:
+                taken = {request_id: self._pending.pop(request_id)} if request_id in self._pending else {}
+        try:
+            self.store.update_vms(taken)
+        except Exception:
+            with self._lock:  # put it back, older than anything gathered since
+                for rid, by_name in taken.items():
+                    newer = self._pending.get(rid, {})
+                    merged = {n: {**c, **newer.get(n, {})} for n, c in by_name.items()}
+                    self._pending[rid] = {**newer, **merged}
+            raise
 
     def start(self, request_id: str, username: str, os: str, count: int) -> None:
         self.store.ensure(
@@ -341,11 +395,12 @@ class DurableTracker:
             changes["ip"] = ip
         if error:
             changes["error"] = error
-        self.store.update_vm(request_id, name, **changes)
+        self._queue(request_id, name, changes)
 
     def finish(self, request_id: str, error: Exception | None = None) -> None:
         """The request ended: ready, or failed with ``error`` (its HTTP status and kind kept,
         so a waiter on any replica answers as the engine raised it)."""
+        self.flush(request_id)
         if error is None:
             self.store.transition(request_id, [CREATING, QUEUED], READY)
         else:
@@ -357,4 +412,11 @@ class DurableTracker:
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         record = self.store.get(request_id)
-        return record.as_dict(self.store.clock()) if record else None
+        if record is None:
+            return None
+        status = record.as_dict(self.store.clock())
+        with self._lock:  # what this process has not written yet
+            pending = {name: dict(changes) for name, changes in self._pending.get(request_id, {}).items()}
+        for vm in status["vms"]:
+            vm.update(pending.get(vm["name"], {}))
+        return status
