@@ -28,6 +28,7 @@ from ..model import (
 )
 from ..store.tables import ACTIVE_STATES
 from .requests import CANCELLED, CREATING, QUEUED, RequestRecord, RequestStore
+from .scheduler import never_fits
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,7 @@ class Queueing:
             wait_until=self.clock() + wait_seconds,
         )
         if not self.scheduler.can_ever_fit(self.settings, record):
-            raise NotEnoughCapacity(
-                f"{request.count} {request.os} VM(s) can never be served at once: more than every host "
-                f"{'(host ' + request.host_ref + ') ' if request.host_ref else ''}holds for {request.os}; "
-                "ask for fewer"
-            )
+            raise NotEnoughCapacity(never_fits(record) + "; ask for fewer")
         self._refuse_leased_names(self.leases.by_name(vm_names(request.username, request.count)), request)
         self.requests.insert(record)
         self.scheduler.wake()

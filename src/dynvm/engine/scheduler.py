@@ -72,6 +72,13 @@ def fair_order(queued: Sequence[RequestRecord], served: Sequence[tuple[str, floa
     return [record for _, record in sorted(keyed, key=lambda kv: kv[0])]
 
 
+def never_fits(record: RequestRecord) -> str:
+    """Why a request that can never fit is refused (at submit, or by a later pass)."""
+    pinned = f"(host {record.host_ref}) " if record.host_ref else ""
+    what = f"{record.count} {record.os} VM(s)"
+    return f"{what} can never be served at once: more than every host {pinned}holds for {record.os}"
+
+
 @dataclass
 class Snapshot:
     """The room on every answering host now, and what each active lease will give back."""
@@ -79,6 +86,9 @@ class Snapshot:
     now: float
     rooms: dict[str, capacity.HostRoom]
     releases: list[eta.Release]
+    # the head's ETA in this snapshot, by request id: every candidate of a pass is weighed
+    # against the same head, so it is forecast once per snapshot
+    head_etas: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -237,14 +247,22 @@ class Scheduler:
             whole[host.ref] = capacity.room_on(host, others, settings.common.cpu_overcommit, [])
         return eta.fit(whole, self.waiting_of(settings, record)) is not None
 
-    def _head_eta(self, settings: Settings, snap: Snapshot, head: RequestRecord) -> float | None:
+    def _head_eta(
+        self,
+        settings: Settings,
+        now: float,
+        rooms: dict[str, capacity.HostRoom],
+        releases: list[eta.Release],
+        head: RequestRecord,
+    ) -> float | None:
         queue = [self.waiting_of(settings, head)]
-        etas = eta.forecast(snap.now, snap.rooms, snap.releases, queue, self.timing(), self.hold_seconds(settings))
-        return etas[head.id]
+        return eta.forecast(now, rooms, releases, queue, self.timing(), self.hold_seconds(settings))[head.id]
 
     def delays_head(self, settings: Settings, snap: Snapshot, head: RequestRecord, candidate: eta.Waiting) -> bool:
         """Whether serving ``candidate`` now makes the head's ETA later."""
-        before = self._head_eta(settings, snap, head)
+        if head.id not in snap.head_etas:
+            snap.head_etas[head.id] = self._head_eta(settings, snap.now, snap.rooms, snap.releases, head)
+        before = snap.head_etas[head.id]
         if before is None:
             return False  # the head is not forecast to fit at all (its host is down): go ahead
         rooms = _copy_rooms(snap.rooms)
@@ -257,9 +275,7 @@ class Scheduler:
         for host_ref, member in placed:
             need = candidate.needs[host_ref]
             releases.append(eta.Release(end, host_ref, member, need.cpus, need.memory, need.disk))
-        after = eta.forecast(
-            snap.now, rooms, releases, [self.waiting_of(settings, head)], self.timing(), self.hold_seconds(settings)
-        )[head.id]
+        after = self._head_eta(settings, snap.now, rooms, releases, head)
         return after is None or after > before + 1.0
 
     # -- immediate requests ------------------------------------------------------------
@@ -317,10 +333,7 @@ class Scheduler:
                     report.timed_out.append(record.id)
                     self.events("timed out", record)
             elif not self.can_ever_fit(settings, record):
-                message = (
-                    f"{record.count} {record.os} VM(s) can never be served at once: more than every host "
-                    f"{'(host ' + record.host_ref + ') ' if record.host_ref else ''}holds for {record.os}"
-                )
+                message = never_fits(record)
                 if self.store.transition(
                     record.id, [QUEUED], "failed", error=message, error_status=429, error_kind="NotEnoughCapacity"
                 ):
