@@ -59,14 +59,12 @@ from .model import (
     VmSpec,
     vm_names,
 )
+from .provider import DestroyResult, HostStatus, Machine, Provider
 from .store.history import HistoryStore, origin_of
 from .store.leases import LeaseStore
-from .xen.inventory import HostState, Inventory
-from .xen.provision import DestroyResult, Provisioner
 
 log = logging.getLogger(__name__)
 
-CLONE_TASK = "task/"  # a lease's vm_ref while its clone runs: "task/<xapi task ref>"
 REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats every 2 s)
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
 RELEASE_RETRY = "release-retry"  # the owner of a lease whose destroy failed: whichever replica leads retries it
@@ -82,6 +80,16 @@ class LeaseEvents:
     def reconciled(self, report: ReconcileReport) -> None: ...
     def request_event(self, kind: str, record: RequestRecord) -> None: ...
     def scheduler_passed(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """A configured host as the API shows it: what the provider sees, and how many more
+    VMs of each of its OSes fit now."""
+
+    host: HostSettings
+    status: HostStatus
+    capacity: dict[str, int]
 
 
 @dataclass
@@ -115,7 +123,7 @@ class LeaseService(Queueing, Upkeep):
     def __init__(
         self,
         settings: Callable[[], Settings],
-        inventory: Inventory,
+        provider: Provider,
         leases: LeaseStore,
         history: HistoryStore,
         clock: Callable[[], float] = time.time,
@@ -124,13 +132,16 @@ class LeaseService(Queueing, Upkeep):
         events: LeaseEvents | None = None,
     ) -> None:
         self._settings = settings
-        self.inventory = inventory
+        self.provider = provider
         self.leases = leases
         self.history = history
         self.clock = clock
         # "<replica name>#<this boot>": a restarted replica knows its own earlier creates are dead
         self.owner = f"{owner or 'dynvm'}#{uuid.uuid4().hex[:12]}"
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="create")
+        # a request's build waits on its VMs' creates: never in the create pool, or a full
+        # pool of builds would wait for creates that no thread is left to run
+        self._builders = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="build")
         self._stopping = threading.Event()
         self._cancel = threading.Event()
         self._in_flight = 0
@@ -145,7 +156,8 @@ class LeaseService(Queueing, Upkeep):
 
     @functools.cached_property
     def installation(self) -> str:
-        """This installation's id, written into the marker of every VM and disk it makes."""
+        """This installation's id: the provider writes it into the mark of every machine
+        and disk it makes for this database."""
         return self.leases.installation_id()
 
     @property
@@ -180,16 +192,14 @@ class LeaseService(Queueing, Upkeep):
         for host in settings.hosts:
             if only is not None and host.ref != only:
                 continue
-            view = self.inventory.view(host.ref)
-            if view is None:
-                continue
-            need = capacity.need_on(host, view, os, req_cpus, req_memory)
+            need = self.provider.need(host, os, req_cpus, req_memory)
             if need is None:
                 continue
-            room = capacity.room_on(
-                host, view, settings.common.cpu_overcommit, [r for r in reserved if r["host_ref"] == host.ref]
+            room = self.provider.room(
+                host, settings.common.cpu_overcommit, [r for r in reserved if r["host_ref"] == host.ref]
             )
-            out.append(capacity.Candidate(host, room, need))
+            if room is not None:
+                out.append(capacity.Candidate(host, room, need))
         return out
 
     def _explain_shortage(self, settings: Settings, message: str, request: LeaseRequest) -> str:
@@ -199,15 +209,9 @@ class LeaseService(Queueing, Upkeep):
         for host in settings.hosts:
             if request.host_ref is not None and host.ref != request.host_ref:
                 continue
-            view = self.inventory.view(host.ref)
-            name = host.templates.get(request.os)
-            if name is None:
-                reasons.append(f"{host.section} has no template for {request.os}")
-            elif view is None or view.state is not HostState.UP:
-                why = view.error if view is not None and view.error else "not answering yet"
-                reasons.append(f"{host.section} is down: {why}")
-            elif (choice := capacity.template_choice(view, name)).template is None:
-                reasons.append(f"{host.section}: {choice.problem} ({request.os}.template)")
+            reason = self.provider.shortage(host, request.os)
+            if reason is not None:
+                reasons.append(reason)
         if not reasons:
             return message
         return message.removesuffix(capacity.FULL_HINT) + "; " + "; ".join(reasons)
@@ -215,16 +219,7 @@ class LeaseService(Queueing, Upkeep):
     def template_problems(self) -> list[str]:
         """Every ``<os>.template`` line that picks no template on its (answering) host:
         missing, or ambiguous. Logged at start-up; that OS gets no VM on that host."""
-        problems = []
-        for host in self.settings.hosts:
-            view = self.inventory.view(host.ref)
-            if view is None or view.state is not HostState.UP:
-                continue
-            for os, name in sorted(host.templates.items()):
-                choice = capacity.template_choice(view, name)
-                if choice.template is None:
-                    problems.append(f"[{host.section}] {os}.template: {choice.problem} on {host.display}")
-        return problems
+        return [problem for host in self.settings.hosts for problem in self.provider.template_problems(host)]
 
     def check_os(self, settings: Settings, os: str) -> None:
         if not any(os in host.templates for host in settings.hosts):
@@ -237,6 +232,56 @@ class LeaseService(Queueing, Upkeep):
         with self.leases.db.read() as conn:
             reserved = self.leases.pending_reservations(conn)
         return capacity.available(self._candidates(settings, os, None, None, reserved))
+
+    def host_statuses(self) -> dict[str, HostStatus]:
+        """What the provider sees of each configured host it knows, by ref (no capacity)."""
+        out = {}
+        for host in self.settings.hosts:
+            status = self.provider.status(host)
+            if status is not None:
+                out[host.ref] = status
+        return out
+
+    def host_reports(self) -> list[HostReport]:
+        """Every configured host the provider knows, in the configuration's order."""
+        settings = self.settings
+        with self.leases.db.read() as conn:
+            reserved = self.leases.pending_reservations(conn)
+        out = []
+        for host in settings.hosts:
+            status = self.provider.status(host)
+            if status is None:
+                continue
+            per_os = {
+                os: capacity.available(self._candidates(settings, os, None, None, reserved, only=host.ref))
+                for os in sorted(host.templates)
+            }
+            out.append(HostReport(host, status, per_os))
+        return out
+
+    def machines(self, os: str | None = None) -> dict[str, list[Machine]]:
+        """The machines on every configured host (a host that is down has none listed), by
+        host ref; with ``os``, only the running ones made for that OS: by their lease's OS,
+        or, for one without a lease, by what the provider finds on it."""
+        settings = self.settings
+        if os is not None:
+            self.check_os(settings, os)
+        lease_os = {lease.id: lease.os for lease in self.leases.active()} if os else {}
+        out: dict[str, list[Machine]] = {}
+        for host in settings.hosts:
+            found = self.provider.machines(host)
+            if os is not None:
+                found = [
+                    m
+                    for m in found
+                    if m.running
+                    and (
+                        lease_os.get(m.lease_id or "") == os
+                        or (os in host.templates and self.provider.made_for(host, m, os))
+                    )
+                ]
+            out[host.ref] = found
+        return out
 
     # -- acquire -----------------------------------------------------------------------
 
@@ -397,11 +442,11 @@ class LeaseService(Queueing, Upkeep):
 
     def _refuse_names_on_hosts(self, names: list[str]) -> None:
         wanted = set(names)
-        for view in self.inventory.views():
-            clash = sorted(wanted & {vm.name for vm in view.vms})
+        for host in self.settings.hosts:
+            clash = sorted(wanted & {machine.name for machine in self.provider.machines(host)})
             if clash:
                 raise NameInUse(
-                    f"{', '.join(clash)} already exist(s) on host {view.ref}: choose another name "
+                    f"{', '.join(clash)} already exist(s) on host {host.ref}: choose another name "
                     "(dynvm never reuses or touches a VM it did not create)"
                 )
 
@@ -433,6 +478,8 @@ class LeaseService(Queueing, Upkeep):
                 self._roll_back(settings, ready, "the request could not be handed over")
                 raise
             if handed is not None:
+                if request_id is not None:
+                    self.requests.notify(request_id)  # its waiters answer now, not at their next look
                 self._request_event("ready", request_id)
                 return handed
             # only a process that died and left the request to recover ends a ready lease
@@ -539,9 +586,8 @@ class LeaseService(Queueing, Upkeep):
         """dynvm stops waiting for this lease's create (its host went silent, or the process
         that ran it died): if a clone was running, it may still end and leave a VM without
         dynvm's marker. Remember its task for ``_collect_abandoned_clones``."""
-        vm_ref = lease.vm_ref or ""
-        if vm_ref.startswith(CLONE_TASK):
-            task = vm_ref.removeprefix(CLONE_TASK)
+        task = self.provider.pending_job(lease.vm_ref or "")
+        if task is not None:
             self.leases.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.clock())
             log.warning("%s: a clone may still run on host %s; reconcile removes it", lease.name, lease.host_ref)
 
@@ -586,7 +632,6 @@ class LeaseService(Queueing, Upkeep):
             lease_id=lease.id,
             cpus=lease.cpus,
             memory=lease.memory,
-            windows=lease.os.startswith("win"),
             member=lease.member,
         )
 
@@ -594,11 +639,12 @@ class LeaseService(Queueing, Upkeep):
             self.tracker.stage(lease.request_id, lease.name, stage)
 
         try:
-            created: CreatedVm = self._provisioner(settings, host).create(
+            created: CreatedVm = self.provider.create(
+                host,
                 spec,
                 progress,
-                cancel=cancel or self._cancel,  # type: ignore[arg-type]
-                on_clone_task=lambda task: self.leases.remember_vm(lease.id, f"{CLONE_TASK}{task}"),
+                cancel or self._cancel,
+                on_pending=lambda handle: self.leases.remember_vm(lease.id, handle),
                 attempts=attempts,
             )
         except Exception as e:
@@ -608,18 +654,12 @@ class LeaseService(Queueing, Upkeep):
         ready = self.leases.mark_ready(lease.id, created, self.clock(), self.owner)
         if ready is None:  # another replica took this process for dead and failed the lease
             with contextlib.suppress(Exception):  # else reconcile removes it: its lease has ended
-                self._provisioner(settings, host).destroy(created.ref, lease.id)
+                self.provider.destroy(host, created.ref, lease.id)
             raise ProvisionError(f"{lease.name}: the lease ended while its VM was being made", host.ref)
         self.tracker.stage(lease.request_id, lease.name, "ready", ip=ready.ip)
         self.history.record_created(ready, origin_of(host.url))
         self._report("created", ready)
         return ready
-
-    def _provisioner(self, settings: Settings, host: HostSettings) -> Provisioner:
-        pool = self.inventory.pool(host.ref)
-        if pool is None:
-            raise ProvisionError(f"host {host.ref} is not in the inventory")
-        return Provisioner(host, pool, settings.common.network_timeout_secs, self.installation)
 
     # -- release -----------------------------------------------------------------------
 
@@ -706,13 +746,13 @@ class LeaseService(Queueing, Upkeep):
         started = time.monotonic()
         host = settings.host(lease.host_ref)
         result = DestroyResult()  # nothing left, unless the destroy below says otherwise
-        if lease.vm_ref and not lease.vm_ref.startswith(CLONE_TASK):
+        if lease.vm_ref and self.provider.pending_job(lease.vm_ref) is None:
             if host is None:  # out of dynvm's reach: the lease ends, the VM stays where it is
                 reason = f"host {lease.host_ref} left the configuration; {lease.name} may still be on it"
                 log.error("%s: %s", lease.name, reason)
             else:
                 try:
-                    result = self._provisioner(settings, host).destroy(lease.vm_ref, lease.id)
+                    result = self.provider.destroy(host, lease.vm_ref, lease.id)
                 except NotDynvmVm as e:
                     log.error("%s", e)  # never touched; the lease ends (it cannot hold this VM)
                 except Exception as e:
@@ -766,4 +806,6 @@ class LeaseService(Queueing, Upkeep):
                 log.warning("stopping: cancelling %d request(s) still in flight", self._in_flight)
                 self._cancel.set()
                 self._idle.wait_for(lambda: self._in_flight == 0, timeout=300)
+        self._cancel.set()  # a build not started yet runs now, sees it, and rolls back what it reserved
+        self._builders.shutdown(wait=True)
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,7 +17,6 @@ from .engine.requests import QUEUED, RequestRecord
 from .engine.upkeep import ReconcileReport
 from .leases import LeaseEvents
 from .model import Lease
-from .xen.inventory import HostState
 
 if TYPE_CHECKING:
     from .runtime import Services
@@ -113,8 +112,10 @@ class _Gauges(Collector):
             vms.add_metric([host, os, state], n)
         yield vms
         up = GaugeMetricFamily("dynvm_host_up", "1 if the host answers, 0 if it is down or connecting", labels=["host"])
-        for view in services.inventory.views():
-            up.add_metric([view.ref], 1.0 if view.state is HostState.UP else 0.0)
+        for host in services.current_settings().hosts:
+            status = services.provider.status(host)
+            if status is not None:
+                up.add_metric([host.ref], 1.0 if status.up else 0.0)
         yield up
         capacity = GaugeMetricFamily("dynvm_capacity", "How many more VMs of an OS fit now", labels=["os"])
         for os in services.current_settings().os_keys:

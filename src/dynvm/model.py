@@ -72,7 +72,6 @@ class VmSpec:
     lease_id: str  # written into other_config as dynvm's marker
     cpus: int | None = None  # None: the template's own
     memory: int | None = None  # bytes; None: the template's own
-    windows: bool = False
     member: str | None = None  # the pool member (host ref) to start it on; None: xapi chooses
 
 

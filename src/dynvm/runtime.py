@@ -20,11 +20,13 @@ from .auth import TokenStore
 from .config import ConfigWatcher, Settings, load_settings
 from .leases import LeaseService
 from .metrics import Metrics
+from .provider import Provider
 from .store.db import Database, default_db_url, describe_url
 from .store.history import CouchbaseSink, HistorySink, HistoryStore
 from .store.leadership import Leadership
 from .store.leases import LeaseStore
 from .xen.inventory import Inventory
+from .xen.provider import XenProvider
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,7 +76,8 @@ class Services:
     config_path: Path
     settings: Settings
     db: Database
-    inventory: Inventory
+    provider: Provider
+    inventory: Inventory  # the Xen provider's mirror (doctor and tests read it)
     leases: LeaseService
     history: HistoryStore
     watcher: ConfigWatcher
@@ -99,8 +102,8 @@ class Services:
 
     def start(self) -> None:
         self.metrics.watch(self)
-        self.inventory.apply(self.settings)
-        if not self.inventory.wait_synced(self.intervals.sync_wait):
+        self.provider.apply(self.settings)
+        if not self.provider.wait_synced(self.intervals.sync_wait):
             log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
         self.leases.heartbeat()
         for problem in self.leases.template_problems():
@@ -142,7 +145,7 @@ class Services:
             loop.stop()
         self.leadership.resign()
         self.watcher.stop()
-        self.inventory.stop()
+        self.provider.stop()
         self.requests.shutdown(wait=False, cancel_futures=True)
         self.db.close()
 
@@ -175,10 +178,10 @@ def build_services(
     history = HistoryStore(db, sink, clock)
     inventory = Inventory(event_timeout=event_timeout)
     holder: dict[str, ConfigWatcher] = {}
-    leases = LeaseService(
-        lambda: holder["watcher"].current, inventory, LeaseStore(db), history, clock=clock, owner=replica
-    )
-    watcher = ConfigWatcher(config_path, settings, inventory.apply)
+    lease_store = LeaseStore(db)
+    provider = XenProvider(inventory, lambda: holder["watcher"].current, functools.cache(lease_store.installation_id))
+    leases = LeaseService(lambda: holder["watcher"].current, provider, lease_store, history, clock=clock, owner=replica)
+    watcher = ConfigWatcher(config_path, settings, provider.apply)
     holder["watcher"] = watcher
     tokens = TokenStore(db, clock)
     metrics = Metrics()
@@ -187,6 +190,7 @@ def build_services(
         config_path=config_path,
         settings=settings,
         db=db,
+        provider=provider,
         inventory=inventory,
         leases=leases,
         history=history,

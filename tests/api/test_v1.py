@@ -302,3 +302,13 @@ def test_the_api_docs_are_served_whole_by_dynvm_for_air_gapped_labs(serve):
         assert answer.status_code == 200
         assert len(answer.content) > 100_000
     assert service.get("/redoc").status_code == 404  # its page needs a CDN: not served
+
+
+def test_a_request_that_may_not_wait_is_refused_when_it_does_not_fit_not_accepted_then_failed(serve):
+    service = serve()
+    full = service.http.post("/api/v1/leases", json={"os": "centos", "name": "lots", "count": 40})
+    assert full.status_code == 429  # at once, as getservers answers: no 202 for a request that cannot start
+    assert problem(full)["title"] == "Not enough capacity"
+    engine = service.services.leases
+    assert [r.state for r in engine.requests.in_state("queued", "creating")] == []
+    assert engine.leases.active() == []  # nothing was reserved for it

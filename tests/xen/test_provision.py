@@ -70,7 +70,7 @@ def test_fewer_cpus_than_the_template(sim_lab):
 
 def test_a_template_is_found_by_name_prefix(sim_lab):
     lab = sim_lab(timing=QUICK)
-    created = provisioner(lab).create(spec("win", "windows", "tmpl-win16dc", windows=True))
+    created = provisioner(lab).create(spec("win", "windows", "tmpl-win16dc"))
     assert created.template == "tmpl-win16dc - PATCHED (1)"
     assert created.disk == 71 * GiB
 
@@ -211,7 +211,7 @@ def test_destroy_removes_disks_but_never_cd_images(sim_lab):
     lab = sim_lab(timing=QUICK)
     xapi = lab.xapi()
     iso = next(v for v in xapi.VDI.get_all() if xapi.VDI.get_is_tools_iso(v))
-    created = provisioner(lab).create(spec("win2", "windows", "tmpl-win16dc - PATCHED (1)", windows=True))
+    created = provisioner(lab).create(spec("win2", "windows", "tmpl-win16dc - PATCHED (1)"))
     cds = [xapi.VBD.get_VDI(b) for b in xapi.VM.get_VBDs(created.ref) if xapi.VBD.get_type(b) == "CD"]
     assert cds == [iso]
     provisioner(lab).destroy(created.ref)

@@ -18,11 +18,9 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from ..capacity import find_template
-from ..model import BadRequest, Caller, Lease, LeaseRequest, RequestCancelled
+from ..model import BadRequest, Caller, CreateFailed, Lease, LeaseRequest, RequestCancelled
+from ..provider import Machine
 from ..runtime import Services
-from ..xen.inventory import HostState
-from ..xen.provision import MARKER_KEY
 from .deps import CallerDep, ServicesDep
 from .errors import render, render_exception
 
@@ -70,7 +68,7 @@ def _username(raw: str) -> str:
 # -- listing and counting (from memory) ------------------------------------------------------
 
 
-def _vm_entry(vm, member: str | None = None) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _vm_entry(vm: Machine, member: str | None = None) -> dict[str, str]:
     """The seed's six keys; in a pool of several hosts, also ``member``: the name of the
     host it runs on (a lone host's entries stay byte for byte the seed's)."""
     entry = {
@@ -87,29 +85,12 @@ def _vm_entry(vm, member: str | None = None) -> dict[str, str]:  # type: ignore[
 
 
 def showall(services: Services, os: str | None) -> Response:
-    settings = services.current_settings()
-    if os is not None:
-        services.leases.check_os(settings, os)
-    lease_os = {lease.id: lease.os for lease in services.leases.leases.active()} if os else {}
+    engine = services.leases
+    pools = {ref for ref, status in engine.host_statuses().items() if status.is_pool}
     result: dict[str, list[dict[str, str]]] = {}
-    for host in settings.hosts:
-        view = services.inventory.view(host.ref)
-        entries: list[dict[str, str]] = []
-        if view is not None and view.state is HostState.UP:
-            template = None
-            if os is not None and os in host.templates:
-                found = find_template(view, host.templates[os])
-                template = found.name if found else None
-            for vm in view.running_vms:
-                if os is not None:
-                    of_os = lease_os.get(vm.other_config.get(MARKER_KEY, "")) == os or (
-                        template is not None and f" from {template} on " in vm.description
-                    )
-                    if not of_os:
-                        continue
-                member = next((m.name for m in view.members if m.ref == vm.resident_on), "") if view.is_pool else None
-                entries.append(_vm_entry(vm, member))
-        result[host.ref] = entries  # a host that is down is listed with no VMs
+    for host_ref, machines in engine.machines(os).items():  # a host that is down is listed with no VMs
+        member = host_ref in pools
+        result[host_ref] = [_vm_entry(m, m.member if member else None) for m in machines if m.running]
     return json_text(result, indent=2, sort_keys=True)
 
 
@@ -194,10 +175,7 @@ async def getservers(username: str, request: Request, services: ServicesDep, cal
         common = services.current_settings().common
         lease_request, fmt = parse_getservers(username, dict(request.query_params), common.expiry_minutes, caller)
         minutes = parse_wait(request.query_params.get("wait"), common.queue_wait_minutes)
-        if minutes > 0:
-            leases = await _wait_for_leases(services, request, lease_request, minutes)
-        else:
-            leases = await services.run_long(services.leases.acquire, lease_request)
+        leases = await _leases_for(services, request, lease_request, minutes)
     except Exception as e:
         return as_error(e)
     if fmt == "detailed":
@@ -205,15 +183,16 @@ async def getservers(username: str, request: Request, services: ServicesDep, cal
     return json_text([lease.ip for lease in leases])
 
 
-async def _wait_for_leases(
-    services: Services, request: Request, lease_request: LeaseRequest, minutes: float
-) -> list[Lease]:
-    """Queue the request and hold the answer until its VMs are ready, it fails, or its wait
-    runs out (the scheduler then ends it ``timed out``: a 429 saying how long it waited).
-    A client that hangs up cancels it: everything built for it is removed."""
+async def _leases_for(services: Services, request: Request, lease_request: LeaseRequest, minutes: float) -> list[Lease]:
+    """Open the request (queued when it may wait) and hold the answer until its VMs are
+    ready or it ends otherwise; a queued one whose wait runs out ends ``timed out`` (a 429
+    saying how long it waited). A client that hangs up cancels a request that may wait:
+    everything built for it is removed. One that does not wait carries on, as the seed's
+    did: its VMs become leases the user can release, or that expire."""
     engine = services.leases
     lease_request = dataclasses.replace(lease_request, request_id=str(uuid.uuid4()))
-    record = await anyio.to_thread.run_sync(engine.submit, lease_request, minutes * 60, "legacy")
+    record = await anyio.to_thread.run_sync(engine.open_request, lease_request, minutes * 60, "legacy")
+    waits = minutes > 0
 
     async def connected() -> bool:
         return not await request.is_disconnected()
@@ -221,12 +200,15 @@ async def _wait_for_leases(
     # once served, its create may take up to three attempts of vm.network.timeout.secs
     longest = minutes * 60 + 3 * services.current_settings().common.network_timeout_secs + 600
     try:
-        final = await engine.requests.wait_finished(record.id, longest, still_wanted=connected)
+        final = await engine.requests.wait_finished(record.id, longest, still_wanted=connected if waits else None)
     except BaseException:  # the server is stopping and cancels this wait: nobody will be answered
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(engine.requests.request_cancel, record.id)
+        if waits:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(engine.requests.request_cancel, record.id)
         raise
     if final is None or not final.finished:
+        if not waits:
+            raise CreateFailed(f"{lease_request.username}: its VMs are still being made after {longest:.0f} s")
         await anyio.to_thread.run_sync(engine.cancel, record.id)
         raise RequestCancelled("the client hung up while its request waited; it was cancelled")
     if final.state != "ready":

@@ -17,10 +17,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from ..capacity import available
 from ..model import Lease, LeaseRequest, NoSuchLease, ReleaseFailed
-from ..xen.inventory import HostState
-from ..xen.provision import MARKER_KEY
 from .deps import CallerDep, ServicesDep
 from .errors import render_exception
 
@@ -167,74 +164,56 @@ def _capacity(services, os_keys: list[str]) -> dict[str, int]:  # type: ignore[n
 
 @router.get("/hosts", response_model=list[HostOut], responses=ERRORS)
 async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
-    def build() -> list[HostOut]:
-        settings = services.current_settings()
-        with services.db.read() as conn:
-            reserved = services.leases.leases.pending_reservations(conn)
-        out = []
-        for host in settings.hosts:
-            view = services.inventory.view(host.ref)
-            if view is None:
-                continue
-            per_os = {}
-            for os in sorted(host.templates):
-                candidates = services.leases.candidates(settings, os, reserved, only=host.ref)
-                per_os[os] = available(candidates)
-            out.append(
-                HostOut(
-                    ref=host.ref,
-                    name=view.name,
-                    url=host.url,
-                    state=view.state.value,
-                    error=view.error,
-                    cpus=view.cpus,
-                    memory_total=view.memory_total,
-                    memory_free=view.memory_free,
-                    running_vms=len(view.running_vms),
-                    capacity=per_os,
-                    members=[
-                        MemberOut(
-                            ref=m.ref,
-                            name=m.name,
-                            master=m.master,
-                            enabled=m.enabled,
-                            live=m.live,
-                            cpus=m.cpus,
-                            memory_total=m.memory_total,
-                            memory_free=m.memory_free,
-                            running_vms=sum(1 for vm in view.running_vms if vm.resident_on == m.ref),
-                        )
-                        for m in view.members
-                    ],
+    reports = await anyio.to_thread.run_sync(services.leases.host_reports)
+    return [
+        HostOut(
+            ref=report.host.ref,
+            name=report.status.name,
+            url=report.host.url,
+            state=report.status.state,
+            error=report.status.error,
+            cpus=report.status.cpus,
+            memory_total=report.status.memory_total,
+            memory_free=report.status.memory_free,
+            running_vms=report.status.running_vms,
+            capacity=report.capacity,
+            members=[
+                MemberOut(
+                    ref=m.ref,
+                    name=m.name,
+                    master=m.master,
+                    enabled=m.enabled,
+                    live=m.live,
+                    cpus=m.cpus,
+                    memory_total=m.memory_total,
+                    memory_free=m.memory_free,
+                    running_vms=m.running_vms,
                 )
-            )
-        return out
-
-    return await anyio.to_thread.run_sync(build)
+                for m in report.status.members
+            ],
+        )
+        for report in reports
+    ]
 
 
 @router.get("/vms", response_model=list[VmOut], responses=ERRORS)
 async def vms(services: ServicesDep, _: CallerDep) -> list[VmOut]:
-    out = []
-    for view in services.inventory.views():
-        if view.state is not HostState.UP:
-            continue
-        names = {m.ref: m.name for m in view.members}
-        for vm in view.vms:
-            out.append(
-                VmOut(
-                    host=view.ref,
-                    member=names.get(vm.resident_on, ""),
-                    name=vm.name,
-                    description=vm.description,
-                    power_state=vm.power_state,
-                    vcpus=int(vm.vcpus),
-                    memory=int(vm.memory),
-                    ips=vm.addresses,
-                    dynvm=MARKER_KEY in vm.other_config,
-                )
-            )
-    return out
+    found = await anyio.to_thread.run_sync(services.leases.machines)
+    return [
+        VmOut(
+            host=host_ref,
+            member=m.member,
+            name=m.name,
+            description=m.description,
+            power_state=m.power_state,
+            vcpus=int(m.vcpus),
+            memory=int(m.memory),
+            ips=list(m.addresses),
+            dynvm=m.ours,
+        )
+        for host_ref, machines in found.items()
+        for m in machines
+    ]
 
 
 class QuarantinedOut(BaseModel):
@@ -295,12 +274,7 @@ async def create_leases(
     if minutes is None:
         minutes = services.current_settings().common.queue_wait_minutes
     engine = services.leases
-    if minutes > 0:
-        await anyio.to_thread.run_sync(engine.submit, lease_request, minutes * 60, "v1")
-    else:
-        await anyio.to_thread.run_sync(engine.validate, lease_request)  # an unknown OS is a 400 now
-        await anyio.to_thread.run_sync(engine.tracker.start, request_id, body.name, body.os, body.count)
-        services.requests.submit(engine.acquire, lease_request)
+    await anyio.to_thread.run_sync(engine.open_request, lease_request, minutes * 60, "v1")
     location = f"/api/v1/requests/{request_id}"
     if wait:
         record = await engine.requests.wait_finished(request_id, timeout=minutes * 60 + 24 * 3600)

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 
+from ..config import Settings
 from ..model import (
     ANONYMOUS,
     Caller,
@@ -35,6 +36,28 @@ log = logging.getLogger(__name__)
 
 class Queueing:
     """The queue's side of ``LeaseService``."""
+
+    def open_request(self, request: LeaseRequest, wait_seconds: float, origin: str) -> RequestRecord:
+        """Accept a request: the one way in for both APIs, which then follow its row
+        (``RequestStore.wait_finished``) to its end. With ``wait_seconds`` it is queued
+        (``submit``). Without, its room is reserved now or it is refused at once, with the
+        error ``acquire`` raises (the seed's 429, a 409, ...), and its VMs are made in the
+        background. Either way it is a row from here on."""
+        if wait_seconds > 0:
+            return self.submit(request, wait_seconds, origin)
+        request_id = request.request_id or str(uuid.uuid4())
+        request = dataclasses.replace(request, request_id=request_id)
+        self.tracker.start(request_id, request.username, request.os, request.count)
+        settings = self.settings
+        try:
+            new = self._reserve(settings, request, request_id, immediate=True)
+        except Exception as e:
+            self.tracker.finish(request_id, e)
+            raise
+        record = self.requests.get(request_id)
+        assert record is not None  # written by tracker.start, ended only by this process
+        self._builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
+        return record
 
     def submit(self, request: LeaseRequest, wait_seconds: float, origin: str = "v1") -> RequestRecord:
         """Queue a request that may wait up to ``wait_seconds`` for room. Refused at once
@@ -81,21 +104,23 @@ class Queueing:
             self.tracker.finish(record.id, e)
             return True
 
-        def build() -> None:
-            try:
-                self._build(settings, new, record.id, pinned=request.host_ref is not None)
-            except Exception as e:
-                if self._stopping.is_set() and record.owner != self.owner and self.may_requeue(record, {record.owner}):
-                    # this replica stops; the caller waits on another: another leader makes them
-                    self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None, vms=[])
-                    log.warning("request %s: stopping while making its VMs; queued again", record.id)
-                    return
-                if not isinstance(e, LeaseError):
-                    log.exception("request %s failed", record.id)
-                self.tracker.finish(record.id, e)
-
-        self._pool.submit(build)
+        self._builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
         return True
+
+    def _build_request(self, settings: Settings, record: RequestRecord, new: list[Lease], pinned: bool) -> None:
+        """Make a reserved request's VMs (a builder thread). Its row turns ready with the
+        hand-over (``LeaseStore.hand_over``), or failed here."""
+        try:
+            self._build(settings, new, record.id, pinned=pinned)
+        except Exception as e:
+            if self._stopping.is_set() and record.owner != self.owner and self.may_requeue(record, {record.owner}):
+                # this replica stops; the caller waits on another: another leader makes them
+                self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None, vms=[])
+                log.warning("request %s: stopping while making its VMs; queued again", record.id)
+                return
+            if not isinstance(e, LeaseError):
+                log.exception("request %s failed", record.id)
+            self.tracker.finish(record.id, e)
 
     def cancel(self, request_id: str, caller: Caller = ANONYMOUS) -> RequestRecord:
         """Cancel a request before it is ready: a queued one ends at once; a creating one

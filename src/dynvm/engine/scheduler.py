@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import capacity
-from ..xen.inventory import HostState
-from ..xen.marker import MARKER_KEY
 from . import eta
 from .requests import QUEUED, TIMED_OUT, RequestRecord, RequestStore
 
@@ -188,11 +186,10 @@ class Scheduler:
         now = self.clock()
         rooms: dict[str, capacity.HostRoom] = {}
         for host in settings.hosts:
-            view = self.leases.inventory.view(host.ref)
-            if view is None or view.state is not HostState.UP:
-                continue
             mine = [r for r in reserved if r["host_ref"] == host.ref]
-            rooms[host.ref] = capacity.room_on(host, view, settings.common.cpu_overcommit, mine)
+            room = self.leases.provider.room(host, settings.common.cpu_overcommit, mine)
+            if room is not None:
+                rooms[host.ref] = room
         timing = self.timing()
         memory_of = {str(r["lease_id"]): int(r["memory"]) for r in reserved}  # type: ignore[call-overload]
         releases = []
@@ -212,10 +209,7 @@ class Scheduler:
         for host in settings.hosts:
             if record.host_ref is not None and host.ref != record.host_ref:
                 continue
-            view = self.leases.inventory.view(host.ref)
-            if view is None:
-                continue
-            need = capacity.need_on(host, view, record.os, record.cpus, record.memory)
+            need = self.leases.provider.need(host, record.os, record.cpus, record.memory)
             if need is not None:
                 needs[host.ref] = need
         if self._memo is not None:
@@ -240,11 +234,10 @@ class Scheduler:
                 continue
             if record.os not in host.templates:
                 continue
-            view = self.leases.inventory.view(host.ref)
-            if view is None or view.state is not HostState.UP:
+            room = self.leases.provider.room(host, settings.common.cpu_overcommit, [], empty=True)
+            if room is None:
                 return True
-            others = dataclasses.replace(view, vms=tuple(v for v in view.vms if MARKER_KEY not in v.other_config))
-            whole[host.ref] = capacity.room_on(host, others, settings.common.cpu_overcommit, [])
+            whole[host.ref] = room
         return eta.fit(whole, self.waiting_of(settings, record)) is not None
 
     def _head_eta(

@@ -9,17 +9,13 @@ service's stores, inventory and release path.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..model import DestroyFailed, Lease
+from ..model import Lease
+from ..provider import QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
 from ..store.tables import ACTIVE_STATES
-from ..xen.inventory import HostState, HostView, VmView
-from ..xen.marker import Ownership, lease_of, lease_of_clone_name, marker, ownership, quarantined_at
 from .requests import CREATING, FAILED, QUEUED, RequestRecord
 
 if TYPE_CHECKING:
@@ -31,26 +27,6 @@ VANISH_GRACE = 30.0  # seconds a new lease's VM may take to show in the mirror
 ADOPT_WAIT = 5.0  # seconds reconcile waits on a clone still running before it moves on
 RECOVER_CLONE_WAIT = 30.0  # seconds start-up waits, in all, for clones a dead process left running
 FINISHED_REQUESTS_KEPT = 7 * 24 * 3600.0  # seconds a finished request's status stays readable
-
-
-@dataclass
-class ReconcileReport:
-    orphans_destroyed: list[str] = field(default_factory=list)  # VM names
-    vanished: list[str] = field(default_factory=list)  # lease names closed
-    failed_creates: list[str] = field(default_factory=list)  # creates of a dead process
-    quarantined: list[str] = field(default_factory=list)  # VMs (and disks) this database does not know
-    disks_destroyed: list[str] = field(default_factory=list)  # uuids of disks no VM or lease held
-    errors: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class QuarantinedVm:
-    name: str
-    uuid: str
-    host_ref: str
-    lease_id: str
-    quarantined_at: float
-    destroy_at: float
 
 
 class Upkeep:
@@ -156,13 +132,13 @@ class Upkeep:
         settings = self.settings
         active = {lease.id: lease for lease in self.leases.active()}
         live = self._live_processes() - ({self.owner} if startup else set())
+        judge = _Judge(self, active)
         for host in settings.hosts:
-            view = self.inventory.view(host.ref)
-            if view is None or view.state is not HostState.UP:
+            status = self.provider.status(host)
+            if status is None or not status.up:
                 continue
-            for vm in view.vms:
-                self._guarded(report, f"{vm.name} on {host.display}", self._reconcile_vm, host, vm, active, report)
-            on_host = {vm.uuid for vm in view.vms}
+            self.provider.collect_leaks(host, judge, report)
+            on_host = {machine.uuid for machine in self.provider.machines(host)}
             for lease in active.values():
                 settled = (lease.ready_at or 0) < self.clock() - VANISH_GRACE  # the mirror may lag a moment
                 if (
@@ -171,136 +147,23 @@ class Upkeep:
                     and lease.vm_uuid not in on_host
                     and (settled or (startup and lease.owner not in live))
                 ):
-                    self._guarded(report, lease.name, self._close_vanished, lease, host, report)
-            self._reconcile_disks(settings, host, view, report)
+                    report.guarded(lease.name, self._close_vanished, lease, host, report)
         self._collect_abandoned_clones(settings, report)
         self._report("reconciled", report)
         return report
 
-    def _guarded(self, report: ReconcileReport, what: str, step: Callable[..., object], *args: object) -> None:
-        try:
-            step(*args)
-        except Exception as e:
-            log.warning("reconcile: %s: %s", what, e)
-            report.errors.append(f"{what}: {e}")
-
-    def _reconcile_vm(self, host: HostSettings, vm: VmView, active: dict[str, Lease], report: ReconcileReport) -> None:
-        owner = ownership(vm.other_config, self.installation)
-        if owner is Ownership.NOT_DYNVM:
-            made_for = lease_of_clone_name(vm.name)
-            if made_for is None or self.leases.get(made_for) is None:
-                return  # never ours to touch
-            # a clone of ours that dynvm died before marking: its name holds one of our leases
-            self._provisioner(self.settings, host).claim(vm.ref, made_for)
-            log.warning(
-                "reconcile: %s on %s is a clone of lease %s that was never marked", vm.name, host.display, made_for
-            )
-            vm = dataclasses.replace(vm, other_config={**vm.other_config, **marker(made_for, self.installation)})
-            owner = Ownership.OURS
-        if owner is Ownership.OTHER_INSTALLATION:
-            return  # never ours to touch
-        lease_id = lease_of(vm.other_config) or ""
-        holder = active.get(lease_id)
-        if holder is None or holder.host_ref != host.ref:
-            holder = self.leases.get(lease_id)  # a create that began after `active` was read ...
-        known = holder is not None
-        left_behind = holder is not None and holder.vm_uuid is not None and holder.vm_uuid != vm.uuid
-        if holder is not None and holder.state in ACTIVE_STATES and holder.host_ref == host.ref and not left_behind:
-            if owner is Ownership.UNNAMED:  # made before installation ids: write ours on it
-                self._provisioner(self.settings, host).claim(vm.ref, lease_id)
-            return  # (... on another host, or not the lease's VM: an attempt left behind)
-        if not known:
-            if owner is Ownership.UNNAMED:
-                return  # dynvm's, from before installation ids, and not this database's: leave it
-            self._quarantine_or_destroy(host, vm.ref, vm.name, vm.other_config, report)
-            return
-        self._provisioner(self.settings, host).destroy(vm.ref, lease_id)
-        report.orphans_destroyed.append(vm.name)
-        log.warning("reconcile: destroyed %s on %s (dynvm's, but no lease holds it)", vm.name, host.display)
-
-    def _quarantine_or_destroy(
-        self, host: HostSettings, ref: str, name: str, other_config: dict[str, str], report: ReconcileReport
-    ) -> None:
-        """A VM of this installation whose lease the database does not know: halt and tag
-        it the first time it is seen, destroy it once the quarantine is over."""
-        provisioner = self._provisioner(self.settings, host)
-        step = self._quarantine_step(other_config)
-        keep = self.settings.common.quarantine_hours * 3600
-        now = self.clock()
-        if step == "quarantine":
-            if provisioner.quarantine(ref, now):
-                report.quarantined.append(name)
-                log.warning(
-                    "reconcile: %s on %s is this installation's, but its lease %s is unknown to this database "
-                    "(restored from an older backup?): halted and kept until %s, then destroyed",
-                    name,
-                    host.display,
-                    lease_of(other_config),
-                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now + keep)),
-                )
-            return
-        if step == "wait":
-            return
-        provisioner.destroy(ref, lease_of(other_config))
-        report.orphans_destroyed.append(name)
-        log.warning("reconcile: destroyed %s on %s (its quarantine is over)", name, host.display)
-
-    def _quarantine_step(self, other_config: dict[str, str]) -> str:
-        """For a VM or disk whose lease this database does not know: "quarantine" it (the
-        first time it is seen), "wait" (its quarantine is not over), or "destroy" it."""
-        since = quarantined_at(other_config)
+    def quarantine_step(self, since: float | None) -> QuarantineStep:
+        """For a VM or disk whose lease this database does not know: quarantine it (the
+        first time it is seen), wait (its quarantine is not over), or destroy it."""
         keep = self.settings.common.quarantine_hours * 3600
         if since is None:
-            return "quarantine" if keep > 0 else "destroy"
-        return "wait" if self.clock() < since + keep else "destroy"
-
-    def _reconcile_disks(self, settings: Settings, host: HostSettings, view: HostView, report: ReconcileReport) -> None:
-        """Marked disks that no VM uses: destroyed when their lease has ended, quarantined
-        when this database does not know it (the lease's VM is gone, so the disk is
-        tagged rather than halted)."""
-        for disk in view.disks:
-            owner = ownership(disk.other_config, self.installation)
-            if disk.attached or owner in (Ownership.NOT_DYNVM, Ownership.OTHER_INSTALLATION):
-                continue
-            lease_id = lease_of(disk.other_config) or ""
-            lease = self.leases.get(lease_id)
-            if lease is not None and lease.state in ACTIVE_STATES:
-                continue  # being made, or detached by its user: theirs
-            if lease is None and owner is Ownership.UNNAMED:
-                continue
-
-            def collect(disk=disk, lease=lease, lease_id=lease_id) -> None:  # type: ignore[no-untyped-def]
-                provisioner = self._provisioner(settings, host)
-                step = "destroy" if lease is not None else self._quarantine_step(disk.other_config)
-                if step == "quarantine":
-                    provisioner.quarantine_disk(disk.ref, self.clock())
-                    report.quarantined.append(disk.uuid)
-                if step != "destroy":
-                    return
-                problem = provisioner.destroy_disk(disk.ref, lease_id)
-                if problem:
-                    raise DestroyFailed(problem, host.ref)
-                report.disks_destroyed.append(disk.uuid)
-                log.warning(
-                    "reconcile: destroyed disk %s (%s) on %s: no VM or lease held it",
-                    disk.uuid,
-                    disk.name,
-                    host.display,
-                )
-
-            self._guarded(report, f"disk {disk.uuid} on {host.display}", collect)
+            return QuarantineStep.QUARANTINE if keep > 0 else QuarantineStep.DESTROY
+        return QuarantineStep.WAIT if self.clock() < since + keep else QuarantineStep.DESTROY
 
     def quarantined(self) -> list[QuarantinedVm]:
-        """VMs of this installation that reconcile holds halted in quarantine, from the mirror."""
+        """VMs of this installation that reconcile holds halted in quarantine."""
         keep = self.settings.common.quarantine_hours * 3600
-        out = []
-        for view in self.inventory.views():
-            for vm in view.vms:
-                since = quarantined_at(vm.other_config)
-                if since is not None and ownership(vm.other_config, self.installation) is Ownership.OURS:
-                    out.append(
-                        QuarantinedVm(vm.name, vm.uuid, view.ref, lease_of(vm.other_config) or "", since, since + keep)
-                    )
+        out = [vm for host in self.settings.hosts for vm in self.provider.quarantined(host, keep)]
         return sorted(out, key=lambda q: (q.quarantined_at, q.name))
 
     def _close_vanished(self, lease: Lease, host: HostSettings, report: ReconcileReport) -> None:
@@ -324,15 +187,14 @@ class Upkeep:
                 log.warning("reconcile: host %s left the configuration; cannot look for %s's clone", host_ref, name)
                 self.leases.forget_clone(host_ref, task)
                 continue
-            view = self.inventory.view(host_ref)
-            if view is None or view.state is not HostState.UP:
+            status = self.provider.status(host)
+            if status is None or not status.up:
                 continue
             try:
-                provisioner = self._provisioner(settings, host)
                 wait = ADOPT_WAIT if give_up_at is None else max(0.0, give_up_at - time.monotonic())
-                vm = provisioner.adopt_clone(task, lease_id, wait=wait)
+                vm = self.provider.adopt(host, task, lease_id, wait=wait)
                 if vm is not None:
-                    provisioner.destroy(vm, lease_id)
+                    self.provider.destroy(host, vm, lease_id)
                     report.orphans_destroyed.append(name)
                     log.warning("reconcile: destroyed %s on %s (cloned after dynvm gave up)", name, host.display)
             except Exception as e:  # one clone that cannot be looked at never stops the pass
@@ -340,3 +202,32 @@ class Upkeep:
                 report.errors.append(f"{name}'s clone on {host.display}: {e}")
                 continue
             self.leases.forget_clone(host_ref, task)
+
+
+class _Judge:
+    """Reconcile's verdicts for one pass (``provider.LeakJudge``): ``active`` are the
+    leases read at its start; a lease not among them is looked up (a create may have begun
+    since)."""
+
+    def __init__(self, upkeep: Upkeep, active: dict[str, Lease]) -> None:
+        self._upkeep = upkeep
+        self._active = active
+
+    def verdict(self, lease_id: str, host_ref: str | None = None, machine_uuid: str | None = None) -> Verdict:
+        holder = self._active.get(lease_id)
+        if holder is None or (host_ref is not None and holder.host_ref != host_ref):
+            holder = self._upkeep.leases.get(lease_id)
+        if holder is None:
+            return Verdict.UNKNOWN
+        if holder.state not in ACTIVE_STATES:
+            return Verdict.ENDED
+        if host_ref is None:
+            return Verdict.KEEP  # a disk: its lease holds it wherever its VM is
+        left_behind = holder.vm_uuid is not None and machine_uuid is not None and holder.vm_uuid != machine_uuid
+        return Verdict.KEEP if holder.host_ref == host_ref and not left_behind else Verdict.ENDED
+
+    def quarantine_step(self, quarantined_at: float | None) -> QuarantineStep:
+        return self._upkeep.quarantine_step(quarantined_at)
+
+    def now(self) -> float:
+        return self._upkeep.clock()

@@ -22,7 +22,6 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +30,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from ..config import HostSettings
 from ..model import CreatedVm, DestroyFailed, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
+from ..provider import DestroyResult
 from .inventory import is_real_ip
 from .marker import (
     INSTALLATION_KEY,
@@ -43,7 +43,7 @@ from .marker import (
     ownership,
 )
 from .session import CONNECTION_ERRORS, SessionPool
-from .templates import candidate_of, choose
+from .templates import candidate_of, choose, windows_guest
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,6 @@ class _VmLog(logging.LoggerAdapter):
 
 def _details(error: XenAPI.Failure) -> str:
     return " ".join(str(d) for d in error.details)
-
-
-@dataclass(frozen=True)
-class DestroyResult:
-    """What a destroy did. ``disks_left``: disks that would not go (uuid: reason); they
-    keep dynvm's marker and reconcile destroys them."""
-
-    disks_left: tuple[str, ...] = ()
 
 
 def _set_keys(xapi: Any, cls: str, ref: str, keys: dict[str, str]) -> None:
@@ -394,7 +386,7 @@ class Provisioner:
                     metrics = xapi.VM_guest_metrics.get_record(metrics_ref)
                 except XenAPI.Failure:
                     metrics = {"networks": {}, "os_version": {}}
-                os_ready = spec.windows or bool(metrics["os_version"].get("name"))
+                os_ready = windows_guest(spec.os) or bool(metrics["os_version"].get("name"))
                 addresses = [v for k, v in sorted(metrics["networks"].items()) if k.endswith("/ip") or "/ipv4/" in k]
                 real = next((a for a in addresses if is_real_ip(a)), None)
                 if real and os_ready:
