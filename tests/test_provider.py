@@ -12,16 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from dynvm.capacity import HostRoom, MemberRoom, Need
 from dynvm.config import HostSettings, Settings, load_settings
 from dynvm.leases import LeaseService
 from dynvm.model import CreatedVm, LeaseRequest, NotEnoughCapacity, VmSpec
 from dynvm.provider import (
     Cancel,
     DestroyResult,
+    HostRoom,
     HostStatus,
     LeakJudge,
     Machine,
+    MemberRoom,
+    Need,
     Progress,
     Provider,
     QuarantinedVm,

@@ -1,5 +1,8 @@
-"""The lease engine's front: acquire, create and release leases (no HTTP here); waiting
-requests are ``engine/queue.py``'s, expiry and reconcile ``engine/upkeep.py``'s.
+"""The lease engine's front: acquire and release leases (no HTTP here, no Xen: machines
+come from a ``provider.Provider``). Its parts, one concept each, are in ``engine/``:
+waiting requests (``queue.py``, ``requests.py``, ``scheduler.py``, ``eta.py``), where VMs
+go (``placement.py``), one VM's create and destroy (``lifecycle.py``), and expiry,
+recovery and reconcile (``upkeep.py``).
 
 ``acquire`` names the VMs (SPEC.md §1), refuses names held by a lease or by any VM on any
 host, reserves room on the chosen hosts and inserts the leases in one write transaction
@@ -15,7 +18,6 @@ flight are cancelled and rolled back).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
@@ -24,10 +26,11 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from . import capacity
 from .config import HostSettings, Settings
+from .engine import placement
+from .engine.lifecycle import Lifecycle, ReleaseOutcome
 from .engine.queue import Queueing, _record_of, _RequestCancel
 from .engine.requests import (
     QUEUED,
@@ -41,7 +44,6 @@ from .model import (
     ANONYMOUS,
     BadRequest,
     Caller,
-    CreatedVm,
     CreateFailed,
     Forbidden,
     Lease,
@@ -49,26 +51,20 @@ from .model import (
     LeaseRequest,
     NameInUse,
     NoSuchLease,
-    NotDynvmVm,
     NotEnoughCapacity,
-    ProvisionError,
     QuotaExceeded,
     RequestCancelled,
     ShuttingDown,
     UnknownOs,
-    VmSpec,
     vm_names,
 )
-from .provider import DestroyResult, HostStatus, Machine, Provider
-from .store.history import HistoryStore, origin_of
+from .provider import HostStatus, Machine, Provider
+from .store.history import HistoryStore
 from .store.leases import LeaseStore
 
 log = logging.getLogger(__name__)
 
 REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats every 2 s)
-DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
-RELEASE_RETRY = "release-retry"  # the owner of a lease whose destroy failed: whichever replica leads retries it
-CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to another host if one has room
 
 
 class LeaseEvents:
@@ -92,31 +88,7 @@ class HostReport:
     capacity: dict[str, int]
 
 
-@dataclass
-class ReleaseOutcome:
-    """What a release did, name by name.
-
-    ``released``: gone, VM and disks. ``finishing``: the user's part is done, and dynvm
-    finishes the rest in the background (a disk that would not go yet, or a release
-    another process is doing): name -> sentence. ``failed``: the VM could not be
-    destroyed; the lease stays ``releasing`` and reconcile tries again: name -> sentence."""
-
-    released: list[str] = field(default_factory=list)
-    finishing: dict[str, str] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        """Every name the release took on (the seed's answer)."""
-        return sorted([*self.released, *self.finishing, *self.failed])
-
-    def add(self, other: ReleaseOutcome) -> None:
-        self.released.extend(other.released)
-        self.finishing.update(other.finishing)
-        self.failed.update(other.failed)
-
-
-class LeaseService(Queueing, Upkeep):
+class LeaseService(Lifecycle, Queueing, Upkeep):
     """The lease engine: acquire, create, release (here), the queue (``engine/queue.py``)
     and upkeep (``engine/upkeep.py``)."""
 
@@ -175,7 +147,7 @@ class LeaseService(Queueing, Upkeep):
 
     def candidates(
         self, settings: Settings, os: str, reserved: list[dict[str, object]], only: str | None = None
-    ) -> list[capacity.Candidate]:
+    ) -> list[placement.Candidate]:
         """Where a VM of ``os`` with its template's resources could go, host by host."""
         return self._candidates(settings, os, None, None, reserved, only)
 
@@ -187,7 +159,7 @@ class LeaseService(Queueing, Upkeep):
         req_memory: int | None,
         reserved: list[dict[str, object]],
         only: str | None = None,
-    ) -> list[capacity.Candidate]:
+    ) -> list[placement.Candidate]:
         out = []
         for host in settings.hosts:
             if only is not None and host.ref != only:
@@ -199,7 +171,7 @@ class LeaseService(Queueing, Upkeep):
                 host, settings.common.cpu_overcommit, [r for r in reserved if r["host_ref"] == host.ref]
             )
             if room is not None:
-                out.append(capacity.Candidate(host, room, need))
+                out.append(placement.Candidate(host, room, need))
         return out
 
     def _explain_shortage(self, settings: Settings, message: str, request: LeaseRequest) -> str:
@@ -214,7 +186,7 @@ class LeaseService(Queueing, Upkeep):
                 reasons.append(reason)
         if not reasons:
             return message
-        return message.removesuffix(capacity.FULL_HINT) + "; " + "; ".join(reasons)
+        return message.removesuffix(placement.FULL_HINT) + "; " + "; ".join(reasons)
 
     def template_problems(self) -> list[str]:
         """Every ``<os>.template`` line that picks no template on its (answering) host:
@@ -231,7 +203,7 @@ class LeaseService(Queueing, Upkeep):
         self.check_os(settings, os)
         with self.leases.db.read() as conn:
             reserved = self.leases.pending_reservations(conn)
-        return capacity.available(self._candidates(settings, os, None, None, reserved))
+        return placement.available(self._candidates(settings, os, None, None, reserved))
 
     def host_statuses(self) -> dict[str, HostStatus]:
         """What the provider sees of each configured host it knows, by ref (no capacity)."""
@@ -253,7 +225,7 @@ class LeaseService(Queueing, Upkeep):
             if status is None:
                 continue
             per_os = {
-                os: capacity.available(self._candidates(settings, os, None, None, reserved, only=host.ref))
+                os: placement.available(self._candidates(settings, os, None, None, reserved, only=host.ref))
                 for os in sorted(host.templates)
             }
             out.append(HostReport(host, status, per_os))
@@ -350,7 +322,7 @@ class LeaseService(Queueing, Upkeep):
                 settings, request.os, request.cpus, request.memory, reserved, only=request.host_ref
             )
             try:
-                placement = capacity.place(request.count, request.os, candidates)
+                chosen = placement.place(request.count, request.os, candidates)
             except NotEnoughCapacity as e:
                 raise NotEnoughCapacity(self._explain_shortage(settings, str(e), request)) from None
             if immediate and not self.scheduler.may_serve_now(settings, reserved, _record_of(request, request_id)):
@@ -359,7 +331,7 @@ class LeaseService(Queueing, Upkeep):
                     f"not enough capacity for {request.count} {request.os} VM(s) now: {waiting} request(s) wait in "
                     "the queue for the room it would take; ask with wait=<minutes> to queue behind them"
                 )
-            self._check_quota(settings, request, [c.need.static_max for c in placement], conn)
+            self._check_quota(settings, request, [c.need.static_max for c in chosen], conn)
             new = [
                 Lease(
                     id=str(uuid.uuid4()),
@@ -379,9 +351,9 @@ class LeaseService(Queueing, Upkeep):
                     caller=request.caller,
                     member=choice.member or None,
                 )
-                for name, choice in zip(names, placement, strict=True)
+                for name, choice in zip(names, chosen, strict=True)
             ]
-            self.leases.insert(conn, new, [choice.need.memory for choice in placement])
+            self.leases.insert(conn, new, [choice.need.memory for choice in chosen])
         self.tracker.placed(request_id, [(lease.name, lease.host_ref) for lease in new])
         log.info(
             "request %s: %s x %s for %s on host(s) %s",
@@ -538,129 +510,6 @@ class LeaseService(Queueing, Upkeep):
                     if self._releasing[lease_id] <= 0:
                         del self._releasing[lease_id]
 
-    def _create_one(
-        self, settings: Settings, lease: Lease, pinned: bool = False, cancel: _RequestCancel | None = None
-    ) -> Lease:
-        """Create one VM. Unpinned, it may move: when its host stops answering, to the host
-        with most room among those not tried yet; when its host's guests get no usable IP
-        (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
-        failed xapi call is retried where it happened."""
-        tried = {lease.host_ref}
-        attempts_left = CREATE_ATTEMPTS
-        attempts = attempts_left if pinned else attempts_left - 1  # unpinned: one is kept for elsewhere
-        while True:
-            try:
-                return self._create_on(settings, lease, attempts, cancel)
-            except ProvisionError as e:
-                if e.unreachable:
-                    self._abandon_clone(self.leases.get(lease.id) or lease)  # its vm_ref as the create left it
-                if e.exhausted:
-                    attempts_left -= attempts
-                    attempts = attempts_left
-                    if attempts_left <= 0 and len(tried) > 1:
-                        hosts = ", ".join(sorted(tried))
-                        raise ProvisionError(
-                            f"{e} ({CREATE_ATTEMPTS} attempts in all, on hosts {hosts})", e.host
-                        ) from None
-                    if attempts_left <= 0:
-                        raise
-                    if pinned or not e.no_address:
-                        continue  # the last attempt, on the same host
-                elif pinned or not e.unreachable:
-                    raise
-                else:
-                    attempts_left = max(1, attempts_left - e.attempts_used)
-                moved = self._move(settings, lease, exclude=tried)
-                if moved is None:
-                    if e.unreachable:
-                        raise ProvisionError(f"{e}; no other host has room for it", e.host, unreachable=True) from None
-                    continue  # no room elsewhere: the last attempt stays here
-                why = "stopped answering" if e.unreachable else "gives its guests no usable IP"
-                log.warning("%s: host %s %s; trying host %s", lease.name, lease.host_ref, why, moved.host_ref)
-                self.tracker.stage(lease.request_id, lease.name, "moved", host=moved.host_ref)
-                tried.add(moved.host_ref)
-                lease = moved
-                attempts = attempts_left
-
-    def _abandon_clone(self, lease: Lease) -> None:
-        """dynvm stops waiting for this lease's create (its host went silent, or the process
-        that ran it died): if a clone was running, it may still end and leave a VM without
-        dynvm's marker. Remember its task for ``_collect_abandoned_clones``."""
-        task = self.provider.pending_job(lease.vm_ref or "")
-        if task is not None:
-            self.leases.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.clock())
-            log.warning("%s: a clone may still run on host %s; reconcile removes it", lease.name, lease.host_ref)
-
-    def _move(self, settings: Settings, lease: Lease, exclude: set[str]) -> Lease | None:
-        with self.leases.db.write() as conn:
-            self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
-            reserved = [r for r in self.leases.pending_reservations(conn) if r["lease_id"] != lease.id]
-            candidates = [
-                c
-                for c in self._candidates(settings, lease.os, lease.cpus, lease.memory, reserved)
-                if c.host.ref not in exclude
-            ]
-            if capacity.available(candidates) < 1:
-                return None
-            [choice] = capacity.place(1, lease.os, candidates)
-            return self.leases.move(
-                conn,
-                lease.id,
-                choice.host.ref,
-                choice.need.cpus,
-                choice.need.static_max,
-                choice.need.disk,
-                choice.need.template,
-                reserve_memory=choice.need.memory,
-                member=choice.member or None,
-            )
-
-    def _create_on(
-        self,
-        settings: Settings,
-        lease: Lease,
-        attempts: int = CREATE_ATTEMPTS,
-        cancel: _RequestCancel | None = None,
-    ) -> Lease:
-        host = settings.host(lease.host_ref)
-        if host is None:
-            raise ProvisionError(f"host {lease.host_ref} was removed from the configuration")
-        spec = VmSpec(
-            name=lease.name,
-            os=lease.os,
-            template=lease.template,
-            lease_id=lease.id,
-            cpus=lease.cpus,
-            memory=lease.memory,
-            member=lease.member,
-        )
-
-        def progress(stage: str) -> None:
-            self.tracker.stage(lease.request_id, lease.name, stage)
-
-        try:
-            created: CreatedVm = self.provider.create(
-                host,
-                spec,
-                progress,
-                cancel or self._cancel,
-                on_pending=lambda handle: self.leases.remember_vm(lease.id, handle),
-                attempts=attempts,
-            )
-        except Exception as e:
-            self.tracker.stage(lease.request_id, lease.name, "failed", error=str(e))
-            self._report("create_failed", type(e).__name__)
-            raise
-        ready = self.leases.mark_ready(lease.id, created, self.clock(), self.owner)
-        if ready is None:  # another replica took this process for dead and failed the lease
-            with contextlib.suppress(Exception):  # else reconcile removes it: its lease has ended
-                self.provider.destroy(host, created.ref, lease.id)
-            raise ProvisionError(f"{lease.name}: the lease ended while its VM was being made", host.ref)
-        self.tracker.stage(lease.request_id, lease.name, "ready", ip=ready.ip)
-        self.history.record_created(ready, origin_of(host.url))
-        self._report("created", ready)
-        return ready
-
     # -- release -----------------------------------------------------------------------
 
     def release(self, username: str, count: int = 1, caller: Caller = ANONYMOUS) -> ReleaseOutcome:
@@ -718,63 +567,6 @@ class LeaseService(Queueing, Upkeep):
         earlier boots are dead, however fresh their last heartbeat)."""
         me = self.owner.partition("#")[0]
         return {owner for owner in self._live_owners() if owner == self.owner or owner.partition("#")[0] != me}
-
-    def _destroy_all(
-        self, settings: Settings, leases: list[Lease], final_state: str, reason: str = ""
-    ) -> ReleaseOutcome:
-        """Destroy these leases' VMs side by side: releasing eight VMs, or reaping a hundred,
-        takes about as long as the slowest destroy, not the sum. Its own short-lived threads,
-        not the create pool, so a release still completes while dynvm stops."""
-        outcome = ReleaseOutcome()
-        if len(leases) <= 1:
-            for lease in leases:
-                outcome.add(self._destroy(settings, lease, final_state, reason))
-            return outcome
-        with ThreadPoolExecutor(min(len(leases), DESTROYS_AT_ONCE), thread_name_prefix="destroy") as pool:
-            for one in pool.map(lambda lease: self._destroy(settings, lease, final_state, reason), leases):
-                outcome.add(one)
-        return outcome
-
-    def _destroy(self, settings: Settings, lease: Lease, final_state: str, reason: str = "") -> ReleaseOutcome:
-        """Destroy one lease's VM and disks, then end the lease. When the VM cannot be
-        destroyed (its host does not answer, xapi refuses), the lease stays ``releasing``
-        and keeps its name, owned by ``RELEASE_RETRY``: the leader's reconcile tries again
-        within a minute. A disk that will not go does not hold the lease: it keeps dynvm's
-        marker and reconcile destroys it. Never raises for a VM's sake: one failing VM
-        never stops the others. Called only through ``_release``, which claimed it."""
-        outcome = ReleaseOutcome()
-        started = time.monotonic()
-        host = settings.host(lease.host_ref)
-        result = DestroyResult()  # nothing left, unless the destroy below says otherwise
-        if lease.vm_ref and self.provider.pending_job(lease.vm_ref) is None:
-            if host is None:  # out of dynvm's reach: the lease ends, the VM stays where it is
-                reason = f"host {lease.host_ref} left the configuration; {lease.name} may still be on it"
-                log.error("%s: %s", lease.name, reason)
-            else:
-                try:
-                    result = self.provider.destroy(host, lease.vm_ref, lease.id)
-                except NotDynvmVm as e:
-                    log.error("%s", e)  # never touched; the lease ends (it cannot hold this VM)
-                except Exception as e:
-                    self.leases.set_owner(lease.id, RELEASE_RETRY)
-                    outcome.failed[lease.name] = (
-                        f"could not destroy {lease.name} on {host.display} ({e}); dynvm tries again within a minute"
-                    )
-                    log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
-                    return outcome
-        self.leases.finish([lease.id], final_state, self.clock(), reason or None)
-        if result.disks_left:
-            outcome.finishing[lease.name] = (
-                f"{lease.name} is gone, but {len(result.disks_left)} of its disk(s) could not be deleted yet "
-                f"({'; '.join(result.disks_left)}); dynvm deletes them within a minute"
-            )
-        else:
-            outcome.released.append(lease.name)
-        current = self.leases.get(lease.id) or lease
-        self.history.record_deleted(current, time.monotonic() - started)
-        self._report("ended", current, final_state)
-        log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
-        return outcome
 
     def extend(self, name: str, minutes: float, caller: Caller = ANONYMOUS) -> Lease:
         """Move a ready lease's expiry to ``minutes`` from now, capped at the maximum."""

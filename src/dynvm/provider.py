@@ -7,7 +7,7 @@ memory overhead, IP extraction, clone tasks, quarantine by halting and tagging â
 under ``xen/``, each rule in one place.
 
 What the engine keeps, whatever the provider: the leases and requests (the database),
-naming, placement (``capacity.place``: one VM at a time to the pool with most room), the
+naming, placement (``engine/placement.py``: one VM at a time to the pool with most room), the
 queue and its forecast, quotas, expiry, and the judgement of what a machine is (held by an
 active lease, left behind by an ended one, or unknown to this database: ``LeakJudge``).
 
@@ -28,13 +28,64 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .capacity import HostRoom, Need
 from .config import HostSettings, Settings
 from .model import CreatedVm, VmSpec
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one VM takes on a host: from its template unless the request says otherwise."""
+
+    cpus: int
+    memory: int  # what the host must have free: memory_static_max + overhead
+    disk: int
+    template: str
+    static_max: int = 0  # memory_static_max alone (what the lease records)
+
+
+@dataclass
+class MemberRoom:
+    ref: str  # the member's host ref ("" when the pool's members are not known)
+    cpus: float
+    memory: int
+
+    def fits(self, need: Need) -> int:
+        if need.cpus <= 0 or need.memory <= 0:
+            return 0
+        return max(0, int(min(self.cpus // need.cpus, self.memory // need.memory)))
+
+
+@dataclass
+class HostRoom:
+    """What is left in one configured host (a pool): per member, and the pool's disk."""
+
+    ref: str
+    disk: int
+    members: list[MemberRoom] = field(default_factory=list)
+
+    @property
+    def cpus(self) -> float:
+        return sum(m.cpus for m in self.members)
+
+    @property
+    def memory(self) -> int:
+        return sum(m.memory for m in self.members)
+
+    def fits(self, need: Need) -> int:
+        by_disk = self.disk // need.disk if need.disk > 0 else 1 << 30
+        return max(0, min(sum(m.fits(need) for m in self.members), by_disk))
+
+    def take(self, need: Need) -> str:
+        """Take one VM's room on the member with most room for it; its ref."""
+        best = max(self.members, key=lambda m: (m.fits(need), m.memory))
+        best.cpus -= need.cpus
+        best.memory -= need.memory
+        self.disk -= need.disk
+        return best.ref
 
 
 @dataclass(frozen=True)

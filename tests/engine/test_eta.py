@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dynvm.capacity import HostRoom, MemberRoom, Need
 from dynvm.engine.eta import Release, Timing, Waiting, expected_end, fit, forecast
+from dynvm.provider import HostRoom, MemberRoom, Need
 
 GiB = 1024**3
 NEED = Need(4, 4 * GiB, 0, "t", 4 * GiB)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dynvm.capacity import Need
 from dynvm.config import HostSettings, Secret
+from dynvm.provider import Need
 from dynvm.xen.inventory import HostState, HostView, MemberView, TemplateView, VmView
 from dynvm.xen.memory import memory_overhead
 from dynvm.xen.room import find_template, need_on, room_on

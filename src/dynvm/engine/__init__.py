@@ -2,9 +2,11 @@
 
 - ``requests``: the durable request and its states (queued -> creating -> ready | ...);
 - ``scheduler``: who is served next (fair order, backfilling) and ``eta``: when;
-- ``queue``: how the engine queues, serves and cancels a waiting request;
+- ``queue``: how the engine opens, queues, serves and cancels a request;
+- ``placement``: how many VMs fit and where each goes;
+- ``lifecycle``: one VM's create (retries, moves) and destroy, through the provider;
 - ``upkeep``: expiry, recovery after a process died, and reconcile.
 
-``leases.LeaseService`` joins them with acquire, create and release; ``capacity`` counts
-room and places VMs; ``xen/`` does everything that speaks xapi.
+``leases.LeaseService`` joins them with acquire and release. The machines come from a
+``provider.Provider``; nothing here imports ``xen/``, and ``xen/`` imports nothing here.
 """

@@ -1,6 +1,6 @@
 """When each waiting request will be served: a forecast from what dynvm knows, not a guess.
 
-The room left on every host now (``capacity.HostRoom``), the moments the leases holding
+The room left on every host now (``provider.HostRoom``), the moments the leases holding
 room are expected to give it back, and the order of the queue. Walking forward in time,
 each request in turn starts at the first moment the room given back lets all its VMs fit
 (as placement would put them), takes that room, and gives it back itself after the
@@ -22,7 +22,7 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..capacity import HostRoom, Need
+from ..provider import HostRoom, Need
 
 MAX_FORECAST = 500  # queued requests forecast per pass; later ones wait for a nearer place
 
@@ -63,7 +63,7 @@ class Timing:
 
 
 def fit(rooms: Mapping[str, HostRoom], waiting: Waiting) -> list[tuple[str, str]] | None:
-    """Where its VMs would go now, most room first (``capacity.place``'s rule), taking the
+    """Where its VMs would go now, most room first (``engine/placement.py``'s rule), taking the
     room from ``rooms``; None, and ``rooms`` untouched, when they do not all fit."""
     trial = {ref: copy.deepcopy(room) for ref, room in rooms.items() if ref in waiting.needs}  # hosts it may use
     placed = []

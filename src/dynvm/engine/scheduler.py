@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import capacity
+from ..provider import HostRoom
 from . import eta
 from .requests import QUEUED, TIMED_OUT, RequestRecord, RequestStore
 
@@ -82,7 +82,7 @@ class Snapshot:
     """The room on every answering host now, and what each active lease will give back."""
 
     now: float
-    rooms: dict[str, capacity.HostRoom]
+    rooms: dict[str, HostRoom]
     releases: list[eta.Release]
     # the head's ETA in this snapshot, by request id: every candidate of a pass is weighed
     # against the same head, so it is forecast once per snapshot
@@ -184,7 +184,7 @@ class Scheduler:
 
     def snapshot(self, settings: Settings, reserved: list[dict[str, object]]) -> Snapshot:
         now = self.clock()
-        rooms: dict[str, capacity.HostRoom] = {}
+        rooms: dict[str, HostRoom] = {}
         for host in settings.hosts:
             mine = [r for r in reserved if r["host_ref"] == host.ref]
             room = self.leases.provider.room(host, settings.common.cpu_overcommit, mine)
@@ -228,7 +228,7 @@ class Scheduler:
         return fits
 
     def _can_ever_fit(self, settings: Settings, record: RequestRecord) -> bool:
-        whole: dict[str, capacity.HostRoom] = {}
+        whole: dict[str, HostRoom] = {}
         for host in settings.hosts:
             if record.host_ref is not None and host.ref != record.host_ref:
                 continue
@@ -244,7 +244,7 @@ class Scheduler:
         self,
         settings: Settings,
         now: float,
-        rooms: dict[str, capacity.HostRoom],
+        rooms: dict[str, HostRoom],
         releases: list[eta.Release],
         head: RequestRecord,
     ) -> float | None:
@@ -369,8 +369,8 @@ class Scheduler:
         self.store.set_forecast({record.id: (index, etas.get(record.id)) for index, record in enumerate(left, 1)})
 
 
-def _copy_rooms(rooms: dict[str, capacity.HostRoom]) -> dict[str, capacity.HostRoom]:
+def _copy_rooms(rooms: dict[str, HostRoom]) -> dict[str, HostRoom]:
     return {
-        ref: capacity.HostRoom(room.ref, room.disk, [dataclasses.replace(m) for m in room.members])
+        ref: HostRoom(room.ref, room.disk, [dataclasses.replace(m) for m in room.members])
         for ref, room in rooms.items()
     }

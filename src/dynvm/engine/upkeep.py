@@ -4,7 +4,8 @@ quarantine, vanished VMs, clones left running). Run by the leader's background l
 at start-up; never on a request's path.
 
 ``Upkeep`` is a part of ``LeaseService`` (``leases.py``), which it extends: it uses the
-service's stores, inventory and release path.
+service's stores, provider and release path. What a machine of a lease is (kept, ended,
+unknown) is judged here; finding and removing them is the provider's (``collect_leaks``).
 """
 
 from __future__ import annotations

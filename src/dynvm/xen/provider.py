@@ -8,16 +8,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
-from ..capacity import HostRoom, Need
 from ..config import HostSettings, Settings
 from ..model import CreatedVm, ProvisionError, VmSpec
 from ..provider import (
     Cancel,
     DestroyResult,
+    HostRoom,
     HostStatus,
     LeakJudge,
     Machine,
     MemberStatus,
+    Need,
     Progress,
     QuarantinedVm,
     ReconcileReport,

@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from ..capacity import HostRoom, MemberRoom, Need
 from ..config import HostSettings
+from ..provider import HostRoom, MemberRoom, Need
 from . import templates
 from .inventory import HostState, HostView, MemberView, TemplateView
 from .marker import MARKER_KEY

@@ -1,12 +1,13 @@
-"""Placement (``capacity.py``): the engine's rule, whatever the provider says is left."""
+"""Placement (``engine/placement.py``): the engine's rule, whatever the provider says is left."""
 
 from __future__ import annotations
 
 import pytest
 
-from dynvm.capacity import Candidate, HostRoom, MemberRoom, Need, place
 from dynvm.config import HostSettings, Secret
+from dynvm.engine.placement import Candidate, place
 from dynvm.model import NotEnoughCapacity
+from dynvm.provider import HostRoom, MemberRoom, Need
 
 GiB = 1024**3
 

@@ -13,64 +13,13 @@ request spreads; ``xhostref`` pins it to one pool.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .config import HostSettings
-from .model import NotEnoughCapacity
+from ..config import HostSettings
+from ..model import NotEnoughCapacity
+from ..provider import HostRoom, Need
 
 FULL_HINT = "; release some VMs or try again later"
-
-
-@dataclass(frozen=True)
-class Need:
-    """What one VM takes on a host: from its template unless the request says otherwise."""
-
-    cpus: int
-    memory: int  # what the host must have free: memory_static_max + overhead
-    disk: int
-    template: str
-    static_max: int = 0  # memory_static_max alone (what the lease records)
-
-
-@dataclass
-class MemberRoom:
-    ref: str  # the member's host ref ("" when the pool's members are not known)
-    cpus: float
-    memory: int
-
-    def fits(self, need: Need) -> int:
-        if need.cpus <= 0 or need.memory <= 0:
-            return 0
-        return max(0, int(min(self.cpus // need.cpus, self.memory // need.memory)))
-
-
-@dataclass
-class HostRoom:
-    """What is left in one configured host (a pool): per member, and the pool's disk."""
-
-    ref: str
-    disk: int
-    members: list[MemberRoom] = field(default_factory=list)
-
-    @property
-    def cpus(self) -> float:
-        return sum(m.cpus for m in self.members)
-
-    @property
-    def memory(self) -> int:
-        return sum(m.memory for m in self.members)
-
-    def fits(self, need: Need) -> int:
-        by_disk = self.disk // need.disk if need.disk > 0 else 1 << 30
-        return max(0, min(sum(m.fits(need) for m in self.members), by_disk))
-
-    def take(self, need: Need) -> str:
-        """Take one VM's room on the member with most room for it; its ref."""
-        best = max(self.members, key=lambda m: (m.fits(need), m.memory))
-        best.cpus -= need.cpus
-        best.memory -= need.memory
-        self.disk -= need.disk
-        return best.ref
 
 
 @dataclass(frozen=True)
