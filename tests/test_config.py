@@ -260,3 +260,21 @@ def test_orphan_quarantine_hours(tmp_path: Path):
     assert load_settings(write(tmp_path / "a.ini", SEED_FILE)).common.quarantine_hours == 24
     text = SEED_FILE.replace("[common]\n", "[common]\norphan.quarantine.hours=0\n")
     assert load_settings(write(tmp_path / "b.ini", text)).common.quarantine_hours == 0
+
+
+def test_the_readiness_probe_is_sshd_or_winrm_unless_the_config_says_otherwise(tmp_path: Path):
+    seed = load_settings(write(tmp_path / "seed.ini", SEED_FILE)).probe
+    assert (seed.port_for("centos"), seed.port_for("windows"), seed.port_for("win2019")) == (22, 5985, 5985)
+    text = SEED_FILE + "\n[probe]\nport=2222\nwindows.port=15985\nsuse15.port=0\n"
+    probe = load_settings(write(tmp_path / "probe.ini", text)).probe
+    assert probe.port_for("centos") == 2222
+    assert probe.port_for("windows") == 15985
+    assert probe.port_for("suse15") is None  # 0 turns it off for that OS
+    off = load_settings(write(tmp_path / "off.ini", SEED_FILE + "\n[probe]\nenabled=false\n")).probe
+    assert off.port_for("centos") is None
+
+
+@pytest.mark.parametrize("line", ["port=ssh", "port=70000", "cent os.port=22"])
+def test_a_bad_probe_line_is_an_error_naming_it(tmp_path: Path, line: str):
+    with pytest.raises(ConfigError, match=r"\[probe\]"):
+        load_settings(write(tmp_path / "bad.ini", SEED_FILE + f"\n[probe]\n{line}\n"))

@@ -399,3 +399,25 @@ def test_dynvm_works_on_a_host_older_than_xenserver_7_1(make_services):
     services.leases.acquire(LeaseRequest("oldie", "centos", cpus=2, memory=2 * GiB))
     record = dynvm_vms(lab)["oldie"]
     assert (record["power_state"], record["memory_static_max"], record["VCPUs_max"]) == ("Running", str(2 * GiB), "2")
+
+
+def test_a_vm_is_handed_out_only_once_its_sshd_answers(make_services):
+    from dynvm import probe
+
+    timing = Timing(clone_seconds=0.01, boot_seconds=0.05, ip_seconds=0.05, service_seconds=0.5)
+    services, lab = make_services(timing=timing)
+    port = lab.lab.service_port
+    assert services.current_settings().probe.port_for("centos") == port  # the lab's config says where
+    [lease] = services.leases.acquire(LeaseRequest("probed", "centos"))
+    assert probe.answers(lease.ip, port)  # the job's first ssh connects
+    assert lease.create_seconds >= 0.5
+
+
+def test_a_vm_whose_sshd_never_answers_is_replaced_and_never_handed_out(make_services):
+    from dynvm import probe
+
+    services, lab = make_services(network_timeout=1.0)
+    lab.control().service_never_next(1)
+    [lease] = services.leases.acquire(LeaseRequest("second", "centos"))
+    assert probe.answers(lease.ip, lab.lab.service_port)
+    assert list(dynvm_vms(lab)) == ["second"]  # the mute first attempt is gone

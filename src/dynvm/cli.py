@@ -81,6 +81,17 @@ def sim_command(
     clone_seconds: Annotated[float, typer.Option(min=0, help="Time VM.clone takes.")] = 0.5,
     boot_seconds: Annotated[float, typer.Option(min=0, help="From VM.start to the guest reporting os_version.")] = 2.0,
     ip_seconds: Annotated[float, typer.Option(min=0, help="Then until networks['0/ip'] appears.")] = 1.0,
+    service_seconds: Annotated[
+        float, typer.Option(min=0, help="Then until the guest's sshd (WinRM on Windows) answers on its address.")
+    ] = 0.5,
+    service_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Port Linux guests' sshd listens on; default a free one; 0 = none."),
+    ] = None,
+    winrm_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Port Windows guests' WinRM listens on; default a free one; 0 = none."),
+    ] = None,
     latency_ms: Annotated[float, typer.Option(min=0, help="Added to every xapi call.")] = 0.0,
     foreign_vms: Annotated[int, typer.Option(min=0, help="Running VMs per host that dynvm did not create.")] = 0,
     apipa_rate: Annotated[float, typer.Option(min=0, max=1, help="Fraction of boots that get only 169.254.x.y.")] = 0.0,
@@ -116,11 +127,14 @@ def sim_command(
         seed=seed,
         xenserver_version=_version(xenserver_version),
         pool_size=pool_size,
+        service_port=service_port,
+        winrm_port=winrm_port,
         timing=Timing(
             latency_ms=latency_ms,
             clone_seconds=clone_seconds,
             boot_seconds=boot_seconds,
             ip_seconds=ip_seconds,
+            service_seconds=service_seconds,
             time_scale=time_scale,
         ),
     )
@@ -150,6 +164,8 @@ def sim_command(
         console.print(table)
         console.print(f"config:  {config_path}")
         console.print(f"control: {lab.control_endpoint.url}/  (sim.* methods)")
+        if lab.service_port or lab.winrm_port:
+            console.print(f"guests:  sshd on port {lab.service_port}, WinRM on {lab.winrm_port} of their own addresses")
         console.print("Ctrl-C or SIGTERM stops the lab.", style="dim")
         stop.wait()
     finally:

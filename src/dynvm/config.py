@@ -36,6 +36,9 @@ KNOWN_COMMON_KEYS = {
 }
 DEFAULT_QUARANTINE_HOURS = 24.0
 KNOWN_AUTH_KEYS = {"required"}
+KNOWN_PROBE_KEYS = {"enabled", "port"}  # and <os>.port
+DEFAULT_PROBE_PORT = 22  # sshd
+DEFAULT_WINDOWS_PROBE_PORT = 5985  # WinRM over HTTP
 KNOWN_QUOTA_KEYS = {"max.count.per.request", "vms.per.user", "memory.gib.per.user"}
 KNOWN_COUCHBASE_KEYS = {"couchbase.server", "couchbase.bucket", "couchbase.username", "couchbase.userpassword"}
 KNOWN_HOST_KEYS = {
@@ -132,6 +135,33 @@ class QuotaSettings:
     memory_per_user: int = 0  # bytes; 0: no limit
 
 
+def windows_os(os: str) -> bool:
+    """Whether VMs of this OS key run Windows: a key that starts with "win" (the one rule;
+    it picks the probe's default port, and lets create take an address before the guest
+    agent reports an OS name)."""
+    return os.startswith("win")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """When a VM counts as ready: a TCP connection to this port of its address succeeds
+    (within ``vm.network.timeout.secs``), not merely xapi reporting the address."""
+
+    enabled: bool = True
+    port: int = DEFAULT_PROBE_PORT  # for OS keys without a port of their own
+    ports: Mapping[str, int] = field(default_factory=dict)  # <os>.port lines; 0 turns it off for that OS
+
+    def port_for(self, os: str) -> int | None:
+        """The port to probe on a VM of ``os``; None: no probe. Windows OS keys (those
+        that start with "win") default to WinRM's port."""
+        if not self.enabled:
+            return None
+        port = self.ports.get(os)
+        if port is None:
+            port = DEFAULT_WINDOWS_PROBE_PORT if windows_os(os) else self.port
+        return port or None
+
+
 @dataclass(frozen=True)
 class Settings:
     source: Path
@@ -139,6 +169,7 @@ class Settings:
     couchbase: CouchbaseSettings = CouchbaseSettings()
     auth: AuthSettings = AuthSettings()
     quota: QuotaSettings = QuotaSettings()
+    probe: ProbeSettings = ProbeSettings()
     hosts: tuple[HostSettings, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -236,7 +267,7 @@ class _Reader:
             match = HOST_SECTION.match(section)
             if match:
                 hosts.append(self.host(section, int(match.group(1))))
-            elif section not in ("common", "couchbase", "auth", "quota"):
+            elif section not in ("common", "couchbase", "auth", "quota", "probe"):
                 self.warn(section, None, "unknown section, ignored")
         if not hosts:
             self.warn("xenhost1", None, "no [xenhostN] section: no host can be used until one is added")
@@ -246,6 +277,7 @@ class _Reader:
             couchbase=self.couchbase(),
             auth=self.auth(),
             quota=self.quota(),
+            probe=self.probe(),
             hosts=tuple(sorted(hosts, key=lambda h: h.number)),
             warnings=tuple(self.warnings),
         )
@@ -255,7 +287,10 @@ class _Reader:
             return {}
         values = dict(self.parser.items(name))
         for key in values:
-            if key not in known and not (name.startswith("xenhost") and key.endswith(".template")):
+            per_os = (name.startswith("xenhost") and key.endswith(".template")) or (
+                name == "probe" and key.endswith(".port")
+            )
+            if key not in known and not per_os:
                 self.warn(name, key, "unknown key, ignored")
         return values
 
@@ -284,6 +319,30 @@ class _Reader:
                 "common", values, "orphan.quarantine.hours", DEFAULT_QUARANTINE_HOURS, allow_zero=True
             ),
             queue_wait_minutes=self.number("common", values, "queue.wait.minutes", 0.0, allow_zero=True),
+        )
+
+    def probe(self) -> ProbeSettings:
+        values = self._section("probe", KNOWN_PROBE_KEYS)
+
+        def port(key: str, default: int) -> int:
+            raw = values.get(key, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit() or int(raw) > 65535:
+                raise self.error("probe", key, f"must be a TCP port (0 turns the probe off), not {raw!r}")
+            return int(raw)
+
+        ports = {}
+        for key in values:
+            if key.endswith(".port"):
+                os = key.removesuffix(".port")
+                if not OS_KEY.match(os):
+                    raise self.error("probe", key, "an OS key is lower-case letters, digits, '-' or '_'")
+                ports[os] = port(key, 0)
+        return ProbeSettings(
+            enabled=self.boolean("probe", values, "enabled", True),
+            port=port("port", DEFAULT_PROBE_PORT),
+            ports=ports,
         )
 
     def auth(self) -> AuthSettings:

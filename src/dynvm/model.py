@@ -73,6 +73,7 @@ class VmSpec:
     cpus: int | None = None  # None: the template's own
     memory: int | None = None  # bytes; None: the template's own
     member: str | None = None  # the pool member (host ref) to start it on; None: xapi chooses
+    probe_port: int | None = None  # ready only once this TCP port of its address answers; None: no probe
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,11 @@ def test_sim_listens_writes_a_complete_config_and_stops_cleanly(tmp_path: Path):
     process, path = start_sim(tmp_path, "--hosts", "2", "--base-port", str(base), "--foreign-vms", "1")
     try:
         config = read_config(path)
-        assert config.sections() == ["couchbase", "common", "xenhost1", "xenhost2"]
+        assert config.sections() == ["couchbase", "common", "probe", "xenhost1", "xenhost2"]
         assert config["common"]["vm.expiry.minutes"] == "720"
+        probe_port = int(config["probe"]["port"])  # where the guests' sshd listens: no root needed
+        assert 1024 < probe_port < 65536
+        assert int(config["probe"]["windows.port"]) not in (0, probe_port)
         assert config["common"]["vm.network.timeout.secs"] == "400"
         assert (path.stat().st_mode & 0o777) == 0o600  # it holds passwords
         assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind

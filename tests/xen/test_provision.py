@@ -9,6 +9,7 @@ import threading
 import pytest
 import XenAPI
 
+from dynvm import probe
 from dynvm.model import NotDynvmVm, ProvisionError, VmSpec
 from dynvm.sim.settings import Timing
 from dynvm.xen.provision import MARKER_KEY, Provisioner
@@ -85,6 +86,40 @@ def test_apipa_is_retried_with_a_fresh_vm_and_the_first_one_is_gone(sim_lab):
     vms, vdis = lab.inventory_of()
     assert vms - before[0] == {created.ref}  # only the VM that worked
     assert len(vdis - before[1]) == 1  # and only its disk
+
+
+def test_with_a_probe_a_vm_is_ready_only_once_its_service_answers(sim_lab):
+    lab = sim_lab(timing=dataclasses.replace(QUICK, service_seconds=0.8))
+    port = lab.lab.service_port
+    probed = provisioner(lab).create(spec("probed", probe_port=port))
+    assert probe.answers(probed.ip, port)  # handed out only once sshd listens
+    assert probed.create_seconds >= 0.8
+    unprobed = provisioner(lab).create(spec("unprobed"))
+    assert unprobed.create_seconds < 0.8  # without a probe, the address is enough (the seed's rule)
+    assert not probe.answers(unprobed.ip, port)
+
+
+def test_a_guest_whose_service_never_answers_is_replaced_by_a_fresh_one(sim_lab):
+    lab = sim_lab(timing=QUICK)
+    before = lab.inventory_of()
+    lab.control().service_never_next(1)
+    created = provisioner(lab, network_timeout=0.6).create(spec("mute", probe_port=lab.lab.service_port))
+    assert created.attempts == 2
+    assert probe.answers(created.ip, lab.lab.service_port)
+    vms, vdis = lab.inventory_of()
+    assert vms - before[0] == {created.ref}  # the mute one is gone, disks and all
+    assert len(vdis - before[1]) == 1
+
+
+def test_a_service_that_never_answers_fails_with_a_clear_error_leaving_nothing(sim_lab):
+    lab = sim_lab(timing=QUICK)
+    before = lab.inventory_of()
+    lab.control().service_never(True)
+    with pytest.raises(ProvisionError) as error:
+        provisioner(lab, network_timeout=0.4).create(spec("mute", probe_port=lab.lab.service_port))
+    assert f"port {lab.lab.service_port} never answered within 0.4 s" in str(error.value)
+    assert error.value.no_address  # the retry path of APIPA: another host may do better
+    assert lab.inventory_of() == before
 
 
 def test_no_address_in_time_fails_after_three_attempts_leaving_nothing(sim_lab):

@@ -154,6 +154,7 @@ class Lifecycle:
             cpus=lease.cpus,
             memory=lease.memory,
             member=lease.member,
+            probe_port=settings.probe.port_for(lease.os),
         )
 
         def progress(stage: str) -> None:

@@ -121,6 +121,14 @@ class Control:
         node.host.faults.dhcp_exhausted = bool(flag)
         return ""
 
+    def _service_never(self, node: HostNode, after: list, flag: bool) -> str:
+        node.host.faults.service_never = bool(flag)
+        return ""
+
+    def _service_never_next(self, node: HostNode, after: list, count: int) -> str:
+        node.host.faults.service_never_next = int(count)
+        return ""
+
     def _fail_next(self, node: HostNode, after: list, operation: str, code: str, count: int = 1) -> str:
         if operation not in FAILABLE_OPERATIONS:
             raise ValueError(f"operation must be one of {', '.join(FAILABLE_OPERATIONS)}")

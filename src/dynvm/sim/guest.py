@@ -31,8 +31,9 @@ def boot(host: SimHost, vm: str, instant: bool = False) -> None:
 
 
 def stop(host: SimHost, vm: str) -> None:
-    """The domain is gone: forget pending timers and give the address back."""
+    """The domain is gone: forget pending timers, close its service, give the address back."""
     host.boot_epochs[vm] = host.boot_epochs.get(vm, 0) + 1
+    host.services.close(vm)
     host.dhcp.release(vm)
 
 
@@ -95,6 +96,30 @@ def _network_up(host: SimHost, vm: str, epoch: int) -> None:
             if vif["MAC"]:
                 networks[f"{nic}/ipv6/0"] = _link_local(str(vif["MAC"]))
         store.update("VM_guest_metrics", metrics, networks=networks, last_updated=host.now())
+        first = networks.get("0/ip", "")
+        if not (host.spec.service_port or host.spec.winrm_port) or not first or first.startswith("169.254."):
+            return  # no usable address: nothing could reach its service
+        faults = host.faults
+        if faults.service_never_next > 0:
+            faults.service_never_next -= 1
+            return
+        if faults.service_never:
+            return
+    delay = host.timing.scaled(host.timing.service_seconds)
+    host.scheduler.call_later(delay, lambda: _service_up(host, vm, epoch, first))
+
+
+def _service_up(host: SimHost, vm: str, epoch: int, ip: str) -> None:
+    """The guest's sshd (WinRM on Windows) starts listening on its address."""
+    with host.store.lock:
+        if not _current(host, vm, epoch):
+            return
+        profile = host.guest_os.get(vm)
+    port = host.spec.winrm_port if profile is not None and profile.windows else host.spec.service_port
+    if host.services.open(vm, ip, port):
+        with host.store.lock:
+            if not _current(host, vm, epoch):  # stopped while it opened
+                host.services.close(vm)
 
 
 def _other_nic_address(host: SimHost, key: str) -> str:

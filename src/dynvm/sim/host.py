@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .catalogue import OsTemplate
 from .scheduler import Scheduler
+from .services import GuestServices
 from .settings import Faults, HostSpec, Timing
 from .store import ObjectStore
 
@@ -104,6 +105,7 @@ class SimHost:
         self._domids = iter(range(1, 1 << 30))
         self.up = threading.Event()
         self.up.set()
+        self.services = GuestServices()  # the guests' sshd / WinRM ports
 
     def now(self) -> xmlrpc.client.DateTime:
         return xapi_datetime(self.wallclock())
@@ -117,6 +119,7 @@ class SimHost:
             time.sleep(self.timing.scaled(seconds))
 
     def close(self) -> None:
+        self.services.stop()
         if self._own_scheduler:
             self.scheduler.stop()
 

@@ -23,6 +23,7 @@ from .node import HostNode, MemberNode
 from .population import build_host
 from .scheduler import Scheduler
 from .server import Endpoint
+from .services import free_port
 from .settings import HostSpec, Timing
 from .tls import server_context, write_self_signed
 
@@ -42,6 +43,10 @@ class LabOptions:
     timing: Timing = field(default_factory=Timing)
     xenserver_version: tuple[int, int] = (8, 2)
     pool_size: int = 1  # hosts per pool; above 1 they share an SR and a master
+    # where booted guests' sshd and WinRM listen, on their own addresses (None: a free port
+    # the lab picks, so labs side by side never answer each other's probes; 0: no services)
+    service_port: int | None = None
+    winrm_port: int | None = None
 
 
 class Lab:
@@ -67,6 +72,8 @@ class Lab:
             write_self_signed(self.cert_path, key_path)
             tls = server_context(self.cert_path, key_path)
         self.control = Control(self._by_password.get)
+        self.service_port = free_port() if options.service_port is None else options.service_port
+        self.winrm_port = free_port() if options.winrm_port is None else options.winrm_port
         for index in range(1, options.hosts + 1):
             spec = HostSpec(
                 index=index,
@@ -77,6 +84,8 @@ class Lab:
                 foreign_vms=options.foreign_vms,
                 xenserver_version=options.xenserver_version,
                 pool_size=options.pool_size,
+                service_port=self.service_port,
+                winrm_port=self.winrm_port,
             )
             seed = None if options.seed is None else options.seed + index
             timing = dataclasses.replace(options.timing)  # each host's timing can then change alone
@@ -118,6 +127,8 @@ class Lab:
         for thread in stoppers:
             thread.join()
         self.scheduler.stop()
+        for node in self.nodes:
+            node.host.services.stop()
 
     def config_text(self) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -136,6 +147,15 @@ class Lab:
             "[common]",
             "vm.expiry.minutes=720",
             "vm.network.timeout.secs=400",
+            "",
+            "[probe]",
+            "; the simulated guests' sshd and WinRM listen on these ports of their own addresses",
+            f"port={self.service_port}" if self.service_port else "enabled=false",
+            *(
+                [f"{key}.port={self.winrm_port}" for key in os_keys() if template_for_key(key).windows]
+                if self.service_port and self.winrm_port
+                else []
+            ),
         ]
         for index, node in enumerate(self.nodes, start=1):
             spec = node.host.spec

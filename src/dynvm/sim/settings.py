@@ -26,6 +26,8 @@ class HostSpec:
     dhcp_network: ipaddress.IPv4Network | None = None
     xenserver_version: tuple[int, int] = (8, 2)  # an older host lacks the messages released after it
     pool_size: int = 1  # hosts in this pool: the master, then members sharing its SR and network
+    service_port: int = 0  # where a booted Linux guest's sshd listens (0: guests open no service)
+    winrm_port: int = 0  # and a Windows guest's WinRM
 
     def __post_init__(self) -> None:
         if not self.storage_name:
@@ -72,6 +74,7 @@ class Timing:
     shutdown_seconds: float = 0.0  # VM.hard_shutdown: a real host takes a few seconds
     boot_seconds: float = 0.0
     ip_seconds: float = 0.0
+    service_seconds: float = 0.0  # from the guest's address to its service port answering
     time_scale: float = 1.0
 
     def scaled(self, seconds: float) -> float:
@@ -93,6 +96,8 @@ class Faults:
     # operation ("clone", "start", "provision", "destroy", ...) -> [error code, times left]
     fail_next: dict[str, tuple[str, int]] = field(default_factory=dict)
     sr_reserved: int = 0  # bytes of the SR taken by something outside xapi's view
+    service_never: bool = False  # booted guests never open their service port
+    service_never_next: int = 0  # the next N boots never do
 
     def take_failure(self, operation: str) -> str | None:
         """The error code the next call of ``operation`` must fail with, if any."""

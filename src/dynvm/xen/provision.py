@@ -28,7 +28,8 @@ from typing import Any
 import XenAPI
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from ..config import HostSettings
+from .. import probe
+from ..config import HostSettings, windows_os
 from ..model import CreatedVm, DestroyFailed, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
 from ..provider import DestroyResult
 from .inventory import is_real_ip
@@ -43,7 +44,7 @@ from .marker import (
     ownership,
 )
 from .session import CONNECTION_ERRORS, SessionPool
-from .templates import candidate_of, choose, windows_guest
+from .templates import candidate_of, choose
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,11 @@ class AttemptFailed(Exception):
 class NoAddress(AttemptFailed):
     """The guest got no usable address in time (APIPA, an exhausted DHCP pool): another
     host, on another network segment or DHCP scope, may do better."""
+
+
+class NoService(NoAddress):
+    """The guest has an address but its service port (sshd, WinRM) never answered: another
+    attempt, maybe on another host, gets a fresh guest (the APIPA retry path)."""
 
 
 class _VmLog(logging.LoggerAdapter):
@@ -160,7 +166,11 @@ class Provisioner:
                     progress("booting")
                     self._start(xapi, vm, spec, attempt, vlog)
                     progress("waiting for IP")
+                    waiting_since = self.clock()
                     ip, os_version = self._wait_for_guest(xapi, vm, spec, vlog, cancel)
+                    if spec.probe_port:
+                        progress("waiting for service")
+                        self._wait_for_service(ip, spec.probe_port, waiting_since + self.network_timeout, cancel, vlog)
                     created = self._describe(xapi, vm, spec, template_name, ip, os_version, started, attempt)
                 progress("ready")
                 vlog.info("ready at %s after %.1f s", ip, created.create_seconds)
@@ -386,7 +396,7 @@ class Provisioner:
                     metrics = xapi.VM_guest_metrics.get_record(metrics_ref)
                 except XenAPI.Failure:
                     metrics = {"networks": {}, "os_version": {}}
-                os_ready = windows_guest(spec.os) or bool(metrics["os_version"].get("name"))
+                os_ready = windows_os(spec.os) or bool(metrics["os_version"].get("name"))
                 addresses = [v for k, v in sorted(metrics["networks"].items()) if k.endswith("/ip") or "/ipv4/" in k]
                 real = next((a for a in addresses if is_real_ip(a)), None)
                 if real and os_ready:
@@ -398,6 +408,20 @@ class Provisioner:
             if remaining <= 0:
                 what = f"only the APIPA address {seen_apipa}" if seen_apipa else "no address"
                 raise NoAddress(f"{what} after {self.network_timeout:g} s (vm.network.timeout.secs)")
+
+    def _wait_for_service(
+        self, ip: str, port: int, deadline: float, cancel: threading.Event | None, vlog: _VmLog
+    ) -> None:
+        """The guest's service answers on ``ip:port`` before the network time-out ends."""
+        try:
+            took = probe.wait_until_answering(ip, port, deadline, cancel, clock=self.clock)
+        except probe.ServiceDown:
+            self._check_cancel(cancel)
+            raise NoService(
+                f"{ip} has an address but port {port} never answered within {self.network_timeout:g} s "
+                "(vm.network.timeout.secs; [probe] port)"
+            ) from None
+        vlog.info("port %d of %s answers after %.2f s", port, ip, took)
 
     def _start(self, xapi: Any, vm: str, spec: VmSpec, attempt: int, vlog: _VmLog) -> None:
         """Start the VM on the member its room was reserved on (``VM.start_on``). A retry

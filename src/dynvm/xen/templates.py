@@ -71,9 +71,3 @@ def choose(templates: Iterable[Candidate], wanted: str) -> Choice:
         names = ", ".join(repr(t.name) for t in prefixed)
         return Choice(None, f"{len(prefixed)} templates start with {wanted!r} ({names}); give the whole name")
     return Choice(None, f"no template named {wanted!r} (or starting with it)")
-
-
-def windows_guest(os: str) -> bool:
-    """Whether VMs of this OS key run Windows (a key that starts with "win"): their guest
-    agent may report an address before it reports an OS name, so an address is enough."""
-    return os.startswith("win")
