@@ -128,7 +128,7 @@ class FakeClock:
         self.now += seconds
 
 
-QUIET = Intervals(reap=3600, reconcile=3600, export=3600, sync_wait=10, shutdown_grace=5)
+QUIET = Intervals(reap=3600, reconcile=3600, export=3600, pools=3600, sync_wait=10, shutdown_grace=5)
 
 
 @pytest.fixture

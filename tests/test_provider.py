@@ -124,6 +124,11 @@ class StaticPool:
         progress("ready")
         return CreatedVm(uuid=box.name, ref=box.name, name=spec.name, ip=box.ip, host=host.ref, cpus=1, memory=1)
 
+    def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:
+        with self.lock:
+            box = next(b for b in self.boxes[host.ref] if b.name == machine_ref)
+            box.label = spec.name
+
     def pending_job(self, machine_ref: str) -> str | None:
         return None
 

@@ -42,6 +42,7 @@ def build_cli() -> typer.Typer:
         ("release", release_command),
         ("ls", ls_command),
         ("capacity", capacity_command),
+        ("pools", pools_command),
         ("extend", extend_command),
     ):
         app.command(name)(command)
@@ -772,6 +773,36 @@ def capacity_command(server: ServerOption = None, json_out: JsonOption = False) 
     console.print(table)
     for host in hosts:
         console.print(f"host {host['ref']} {host['url']}: {host['state']} {host['error']}".rstrip(), markup=False)
+
+
+def pools_command(server: ServerOption = None, json_out: JsonOption = False) -> None:
+    """The ready pools: per OS, VMs kept booted for getservers to take at once."""
+    import json
+
+    from .client import ApiError
+
+    client = _client(server)
+    try:
+        pools = client.pools()
+    except ApiError as e:
+        raise _fail(Console(stderr=True), e) from None
+    finally:
+        client.close()
+    if json_out:
+        typer.echo(json.dumps(pools, indent=2))
+        return
+    if not pools:
+        typer.echo("no ready pools: add [pools] <os>.ready=N to the configuration")
+        return
+    table = Table(title="ready pools")
+    for column in ("OS", "target", "ready", "refilling", "handed out (24 h)", "recycled (24 h)"):
+        table.add_column(column, justify="left" if column == "OS" else "right")
+    for pool in pools:
+        table.add_row(
+            pool["os"],
+            *(str(pool[k]) for k in ("target", "ready", "refilling", "handed_out", "recycled")),
+        )
+    Console().print(table)
 
 
 def extend_command(

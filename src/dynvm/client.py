@@ -83,3 +83,6 @@ class DynvmClient:
 
     def hosts(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/hosts").json()
+
+    def pools(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/pools").json()  # type: ignore[no-any-return]

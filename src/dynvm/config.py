@@ -37,6 +37,8 @@ KNOWN_COMMON_KEYS = {
 DEFAULT_QUARANTINE_HOURS = 24.0
 KNOWN_AUTH_KEYS = {"required"}
 KNOWN_PROBE_KEYS = {"enabled", "port"}  # and <os>.port
+KNOWN_POOL_KEYS = {"ready.ttl.minutes", "refill.per.host"}  # and <os>.ready
+DEFAULT_READY_TTL_MINUTES = 120.0
 DEFAULT_PROBE_PORT = 22  # sshd
 DEFAULT_WINDOWS_PROBE_PORT = 5985  # WinRM over HTTP
 KNOWN_QUOTA_KEYS = {"max.count.per.request", "vms.per.user", "memory.gib.per.user"}
@@ -163,6 +165,18 @@ class ProbeSettings:
 
 
 @dataclass(frozen=True)
+class PoolSettings:
+    """Ready pools: per OS key, how many VMs to keep booted and ready ahead of demand."""
+
+    targets: Mapping[str, int] = field(default_factory=dict)  # <os>.ready
+    ready_ttl_minutes: float = DEFAULT_READY_TTL_MINUTES  # an unused ready VM is made afresh after this
+    refill_per_host: int = 2  # ready-pool VMs being made at once on one host, at most
+
+    def target(self, os: str) -> int:
+        return self.targets.get(os, 0)
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     common: CommonSettings = CommonSettings()
@@ -170,6 +184,7 @@ class Settings:
     auth: AuthSettings = AuthSettings()
     quota: QuotaSettings = QuotaSettings()
     probe: ProbeSettings = ProbeSettings()
+    pools: PoolSettings = PoolSettings()
     hosts: tuple[HostSettings, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -267,7 +282,7 @@ class _Reader:
             match = HOST_SECTION.match(section)
             if match:
                 hosts.append(self.host(section, int(match.group(1))))
-            elif section not in ("common", "couchbase", "auth", "quota", "probe"):
+            elif section not in ("common", "couchbase", "auth", "quota", "probe", "pools"):
                 self.warn(section, None, "unknown section, ignored")
         if not hosts:
             self.warn("xenhost1", None, "no [xenhostN] section: no host can be used until one is added")
@@ -278,6 +293,7 @@ class _Reader:
             auth=self.auth(),
             quota=self.quota(),
             probe=self.probe(),
+            pools=self.pools(),
             hosts=tuple(sorted(hosts, key=lambda h: h.number)),
             warnings=tuple(self.warnings),
         )
@@ -287,8 +303,10 @@ class _Reader:
             return {}
         values = dict(self.parser.items(name))
         for key in values:
-            per_os = (name.startswith("xenhost") and key.endswith(".template")) or (
-                name == "probe" and key.endswith(".port")
+            per_os = (
+                (name.startswith("xenhost") and key.endswith(".template"))
+                or (name == "probe" and key.endswith(".port"))
+                or (name == "pools" and key.endswith(".ready"))
             )
             if key not in known and not per_os:
                 self.warn(name, key, "unknown key, ignored")
@@ -320,6 +338,42 @@ class _Reader:
             ),
             queue_wait_minutes=self.number("common", values, "queue.wait.minutes", 0.0, allow_zero=True),
         )
+
+    def pools(self) -> PoolSettings:
+        values = self._section("pools", KNOWN_POOL_KEYS)
+
+        def whole(key: str, default: int, low: int) -> int:
+            raw = values.get(key, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit() or int(raw) < low:
+                raise self.error("pools", key, f"must be a whole number of at least {low}, not {raw!r}")
+            return int(raw)
+
+        targets = {}
+        for key in values:
+            if key.endswith(".ready"):
+                os = key.removesuffix(".ready")
+                if not OS_KEY.match(os):
+                    raise self.error("pools", key, "an OS key is lower-case letters, digits, '-' or '_'")
+                targets[os] = whole(key, 0, 0)
+        known = {os for host in self._host_templates() for os in host}
+        for os in sorted(targets):
+            if targets[os] and known and os not in known:
+                self.warn("pools", f"{os}.ready", f"no host has a {os} template: that pool stays empty")
+        return PoolSettings(
+            targets={os: n for os, n in targets.items() if n > 0},
+            ready_ttl_minutes=self.number("pools", values, "ready.ttl.minutes", DEFAULT_READY_TTL_MINUTES),
+            refill_per_host=whole("refill.per.host", 2, 1),
+        )
+
+    def _host_templates(self) -> list[set[str]]:
+        """The OS keys each host section names (before the sections are validated)."""
+        return [
+            {key.removesuffix(".template") for key in self.parser.options(section) if key.endswith(".template")}
+            for section in self.parser.sections()
+            if HOST_SECTION.match(section)
+        ]
 
     def probe(self) -> ProbeSettings:
         values = self._section("probe", KNOWN_PROBE_KEYS)

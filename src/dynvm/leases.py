@@ -18,6 +18,7 @@ flight are cancelled and rolled back).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -28,9 +29,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+
 from .config import HostSettings, Settings
 from .engine import placement
 from .engine.lifecycle import Lifecycle, ReleaseOutcome
+from .engine.pools import Pools
 from .engine.queue import Queueing, _record_of, _RequestCancel
 from .engine.requests import (
     QUEUED,
@@ -65,6 +69,7 @@ from .store.leases import LeaseStore
 log = logging.getLogger(__name__)
 
 REPLICA_STALE_SECONDS = 10.0  # a replica silent this long is dead (it beats every 2 s)
+ROOM_SHOWS_WITHIN = 5.0  # seconds the hosts may take to report the room of VMs just destroyed
 
 
 class LeaseEvents:
@@ -75,6 +80,7 @@ class LeaseEvents:
     def ended(self, lease: Lease, state: str) -> None: ...
     def reconciled(self, report: ReconcileReport) -> None: ...
     def request_event(self, kind: str, record: RequestRecord) -> None: ...
+    def handed_out(self, lease: Lease, how: str, seconds: float) -> None: ...
     def scheduler_passed(self, seconds: float) -> None: ...
 
 
@@ -121,6 +127,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         self.requests = RequestStore(leases.db, clock)
         self.tracker = DurableTracker(self.requests, self.owner)
         self.scheduler = Scheduler(self, self.requests, clock)
+        self.pools = Pools(self, clock)
         self.scheduler.events = lambda kind, record: self._request_event(kind, record.id)
         self.events = events or LeaseEvents()
         self._releasing: Counter[str] = Counter()  # lease ids this process is releasing right now
@@ -199,11 +206,18 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             raise UnknownOs(f"unknown OS {os!r}; the OSes that exist are: {known}")
 
     def available_count(self, os: str) -> int:
+        """How many VMs of ``os`` a request could get now: its ready pool's idle VMs, and
+        what can still be made, counting the room idle ready VMs of other OSes would give
+        back (they make way for a request). Never a VM that could not be delivered."""
         settings = self.settings
         self.check_os(settings, os)
         with self.leases.db.read() as conn:
             reserved = self.leases.pending_reservations(conn)
-        return placement.available(self._candidates(settings, os, None, None, reserved))
+        candidates = self._candidates(settings, os, None, None, reserved)
+        ready = self.pools.idle(settings, os)
+        mine = {lease.id for lease in ready}
+        self.pools.give_back_idle(candidates, exclude=mine)
+        return len(ready) + placement.available(candidates)
 
     def host_statuses(self) -> dict[str, HostStatus]:
         """What the provider sees of each configured host it knows, by ref (no capacity)."""
@@ -297,13 +311,35 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
 
     def _acquire(self, request: LeaseRequest, request_id: str) -> list[Lease]:
         settings = self.settings
-        new = self._reserve(settings, request, request_id, immediate=True)
+        new = self._reserve_now(settings, request, request_id)
         return self._build(settings, new, request_id, pinned=request.host_ref is not None)
 
+    def _reserve_now(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]:
+        """Reserve a request that does not wait. When it does not fit, idle ready-pool VMs
+        make way (``Pools.make_room``) and it is tried again once their room shows (the
+        hosts report a destroyed VM's room a moment later); else the shortage stands."""
+        try:
+            return self._reserve(settings, request, request_id, immediate=True)
+        except NotEnoughCapacity as shortage:
+            warm = len(self.pools.idle(settings, request.os, request.host_ref))
+            cold = request.count - (warm if self.pools.eligible(request.cpus, request.memory) else 0)
+            if not self.pools.make_room(settings, request, cold):
+                raise shortage from None
+        for attempt in Retrying(
+            retry=retry_if_exception_type(NotEnoughCapacity),
+            stop=stop_after_delay(ROOM_SHOWS_WITHIN),
+            wait=wait_fixed(0.05),
+            reraise=True,
+        ):
+            with attempt:
+                return self._reserve(settings, request, request_id, immediate=True)
+        raise AssertionError("unreachable: Retrying reraises")
+
     def _reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
-        """Name the VMs, reserve their room and insert their leases, in one transaction.
-        ``immediate``: a request that does not wait, which may take room only if that
-        delays no queued request (``Scheduler.may_serve_now``)."""
+        """Name the VMs, reserve their room and insert their leases, in one transaction;
+        ready-pool VMs of the OS are taken first (``engine/pools.py``), the rest made cold.
+        ``immediate``: a request that does not wait, which may take room (or ready VMs)
+        only if that delays no queued request (``Scheduler.may_serve_now``)."""
         if self._stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
         self.validate(request)
@@ -318,20 +354,50 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             self._refuse_leased_names(self.leases.by_name(names, conn), request)
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             reserved = self.leases.pending_reservations(conn)
-            candidates = self._candidates(
-                settings, request.os, request.cpus, request.memory, reserved, only=request.host_ref
-            )
-            try:
-                chosen = placement.place(request.count, request.os, candidates)
-            except NotEnoughCapacity as e:
-                raise NotEnoughCapacity(self._explain_shortage(settings, str(e), request)) from None
-            if immediate and not self.scheduler.may_serve_now(settings, reserved, _record_of(request, request_id)):
-                waiting = len(self.requests.in_state(QUEUED))
-                raise NotEnoughCapacity(
-                    f"not enough capacity for {request.count} {request.os} VM(s) now: {waiting} request(s) wait in "
-                    "the queue for the room it would take; ask with wait=<minutes> to queue behind them"
+            queued = self.requests.in_state(QUEUED) if immediate else []
+            ready = []
+            if self.pools.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):
+                # read with the hosts locked, so what another request took is seen taken
+                # (and those who wait for this OS are served from its pool first)
+                ready = self.pools.idle(settings, request.os, request.host_ref)
+            warm = ready[: request.count]
+            cold_names = names[len(warm) :]
+            chosen: list[placement.Placement] = []
+            if cold_names:
+                candidates = self._candidates(
+                    settings, request.os, request.cpus, request.memory, reserved, only=request.host_ref
                 )
-            self._check_quota(settings, request, [c.need.static_max for c in chosen], conn)
+                try:
+                    chosen = placement.place(len(cold_names), request.os, candidates)
+                except NotEnoughCapacity as e:
+                    raise NotEnoughCapacity(self._explain_shortage(settings, str(e), request)) from None
+                cold = dataclasses.replace(_record_of(request, request_id), count=len(cold_names))
+                if queued and not self.scheduler.may_serve_now(settings, reserved, cold):
+                    raise NotEnoughCapacity(
+                        f"not enough capacity for {request.count} {request.os} VM(s) now: {len(queued)} request(s) "
+                        "wait in the queue for the room it would take; ask with wait=<minutes> to queue behind them"
+                    )
+            memory = [lease.memory for lease in warm] + [c.need.static_max for c in chosen]
+            self._check_quota(settings, request, memory, conn)
+            taken = []
+            for name, lease in zip(names, warm, strict=False):
+                mine = dataclasses.replace(
+                    lease,
+                    request_id=request_id,
+                    name=name,
+                    username=request.username,
+                    caller=request.caller,
+                    owner=self.owner,
+                    created_at=now,
+                    expires_at=now + minutes * 60,
+                )
+                if not self.leases.take_pooled(conn, lease, mine):
+                    raise NotEnoughCapacity(f"a ready {request.os} VM went away as it was taken; ask again")
+                taken.append(
+                    dataclasses.replace(
+                        mine, pooled=False, created_at=lease.created_at, expires_at=lease.created_at + minutes * 60
+                    )
+                )
             new = [
                 Lease(
                     id=str(uuid.uuid4()),
@@ -351,17 +417,20 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
                     caller=request.caller,
                     member=choice.member or None,
                 )
-                for name, choice in zip(names, chosen, strict=True)
+                for name, choice in zip(cold_names, chosen, strict=True)
             ]
-            self.leases.insert(conn, new, [choice.need.memory for choice in chosen])
+            if new:
+                self.leases.insert(conn, new, [choice.need.memory for choice in chosen])
+        new = taken + new
         self.tracker.placed(request_id, [(lease.name, lease.host_ref) for lease in new])
         log.info(
-            "request %s: %s x %s for %s on host(s) %s",
+            "request %s: %s x %s for %s on host(s) %s%s",
             request_id,
             request.count,
             request.os,
             request.username,
             ", ".join(sorted({lease.host_ref for lease in new})),
+            f" ({len(taken)} from the ready pool)" if taken else "",
         )
         return new
 
@@ -452,6 +521,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             if handed is not None:
                 if request_id is not None:
                     self.requests.notify(request_id)  # its waiters answer now, not at their next look
+                    self._report_handed_out(request_id, handed)
                 self._request_event("ready", request_id)
                 return handed
             # only a process that died and left the request to recover ends a ready lease
@@ -474,6 +544,16 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         where = host.display if host else f"host {first_lease.host_ref}"
         others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
         raise CreateFailed(f"could not create {first_lease.name} on {where}: {first_error}{others}")
+
+    def _report_handed_out(self, request_id: str, handed: list[Lease]) -> None:
+        """Time-to-VM, by how each VM came: from a ready pool, made for it, or after waiting."""
+        record = self.requests.get(request_id)
+        if record is None:
+            return
+        seconds = max(0.0, self.clock() - record.created_at)
+        for lease in handed:
+            how = "queued" if record.wait_until is not None else ("warm" if lease.pooled_at else "cold")
+            self._report("handed_out", lease, how, seconds)
 
     def _roll_back(self, settings: Settings, ready: list[Lease], reason: str) -> None:
         """Destroy the ready VMs of a request that failed. They go through ``releasing``

@@ -60,6 +60,14 @@ class Metrics(LeaseEvents):
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self.time_to_vm = Histogram(
+            "dynvm_time_to_vm_seconds",
+            "From a request's arrival to its VMs handed over, by how they came: "
+            "warm (a ready pool), cold (made for it), queued (it waited for room)",
+            ["how"],
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
         self.requests_ended = Counter(
             "dynvm_requests_ended", "Lease requests that ended, by state", ["state"], registry=self.registry
         )
@@ -78,6 +86,9 @@ class Metrics(LeaseEvents):
 
     def ended(self, lease: Lease, state: str) -> None:
         self.leases_ended.labels(state).inc()
+
+    def handed_out(self, lease: Lease, how: str, seconds: float) -> None:
+        self.time_to_vm.labels(how).observe(seconds)
 
     def scheduler_passed(self, seconds: float) -> None:
         self.scheduler_pass.observe(seconds)
@@ -134,6 +145,13 @@ class _Gauges(Collector):
             oldest.add_metric([os], max(waiting.get(os, [0.0])))
         yield length
         yield oldest
+        ready = GaugeMetricFamily("dynvm_pool_ready", "Idle ready VMs in the ready pool of an OS", labels=["os"])
+        target = GaugeMetricFamily("dynvm_pool_target", "How many ready VMs an OS's pool keeps", labels=["os"])
+        for pool in services.leases.pools.status():
+            ready.add_metric([pool.os], pool.ready)
+            target.add_metric([pool.os], pool.target)
+        yield ready
+        yield target
         leader = GaugeMetricFamily(
             "dynvm_leader", "1 if this replica runs the reaper, reconcile and history export (one replica does)"
         )

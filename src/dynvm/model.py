@@ -196,6 +196,8 @@ class Lease:
     caller: str | None = None  # the authenticated user who asked; None when anonymous
     handed_over_at: float | None = None  # when the request answered with it; the lifetime starts
     member: str | None = None  # the pool member (host ref) it was placed on and starts on
+    pooled: bool = False  # a ready-pool VM no request has taken yet ([pools])
+    pooled_at: float | None = None  # when it joined its ready pool (None: made for its request)
 
     @property
     def lifetime(self) -> float:

@@ -269,6 +269,12 @@ class Provider(Protocol):
         lease's machine ref until the create returns."""
         ...
 
+    def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:
+        """A ready-pool machine (made for ``spec.lease_id``) becomes ``spec``'s: named and
+        described as if made for it. Raises ``ProvisionError`` when it cannot be (gone,
+        stopped): the engine then makes one cold."""
+        ...
+
     def pending_job(self, machine_ref: str) -> str | None:
         """The job a handle from ``on_pending`` names, or None for a real machine ref."""
         ...

@@ -37,6 +37,7 @@ class Intervals:
     reap: float = 2.0  # expiry is honoured within this (plus one destroy) of its time
     reconcile: float = 30.0  # also how soon a dead replica's creates are cleaned up
     export: float = 30.0
+    pools: float = 1.0  # ready pools: recycle, give way, refill
     sync_wait: float = 15.0  # at start-up, how long to wait for hosts to answer once
     shutdown_grace: float = 30.0
 
@@ -125,6 +126,7 @@ class Services:
             Background("reaper", self.intervals.reap, self.leases.expire_due, leading),
             Background("reconcile", self.intervals.reconcile, self._reconcile, leading),
             Background("history-export", self.intervals.export, self.history.export_pending, leading),
+            Background("ready-pools", self.intervals.pools, self.leases.pools.tick, leading),
         ]
         for loop in self._loops:
             loop.start()

@@ -9,6 +9,7 @@ queue (``GET /queue``), with its position and ETA in its status, and can be canc
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Annotated, Any
 
@@ -350,13 +351,29 @@ async def queue(services: ServicesDep, _: CallerDep) -> list[QueuedOut]:
     return out
 
 
+class PoolOut(BaseModel):
+    os: str
+    target: int = Field(description="ready VMs kept for this OS ([pools] <os>.ready)")
+    ready: int = Field(description="idle, probed VMs a request takes at once")
+    refilling: int = Field(description="being made")
+    handed_out: int = Field(description="taken by requests in the last 24 h")
+    recycled: int = Field(description="destroyed unused in the last 24 h: stale, dead, surplus, or making room")
+
+
+@router.get("/pools", response_model=list[PoolOut], responses=ERRORS)
+async def pools(services: ServicesDep, _: CallerDep) -> list[PoolOut]:
+    """The ready pools, per OS: a getservers takes these VMs first and makes only the rest."""
+    found = await anyio.to_thread.run_sync(services.leases.pools.status)
+    return [PoolOut(**dataclasses.asdict(pool)) for pool in found]
+
+
 @router.get("/leases", response_model=list[LeaseOut], responses=ERRORS)
 async def list_leases(
     services: ServicesDep,
     _: CallerDep,
     user: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
 ) -> list[LeaseOut]:
-    leases = await anyio.to_thread.run_sync(services.leases.leases.active)
+    leases = await anyio.to_thread.run_sync(services.leases.leases.held)
     return [LeaseOut.of(lease) for lease in leases if user is None or (lease.caller or lease.username) == user]
 
 

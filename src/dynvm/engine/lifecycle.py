@@ -59,13 +59,36 @@ class ReleaseOutcome:
 class Lifecycle:
     """One VM's create and destroy, as methods of ``LeaseService``."""
 
+    def _stage(self, lease: Lease, stage: str, **details: str | None) -> None:
+        """Report a create's progress on its request (a ready-pool VM has none)."""
+        if not lease.pooled:
+            self.tracker.stage(lease.request_id, lease.name, stage, **details)
+
+    def _hand_out(self, settings: Settings, lease: Lease) -> Lease:
+        """A ready-pool VM this request took: rename it for its lease, and it is ready."""
+        host = settings.host(lease.host_ref)
+        if host is None or not lease.vm_ref:
+            raise ProvisionError(f"{lease.name}: its ready VM's host left the configuration", lease.host_ref)
+        spec = VmSpec(name=lease.name, os=lease.os, template=lease.template, lease_id=lease.id)
+        try:
+            self.provider.hand_out(host, lease.vm_ref, spec)
+        except Exception as e:
+            self._stage(lease, "failed", error=str(e))
+            raise
+        self._stage(lease, "ready", ip=lease.ip)
+        self.history.record_created(lease, origin_of(host.url), handed_out_at=self.clock())
+        return lease
+
     def _create_one(
         self, settings: Settings, lease: Lease, pinned: bool = False, cancel: _RequestCancel | None = None
     ) -> Lease:
         """Create one VM. Unpinned, it may move: when its host stops answering, to the host
         with most room among those not tried yet; when its host's guests get no usable IP
         (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
-        failed xapi call is retried where it happened."""
+        failed xapi call is retried where it happened. A ready-pool VM the request took is
+        only handed out (renamed)."""
+        if lease.pooled_at is not None and lease.state == "ready":
+            return self._hand_out(settings, lease)
         tried = {lease.host_ref}
         attempts_left = CREATE_ATTEMPTS
         attempts = attempts_left if pinned else attempts_left - 1  # unpinned: one is kept for elsewhere
@@ -98,7 +121,7 @@ class Lifecycle:
                     continue  # no room elsewhere: the last attempt stays here
                 why = "stopped answering" if e.unreachable else "gives its guests no usable IP"
                 log.warning("%s: host %s %s; trying host %s", lease.name, lease.host_ref, why, moved.host_ref)
-                self.tracker.stage(lease.request_id, lease.name, "moved", host=moved.host_ref)
+                self._stage(lease, "moved", host=moved.host_ref)
                 tried.add(moved.host_ref)
                 lease = moved
                 attempts = attempts_left
@@ -158,7 +181,7 @@ class Lifecycle:
         )
 
         def progress(stage: str) -> None:
-            self.tracker.stage(lease.request_id, lease.name, stage)
+            self._stage(lease, stage)
 
         try:
             created: CreatedVm = self.provider.create(
@@ -170,7 +193,7 @@ class Lifecycle:
                 attempts=attempts,
             )
         except Exception as e:
-            self.tracker.stage(lease.request_id, lease.name, "failed", error=str(e))
+            self._stage(lease, "failed", error=str(e))
             self._report("create_failed", type(e).__name__)
             raise
         ready = self.leases.mark_ready(lease.id, created, self.clock(), self.owner)
@@ -178,8 +201,9 @@ class Lifecycle:
             with contextlib.suppress(Exception):  # else reconcile removes it: its lease has ended
                 self.provider.destroy(host, created.ref, lease.id)
             raise ProvisionError(f"{lease.name}: the lease ended while its VM was being made", host.ref)
-        self.tracker.stage(lease.request_id, lease.name, "ready", ip=ready.ip)
-        self.history.record_created(ready, origin_of(host.url))
+        self._stage(lease, "ready", ip=ready.ip)
+        if not ready.pooled:  # a ready-pool VM enters the history once a request takes it
+            self.history.record_created(ready, origin_of(host.url))
         self._report("created", ready)
         return ready
 

@@ -50,7 +50,7 @@ class Queueing:
         self.tracker.start(request_id, request.username, request.os, request.count)
         settings = self.settings
         try:
-            new = self._reserve(settings, request, request_id, immediate=True)
+            new = self._reserve_now(settings, request, request_id)
         except Exception as e:
             self.tracker.finish(request_id, e)
             raise

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+YIELD_SECONDS = 2.0  # how soon an idle ready-pool VM makes way for a waiting request (a pools pass)
+
 LEARN_EVERY = 30.0  # seconds between re-reading create and hold times from the ended leases
 
 
@@ -194,9 +196,12 @@ class Scheduler:
         memory_of = {str(r["lease_id"]): int(r["memory"]) for r in reserved}  # type: ignore[call-overload]
         releases = []
         for lease in self.leases.leases.active():
-            end = eta.expected_end(
-                now, lease.os, lease.state, lease.handed_over_at, lease.created_at, lease.expires_at, timing
-            )
+            if lease.pooled and lease.state == "ready":
+                end = now + YIELD_SECONDS  # an idle ready VM makes way for those who wait
+            else:
+                end = eta.expected_end(
+                    now, lease.os, lease.state, lease.handed_over_at, lease.created_at, lease.expires_at, timing
+                )
             memory = memory_of.get(lease.id, lease.memory)
             releases.append(eta.Release(end, lease.host_ref, lease.member or "", lease.cpus, memory, lease.disk))
         return Snapshot(now, rooms, releases)
@@ -338,7 +343,14 @@ class Scheduler:
         left: list[RequestRecord] = []
         snap = self._fresh_snapshot(settings)
         misfits: set[tuple[object, ...]] = set()  # requests alike that do not fit this snapshot
+        warm: dict[tuple[str, str | None], int] = {}  # idle ready VMs per (os, pinned host), read once
         for record in order:
+            if (head is None or record.os != head.os) and self._served_warm(settings, record, warm):
+                report.served.append(record.id)
+                self.events("served", record)
+                snap = self._fresh_snapshot(settings)
+                misfits.clear()
+                continue
             alike = (record.os, record.cpus, record.memory, record.host_ref, record.count)
             waiting = self.waiting_of(settings, record)
             fits = alike not in misfits and eta.fit(_copy_rooms(snap.rooms), waiting) is not None
@@ -357,6 +369,20 @@ class Scheduler:
         report.waiting = len(left)
         self._forecast(settings, snap, left)
         return report
+
+    def _served_warm(self, settings: Settings, record: RequestRecord, warm: dict[tuple[str, str | None], int]) -> bool:
+        """Serve a request its ready pool covers whole (it takes no new room, so it delays
+        no one); True when it was."""
+        pools = self.leases.pools
+        if not pools.eligible(record.cpus, record.memory):
+            return False
+        key = (record.os, record.host_ref)
+        if key not in warm:
+            warm[key] = len(pools.idle(settings, record.os, record.host_ref))
+        if warm[key] < record.count or not self.leases.grant(record):
+            return False
+        warm.clear()  # taken: read again when next asked
+        return True
 
     def _fresh_snapshot(self, settings: Settings) -> Snapshot:
         with self.leases.leases.db.read() as conn:

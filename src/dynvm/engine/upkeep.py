@@ -107,7 +107,9 @@ class Upkeep:
     def _roll_back_unanswered_requests(self, settings: Settings, alive: set[str]) -> None:
         """Ready leases a dead process never handed over (it died before its request
         answered): nobody got them, so they are removed, all or nothing."""
-        waiting = [lease for lease in self.leases.in_state("ready") if lease.handed_over_at is None]
+        waiting = [
+            lease for lease in self.leases.in_state("ready") if lease.handed_over_at is None and not lease.pooled
+        ]
         orphaned = [lease for lease in waiting if lease.owner not in alive]
         if orphaned:
             self._roll_back(settings, orphaned, "dynvm stopped before the request answered")

@@ -108,9 +108,12 @@ class HistoryStore:
         self.sink = sink
         self.clock = clock
 
-    def record_created(self, lease: Lease, origin: str) -> dict[str, Any]:
+    def record_created(self, lease: Lease, origin: str, handed_out_at: float | None = None) -> dict[str, Any]:
+        """``handed_out_at``: a ready-pool VM a request took then (its document says so)."""
         assert lease.vm_uuid, "a VM is in the history once it exists"
         document = created_document(lease, origin)
+        if lease.pooled_at is not None:
+            document.update(pooled=True, pooled_time=int(lease.pooled_at), handout_time=int(handed_out_at or 0))
         self._save(lease.vm_uuid, document)
         return document
 

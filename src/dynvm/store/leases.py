@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, delete, false, insert, select, update
+from sqlalchemy import Connection, delete, false, insert, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -38,7 +38,34 @@ class LeaseStore:
         return self._select(leases.c.state.in_(ACTIVE_STATES), conn)
 
     def by_name(self, names: Iterable[str], conn: Connection | None = None) -> list[Lease]:
-        return self._select(leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_STATES), conn)
+        """Active leases of these names; ready-pool VMs are nobody's lease yet and never match."""
+        where = leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
+        return self._select(where, conn)
+
+    def held(self, conn: Connection | None = None) -> list[Lease]:
+        """Active leases a request made or took: not the ready pools' VMs."""
+        return self._select(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false()), conn)
+
+    def pooled(self, conn: Connection | None = None) -> list[Lease]:
+        """The ready pools' VMs: being made (``creating``), ready, or being recycled."""
+        return self._select(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == true()), conn)
+
+    def pool_counts(self, since: float) -> dict[str, tuple[int, int]]:
+        """Per OS, since ``since``: ready-pool VMs handed out to a request, and those that
+        ended without one (recycled: stale, dead, surplus, or making room)."""
+        query = select(leases.c.os, leases.c.pooled, leases.c.state).where(
+            leases.c.pooled_at.is_not(None) & (leases.c.pooled_at >= since)
+        )
+        out: dict[str, tuple[int, int]] = {}
+        with self.db.read() as conn:
+            for row in conn.execute(query):
+                handed, recycled = out.get(row.os, (0, 0))
+                if not row.pooled:
+                    handed += 1
+                elif row.state not in ACTIVE_STATES:
+                    recycled += 1
+                out[row.os] = (handed, recycled)
+        return out
 
     def by_request(self, request_id: str) -> list[Lease]:
         return self._select(leases.c.request_id == request_id)
@@ -233,6 +260,47 @@ class LeaseStore:
                 )
             found = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
             return [found[lease_id] for lease_id in lease_ids]
+
+    def mark_pooled(self, lease_id: str, now: float, expires_at: float) -> Lease | None:
+        """A ready-pool VM is ready: it joins its pool until ``expires_at`` (its ready TTL)."""
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(leases)
+                .where((leases.c.id == lease_id) & (leases.c.state == "ready") & (leases.c.pooled == true()))
+                .values(pooled_at=now, expires_at=expires_at)
+            )
+            if done.rowcount != 1:
+                return None
+            return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
+
+    def take_pooled(self, conn: Connection, lease: Lease, new: Lease) -> bool:
+        """Give a ready-pool VM to a request, inside its reservation's transaction: it takes
+        ``new``'s name, user, request, owner and lifetime. False when it is not in its pool
+        any more (another request, or another replica, took it first): the database decides,
+        so no VM is ever handed out twice."""
+        try:
+            done = conn.execute(
+                update(leases)
+                .where(
+                    (leases.c.id == lease.id)
+                    & (leases.c.pooled == true())
+                    & (leases.c.state == "ready")
+                    & leases.c.handed_over_at.is_(None)
+                )
+                .values(
+                    pooled=False,
+                    request_id=new.request_id,
+                    name=new.name,
+                    username=new.username,
+                    caller=new.caller,
+                    owner=new.owner,
+                    # the lifetime counts from created_at until the hand-over moves it
+                    expires_at=lease.created_at + new.lifetime,
+                )
+            )
+        except IntegrityError:
+            raise NameInUse(f"{new.name} is already in use by another lease") from None
+        return done.rowcount == 1
 
     def extend(self, lease_id: str, expires_at: float) -> None:
         with self.db.write() as conn:

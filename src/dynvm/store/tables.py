@@ -56,6 +56,9 @@ leases = Table(
     # when the request handed its VMs over; the lifetime counts from here (None: not yet)
     Column("handed_over_at", Float),
     Column("member", String(80)),  # the pool member (host ref) it was placed on; None: not known
+    # a ready-pool VM ([pools]): made ahead of demand and handed to nobody yet
+    Column("pooled", Boolean, nullable=False, default=False, server_default=false()),
+    Column("pooled_at", Float),  # when it joined its ready pool (kept once handed out: it came warm)
     Index(
         "uq_leases_active_name",
         "name",
@@ -64,6 +67,7 @@ leases = Table(
         postgresql_where=text(ACTIVE_SQL),
     ),
     Index("ix_leases_state_expires", "state", "expires_at"),
+    Index("ix_leases_pooled_os", "pooled", "os"),
 )
 
 # What an in-flight create holds on a host until its VM runs (then the host's own figures

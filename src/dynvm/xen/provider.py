@@ -148,6 +148,9 @@ class XenProvider:
             attempts=attempts,
         )
 
+    def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:
+        self._provisioner(host).hand_out(machine_ref, spec, spec.template)
+
     def pending_job(self, machine_ref: str) -> str | None:
         return machine_ref.removeprefix(CLONE_TASK) if machine_ref.startswith(CLONE_TASK) else None
 

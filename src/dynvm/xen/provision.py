@@ -40,6 +40,7 @@ from .marker import (
     QUARANTINE_TAG,
     Ownership,
     clone_name,
+    lease_of,
     marker,
     ownership,
 )
@@ -64,6 +65,11 @@ class AttemptFailed(Exception):
 class NoAddress(AttemptFailed):
     """The guest got no usable address in time (APIPA, an exhausted DHCP pool): another
     host, on another network segment or DHCP scope, may do better."""
+
+
+def describe(name: str, template: str) -> str:
+    """A VM's ``name_description`` (SPEC.md §3): ``<name> from <template> on <utc time>``."""
+    return f"{name} from {template} on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}"
 
 
 class NoService(NoAddress):
@@ -314,8 +320,7 @@ class Provisioner:
     def _configure(
         self, xapi: Any, vm: str, spec: VmSpec, template_name: str, sr: str, network: str, vlog: _VmLog
     ) -> None:
-        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        xapi.VM.set_name_description(vm, f"{spec.name} from {template_name} on {stamp}")
+        xapi.VM.set_name_description(vm, describe(spec.name, template_name))
         vifs = xapi.VM.get_VIFs(vm)
         on_network = [v for v in vifs if xapi.VIF.get_network(v) == network]
         if not on_network:
@@ -466,6 +471,27 @@ class Provisioner:
             attempts=attempt,
             member=record["resident_on"] if record["resident_on"] != NULL_REF else "",
         )
+
+    # -- hand-out of a ready-pool VM --------------------------------------------------
+
+    def hand_out(self, vm: str, spec: VmSpec, template: str) -> None:
+        """A ready VM of this installation's pool becomes ``spec``'s: its name and
+        description as if made for it (its marker already names the lease, which keeps its
+        id). Raises ``ProvisionError`` when it is gone or stopped meanwhile."""
+        with self.pool.session() as xapi:
+            try:
+                record = xapi.VM.get_record(vm)
+                mine = ownership(record["other_config"], self.installation) is Ownership.OURS
+                if not mine or lease_of(record["other_config"]) != spec.lease_id:
+                    raise NotDynvmVm(f"refusing to hand out {record['name_label']!r}: not lease {spec.lease_id}'s")
+                if record["power_state"] != "Running":
+                    raise ProvisionError(f"{spec.name}: its ready VM is {record['power_state']}", self.host.ref)
+                xapi.VM.set_name_label(vm, spec.name)
+                xapi.VM.set_name_description(vm, describe(spec.name, template))
+            except XenAPI.Failure as e:
+                raise ProvisionError(
+                    f"{spec.name}: its ready VM cannot be handed out: {_details(e)}", self.host.ref
+                ) from None
 
     # -- destroy -----------------------------------------------------------------------
 

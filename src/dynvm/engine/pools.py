@@ -1,0 +1,332 @@
+"""Ready pools (``[pools]``): VMs of an OS kept booted, probed and ready ahead of demand,
+so that a getservers takes one in milliseconds instead of waiting a whole create.
+
+A ready-pool VM is a lease like any other — it holds its room, carries dynvm's marker, is
+reconciled and recovered as one — whose ``pooled`` flag says no request has it yet. A
+request takes one in its reservation's transaction (``LeaseStore.take_pooled``): it gets
+the request's name, user and lifetime there, and the VM is renamed after (``Provider.
+hand_out``). The pool only ever gives way to real demand:
+
+- a request asking for other ``cpus``/``mem`` than the template's, or pinned to a host the
+  pool has no VM on, is made cold; so is the rest of a request the pool cannot cover;
+- a request that does not fit takes the room of idle ready VMs of other OSes: they are
+  destroyed first (``make_room``); while requests wait in the queue, nothing is refilled,
+  and idle VMs of OSes nobody waits for are recycled one per host per pass;
+- refill runs on the leader only, at most ``[pools] refill.per.host`` creates at once per
+  host, and backs off (doubling, up to ``BACKOFF_MAX``) on a host whose create failed.
+
+A ready VM that stopped, lost its address, outlived ``ready.ttl.minutes`` or is over its
+pool's target is recycled (destroyed; the pass after refills it). ``tick`` does all of it;
+``runtime.Services`` runs it every ``Intervals.pools`` seconds on the leader.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..model import Lease, LeaseRequest
+from ..provider import HostRoom
+from . import placement
+from .requests import CREATING, QUEUED, RequestRecord
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..leases import LeaseService
+
+log = logging.getLogger(__name__)
+
+POOL_USER = "dynvm-pool"  # the username of a ready VM no request has taken yet
+BACKOFF_FIRST = 5.0  # seconds a host whose refill failed is left alone, doubling ...
+BACKOFF_MAX = 300.0  # ... up to this
+COUNTS_WINDOW = 24 * 3600.0  # handed out / recycled are counted over the last day
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    os: str
+    target: int
+    ready: int  # idle, healthy, waiting for a request
+    refilling: int  # being made
+    handed_out: int  # in the last day
+    recycled: int  # in the last day: stale, dead, surplus, or making room
+
+
+@dataclass
+class TickReport:
+    recycled: list[str] = field(default_factory=list)  # lease names
+    started: list[str] = field(default_factory=list)  # refills begun
+    yielded: list[str] = field(default_factory=list)  # recycled to make room for waiting requests
+
+
+def pool_name(os: str) -> str:
+    """A ready VM's name until a request takes it: never one getservers would make for a
+    user (``vm_names`` keeps a user's name; this one is dynvm's)."""
+    return f"{POOL_USER}-{os}-{uuid.uuid4().hex[:8]}"
+
+
+class Pools:
+    """The ready pools of one ``LeaseService``."""
+
+    def __init__(self, service: LeaseService, clock: Callable[[], float]) -> None:
+        self._service = service
+        self._clock = clock
+        self._lock = threading.Lock()  # one tick at a time in this process
+        self._backoff: dict[str, tuple[float, float]] = {}  # host ref -> (monotonic retry time, delay)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def eligible(self, cpus: int | None, memory: int | None) -> bool:
+        """Whether a request may take ready VMs: it asks for the template's own size."""
+        return cpus is None and memory is None
+
+    def idle(self, settings: Settings, os: str, host_ref: str | None = None) -> list[Lease]:
+        """Ready VMs of ``os`` waiting for a request (on ``host_ref`` when pinned), oldest
+        first, and only those whose host shows them running with their address: a VM that
+        died or lost its address is never handed out."""
+        pooled = [
+            lease
+            for lease in self._service.leases.pooled()
+            if lease.os == os
+            and lease.state == "ready"
+            and lease.pooled_at is not None
+            and (host_ref is None or lease.host_ref == host_ref)
+        ]
+        return sorted((lease for lease in pooled if self._healthy(settings, lease)), key=lambda x: x.pooled_at or 0)
+
+    def _healthy(self, settings: Settings, lease: Lease) -> bool:
+        host = settings.host(lease.host_ref)
+        if host is None:
+            return False
+        machine = next((m for m in self._service.provider.machines(host) if m.uuid == lease.vm_uuid), None)
+        return machine is not None and machine.running and (lease.ip or "") in machine.addresses
+
+    def status(self) -> list[PoolStatus]:
+        settings = self._service.settings
+        pooled = self._service.leases.pooled()
+        counts = self._service.leases.pool_counts(self._clock() - COUNTS_WINDOW)
+        out = []
+        for os in sorted(set(settings.pools.targets) | {lease.os for lease in pooled} | set(counts)):
+            mine = [lease for lease in pooled if lease.os == os]
+            handed, recycled = counts.get(os, (0, 0))
+            out.append(
+                PoolStatus(
+                    os=os,
+                    target=settings.pools.target(os),
+                    ready=len(self.idle(settings, os)),
+                    refilling=sum(1 for lease in mine if lease.state == "creating"),
+                    handed_out=handed,
+                    recycled=recycled,
+                )
+            )
+        return out
+
+    # -- giving way to demand --------------------------------------------------------------
+
+    def give_back_idle(self, candidates: list[placement.Candidate], exclude: set[str]) -> None:
+        """Count the room of every idle ready VM (but ``exclude``) as free in ``candidates``:
+        what a request could have once they make way."""
+        by_host = {c.host.ref: c for c in candidates}
+        for lease in self._service.leases.pooled():
+            if lease.state == "ready" and lease.id not in exclude and lease.host_ref in by_host:
+                _give_back(by_host[lease.host_ref].room, lease)
+
+    def make_room(self, settings: Settings, request: LeaseRequest, count: int) -> list[Lease]:
+        """A request for ``count`` more VMs than fit now: destroy idle ready VMs (of any OS
+        but those it could take itself) until they would fit; the VMs destroyed, [] when
+        even that would not be enough (then nothing is destroyed)."""
+        service = self._service
+        idle = [
+            lease
+            for lease in service.leases.pooled()
+            if lease.state == "ready" and (request.host_ref is None or lease.host_ref == request.host_ref)
+        ]
+        if not idle:
+            return []
+        with service.leases.db.read() as conn:
+            reserved = service.leases.pending_reservations(conn)
+        candidates = service._candidates(settings, request.os, request.cpus, request.memory, reserved, request.host_ref)
+        if not candidates:
+            return []
+        victims: list[Lease] = []
+        for lease in sorted(idle, key=lambda x: x.pooled_at or 0):
+            if placement.available(candidates) >= count:
+                break
+            target = next((c for c in candidates if c.host.ref == lease.host_ref), None)
+            if target is None:
+                continue
+            _give_back(target.room, lease)
+            victims.append(lease)
+        if placement.available(candidates) < count:
+            return []
+        service._release(settings, victims, ["ready"], "released", "recycled: its room went to a request")
+        log.info("ready pools: recycled %s to make room for %s", ", ".join(v.name for v in victims), request.username)
+        return victims
+
+    # -- the pass --------------------------------------------------------------------------
+
+    def tick(self) -> TickReport:
+        """One pass: recycle what must go, give way to a waiting queue, refill the rest.
+        Called on the leader only; never raises for one VM's sake."""
+        with self._lock:
+            report = TickReport()
+            settings = self._service.settings
+            self._recycle(settings, report)
+            queued = self._service.requests.in_state(QUEUED)
+            if queued:
+                self._yield_to(settings, queued, report)
+            else:
+                self._refill(settings, report)
+            return report
+
+    def _recycle(self, settings: Settings, report: TickReport) -> None:
+        now = self._clock()
+        pooled = [lease for lease in self._service.leases.pooled() if lease.state == "ready" and lease.pooled_at]
+        going: dict[str, tuple[Lease, str]] = {}
+        for lease in pooled:
+            if lease.expires_at <= now:
+                going[lease.id] = (lease, f"recycled: ready for {settings.pools.ready_ttl_minutes:g} min unused")
+            elif settings.host(lease.host_ref) is None:
+                going[lease.id] = (lease, "recycled: its host left the configuration")
+            elif not self._healthy(settings, lease) and self._settled(lease, now):
+                going[lease.id] = (lease, "recycled: it stopped or lost its address while waiting")
+        by_os: dict[str, list[Lease]] = {}
+        for lease in sorted(pooled, key=lambda x: x.pooled_at or 0, reverse=True):  # the newest go first
+            if lease.id not in going:
+                by_os.setdefault(lease.os, []).append(lease)
+        for os, ready in by_os.items():
+            surplus = len(ready) - settings.pools.target(os)
+            for lease in ready[: max(0, surplus)]:
+                going[lease.id] = (lease, "recycled: over its pool's target")
+        for lease, reason in going.values():
+            _, taken = self._service._release(settings, [lease], ["ready"], "released", reason)
+            if taken:
+                report.recycled.append(lease.name)
+                log.info("ready pools: %s %s", lease.name, reason)
+
+    def _settled(self, lease: Lease, now: float) -> bool:
+        """The mirror had time to show a VM that just joined the pool."""
+        return (lease.pooled_at or 0) < now - 5.0
+
+    def _yield_to(self, settings: Settings, queued: list[RequestRecord], report: TickReport) -> None:
+        """Requests wait: refill nothing, and recycle one idle ready VM per host of an OS
+        nobody waits for (the scheduler serves those who wait for a pooled OS from it)."""
+        wanted = {record.os for record in queued}
+        seen: set[str] = set()
+        for lease in sorted(self._service.leases.pooled(), key=lambda x: x.pooled_at or 0):
+            if lease.state != "ready" or lease.os in wanted or lease.host_ref in seen:
+                continue
+            seen.add(lease.host_ref)
+            _, taken = self._service._release(settings, [lease], ["ready"], "released", "recycled: requests wait")
+            if taken:
+                report.yielded.append(lease.name)
+
+    def _refill(self, settings: Settings, report: TickReport) -> None:
+        targets = settings.pools.targets
+        if not targets:
+            return
+        pooled = [lease for lease in self._service.leases.pooled() if lease.state in ("creating", "ready")]
+        have = Counter(lease.os for lease in pooled)
+        busy = Counter(lease.host_ref for lease in pooled if lease.state == "creating")
+        for os in sorted(targets):
+            for _ in range(max(0, targets[os] - have[os])):
+                lease = self._reserve_one(settings, os, busy)
+                if lease is None:
+                    break
+                busy[lease.host_ref] += 1
+                have[os] += 1
+                report.started.append(lease.name)
+                self._service._builders.submit(self._make, settings, lease)
+
+    def _reserve_one(self, settings: Settings, os: str, busy: Counter[str]) -> Lease | None:
+        """Reserve room for one ready VM of ``os`` on the host with most room that is not
+        at its refill limit nor backing off; None when none may take one now."""
+        service = self._service
+        now = self._clock()
+        blocked = {
+            host.ref
+            for host in settings.hosts
+            if busy[host.ref] >= settings.pools.refill_per_host or self._backing_off(host.ref)
+        }
+        with service.leases.db.write() as conn:
+            service.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
+            reserved = service.leases.pending_reservations(conn)
+            candidates = [
+                c for c in service._candidates(settings, os, None, None, reserved) if c.host.ref not in blocked
+            ]
+            if placement.available(candidates) < 1:
+                return None
+            [choice] = placement.place(1, os, candidates)
+            record = _pool_record(os)
+            if not service.scheduler.may_serve_now(settings, reserved, record):
+                return None
+            name = pool_name(os)
+            lease = Lease(
+                id=str(uuid.uuid4()),
+                request_id=record.id,
+                name=name,
+                username=POOL_USER,
+                os=os,
+                host_ref=choice.host.ref,
+                state="creating",
+                cpus=choice.need.cpus,
+                memory=choice.need.static_max,
+                disk=choice.need.disk,
+                created_at=now,
+                expires_at=now + settings.pools.ready_ttl_minutes * 60,
+                owner=service.owner,
+                template=choice.need.template,
+                member=choice.member or None,
+                pooled=True,
+            )
+            service.leases.insert(conn, [lease], [choice.need.memory])
+        return lease
+
+    def _make(self, settings: Settings, lease: Lease) -> None:
+        """Make one ready VM (a builder thread); it joins its pool once it answers."""
+        service = self._service
+        try:
+            ready = service._create_one(settings, lease, pinned=True)
+        except Exception as e:
+            service.leases.finish([lease.id], "failed", self._clock(), str(e))
+            self._back_off(lease.host_ref)
+            log.warning("ready pools: %s on host %s failed: %s", lease.name, lease.host_ref, e)
+            return
+        self._backoff.pop(lease.host_ref, None)
+        now = self._clock()
+        if service.leases.mark_pooled(ready.id, now, now + settings.pools.ready_ttl_minutes * 60) is None:
+            log.info("ready pools: %s ended while it was made", lease.name)
+        service.scheduler.wake()  # a queued request may take it
+
+    def _backing_off(self, host_ref: str) -> bool:
+        entry = self._backoff.get(host_ref)
+        return entry is not None and time.monotonic() < entry[0]
+
+    def _back_off(self, host_ref: str) -> None:
+        _, delay = self._backoff.get(host_ref, (0.0, BACKOFF_FIRST / 2))
+        delay = min(BACKOFF_MAX, delay * 2)
+        self._backoff[host_ref] = (time.monotonic() + delay, delay)
+        log.warning("ready pools: host %s failed a refill; left alone for %.0f s", host_ref, delay)
+
+
+def _give_back(room: HostRoom, lease: Lease) -> None:
+    """Count a ready VM's CPUs, memory and disk as free again in ``room`` (its memory
+    without xapi's overhead: the estimate errs on the side of too little room)."""
+    member = next((m for m in room.members if m.ref == (lease.member or "")), room.members[0] if room.members else None)
+    if member is not None:
+        member.cpus += lease.cpus
+        member.memory += lease.memory
+    room.disk += lease.disk
+
+
+def _pool_record(os: str) -> RequestRecord:
+    """A refill as the scheduler weighs it: one VM of ``os`` that may not delay the queue."""
+    return RequestRecord(
+        id=str(uuid.uuid4()), username=POOL_USER, os=os, count=1, state=CREATING, owner="", created_at=0
+    )

@@ -1,0 +1,223 @@
+"""Ready pools (``engine/pools.py``) on a simulated lab and a real SQLite file: filled,
+handed out, given way, recycled, and safe across restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dynvm.leases import LeaseRequest
+from dynvm.model import NotEnoughCapacity
+from dynvm.xen.provision import MARKER_KEY
+
+from ..conftest import FakeClock
+from ..sim.simtools import wait_for
+
+GiB = 1024**3
+
+
+def with_pools(sim_lab, pools: str, **options):  # type: ignore[no-untyped-def]
+    lab = sim_lab(**options)
+    lab.settings.source.write_text(lab.settings.source.read_text() + "\n[pools]\n" + pools + "\n")
+    return lab
+
+
+def pool_of(services, os: str = "centos"):  # type: ignore[no-untyped-def]
+    return next((p for p in services.leases.pools.status() if p.os == os), None)
+
+
+def fill(services, os: str = "centos", ready: int = 2) -> None:  # type: ignore[no-untyped-def]
+    """Run pool passes until ``ready`` VMs of ``os`` wait, probed and seen by the mirror."""
+
+    def filled() -> bool:
+        services.leases.pools.tick()
+        pool = pool_of(services, os)
+        return pool is not None and pool.ready >= ready and pool.refilling == 0
+
+    wait_for(filled, timeout=15, interval=0.05)
+
+
+def vm_records(lab) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    xapi = lab.xapi()
+    return {r["name_label"]: r for r in xapi.VM.get_all_records().values() if MARKER_KEY in r["other_config"]}
+
+
+def test_a_pool_fills_to_its_target_and_getservers_takes_a_ready_vm_renamed_for_it(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")
+    services, _ = make_services(lab=lab)
+    fill(services)
+    pooled = {lease.vm_uuid for lease in services.leases.leases.pooled()}
+    assert len(pooled) == 2
+    [lease] = services.leases.acquire(LeaseRequest("job42", "centos"))
+    assert lease.vm_uuid in pooled
+    assert lease.pooled_at is not None
+    assert not lease.pooled
+    assert lease.handed_over_at is not None
+    record = vm_records(lab)["job42"]  # renamed on the host, described as if made for it
+    assert record["name_description"].startswith("job42 from tmpl-cnt7.7 on ")
+    assert record["other_config"][MARKER_KEY] == lease.id
+    document = services.history.get(lease.vm_uuid)
+    assert document["pooled"] is True
+    assert document["name"] == "job42"
+    assert document["username"] == "job42"
+    assert document["pooled_time"] <= document["handout_time"]
+    assert pool_of(services).ready == 1
+    fill(services)  # the pass after refills it
+    assert pool_of(services).handed_out == 1
+
+
+def test_the_legacy_answer_from_a_pool_is_byte_for_byte_a_cold_one(make_services, sim_lab):
+    from ..api.conftest import RunningService
+
+    lab = with_pools(sim_lab, "centos.ready=1")
+    services, _ = make_services(lab=lab)
+    fill(services, ready=1)
+    service = RunningService(services, lab)
+    try:
+        warm = service.get("/getservers/warmjob", count=1)
+        cold = service.get("/getservers/coldjob", count=1)
+    finally:
+        service.stop()
+    assert warm.status_code == cold.status_code == 200
+    assert warm.headers["content-type"] == cold.headers["content-type"]
+    [warm_ip], [cold_ip] = warm.json(), cold.json()
+    assert warm.text == f'["{warm_ip}"]'
+    assert cold.text == f'["{cold_ip}"]'
+    leases = {lease.name: lease for lease in services.leases.leases.held()}
+    assert leases["warmjob"].pooled_at is not None
+    assert leases["coldjob"].pooled_at is None
+
+
+def test_a_bigger_request_takes_the_ready_vms_and_makes_the_rest(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")
+    services, _ = make_services(lab=lab)
+    fill(services)
+    leases = services.leases.acquire(LeaseRequest("batch", "centos", count=3))
+    assert [lease.name for lease in leases] == ["batch1", "batch2", "batch3"]
+    assert [lease.pooled_at is not None for lease in leases] == [True, True, False]
+
+
+def test_other_cpus_or_memory_are_made_cold_and_leave_the_pool_alone(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")
+    services, _ = make_services(lab=lab)
+    fill(services)
+    [lease] = services.leases.acquire(LeaseRequest("big", "centos", cpus=2, memory=2 * GiB))
+    assert lease.pooled_at is None
+    assert lease.cpus == 2
+    assert pool_of(services).ready == 2
+
+
+def test_requests_at_once_never_get_the_same_ready_vm(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=4")
+    services, _ = make_services(lab=lab)
+    fill(services, ready=4)
+    start = threading.Barrier(6)
+
+    def one(n: int):  # type: ignore[no-untyped-def]
+        start.wait()
+        return services.leases.acquire(LeaseRequest(f"racer{n}", "centos"))[0]
+
+    with ThreadPoolExecutor(6) as pool:
+        leases = list(pool.map(one, range(6)))
+    assert len({lease.vm_uuid for lease in leases}) == 6  # six VMs, none handed out twice
+    assert sum(lease.pooled_at is not None for lease in leases) == 4
+    assert len({lease.ip for lease in leases}) == 6
+
+
+def test_capacity_counts_ready_vms_and_the_pool_makes_way_for_another_os(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")  # one host: 32 CPUs, centos 4 vCPUs, windows 6
+    services, _ = make_services(lab=lab)
+    engine = services.leases
+    fill(services)
+    assert engine.available_count("centos") == 8  # 2 ready + 6 more fit
+    assert engine.available_count("windows") == 5  # the ready VMs' 8 CPUs count: they make way
+    leases = engine.acquire(LeaseRequest("win", "windows", count=5))  # 30 of 32 CPUs
+    assert len(leases) == 5
+    assert pool_of(services).ready == 0  # both ready VMs were destroyed for it
+    assert [name for name in vm_records(lab) if name.startswith("dynvm-pool")] == []
+    assert engine.available_count("centos") == 0
+    with pytest.raises(NotEnoughCapacity):
+        engine.acquire(LeaseRequest("more", "windows"))
+    services.leases.pools.tick()
+    assert engine.leases.pooled() == []  # no room: the pool never takes what real demand holds
+
+
+def test_a_stale_ready_vm_and_a_lowered_target_are_recycled(make_services, sim_lab):
+    clock = FakeClock()
+    lab = with_pools(sim_lab, "centos.ready=2\nready.ttl.minutes=30")
+    services, _ = make_services(lab=lab, clock=clock)
+    fill(services)
+    before = {lease.id for lease in services.leases.leases.pooled()}
+    clock.advance(31 * 60)
+    report = services.leases.pools.tick()
+    assert len(report.recycled) == 2  # DHCP leases and clocks go stale: made afresh
+    fill(services)
+    assert before.isdisjoint({lease.id for lease in services.leases.leases.pooled()})
+    text = lab.settings.source.read_text().replace("centos.ready=2", "centos.ready=1")
+    lab.settings.source.write_text(text)
+    assert services.watcher.reload()
+    assert len(services.leases.pools.tick().recycled) == 1  # the surplus drains
+    assert pool_of(services).ready == 1
+    assert pool_of(services).target == 1
+
+
+def test_a_ready_vm_that_dies_while_waiting_is_never_handed_out_and_is_replaced(make_services, sim_lab):
+    clock = FakeClock()
+    lab = with_pools(sim_lab, "centos.ready=1")
+    services, _ = make_services(lab=lab, clock=clock)
+    fill(services, ready=1)
+    [dead] = services.leases.leases.pooled()
+    lab.xapi().VM.hard_shutdown(dead.vm_ref)
+    wait_for(lambda: pool_of(services).ready == 0, timeout=5)  # the mirror saw it stop
+    [lease] = services.leases.acquire(LeaseRequest("fresh", "centos"))
+    assert lease.vm_uuid != dead.vm_uuid
+    assert lease.pooled_at is None
+    clock.advance(10)  # past the moment a new ready VM may take to show in the mirror
+    assert dead.name in services.leases.pools.tick().recycled
+    assert services.leases.leases.get(dead.id).state == "released"
+    fill(services, ready=1)
+
+
+def test_reconcile_never_takes_a_ready_vm_for_an_orphan(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")
+    services, _ = make_services(lab=lab)
+    fill(services)
+    report = services.leases.reconcile()
+    assert report.orphans_destroyed == []
+    assert report.quarantined == []
+    assert pool_of(services).ready == 2
+
+
+def test_after_a_kill_mid_refill_and_mid_handout_no_vm_is_both_pooled_and_leased_and_none_leaks(make_services, sim_lab):
+    from ..sim.simtools import new_vm
+
+    lab = with_pools(sim_lab, "centos.ready=2")
+    first, _ = make_services(lab=lab, replica="r")
+    fill(first)
+    store = first.leases.leases
+    dead = "r#boot-that-was-killed"
+    # mid-handout: a request took a ready VM (one transaction) and dynvm died before answering
+    kept, taken = sorted(store.pooled(), key=lambda lease: lease.name)
+    with store.db.write() as conn:
+        claimed = dataclasses.replace(taken, name="victim", username="victim", owner=dead, request_id="req-x")
+        assert store.take_pooled(conn, taken, claimed)
+    # mid-refill: a ready VM being made, its VM booted and marked, its maker gone
+    half = dataclasses.replace(kept, id="lease-half", name="dynvm-pool-centos-halfmade", state="creating", owner=dead)
+    half = dataclasses.replace(half, vm_ref=None, vm_uuid=None, ip=None, pooled_at=None)
+    with store.db.write() as conn:
+        store.insert(conn, [half])
+    vm = new_vm(lab.xapi(), half.name, start=True)
+    lab.xapi().VM.add_to_other_config(vm, MARKER_KEY, half.id)
+    # a new boot of replica r starts on the same database: recover, then reconcile
+    second, _ = make_services(lab=lab, replica="r")
+    assert second.leases.leases.get(taken.id).state == "failed"  # nobody got it: rolled back
+    assert second.leases.leases.get(half.id).state == "failed"
+    assert [lease.id for lease in second.leases.leases.pooled()] == [kept.id]  # still ready to hand out
+    second.leases.reconcile()
+    assert set(vm_records(lab)) == {kept.name}  # nothing leaked
+    [lease] = second.leases.acquire(LeaseRequest("after", "centos"))
+    assert lease.id == kept.id
+    assert lease.pooled_at is not None
