@@ -34,8 +34,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 from .config import HostSettings, Settings
 from .engine import placement
 from .engine.lifecycle import Lifecycle, ReleaseOutcome
-from .engine.pools import Pools
 from .engine.queue import Queueing, _record_of, _RequestCancel
+from .engine.ready_pools import ReadyPools
 from .engine.requests import (
     QUEUED,
     DurableTracker,
@@ -127,7 +127,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         self.requests = RequestStore(leases.db, clock)
         self.tracker = DurableTracker(self.requests, self.owner)
         self.scheduler = Scheduler(self, self.requests, clock)
-        self.pools = Pools(self, clock)
+        self.ready_pools = ReadyPools(self, clock)
         self.scheduler.events = lambda kind, record: self._request_event(kind, record.id)
         self.events = events or LeaseEvents()
         self._releasing: Counter[str] = Counter()  # lease ids this process is releasing right now
@@ -214,9 +214,9 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         with self.leases.db.read() as conn:
             reserved = self.leases.pending_reservations(conn)
         candidates = self._candidates(settings, os, None, None, reserved)
-        ready = self.pools.idle(settings, os)
+        ready = self.ready_pools.idle(settings, os)
         mine = {lease.id for lease in ready}
-        self.pools.give_back_idle(candidates, exclude=mine)
+        self.ready_pools.give_back_idle(candidates, exclude=mine)
         return len(ready) + placement.available(candidates)
 
     def host_statuses(self) -> dict[str, HostStatus]:
@@ -321,9 +321,9 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         try:
             return self._reserve(settings, request, request_id, immediate=True)
         except NotEnoughCapacity as shortage:
-            warm = len(self.pools.idle(settings, request.os, request.host_ref))
-            cold = request.count - (warm if self.pools.eligible(request.cpus, request.memory) else 0)
-            if not self.pools.make_room(settings, request, cold):
+            warm = len(self.ready_pools.idle(settings, request.os, request.host_ref))
+            cold = request.count - (warm if self.ready_pools.eligible(request.cpus, request.memory) else 0)
+            if not self.ready_pools.make_room(settings, request, cold):
                 raise shortage from None
         for attempt in Retrying(
             retry=retry_if_exception_type(NotEnoughCapacity),
@@ -337,7 +337,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
 
     def _reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
         """Name the VMs, reserve their room and insert their leases, in one transaction;
-        ready-pool VMs of the OS are taken first (``engine/pools.py``), the rest made cold.
+        ready-pool VMs of the OS are taken first (``engine/ready_pools.py``), the rest made cold.
         ``immediate``: a request that does not wait, which may take room (or ready VMs)
         only if that delays no queued request (``Scheduler.may_serve_now``)."""
         if self._stopping.is_set():
@@ -356,10 +356,10 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             reserved = self.leases.pending_reservations(conn)
             queued = self.requests.in_state(QUEUED) if immediate else []
             ready = []
-            if self.pools.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):
+            if self.ready_pools.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):
                 # read with the hosts locked, so what another request took is seen taken
                 # (and those who wait for this OS are served from its pool first)
-                ready = self.pools.idle(settings, request.os, request.host_ref)
+                ready = self.ready_pools.idle(settings, request.os, request.host_ref, limit=request.count)
             warm = ready[: request.count]
             cold_names = names[len(warm) :]
             chosen: list[placement.Placement] = []

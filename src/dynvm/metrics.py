@@ -147,7 +147,7 @@ class _Gauges(Collector):
         yield oldest
         ready = GaugeMetricFamily("dynvm_pool_ready", "Idle ready VMs in the ready pool of an OS", labels=["os"])
         target = GaugeMetricFamily("dynvm_pool_target", "How many ready VMs an OS's pool keeps", labels=["os"])
-        for pool in services.leases.pools.status():
+        for pool in services.leases.ready_pools.status():
             ready.add_metric([pool.os], pool.ready)
             target.add_metric([pool.os], pool.target)
         yield ready

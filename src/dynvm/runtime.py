@@ -126,7 +126,7 @@ class Services:
             Background("reaper", self.intervals.reap, self.leases.expire_due, leading),
             Background("reconcile", self.intervals.reconcile, self._reconcile, leading),
             Background("history-export", self.intervals.export, self.history.export_pending, leading),
-            Background("ready-pools", self.intervals.pools, self.leases.pools.tick, leading),
+            Background("ready-pools", self.intervals.pools, self.leases.ready_pools.tick, leading),
         ]
         for loop in self._loops:
             loop.start()

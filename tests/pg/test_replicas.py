@@ -173,3 +173,25 @@ def test_a_leader_that_stops_while_making_a_followers_request_gives_it_back_to_t
     wait_for(lambda: b.leadership.is_leader(), timeout=30)
     wait_for(lambda: b.leases.requests.get(request.id).state == "ready", timeout=60)
     assert b.leases.requests.get(request.id).builder == b.leases.owner
+
+
+def test_two_replicas_never_hand_out_the_same_ready_vm(make_services, sim_lab, fresh_pg):
+    from ..engine.test_ready_pools import fill, with_pools
+
+    lab = with_pools(sim_lab, "centos.ready=4", hosts=2)
+    a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
+    b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
+    fill(a, ready=4)
+    ready = {lease.vm_uuid for lease in b.leases.leases.pooled()}
+    start = threading.Barrier(8)
+
+    def ask(n: int) -> Lease:
+        start.wait()
+        return (a, b)[n % 2].leases.acquire(LeaseRequest(f"warm{n}", "centos"))[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        leases = list(pool.map(ask, range(8)))
+    assert len({lease.vm_uuid for lease in leases}) == 8  # no VM twice, across replicas
+    warm = [lease for lease in leases if lease.pooled_at is not None]
+    assert len(warm) == 4
+    assert {lease.vm_uuid for lease in warm} == ready

@@ -363,7 +363,7 @@ class PoolOut(BaseModel):
 @router.get("/pools", response_model=list[PoolOut], responses=ERRORS)
 async def pools(services: ServicesDep, _: CallerDep) -> list[PoolOut]:
     """The ready pools, per OS: a getservers takes these VMs first and makes only the rest."""
-    found = await anyio.to_thread.run_sync(services.leases.pools.status)
+    found = await anyio.to_thread.run_sync(services.leases.ready_pools.status)
     return [PoolOut(**dataclasses.asdict(pool)) for pool in found]
 
 

@@ -268,39 +268,48 @@ class RequestStore:
             self._waiters.setdefault(request_id, []).append(future)
         return future
 
-    async def wait_until_changed(self, request_id: str, timeout: float) -> None:
-        """Return when this process changes the request, or after ``timeout`` (a change
-        by another replica is found by the caller's next read)."""
-        future = self._changed(request_id)
+    async def _await_change(self, request_id: str, future: Future[None], timeout: float) -> None:
+        """Return when ``future`` (registered by ``_changed``) is set by a change in this
+        process, or after ``timeout`` (a change by another replica is found by the next read)."""
         try:
             await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except TimeoutError:
             pass
         finally:
-            with self._lock:
-                waiting = self._waiters.get(request_id, [])
-                if future in waiting:
-                    waiting.remove(future)
-                if not waiting:
-                    self._waiters.pop(request_id, None)
+            self._forget(request_id, future)
+
+    def _forget(self, request_id: str, future: Future[None]) -> None:
+        with self._lock:
+            waiting = self._waiters.get(request_id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiters.pop(request_id, None)
+
+    async def wait_until_changed(self, request_id: str, timeout: float) -> None:
+        """Return when this process changes the request, or after ``timeout``."""
+        await self._await_change(request_id, self._changed(request_id), timeout)
 
     async def wait_finished(
         self, request_id: str, timeout: float, still_wanted: Callable[[], Any] | None = None
     ) -> RequestRecord | None:
         """Await the request's end, or ``timeout`` seconds; then the request as it is.
         ``still_wanted`` (awaitable factory) is asked between looks; when it says no, the
-        wait ends early (a client that hung up)."""
+        wait ends early (a client that hung up). It listens for a change before each look,
+        so a change made between the look and the wait is never missed (it would cost a
+        whole ``POLL_SECONDS``)."""
         deadline = time.monotonic() + timeout
         while True:
+            future = self._changed(request_id)
             record = await asyncio.to_thread(self.get, request_id)
-            if record is None or record.finished:
-                return record
             left = deadline - time.monotonic()
-            if left <= 0:
+            done = record is None or record.finished or left <= 0
+            if not done and still_wanted is not None and not await still_wanted():
+                done = True
+            if done:
+                self._forget(request_id, future)
                 return record
-            if still_wanted is not None and not await still_wanted():
-                return record
-            await self.wait_until_changed(request_id, min(POLL_SECONDS, left))
+            await self._await_change(request_id, future, min(POLL_SECONDS, left))
 
 
 class DurableTracker:

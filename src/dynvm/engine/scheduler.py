@@ -373,7 +373,7 @@ class Scheduler:
     def _served_warm(self, settings: Settings, record: RequestRecord, warm: dict[tuple[str, str | None], int]) -> bool:
         """Serve a request its ready pool covers whole (it takes no new room, so it delays
         no one); True when it was."""
-        pools = self.leases.pools
+        pools = self.leases.ready_pools
         if not pools.eligible(record.cpus, record.memory):
             return False
         key = (record.os, record.host_ref)

@@ -40,6 +40,9 @@ class XenProvider:
         self.inventory = inventory
         self._settings = settings
         self._installation = installation
+        # host ref -> (the view they were read from, its machines): a view is a snapshot that
+        # stays the same object until its host changes, so listing is free between changes
+        self._listed: dict[str, tuple[HostView, list[Machine]]] = {}
 
     # -- life ------------------------------------------------------------------------------
 
@@ -166,6 +169,14 @@ class XenProvider:
         view = self._up(host)
         if view is None:
             return []
+        listed = self._listed.get(host.ref)
+        if listed is not None and listed[0] is view:
+            return list(listed[1])
+        machines = self._machines_of(host, view)
+        self._listed[host.ref] = (view, machines)
+        return list(machines)
+
+    def _machines_of(self, host: HostSettings, view: HostView) -> list[Machine]:
         names = {m.ref: m.name for m in view.members}
         return [
             Machine(

@@ -1,4 +1,4 @@
-"""Ready pools (``engine/pools.py``) on a simulated lab and a real SQLite file: filled,
+"""Ready pools (``engine/ready_pools.py``) on a simulated lab and a real SQLite file: filled,
 handed out, given way, recycled, and safe across restarts."""
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ def with_pools(sim_lab, pools: str, **options):  # type: ignore[no-untyped-def]
 
 
 def pool_of(services, os: str = "centos"):  # type: ignore[no-untyped-def]
-    return next((p for p in services.leases.pools.status() if p.os == os), None)
+    return next((p for p in services.leases.ready_pools.status() if p.os == os), None)
 
 
 def fill(services, os: str = "centos", ready: int = 2) -> None:  # type: ignore[no-untyped-def]
     """Run pool passes until ``ready`` VMs of ``os`` wait, probed and seen by the mirror."""
 
     def filled() -> bool:
-        services.leases.pools.tick()
+        services.leases.ready_pools.tick()
         pool = pool_of(services, os)
         return pool is not None and pool.ready >= ready and pool.refilling == 0
 
@@ -141,7 +141,7 @@ def test_capacity_counts_ready_vms_and_the_pool_makes_way_for_another_os(make_se
     assert engine.available_count("centos") == 0
     with pytest.raises(NotEnoughCapacity):
         engine.acquire(LeaseRequest("more", "windows"))
-    services.leases.pools.tick()
+    services.leases.ready_pools.tick()
     assert engine.leases.pooled() == []  # no room: the pool never takes what real demand holds
 
 
@@ -152,14 +152,14 @@ def test_a_stale_ready_vm_and_a_lowered_target_are_recycled(make_services, sim_l
     fill(services)
     before = {lease.id for lease in services.leases.leases.pooled()}
     clock.advance(31 * 60)
-    report = services.leases.pools.tick()
+    report = services.leases.ready_pools.tick()
     assert len(report.recycled) == 2  # DHCP leases and clocks go stale: made afresh
     fill(services)
     assert before.isdisjoint({lease.id for lease in services.leases.leases.pooled()})
     text = lab.settings.source.read_text().replace("centos.ready=2", "centos.ready=1")
     lab.settings.source.write_text(text)
     assert services.watcher.reload()
-    assert len(services.leases.pools.tick().recycled) == 1  # the surplus drains
+    assert len(services.leases.ready_pools.tick().recycled) == 1  # the surplus drains
     assert pool_of(services).ready == 1
     assert pool_of(services).target == 1
 
@@ -176,7 +176,7 @@ def test_a_ready_vm_that_dies_while_waiting_is_never_handed_out_and_is_replaced(
     assert lease.vm_uuid != dead.vm_uuid
     assert lease.pooled_at is None
     clock.advance(10)  # past the moment a new ready VM may take to show in the mirror
-    assert dead.name in services.leases.pools.tick().recycled
+    assert dead.name in services.leases.ready_pools.tick().recycled
     assert services.leases.leases.get(dead.id).state == "released"
     fill(services, ready=1)
 
@@ -221,3 +221,72 @@ def test_after_a_kill_mid_refill_and_mid_handout_no_vm_is_both_pooled_and_leased
     [lease] = second.leases.acquire(LeaseRequest("after", "centos"))
     assert lease.id == kept.id
     assert lease.pooled_at is not None
+
+
+def test_a_queued_request_is_served_from_the_pool_and_the_pool_yields_to_a_queue_of_another_os(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")
+    services, _ = make_services(lab=lab)
+    engine = services.leases
+    fill(services)
+    engine.acquire(LeaseRequest("hog", "windows", count=4))  # 24 of 32 CPUs; the pool holds the other 8
+    waiting = engine.submit(LeaseRequest("patient", "centos", count=2), 600)
+    engine.scheduler.run_pass()
+    assert engine.requests.get(waiting.id).state in ("creating", "ready")  # served warm at once
+    wait_for(lambda: engine.requests.get(waiting.id).state == "ready", timeout=5)
+    assert all(lease.pooled_at is not None for lease in engine.leases_of(waiting.id))
+    # no room left: a request of another OS waits; the pool refills nothing and gives way
+    fill_blocked = engine.ready_pools.tick()
+    assert fill_blocked.started == []  # nothing to refill into: no room
+    engine.release("patient", 2)
+    engine.ready_pools.tick()
+    wait_for(lambda: pool_of(services).refilling == 0 and len(engine.leases.pooled()) == 2, timeout=10)
+    wait_for(lambda: pool_of(services).ready == 2, timeout=10)
+    other = engine.submit(LeaseRequest("winjob", "windows"), 600)
+    engine.scheduler.run_pass()
+    assert engine.requests.get(other.id).state == "queued"  # the pool's room is still taken
+    report = engine.ready_pools.tick()
+    assert len(report.yielded) == 1  # one idle ready VM per host per pass makes way
+    assert report.started == []  # and nothing refills while someone waits
+
+    def served() -> bool:
+        engine.ready_pools.tick()
+        engine.scheduler.run_pass()
+        return engine.requests.get(other.id).state == "ready"
+
+    wait_for(served, timeout=15, interval=0.1)  # windows needs 6 CPUs: two ready VMs make way
+
+
+def test_refill_makes_at_most_refill_per_host_at_once_and_backs_off_a_failing_host(make_services, sim_lab):
+    from dynvm.sim.settings import Timing
+
+    lab = with_pools(sim_lab, "centos.ready=5\nrefill.per.host=2", timing=Timing(clone_seconds=0.3))
+    services, _ = make_services(lab=lab)
+    pools = services.leases.ready_pools
+    assert len(pools.tick().started) == 2  # five wanted, two begun on the one host
+    assert pools.tick().started == []  # both still being made
+    fill(services, ready=5)
+    lab.control().set_timing({"clone_seconds": 0.0})
+    lab.control().fail_next("clone", "INTERNAL_ERROR", 9)  # every attempt of the next refills fails
+    services.leases.acquire(LeaseRequest("one", "centos"))
+    assert len(pools.tick().started) == 1
+    wait_for(lambda: pool_of(services).refilling == 0, timeout=10)
+    assert pools.tick().started == []  # the host failed: it is left alone for a while
+    assert pool_of(services).ready == 4
+
+
+def test_a_host_going_down_takes_its_ready_vms_out_of_the_pool(make_services, sim_lab):
+    from dynvm.xen.inventory import HostState
+
+    lab = with_pools(sim_lab, "centos.ready=2", hosts=2)
+    services, _ = make_services(lab=lab)
+    fill(services)
+    on_first = [lease for lease in services.leases.leases.pooled() if lease.host_ref == "1"]
+    lab.control(0).host_down("refuse")
+    wait_for(lambda: services.inventory.view("1").state is HostState.DOWN, timeout=15)
+    assert pool_of(services).ready == 2 - len(on_first)  # never handed out while unreachable
+    leases = services.leases.acquire(LeaseRequest("during", "centos", count=2))
+    assert all(lease.host_ref == "2" for lease in leases)
+    lab.control(0).host_up()
+    wait_for(lambda: services.inventory.view("1").state is HostState.UP, timeout=30)
+    idle = {lease.id for lease in services.leases.ready_pools.idle(services.current_settings(), "centos")}
+    assert {lease.id for lease in on_first} <= idle  # back, alive, and handed out again

@@ -71,7 +71,7 @@ def pool_name(os: str) -> str:
     return f"{POOL_USER}-{os}-{uuid.uuid4().hex[:8]}"
 
 
-class Pools:
+class ReadyPools:
     """The ready pools of one ``LeaseService``."""
 
     def __init__(self, service: LeaseService, clock: Callable[[], float]) -> None:
@@ -86,26 +86,40 @@ class Pools:
         """Whether a request may take ready VMs: it asks for the template's own size."""
         return cpus is None and memory is None
 
-    def idle(self, settings: Settings, os: str, host_ref: str | None = None) -> list[Lease]:
+    def idle(self, settings: Settings, os: str, host_ref: str | None = None, limit: int | None = None) -> list[Lease]:
         """Ready VMs of ``os`` waiting for a request (on ``host_ref`` when pinned), oldest
         first, and only those whose host shows them running with their address: a VM that
-        died or lost its address is never handed out."""
-        pooled = [
-            lease
-            for lease in self._service.leases.pooled()
-            if lease.os == os
-            and lease.state == "ready"
-            and lease.pooled_at is not None
-            and (host_ref is None or lease.host_ref == host_ref)
-        ]
-        return sorted((lease for lease in pooled if self._healthy(settings, lease)), key=lambda x: x.pooled_at or 0)
+        died or lost its address is never handed out. ``limit``: at most that many."""
+        pooled = sorted(
+            (
+                lease
+                for lease in self._service.leases.pooled()
+                if lease.os == os
+                and lease.state == "ready"
+                and lease.pooled_at is not None
+                and (host_ref is None or lease.host_ref == host_ref)
+            ),
+            key=lambda x: x.pooled_at or 0,
+        )
+        found: list[Lease] = []
+        running: dict[str, dict[str, tuple[str, ...]]] = {}  # host ref -> uuid -> addresses, if running
+        for lease in pooled:
+            if limit is not None and len(found) >= limit:
+                break
+            if lease.host_ref not in running:
+                running[lease.host_ref] = self._running_on(settings, lease.host_ref)
+            if (lease.ip or "") in running[lease.host_ref].get(lease.vm_uuid or "", ()):
+                found.append(lease)
+        return found
+
+    def _running_on(self, settings: Settings, host_ref: str) -> dict[str, tuple[str, ...]]:
+        host = settings.host(host_ref)
+        if host is None:
+            return {}
+        return {m.uuid: m.addresses for m in self._service.provider.machines(host) if m.running}
 
     def _healthy(self, settings: Settings, lease: Lease) -> bool:
-        host = settings.host(lease.host_ref)
-        if host is None:
-            return False
-        machine = next((m for m in self._service.provider.machines(host) if m.uuid == lease.vm_uuid), None)
-        return machine is not None and machine.running and (lease.ip or "") in machine.addresses
+        return (lease.ip or "") in self._running_on(settings, lease.host_ref).get(lease.vm_uuid or "", ())
 
     def status(self) -> list[PoolStatus]:
         settings = self._service.settings
