@@ -4,14 +4,17 @@ Clients get, hold and release VMs through the legacy and v1 APIs (some of them w
 the queue with ``wait=``, so queued and creating requests meet every fault) while a fault thread
 injects, one at a time and in random order, the faults real labs have: kill -9 of a
 ``dynvm serve``, a host refusing or hanging, APIPA and DHCP exhaustion, failing clone,
-start, destroy and disk destroy, sessions invalidated, a slow host. At the end every
-fault is lifted, everything held is released, and the soak waits for reconcile. Then it
-prints what the users would have seen and what was left on the hosts:
+start, destroy and disk destroy, sessions invalidated, a slow host, guests whose sshd never
+answers. A ready pool of CentOS VMs (``[pools]``) is handed out and refilled throughout.
+At the end every fault is lifted, everything held is released, the pool's target drops to
+0, and the soak waits for reconcile. Then it prints what the users would have seen and
+what was left on the hosts:
 
 - VMs and disks left behind (goal 0): on the hosts, beyond what was there at the start;
 - IPs handed out twice (0): an IP answered to a request while an earlier request still
   held it (released by it, or its lifetime over, at the earliest);
 - dead VMs handed out (0): an answered IP whose VM was not running with that IP;
+- VMs handed out before their sshd answered (0): the readiness probe's promise;
 - over-commits (0): a host whose running VMs had more vCPUs or memory than it has;
 - leases lost (0): a release answered 404 for a lease still within its lifetime;
 - 5xx other than 502 (0).
@@ -43,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.processes import free_port, serve_argv, sim_process, wait_healthy
+from dynvm import probe
 from dynvm.config import load_settings
 from dynvm.sim.control import SimControlClient
 from dynvm.xen.marker import MARKER_KEY
@@ -51,6 +55,7 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_SOAK_DB = "dynvm_soak"
 HOSTS = 3
 CLIENTS = 6
+POOLS = "\n[pools]\ncentos.ready=3\nrefill.per.host=1\n"  # a share of getservers comes warm
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Tally:
     grants: list[Grant] = field(default_factory=list)
     doubles: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
+    deaf: list[str] = field(default_factory=list)  # handed out before its sshd answered
+    warm: int = 0  # VMs handed out from the ready pool
     lost: list[str] = field(default_factory=list)
     overcommits: list[str] = field(default_factory=list)
     server_errors: list[str] = field(default_factory=list)
@@ -115,6 +122,7 @@ class Lab:
 
     def __init__(self, config: Path, control_url: str) -> None:
         self.settings = load_settings(config)
+        self.service_port = self.settings.probe.port_for("centos") or 22  # the guests' sshd (the lab's [probe])
         self.control = [SimControlClient(control_url, h.password.reveal()) for h in self.settings.hosts]
         self._local = threading.local()
 
@@ -253,6 +261,9 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                             if lab.running_with_ip(grant.name, grant.ip) is False:
                                 with tally.lock:
                                     tally.dead.append(f"{grant.name} {grant.ip}")
+                            elif not probe.answers(grant.ip, lab.service_port):
+                                with tally.lock:
+                                    tally.deaf.append(f"{grant.name} {grant.ip}:{lab.service_port}")
                         held.append((user, count, grants))
                 elif roll < 0.80:
                     user, count, grants = held.pop(rng.randrange(len(held)))
@@ -314,6 +325,7 @@ FAULTS = (
     "VM.start fails",
     "sessions invalidated",
     "slow host (300 ms a call)",
+    "sshd never answers",
 )
 
 
@@ -349,6 +361,10 @@ def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: thre
             control.fail_next("start", "BOOTLOADER_FAILED", 2)
         case "sessions invalidated":
             control.invalidate_sessions()
+        case "sshd never answers":
+            control.service_never(True)
+            stop.wait(hold)
+            control.service_never(False)
         case "slow host (300 ms a call)":
             control.set_timing({"latency_ms": 300})
             stop.wait(hold)
@@ -405,7 +421,7 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
     timing = ("--clone-seconds", "0.2", "--boot-seconds", "0.8", "--ip-seconds", "0.4")
     with sim_process(config, "--hosts", str(HOSTS), "--control-port", str(control_port), *timing):
         text = config.read_text().replace("vm.network.timeout.secs=400", "vm.network.timeout.secs=4")
-        config.write_text(text)
+        config.write_text(text + POOLS)  # ready pools in the storm too: handed out, refilled, killed mid-way
         lab = Lab(config, f"http://127.0.0.1:{control_port}/")
         before_vms, before_vdis = lab.objects()
         db: Path | str = work / "soak.db" if backend == "sqlite" else fresh_postgres()
@@ -432,6 +448,10 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
         for index, process in enumerate(servers.processes):
             if process is None:
                 servers.start(index)
+        with contextlib.suppress(httpx.HTTPError):
+            pools = httpx.get(f"{servers.url(0)}/api/v1/pools", timeout=30).json()
+            tally.warm = sum(pool["handed_out"] for pool in pools)
+        config.write_text(text)  # the pools' targets drop to 0: their ready VMs drain
         # everything is released; reconcile (every 30 s) removes what failures left
         deadline = time.monotonic() + 180
         leases: list = []
@@ -468,6 +488,7 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     row("  by status", ", ".join(f"{s}: {n}" for s, n in sorted(tally.statuses.items())))
     row("  connection errors (dynvm serve killed)", tally.connection_errors)
     row("VMs granted", len(tally.grants))
+    row("  of them from a ready pool", tally.warm)
     row("faults injected", sum(tally.faults.values()))
     for kind in FAULTS:
         row(f"  {kind}", tally.faults.get(kind, 0))
@@ -476,6 +497,7 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     row("leases left after releasing all", figures["leases_left"], 0)
     row("IPs handed out twice", len(tally.doubles), 0)
     row("dead VMs handed out", len(tally.dead), 0)
+    row("VMs handed out before their sshd answered", len(tally.deaf), 0)
     row("over-commits", len(tally.overcommits), 0)
     row("leases lost", len(tally.lost), 0)
     row("5xx other than 502", five, 0)
@@ -499,6 +521,7 @@ def main() -> None:
             for label, items in (
                 ("IPs handed out twice", tally.doubles),
                 ("dead VMs handed out", tally.dead),
+                ("handed out before sshd answered", tally.deaf),
                 ("over-commits", tally.overcommits),
                 ("leases lost", tally.lost),
                 ("5xx", tally.server_errors),
@@ -506,7 +529,7 @@ def main() -> None:
             ):
                 for item in items[:10]:
                     console.print(f"{label}: {item}", markup=False)
-            bad = [tally.doubles, tally.dead, tally.overcommits, tally.lost, tally.server_errors]
+            bad = [tally.doubles, tally.dead, tally.deaf, tally.overcommits, tally.lost, tally.server_errors]
             failed = failed or any(bad) or any(figures[k] for k in ("vms_left", "disks_left", "leases_left"))
             if failed:
                 console.print(f"serve logs kept in {work}", markup=False)

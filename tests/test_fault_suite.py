@@ -28,28 +28,40 @@ def rig(make_services):
 
 def take_baseline(services, lab) -> dict:  # type: ignore[no-untyped-def]
     """What must be true again once everything is released: capacity, VMs and disks."""
+    hosts = range(len(lab.settings.hosts))
     return {
         "capacity": services.leases.available_count("centos"),
-        "vms": [set(lab.xapi(i).VM.get_all()) for i in (0, 1)],
-        "vdis": [set(lab.xapi(i).VDI.get_all()) for i in (0, 1)],
+        "vms": [set(lab.xapi(i).VM.get_all()) for i in hosts],
+        "vdis": [set(lab.xapi(i).VDI.get_all()) for i in hosts],
     }
 
 
 def check_invariants(services, lab, baseline) -> None:  # type: ignore[no-untyped-def]
-    """Release what is held, then: nothing left on any host, nothing reserved, capacity back."""
-    for lease in services.leases.leases.active():
+    """Release what is held (and drain the ready pools), then: nothing left on any host,
+    nothing reserved, capacity back."""
+    for lease in services.leases.leases.held():
         if lease.state == "ready":
             services.leases.release_names([lease.name])
+    drain_ready_pools(services, lab)
     assert services.leases.leases.active() == []
     with services.db.read() as conn:
         assert services.leases.leases.pending_reservations(conn) == []
-    for index in (0, 1):
+    for index in range(len(baseline["vms"])):
         xapi = lab.xapi(index)
         marked = [r["name_label"] for r in xapi.VM.get_all_records().values() if MARKER_KEY in r["other_config"]]
         assert marked == [], f"host {index + 1} keeps dynvm VMs no lease holds: {marked}"
         assert set(xapi.VM.get_all()) == baseline["vms"][index]
         assert set(xapi.VDI.get_all()) == baseline["vdis"][index], f"host {index + 1} leaks disks"
     wait_for(lambda: services.leases.available_count("centos") == baseline["capacity"], timeout=10)
+
+
+def drain_ready_pools(services, lab) -> None:  # type: ignore[no-untyped-def]
+    """Take ``[pools]`` out of the configuration and let the pools drain (no-op without)."""
+    text = lab.settings.source.read_text()
+    if "[pools]" in text:
+        lab.settings.source.write_text(text.split("\n[pools]\n")[0] + "\n")
+        services.watcher.reload()
+    wait_for(lambda: not services.leases.ready_pools.tick().recycled and not services.leases.leases.pooled(), 15)
 
 
 def attempt(services, name: str, count: int = 1, **options):  # type: ignore[no-untyped-def]

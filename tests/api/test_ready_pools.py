@@ -31,3 +31,20 @@ def test_the_pools_route_the_cli_and_the_metrics_show_target_ready_and_time_to_v
         assert "ready pools" in result.output
     finally:
         service.stop()
+
+
+def test_v1_takes_ready_vms_too_and_its_request_says_they_are_ready_at_once(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")
+    services, _ = make_services(lab=lab)
+    fill(services)
+    service = RunningService(services, lab)
+    try:
+        answer = service.http.post("/api/v1/leases", params={"wait": "true"}, json={"os": "centos", "name": "v1job"})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["state"] == "ready"
+        assert [vm["stage"] for vm in body["vms"]] == ["ready"]
+        [lease] = services.leases.leases.by_name(["v1job"])
+        assert lease.pooled_at is not None
+    finally:
+        service.stop()

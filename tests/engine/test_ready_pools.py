@@ -165,9 +165,12 @@ def test_a_stale_ready_vm_and_a_lowered_target_are_recycled(make_services, sim_l
 
 
 def test_a_ready_vm_that_dies_while_waiting_is_never_handed_out_and_is_replaced(make_services, sim_lab):
+    from ..test_fault_suite import check_invariants, take_baseline
+
     clock = FakeClock()
     lab = with_pools(sim_lab, "centos.ready=1")
     services, _ = make_services(lab=lab, clock=clock)
+    baseline = take_baseline(services, lab)
     fill(services, ready=1)
     [dead] = services.leases.leases.pooled()
     lab.xapi().VM.hard_shutdown(dead.vm_ref)
@@ -179,6 +182,7 @@ def test_a_ready_vm_that_dies_while_waiting_is_never_handed_out_and_is_replaced(
     assert dead.name in services.leases.ready_pools.tick().recycled
     assert services.leases.leases.get(dead.id).state == "released"
     fill(services, ready=1)
+    check_invariants(services, lab, baseline)
 
 
 def test_reconcile_never_takes_a_ready_vm_for_an_orphan(make_services, sim_lab):
@@ -277,8 +281,11 @@ def test_refill_makes_at_most_refill_per_host_at_once_and_backs_off_a_failing_ho
 def test_a_host_going_down_takes_its_ready_vms_out_of_the_pool(make_services, sim_lab):
     from dynvm.xen.inventory import HostState
 
+    from ..test_fault_suite import check_invariants, take_baseline
+
     lab = with_pools(sim_lab, "centos.ready=2", hosts=2)
     services, _ = make_services(lab=lab)
+    baseline = take_baseline(services, lab)
     fill(services)
     on_first = [lease for lease in services.leases.leases.pooled() if lease.host_ref == "1"]
     lab.control(0).host_down("refuse")
@@ -290,3 +297,4 @@ def test_a_host_going_down_takes_its_ready_vms_out_of_the_pool(make_services, si
     wait_for(lambda: services.inventory.view("1").state is HostState.UP, timeout=30)
     idle = {lease.id for lease in services.leases.ready_pools.idle(services.current_settings(), "centos")}
     assert {lease.id for lease in on_first} <= idle  # back, alive, and handed out again
+    check_invariants(services, lab, baseline)
