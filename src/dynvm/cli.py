@@ -37,6 +37,9 @@ def build_cli() -> typer.Typer:
     tokens.command("list")(token_list_command)
     tokens.command("revoke")(token_revoke_command)
     app.add_typer(tokens, name="token")
+    history = typer.Typer(help="dynvm's VM history.", no_args_is_help=True, rich_markup_mode=None)
+    history.command("export")(history_export_command)
+    app.add_typer(history, name="history")
     for name, command in (
         ("get", get_command),
         ("release", release_command),
@@ -492,6 +495,36 @@ def _token_store(config: Path | None, db: str | None, console: Console):  # type
     database = Database(url)
     database.migrate()
     return TokenStore(database)
+
+
+def history_export_command(
+    trace: Annotated[Path, typer.Option(help="Write the history as a demand trace (CSV) here.")],
+    config: ConfigOption = None,
+    db: DbOption = None,
+) -> None:
+    """Export the history as a demand trace: arrival_s,user,os,count,hold_s (see the README)."""
+    import time
+
+    from .store.db import Database, describe_url
+    from .store.history import HistoryStore
+    from .trace import from_history, write_trace
+
+    console = Console(stderr=True)
+    url = database_url(config, db, console)
+    console.print(f"database: {describe_url(url)}", style="dim", markup=False, highlight=False)
+    database = Database(url)
+    database.migrate()
+    try:
+        demands = from_history(HistoryStore(database).all(), time.time())
+        rows = write_trace(trace, demands)
+    except OSError as e:
+        console.print(f"Error: cannot write {trace}: {e.strerror or e}", style="red", markup=False)
+        raise typer.Exit(1) from None
+    finally:
+        database.close()
+    vms = sum(d.count for d in demands)
+    span = demands[-1].arrival_s / 3600 if demands else 0.0
+    console.print(f"{trace}: {rows} request(s), {vms} VM(s), over {span:.1f} h", markup=False, highlight=False)
 
 
 def token_create_command(

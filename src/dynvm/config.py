@@ -37,7 +37,8 @@ KNOWN_COMMON_KEYS = {
 DEFAULT_QUARANTINE_HOURS = 24.0
 KNOWN_AUTH_KEYS = {"required"}
 KNOWN_PROBE_KEYS = {"enabled", "port"}  # and <os>.port
-KNOWN_POOL_KEYS = {"ready.ttl.minutes", "refill.per.host"}  # and <os>.ready
+KNOWN_POOL_KEYS = {"ready.ttl.minutes", "refill.per.host", "sizing", "sizing.margin"}  # and <os>.ready, <os>.max
+DEFAULT_POOL_MAX = 10
 DEFAULT_READY_TTL_MINUTES = 120.0
 DEFAULT_PROBE_PORT = 22  # sshd
 DEFAULT_WINDOWS_PROBE_PORT = 5985  # WinRM over HTTP
@@ -168,12 +169,18 @@ class ProbeSettings:
 class PoolSettings:
     """Ready pools: per OS key, how many VMs to keep booted and ready ahead of demand."""
 
-    targets: Mapping[str, int] = field(default_factory=dict)  # <os>.ready
+    targets: Mapping[str, int] = field(default_factory=dict)  # <os>.ready (with learned sizing: a floor)
     ready_ttl_minutes: float = DEFAULT_READY_TTL_MINUTES  # an unused ready VM is made afresh after this
     refill_per_host: int = 2  # ready-pool VMs being made at once on one host, at most
+    sizing: str = "fixed"  # "fixed": the <os>.ready targets; "learned": from the history (engine/sizing.py)
+    margin: float = 1.0  # learned sizing's safety margin (sizing.margin)
+    maxima: Mapping[str, int] = field(default_factory=dict)  # <os>.max: learned sizing's ceiling per OS
 
     def target(self, os: str) -> int:
         return self.targets.get(os, 0)
+
+    def maximum(self, os: str) -> int:
+        return self.maxima.get(os, DEFAULT_POOL_MAX)
 
 
 @dataclass(frozen=True)
@@ -306,7 +313,7 @@ class _Reader:
             per_os = (
                 (name.startswith("xenhost") and key.endswith(".template"))
                 or (name == "probe" and key.endswith(".port"))
-                or (name == "pools" and key.endswith(".ready"))
+                or (name == "pools" and key.endswith((".ready", ".max")))
             )
             if key not in known and not per_os:
                 self.warn(name, key, "unknown key, ignored")
@@ -350,13 +357,17 @@ class _Reader:
                 raise self.error("pools", key, f"must be a whole number of at least {low}, not {raw!r}")
             return int(raw)
 
-        targets = {}
+        targets, maxima = {}, {}
         for key in values:
-            if key.endswith(".ready"):
-                os = key.removesuffix(".ready")
-                if not OS_KEY.match(os):
-                    raise self.error("pools", key, "an OS key is lower-case letters, digits, '-' or '_'")
-                targets[os] = whole(key, 0, 0)
+            for suffix, into in ((".ready", targets), (".max", maxima)):
+                if key.endswith(suffix) and key not in KNOWN_POOL_KEYS:
+                    os = key.removesuffix(suffix)
+                    if not OS_KEY.match(os):
+                        raise self.error("pools", key, "an OS key is lower-case letters, digits, '-' or '_'")
+                    into[os] = whole(key, 0, 0)
+        sizing = values.get("sizing", "").strip().lower() or "fixed"
+        if sizing not in ("fixed", "learned"):
+            raise self.error("pools", "sizing", f"must be fixed or learned, not {sizing!r}")
         known = {os for host in self._host_templates() for os in host}
         for os in sorted(targets):
             if targets[os] and known and os not in known:
@@ -365,6 +376,9 @@ class _Reader:
             targets={os: n for os, n in targets.items() if n > 0},
             ready_ttl_minutes=self.number("pools", values, "ready.ttl.minutes", DEFAULT_READY_TTL_MINUTES),
             refill_per_host=whole("refill.per.host", 2, 1),
+            sizing=sizing,
+            margin=self.number("pools", values, "sizing.margin", 1.0, allow_zero=True),
+            maxima=maxima,
         )
 
     def _host_templates(self) -> list[set[str]]:
