@@ -147,11 +147,19 @@ class _Gauges(Collector):
         yield oldest
         ready = GaugeMetricFamily("dynvm_pool_ready", "Idle ready VMs in the ready pool of an OS", labels=["os"])
         target = GaugeMetricFamily("dynvm_pool_target", "How many ready VMs an OS's pool keeps", labels=["os"])
+        forecast = GaugeMetricFamily(
+            "dynvm_pool_forecast_per_hour",
+            "With learned sizing: the VMs an hour an OS's ready pool is sized for",
+            labels=["os"],
+        )
         for pool in services.leases.ready_pools.status():
             ready.add_metric([pool.os], pool.ready)
             target.add_metric([pool.os], pool.target)
+            if pool.forecast is not None:
+                forecast.add_metric([pool.os], pool.forecast.rate_per_hour)
         yield ready
         yield target
+        yield forecast
         leader = GaugeMetricFamily(
             "dynvm_leader", "1 if this replica runs the reaper, reconcile and history export (one replica does)"
         )

@@ -89,9 +89,19 @@ def write_trace(path: Path, demands: Iterable[Demand]) -> int:
 
 
 def from_history(documents: Iterable[Mapping[str, Any]], now: float) -> list[Demand]:
-    """A trace of the requests behind these history documents (one per VM). A request
-    arrived its create time before its VM was ready, or when a ready-pool VM was handed
-    out to it; its VMs are held until deleted (until ``now`` for one still alive)."""
+    """A trace of the requests behind these history documents (one per VM), from the
+    first one's arrival (``requests_in_history``)."""
+    found = requests_in_history(documents, now)
+    if not found:
+        return []
+    origin = found[0].arrival_s
+    return [Demand(round(d.arrival_s - origin, 3), d.user, d.os, d.count, d.hold_s) for d in found]
+
+
+def requests_in_history(documents: Iterable[Mapping[str, Any]], now: float) -> list[Demand]:
+    """The requests behind these history documents (one per VM), arrival in Unix seconds.
+    A request arrived its create time before its VM was ready, or when a ready-pool VM was
+    handed out to it; its VMs are held until deleted (until ``now`` for one still alive)."""
     vms: list[tuple[str, str, float, float]] = []  # user, os, arrival, hold
     for doc in documents:
         created = doc.get("created_time")
@@ -117,10 +127,6 @@ def from_history(documents: Iterable[Mapping[str, Any]], now: float) -> list[Dem
         group = [arrival, user, os, 1, hold]
         latest[(user, os)] = group
         grouped.append(group)
-    if not grouped:
-        return []
-    origin = min(g[0] for g in grouped)
     return sorted(
-        (Demand(round(a - origin, 3), u, o, c, round(h, 3)) for a, u, o, c, h in grouped),
-        key=lambda d: (d.arrival_s, d.user),
+        (Demand(round(a, 3), u, o, c, round(h, 3)) for a, u, o, c, h in grouped), key=lambda d: (d.arrival_s, d.user)
     )

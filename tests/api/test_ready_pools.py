@@ -19,7 +19,18 @@ def test_the_pools_route_the_cli_and_the_metrics_show_target_ready_and_time_to_v
         assert service.get("/getservers/warm", count=1).status_code == 200
         assert service.get("/getservers/cold", count=1, cpus=2).status_code == 200
         pools = service.http.get("/api/v1/pools").json()
-        assert pools == [{"os": "centos", "target": 2, "ready": 1, "refilling": 0, "handed_out": 1, "recycled": 0}]
+        assert pools == [
+            {
+                "os": "centos",
+                "target": 2,
+                "ready": 1,
+                "refilling": 0,
+                "handed_out": 1,
+                "recycled": 0,
+                "sizing": "fixed",
+                "forecast": None,
+            }
+        ]
         metrics = service.http.get("/metrics").text
         assert 'dynvm_pool_ready{os="centos"} 1.0' in metrics
         assert 'dynvm_pool_target{os="centos"} 2.0' in metrics

@@ -298,3 +298,28 @@ def test_a_host_going_down_takes_its_ready_vms_out_of_the_pool(make_services, si
     idle = {lease.id for lease in services.leases.ready_pools.idle(services.current_settings(), "centos")}
     assert {lease.id for lease in on_first} <= idle  # back, alive, and handed out again
     check_invariants(services, lab, baseline)
+
+
+def test_learned_sizing_keeps_what_recent_demand_needs_with_the_fixed_lines_as_a_floor(make_services, sim_lab):
+    from dynvm.engine.ready_pools import RESIZE_SECONDS
+
+    clock = FakeClock()
+    lab = with_pools(sim_lab, "sizing=learned\nsizing.margin=1\ncentos.max=3\nwindows.ready=1")
+    services, _ = make_services(lab=lab, clock=clock)
+    engine = services.leases
+    for n in range(6):  # six centos requests in the last hour: a new OS, sized on its recent rate
+        engine.acquire(LeaseRequest(f"seen{n}", "centos"))
+        engine.release(f"seen{n}")
+        clock.advance(60)
+    clock.advance(RESIZE_SECONDS)  # the targets are computed again
+    pools = {p.os: p for p in engine.ready_pools.status()}
+    centos = pools["centos"]
+    assert centos.sizing == "learned"
+    assert centos.forecast is not None
+    assert centos.forecast.recent_per_hour == 6
+    assert centos.forecast.weight == 0  # no day of profile yet
+    assert centos.target == 1  # a create takes a blink here: the margin keeps one ready
+    assert pools["windows"].target == 1  # nobody asked, but windows.ready=1 is a floor
+    assert pools["ubuntu18"].target == 0
+    fill(services, "centos", ready=1)
+    fill(services, "windows", ready=1)

@@ -351,6 +351,21 @@ async def queue(services: ServicesDep, _: CallerDep) -> list[QueuedOut]:
     return out
 
 
+class ForecastOut(BaseModel):
+    target: int = Field(description="the learned target, before the <os>.ready floor")
+    rate_per_hour: float = Field(
+        description="VMs asked per hour the target was sized on (the blend, at its peak ahead)"
+    )
+    profile_per_hour: float | None = Field(
+        description="the hour-of-week (or -day) profile's rate; null: no profile yet"
+    )
+    recent_per_hour: float = Field(description="VMs asked for in the last hour")
+    weight: float = Field(description="the profile's share of the blend")
+    create_seconds: float = Field(description="the median create time it hides (Little's law)")
+    margin: float = Field(description="the safety margin ([pools] sizing.margin)")
+    capped_by: str = Field(description='"", "max" (<os>.max), "room" or "share" (the OSes did not fit together)')
+
+
 class PoolOut(BaseModel):
     os: str
     target: int = Field(description="ready VMs kept for this OS ([pools] <os>.ready)")
@@ -358,13 +373,15 @@ class PoolOut(BaseModel):
     refilling: int = Field(description="being made")
     handed_out: int = Field(description="taken by requests in the last 24 h")
     recycled: int = Field(description="destroyed unused in the last 24 h: stale, dead, surplus, or making room")
+    sizing: str = Field(description="fixed (<os>.ready) or learned (from the history)")
+    forecast: ForecastOut | None = Field(description="with learned sizing: what made the target")
 
 
 @router.get("/pools", response_model=list[PoolOut], responses=ERRORS)
 async def pools(services: ServicesDep, _: CallerDep) -> list[PoolOut]:
     """The ready pools, per OS: a getservers takes these VMs first and makes only the rest."""
     found = await anyio.to_thread.run_sync(services.leases.ready_pools.status)
-    return [PoolOut(**dataclasses.asdict(pool)) for pool in found]
+    return [PoolOut(**dataclasses.asdict(pool)) for pool in found]  # the forecast, a dict, becomes ForecastOut
 
 
 @router.get("/leases", response_model=list[LeaseOut], responses=ERRORS)

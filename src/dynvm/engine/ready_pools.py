@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING
 
 from ..model import Lease, LeaseRequest
 from ..provider import HostRoom
+from ..trace import requests_in_history
 from . import placement
 from .requests import CREATING, QUEUED, RequestRecord
+from .sizing import KEEP_SECONDS, Forecast, LearnedSizing
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -46,6 +48,7 @@ POOL_USER = "dynvm-pool"  # the username of a ready VM no request has taken yet
 BACKOFF_FIRST = 5.0  # seconds a host whose refill failed is left alone, doubling ...
 BACKOFF_MAX = 300.0  # ... up to this
 COUNTS_WINDOW = 24 * 3600.0  # handed out / recycled are counted over the last day
+RESIZE_SECONDS = 60.0  # learned targets are computed again, from the history, this often
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class PoolStatus:
     refilling: int  # being made
     handed_out: int  # in the last day
     recycled: int  # in the last day: stale, dead, surplus, or making room
+    sizing: str = "fixed"
+    forecast: Forecast | None = None  # with learned sizing: what made the target
 
 
 @dataclass
@@ -79,6 +84,40 @@ class ReadyPools:
         self._clock = clock
         self._lock = threading.Lock()  # one tick at a time in this process
         self._backoff: dict[str, tuple[float, float]] = {}  # host ref -> (monotonic retry time, delay)
+        self._forecasts: dict[str, Forecast] = {}
+        self._sized_at: tuple[float, float] | None = None  # (when, margin) of the last learned sizing
+
+    # -- targets ---------------------------------------------------------------------------
+
+    def targets(self, settings: Settings) -> dict[str, int]:
+        """How many ready VMs each OS's pool keeps now: the ``<os>.ready`` lines, or with
+        ``sizing=learned`` the policy's targets (``engine/sizing.py``), those lines a floor."""
+        fixed = dict(settings.pools.targets)
+        if settings.pools.sizing != "learned":
+            return fixed
+        learned = {os: f.target for os, f in self.forecasts(settings).items()}
+        return {os: max(learned.get(os, 0), fixed.get(os, 0)) for os in set(learned) | set(fixed)}
+
+    def forecasts(self, settings: Settings) -> dict[str, Forecast]:
+        """The learned targets and what made them, computed at most every ``RESIZE_SECONDS``
+        from the last four weeks of history (sooner when the margin changed)."""
+        now = self._clock()
+        margin = settings.pools.margin
+        if self._sized_at is not None and now - self._sized_at[0] < RESIZE_SECONDS and self._sized_at[1] == margin:
+            return self._forecasts
+        service = self._service
+        sizing = LearnedSizing(margin=margin, interval=RESIZE_SECONDS)
+        documents = [d for d in service.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS]
+        for demand in requests_in_history(documents, now):
+            sizing.model.observe(demand.os, demand.arrival_s, demand.count)
+        timing = service.scheduler.timing()
+        oses = settings.os_keys
+        room = {os: service.available_count(os) for os in oses}
+        maxima = {os: settings.pools.maximum(os) for os in oses}
+        create = {os: timing.create_seconds(os) for os in oses}
+        self._forecasts = sizing.targets(now, create, room, maxima, oses)
+        self._sized_at = (now, margin)
+        return self._forecasts
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -125,18 +164,25 @@ class ReadyPools:
         settings = self._service.settings
         pooled = self._service.leases.pooled()
         counts = self._service.leases.pool_counts(self._clock() - COUNTS_WINDOW)
+        targets = self.targets(settings)
+        learned = settings.pools.sizing == "learned"
+        forecasts = self.forecasts(settings) if learned else {}
         out = []
-        for os in sorted(set(settings.pools.targets) | {lease.os for lease in pooled} | set(counts)):
+        for os in sorted(
+            {os for os, n in targets.items() if n or learned} | {lease.os for lease in pooled} | set(counts)
+        ):
             mine = [lease for lease in pooled if lease.os == os]
             handed, recycled = counts.get(os, (0, 0))
             out.append(
                 PoolStatus(
                     os=os,
-                    target=settings.pools.target(os),
+                    target=targets.get(os, 0),
                     ready=len(self.idle(settings, os)),
                     refilling=sum(1 for lease in mine if lease.state == "creating"),
                     handed_out=handed,
                     recycled=recycled,
+                    sizing=settings.pools.sizing,
+                    forecast=forecasts.get(os),
                 )
             )
         return out
@@ -214,8 +260,9 @@ class ReadyPools:
         for lease in sorted(pooled, key=lambda x: x.pooled_at or 0, reverse=True):  # the newest go first
             if lease.id not in going:
                 by_os.setdefault(lease.os, []).append(lease)
+        targets = self.targets(settings)
         for os, ready in by_os.items():
-            surplus = len(ready) - settings.pools.target(os)
+            surplus = len(ready) - targets.get(os, 0)
             for lease in ready[: max(0, surplus)]:
                 going[lease.id] = (lease, "recycled: over its pool's target")
         for lease, reason in going.values():
@@ -242,7 +289,7 @@ class ReadyPools:
                 report.yielded.append(lease.name)
 
     def _refill(self, settings: Settings, report: TickReport) -> None:
-        targets = settings.pools.targets
+        targets = {os: n for os, n in self.targets(settings).items() if n > 0}
         if not targets:
             return
         pooled = [lease for lease in self._service.leases.pooled() if lease.state in ("creating", "ready")]
