@@ -32,6 +32,7 @@ def build_cli() -> typer.Typer:
     app.command("doctor")(doctor_command)
     app.command("serve")(serve_command)
     app.command("lab")(lab_command)
+    app.command("replay")(replay_command)
     tokens = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True, rich_markup_mode=None)
     tokens.command("create")(token_create_command)
     tokens.command("list")(token_list_command)
@@ -495,6 +496,68 @@ def _token_store(config: Path | None, db: str | None, console: Console):  # type
     database = Database(url)
     database.migrate()
     return TokenStore(database)
+
+
+def _targets(text: str) -> dict[str, int]:
+    """``centos=4,windows=1`` -> {"centos": 4, "windows": 1}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        os, _, n = part.partition("=")
+        if not os or not n.isdigit():
+            raise typer.BadParameter(f"targets are os=N,os=N, not {part!r}", param_hint="--fixed")
+        out[os.strip()] = int(n)
+    return out
+
+
+def replay_command(
+    trace: Annotated[Path, typer.Argument(help="A demand trace: arrival_s,user,os,count,hold_s (see the README).")],
+    history: Annotated[
+        Path | None, typer.Option(help="A past trace loaded first, as a running lab would know it (learned sizing).")
+    ] = None,
+    hosts: Annotated[int, typer.Option(min=1, max=1000, help="Model hosts of the simulator's default size.")] = 10,
+    create_seconds: Annotated[float, typer.Option(min=0, help="Clone+boot+IP in trace time.")] = 65.0,
+    policy: Annotated[str, typer.Option(help="Ready pools: none, fixed (--fixed) or learned.")] = "learned",
+    fixed: Annotated[str, typer.Option(help="Fixed targets per OS: centos=4,windows=1.")] = "",
+    margin: Annotated[float, typer.Option(min=0, help="Learned sizing's safety margin.")] = 1.0,
+    maximum: Annotated[int, typer.Option(min=0, help="Learned sizing's ceiling per OS (<os>.max).")] = 20,
+    wait_minutes: Annotated[float, typer.Option(min=0, help="How long a request that does not fit waits.")] = 60.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Replay a demand trace on dynvm's own engine in virtual time, and report what users saw."""
+    import json
+
+    from .replay.runner import POLICIES, Replay, ReplayOptions
+    from .trace import TraceError, read_trace
+
+    console = Console(stderr=True)
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"one of {', '.join(POLICIES)}, not {policy!r}", param_hint="--policy")
+    try:
+        demands = read_trace(trace)
+        past = read_trace(history) if history else []
+    except (TraceError, OSError) as e:
+        console.print(f"Error: {e}", style="red", markup=False)
+        raise typer.Exit(2) from None
+    options = ReplayOptions(
+        hosts=hosts,
+        create_seconds=create_seconds,
+        policy=policy,
+        fixed=_targets(fixed),
+        margin=margin,
+        maximum=maximum,
+        wait_minutes=wait_minutes,
+    )
+    with console.status(f"replaying {len(demands)} request(s) on {hosts} model host(s), policy {policy} ..."):
+        result = Replay(demands, options, past).run().summary()
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"replay of {trace.name}: {hosts} hosts, create {create_seconds:g} s, policy {policy}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console(width=max(100, Console().width)).print(table)
 
 
 def history_export_command(

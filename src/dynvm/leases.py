@@ -318,6 +318,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         """Reserve a request that does not wait. When it does not fit, idle ready-pool VMs
         make way (``Pools.make_room``) and it is tried again once their room shows (the
         hosts report a destroyed VM's room a moment later); else the shortage stands."""
+        self.ready_pools.observe(request.os, request.count)
         try:
             return self._reserve(settings, request, request_id, immediate=True)
         except NotEnoughCapacity as shortage:

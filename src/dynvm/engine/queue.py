@@ -79,6 +79,7 @@ class Queueing:
             raise NotEnoughCapacity(never_fits(record) + "; ask for fewer")
         self._refuse_leased_names(self.leases.by_name(vm_names(request.username, request.count)), request)
         self.requests.insert(record)
+        self.ready_pools.observe(request.os, request.count)
         self.scheduler.wake()
         return record
 

@@ -27,13 +27,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..model import Lease, LeaseRequest
 from ..provider import HostRoom
-from ..trace import requests_in_history
+from ..trace import Demand, requests_in_history
 from . import placement
 from .requests import CREATING, QUEUED, RequestRecord
 from .sizing import KEEP_SECONDS, Forecast, LearnedSizing
@@ -48,7 +48,8 @@ POOL_USER = "dynvm-pool"  # the username of a ready VM no request has taken yet
 BACKOFF_FIRST = 5.0  # seconds a host whose refill failed is left alone, doubling ...
 BACKOFF_MAX = 300.0  # ... up to this
 COUNTS_WINDOW = 24 * 3600.0  # handed out / recycled are counted over the last day
-RESIZE_SECONDS = 60.0  # learned targets are computed again, from the history, this often
+RESIZE_SECONDS = 60.0  # learned targets are computed again this often
+RELOAD_SECONDS = 600.0  # and the demand model is read again from the history (other replicas' requests)
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,17 @@ def pool_name(os: str) -> str:
 class ReadyPools:
     """The ready pools of one ``LeaseService``."""
 
-    def __init__(self, service: LeaseService, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, service: LeaseService, clock: Callable[[], float], reload_seconds: float | None = RELOAD_SECONDS
+    ) -> None:
+        """``reload_seconds``: how often the demand model is rebuilt from the history (None:
+        once, then only from what this process sees: ``dynvm replay``)."""
         self._service = service
         self._clock = clock
+        self._reload_seconds = reload_seconds
+        self._sizing: LearnedSizing | None = None
+        self._loaded_at = 0.0
+        self._learned: list[Demand] = []  # demand given by ``learn``, kept across reloads
         self._lock = threading.Lock()  # one tick at a time in this process
         self._backoff: dict[str, tuple[float, float]] = {}  # host ref -> (monotonic retry time, delay)
         self._forecasts: dict[str, Forecast] = {}
@@ -98,21 +107,44 @@ class ReadyPools:
         learned = {os: f.target for os, f in self.forecasts(settings).items()}
         return {os: max(learned.get(os, 0), fixed.get(os, 0)) for os in set(learned) | set(fixed)}
 
+    def learn(self, demands: Iterable[Demand]) -> None:
+        """Add past demand (arrival in this clock's seconds) to what learned sizing knows:
+        ``dynvm replay --history``."""
+        self._learned.extend(demands)
+        self._sizing = None
+
+    def observe(self, os: str, count: int) -> None:
+        """A request for ``count`` VMs of ``os`` arrived now (served or not: it is demand)."""
+        if self._sizing is not None:
+            self._sizing.model.observe(os, self._clock(), count)
+
+    def _model(self, settings: Settings, now: float) -> LearnedSizing:
+        """The demand model: the last four weeks of history (and ``learn``'s), read again
+        every ``reload_seconds``; in between, the requests this process sees."""
+        stale = self._reload_seconds is not None and now - self._loaded_at >= self._reload_seconds
+        if self._sizing is None or stale or self._sizing.margin != settings.pools.margin:
+            sizing = LearnedSizing(margin=settings.pools.margin, interval=RESIZE_SECONDS)
+            documents = [
+                d for d in self._service.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS
+            ]
+            demands = sorted([*requests_in_history(documents, now), *self._learned], key=lambda d: d.arrival_s)
+            for demand in demands:
+                sizing.model.observe(demand.os, demand.arrival_s, demand.count)
+            self._sizing, self._loaded_at = sizing, now
+        return self._sizing
+
     def forecasts(self, settings: Settings) -> dict[str, Forecast]:
         """The learned targets and what made them, computed at most every ``RESIZE_SECONDS``
-        from the last four weeks of history (sooner when the margin changed)."""
+        (sooner when the margin changed)."""
         now = self._clock()
         margin = settings.pools.margin
         if self._sized_at is not None and now - self._sized_at[0] < RESIZE_SECONDS and self._sized_at[1] == margin:
             return self._forecasts
         service = self._service
-        sizing = LearnedSizing(margin=margin, interval=RESIZE_SECONDS)
-        documents = [d for d in service.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS]
-        for demand in requests_in_history(documents, now):
-            sizing.model.observe(demand.os, demand.arrival_s, demand.count)
+        sizing = self._model(settings, now)
         timing = service.scheduler.timing()
         oses = settings.os_keys
-        room = {os: service.available_count(os) for os in oses}
+        room = self._room_by_os(settings, oses)
         maxima = {os: settings.pools.maximum(os) for os in oses}
         create = {os: timing.create_seconds(os) for os in oses}
         self._forecasts = sizing.targets(now, create, room, maxima, oses)
@@ -159,6 +191,24 @@ class ReadyPools:
 
     def _healthy(self, settings: Settings, lease: Lease) -> bool:
         return (lease.ip or "") in self._running_on(settings, lease.host_ref).get(lease.vm_uuid or "", ())
+
+    def _room_by_os(self, settings: Settings, oses: list[str]) -> dict[str, int]:
+        """Per OS, how many of its VMs the pools could hold if they held nothing else: its
+        ready VMs, and what fits with every other idle ready VM's room given back (as
+        ``LeaseService.available_count``, in one read for all OSes)."""
+        service = self._service
+        with service.leases.db.read() as conn:
+            reserved = service.leases.pending_reservations(conn)
+        ready = [lease for lease in service.leases.pooled() if lease.state == "ready" and lease.pooled_at]
+        out = {}
+        for os in oses:
+            candidates = service._candidates(settings, os, None, None, reserved)
+            by_host = {c.host.ref: c for c in candidates}
+            for lease in ready:
+                if lease.os != os and lease.host_ref in by_host:
+                    _give_back(by_host[lease.host_ref].room, lease)
+            out[os] = sum(1 for lease in ready if lease.os == os) + placement.available(candidates)
+        return out
 
     def status(self) -> list[PoolStatus]:
         settings = self._service.settings
@@ -249,12 +299,16 @@ class ReadyPools:
         now = self._clock()
         pooled = [lease for lease in self._service.leases.pooled() if lease.state == "ready" and lease.pooled_at]
         going: dict[str, tuple[Lease, str]] = {}
+        running: dict[str, dict[str, tuple[str, ...]]] = {}  # host ref -> uuid -> addresses, read once a pass
         for lease in pooled:
+            if lease.host_ref not in running:
+                running[lease.host_ref] = self._running_on(settings, lease.host_ref)
+            alive = (lease.ip or "") in running[lease.host_ref].get(lease.vm_uuid or "", ())
             if lease.expires_at <= now:
                 going[lease.id] = (lease, f"recycled: ready for {settings.pools.ready_ttl_minutes:g} min unused")
             elif settings.host(lease.host_ref) is None:
                 going[lease.id] = (lease, "recycled: its host left the configuration")
-            elif not self._healthy(settings, lease) and self._settled(lease, now):
+            elif not alive and self._settled(lease, now):
                 going[lease.id] = (lease, "recycled: it stopped or lost its address while waiting")
         by_os: dict[str, list[Lease]] = {}
         for lease in sorted(pooled, key=lambda x: x.pooled_at or 0, reverse=True):  # the newest go first

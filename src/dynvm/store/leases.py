@@ -50,6 +50,10 @@ class LeaseStore:
         """The ready pools' VMs: being made (``creating``), ready, or being recycled."""
         return self._select(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == true()), conn)
 
+    def ever_pooled(self) -> list[Lease]:
+        """Every lease that was made as a ready-pool VM, in any state, handed out or not."""
+        return self._select((leases.c.pooled == true()) | leases.c.pooled_at.is_not(None))
+
     def pool_counts(self, since: float) -> dict[str, tuple[int, int]]:
         """Per OS, since ``since``: ready-pool VMs handed out to a request, and those that
         ended without one (recycled: stale, dead, surplus, or making room)."""

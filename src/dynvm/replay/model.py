@@ -1,0 +1,249 @@
+"""The hosts of a replay: a ``Provider`` (``provider.py``) over an in-process model, on
+the replay's virtual clock, so that dynvm's own engine — placement, the queue, the ready
+pools and their sizing — runs a week of demand in seconds.
+
+Each host is the simulator's default size (32 CPUs, 128 GiB with 4 for dom0, a 2 TiB SR).
+A VM takes its OS's size (``SIZES``) and holds its room from its create on. A VM made for
+a request is made at once (the replay counts its create time for the user); a ready-pool
+VM's create returns only once the virtual clock has moved ``create_seconds`` on, as a real
+one would, so the pool is never ready sooner than a real lab's. Destroying one gives its
+room back at once. Nothing here talks to anything: no sockets.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from ..config import HostSettings, Settings, windows_os
+from ..engine.ready_pools import POOL_USER
+from ..model import CreatedVm, NotDynvmVm, VmSpec
+from ..provider import (
+    Cancel,
+    DestroyResult,
+    HostRoom,
+    HostStatus,
+    LeakJudge,
+    Machine,
+    MemberRoom,
+    Need,
+    Progress,
+    QuarantinedVm,
+    ReconcileReport,
+)
+
+GiB = 1024**3
+HOST_CPUS = 32
+HOST_MEMORY = 128 * GiB
+DOM0_MEMORY = 4 * GiB
+HOST_DISK = 2 * 1024 * GiB
+SIZES = {"linux": (4, 4 * GiB, 35 * GiB), "windows": (6, 6 * GiB, 71 * GiB)}  # vCPUs, memory, disk
+
+
+def size_of(os: str) -> tuple[int, int, int]:
+    return SIZES["windows" if windows_os(os) else "linux"]
+
+
+class VirtualClock:
+    """Seconds from the trace's start, moved only by the replay; threads may wait for it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._moved = threading.Condition()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, to: float) -> None:
+        with self._moved:
+            self.now = max(self.now, to)
+            self._moved.notify_all()
+
+    def wait_until(self, at: float, hosts: ModelHosts) -> None:
+        with self._moved:
+            hosts.blocked += 1
+            try:
+                self._moved.wait_for(lambda: self.now >= at)
+            finally:
+                hosts.blocked -= 1
+
+
+@dataclass
+class ModelVm:
+    ref: str
+    name: str
+    lease_id: str
+    cpus: int
+    memory: int
+    disk: int
+    ip: str
+    runs_at: float  # virtual time its create ends
+
+
+class ModelHosts:
+    """``Provider`` of a replay. ``clock``: the virtual clock; ``create_seconds``: how long
+    a create takes in it."""
+
+    def __init__(self, clock: VirtualClock, create_seconds: float) -> None:
+        self._clock = clock
+        self.create_seconds = create_seconds
+        self._vms: dict[str, dict[str, ModelVm]] = {}  # host ref -> ref -> VM
+        self._lock = threading.Lock()
+        self._addresses = 0
+        self.blocked = 0  # ready-pool creates waiting for the virtual clock
+
+    # -- life ------------------------------------------------------------------------------
+
+    def apply(self, settings: Settings) -> None:
+        with self._lock:
+            for host in settings.hosts:
+                self._vms.setdefault(host.ref, {})
+
+    def wait_synced(self, timeout: float) -> bool:
+        return True
+
+    def stop(self) -> None: ...
+
+    # -- hosts and room ----------------------------------------------------------------------
+
+    def status(self, host: HostSettings) -> HostStatus | None:
+        with self._lock:
+            vms = self._vms.get(host.ref)
+            if vms is None:
+                return None
+            now = self._clock()
+            running = sum(1 for vm in vms.values() if vm.runs_at <= now)
+        return HostStatus(host.ref, up=True, state="up", name=f"model-{host.ref}", cpus=HOST_CPUS, running_vms=running)
+
+    def need(self, host: HostSettings, os: str, cpus: int | None, memory: int | None) -> Need | None:
+        if os not in host.templates:
+            return None
+        vcpus, static_max, disk = size_of(os)
+        vcpus, static_max = cpus or vcpus, memory or static_max
+        return Need(vcpus, static_max, disk, host.templates[os], static_max)
+
+    def room(
+        self, host: HostSettings, overcommit: float, reserved: Iterable[Mapping[str, object]], empty: bool = False
+    ) -> HostRoom | None:
+        with self._lock:
+            vms = [] if empty else list(self._vms.get(host.ref, {}).values())
+        made = {vm.lease_id for vm in vms}
+        member = MemberRoom("", HOST_CPUS * overcommit, HOST_MEMORY - DOM0_MEMORY)
+        room = HostRoom(host.ref, HOST_DISK, [member])
+        for vm in vms:  # a VM holds its room from its create on
+            member.cpus -= vm.cpus
+            member.memory -= vm.memory
+            room.disk -= vm.disk
+        for reservation in [] if empty else reserved:
+            if reservation["lease_id"] in made:
+                continue
+            member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]
+            member.memory -= int(reservation["memory"])  # type: ignore[call-overload]
+            room.disk -= int(reservation["disk"])  # type: ignore[call-overload]
+        return room
+
+    def shortage(self, host: HostSettings, os: str) -> str | None:
+        return None if os in host.templates else f"{host.section} has no template for {os}"
+
+    def template_problems(self, host: HostSettings) -> list[str]:
+        return []
+
+    # -- one machine -------------------------------------------------------------------------
+
+    def create(
+        self,
+        host: HostSettings,
+        spec: VmSpec,
+        progress: Progress,
+        cancel: Cancel | threading.Event,
+        on_pending: Callable[[str], None],
+        attempts: int,
+    ) -> CreatedVm:
+        cpus, memory, disk = size_of(spec.os)
+        cpus, memory = spec.cpus or cpus, spec.memory or memory
+        with self._lock:
+            self._addresses += 1
+            n = self._addresses
+            vm = ModelVm(
+                ref=f"model-vm-{uuid.uuid4().hex[:12]}",
+                name=spec.name,
+                lease_id=spec.lease_id,
+                cpus=cpus,
+                memory=memory,
+                disk=disk,
+                ip=f"127.90.{(n >> 8) & 255}.{n & 255}",  # loopback: a replay never sends anything anywhere
+                runs_at=self._clock() + self.create_seconds,
+            )
+            self._vms[host.ref][vm.ref] = vm
+        if spec.name.startswith(POOL_USER):  # a ready-pool VM is ready when a real one would be
+            self._clock.wait_until(vm.runs_at, self)
+        progress("ready")
+        return CreatedVm(
+            uuid=vm.ref,
+            ref=vm.ref,
+            name=spec.name,
+            ip=vm.ip,
+            cpus=cpus,
+            memory=memory,
+            disk=disk,
+            host=host.ref,
+            template=spec.template,
+            create_seconds=self.create_seconds,
+        )
+
+    def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:
+        with self._lock:
+            vm = self._vms[host.ref].get(machine_ref)
+            if vm is None or vm.lease_id != spec.lease_id:
+                raise NotDynvmVm(f"{machine_ref} is not lease {spec.lease_id}'s")
+            vm.name = spec.name
+
+    def pending_job(self, machine_ref: str) -> str | None:
+        return None
+
+    def adopt(self, host: HostSettings, job: str, lease_id: str, wait: float) -> str | None:
+        return None
+
+    def destroy(self, host: HostSettings, machine_ref: str, lease_id: str | None) -> DestroyResult:
+        with self._lock:
+            self._vms.get(host.ref, {}).pop(machine_ref, None)
+        return DestroyResult()
+
+    # -- what this installation owns -------------------------------------------------------------
+
+    def machines(self, host: HostSettings) -> list[Machine]:
+        now = self._clock()
+        with self._lock:
+            vms = list(self._vms.get(host.ref, {}).values())
+        return [
+            Machine(
+                host_ref=host.ref,
+                ref=vm.ref,
+                uuid=vm.ref,
+                name=vm.name,
+                description="",
+                power_state="Running" if vm.runs_at <= now else "Halted",
+                running=vm.runs_at <= now,
+                vcpus=str(vm.cpus),
+                memory=str(vm.memory),
+                addresses=(vm.ip,) if vm.runs_at <= now else (),
+                networkinfo=vm.ip,
+                lease_id=vm.lease_id,
+                ours=True,
+            )
+            for vm in vms
+        ]
+
+    def made_for(self, host: HostSettings, machine: Machine, os: str) -> bool:
+        return False
+
+    def collect_leaks(self, host: HostSettings, judge: LeakJudge, report: ReconcileReport) -> None: ...
+
+    def quarantined(self, host: HostSettings, keep_seconds: float) -> list[QuarantinedVm]:
+        return []
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(vms) for vms in self._vms.values())

@@ -1,0 +1,253 @@
+"""``dynvm replay TRACE``: what users would have seen had this demand met this lab and
+this pool policy — on a virtual clock, with dynvm's own engine.
+
+The engine is the real one: ``LeaseService`` with its placement, queue, scheduler, ready
+pools and learned sizing, on a real SQLite file; only the hosts are a model (``model.py``)
+and time is virtual. Events are taken in time order: a request arrives (it is served now,
+or waits in the queue up to ``wait_minutes``), VMs are released after their hold, and every
+``TICK_SECONDS`` the pools' pass runs (and the scheduler's, when requests wait).
+
+Time to VM: a request served whole from a ready pool counts the handout as measured (wall
+time, in seconds); one with any VM made for it counts the create time; one that waited
+adds its wait. VM-hours used: what users held. Idle: ready-pool VMs' time without a user,
+from the start of their create to their handout or recycling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import load_settings
+from ..engine.ready_pools import ReadyPools
+from ..leases import LeaseService
+from ..model import LeaseError, LeaseRequest
+from ..store.db import Database
+from ..store.history import HistoryStore
+from ..store.leases import LeaseStore
+from ..trace import Demand
+from .model import ModelHosts, VirtualClock
+
+TICK_SECONDS = 60.0
+POLICIES = ("none", "fixed", "learned")
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    hosts: int = 4
+    create_seconds: float = 65.0
+    policy: str = "learned"
+    fixed: Mapping[str, int] = field(default_factory=dict)  # targets per OS, policy "fixed"
+    margin: float = 1.0
+    maximum: int = 20  # <os>.max for learned sizing
+    wait_minutes: float = 60.0  # how long a request that does not fit waits in the queue
+
+
+@dataclass
+class ReplayResult:
+    requests: int = 0
+    vms: int = 0
+    refused: int = 0
+    queued: int = 0
+    warm: int = 0  # requests served whole from a ready pool
+    ttv: list[float] = field(default_factory=list)  # per served request, trace seconds
+    queue_waits: list[float] = field(default_factory=list)
+    vm_seconds_used: float = 0.0
+    vm_seconds_idle: float = 0.0
+    wall_seconds: float = 0.0
+
+    def summary(self) -> dict[str, float | int]:
+        def pct(values: list[float], q: float) -> float:
+            if not values:
+                return 0.0
+            ordered = sorted(values)
+            return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+        used, idle = self.vm_seconds_used / 3600, self.vm_seconds_idle / 3600
+        return {
+            "requests": self.requests,
+            "vms": self.vms,
+            "warm_requests": self.warm,
+            "ttv_p50_s": round(pct(self.ttv, 0.50), 3),
+            "ttv_p95_s": round(pct(self.ttv, 0.95), 3),
+            "ttv_p99_s": round(pct(self.ttv, 0.99), 3),
+            "ttv_mean_s": round(statistics.fmean(self.ttv), 3) if self.ttv else 0.0,
+            "refused": self.refused,
+            "queued": self.queued,
+            "queue_wait_p95_s": round(pct(self.queue_waits, 0.95), 1),
+            "vm_hours_used": round(used, 2),
+            "vm_hours_idle": round(idle, 2),
+            "overhead_pct": round(idle / used * 100, 2) if used else 0.0,
+            "wall_seconds": round(self.wall_seconds, 1),
+        }
+
+
+def _config(path: Path, oses: Iterable[str], options: ReplayOptions) -> Path:
+    lines = ["[common]", "vm.expiry.minutes=100000", "vm.network.timeout.secs=400", "", "[probe]", "enabled=false"]
+    if options.policy != "none":
+        lines += ["", "[pools]", "ready.ttl.minutes=100000", "refill.per.host=1000"]
+        if options.policy == "learned":
+            lines += ["sizing=learned", f"sizing.margin={options.margin:g}"]
+            lines += [f"{os}.max={options.maximum}" for os in sorted(oses)]
+        lines += [f"{os}.ready={n}" for os, n in sorted(options.fixed.items()) if options.policy == "fixed"]
+    for n in range(1, options.hosts + 1):
+        lines += ["", f"[xenhost{n}]", "host.name=http://127.0.0.1:9", "host.user=replay", "host.password=unused"]
+        lines += ["host.storage.name=model", *(f"{os}.template=model-{os}" for os in sorted(oses))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Replay:
+    def __init__(self, trace: list[Demand], options: ReplayOptions, history: list[Demand] | None = None) -> None:
+        self.trace = trace
+        self.options = options
+        self.history = history or []
+        self.clock = VirtualClock()
+        self.result = ReplayResult()
+        self._events: list[tuple[float, int, str, object]] = []
+        self._seq = itertools.count()
+        self._waiting: dict[str, tuple[Demand, float]] = {}  # request id -> (demand, arrival)
+
+    def _at(self, t: float, kind: str, payload: object = None) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, payload))
+
+    def run(self) -> ReplayResult:
+        started = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix="dynvm-replay-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        try:
+            oses = {d.os for d in [*self.trace, *self.history]} or {"centos"}
+            settings = load_settings(_config(work / "replay.ini", oses, self.options))
+            db = Database(f"sqlite:///{work / 'replay.db'}")
+            db.migrate()
+            self.hosts = ModelHosts(self.clock, self.options.create_seconds)
+            self.hosts.apply(settings)
+            service = LeaseService(
+                lambda: settings, self.hosts, LeaseStore(db), HistoryStore(db, None, self.clock), clock=self.clock
+            )
+            service.ready_pools = ReadyPools(service, self.clock, reload_seconds=None)
+            if self.history:  # what a running lab would know: the past, before the trace's time 0
+                span = self.history[-1].arrival_s + 1
+                service.ready_pools.learn(dataclasses.replace(d, arrival_s=d.arrival_s - span) for d in self.history)
+            self.service = service
+            self._play()
+            self._account(db)
+            self.clock.advance(float("inf"))  # creates still waiting for the clock end now
+            self._settle()
+            service.shutdown(grace=5)
+            db.close()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.result.wall_seconds = time.perf_counter() - started
+        return self.result
+
+    def _play(self) -> None:
+        for n, demand in enumerate(self.trace):
+            self._at(demand.arrival_s, "arrive", (n, demand))
+        end = self.trace[-1].arrival_s if self.trace else 0.0
+        t = 0.0
+        while t <= end:
+            self._at(t, "tick")
+            t += TICK_SECONDS
+        while self._events:
+            when, _, kind, payload = heapq.heappop(self._events)
+            if when > self.clock.now:
+                self.clock.advance(when)
+                self._settle()  # ready-pool VMs whose create ends by now are ready
+            if kind == "arrive":
+                self._arrive(*payload)  # type: ignore[misc]
+            elif kind == "release":
+                self._release(payload)  # type: ignore[arg-type]
+            elif kind == "tick":
+                self._tick()
+            if kind != "tick" and self._waiting and kind == "release":
+                self._serve_queue()
+            if not self._events and self._waiting:
+                self._at(self.clock.now + TICK_SECONDS, "tick")  # the queue drains after the trace ends
+
+    def _arrive(self, n: int, demand: Demand) -> None:
+        service = self.service
+        self.result.requests += 1
+        request = LeaseRequest(f"r{n}-{demand.user}"[:64], demand.os, count=demand.count)
+        started = time.perf_counter()
+        try:
+            leases = service.acquire(request)
+        except LeaseError:
+            if self.options.wait_minutes <= 0:
+                self.result.refused += 1
+                return
+            try:
+                record = service.submit(request, self.options.wait_minutes * 60, "v1")
+            except LeaseError:
+                self.result.refused += 1
+                return
+            self.result.queued += 1
+            self._waiting[record.id] = (demand, self.clock.now)
+            return
+        handout = time.perf_counter() - started
+        self._served(demand, [lease.name for lease in leases], all(x.pooled_at for x in leases), handout, 0.0)
+
+    def _served(self, demand: Demand, names: list[str], warm: bool, handout: float, waited: float) -> None:
+        ttv = waited + (handout if warm else self.options.create_seconds)
+        self.result.ttv.append(ttv)
+        self.result.vms += len(names)
+        self.result.warm += 1 if warm else 0
+        self.result.vm_seconds_used += demand.hold_s * len(names)
+        self._at(self.clock.now + ttv - waited + demand.hold_s, "release", names)
+
+    def _release(self, names: list[str]) -> None:
+        with contextlib.suppress(LeaseError):  # gone already: nothing held
+            self.service.release_names(names)
+
+    def _tick(self) -> None:
+        pools = self.service.ready_pools
+        pools.tick()
+        self._settle()
+        if self._waiting:
+            self._serve_queue()
+
+    def _settle(self) -> None:
+        """Refills and grants are made by the engine's builder threads: let them finish
+        (the model makes a VM at once; its virtual create time is in ``runs_at``)."""
+        deadline = time.monotonic() + 30
+        leases = self.service.leases
+        while time.monotonic() < deadline:
+            creating = len(leases.in_state("creating"))
+            if creating == self.hosts.blocked and not self.service.requests.in_state("creating"):
+                return  # all that is left waits for the virtual clock
+            time.sleep(0.001)
+
+    def _serve_queue(self) -> None:
+        service = self.service
+        service.scheduler.run_pass()
+        self._settle()
+        for request_id, (demand, arrived) in list(self._waiting.items()):
+            record = service.requests.get(request_id)
+            if record is None or not record.finished:
+                continue
+            del self._waiting[request_id]
+            if record.state != "ready":
+                self.result.refused += 1
+                continue
+            leases = service.leases_of(request_id)
+            waited = self.clock.now - arrived
+            self.result.queue_waits.append(waited)
+            self._served(demand, [x.name for x in leases], all(x.pooled_at for x in leases), 0.0, waited)
+
+    def _account(self, db: Database) -> None:
+        """Idle VM-hours: every ready-pool VM's life without a user, within the trace."""
+        end = self.trace[-1].arrival_s if self.trace else 0.0
+        for lease in self.service.leases.ever_pooled():
+            if not lease.pooled and lease.handed_over_at is not None:
+                stop = lease.handed_over_at
+            else:
+                stop = lease.released_at if lease.released_at is not None else end
+            self.result.vm_seconds_idle += max(0.0, min(stop, end) - lease.created_at)
