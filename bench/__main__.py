@@ -6,7 +6,7 @@ import sys
 
 from rich.console import Console
 
-from bench import lease_bench, pool_bench, queue_bench, service_bench, sim_bench, xen_bench
+from bench import lease_bench, pool_bench, queue_bench, service_bench, sim_bench, sizing_bench, xen_bench
 
 BENCHMARKS = {
     "sim": sim_bench.run,
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "service": service_bench.run,
     "queue": queue_bench.run,
     "pools": pool_bench.run,
+    "sizing": sizing_bench.run,
 }
 
 

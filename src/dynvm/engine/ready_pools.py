@@ -88,6 +88,7 @@ class ReadyPools:
         self._service = service
         self._clock = clock
         self._reload_seconds = reload_seconds
+        self.resize_seconds = RESIZE_SECONDS
         self._sizing: LearnedSizing | None = None
         self._loaded_at = 0.0
         self._learned: list[Demand] = []  # demand given by ``learn``, kept across reloads
@@ -123,7 +124,7 @@ class ReadyPools:
         every ``reload_seconds``; in between, the requests this process sees."""
         stale = self._reload_seconds is not None and now - self._loaded_at >= self._reload_seconds
         if self._sizing is None or stale or self._sizing.margin != settings.pools.margin:
-            sizing = LearnedSizing(margin=settings.pools.margin, interval=RESIZE_SECONDS)
+            sizing = LearnedSizing(margin=settings.pools.margin, interval=self.resize_seconds)
             documents = [
                 d for d in self._service.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS
             ]
@@ -138,7 +139,8 @@ class ReadyPools:
         (sooner when the margin changed)."""
         now = self._clock()
         margin = settings.pools.margin
-        if self._sized_at is not None and now - self._sized_at[0] < RESIZE_SECONDS and self._sized_at[1] == margin:
+        fresh = self._sized_at is not None and now - self._sized_at[0] < self.resize_seconds
+        if fresh and self._sized_at is not None and self._sized_at[1] == margin:
             return self._forecasts
         service = self._service
         sizing = self._model(settings, now)

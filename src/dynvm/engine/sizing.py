@@ -26,6 +26,7 @@ service (``ready_pools.py``) and ``dynvm replay`` (virtual time) drive the same 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -189,14 +190,4 @@ class LearnedSizing:
 
 
 def _with(forecast: Forecast, target: int, capped: str) -> Forecast:
-    return Forecast(
-        os=forecast.os,
-        target=target,
-        rate_per_hour=forecast.rate_per_hour,
-        profile_per_hour=forecast.profile_per_hour,
-        recent_per_hour=forecast.recent_per_hour,
-        weight=forecast.weight,
-        create_seconds=forecast.create_seconds,
-        margin=forecast.margin,
-        capped_by=capped or forecast.capped_by,
-    )
+    return dataclasses.replace(forecast, target=target, capped_by=capped or forecast.capped_by)

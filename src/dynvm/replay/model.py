@@ -64,10 +64,12 @@ class VirtualClock:
     def wait_until(self, at: float, hosts: ModelHosts) -> None:
         with self._moved:
             hosts.blocked += 1
+            hosts.wakes.append(at)
             try:
                 self._moved.wait_for(lambda: self.now >= at)
             finally:
                 hosts.blocked -= 1
+                hosts.wakes.remove(at)
 
 
 @dataclass
@@ -93,6 +95,11 @@ class ModelHosts:
         self._lock = threading.Lock()
         self._addresses = 0
         self.blocked = 0  # ready-pool creates waiting for the virtual clock
+        self.wakes: list[float] = []  # when each of them ends
+
+    def next_wake(self) -> float:
+        """When the first create waiting for the clock ends (inf: none waits)."""
+        return min(self.wakes, default=float("inf"))
 
     # -- life ------------------------------------------------------------------------------
 

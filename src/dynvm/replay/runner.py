@@ -37,7 +37,8 @@ from ..store.leases import LeaseStore
 from ..trace import Demand
 from .model import ModelHosts, VirtualClock
 
-TICK_SECONDS = 60.0
+TICK_SECONDS = 60.0  # a pools pass (and a scheduler pass, when requests wait), in trace time
+RESIZE_SECONDS = 300.0  # learned targets hold this long in a replay (the service: a minute)
 POLICIES = ("none", "fixed", "learned")
 
 
@@ -134,6 +135,7 @@ class Replay:
                 lambda: settings, self.hosts, LeaseStore(db), HistoryStore(db, None, self.clock), clock=self.clock
             )
             service.ready_pools = ReadyPools(service, self.clock, reload_seconds=None)
+            service.ready_pools.resize_seconds = RESIZE_SECONDS
             if self.history:  # what a running lab would know: the past, before the trace's time 0
                 span = self.history[-1].arrival_s + 1
                 service.ready_pools.learn(dataclasses.replace(d, arrival_s=d.arrival_s - span) for d in self.history)
@@ -160,8 +162,10 @@ class Replay:
         while self._events:
             when, _, kind, payload = heapq.heappop(self._events)
             if when > self.clock.now:
+                wakes = self.hosts.next_wake() <= when
                 self.clock.advance(when)
-                self._settle()  # ready-pool VMs whose create ends by now are ready
+                if wakes:
+                    self._settle()  # ready-pool VMs whose create ends by now are ready
             if kind == "arrive":
                 self._arrive(*payload)  # type: ignore[misc]
             elif kind == "release":
@@ -208,9 +212,9 @@ class Replay:
             self.service.release_names(names)
 
     def _tick(self) -> None:
-        pools = self.service.ready_pools
-        pools.tick()
-        self._settle()
+        report = self.service.ready_pools.tick()
+        if report.started:
+            self._settle()  # the refills have begun and wait for the clock
         if self._waiting:
             self._serve_queue()
 
@@ -221,7 +225,7 @@ class Replay:
         leases = self.service.leases
         while time.monotonic() < deadline:
             creating = len(leases.in_state("creating"))
-            if creating == self.hosts.blocked and not self.service.requests.in_state("creating"):
+            if creating == self.hosts.blocked and (not self._waiting or not self.service.requests.in_state("creating")):
                 return  # all that is left waits for the virtual clock
             time.sleep(0.001)
 

@@ -1,0 +1,114 @@
+"""Ready-pool policies compared on one synthetic week (``bench/demand.py``, seed 1), each
+replayed on dynvm's own engine in virtual time (``dynvm replay``; the learned policy first
+loads another week, seed 2, as its history):
+
+- no pool: every request waits one create time (65 s, the seed's own);
+- learned sizing, sweeping its one knob (the safety margin);
+- fixed pools, targets in proportion to each OS's share of demand, searched for the one of
+  about the VM-hours learned (margin 1) spends idle: the fair comparison.
+
+Goal (issue 16): learned p95 time-to-VM <= 1 s with idle overhead <= 10 %; learned beats
+the best fixed pool of equal VM-hours on p95. The frontier (p95 against idle overhead,
+learned against fixed) is drawn to docs/sizing-frontier.svg.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from rich.table import Table
+
+from bench.demand import WeekShape, generate
+from dynvm.replay.runner import Replay, ReplayOptions
+
+HOSTS = 14
+MARGINS = (0.5, 1.0, 2.0, 3.0)
+FIXED_TOTALS = (6, 12, 24, 36)
+PLOT = Path(__file__).resolve().parents[1] / "docs" / "sizing-frontier.svg"
+
+
+def _fixed_targets(total: int, mix: Counter[str]) -> dict[str, int]:
+    whole = sum(mix.values())
+    return {os: max(1, round(total * n / whole)) for os, n in mix.items()}
+
+
+def _run(job: tuple[str, ReplayOptions, bool]) -> tuple[str, ReplayOptions, dict[str, float | int]]:
+    label, options, with_history = job
+    trace = generate(WeekShape(), seed=1)
+    past = generate(WeekShape(), seed=2) if with_history else None
+    return label, options, Replay(trace, options, past).run().summary()
+
+
+def _plot(learned: list[dict], fixed: list[dict]) -> None:  # type: ignore[type-arg]
+    import matplotlib
+
+    matplotlib.use("svg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for points, label, marker in ((learned, "learned (margin)", "o"), (fixed, "fixed (total ready)", "s")):
+        xs = [p["overhead_pct"] for p in points]
+        ys = [p["ttv_p95_s"] for p in points]
+        axes.plot(xs, ys, marker=marker, label=label)
+        for p, x, y in zip(points, xs, ys, strict=True):
+            axes.annotate(p["knob"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    axes.axvline(10.0, color="grey", linestyle=":", linewidth=1)
+    axes.set_yscale("symlog", linthresh=1.0)
+    axes.set_xlabel("idle VM-hours / VM-hours used (%)")
+    axes.set_ylabel("p95 time to VM (s, trace time)")
+    axes.set_title("Ready pools on a synthetic CI week: the goal is the lower-left corner")
+    axes.legend()
+    figure.tight_layout()
+    PLOT.parent.mkdir(exist_ok=True)
+    figure.savefig(PLOT, metadata={"Date": None})
+    plt.close(figure)
+
+
+def run() -> Table:
+    mix = Counter()
+    for demand in generate(WeekShape(), seed=2):  # the shares as the history knew them
+        mix[demand.os] += demand.count
+    jobs = [("none", ReplayOptions(hosts=HOSTS, policy="none"), False)]
+    jobs += [(f"{m:g}", ReplayOptions(hosts=HOSTS, policy="learned", margin=m), True) for m in MARGINS]
+    jobs += [
+        (str(total), ReplayOptions(hosts=HOSTS, policy="fixed", fixed=_fixed_targets(total, mix)), False)
+        for total in FIXED_TOTALS
+    ]
+    with ProcessPoolExecutor(2) as pool:
+        results = list(pool.map(_run, jobs))
+    learned = [dict(r, knob=f"m={label}") for label, o, r in results if o.policy == "learned"]
+    fixed = [dict(r, knob=f"{label}") for label, o, r in results if o.policy == "fixed"]
+    _plot(learned, fixed)
+    reference = next(p for p in learned if p["knob"] == "m=1")
+    best_fixed = min(fixed, key=lambda p: abs(p["vm_hours_idle"] - reference["vm_hours_idle"]))
+    table = Table(title=f"pool policies on a synthetic week: {HOSTS} hosts, create 65 s (frontier: {PLOT.name})")
+    columns = ("policy", "requests", "warm", "ttv p50", "ttv p95", "ttv p99", "queued", "VM-h used", "VM-h idle")
+    for column in (*columns, "overhead", "wall"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for label, options, r in results:
+        name = {"none": "no pool", "learned": f"learned, margin {label}", "fixed": f"fixed, {label} ready"}
+        equal = options.policy == "fixed" and r["vm_hours_idle"] == best_fixed["vm_hours_idle"]
+        mark = " (equal VM-h)" if equal else ""
+        table.add_row(
+            name[options.policy] + mark,
+            str(r["requests"]),
+            str(r["warm_requests"]),
+            f"{r['ttv_p50_s']:g} s",
+            f"{r['ttv_p95_s']:g} s",
+            f"{r['ttv_p99_s']:g} s",
+            str(r["queued"]),
+            f"{r['vm_hours_used']:g}",
+            f"{r['vm_hours_idle']:g}",
+            f"{r['overhead_pct']:g} %",
+            f"{r['wall_seconds']:g} s",
+        )
+    goal = reference["ttv_p95_s"] <= 1.0 and reference["overhead_pct"] <= 10.0
+    beats = reference["ttv_p95_s"] < best_fixed["ttv_p95_s"]
+    table.caption = (
+        f"goal (learned, margin 1: p95 <= 1 s at <= 10 % idle): {'met' if goal else 'NOT met'}; "
+        f"learned beats the fixed pool of equal VM-hours on p95: {'yes' if beats else 'NO'}"
+    )
+    return table
