@@ -322,8 +322,10 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         try:
             return self._reserve(settings, request, request_id, immediate=True)
         except NotEnoughCapacity as shortage:
-            warm = len(self.ready_pools.idle(settings, request.os, request.host_ref))
-            cold = request.count - (warm if self.ready_pools.eligible(request.cpus, request.memory) else 0)
+            waits = any(r.os == request.os for r in self.requests.in_state(QUEUED))  # then it takes none
+            takes = self.ready_pools.eligible(request.cpus, request.memory) and not waits
+            warm = len(self.ready_pools.idle(settings, request.os, request.host_ref)) if takes else 0
+            cold = request.count - min(warm, request.count)
             if not self.ready_pools.make_room(settings, request, cold):
                 raise shortage from None
         for attempt in Retrying(
@@ -534,7 +536,10 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
                 "the request's other VMs were removed: ask again"
             )
         for lease, error in failed:
-            self.leases.finish([lease.id], "failed", self.clock(), str(error))
+            if lease.pooled_at is not None:  # a ready VM it took: its VM runs, and goes with it
+                self._release(settings, [lease], ["ready"], "failed", str(error))
+            else:
+                self.leases.finish([lease.id], "failed", self.clock(), str(error))
         if cancel.is_set() and not self._cancel.is_set():
             self._roll_back(settings, ready, "its request was cancelled")
             self._end_cancelled(request_id)
@@ -571,16 +576,22 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         final_state: str,
         reason: str = "",
         expect_owner: str | None = None,
+        pooled: bool | None = None,
     ) -> tuple[ReleaseOutcome, list[Lease]]:
-        """Take these leases (those still in ``only_from``, and owned by ``expect_owner``
-        when given) into ``releasing`` as this process's, destroy their VMs, end them.
-        They count as this process's releases from before the claim until the end, so a
-        reconcile pass in this process never redoes one meanwhile."""
+        """Take these leases (those still in ``only_from``, owned by ``expect_owner`` and
+        still in a ready pool or not as ``pooled`` says, when given) into ``releasing`` as
+        this process's, destroy their VMs, end them. They count as this process's releases
+        from before the claim until the end, so a reconcile pass in this process never
+        redoes one meanwhile."""
         ids = [lease.id for lease in candidates]
         with self._releasing_lock:
             self._releasing.update(ids)
         try:
-            moved = set(self.leases.set_state(ids, "releasing", only_from, owner=self.owner, expect_owner=expect_owner))
+            moved = set(
+                self.leases.set_state(
+                    ids, "releasing", only_from, owner=self.owner, expect_owner=expect_owner, pooled=pooled
+                )
+            )
             taken = [lease for lease in candidates if lease.id in moved]
             return self._destroy_all(settings, taken, final_state, reason), taken
         finally:

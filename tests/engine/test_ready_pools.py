@@ -323,3 +323,49 @@ def test_learned_sizing_keeps_what_recent_demand_needs_with_the_fixed_lines_as_a
     assert pools["ubuntu18"].target == 0
     fill(services, "centos", ready=1)
     fill(services, "windows", ready=1)
+
+
+def test_a_recycle_pass_never_destroys_a_vm_a_request_took_since_the_pass_read_the_pool(
+    make_services, sim_lab, monkeypatch
+):
+    clock = FakeClock()
+    lab = with_pools(sim_lab, "centos.ready=1\nready.ttl.minutes=30")
+    services, _ = make_services(lab=lab, clock=clock)
+    engine = services.leases
+    fill(services, ready=1)
+    stale = engine.leases.pooled()  # what a pass read before a request came
+    [lease] = engine.acquire(LeaseRequest("job42", "centos"))
+    assert lease.id == stale[0].id  # the request took that very VM
+    clock.advance(31 * 60)  # and the pass finds it past its ready TTL
+    monkeypatch.setattr(engine.leases, "pooled", lambda conn=None: stale)
+    assert engine.ready_pools.tick().recycled == []
+    assert engine.leases.get(lease.id).state == "ready"  # job42 still holds it ...
+    assert "job42" in vm_records(lab)  # ... and its VM is still there
+
+
+def test_a_ready_vm_whose_maker_died_before_it_joined_the_pool_is_recycled(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=1")
+    services, _ = make_services(lab=lab, replica="r")
+    fill(services, ready=1)
+    [ready] = services.leases.leases.pooled()
+    store = services.leases.leases
+    with store.db.write() as conn:  # as a refill leaves it when its process dies between two writes
+        from sqlalchemy import update
+
+        from dynvm.store.tables import leases
+
+        conn.execute(update(leases).where(leases.c.id == ready.id).values(pooled_at=None, owner="r#killed"))
+    report = services.leases.ready_pools.tick()
+    assert ready.name in report.recycled
+    assert services.leases.leases.get(ready.id).state == "released"
+
+
+def test_a_request_that_needs_room_never_has_its_own_oses_ready_vms_destroyed_for_it(make_services, sim_lab):
+    lab = with_pools(sim_lab, "centos.ready=2")
+    services, _ = make_services(lab=lab)
+    engine = services.leases
+    fill(services)
+    engine.acquire(LeaseRequest("hog", "windows", count=4))  # 24 CPUs; the two ready centos hold 8
+    with pytest.raises(NotEnoughCapacity):  # two warm and one cold: no room for the third
+        engine.acquire(LeaseRequest("three", "centos", count=3))
+    assert pool_of(services).ready == 2  # the two it would have taken were not destroyed for nothing

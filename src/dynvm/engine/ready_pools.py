@@ -163,6 +163,7 @@ class ReadyPools:
         """Ready VMs of ``os`` waiting for a request (on ``host_ref`` when pinned), oldest
         first, and only those whose host shows them running with their address: a VM that
         died or lost its address is never handed out. ``limit``: at most that many."""
+        now = self._clock()
         pooled = sorted(
             (
                 lease
@@ -170,6 +171,7 @@ class ReadyPools:
                 if lease.os == os
                 and lease.state == "ready"
                 and lease.pooled_at is not None
+                and lease.expires_at > now  # stale: the next pass recycles it
                 and (host_ref is None or lease.host_ref == host_ref)
             ),
             key=lambda x: x.pooled_at or 0,
@@ -254,10 +256,13 @@ class ReadyPools:
         but those it could take itself) until they would fit; the VMs destroyed, [] when
         even that would not be enough (then nothing is destroyed)."""
         service = self._service
+        own = self.eligible(request.cpus, request.memory)  # then its own OS's ready VMs are its to take
         idle = [
             lease
             for lease in service.leases.pooled()
-            if lease.state == "ready" and (request.host_ref is None or lease.host_ref == request.host_ref)
+            if lease.state == "ready"
+            and (request.host_ref is None or lease.host_ref == request.host_ref)
+            and not (own and lease.os == request.os)
         ]
         if not idle:
             return []
@@ -277,7 +282,7 @@ class ReadyPools:
             victims.append(lease)
         if placement.available(candidates) < count:
             return []
-        service._release(settings, victims, ["ready"], "released", "recycled: its room went to a request")
+        service._release(settings, victims, ["ready"], "released", "recycled: its room went to a request", pooled=True)
         log.info("ready pools: recycled %s to make room for %s", ", ".join(v.name for v in victims), request.username)
         return victims
 
@@ -299,8 +304,13 @@ class ReadyPools:
 
     def _recycle(self, settings: Settings, report: TickReport) -> None:
         now = self._clock()
-        pooled = [lease for lease in self._service.leases.pooled() if lease.state == "ready" and lease.pooled_at]
+        everything = self._service.leases.pooled()
+        pooled = [lease for lease in everything if lease.state == "ready" and lease.pooled_at]
         going: dict[str, tuple[Lease, str]] = {}
+        alive = self._service._live_processes()
+        for lease in everything:  # made, but its maker died before it joined the pool
+            if lease.state == "ready" and lease.pooled_at is None and lease.owner not in alive:
+                going[lease.id] = (lease, "recycled: its maker stopped before it joined the pool")
         running: dict[str, dict[str, tuple[str, ...]]] = {}  # host ref -> uuid -> addresses, read once a pass
         for lease in pooled:
             if lease.host_ref not in running:
@@ -322,7 +332,7 @@ class ReadyPools:
             for lease in ready[: max(0, surplus)]:
                 going[lease.id] = (lease, "recycled: over its pool's target")
         for lease, reason in going.values():
-            _, taken = self._service._release(settings, [lease], ["ready"], "released", reason)
+            _, taken = self._service._release(settings, [lease], ["ready"], "released", reason, pooled=True)
             if taken:
                 report.recycled.append(lease.name)
                 log.info("ready pools: %s %s", lease.name, reason)
@@ -340,7 +350,9 @@ class ReadyPools:
             if lease.state != "ready" or lease.os in wanted or lease.host_ref in seen:
                 continue
             seen.add(lease.host_ref)
-            _, taken = self._service._release(settings, [lease], ["ready"], "released", "recycled: requests wait")
+            _, taken = self._service._release(
+                settings, [lease], ["ready"], "released", "recycled: requests wait", pooled=True
+            )
             if taken:
                 report.yielded.append(lease.name)
 

@@ -207,10 +207,13 @@ class LeaseStore:
         only_from: Sequence[str],
         owner: str | None = None,
         expect_owner: str | None = None,
+        pooled: bool | None = None,
     ) -> list[str]:
         """Move leases to ``state`` if they are in one of ``only_from`` (and, with
-        ``expect_owner``, still owned by it); returns those moved, so two releasers — two
-        threads, or two replicas — never both take the same lease. ``owner``: the process
+        ``expect_owner``, still owned by it; with ``pooled``, still in a ready pool, or
+        not: a pool recycling a VM a request took meanwhile must not touch it); returns
+        those moved, so two releasers — two threads, or two replicas — never both take
+        the same lease. ``owner``: the process
         that now works on them (a release is its releaser's, not its creator's). The rows
         are locked while deciding (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers)."""
         if not lease_ids:
@@ -219,6 +222,8 @@ class LeaseStore:
             where = leases.c.id.in_(lease_ids) & leases.c.state.in_(only_from)
             if expect_owner is not None:
                 where &= leases.c.owner == expect_owner
+            if pooled is not None:
+                where &= leases.c.pooled == (true() if pooled else false())
             movable = [row.id for row in conn.execute(select(leases.c.id).where(where).with_for_update())]
             values = {"state": state} | ({"owner": owner} if owner else {})
             if movable:
