@@ -178,20 +178,7 @@ async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
             memory_free=report.status.memory_free,
             running_vms=report.status.running_vms,
             capacity=report.capacity,
-            members=[
-                MemberOut(
-                    ref=m.ref,
-                    name=m.name,
-                    master=m.master,
-                    enabled=m.enabled,
-                    live=m.live,
-                    cpus=m.cpus,
-                    memory_total=m.memory_total,
-                    memory_free=m.memory_free,
-                    running_vms=m.running_vms,
-                )
-                for m in report.status.members
-            ],
+            members=[MemberOut(**dataclasses.asdict(m)) for m in report.status.members],  # the same fields
         )
         for report in reports
     ]

@@ -193,9 +193,6 @@ class ReadyPools:
             return {}
         return {m.uuid: m.addresses for m in self._service.provider.machines(host) if m.running}
 
-    def _healthy(self, settings: Settings, lease: Lease) -> bool:
-        return (lease.ip or "") in self._running_on(settings, lease.host_ref).get(lease.vm_uuid or "", ())
-
     def _room_by_os(self, settings: Settings, oses: list[str]) -> dict[str, int]:
         """Per OS, how many of its VMs the pools could hold if they held nothing else: its
         ready VMs, and what fits with every other idle ready VM's room given back (as
@@ -207,11 +204,9 @@ class ReadyPools:
         out = {}
         for os in oses:
             candidates = service._candidates(settings, os, None, None, reserved)
-            by_host = {c.host.ref: c for c in candidates}
-            for lease in ready:
-                if lease.os != os and lease.host_ref in by_host:
-                    _give_back(by_host[lease.host_ref].room, lease)
-            out[os] = sum(1 for lease in ready if lease.os == os) + placement.available(candidates)
+            mine = {lease.id for lease in ready if lease.os == os}
+            self.give_back_idle(candidates, exclude=mine, pooled=ready)
+            out[os] = len(mine) + placement.available(candidates)
         return out
 
     def status(self) -> list[PoolStatus]:
@@ -243,11 +238,13 @@ class ReadyPools:
 
     # -- giving way to demand --------------------------------------------------------------
 
-    def give_back_idle(self, candidates: list[placement.Candidate], exclude: set[str]) -> None:
+    def give_back_idle(
+        self, candidates: list[placement.Candidate], exclude: set[str], pooled: list[Lease] | None = None
+    ) -> None:
         """Count the room of every idle ready VM (but ``exclude``) as free in ``candidates``:
-        what a request could have once they make way."""
+        what a request could have once they make way. ``pooled``: the pools as already read."""
         by_host = {c.host.ref: c for c in candidates}
-        for lease in self._service.leases.pooled():
+        for lease in self._service.leases.pooled() if pooled is None else pooled:
             if lease.state == "ready" and lease.id not in exclude and lease.host_ref in by_host:
                 _give_back(by_host[lease.host_ref].room, lease)
 

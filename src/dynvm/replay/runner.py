@@ -141,7 +141,7 @@ class Replay:
                 service.ready_pools.learn(dataclasses.replace(d, arrival_s=d.arrival_s - span) for d in self.history)
             self.service = service
             self._play()
-            self._account(db)
+            self._account()
             self.clock.advance(float("inf"))  # creates still waiting for the clock end now
             self._settle()
             service.shutdown(grace=5)
@@ -172,7 +172,7 @@ class Replay:
                 self._release(payload)  # type: ignore[arg-type]
             elif kind == "tick":
                 self._tick()
-            if kind != "tick" and self._waiting and kind == "release":
+            if kind == "release" and self._waiting:  # room was given back: the queue may move
                 self._serve_queue()
             if not self._events and self._waiting:
                 self._at(self.clock.now + TICK_SECONDS, "tick")  # the queue drains after the trace ends
@@ -246,7 +246,7 @@ class Replay:
             self.result.queue_waits.append(waited)
             self._served(demand, [x.name for x in leases], all(x.pooled_at for x in leases), 0.0, waited)
 
-    def _account(self, db: Database) -> None:
+    def _account(self) -> None:
         """Idle VM-hours: every ready-pool VM's life without a user, within the trace."""
         end = self.trace[-1].arrival_s if self.trace else 0.0
         for lease in self.service.leases.ever_pooled():
