@@ -291,17 +291,22 @@ class ReadyPools:
         with self._lock:
             report = TickReport()
             settings = self._service.settings
-            self._recycle(settings, report)
+            targets = self.targets(settings)
+            everything = self._service.leases.pooled()  # read once a pass
+            gone = self._recycle(settings, everything, targets, report)
+            staying = [lease for lease in everything if lease.id not in gone]
             queued = self._service.requests.in_state(QUEUED)
             if queued:
-                self._yield_to(settings, queued, report)
+                self._yield_to(settings, staying, queued, report)
             else:
-                self._refill(settings, report)
+                self._refill(settings, staying, targets, report)
             return report
 
-    def _recycle(self, settings: Settings, report: TickReport) -> None:
+    def _recycle(
+        self, settings: Settings, everything: list[Lease], targets: dict[str, int], report: TickReport
+    ) -> set[str]:
+        """Release what must go; the ids of those it took (or tried to take) off the pools."""
         now = self._clock()
-        everything = self._service.leases.pooled()
         pooled = [lease for lease in everything if lease.state == "ready" and lease.pooled_at]
         going: dict[str, tuple[Lease, str]] = {}
         alive = self._service._live_processes()
@@ -323,7 +328,6 @@ class ReadyPools:
         for lease in sorted(pooled, key=lambda x: x.pooled_at or 0, reverse=True):  # the newest go first
             if lease.id not in going:
                 by_os.setdefault(lease.os, []).append(lease)
-        targets = self.targets(settings)
         for os, ready in by_os.items():
             surplus = len(ready) - targets.get(os, 0)
             for lease in ready[: max(0, surplus)]:
@@ -333,17 +337,20 @@ class ReadyPools:
             if taken:
                 report.recycled.append(lease.name)
                 log.info("ready pools: %s %s", lease.name, reason)
+        return set(going)
 
     def _settled(self, lease: Lease, now: float) -> bool:
         """The mirror had time to show a VM that just joined the pool."""
         return (lease.pooled_at or 0) < now - 5.0
 
-    def _yield_to(self, settings: Settings, queued: list[RequestRecord], report: TickReport) -> None:
+    def _yield_to(
+        self, settings: Settings, pooled: list[Lease], queued: list[RequestRecord], report: TickReport
+    ) -> None:
         """Requests wait: refill nothing, and recycle one idle ready VM per host of an OS
         nobody waits for (the scheduler serves those who wait for a pooled OS from it)."""
         wanted = {record.os for record in queued}
         seen: set[str] = set()
-        for lease in sorted(self._service.leases.pooled(), key=lambda x: x.pooled_at or 0):
+        for lease in sorted(pooled, key=lambda x: x.pooled_at or 0):
             if lease.state != "ready" or lease.os in wanted or lease.host_ref in seen:
                 continue
             seen.add(lease.host_ref)
@@ -353,11 +360,11 @@ class ReadyPools:
             if taken:
                 report.yielded.append(lease.name)
 
-    def _refill(self, settings: Settings, report: TickReport) -> None:
-        targets = {os: n for os, n in self.targets(settings).items() if n > 0}
+    def _refill(self, settings: Settings, pooled: list[Lease], targets: dict[str, int], report: TickReport) -> None:
+        targets = {os: n for os, n in targets.items() if n > 0}
         if not targets:
             return
-        pooled = [lease for lease in self._service.leases.pooled() if lease.state in ("creating", "ready")]
+        pooled = [lease for lease in pooled if lease.state in ("creating", "ready")]
         have = Counter(lease.os for lease in pooled)
         busy = Counter(lease.host_ref for lease in pooled if lease.state == "creating")
         for os in sorted(targets):

@@ -5,7 +5,9 @@ The engine is the real one: ``LeaseService`` with its placement, queue, schedule
 pools and learned sizing, on a real SQLite file; only the hosts are a model (``model.py``)
 and time is virtual. Events are taken in time order: a request arrives (it is served now,
 or waits in the queue up to ``wait_minutes``), VMs are released after their hold, and every
-``TICK_SECONDS`` the pools' pass runs (and the scheduler's, when requests wait).
+``TICK_SECONDS`` the pools' pass runs (and the scheduler's, when requests wait). A pass is
+skipped when nothing happened since the last one (no arrival, release or finished create)
+and its targets still hold: it would do what the last one did, which is nothing.
 
 Time to VM: a request served whole from a ready pool counts the handout as measured (wall
 time, in seconds); one with any VM made for it counts the create time; one that waited
@@ -117,6 +119,8 @@ class Replay:
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = itertools.count()
         self._waiting: dict[str, tuple[Demand, float]] = {}  # request id -> (demand, arrival)
+        self._changed = True  # something happened since the last pools pass
+        self._passed_at = float("-inf")  # when the last pools pass ran
 
     def _at(self, t: float, kind: str, payload: object = None) -> None:
         heapq.heappush(self._events, (t, next(self._seq), kind, payload))
@@ -166,6 +170,9 @@ class Replay:
                 self.clock.advance(when)
                 if wakes:
                     self._settle()  # ready-pool VMs whose create ends by now are ready
+                    self._changed = True
+            if kind in ("arrive", "release"):
+                self._changed = True
             if kind == "arrive":
                 self._arrive(*payload)  # type: ignore[misc]
             elif kind == "release":
@@ -212,6 +219,9 @@ class Replay:
             self.service.release_names(names)
 
     def _tick(self) -> None:
+        if not self._changed and not self._waiting and self.clock.now - self._passed_at < RESIZE_SECONDS:
+            return
+        self._changed, self._passed_at = False, self.clock.now
         report = self.service.ready_pools.tick()
         if report.started:
             self._settle()  # the refills have begun and wait for the clock

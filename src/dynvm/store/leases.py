@@ -127,8 +127,8 @@ class LeaseStore:
         the first commits, and its reads then see the first's reservations. Rows are created
         on first use (``ON CONFLICT DO NOTHING``, so replicas may race to create them).
         SQLite has no row locks: ``Database.write()`` opens BEGIN IMMEDIATE, which
-        serialises writers for the whole database instead."""
-        if not refs:
+        serialises writers for the whole database instead, so there is nothing to take."""
+        if not refs or self.db.is_sqlite:
             return
         dialect = sqlite if self.db.is_sqlite else postgresql
         conn.execute(dialect.insert(host_locks).values([{"ref": ref} for ref in refs]).on_conflict_do_nothing())
