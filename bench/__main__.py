@@ -6,7 +6,16 @@ import sys
 
 from rich.console import Console
 
-from bench import lease_bench, pool_bench, queue_bench, service_bench, sim_bench, sizing_bench, xen_bench
+from bench import (
+    lease_bench,
+    live_bench,
+    pool_bench,
+    queue_bench,
+    service_bench,
+    sim_bench,
+    sizing_bench,
+    xen_bench,
+)
 
 BENCHMARKS = {
     "sim": sim_bench.run,
@@ -16,6 +25,7 @@ BENCHMARKS = {
     "queue": queue_bench.run,
     "pools": pool_bench.run,
     "sizing": sizing_bench.run,
+    "live": live_bench.run,
 }
 
 

@@ -285,11 +285,18 @@ def serve_command(
     request_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a client has to send a whole request before it is cut off.")
     ] = 30.0,
+    clock_speed: Annotated[
+        float, typer.Option(min=0.001, hidden=True, help="dynvm replay --live only: time runs this many times as fast.")
+    ] = 1.0,
+    clock_start: Annotated[
+        float | None, typer.Option(hidden=True, help="dynvm replay --live only: what the clock reads at the start.")
+    ] = None,
 ) -> None:
     """Serve the dynvm API (no debugger, no auto-reload). SIGTERM stops it cleanly.
 
     The port is bound, and the config checked, before anything touches a Xen host."""
     import socket
+    import time
 
     import uvicorn
 
@@ -309,11 +316,18 @@ def serve_command(
     try:
         # uvicorn gives requests in flight the grace period (a create that finishes in time is
         # answered); what is still running after it is cancelled and rolled back at once.
+        timing = {}
+        if clock_speed != 1.0 or clock_start is not None:  # a live replay's compressed time (clock.py)
+            from .clock import CompressedTime
+
+            compressed = CompressedTime(clock_speed, time.time() if clock_start is None else clock_start)
+            timing = {"clock": compressed.now, "monotonic": compressed.monotonic}
         services = build_services(
             locate_config(config),
             db,
             intervals=Intervals(shutdown_grace=0.5),
             replica=f"{socket.gethostname()}:{port}",
+            **timing,  # type: ignore[arg-type]
         )
     except ConfigError as e:
         console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
@@ -521,19 +535,31 @@ def replay_command(
     margin: Annotated[float, typer.Option(min=0, help="Learned sizing's safety margin.")] = 1.0,
     maximum: Annotated[int, typer.Option(min=0, help="Learned sizing's ceiling per OS (<os>.max).")] = 20,
     wait_minutes: Annotated[float, typer.Option(min=0, help="How long a request that does not fit waits.")] = 60.0,
+    from_hour: Annotated[float, typer.Option(min=0, help="Replay from this hour of the trace on.")] = 0.0,
+    hours: Annotated[
+        float | None, typer.Option(min=0, help="Replay this many hours of it (default: to its end).")
+    ] = None,
+    live: Annotated[
+        bool, typer.Option("--live", help="Against real dynvm serve and dynvm sim processes, time compressed.")
+    ] = False,
+    speed: Annotated[float, typer.Option(min=1, help="With --live: trace seconds per wall second.")] = 60.0,
     json_out: JsonOption = False,
 ) -> None:
-    """Replay a demand trace on dynvm's own engine in virtual time, and report what users saw."""
+    """Replay a demand trace on dynvm's own engine and report what users saw: in virtual time
+    (a week in under a minute), or with --live against real processes (a few hours of trace)."""
     import json
 
-    from .replay.runner import POLICIES, Replay, ReplayOptions
+    from rich.progress import Progress
+
+    from .replay.live import LiveReplay, LiveReplayError
+    from .replay.runner import POLICIES, Replay, ReplayOptions, slice_of
     from .trace import TraceError, read_trace
 
     console = Console(stderr=True)
     if policy not in POLICIES:
         raise typer.BadParameter(f"one of {', '.join(POLICIES)}, not {policy!r}", param_hint="--policy")
     try:
-        demands = read_trace(trace)
+        demands = slice_of(read_trace(trace), from_hour, hours)
         past = read_trace(history) if history else []
     except (TraceError, OSError) as e:
         console.print(f"Error: {e}", style="red", markup=False)
@@ -546,13 +572,29 @@ def replay_command(
         margin=margin,
         maximum=maximum,
         wait_minutes=wait_minutes,
+        start=from_hour * 3600,
     )
-    with console.status(f"replaying {len(demands)} request(s) on {hosts} model host(s), policy {policy} ..."):
-        result = Replay(demands, options, past).run().summary()
+    if live:
+        span = (demands[-1].arrival_s - options.start) / speed if demands else 0.0
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"live replay, {speed:g}x: about {span / 60:.0f} min of wall time", total=len(demands))
+            replay = LiveReplay(
+                demands, options, speed, past, progress=lambda done, _: bar.update(task, completed=done)
+            )
+            try:
+                result = replay.run().summary()
+            except LiveReplayError as e:
+                console.print(f"Error: {e}", style="red", markup=False)
+                raise typer.Exit(1) from None
+    else:
+        with console.status(f"replaying {len(demands)} request(s) on {hosts} model host(s), policy {policy} ..."):
+            result = Replay(demands, options, past).run().summary()
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
-    table = Table(title=f"replay of {trace.name}: {hosts} hosts, create {create_seconds:g} s, policy {policy}")
+    clock = f"live at {speed:g}x" if live else "virtual clock"
+    title = f"replay of {trace.name} ({clock}): {hosts} hosts, create {create_seconds:g} s, policy {policy}"
+    table = Table(title=title)
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in result.items():

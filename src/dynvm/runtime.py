@@ -156,6 +156,7 @@ def build_services(
     config_path: Path,
     db_url: str | None = None,
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
     intervals: Intervals | None = None,
     sink: HistorySink | None = None,
     event_timeout: float = 5.0,
@@ -164,7 +165,8 @@ def build_services(
     """Load the configuration (``ConfigError`` if invalid) and open the database, migrated.
 
     The database is ``db_url``, else ``[common] db.url``, else SQLite in
-    ``~/.local/share/dynvm/``."""
+    ``~/.local/share/dynvm/``. ``clock`` and ``monotonic``: time as dynvm keeps it (only
+    tests and ``dynvm replay --live`` change them)."""
     settings = load_settings(config_path)
     for warning in settings.warnings:
         log.warning("%s", warning)
@@ -181,7 +183,8 @@ def build_services(
     inventory = Inventory(event_timeout=event_timeout)
     holder: dict[str, ConfigWatcher] = {}
     lease_store = LeaseStore(db)
-    provider = XenProvider(inventory, lambda: holder["watcher"].current, functools.cache(lease_store.installation_id))
+    installation = functools.cache(lease_store.installation_id)
+    provider = XenProvider(inventory, lambda: holder["watcher"].current, installation, monotonic)
     leases = LeaseService(lambda: holder["watcher"].current, provider, lease_store, history, clock=clock, owner=replica)
     watcher = ConfigWatcher(config_path, settings, provider.apply)
     holder["watcher"] = watcher

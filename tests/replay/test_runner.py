@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dynvm.cli import build_cli
-from dynvm.replay.runner import Replay, ReplayOptions
+from dynvm.replay.runner import Replay, ReplayOptions, slice_of
 from dynvm.trace import Demand, write_trace
 
 
@@ -57,6 +57,23 @@ def test_replay_on_the_command_line_prints_the_figures_as_json(tmp_path: Path):
     wanted = {"requests", "vms", "ttv_p50_s", "ttv_p95_s", "ttv_p99_s", "refused", "queued", "queue_wait_p95_s"}
     assert wanted | {"vm_hours_used", "vm_hours_idle", "overhead_pct"} <= set(figures)
     assert figures["ttv_p95_s"] == 65.0
+    later = CliRunner().invoke(
+        build_cli(), ["replay", str(path), "--hosts", "1", "--policy", "none", "--from-hour", "0.02", "--json"]
+    )
+    assert json.loads(later.stdout)["requests"] == 2  # the first arrived at 0 s, before 72 s
     bad = CliRunner().invoke(build_cli(), ["replay", str(tmp_path / "missing.csv")])
     assert bad.exit_code == 2
     assert "Error:" in bad.output
+
+
+def test_a_slice_keeps_its_place_in_the_week_and_its_pools_start_empty_at_its_start():
+    week = [Demand(h * 3600.0 + 10, f"job{h}", "centos", 1, 60) for h in range(10)]
+    piece = slice_of(week, from_hour=3, hours=4)
+    assert [d.arrival_s for d in piece] == [3 * 3600 + 10, 4 * 3600 + 10, 5 * 3600 + 10, 6 * 3600 + 10]
+    assert slice_of(week, from_hour=8, hours=None) == week[8:]
+    options = ReplayOptions(hosts=1, policy="fixed", fixed={"centos": 1}, create_seconds=65, start=3 * 3600)
+    result = Replay(piece, options).run().summary()
+    # the pool's first VM is made from the slice's start on: the first request, 10 s in, is
+    # cold; the next ones an hour apart find it ready
+    assert (result["requests"], result["warm_requests"]) == (4, 3)
+    assert result["vm_hours_idle"] < 4 * 3600 / 3600  # counted from the slice's start, not from 0

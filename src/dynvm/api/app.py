@@ -43,12 +43,21 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     async def healthz(detail: bool = False) -> Response:
         """``ok``; with ``?detail=true`` also which installation this is (the id in the
-        marker of every VM it makes), its version, and whether this replica leads."""
+        marker of every VM it makes), its version, whether this replica leads, and the time
+        on its clock (Unix seconds; a live replay's compressed time, ``clock.py``)."""
         if not detail:
             return PlainTextResponse("ok")
         installation = await anyio.to_thread.run_sync(lambda: services.leases.installation)
         leading = await anyio.to_thread.run_sync(services.leadership.is_leader)
-        return JSONResponse({"status": "ok", "installation": installation, "version": __version__, "leader": leading})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "installation": installation,
+                "version": __version__,
+                "leader": leading,
+                "time": services.leases.clock(),
+            }
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_: CallerDep) -> Response:

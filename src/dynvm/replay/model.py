@@ -49,8 +49,8 @@ def size_of(os: str) -> tuple[int, int, int]:
 class VirtualClock:
     """Seconds from the trace's start, moved only by the replay; threads may wait for it."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
         self._moved = threading.Condition()
 
     def __call__(self) -> float:

@@ -32,7 +32,7 @@ from pathlib import Path
 from ..config import load_settings
 from ..engine.ready_pools import ReadyPools
 from ..leases import LeaseService
-from ..model import LeaseError, LeaseRequest
+from ..model import Lease, LeaseError, LeaseRequest
 from ..store.db import Database
 from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
@@ -53,6 +53,7 @@ class ReplayOptions:
     margin: float = 1.0
     maximum: int = 20  # <os>.max for learned sizing
     wait_minutes: float = 60.0  # how long a request that does not fit waits in the queue
+    start: float = 0.0  # trace time the clock starts at (a slice of a trace starts later)
 
 
 @dataclass
@@ -94,18 +95,32 @@ class ReplayResult:
         }
 
 
-def _config(path: Path, oses: Iterable[str], options: ReplayOptions) -> Path:
-    lines = ["[common]", "vm.expiry.minutes=100000", "vm.network.timeout.secs=400", "", "[probe]", "enabled=false"]
+def replay_sections(oses: Iterable[str], options: ReplayOptions) -> dict[str, dict[str, str]]:
+    """The config sections a replay sets, virtual or live: no expiry nor probe to get in the
+    way, and the pools as the policy says."""
+    sections = {
+        "common": {"vm.expiry.minutes": "100000", "vm.network.timeout.secs": "400"},
+        "probe": {"enabled": "false"},
+    }
     if options.policy != "none":
-        lines += ["", "[pools]", "ready.ttl.minutes=100000", "refill.per.host=1000"]
+        pools = {"ready.ttl.minutes": "100000", "refill.per.host": "1000"}
         if options.policy == "learned":
-            lines += ["sizing=learned", f"sizing.margin={options.margin:g}"]
-            lines += [f"{os}.max={options.maximum}" for os in sorted(oses)]
-        lines += [f"{os}.ready={n}" for os, n in sorted(options.fixed.items()) if options.policy == "fixed"]
+            pools |= {"sizing": "learned", "sizing.margin": f"{options.margin:g}"}
+            pools |= {f"{os}.max": str(options.maximum) for os in sorted(oses)}
+        else:
+            pools |= {f"{os}.ready": str(n) for os, n in sorted(options.fixed.items())}
+        sections["pools"] = pools
+    return sections
+
+
+def _config(path: Path, oses: Iterable[str], options: ReplayOptions) -> Path:
+    lines: list[str] = []
+    for section, values in replay_sections(oses, options).items():
+        lines += [f"[{section}]", *(f"{key}={value}" for key, value in values.items()), ""]
     for n in range(1, options.hosts + 1):
-        lines += ["", f"[xenhost{n}]", "host.name=http://127.0.0.1:9", "host.user=replay", "host.password=unused"]
-        lines += ["host.storage.name=model", *(f"{os}.template=model-{os}" for os in sorted(oses))]
-    path.write_text("\n".join(lines) + "\n")
+        lines += [f"[xenhost{n}]", "host.name=http://127.0.0.1:9", "host.user=replay", "host.password=unused"]
+        lines += ["host.storage.name=model", *(f"{os}.template=model-{os}" for os in sorted(oses)), ""]
+    path.write_text("\n".join(lines))
     return path
 
 
@@ -114,7 +129,7 @@ class Replay:
         self.trace = trace
         self.options = options
         self.history = history or []
-        self.clock = VirtualClock()
+        self.clock = VirtualClock(options.start)
         self.result = ReplayResult()
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = itertools.count()
@@ -159,7 +174,7 @@ class Replay:
         for n, demand in enumerate(self.trace):
             self._at(demand.arrival_s, "arrive", (n, demand))
         end = self.trace[-1].arrival_s if self.trace else 0.0
-        t = 0.0
+        t = self.options.start
         while t <= end:
             self._at(t, "tick")
             t += TICK_SECONDS
@@ -257,11 +272,26 @@ class Replay:
             self._served(demand, [x.name for x in leases], all(x.pooled_at for x in leases), 0.0, waited)
 
     def _account(self) -> None:
-        """Idle VM-hours: every ready-pool VM's life without a user, within the trace."""
         end = self.trace[-1].arrival_s if self.trace else 0.0
-        for lease in self.service.leases.ever_pooled():
-            if not lease.pooled and lease.handed_over_at is not None:
-                stop = lease.handed_over_at
-            else:
-                stop = lease.released_at if lease.released_at is not None else end
-            self.result.vm_seconds_idle += max(0.0, min(stop, end) - lease.created_at)
+        self.result.vm_seconds_idle = idle_seconds(self.service.leases.ever_pooled(), end)
+
+
+def idle_seconds(ever_pooled: Iterable[Lease], end: float) -> float:
+    """Idle VM-seconds: every ready-pool VM's life without a user, from the start of its
+    create to its handout or end, up to ``end`` (clock seconds)."""
+    idle = 0.0
+    for lease in ever_pooled:
+        if not lease.pooled and lease.handed_over_at is not None:
+            stop = lease.handed_over_at
+        else:
+            stop = lease.released_at if lease.released_at is not None else end
+        idle += max(0.0, min(stop, end) - lease.created_at)
+    return idle
+
+
+def slice_of(trace: list[Demand], from_hour: float, hours: float | None) -> list[Demand]:
+    """The requests arriving from ``from_hour`` for ``hours`` (None: to the end), their
+    times kept: a slice keeps its place in the week."""
+    start = from_hour * 3600
+    stop = float("inf") if hours is None else start + hours * 3600
+    return [d for d in trace if start <= d.arrival_s < stop]

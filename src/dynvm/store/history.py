@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..config import CouchbaseSettings
 from ..model import Lease
+from ..trace import Demand
 from .db import Database
 from .tables import history
 
@@ -107,6 +109,45 @@ class HistoryStore:
         self.db = db
         self.sink = sink
         self.clock = clock
+
+    def import_demands(self, demands: Iterable[Demand], create_seconds: float) -> int:
+        """Write past demand as the history of VMs that came and went (``dynvm replay --live
+        --history``: the service then knows that past as a running lab would). One document
+        per VM, made ``create_seconds`` after its request arrived and deleted after its hold;
+        they are marked as already exported: they are not this lab's VMs to report."""
+        rows = []
+        for demand in demands:
+            for n in range(demand.count):
+                created = int(demand.arrival_s + create_seconds)
+                document = {
+                    "ipaddr": "",
+                    "origin": "trace",
+                    "os": demand.os,
+                    "state": "deleted",
+                    "poolId": POOL_ID,
+                    "prevUser": demand.user,
+                    "username": demand.user,
+                    "ver": DOCUMENT_VERSION,
+                    "name": f"{demand.user}-{n}",
+                    "created_time": created,
+                    "create_duration_secs": round(create_seconds),
+                    "deleted_time": int(created + demand.hold_s),
+                    "live_duration_secs": int(demand.hold_s),
+                    "delete_duration_secs": 0,
+                }
+                rows.append(
+                    {
+                        "vm_uuid": f"trace-{uuid.uuid4().hex[:30]}",  # 36 characters, as a uuid
+                        "document": document,
+                        "updated_at": created,
+                        "exported": True,
+                        **{column: document[column] for column in INDEXED},
+                    }
+                )
+        if rows:
+            with self.db.write() as conn:
+                conn.execute(insert(history), rows)
+        return len(rows)
 
     def record_created(self, lease: Lease, origin: str, handed_out_at: float | None = None) -> dict[str, Any]:
         """``handed_out_at``: a ready-pool VM a request took then (its document says so)."""

@@ -6,6 +6,7 @@ xapi, the marker or templates."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from ..config import HostSettings, Settings
@@ -36,10 +37,19 @@ class XenProvider:
     """The engine's view of the configured Xen pools. ``installation`` is called when a
     VM is made or judged (it reads the database once)."""
 
-    def __init__(self, inventory: Inventory, settings: Callable[[], Settings], installation: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        inventory: Inventory,
+        settings: Callable[[], Settings],
+        installation: Callable[[], str],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``monotonic``: what creates are timed and their deadlines kept on (compressed by
+        ``dynvm replay --live``, ``clock.py``)."""
         self.inventory = inventory
         self._settings = settings
         self._installation = installation
+        self._monotonic = monotonic
         # host ref -> (the view they were read from, its machines): a view is a snapshot that
         # stays the same object until its host changes, so listing is free between changes
         self._listed: dict[str, tuple[HostView, list[Machine]]] = {}
@@ -132,7 +142,8 @@ class XenProvider:
         pool = self.inventory.pool(host.ref)
         if pool is None:
             raise ProvisionError(f"host {host.ref} is not in the inventory")
-        return Provisioner(host, pool, self._settings().common.network_timeout_secs, self._installation())
+        timeout = self._settings().common.network_timeout_secs
+        return Provisioner(host, pool, timeout, self._installation(), clock=self._monotonic)
 
     def create(
         self,
