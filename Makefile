@@ -4,8 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LAB    ?= .lab
+VENDOR := src/dynvm/dashboard/static/vendor
+APT    := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-.PHONY: install lab test lint format bench soak clean
+.PHONY: install browser lab test lint format bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,14 +15,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The dashboard's front-end packages, from the npm registry as web/package-lock.json pins
+# them, built files copied into the Python package: npm at install time only, never at run time.
+$(VENDOR)/.installed: web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { echo "make: npm is needed to install the dashboard's front-end packages (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
+	mkdir -p $(VENDOR)
+	cp web/node_modules/uplot/dist/uPlot.iife.min.js web/node_modules/uplot/dist/uPlot.min.css $(VENDOR)/
+	cp web/node_modules/uplot/LICENSE $(VENDOR)/uPlot.LICENSE
+	touch $@
+
+install: $(STAMP) $(VENDOR)/.installed
+
+## browser: Debian's Chromium, which the dashboard's tests drive through Playwright
+browser:
+	@command -v chromium >/dev/null || $(APT) || { apt-get update -qq && $(APT); }
 
 ## lab: dynvm on 127.0.0.1:5000 serving a simulated Xen lab of 4 hosts (Ctrl-C stops both)
-lab: $(STAMP)
+lab: install
 	$(BIN)/dynvm lab --hosts 4 --port 5000 --directory $(LAB)
 
 ## test: the whole suite, in parallel on every core
-test: $(STAMP)
+test: install browser
 	$(BIN)/python -m pytest -n auto -q
 
 lint: $(STAMP)
@@ -40,4 +56,4 @@ soak: $(STAMP)
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}
 
 clean:
-	rm -rf $(VENV) $(LAB) .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) $(LAB) .pytest_cache .ruff_cache build dist src/*.egg-info web/node_modules $(VENDOR)

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..dashboard.routes import install_dashboard
 from ..runtime import Services
 from . import errors, legacy, v1
 from .deps import CallerDep
@@ -39,6 +40,7 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
     errors.install(app)
     app.include_router(legacy.router)
     app.include_router(v1.router)
+    install_dashboard(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(detail: bool = False) -> Response:

@@ -149,6 +149,13 @@ class RequestStore:
         with self.db.read() as conn:
             return [(caller or username, started) for caller, username, started in conn.execute(query)]
 
+    def finished_since(self, since: float) -> list[RequestRecord]:
+        """Requests that ended since ``since`` (ready, failed, timed out or cancelled):
+        what the dashboard's time-to-VM and failures are counted from."""
+        query = select(requests).where(requests.c.finished_at >= since).order_by(requests.c.finished_at)
+        with self.db.read() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
     # -- writing -----------------------------------------------------------------------
 
     def insert(self, record: RequestRecord) -> None:

@@ -255,6 +255,24 @@ class HistoryStore:
         }
         return {"per_os": per_os, "per_user": per_user}
 
+    def lifetimes(self, since: float) -> list[tuple[str, str, float, float | None, float | None]]:
+        """(user, os, created, lived or None while alive, create seconds) of every VM alive
+        at some time since ``since``: what the dashboard's usage plots are drawn from. Only
+        the indexed columns are read, never the documents."""
+        end = history.c.created_time + history.c.live_duration_secs
+        query = select(
+            history.c.username,
+            history.c.os,
+            history.c.created_time,
+            history.c.live_duration_secs,
+            history.c.create_duration_secs,
+        ).where((history.c.live_duration_secs.is_(None)) | (end >= since))
+        with self.db.read() as conn:
+            return [
+                (user or "", os or "", float(created or 0), lived, create)
+                for user, os, created, lived, create in conn.execute(query)
+            ]
+
     def export_pending(self, limit: int = 500) -> int:
         """Send documents not yet in the sink; returns how many went. A failure is logged
         and those documents stay pending for the next pass."""

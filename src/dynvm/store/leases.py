@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, delete, false, insert, select, true, update
+from sqlalchemy import Connection, delete, false, func, insert, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -84,6 +84,39 @@ class LeaseStore:
         return self._select(
             (leases.c.state == "ready") & leases.c.handed_over_at.is_not(None) & (leases.c.expires_at <= now)
         )
+
+    def page(
+        self, user: str | None = None, os: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Lease], int]:
+        """Held leases, newest first, for a list that pages (the dashboard): those whose user
+        or caller contains ``user`` (any case) and of ``os``; and how many match in all."""
+        where = leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
+        if user:
+            pattern = "%" + user.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where &= leases.c.username.ilike(pattern, escape="\\") | leases.c.caller.ilike(pattern, escape="\\")
+        if os:
+            where &= leases.c.os == os
+        query = select(leases).where(where).order_by(leases.c.created_at.desc(), leases.c.name).limit(limit)
+        with self.db.read() as conn:
+            total = int(conn.execute(select(func.count()).select_from(leases).where(where)).scalar_one())
+            return [_lease(row) for row in conn.execute(query.offset(offset))], total
+
+    def held_oses(self) -> list[str]:
+        """The OSes of held leases (what a filter offers)."""
+        query = select(leases.c.os).where(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false()))
+        with self.db.read() as conn:
+            return sorted(row.os for row in conn.execute(query.distinct()))
+
+    def use_by_host(self) -> dict[str, tuple[int, int, int]]:
+        """Per host ref: dynvm's VMs there (held, pooled or being made), their vCPUs and
+        memory, summed by the database."""
+        query = (
+            select(leases.c.host_ref, func.count(), func.sum(leases.c.cpus), func.sum(leases.c.memory))
+            .where(leases.c.state.in_(ACTIVE_STATES))
+            .group_by(leases.c.host_ref)
+        )
+        with self.db.read() as conn:
+            return {ref: (int(n), int(cpus or 0), int(memory or 0)) for ref, n, cpus, memory in conn.execute(query)}
 
     def installation_id(self) -> str:
         """This installation's id (made once by migration 0006, kept for ever)."""

@@ -1,0 +1,1 @@
+"""The web dashboard (``routes.py``) and its figures (``figures.py``)."""

@@ -1,0 +1,158 @@
+"""The dashboard as a person uses it: Debian's Chromium, headless, through Playwright, on a
+real ``dynvm serve`` process and a simulated lab over real sockets."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+LIVE_MS = 2000  # the page shows a change within 2 s
+LOAD_MS = 10_000  # the first load (the service's first answers) may take longer
+
+
+def test_the_page_loads_without_errors_and_shows_the_hosts_and_a_new_lease_within_2_s(dashboard):
+    lab = dashboard(hosts=2)
+    page = lab.page
+    page.goto(lab.url + "/")
+    hosts = page.locator("#hosts tbody tr")
+    expect(hosts).to_have_count(2, timeout=LOAD_MS)
+    expect(hosts.first).to_contain_text("sim-xen-01")
+    expect(hosts.first.locator(".state-up")).to_have_text("up")
+    expect(page.locator("#summary")).to_contain_text("2 of 2 hosts up")
+
+    lab.lease("alice")
+    row = page.locator("#lease-table tbody tr", has_text="alice")
+    expect(row).to_be_visible(timeout=LIVE_MS)
+    expect(row).to_contain_text("centos")
+    expect(row).to_contain_text("made for it")
+    expect(row.locator("[data-left]")).to_contain_text("h")  # the lease's time left, counting down
+    assert page.url.rstrip("/") == lab.url  # no reload happened
+    assert lab.errors == []
+    page.goto(lab.url + "/ui")  # the same page at /ui
+    expect(page.locator("#hosts tbody tr")).to_have_count(2, timeout=LOAD_MS)
+    assert lab.errors == []
+
+
+def test_the_release_button_releases_the_lease(dashboard):
+    lab = dashboard()
+    lab.lease("bob")
+    page = lab.page
+    page.goto(lab.url)
+    row = page.locator("#lease-table tbody tr", has_text="bob")
+    expect(row).to_be_visible(timeout=LOAD_MS)
+    page.get_by_role("button", name="Release bob").click()  # confirm() is accepted
+    expect(row).to_have_count(0, timeout=LIVE_MS)
+    expect(page.locator("#status")).to_have_text("Released bob.")
+    assert httpx.get(f"{lab.url}/api/v1/leases/bob", timeout=10).status_code == 404
+    assert lab.errors == []
+
+
+def test_the_extend_button_moves_the_expiry_an_hour_on(dashboard):
+    lab = dashboard()
+    lab.lease("carol", minutes=30)
+    expires = httpx.get(f"{lab.url}/api/v1/leases/carol", timeout=10).json()["expires_at"]
+    page = lab.page
+    page.goto(lab.url)
+    page.get_by_role("button", name="Extend carol by 60 minutes").click(timeout=LOAD_MS)
+    expect(page.locator("#status")).to_contain_text("carol now expires at")
+    after = httpx.get(f"{lab.url}/api/v1/leases/carol", timeout=10).json()["expires_at"]
+    assert after == pytest.approx(expires + 3600, abs=60)  # what was left, and an hour more
+    assert lab.errors == []
+
+
+def test_a_host_going_down_shows_within_2_s(dashboard):
+    lab = dashboard(hosts=2)
+    page = lab.page
+    page.goto(lab.url)
+    second = page.locator("#hosts tbody tr").nth(1)
+    expect(second.locator(".state-up")).to_be_visible(timeout=LOAD_MS)
+    lab.lab.control(1).host_down("refuse")
+    expect(second.locator(".state-down")).to_be_visible(timeout=LIVE_MS)
+    expect(page.locator("#summary")).to_contain_text("1 of 2 hosts up", timeout=LIVE_MS)
+
+
+def test_an_unreachable_service_shows_a_banner_and_the_last_figures(dashboard):
+    lab = dashboard()
+    page = lab.page
+    page.goto(lab.url)
+    expect(page.locator("#hosts tbody tr")).to_have_count(2, timeout=LOAD_MS)
+    banner = page.locator("#banner")
+    expect(banner).to_be_hidden()
+    lab.serve.stop()
+    expect(banner).to_be_visible(timeout=LIVE_MS + 4000)  # a refused connection fails at once; a hang in 4 s
+    expect(banner).to_contain_text("unreachable")
+    expect(page.locator("#hosts tbody tr")).to_have_count(2)  # what it showed stays, marked as old
+
+
+def test_with_auth_on_it_asks_for_a_token_and_the_server_decides_what_it_may_do(dashboard):
+    lab = dashboard(auth=True)
+    alice, bob = lab.token("alice"), lab.token("bob")
+    lab.lease("bobs-vm", token=bob)
+    sent: list[tuple[str, str | None]] = []
+    page = lab.page
+    page.on("request", lambda request: sent.append((request.url, request.headers.get("authorization"))))
+    page.goto(lab.url)
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible(timeout=LOAD_MS)
+    expect(page.locator("#hosts tbody tr")).to_have_count(0)  # nothing shown without a token
+    page.get_by_label("API token").fill(alice)
+    page.get_by_role("button", name="Use token").click()
+    expect(page.locator("#who")).to_have_text("signed in as alice", timeout=LIVE_MS)
+    row = page.locator("#lease-table tbody tr", has_text="bobs-vm")
+    expect(row).to_be_visible(timeout=LIVE_MS)
+    page.get_by_role("button", name="Release bobs-vm").click()
+    expect(page.locator("#status")).to_contain_text("Could not release bobs-vm")  # the server said no
+    assert httpx.get(
+        f"{lab.url}/api/v1/leases/bobs-vm", headers={"Authorization": f"Bearer {bob}"}, timeout=10
+    ).is_success
+    api_calls = [(url, header) for url, header in sent if "/api/" in url]
+    assert api_calls
+    assert all(alice not in url and bob not in url for url, _ in sent)  # never in a URL
+    assert any(header == f"Bearer {alice}" for _, header in api_calls)
+    page.get_by_role("button", name="Sign out").click()
+    expect(dialog).to_be_visible(timeout=LIVE_MS)
+
+
+def test_it_is_usable_at_1280x800_and_on_a_phone(dashboard):
+    for width, height in ((1280, 800), (390, 844)):
+        lab = dashboard(viewport=(width, height))
+        lab.lease(f"vm{width}")
+        page = lab.page
+        page.goto(lab.url)
+        release = page.get_by_role("button", name=f"Release vm{width}")
+        expect(release).to_be_visible(timeout=LOAD_MS)
+        # the page itself never scrolls sideways; a wide table scrolls in its own box
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        release.scroll_into_view_if_needed()
+        box = release.bounding_box()
+        assert box is not None
+        assert box["width"] >= 24
+        assert box["height"] >= 24
+        expect(page.get_by_role("heading", name="Hosts")).to_be_visible()
+        assert lab.errors == []
+
+
+def test_every_control_has_a_name_and_the_keyboard_reaches_the_actions(dashboard):
+    lab = dashboard()
+    lab.lease("dave")
+    page = lab.page
+    page.goto(lab.url)
+    expect(page.get_by_role("button", name="Release dave")).to_be_visible(timeout=LOAD_MS)
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('button, input, select')]
+             .filter((e) => !e.closest('[hidden], dialog:not([open])'))
+             .filter((e) => !(e.getAttribute('aria-label') || e.labels?.length || e.textContent.trim()))
+             .map((e) => e.outerHTML)"""
+    )
+    assert unnamed == []
+    assert page.evaluate("document.documentElement.lang") == "en"
+    page.get_by_role("searchbox", name="User").focus()
+    for _ in range(30):  # Tab from the filter until the release button has the focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.getAttribute('aria-label')") == "Release dave":
+            break
+    else:
+        raise AssertionError("the keyboard never reached the release button")
+    page.keyboard.press("Enter")  # the confirm() is accepted
+    expect(page.locator("#lease-table tbody tr", has_text="dave")).to_have_count(0, timeout=LIVE_MS)
