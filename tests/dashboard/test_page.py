@@ -156,3 +156,49 @@ def test_every_control_has_a_name_and_the_keyboard_reaches_the_actions(dashboard
         raise AssertionError("the keyboard never reached the release button")
     page.keyboard.press("Enter")  # the confirm() is accepted
     expect(page.locator("#lease-table tbody tr", has_text="dave")).to_have_count(0, timeout=LIVE_MS)
+
+
+CONTRAST = """(selector) => {
+  const rgb = (value) => value.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const luminance = ([r, g, b]) => {
+    const lin = (c) => ((c /= 255) <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b);
+  };
+  const background = (element) => {
+    for (let e = element; e; e = e.parentElement) {
+      const colour = getComputedStyle(e).backgroundColor;
+      if (colour !== 'rgba(0, 0, 0, 0)' && colour !== 'transparent') return rgb(colour);
+    }
+    return [255, 255, 255];
+  };
+  return [...document.querySelectorAll(selector)].map((e) => {
+    const [a, b] = [luminance(rgb(getComputedStyle(e).color)), luminance(background(e))];
+    return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  });
+}"""
+
+
+def test_text_keeps_enough_contrast_against_its_background(dashboard):
+    lab = dashboard(hosts=2)
+    lab.lease("erin")
+    page = lab.page
+    page.goto(lab.url)
+    expect(page.locator("#lease-table tbody tr")).to_have_count(1, timeout=LOAD_MS)
+    lab.lab.control(1).host_down("refuse")
+    expect(page.locator(".state-down")).to_be_visible(timeout=LIVE_MS)
+    selectors = (
+        "body",
+        ".banner",
+        ".muted",
+        ".state-up",
+        ".state-down",
+        ".why",
+        ".legend-dynvm",
+        ".legend-others",
+        "th",
+        "button",
+    )
+    for selector in selectors:
+        ratios = page.evaluate(CONTRAST, selector)
+        assert ratios, selector
+        assert min(ratios) >= 4.5, (selector, min(ratios))  # WCAG AA for normal text
