@@ -7,7 +7,7 @@ LAB    ?= .lab
 VENDOR := src/dynvm/dashboard/static/vendor
 APT    := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-.PHONY: install browser lab test lint format bench soak clean
+.PHONY: install browser lab test lint format bench soak screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ bench: $(STAMP)
 ## soak: a bounded fault soak on SQLite and two PostgreSQL replicas (SOAK_MINUTES each, 10 by default)
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak --minutes $${SOAK_MINUTES:-10}
+
+## screenshots: the dashboard's pictures in docs/ (a simulated lab, Debian's Chromium)
+screenshots: install browser
+	$(BIN)/python -m bench.screenshots
 
 clean:
 	rm -rf $(VENV) $(LAB) .pytest_cache .ruff_cache build dist src/*.egg-info web/node_modules $(VENDOR)

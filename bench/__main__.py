@@ -7,6 +7,7 @@ import sys
 from rich.console import Console
 
 from bench import (
+    dashboard_bench,
     lease_bench,
     live_bench,
     pool_bench,
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "pools": pool_bench.run,
     "sizing": sizing_bench.run,
     "live": live_bench.run,
+    "dashboard": dashboard_bench.run,
 }
 
 

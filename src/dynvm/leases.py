@@ -238,10 +238,13 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             status = self.provider.status(host)
             if status is None:
                 continue
-            per_os = {
-                os: placement.available(self._candidates(settings, os, None, None, reserved, only=host.ref))
-                for os in sorted(host.templates)
-            }
+            # the host's room is the same for every OS: read it once (a host holds hundreds of VMs)
+            mine = [r for r in reserved if r["host_ref"] == host.ref]
+            room = self.provider.room(host, settings.common.cpu_overcommit, mine)
+            per_os = {}
+            for os in sorted(host.templates):
+                need = self.provider.need(host, os, None, None)
+                per_os[os] = room.fits(need) if room is not None and need is not None else 0
             out.append(HostReport(host, status, per_os))
         return out
 

@@ -128,8 +128,11 @@ async def overview(services: ServicesDep, caller: CallerDep) -> Any:
 @router.get("/queue", responses=ERRORS)
 async def dashboard_queue(services: ServicesDep, caller: CallerDep) -> Any:
     """The queue, as ``/api/v1/queue`` answers it, with the service's time."""
+    started = time.perf_counter()
     waiting = await queue(services, caller)
-    return {"time": services.leases.clock(), "items": [item.model_dump() for item in waiting]}
+    body = {"time": services.leases.clock(), "items": [item.model_dump() for item in waiting]}
+    took = (time.perf_counter() - started) * 1000
+    return JSONResponse(body, headers={"Server-Timing": f"app;dur={took:.1f}"})
 
 
 def _leases(services: Services, user: str | None, os: str | None, limit: int, offset: int) -> dict[str, Any]:
