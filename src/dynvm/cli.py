@@ -422,6 +422,7 @@ def lab_command(
             console.print(f"Error: port {port} is answered by another service, not this lab's", style="red")
             raise typer.Exit(1)
         console.print(f"dynvm serves {hosts} simulated hosts at {base}  (config: {config_path})", markup=False)
+        console.print(f"The dashboard: {base}/", markup=False)
         console.print("Try the SPEC's example session:", style="bold")
         for line in (
             f"curl {base}/getavailablecount/centos",
