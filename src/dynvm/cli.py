@@ -317,6 +317,7 @@ def serve_command(
         # uvicorn gives requests in flight the grace period (a create that finishes in time is
         # answered); what is still running after it is cancelled and rolled back at once.
         timing = {}
+        compressed = None
         if clock_speed != 1.0 or clock_start is not None:  # a live replay's compressed time (clock.py)
             from .clock import CompressedTime
 
@@ -329,6 +330,8 @@ def serve_command(
             replica=f"{socket.gethostname()}:{port}",
             **timing,  # type: ignore[arg-type]
         )
+        if compressed is not None:
+            services.on_started = compressed.run  # time passes once start-up is done
     except ConfigError as e:
         console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -560,7 +563,7 @@ def replay_command(
     if policy not in POLICIES:
         raise typer.BadParameter(f"one of {', '.join(POLICIES)}, not {policy!r}", param_hint="--policy")
     try:
-        demands = slice_of(read_trace(trace), from_hour, hours)
+        demands = read_trace(trace)
         past = read_trace(history) if history else []
     except (TraceError, OSError) as e:
         console.print(f"Error: {e}", style="red", markup=False)
@@ -574,11 +577,13 @@ def replay_command(
         maximum=maximum,
         wait_minutes=wait_minutes,
         start=from_hour * 3600,
+        hours=hours,
     )
+    played = slice_of(demands, from_hour, hours)  # the rest before it is what the lab knew
     if live:
-        span = (demands[-1].arrival_s - options.start) / speed if demands else 0.0
+        span = (played[-1].arrival_s - options.start) / speed if played else 0.0
         with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"live replay, {speed:g}x: about {span / 60:.0f} min of wall time", total=len(demands))
+            task = bar.add_task(f"live replay, {speed:g}x: about {span / 60:.0f} min of wall time", total=len(played))
             replay = LiveReplay(
                 demands, options, speed, past, progress=lambda done, _: bar.update(task, completed=done)
             )
@@ -588,7 +593,7 @@ def replay_command(
                 console.print(f"Error: {e}", style="red", markup=False)
                 raise typer.Exit(1) from None
     else:
-        with console.status(f"replaying {len(demands)} request(s) on {hosts} model host(s), policy {policy} ..."):
+        with console.status(f"replaying {len(played)} request(s) on {hosts} model host(s), policy {policy} ..."):
             result = Replay(demands, options, past).run().summary()
     if json_out:
         typer.echo(json.dumps(result, indent=2))

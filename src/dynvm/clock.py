@@ -16,8 +16,12 @@ from collections.abc import Callable
 
 
 class CompressedTime:
-    """``now()``: ``start`` plus ``speed`` times the wall seconds since this was made (Unix
-    seconds, or the trace's own). ``monotonic()``: the same from 0, for timing durations."""
+    """``now()``: ``start`` plus ``speed`` times the wall seconds since ``run()`` (Unix
+    seconds, or the trace's own). ``monotonic()``: the same from 0, for timing durations.
+
+    Until ``run()`` the clock stands at ``start``: the service's start-up (migrations,
+    waiting for the hosts, reconcile) takes wall seconds that must not pass as minutes of
+    the trace before its first request."""
 
     def __init__(self, speed: float, start: float, wall: Callable[[], float] = time.monotonic) -> None:
         if speed <= 0:
@@ -25,10 +29,15 @@ class CompressedTime:
         self.speed = speed
         self.start = start
         self._wall = wall
-        self._origin = wall()
+        self._origin: float | None = None
+
+    def run(self) -> None:
+        """Let time pass from now on (called once the service serves)."""
+        if self._origin is None:
+            self._origin = self._wall()
 
     def monotonic(self) -> float:
-        return (self._wall() - self._origin) * self.speed
+        return 0.0 if self._origin is None else (self._wall() - self._origin) * self.speed
 
     def now(self) -> float:
         return self.start + self.monotonic()

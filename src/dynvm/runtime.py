@@ -89,6 +89,7 @@ class Services:
     requests: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=512, thread_name_prefix="request")
     )
+    on_started: Callable[[], None] | None = None  # called once start() is done (dynvm replay --live's clock)
     _loops: list[Background] = field(default_factory=list)
     _stopped: bool = False
 
@@ -131,6 +132,8 @@ class Services:
         for loop in self._loops:
             loop.start()
         self.leases.scheduler.start(leading)
+        if self.on_started is not None:
+            self.on_started()
 
     def _reconcile(self) -> None:
         self.leases.recover()

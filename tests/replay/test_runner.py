@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dynvm.cli import build_cli
-from dynvm.replay.runner import Replay, ReplayOptions, slice_of
+from dynvm.replay.runner import Replay, ReplayOptions, known_before, slice_of
 from dynvm.trace import Demand, write_trace
 
 
@@ -71,9 +71,33 @@ def test_a_slice_keeps_its_place_in_the_week_and_its_pools_start_empty_at_its_st
     piece = slice_of(week, from_hour=3, hours=4)
     assert [d.arrival_s for d in piece] == [3 * 3600 + 10, 4 * 3600 + 10, 5 * 3600 + 10, 6 * 3600 + 10]
     assert slice_of(week, from_hour=8, hours=None) == week[8:]
-    options = ReplayOptions(hosts=1, policy="fixed", fixed={"centos": 1}, create_seconds=65, start=3 * 3600)
-    result = Replay(piece, options).run().summary()
+    options = ReplayOptions(hosts=1, policy="fixed", fixed={"centos": 1}, create_seconds=65, start=3 * 3600, hours=4)
+    result = Replay(week, options).run().summary()
     # the pool's first VM is made from the slice's start on: the first request, 10 s in, is
     # cold; the next ones an hour apart find it ready
     assert (result["requests"], result["warm_requests"]) == (4, 3)
     assert result["vm_hours_idle"] < 4 * 3600 / 3600  # counted from the slice's start, not from 0
+
+
+def test_skipping_the_passes_that_would_do_nothing_changes_no_figure():
+    from bench.demand import WeekShape, generate
+
+    day = [d for d in generate(WeekShape(days=1, scale=0.5), seed=5) if d.arrival_s < 10 * 3600]
+    past = generate(WeekShape(days=1, scale=0.5), seed=6)
+    figures = []
+    for skip in (True, False):
+        replay = Replay(day, ReplayOptions(hosts=4, policy="learned", margin=2), past)
+        replay.skip_idle_passes = skip
+        result = replay.run().summary()
+        figures.append({k: result[k] for k in ("requests", "warm_requests", "queued", "refused", "vm_hours_idle")})
+    assert figures[0] == figures[1]
+    assert figures[0]["warm_requests"] > 0  # the pools did something to compare
+
+
+def test_a_slice_knows_the_past_week_at_its_hours_and_the_trace_before_it():
+    past = [Demand(3600.0, "old", "centos", 1, 60), Demand(6 * 86400.0, "older", "centos", 1, 60)]
+    trace = [Demand(600.0, "early", "centos", 2, 60), Demand(9000.0, "sliced", "centos", 1, 60)]
+    known = known_before(trace, 7200.0, past)
+    week = 7 * 86400.0
+    # the past moves back by a whole week (hours of the week kept), then what came before the slice
+    assert [(d.user, d.arrival_s) for d in known] == [("old", 3600 - week), ("older", 6 * 86400 - week), ("early", 600)]

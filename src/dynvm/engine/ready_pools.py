@@ -134,6 +134,15 @@ class ReadyPools:
             self._sizing, self._loaded_at = sizing, now
         return self._sizing
 
+    def targets_due(self, settings: Settings) -> bool:
+        """Whether the next pass would compute the learned targets again (never with fixed
+        targets): until then, a pass after which nothing happened would do nothing."""
+        if settings.pools.sizing != "learned":
+            return False
+        if self._sized_at is None or self._sized_at[1] != settings.pools.margin:
+            return True
+        return self._clock() - self._sized_at[0] >= self.resize_seconds
+
     def forecasts(self, settings: Settings) -> dict[str, Forecast]:
         """The learned targets and what made them, computed at most every ``RESIZE_SECONDS``
         (sooner when the margin changed)."""

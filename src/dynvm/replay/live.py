@@ -20,6 +20,7 @@ import configparser
 import contextlib
 import dataclasses
 import heapq
+import logging
 import shutil
 import signal
 import socket
@@ -39,7 +40,9 @@ from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
 from ..store.tables import requests as requests_table
 from ..trace import Demand
-from .runner import ReplayOptions, ReplayResult, idle_seconds, replay_sections
+from .runner import ReplayOptions, ReplayResult, idle_seconds, known_before, replay_sections, slice_of
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0  # wall seconds for the simulator and the service to come up
 # A v1 request that may wait is always queued and granted by the scheduler's next pass; it
@@ -88,10 +91,10 @@ class LiveReplay:
     ) -> None:
         if speed <= 0:
             raise ValueError("the speed is positive")
-        self.trace = trace
+        self.trace = slice_of(trace, options.start / 3600, options.hours)
         self.options = options
         self.speed = speed
-        self.history = history or []
+        self.history = known_before(trace, options.start, history or [])
         self.progress = progress or (lambda done, total: None)
         self.result = ReplayResult()
         self._served: list[_Served] = []
@@ -99,6 +102,8 @@ class LiveReplay:
         self._releases: list[tuple[float, int, str, int]] = []  # wall time, seq, user, count
         self._released = threading.Condition()
         self._answered = 0
+        self.release_failures = 0
+        self._driving_since = 0.0
 
     def run(self) -> ReplayResult:
         started = time.perf_counter()
@@ -151,10 +156,8 @@ class LiveReplay:
         db = Database(f"sqlite:///{db_path}")
         try:
             db.migrate()
-            if self.history:  # the past, ending where the trace begins (as runner.py shifts it)
-                span = self.history[-1].arrival_s + 1
-                past = [dataclasses.replace(d, arrival_s=d.arrival_s - span) for d in self.history]
-                HistoryStore(db).import_demands(past, self.options.create_seconds)
+            if self.history:  # what a running lab would know at the slice's start (runner.known_before)
+                HistoryStore(db).import_demands(self.history, self.options.create_seconds)
         finally:
             db.close()
 
@@ -171,21 +174,36 @@ class LiveReplay:
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + START_TIMEOUT
-            while True:
+            while not self._answers(url):
                 if process.poll() is not None:
                     raise LiveReplayError("dynvm serve exited at start")
                 if time.monotonic() > deadline:
                     raise LiveReplayError(f"dynvm serve did not answer within {START_TIMEOUT:.0f} s")
-                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                    before = time.monotonic()
-                    answer = httpx.get(f"{url}/healthz", params={"detail": "true"}, timeout=2).json()
-                    after = time.monotonic()
-                    reading = float(answer["time"])
-                    break
                 time.sleep(0.1)
-            yield url, reading - self.speed * (before + after) / 2
+            yield url, self._offset(url)
         finally:
             _stop(process)
+
+    @staticmethod
+    def _answers(url: str) -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _offset(self, url: str, samples: int = 7) -> float:
+        """The service's clock against ours, from the quickest of a few readings (its time
+        is read half a round trip after we ask, give or take the round trip)."""
+        best: tuple[float, float] | None = None  # round trip, offset
+        for _ in range(samples):
+            before = time.monotonic()
+            reading = float(httpx.get(f"{url}/healthz", params={"detail": "true"}, timeout=10).json()["time"])
+            after = time.monotonic()
+            offset = reading - self.speed * (before + after) / 2
+            if best is None or after - before < best[0]:
+                best = (after - before, offset)
+        assert best is not None
+        return best[1]
 
     # -- the demand ---------------------------------------------------------------------------
 
@@ -194,28 +212,32 @@ class LiveReplay:
         total = len(self.trace)
         releaser = threading.Thread(target=self._release_loop, args=(url,), name="live-releases", daemon=True)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        with httpx.Client(base_url=url, timeout=None, limits=limits) as client, ThreadPoolExecutor(128) as pool:
+        with httpx.Client(base_url=url, timeout=None, limits=limits) as client, ThreadPoolExecutor(256) as pool:
             self._client = client
+            self._driving_since = time.monotonic()
             releaser.start()
-            futures = []
-            for n, demand in enumerate(self.trace):
-                at = (demand.arrival_s - offset) / self.speed  # wall (monotonic) time it arrives
-                time.sleep(max(0.0, at - time.monotonic()))
-                futures.append(pool.submit(self._request, n, demand, total))
-            for future in futures:
-                future.result()
-            with self._released:
-                self._releases.append((float("-inf"), -1, "", 0))  # the end: release the rest now
-                heapq.heapify(self._releases)
-                self._released.notify_all()
-            releaser.join()
+            try:
+                futures = []
+                for n, demand in enumerate(self.trace):
+                    at = (demand.arrival_s - offset) / self.speed  # wall (monotonic) time it arrives
+                    time.sleep(max(0.0, at - time.monotonic()))
+                    futures.append(pool.submit(self._request, n, demand, total, at))
+                for future in futures:
+                    future.result()
+            finally:  # the end, also on an error: what is still held is released now
+                with self._released:
+                    self._releases.append((float("-inf"), -1, "", 0))
+                    heapq.heapify(self._releases)
+                    self._released.notify_all()
+                releaser.join()
 
-    def _request(self, n: int, demand: Demand, total: int) -> None:
+    def _request(self, n: int, demand: Demand, total: int, arrived: float) -> None:
+        """One request, timed from its arrival (``arrived``, wall): a request that had to
+        wait for a free worker counts that wait too, as a user would have."""
         user = f"r{n}-{demand.user}"[:63]
         body = {"os": demand.os, "name": user, "count": demand.count, "wait_minutes": self.options.wait_minutes}
-        started = time.monotonic()
         answer = self._client.post("/api/v1/leases", params={"wait": "true"}, json=body)
-        took = time.monotonic() - started
+        took = time.monotonic() - max(arrived, self._driving_since)  # one due before the start: from the start
         with self._lock:
             self.result.requests += 1
             self._answered += 1
@@ -238,9 +260,20 @@ class LiveReplay:
                 when, _, user, count = heapq.heappop(self._releases)
             if when == float("-inf"):  # the end: what is still held goes now
                 for _, _, rest, n in sorted(self._releases):
-                    self._client.get(f"/releaseservers/{rest}", params={"count": n})
+                    self._release(rest, n)
                 return
-            self._client.get(f"/releaseservers/{user}", params={"count": count})
+            self._release(user, count)
+
+    def _release(self, user: str, count: int) -> None:
+        """Release one request's VMs; a failure is counted (``release_failures``), never
+        the end of the releases that follow."""
+        try:
+            answer = self._client.get(f"/releaseservers/{user}", params={"count": count})
+            if answer.status_code not in (200, 202):
+                raise httpx.HTTPStatusError(answer.text, request=answer.request, response=answer)
+        except httpx.HTTPError as e:
+            log.warning("live replay: releasing %s failed: %s", user, e)
+            self.release_failures += 1
 
     # -- the figures ---------------------------------------------------------------------------
 

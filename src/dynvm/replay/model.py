@@ -52,24 +52,35 @@ class VirtualClock:
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
         self._moved = threading.Condition()
+        self._waiting: set[ModelHosts] = set()  # the hosts whose creates wait for this clock
 
     def __call__(self) -> float:
         return self.now
 
     def advance(self, to: float) -> None:
+        """Move to ``to``. The creates this wakes stop counting as blocked at once, not when
+        their threads get to run: the replay then waits for them to finish (``_settle``)
+        before the next event, so every run of a seed sees the same ready VMs."""
         with self._moved:
             self.now = max(self.now, to)
+            self._hosts_woken()
             self._moved.notify_all()
+
+    def _hosts_woken(self) -> None:
+        for hosts in list(self._waiting):
+            due = [at for at in hosts.wakes if at <= self.now]
+            for at in due:
+                hosts.wakes.remove(at)
+            hosts.blocked -= len(due)
 
     def wait_until(self, at: float, hosts: ModelHosts) -> None:
         with self._moved:
+            if at <= self.now:
+                return
             hosts.blocked += 1
             hosts.wakes.append(at)
-            try:
-                self._moved.wait_for(lambda: self.now >= at)
-            finally:
-                hosts.blocked -= 1
-                hosts.wakes.remove(at)
+            self._waiting.add(hosts)
+            self._moved.wait_for(lambda: self.now >= at)  # advance() took it off the count
 
 
 @dataclass

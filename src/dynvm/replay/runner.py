@@ -7,7 +7,8 @@ and time is virtual. Events are taken in time order: a request arrives (it is se
 or waits in the queue up to ``wait_minutes``), VMs are released after their hold, and every
 ``TICK_SECONDS`` the pools' pass runs (and the scheduler's, when requests wait). A pass is
 skipped when nothing happened since the last one (no arrival, release or finished create)
-and its targets still hold: it would do what the last one did, which is nothing.
+and learned sizing would not compute its targets again: it would do what the last one did,
+which is nothing (``tests/replay`` checks that skipping changes no figure).
 
 Time to VM: a request served whole from a ready pool counts the handout as measured (wall
 time, in seconds); one with any VM made for it counts the create time; one that waited
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import heapq
 import itertools
+import math
 import shutil
 import statistics
 import tempfile
@@ -39,6 +41,7 @@ from ..store.leases import LeaseStore
 from ..trace import Demand
 from .model import ModelHosts, VirtualClock
 
+WEEK_SECONDS = 7 * 24 * 3600.0
 TICK_SECONDS = 60.0  # a pools pass (and a scheduler pass, when requests wait), in trace time
 RESIZE_SECONDS = 300.0  # learned targets hold this long in a replay (the service: a minute)
 POLICIES = ("none", "fixed", "learned")
@@ -53,7 +56,8 @@ class ReplayOptions:
     margin: float = 1.0
     maximum: int = 20  # <os>.max for learned sizing
     wait_minutes: float = 60.0  # how long a request that does not fit waits in the queue
-    start: float = 0.0  # trace time the clock starts at (a slice of a trace starts later)
+    start: float = 0.0  # replay the trace from this trace second on (a slice)
+    hours: float | None = None  # and this many hours of it (None: to its end)
 
 
 @dataclass
@@ -125,17 +129,20 @@ def _config(path: Path, oses: Iterable[str], options: ReplayOptions) -> Path:
 
 
 class Replay:
+    skip_idle_passes = True  # tests turn it off to show that skipping changes nothing
+
     def __init__(self, trace: list[Demand], options: ReplayOptions, history: list[Demand] | None = None) -> None:
-        self.trace = trace
+        """``trace``: the whole trace (the slice ``options`` names is replayed); ``history``:
+        a past trace, as a running lab would know it (``known_before``)."""
+        self.trace = slice_of(trace, options.start / 3600, options.hours)
         self.options = options
-        self.history = history or []
+        self.history = known_before(trace, options.start, history or [])
         self.clock = VirtualClock(options.start)
         self.result = ReplayResult()
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = itertools.count()
         self._waiting: dict[str, tuple[Demand, float]] = {}  # request id -> (demand, arrival)
         self._changed = True  # something happened since the last pools pass
-        self._passed_at = float("-inf")  # when the last pools pass ran
 
     def _at(self, t: float, kind: str, payload: object = None) -> None:
         heapq.heappush(self._events, (t, next(self._seq), kind, payload))
@@ -155,9 +162,8 @@ class Replay:
             )
             service.ready_pools = ReadyPools(service, self.clock, reload_seconds=None)
             service.ready_pools.resize_seconds = RESIZE_SECONDS
-            if self.history:  # what a running lab would know: the past, before the trace's time 0
-                span = self.history[-1].arrival_s + 1
-                service.ready_pools.learn(dataclasses.replace(d, arrival_s=d.arrival_s - span) for d in self.history)
+            if self.history:  # what a running lab would know at the slice's start
+                service.ready_pools.learn(self.history)
             self.service = service
             self._play()
             self._account()
@@ -234,10 +240,12 @@ class Replay:
             self.service.release_names(names)
 
     def _tick(self) -> None:
-        if not self._changed and not self._waiting and self.clock.now - self._passed_at < RESIZE_SECONDS:
+        pools = self.service.ready_pools
+        idle = not self._changed and not self._waiting and not pools.targets_due(self.service.settings)
+        if idle and self.skip_idle_passes:
             return
-        self._changed, self._passed_at = False, self.clock.now
-        report = self.service.ready_pools.tick()
+        self._changed = False
+        report = pools.tick()
         if report.started:
             self._settle()  # the refills have begun and wait for the clock
         if self._waiting:
@@ -287,6 +295,18 @@ def idle_seconds(ever_pooled: Iterable[Lease], end: float) -> float:
             stop = lease.released_at if lease.released_at is not None else end
         idle += max(0.0, min(stop, end) - lease.created_at)
     return idle
+
+
+def known_before(trace: list[Demand], start: float, past: list[Demand]) -> list[Demand]:
+    """What a lab running since before the trace knows when the replay starts at ``start``:
+    ``past`` (another trace), moved back by whole weeks to end before the trace's time 0,
+    so its hours of the week stay the trace's; then the trace's own requests before
+    ``start`` (a slice from Monday 07:30 knows Monday's night)."""
+    out = []
+    if past:
+        weeks = math.ceil((past[-1].arrival_s + 1) / WEEK_SECONDS)
+        out = [dataclasses.replace(d, arrival_s=d.arrival_s - weeks * WEEK_SECONDS) for d in past]
+    return out + [d for d in trace if d.arrival_s < start]
 
 
 def slice_of(trace: list[Demand], from_hour: float, hours: float | None) -> list[Demand]:
