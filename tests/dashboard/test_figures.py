@@ -47,7 +47,7 @@ def test_vms_in_use_count_from_creation_to_deletion_and_idle_pool_vms_do_not_cou
 
 
 def test_a_distribution_counts_values_per_bin_with_its_p50_and_p95():
-    values = [0.01] * 50 + [4.0] * 44 + [70.0] * 6  # the 95th of 100, nearest rank: a 70
+    values = [0.01] * 50 + [4.0] * 44 + [70.0] * 6  # rank round(0.95 x 99) = 94, a 70; rank 50, a 4.0
     found = figures.distribution(values)
     assert found["n"] == 100
     assert sum(found["counts"]) == 100

@@ -112,6 +112,11 @@ def test_with_auth_on_it_asks_for_a_token_and_the_server_decides_what_it_may_do(
     assert any(header == f"Bearer {alice}" for _, header in api_calls)
     page.get_by_role("button", name="Sign out").click()
     expect(dialog).to_be_visible(timeout=LIVE_MS)
+    expect(page.locator("#lease-table tbody tr")).to_have_count(0)  # nothing shown once signed out
+    page.get_by_role("button", name="Cancel").click()
+    page.wait_for_timeout(LIVE_MS)  # two refreshes refused: the dialog stays closed, the banner says why
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#banner")).to_contain_text("Sign in with a token")
 
 
 def test_it_is_usable_at_1280x800_and_on_a_phone(dashboard):
@@ -142,7 +147,8 @@ def test_every_control_has_a_name_and_the_keyboard_reaches_the_actions(dashboard
     unnamed = page.evaluate(
         """() => [...document.querySelectorAll('button, input, select')]
              .filter((e) => !e.closest('[hidden], dialog:not([open])'))
-             .filter((e) => !(e.getAttribute('aria-label') || e.labels?.length || e.textContent.trim()))
+             .filter((e) => !(e.getAttribute('aria-label') || e.labels?.length
+                              || (e.tagName === 'BUTTON' && e.textContent.trim())))
              .map((e) => e.outerHTML)"""
     )
     assert unnamed == []
@@ -156,6 +162,7 @@ def test_every_control_has_a_name_and_the_keyboard_reaches_the_actions(dashboard
         raise AssertionError("the keyboard never reached the release button")
     page.keyboard.press("Enter")  # the confirm() is accepted
     expect(page.locator("#lease-table tbody tr", has_text="dave")).to_have_count(0, timeout=LIVE_MS)
+    assert page.evaluate("document.activeElement.id") == "status"  # the focus goes to what happened
 
 
 CONTRAST = """(selector) => {

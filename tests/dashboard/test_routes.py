@@ -10,6 +10,7 @@ import pytest
 from dynvm.model import LeaseRequest
 
 from ..api.conftest import RunningService
+from ..conftest import FakeClock
 
 
 @pytest.fixture
@@ -88,3 +89,33 @@ def test_the_plots_data_comes_from_the_history_and_the_requests(service):
     assert [u["user"] for u in users] == ["delta"]
     assert running.get("/api/v1/dashboard/failures").json() == []
     assert running.get("/api/v1/dashboard/usage", span="1y").status_code == 422
+
+
+def test_a_ready_pool_vm_counts_from_its_hand_out_not_from_when_it_was_made(make_services, sim_lab):
+    from ..engine.test_ready_pools import fill, with_pools
+
+    clock = FakeClock()
+    services, lab = make_services(lab=with_pools(sim_lab, "centos.ready=1"), clock=clock)
+    fill(services, ready=1)  # the pool's VM is made now
+    clock.advance(3600)  # and waits an hour (a ready VM is kept two)
+    running = RunningService(services, lab)
+    try:
+        services.leases.acquire(LeaseRequest("warm", "centos"))
+        [item] = running.get("/api/v1/dashboard/leases").json()["items"]
+        assert item["from_pool"] is True
+        assert item["handed_out_at"] == pytest.approx(clock(), abs=1)
+        assert item["created_at"] < clock() - 3600 + 60
+        [(user, _, start, lived, _)] = [row for row in services.history.lifetimes(0) if row[0] == "warm"]
+        assert start == pytest.approx(clock(), abs=1)  # in use from the hand-out
+        clock.advance(360)  # held six minutes
+        [top] = running.get("/api/v1/dashboard/users").json()
+        assert (top["user"], top["vm_hours"]) == ("warm", 0.1)  # not the hour it waited in the pool
+    finally:
+        running.stop()
+
+
+def test_the_user_filter_takes_wildcards_as_characters(service):
+    running = service(hosts=1)
+    running.services.leases.acquire(LeaseRequest("a_b", "centos"))
+    running.services.leases.acquire(LeaseRequest("axb", "centos"))
+    assert [i["name"] for i in running.get("/api/v1/dashboard/leases", user="a_b").json()["items"]] == ["a_b"]

@@ -23,7 +23,8 @@ Lifetime = tuple[str, str, float, float | None, float | None]  # user, os, creat
 
 
 def percentile(values: Sequence[float], fraction: float) -> float | None:
-    """Nearest rank, as ``/api/v1/stats`` and the benches count it; None for no values."""
+    """The value at rank ``round(fraction x (n - 1))`` of the sorted values (ties to even,
+    as Python rounds), the rule ``/api/v1/stats`` and the benches use; None for no values."""
     if not values:
         return None
     ordered = sorted(values)

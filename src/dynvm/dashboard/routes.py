@@ -142,6 +142,7 @@ def _leases(services: Services, user: str | None, os: str | None, limit: int, of
     for lease in found:
         item = LeaseOut.of(lease).model_dump()
         item["from_pool"] = lease.pooled_at is not None
+        item["handed_out_at"] = lease.handed_over_at  # a ready-pool VM was made long before it was taken
         items.append(item)
     return {
         "time": engine.clock(),
@@ -162,8 +163,9 @@ async def leases(
     limit: Annotated[int, Query(ge=1, le=500)] = PAGE_SIZE,
     offset: Annotated[int, Query(ge=0, le=10**7)] = 0,
 ) -> Any:
-    """Held leases, newest first, one page at a time, with how many match in all; each says
-    whether it came from a ready pool (``from_pool``) or was made for its request."""
+    """Held leases, the latest handed out first, one page at a time, with how many match in
+    all; each says whether it came from a ready pool (``from_pool``) or was made for its
+    request, and when it was handed out (``handed_out_at``)."""
     return await _timed(_leases, services, user or None, os, limit, offset)
 
 

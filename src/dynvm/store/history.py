@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Float, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..config import CouchbaseSettings
@@ -256,22 +256,29 @@ class HistoryStore:
         return {"per_os": per_os, "per_user": per_user}
 
     def lifetimes(self, since: float) -> list[tuple[str, str, float, float | None, float | None]]:
-        """(user, os, created, lived or None while alive, create seconds) of every VM alive
-        at some time since ``since``: what the dashboard's usage plots are drawn from. Only
-        the indexed columns are read, never the documents."""
+        """(user, os, in use from, lived or None while alive, create seconds) of every VM
+        alive at some time since ``since``: what the dashboard's usage plots are drawn from.
+        A ready-pool VM is in use from its hand-out, not from when it was made for the pool.
+        The indexed columns are read, and of the documents only ``handout_time``."""
         end = history.c.created_time + history.c.live_duration_secs
+        handout = history.c.document["handout_time"].as_float()
         query = select(
             history.c.username,
             history.c.os,
             history.c.created_time,
             history.c.live_duration_secs,
             history.c.create_duration_secs,
-        ).where((history.c.live_duration_secs.is_(None)) | (end >= since))
+            handout,
+        ).where(history.c.live_duration_secs.is_(None) | (end >= literal(float(since), Float())))
+        out = []
         with self.db.read() as conn:
-            return [
-                (user or "", os or "", float(created or 0), lived, create)
-                for user, os, created, lived, create in conn.execute(query)
-            ]
+            for user, os, created, lived, create, handed in conn.execute(query):
+                start = float(created or 0)
+                if handed:  # lived counts from creation: what is left of it after the hand-out
+                    lived = None if lived is None else max(0.0, float(lived) - (float(handed) - start))
+                    start = float(handed)
+                out.append((user or "", os or "", start, lived, create))
+        return out
 
     def export_pending(self, limit: int = 500) -> int:
         """Send documents not yet in the sink; returns how many went. A failure is logged

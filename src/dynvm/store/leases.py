@@ -88,15 +88,17 @@ class LeaseStore:
     def page(
         self, user: str | None = None, os: str | None = None, limit: int = 50, offset: int = 0
     ) -> tuple[list[Lease], int]:
-        """Held leases, newest first, for a list that pages (the dashboard): those whose user
-        or caller contains ``user`` (any case) and of ``os``; and how many match in all."""
+        """Held leases, the latest handed out first (a ready-pool VM counts from when it was
+        taken), for a list that pages (the dashboard): those whose user or caller contains
+        ``user`` (any case) and of ``os``; and how many match in all."""
         where = leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
         if user:
             pattern = "%" + user.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             where &= leases.c.username.ilike(pattern, escape="\\") | leases.c.caller.ilike(pattern, escape="\\")
         if os:
             where &= leases.c.os == os
-        query = select(leases).where(where).order_by(leases.c.created_at.desc(), leases.c.name).limit(limit)
+        latest = func.coalesce(leases.c.handed_over_at, leases.c.created_at)
+        query = select(leases).where(where).order_by(latest.desc(), leases.c.name).limit(limit)
         with self.db.read() as conn:
             total = int(conn.execute(select(func.count()).select_from(leases).where(where)).scalar_one())
             return [_lease(row) for row in conn.execute(query.offset(offset))], total

@@ -26,6 +26,9 @@
     authRequired: false,
     plots: {},
     osColour: {},
+    busy: new Set(), // leases whose release or extend is on its way: their buttons stay disabled
+    dismissed: false, // the token dialog was closed without a token: do not open it again by itself
+    again: false, // a refresh was asked for while one ran: run another after it
   };
 
   class Unreachable extends Error {}
@@ -39,14 +42,19 @@
 
   async function api(path, options = {}) {
     const headers = { Accept: "application/json", ...(options.headers || {}) };
-    if (token()) headers.Authorization = `Bearer ${token()}`;
+    const used = token();
+    if (used) headers.Authorization = `Bearer ${used}`;
     let answer;
     try {
       answer = await fetch(path, { ...options, headers, signal: AbortSignal.timeout(TIMEOUT_MS) });
     } catch (e) {
       throw new Unreachable(e.name === "TimeoutError" ? "no answer within 4 s" : "the connection failed");
     }
-    if (answer.status === 401) throw new NeedsToken(await problem(answer));
+    if (answer.status === 401) {
+      const error = new NeedsToken(await problem(answer));
+      error.token = used; // a refusal of a token since replaced says nothing of the new one
+      throw error;
+    }
     if (!answer.ok) {
       const error = new Error(await problem(answer));
       error.status = answer.status;
@@ -129,6 +137,7 @@
         }
         if (value instanceof Node) {
           if (!cell.firstChild || !cell.firstChild.isEqualNode(value)) cell.replaceChildren(value);
+          cell.className = value.dataset?.cell || "";
         } else if (value && typeof value === "object") {
           if (cell.innerHTML !== value.html) cell.innerHTML = value.html;
           if (value.className !== undefined) cell.className = value.className;
@@ -143,6 +152,11 @@
     for (const row of old.values()) row.remove();
   }
 
+  // Set an element's text only when it changes: a live region is announced on every change.
+  function say(element, text) {
+    if (element.textContent !== text) element.textContent = text;
+  }
+
   function escape(text) {
     const div = document.createElement("div");
     div.textContent = text ?? "";
@@ -154,10 +168,12 @@
   function renderOverview(data) {
     state.authRequired = data.auth.required;
     const s = data.summary;
-    $("summary").textContent =
+    say(
+      $("summary"),
       `${s.hosts_up} of ${s.hosts} hosts up · ${s.leased} VMs leased · ${s.ready} ready in pools` +
-      (s.refilling ? ` (${s.refilling} being made)` : "");
-    $("who").textContent = data.auth.user ? `signed in as ${data.auth.user}${data.auth.admin ? " (admin)" : ""}` : "";
+        (s.refilling ? ` (${s.refilling} being made)` : ""),
+    );
+    say($("who"), data.auth.user ? `signed in as ${data.auth.user}${data.auth.admin ? " (admin)" : ""}` : "");
     $("sign-in").hidden = Boolean(token());
     $("sign-out").hidden = !token();
 
@@ -227,22 +243,27 @@
   function renderLeases(data) {
     state.total = data.total;
     const select = $("filter-os");
-    const wanted = ["", ...data.oses];
+    const wanted = ["", ...new Set([...data.oses, ...(state.os ? [state.os] : [])])].sort(); // the chosen OS stays
     if ([...select.options].map((o) => o.value).join() !== wanted.join()) {
       const chosen = select.value;
       select.replaceChildren(...wanted.map((os) => new Option(os || "any", os)));
       select.value = wanted.includes(chosen) ? chosen : "";
     }
+    if (data.total && data.offset >= data.total) {
+      // releases emptied this page: go to the last one that has leases
+      state.page = Math.floor((data.total - 1) / state.pageSize);
+      state.again = true;
+    }
     syncRows($("lease-table").tBodies[0], data.items, (l) => l.name, (l, row) => {
       row.dataset.expires = l.expires_at;
-      row.dataset.created = l.created_at;
+      row.dataset.created = l.handed_out_at || l.created_at;
       return [
         l.name,
         l.caller || l.username,
         l.os,
         l.host,
         l.ip || "–",
-        { html: `<span data-age>${duration(now() - l.created_at)}</span>` },
+        { html: `<span data-age>${duration(now() - (l.handed_out_at || l.created_at))}</span>` },
         { html: `<span data-left>${duration(l.expires_at - now())}</span>` },
         l.from_pool ? "ready pool" : "made for it",
         actions(l),
@@ -250,25 +271,29 @@
     });
     const first = data.total ? data.offset + 1 : 0;
     const last = Math.min(data.total, data.offset + data.items.length);
-    $("page-info").textContent = `${first}–${last} of ${data.total.toLocaleString()}`;
+    say($("page-info"), `${first}–${last} of ${data.total.toLocaleString()}`);
     $("prev").disabled = data.offset === 0;
     $("next").disabled = last >= data.total;
   }
 
   function actions(lease) {
     const cell = document.createElement("span");
+    cell.dataset.cell = "actions";
+    const busy = state.busy.has(lease.name);
     const release = document.createElement("button");
     release.type = "button";
     release.dataset.action = "release";
     release.dataset.name = lease.name;
     release.textContent = "Release";
     release.setAttribute("aria-label", `Release ${lease.name}`);
+    release.disabled = busy;
     const extend = document.createElement("button");
     extend.type = "button";
     extend.dataset.action = "extend";
     extend.dataset.name = lease.name;
     extend.textContent = `+${EXTEND_MINUTES} min`;
     extend.setAttribute("aria-label", `Extend ${lease.name} by ${EXTEND_MINUTES} minutes`);
+    extend.disabled = busy;
     cell.append(release, extend);
     return cell;
   }
@@ -285,7 +310,7 @@
       const age = row.querySelector("[data-age]");
       if (age) age.textContent = duration(now() - Number(row.dataset.created));
     }
-    if (state.lastOk) $("updated").textContent = `updated ${clock(state.lastOk)}`;
+    if (state.lastOk) say($("updated"), `updated ${clock(state.lastOk)}`);
   }
 
   // -- the plots -------------------------------------------------------------------------------
@@ -313,6 +338,12 @@
       $("usage-plot").innerHTML = '<p class="note">No VM in use in this span.</p>';
       return;
     }
+    const latest = oses.map((os) => `${os} ${data.series[os].at(-1)}`).join(", ");
+    const peaks = oses.map((os) => `${os} ${Math.max(...data.series[os])}`).join(", ");
+    $("usage-plot").setAttribute(
+      "aria-label",
+      `VMs in use per OS over the last ${data.span === "7d" ? "7 days" : "24 hours"}: now ${latest}; at most ${peaks}`,
+    );
     drawPlot(
       "usage-plot",
       {
@@ -412,6 +443,7 @@
       renderUsers(users);
       renderFailures(failures);
     } catch (e) {
+      plotsDue = Date.now() + 2000; // try again soon, not in 30 s
       handle(e);
     }
   }
@@ -429,8 +461,12 @@
   let plotsDue = 0;
 
   async function refresh() {
-    if (polling) return;
+    if (polling) {
+      state.again = true;
+      return;
+    }
     polling = true;
+    state.again = false;
     try {
       const [overview, leases, queue] = await Promise.all([
         api("/api/v1/dashboard/overview"),
@@ -451,7 +487,7 @@
       handle(e);
     } finally {
       polling = false;
-      tick();
+      if (state.again) refresh();
     }
   }
 
@@ -459,18 +495,21 @@
     const banner = $("banner");
     if (error instanceof Unreachable) {
       const since = state.lastOk ? ` What you see is from ${clock(state.lastOk)}.` : "";
-      banner.textContent = `dynvm at ${location.host} is unreachable (${error.message}); retrying every second.${since}`;
-      banner.hidden = false;
+      say(banner, `dynvm at ${location.host} is unreachable (${error.message}); retrying every second.${since}`);
     } else if (error instanceof NeedsToken) {
-      banner.textContent = token()
-        ? `This token was refused (${error.message}). Sign in with another.`
-        : "This dynvm asks for an API token: sign in to see the lab.";
-      banner.hidden = false;
-      askForToken(error.message);
+      if (error.token !== token()) return; // asked with a token since replaced: the next refresh tells
+      say(
+        banner,
+        token()
+          ? `This token was refused (${error.message}). Sign in with another.`
+          : "This dynvm asks for an API token: use “Sign in with a token” to see the lab.",
+      );
+      $("sign-in").hidden = false;
+      if (!state.dismissed) askForToken(error.message);
     } else {
-      banner.textContent = `dynvm answered with an error: ${error.message}`;
-      banner.hidden = false;
+      say(banner, `dynvm answered with an error: ${error.message}`);
     }
+    banner.hidden = false;
   }
 
   // -- signing in --------------------------------------------------------------------------------
@@ -488,14 +527,26 @@
     $("token-form").addEventListener("submit", () => {
       const value = $("token-input").value.trim();
       if (value) sessionStorage.setItem(TOKEN_KEY, value);
-      refresh();
+      state.dismissed = false;
       plotsDue = 0;
+      refresh();
     });
     $("token-cancel").addEventListener("click", () => $("token-dialog").close());
-    $("sign-in").addEventListener("click", () => askForToken(""));
+    $("token-dialog").addEventListener("cancel", () => {
+      state.dismissed = true; // Escape
+    });
+    $("token-cancel").addEventListener("click", () => {
+      state.dismissed = true;
+    });
+    $("sign-in").addEventListener("click", () => {
+      state.dismissed = false;
+      askForToken("");
+    });
     $("sign-out").addEventListener("click", () => {
       sessionStorage.removeItem(TOKEN_KEY);
       $("who").textContent = "";
+      state.dismissed = false;
+      for (const body of document.querySelectorAll("tbody")) body.replaceChildren(); // nothing shown without a token
       refresh();
     });
 
@@ -534,17 +585,22 @@
       const button = event.target.closest("button[data-action]");
       if (!button) return;
       const name = button.dataset.name;
+      const action = button.dataset.action;
       const status = $("status");
+      if (state.busy.has(name)) return;
       try {
-        if (button.dataset.action === "release") {
+        if (action === "release") {
           if (!confirm(`Release ${name}? Its VM and disks are destroyed.`)) return;
+          state.busy.add(name);
           button.disabled = true;
           status.textContent = `Releasing ${name}…`;
           await api(`/api/v1/leases/${encodeURIComponent(name)}`, { method: "DELETE" });
           status.textContent = `Released ${name}.`;
+          status.focus(); // its row is gone: the focus goes to what happened
         } else {
           const row = button.closest("tr");
           const left = Math.max(0, Number(row.dataset.expires) - now()) / 60;
+          state.busy.add(name);
           button.disabled = true;
           const lease = await api(`/api/v1/leases/${encodeURIComponent(name)}`, {
             method: "PATCH",
@@ -556,13 +612,15 @@
         }
       } catch (e) {
         if (e instanceof NeedsToken) {
-          status.textContent = `Sign in to ${button.dataset.action} ${name}.`;
+          status.textContent = `Sign in to ${action} ${name}.`;
+          state.dismissed = false;
           askForToken(e.message);
         } else {
-          status.textContent = `Could not ${button.dataset.action} ${name}: ${e.message}`;
+          status.textContent = `Could not ${action} ${name}: ${e.message}`;
         }
       } finally {
-        button.disabled = false;
+        state.busy.delete(name);
+        button.disabled = false; // as the next answer draws it: the same button stays, focus and all
         refresh();
       }
     });
@@ -575,4 +633,5 @@
   setUp();
   refresh();
   setInterval(refresh, POLL_MS);
+  setInterval(tick, 1000); // the countdowns move between answers, slow or not
 })();
