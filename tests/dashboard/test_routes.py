@@ -105,8 +105,9 @@ def test_a_ready_pool_vm_counts_from_its_hand_out_not_from_when_it_was_made(make
         assert item["from_pool"] is True
         assert item["handed_out_at"] == pytest.approx(clock(), abs=1)
         assert item["created_at"] < clock() - 3600 + 60
-        [(user, _, start, lived, _)] = [row for row in services.history.lifetimes(0) if row[0] == "warm"]
+        [(_, _, start, lived, _)] = [row for row in services.history.lifetimes(0) if row[0] == "warm"]
         assert start == pytest.approx(clock(), abs=1)  # in use from the hand-out
+        assert lived is None  # and still held
         clock.advance(360)  # held six minutes
         [top] = running.get("/api/v1/dashboard/users").json()
         assert (top["user"], top["vm_hours"]) == ("warm", 0.1)  # not the hour it waited in the pool
