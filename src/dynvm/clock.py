@@ -4,9 +4,11 @@ service and a real simulator.
 
 Everything dynvm times on its clock follows it: leases, expiry, the queue's deadlines, the
 history, learned sizing and the create times it measures. What it times on the wall clock
-does not (how often its background passes run, HTTP timeouts), which is one difference
-between a live replay and a virtual one (``docs/PERFORMANCE.md`` shows how much). Never set
-on a real lab.
+does not: how often its background passes run, a failing host's refill back-off, HTTP
+timeouts, how long a destroy took. Grace periods kept on its clock shrink instead (a VM
+that just joined a pool is given 5 trace seconds to show in the mirror: 83 ms at 60x).
+Those are the differences between a live replay and a virtual one (``docs/PERFORMANCE.md``
+shows how much they come to). Never set on a real lab.
 """
 
 from __future__ import annotations
