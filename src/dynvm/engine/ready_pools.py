@@ -71,6 +71,14 @@ class TickReport:
     yielded: list[str] = field(default_factory=list)  # recycled to make room for waiting requests
 
 
+def _oldest_first(lease: Lease) -> tuple[float, float, int, str]:
+    """Ready VMs in the order they joined their pool; VMs that joined at the same moment by
+    when they were made, then by host (not by their random names), so the same demand always
+    takes the same hosts' VMs (``dynvm replay`` is repeatable)."""
+    ref = lease.host_ref
+    return (lease.pooled_at or 0.0, lease.created_at, int(ref) if ref.isdigit() else 0, ref)
+
+
 def pool_name(os: str) -> str:
     """A ready VM's name until a request takes it: never one getservers would make for a
     user (``vm_names`` keeps a user's name; this one is dynvm's)."""
@@ -183,7 +191,7 @@ class ReadyPools:
                 and lease.expires_at > now  # stale: the next pass recycles it
                 and (host_ref is None or lease.host_ref == host_ref)
             ),
-            key=lambda x: x.pooled_at or 0,
+            key=_oldest_first,
         )
         found: list[Lease] = []
         running: dict[str, dict[str, tuple[str, ...]]] = {}  # host ref -> uuid -> addresses, if running
@@ -278,7 +286,7 @@ class ReadyPools:
         if not candidates:
             return []
         victims: list[Lease] = []
-        for lease in sorted(idle, key=lambda x: x.pooled_at or 0):
+        for lease in sorted(idle, key=_oldest_first):
             if placement.available(candidates) >= count:
                 break
             target = next((c for c in candidates if c.host.ref == lease.host_ref), None)
@@ -334,7 +342,7 @@ class ReadyPools:
             elif not alive and self._settled(lease, now):
                 going[lease.id] = (lease, "recycled: it stopped or lost its address while waiting")
         by_os: dict[str, list[Lease]] = {}
-        for lease in sorted(pooled, key=lambda x: x.pooled_at or 0, reverse=True):  # the newest go first
+        for lease in sorted(pooled, key=_oldest_first, reverse=True):  # the newest go first
             if lease.id not in going:
                 by_os.setdefault(lease.os, []).append(lease)
         for os, ready in by_os.items():
@@ -359,7 +367,7 @@ class ReadyPools:
         nobody waits for (the scheduler serves those who wait for a pooled OS from it)."""
         wanted = {record.os for record in queued}
         seen: set[str] = set()
-        for lease in sorted(pooled, key=lambda x: x.pooled_at or 0):
+        for lease in sorted(pooled, key=_oldest_first):
             if lease.state != "ready" or lease.os in wanted or lease.host_ref in seen:
                 continue
             seen.add(lease.host_ref)
