@@ -316,19 +316,19 @@ def serve_command(
     try:
         # uvicorn gives requests in flight the grace period (a create that finishes in time is
         # answered); what is still running after it is cancelled and rolled back at once.
-        timing = {}
-        compressed = None
+        clock, monotonic, compressed = time.time, time.monotonic, None
         if clock_speed != 1.0 or clock_start is not None:  # a live replay's compressed time (clock.py)
             from .clock import CompressedTime
 
             compressed = CompressedTime(clock_speed, time.time() if clock_start is None else clock_start)
-            timing = {"clock": compressed.now, "monotonic": compressed.monotonic}
+            clock, monotonic = compressed.now, compressed.monotonic
         services = build_services(
             locate_config(config),
             db,
+            clock=clock,
+            monotonic=monotonic,
             intervals=Intervals(shutdown_grace=0.5),
             replica=f"{socket.gethostname()}:{port}",
-            **timing,  # type: ignore[arg-type]
         )
         if compressed is not None:
             services.on_started = compressed.run  # time passes once start-up is done

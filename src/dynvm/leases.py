@@ -405,23 +405,15 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
                     )
                 )
             new = [
-                Lease(
-                    id=str(uuid.uuid4()),
+                choice.new_lease(
                     request_id=request_id,
                     name=name,
                     username=request.username,
                     os=request.os,
-                    host_ref=choice.host.ref,
-                    state="creating",
-                    cpus=choice.need.cpus,
-                    memory=choice.need.static_max,
-                    disk=choice.need.disk,
-                    created_at=now,
-                    expires_at=now + minutes * 60,
                     owner=self.owner,
-                    template=choice.need.template,
+                    now=now,
+                    lifetime_seconds=minutes * 60,
                     caller=request.caller,
-                    member=choice.member or None,
                 )
                 for name, choice in zip(cold_names, chosen, strict=True)
             ]

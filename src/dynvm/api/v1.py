@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..model import Lease, LeaseRequest, NoSuchLease, ReleaseFailed
+from ..runtime import Services
 from .deps import CallerDep, ServicesDep
 from .errors import render_exception
 
@@ -315,12 +316,17 @@ class QueuedOut(BaseModel):
 @router.get("/queue", response_model=list[QueuedOut], responses=ERRORS)
 async def queue(services: ServicesDep, _: CallerDep) -> list[QueuedOut]:
     """The requests waiting for room, in the order they will be served."""
+    return await anyio.to_thread.run_sync(queued, services)
+
+
+def queued(services: Services) -> list[QueuedOut]:
+    """The queue in the order it will be served (a worker thread: it reads the database)."""
     from ..engine.requests import QUEUED
 
-    waiting = await anyio.to_thread.run_sync(services.leases.requests.in_state, QUEUED)
+    waiting = services.leases.requests.in_state(QUEUED)
     now = services.leases.clock()
     out = []
-    ordered = await anyio.to_thread.run_sync(services.leases.scheduler.order, waiting) if waiting else []
+    ordered = services.leases.scheduler.order(waiting) if waiting else []
     for record in ordered:
         status = record.as_dict(now)
         out.append(

@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..api.deps import CallerDep, ServicesDep
-from ..api.v1 import ERRORS, OS_PATTERN, LeaseOut, queue
+from ..api.v1 import ERRORS, OS_PATTERN, LeaseOut, queued
 from ..model import Caller
 from ..runtime import Services
 from . import figures
@@ -125,14 +125,14 @@ async def overview(services: ServicesDep, caller: CallerDep) -> Any:
     return await _timed(_overview, services, caller)
 
 
+def _queue(services: Services) -> dict[str, Any]:
+    return {"time": services.leases.clock(), "items": [item.model_dump() for item in queued(services)]}
+
+
 @router.get("/queue", responses=ERRORS)
-async def dashboard_queue(services: ServicesDep, caller: CallerDep) -> Any:
+async def dashboard_queue(services: ServicesDep, _: CallerDep) -> Any:
     """The queue, as ``/api/v1/queue`` answers it, with the service's time."""
-    started = time.perf_counter()
-    waiting = await queue(services, caller)
-    body = {"time": services.leases.clock(), "items": [item.model_dump() for item in waiting]}
-    took = (time.perf_counter() - started) * 1000
-    return JSONResponse(body, headers={"Server-Timing": f"app;dur={took:.1f}"})
+    return await _timed(_queue, services)
 
 
 def _leases(services: Services, user: str | None, os: str | None, limit: int, offset: int) -> dict[str, Any]:

@@ -12,11 +12,12 @@ request spreads; ``xhostref`` pins it to one pool.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..config import HostSettings
-from ..model import NotEnoughCapacity
+from ..model import Lease, NotEnoughCapacity
 from ..provider import HostRoom, Need
 
 FULL_HINT = "; release some VMs or try again later"
@@ -43,6 +44,41 @@ class Placement:
     @property
     def need(self) -> Need:
         return self.candidate.need
+
+    def new_lease(
+        self,
+        *,
+        request_id: str,
+        name: str,
+        username: str,
+        os: str,
+        owner: str,
+        now: float,
+        lifetime_seconds: float,
+        caller: str | None = None,
+        pooled: bool = False,
+    ) -> Lease:
+        """The lease of a VM to be made here, in state ``creating``, holding the room its
+        need says (memory: the template's static maximum, what the VM is made with)."""
+        return Lease(
+            id=str(uuid.uuid4()),
+            request_id=request_id,
+            name=name,
+            username=username,
+            os=os,
+            host_ref=self.host.ref,
+            state="creating",
+            cpus=self.need.cpus,
+            memory=self.need.static_max,
+            disk=self.need.disk,
+            created_at=now,
+            expires_at=now + lifetime_seconds,
+            owner=owner,
+            template=self.need.template,
+            caller=caller,
+            member=self.member or None,
+            pooled=pooled,
+        )
 
 
 def available(candidates: Iterable[Candidate]) -> int:

@@ -417,22 +417,14 @@ class ReadyPools:
             if not service.scheduler.may_serve_now(settings, reserved, record):
                 return None
             name = pool_name(os)
-            lease = Lease(
-                id=str(uuid.uuid4()),
+            lease = choice.new_lease(
                 request_id=record.id,
                 name=name,
                 username=POOL_USER,
                 os=os,
-                host_ref=choice.host.ref,
-                state="creating",
-                cpus=choice.need.cpus,
-                memory=choice.need.static_max,
-                disk=choice.need.disk,
-                created_at=now,
-                expires_at=now + settings.pools.ready_ttl_minutes * 60,
                 owner=service.owner,
-                template=choice.need.template,
-                member=choice.member or None,
+                now=now,
+                lifetime_seconds=settings.pools.ready_ttl_minutes * 60,
                 pooled=True,
             )
             service.leases.insert(conn, [lease], [choice.need.memory])

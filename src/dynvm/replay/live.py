@@ -35,10 +35,10 @@ from pathlib import Path
 
 import httpx
 
+from ..engine.requests import RequestStore
 from ..store.db import Database
 from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
-from ..store.tables import requests as requests_table
 from ..trace import Demand
 from .runner import ReplayOptions, ReplayResult, idle_seconds, known_before, replay_sections, slice_of
 
@@ -281,12 +281,10 @@ class LiveReplay:
         """What each request got, from the service's own records."""
         db = Database(f"sqlite:///{db_path}")
         try:
-            store = LeaseStore(db)
-            with db.read() as conn:
-                records = {row.id: row for row in conn.execute(requests_table.select())}
+            store, requests = LeaseStore(db), RequestStore(db)
             for served in self._served:
                 leases = store.by_request(served.request_id)
-                record = records.get(served.request_id)
+                record = requests.get(served.request_id)
                 warm = bool(leases) and all(lease.pooled_at for lease in leases)
                 waited = 0.0
                 if record is not None and record.wait_until is not None and record.started_at is not None:

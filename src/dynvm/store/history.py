@@ -117,24 +117,25 @@ class HistoryStore:
         they are marked as already exported: they are not this lab's VMs to report."""
         rows = []
         for demand in demands:
+            created = int(demand.arrival_s + create_seconds)
             for n in range(demand.count):
-                created = int(demand.arrival_s + create_seconds)
-                document = {
-                    "ipaddr": "",
-                    "origin": "trace",
-                    "os": demand.os,
-                    "state": "deleted",
-                    "poolId": POOL_ID,
-                    "prevUser": demand.user,
-                    "username": demand.user,
-                    "ver": DOCUMENT_VERSION,
-                    "name": f"{demand.user}-{n}",
-                    "created_time": created,
-                    "create_duration_secs": round(create_seconds),
-                    "deleted_time": int(created + demand.hold_s),
-                    "live_duration_secs": int(demand.hold_s),
-                    "delete_duration_secs": 0,
-                }
+                vm = Lease(
+                    id="",
+                    request_id="",
+                    name=f"{demand.user}-{n}",
+                    username=demand.user,
+                    os=demand.os,
+                    host_ref="",
+                    state="released",
+                    cpus=0,
+                    memory=0,
+                    disk=0,
+                    created_at=created,
+                    expires_at=created + demand.hold_s,
+                    owner="trace",
+                    create_seconds=create_seconds,
+                )
+                document = deleted_document(created_document(vm, "trace"), created + demand.hold_s, 0)
                 rows.append(
                     {
                         "vm_uuid": f"trace-{uuid.uuid4().hex[:30]}",  # 36 characters, as a uuid
