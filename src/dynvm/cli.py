@@ -72,8 +72,15 @@ def _root(
 def sim_command(
     hosts: Annotated[int, typer.Option(min=1, max=1000, help="How many simulated hosts (pools with --pool-size).")] = 4,
     pool_size: Annotated[
-        int, typer.Option(min=1, max=16, help="Hosts per pool: a master and members sharing one SR.")
+        int, typer.Option(min=1, max=16, help="Hosts per pool: a master and members, each on 127.0.0.N.")
     ] = 1,
+    storage: Annotated[
+        str,
+        typer.Option(help="A pool's SR: 'shared' (one every member reaches) or 'local' (one per member, named alike)."),
+    ] = "",
+    members_in_config: Annotated[
+        bool, typer.Option(help="Write a [xenhostN] section for every member of a pool, not only its master.")
+    ] = False,
     write_config: Annotated[
         Path, typer.Option(help="Write a .dynvmservice.ini for the lab here once every host listens.")
     ] = Path(".dynvmservice.ini"),
@@ -104,6 +111,9 @@ def sim_command(
     host_memory_gib: Annotated[float, typer.Option(min=8, help="Memory per host in GiB (dom0 takes 4).")] = 128,
     sr_tib: Annotated[float, typer.Option(min=0.01, help="Size of each host's local SR in TiB.")] = 2,
     time_scale: Annotated[float, typer.Option(min=0, help="Multiplies every delay (0.1 = ten times faster).")] = 1.0,
+    heartbeat_seconds: Annotated[
+        float, typer.Option(min=0, help="From a member going down (sim.member_down) to its master marking it not live.")
+    ] = 0.0,
     tls: Annotated[
         bool, typer.Option(help="Serve HTTPS with a self-signed certificate written beside the config.")
     ] = False,
@@ -117,6 +127,8 @@ def sim_command(
     from .sim.lab import Lab, LabOptions
     from .sim.settings import Timing
 
+    if storage not in ("", "shared", "local"):
+        raise typer.BadParameter(f"'shared' or 'local', not {storage!r}", param_hint="--storage")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     console = Console()
     options = LabOptions(
@@ -132,6 +144,8 @@ def sim_command(
         seed=seed,
         xenserver_version=_version(xenserver_version),
         pool_size=pool_size,
+        storage=storage,
+        members_in_config=members_in_config,
         service_port=service_port,
         winrm_port=winrm_port,
         timing=Timing(
@@ -140,6 +154,7 @@ def sim_command(
             boot_seconds=boot_seconds,
             ip_seconds=ip_seconds,
             service_seconds=service_seconds,
+            heartbeat_seconds=heartbeat_seconds,
             time_scale=time_scale,
         ),
     )
@@ -163,9 +178,10 @@ def sim_command(
             spec = node.host.spec
             size = f"{spec.memory / 2**30:g} GiB"
             table.add_row(f"xenhost{index}", spec.member_name(0), node.url, spec.storage_name, str(spec.cpus), size)
+            where = "(shared)" if spec.shared_storage else f"{spec.storage_name} (its own)"
             for member in lab.members[index]:
                 name = spec.member_name(member.position) + " (member)"
-                table.add_row("", name, member.url, "(shared)", str(spec.cpus), size)
+                table.add_row("", name, member.url, where, str(spec.cpus), size)
         console.print(table)
         console.print(f"config:  {config_path}")
         console.print(f"control: {lab.control_endpoint.url}/  (sim.* methods)")
@@ -247,7 +263,7 @@ def doctor_command(
     OS key (present, unambiguous), storage and network. Exits 1 on any problem."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .xen.doctor import examine
+    from .xen.doctor import examine, same_pools
 
     console = Console()
     settings = load_or_exit(config, console)
@@ -263,11 +279,23 @@ def doctor_command(
         for check in report.checks:
             table.add_row(check.what, "ok" if check.ok else "PROBLEM", check.detail, style=None if check.ok else "red")
         console.print(table)
+    groups = same_pools(reports)
+    for first, group in groups.items():
+        sections = ", ".join(f"[{r.host.section}]" for r in group)
+        console.print(
+            f"{sections} name one pool ({group[0].pool_name or 'unnamed'}): dynvm counts it once, as [{first}]",
+            markup=False,
+            soft_wrap=True,
+        )
     bad = [report.host.section for report in reports if not report.ok]
     if bad:
         console.print(f"problems on {', '.join(bad)}", style="red", markup=False)
         raise typer.Exit(1)
-    console.print(f"all {len(reports)} host(s) fine", style="green")
+    pools = len(reports) - sum(len(group) - 1 for group in groups.values())
+    if pools == len(reports):
+        console.print(f"all {len(reports)} host(s) fine", style="green")
+    else:
+        console.print(f"all {len(reports)} section(s) fine: {pools} pool(s)", style="green")
 
 
 def serve_command(
@@ -362,7 +390,8 @@ def serve_command(
 
 
 def lab_command(
-    hosts: Annotated[int, typer.Option(min=1, max=50)] = 4,
+    hosts: Annotated[int, typer.Option(min=1, max=50, help="Simulated hosts (pools with --pool-size).")] = 4,
+    pool_size: Annotated[int, typer.Option(min=1, max=16, help="Hosts per pool: a master and its members.")] = 1,
     port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
     directory: Annotated[Path, typer.Option(help="Where the lab keeps its config and database.")] = Path(".lab"),
 ) -> None:
@@ -391,7 +420,18 @@ def lab_command(
     # Sessions of their own: Ctrl-C reaches this command only, which then stops dynvm first
     # and the lab second, so dynvm never sees its hosts vanish while it shuts down.
     sim = subprocess.Popen(
-        [*python, "sim", "--hosts", str(hosts), "--write-config", str(config_path), "--foreign-vms", "2"],
+        [
+            *python,
+            "sim",
+            "--hosts",
+            str(hosts),
+            "--pool-size",
+            str(pool_size),
+            "--write-config",
+            str(config_path),
+            "--foreign-vms",
+            "2",
+        ],
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )

@@ -279,6 +279,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
 
         Blocks for as long as the VMs take to boot: call it from a worker thread."""
         request_id = request.request_id or str(uuid.uuid4())
+        request = self.counted_host(request)
         self.tracker.start(request_id, request.username, request.os, request.count)
         try:
             leases = self._acquire(request, request_id)
@@ -290,6 +291,15 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             raise
         self.tracker.finish(request_id)
         return leases
+
+    def counted_host(self, request: LeaseRequest) -> LeaseRequest:
+        """A request pinned (``xhostref``) to a section that names the same pool as an
+        earlier one goes to that earlier one, which counts the pool."""
+        host = self.settings.host(request.host_ref) if request.host_ref is not None else None
+        status = self.provider.status(host) if host is not None else None
+        if status is None or not status.same_pool_as:
+            return request
+        return dataclasses.replace(request, host_ref=status.same_pool_as)
 
     def validate(self, request: LeaseRequest) -> None:
         """Refuse, at once, a request that can never be served as asked (a count over the

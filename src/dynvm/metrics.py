@@ -125,7 +125,7 @@ class _Gauges(Collector):
         up = GaugeMetricFamily("dynvm_host_up", "1 if the host answers, 0 if it is down or connecting", labels=["host"])
         for host in services.current_settings().hosts:
             status = services.provider.status(host)
-            if status is not None:
+            if status is not None and not status.same_pool_as:  # a section naming a counted pool again
                 up.add_metric([host.ref], 1.0 if status.up else 0.0)
         yield up
         capacity = GaugeMetricFamily("dynvm_capacity", "How many more VMs of an OS fit now", labels=["os"])

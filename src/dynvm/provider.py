@@ -52,11 +52,15 @@ class MemberRoom:
     ref: str  # the member's host ref ("" when the pool's members are not known)
     cpus: float
     memory: int
+    disk: int | None = None  # its own storage's free bytes (local SRs); None: the pool's is shared
 
     def fits(self, need: Need) -> int:
         if need.cpus <= 0 or need.memory <= 0:
             return 0
-        return max(0, int(min(self.cpus // need.cpus, self.memory // need.memory)))
+        fit = min(self.cpus // need.cpus, self.memory // need.memory)
+        if self.disk is not None and need.disk > 0:
+            fit = min(fit, self.disk // need.disk)
+        return max(0, int(fit))
 
 
 @dataclass
@@ -84,6 +88,8 @@ class HostRoom:
         best = max(self.members, key=lambda m: (m.fits(need), m.memory))
         best.cpus -= need.cpus
         best.memory -= need.memory
+        if best.disk is not None:
+            best.disk -= need.disk
         self.disk -= need.disk
         return best.ref
 
@@ -117,6 +123,7 @@ class HostStatus:
     memory_free: int = 0
     running_vms: int = 0
     members: tuple[MemberStatus, ...] = ()
+    same_pool_as: str = ""  # the ref of the configured host that counts this one's pool, if another
 
     @property
     def is_pool(self) -> bool:

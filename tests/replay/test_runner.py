@@ -96,7 +96,7 @@ def test_skipping_the_passes_that_would_do_nothing_changes_no_figure():
     }
     # a replay repeats itself to within a request or two of a week (threads finish VMs that
     # are ready at the same moment in any order), so the figures match to within that
-    assert abs(skipped["warm_requests"] - every["warm_requests"]) <= 1
+    assert abs(skipped["warm_requests"] - every["warm_requests"]) <= 2
     assert skipped["vm_hours_idle"] == pytest.approx(every["vm_hours_idle"], rel=0.02)
     assert every["warm_requests"] > 0  # the pools did something to compare
 

@@ -64,8 +64,11 @@ def test_unknown_method_and_wrong_parameter_count_use_xapis_codes(xapi):
     assert unknown.value.details == ["MESSAGE_METHOD_UNKNOWN", "VM.teleport"]
     with pytest.raises(XenAPI.Failure) as count:
         xapi.VM.get_name_label()
-    # counted as on the wire: the session is a parameter too
-    assert count.value.details == ["MESSAGE_PARAMETER_COUNT_MISMATCH", "VM.get_name_label", "2", "1"]
+    # counted as xapi's generated server counts: the session in neither figure
+    assert count.value.details == ["MESSAGE_PARAMETER_COUNT_MISMATCH", "VM.get_name_label", "1", "0"]
+    with pytest.raises(XenAPI.Failure) as count:
+        xapi.VM.start("OpaqueRef:NULL")
+    assert count.value.details == ["MESSAGE_PARAMETER_COUNT_MISMATCH", "VM.start", "3", "1"]
 
 
 def test_unknown_refs_and_uuids_name_their_class(xapi):

@@ -139,6 +139,9 @@ class HostOut(BaseModel):
     running_vms: int
     capacity: dict[str, int]
     members: list[MemberOut] = Field(description="the hosts of the pool, the master first; one for a lone host")
+    same_pool_as: str = Field(
+        "", description="state 'same pool': the ref of the earlier [xenhostN] that names this pool and counts it"
+    )
 
 
 class VmOut(BaseModel):
@@ -180,6 +183,7 @@ async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
             running_vms=report.status.running_vms,
             capacity=report.capacity,
             members=[MemberOut(**dataclasses.asdict(m)) for m in report.status.members],  # the same fields
+            same_pool_as=report.status.same_pool_as,
         )
         for report in reports
     ]

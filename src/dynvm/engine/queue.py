@@ -43,6 +43,7 @@ class Queueing:
         (``submit``). Without, its room is reserved now or it is refused at once, with the
         error ``acquire`` raises (the seed's 429, a 409, ...), and its VMs are made in the
         background. Either way it is a row from here on."""
+        request = self.counted_host(request)
         if wait_seconds > 0:
             return self.submit(request, wait_seconds, origin)
         request_id = request.request_id or str(uuid.uuid4())

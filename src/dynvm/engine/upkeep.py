@@ -133,6 +133,7 @@ class Upkeep:
         once, not after the grace given to a VM the mirror may not show yet."""
         report = ReconcileReport()
         settings = self.settings
+        self.rehome_same_pools(settings)
         active = {lease.id: lease for lease in self.leases.active()}
         live = self._live_processes() - ({self.owner} if startup else set())
         judge = _Judge(self, active)
@@ -154,6 +155,25 @@ class Upkeep:
         self._collect_abandoned_clones(settings, report)
         self._report("reconciled", report)
         return report
+
+    def rehome_same_pools(self, settings: Settings) -> None:
+        """Leases held on a section that names the same pool as an earlier one (a pool
+        written as a section per member, and an upgrade from a dynvm that counted each
+        section alone) move to the section that counts the pool, so that each rule that
+        compares hosts (room, verdicts, vanished VMs) sees one host. Called before every
+        reconcile pass, and so at start-up."""
+        for host in settings.hosts:
+            status = self.provider.status(host)
+            if status is not None and status.same_pool_as:
+                moved = self.leases.rehome(host.ref, status.same_pool_as)
+                if moved:
+                    log.warning(
+                        "%d lease(s) on [%s] moved to host %s: %s",
+                        moved,
+                        host.section,
+                        status.same_pool_as,
+                        status.error,
+                    )
 
     def quarantine_step(self, since: float | None) -> QuarantineStep:
         """For a VM or disk whose lease this database does not know: quarantine it (the

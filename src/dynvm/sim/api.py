@@ -8,9 +8,11 @@ and lifecycle, disks and devices, ``event.from``/``event.inject``, tasks, and ev
 explicit message as ``Async.<class>.<message>``.
 
 ``dispatch`` checks, in order: the method exists (``MESSAGE_METHOD_UNKNOWN``), the
-parameter count (``MESSAGE_PARAMETER_COUNT_MISMATCH``, counting the session like xapi
-does on the wire — our reading of xapi, not confirmed against a host), the session
-(``SESSION_INVALID``), then runs the handler.
+parameter count (``MESSAGE_PARAMETER_COUNT_MISMATCH [method, expected, received]``, as
+xapi's generated server counts: neither count holds the session, ``expected`` is the
+required parameters only, and a message with optional ones takes extra trailing
+arguments; xen-api idl/ocaml_backend/gen_server.ml), the session (``SESSION_INVALID``),
+then runs the handler.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from . import lifecycle
+from . import lifecycle, maintenance
 from .errors import (
     XapiError,
     field_type_error,
@@ -60,6 +62,7 @@ class Message:
     params: int  # not counting the session
     needs_session: bool = True
     explicit: bool = False  # has an Async.* form
+    optional: int = 0  # trailing parameters a caller may leave out (added in later releases)
 
 
 def _bool(value: object, name: str) -> bool:
@@ -89,6 +92,7 @@ class XapiApi:
         self.store = host.store
         self.messages: dict[str, Message] = {}
         self._current_session = threading.local()  # the caller's session, for event.from
+        self._caller = threading.local()  # which member's address the call came to
         self.event_waits = 0  # event.from calls waiting for a change right now
         for cls in schema().values():
             self._generate(cls.name, cls.fields)
@@ -97,9 +101,15 @@ class XapiApi:
     # -- registration ------------------------------------------------------------------
 
     def _add(
-        self, name: str, handler: Handler, params: int, needs_session: bool = True, explicit: bool = False
+        self,
+        name: str,
+        handler: Handler,
+        params: int,
+        needs_session: bool = True,
+        explicit: bool = False,
+        optional: int = 0,
     ) -> None:
-        self.messages[name] = Message(name, handler, params, needs_session, explicit)
+        self.messages[name] = Message(name, handler, params, needs_session, explicit, optional)
 
     def _generate(self, cls: str, fields: dict[str, Field]) -> None:
         store = self.store
@@ -218,7 +228,7 @@ class XapiApi:
         host, store = self.host, self.store
         add = self._add
 
-        add("session.login_with_password", self._login, 4, needs_session=False)
+        add("session.login_with_password", self._login, 2, needs_session=False, optional=2)  # old clients send 2
         add("session.logout", lambda: "", 0)  # replaced per call in dispatch (needs the session)
 
         add(
@@ -282,12 +292,56 @@ class XapiApi:
             1,
         )
 
+        self._pool_behaviour()
+
         add("task.destroy", lambda ref: (store.destroy("task", _str(ref, "self")), "")[1], 1)
         add("task.cancel", self._task_cancel, 1)
 
         add("event.from", self._event_from, 3)
         add("event.inject", self._event_inject, 2)
         add("event.get_current_id", lambda: str(store.generation), 0)
+
+    def _pool_behaviour(self) -> None:
+        """Maintenance, migration and a new master (``maintenance.py``)."""
+        host, add = self.host, self._add
+        add("host.disable", lambda ref, auto=True: self._void(maintenance.disable, _str(ref, "host")), 1, optional=1)
+        add("host.enable", lambda ref: self._void(maintenance.enable, _str(ref, "host")), 1, explicit=True)
+        add(
+            "host.evacuate",
+            lambda ref, network=None, batch=None: self._void(maintenance.evacuate, _str(ref, "host")),
+            1,
+            explicit=True,
+            optional=2,
+        )
+        add(
+            "VM.pool_migrate",
+            lambda vm, ref, options: self._void(
+                maintenance.pool_migrate,
+                _str(vm, "vm"),
+                _str(ref, "host"),
+                dict(options),  # type: ignore[call-overload]
+            ),
+            3,
+            explicit=True,
+        )
+        add(
+            "pool.designate_new_master",
+            lambda ref: self._void(maintenance.designate_new_master, _str(ref, "host")),
+            1,
+            explicit=True,
+        )
+        # run on a member whose master is gone, with a session from the member itself
+        # (session.slave_local_login_with_password: what xe does there)
+        add(
+            "pool.emergency_transition_to_master",
+            lambda: self._void(maintenance.emergency_transition_to_master, self._caller_position()),
+            0,
+        )
+        add("pool.recover_slaves", lambda: maintenance.recover_slaves(host), 0, explicit=True)
+        add("session.slave_local_login_with_password", self._login, 2, needs_session=False)
+
+    def _caller_position(self) -> int:
+        return int(getattr(self._caller, "position", 0))
 
     def _void(self, fn: Callable[..., object], *args: object) -> str:
         fn(self.host, *args)
@@ -540,8 +594,10 @@ class XapiApi:
 
     # -- the entry point ---------------------------------------------------------------
 
-    def dispatch(self, method: str, params: tuple[object, ...]) -> object:
-        """Answer one call; raises ``XapiError`` for every failure xapi would report."""
+    def dispatch(self, method: str, params: tuple[object, ...], position: int = 0) -> object:
+        """Answer one call that came to member ``position``'s address; raises
+        ``XapiError`` for every failure xapi would report."""
+        self._caller.position = position
         if method == "event_from":  # Python cannot spell event.from; xapi accepts both
             method = "event.from"
         is_async = method.startswith("Async.")
@@ -550,12 +606,10 @@ class XapiApi:
         too_old = self.host.spec.xenserver_version < INTRODUCED_IN.get(name, (0, 0))
         if message is None or (is_async and not message.explicit) or too_old:
             raise method_unknown(method)
-        expected = message.params + (1 if message.needs_session else 0)
-        if name == "session.login_with_password":
-            if not 2 <= len(params) <= 4:  # version and originator may be left out
-                raise parameter_count_mismatch(method, expected, len(params))
-        elif len(params) != expected:
-            raise parameter_count_mismatch(method, expected, len(params))
+        received = len(params) - (1 if message.needs_session else 0)
+        if received < message.params or (received > message.params and not message.optional):
+            raise parameter_count_mismatch(name, message.params, received)
+        params = params[: message.params + message.optional + (1 if message.needs_session else 0)]
         if not message.needs_session:
             return message.handler(*params)
         session = self.check_session(params[0])

@@ -14,6 +14,7 @@ import xmlrpc.client
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from . import maintenance
 from .catalogue import template_for_key
 from .errors import XapiError
 from .node import failure, success
@@ -65,6 +66,7 @@ class Control:
             "name": host.spec.name_label,
             "url": node.url,
             "down": node.endpoint.down,
+            "master": node.master_position(),
             "faults": {
                 k: (v if not isinstance(v, dict) else {op: list(e) for op, e in v.items()})
                 for k, v in dataclasses.asdict(host.faults).items()
@@ -83,27 +85,96 @@ class Control:
         host = node.host
         with host.store.lock:
             resident = len(host.store.get("host", ref)["resident_VMs"]) - 1  # type: ignore[arg-type]  # dom0 aside
+        with host.store.lock:
+            record = host.store.get("host", ref)
+            live = bool(host.store.get("host_metrics", str(record["metrics"]))["live"])
         return {
             "name": host.spec.member_name(position),
             "ref": ref,
+            "url": node.endpoints[position].url,
+            "down": node.endpoints[position].down,
+            "live": live,
+            "enabled": bool(record["enabled"]),
             "memory_free": str(host.memory_free(ref)),
             "resident_vms": resident,
         }
 
     def _host_down(self, node: HostNode, after: list, mode: str) -> str:
+        """The whole pool (a lone host) stops answering, every member's address at once."""
         if mode not in ("hang", "refuse"):
             raise ValueError(f"mode must be 'hang' or 'refuse', not {mode!r}")
-        if mode == "hang":
-            # at once: sim.* calls are still answered on a hung port, and the caller's next
-            # xapi call must already hang
-            node.endpoint.go_down(mode)
-        else:
-            # a refusing host closes the port this answer may be travelling on: answer first
-            after.append(lambda: node.endpoint.go_down(mode))
+        for endpoint in node.endpoints:
+            if mode == "hang":
+                # at once: sim.* calls are still answered on a hung port, and the caller's next
+                # xapi call must already hang
+                endpoint.go_down(mode)
+            else:
+                # a refusing host closes the port this answer may be travelling on: answer first
+                after.append(lambda endpoint=endpoint: endpoint.go_down(mode))
         return ""
 
     def _host_up(self, node: HostNode, after: list) -> str:
-        node.endpoint.restore()
+        for index, endpoint in enumerate(node.endpoints):
+            if index not in node.host.members_down:
+                endpoint.restore()
+        return ""
+
+    # -- one member of a pool (position 0 is the first master, 1 and on the others) ---------
+
+    @staticmethod
+    def _position(node: HostNode, position: object) -> int:
+        index = int(position)  # type: ignore[call-overload]
+        if not 0 <= index < len(node.endpoints):
+            raise ValueError(f"member position {index} is not in this pool of {len(node.endpoints)}")
+        return index
+
+    def _member_down(self, node: HostNode, after: list, position: int, mode: str) -> str:
+        """One member stops answering (``hang`` or ``refuse``) while the others go on. A
+        member that is not the master is also lost to the master: ``host_metrics.live``
+        turns false after ``Timing.heartbeat_seconds`` (at once by default). The master
+        going down leaves the others naming it until an emergency transition."""
+        index = self._position(node, position)
+        if mode not in ("hang", "refuse"):
+            raise ValueError(f"mode must be 'hang' or 'refuse', not {mode!r}")
+        host = node.host
+        host.members_down.add(index)
+        endpoint = node.endpoints[index]
+        if mode == "hang" or index > 0:
+            # at once: the next call must find it down (only the first member's port also
+            # answers sim.* calls, and may be carrying this answer)
+            endpoint.go_down(mode)
+        else:
+            after.append(lambda: endpoint.go_down(mode))
+        if index != host.master_position():
+            delay = host.timing.scaled(host.timing.heartbeat_seconds)
+
+            def lost() -> None:
+                if index in host.members_down:
+                    maintenance.set_live(host, index, False)
+
+            if delay > 0:
+                host.scheduler.call_later(delay, lost)
+            else:
+                lost()
+        return ""
+
+    def _member_up(self, node: HostNode, after: list, position: int) -> str:
+        """The member answers again and the master hears it: live, its VMs as they were."""
+        index = self._position(node, position)
+        host = node.host
+        host.members_down.discard(index)
+        if host.master_of(index) == index and host.master_position() != index:
+            # an old master back after an emergency transition: an admin points it at the new
+            # one (pool.emergency_reset_master), or two masters would share one pool
+            host.believed_master[index] = host.master_position()
+        node.endpoints[index].restore()
+        maintenance.set_live(host, index, True)
+        return ""
+
+    def _member_slow(self, node: HostNode, after: list, position: int, seconds: float) -> str:
+        """Every call that comes to this member's address takes ``seconds`` longer (scaled)."""
+        index = self._position(node, position)
+        node.host.member_slow[index] = max(0.0, float(seconds))
         return ""
 
     def _apipa_next(self, node: HostNode, after: list, count: int) -> str:
@@ -167,7 +238,12 @@ class Control:
         host = node.host
         host.faults = Faults()
         host.refresh_sr_usage(host.refs.sr)
-        node.endpoint.restore()
+        for index, endpoint in enumerate(node.endpoints):
+            endpoint.restore()
+            if index in host.members_down:
+                maintenance.set_live(host, index, True)
+        host.members_down.clear()
+        host.member_slow.clear()
         return ""
 
 

@@ -1,9 +1,11 @@
 """A lab of simulated hosts in one process: what ``dynvm sim`` runs.
 
 It builds N pools (one host each unless ``pool_size`` says more) sharing one timer thread,
-starts each pool's master and every other member on its own 127.0.0.1 port, plus a
+starts each pool on a port of its own, every member of it on its own loopback address
+(``127.0.0.1`` the master, ``127.0.0.2`` the next member, ...: ``node.py``), plus a
 control port, and writes a ``.dynvmservice.ini`` with one section per pool that points
-dynvm at the pool's master.
+dynvm at the pool's master (``members_in_config``: a section per member instead, as a
+lab that grew into a pool is often written).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import ssl
 import tempfile
 import threading
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from .catalogue import GiB, os_keys, template_for_key
 from .control import Control
+from .host import member_address
 from .node import HostNode, MemberNode
 from .population import build_host
 from .scheduler import Scheduler
@@ -42,7 +46,9 @@ class LabOptions:
     seed: int | None = None
     timing: Timing = field(default_factory=Timing)
     xenserver_version: tuple[int, int] = (8, 2)
-    pool_size: int = 1  # hosts per pool; above 1 they share an SR and a master
+    pool_size: int = 1  # hosts per pool; above 1 they share a master (and an SR, unless storage="local")
+    storage: str = ""  # "shared" or "local" (an SR per member, all named alike); "": by pool size
+    members_in_config: bool = False  # the config names every member of a pool, a section each
     # where booted guests' sshd and WinRM listen, on their own addresses (None: a free port
     # the lab picks, so labs side by side never answer each other's probes; 0: no services)
     service_port: int | None = None
@@ -64,13 +70,23 @@ class Lab:
         self._by_password: dict[str, HostNode] = {}
         self.cert_path: Path | None = None
         tls = None
+        contexts: list[ssl.SSLContext] = []
         if options.tls:
+            # a certificate per member address, as each host of a real pool has its own; the
+            # file dynvm is given (host.tls.ca_file) holds them all
             prefix = str(files_prefix or Path(tempfile.mkdtemp(prefix="dynvm-sim-")) / "lab")
             Path(prefix).parent.mkdir(parents=True, exist_ok=True)
             self.cert_path = Path(prefix + ".sim-cert.pem")
-            key_path = Path(prefix + ".sim-key.pem")
-            write_self_signed(self.cert_path, key_path)
-            tls = server_context(self.cert_path, key_path)
+            pems = []
+            for position in range(options.pool_size):
+                suffix = "" if position == 0 else f"-h{position + 1}"
+                cert_path = Path(f"{prefix}.sim-cert{suffix}.pem")
+                key_path = Path(f"{prefix}.sim-key{suffix}.pem")
+                write_self_signed(cert_path, key_path, f"dynvm-sim{suffix}", member_address(position))
+                pems.append(cert_path.read_bytes())
+                contexts.append(server_context(cert_path, key_path))
+            self.cert_path.write_bytes(b"".join(pems))
+            tls = contexts[0]
         self.control = Control(self._by_password.get)
         self.service_port = free_port() if options.service_port is None else options.service_port
         self.winrm_port = free_port() if options.winrm_port is None else options.winrm_port
@@ -84,6 +100,7 @@ class Lab:
                 foreign_vms=options.foreign_vms,
                 xenserver_version=options.xenserver_version,
                 pool_size=options.pool_size,
+                storage=options.storage,
                 service_port=self.service_port,
                 winrm_port=self.winrm_port,
             )
@@ -92,34 +109,22 @@ class Lab:
             host = build_host(spec, timing, self.scheduler, seed=seed)
             host.faults.apipa_rate = options.apipa_rate
             port = options.base_port + index - 1 if options.base_port else 0
-            node = HostNode(host, self.control.route, port, tls)
+            node = HostNode(host, self.control.route, port, tls, (lambda p: contexts[p]) if contexts else None)
             self.nodes.append(node)
             self._by_password[spec.password] = node
-            self.members[index] = [
-                MemberNode(node, position, self._member_port(index, position), tls)
-                for position in range(1, options.pool_size)
-            ]
+            self.members[index] = [MemberNode(node, position) for position in range(1, options.pool_size)]
         self.control_endpoint = Endpoint(self.control.route, options.control_port)
-
-    def _member_port(self, index: int, position: int) -> int:
-        """With a base port, members take the ports after every master's, pool by pool."""
-        options = self.options
-        if not options.base_port:
-            return 0
-        return options.base_port + options.hosts + (index - 1) * (options.pool_size - 1) + position - 1
 
     def member_nodes(self) -> list[MemberNode]:
         return [member for members in self.members.values() for member in members]
 
     def start(self) -> None:
         for node in self.nodes:
-            node.endpoint.start()
-        for member in self.member_nodes():
-            member.endpoint.start()
+            node.start()
         self.control_endpoint.start()
 
     def stop(self) -> None:
-        endpoints = [node.endpoint for node in self.nodes] + [m.endpoint for m in self.member_nodes()]
+        endpoints = [endpoint for node in self.nodes for endpoint in node.endpoints]
         endpoints.append(self.control_endpoint)
         stoppers = [threading.Thread(target=e.stop) for e in endpoints]  # in parallel: fast for 100 hosts
         for thread in stoppers:
@@ -157,22 +162,27 @@ class Lab:
                 else []
             ),
         ]
+        section = 0
         for index, node in enumerate(self.nodes, start=1):
             spec = node.host.spec
+            urls = [node.url] + [m.url for m in self.members[index]]
             lines += [""]
-            if self.members[index]:
-                others = ", ".join(m.url for m in self.members[index])
-                lines.append(f"; a pool of {spec.pool_size} hosts; its other members answer on {others}")
-            lines += [
-                f"[xenhost{index}]",
-                f"host.name={node.url}",
-                f"host.user={spec.user}",
-                f"host.password={spec.password}",
-                f"host.storage.name={spec.storage_name}",
-            ]
-            if self.cert_path is not None:
-                lines.append(f"host.tls.ca_file={self.cert_path}")
-            lines += [f"{key}.template={template_for_key(key).name_label}" for key in os_keys()]
+            if self.members[index] and not self.options.members_in_config:
+                lines.append(f"; a pool of {spec.pool_size} hosts; its other members answer on {', '.join(urls[1:])}")
+            elif self.members[index]:
+                lines.append(f"; a pool of {spec.pool_size} hosts, a section for each member")
+            for url in urls if self.options.members_in_config else urls[:1]:
+                section += 1
+                lines += [
+                    f"[xenhost{section}]",
+                    f"host.name={url}",
+                    f"host.user={spec.user}",
+                    f"host.password={spec.password}",
+                    f"host.storage.name={spec.storage_name}",
+                ]
+                if self.cert_path is not None:
+                    lines.append(f"host.tls.ca_file={self.cert_path}")
+                lines += [f"{key}.template={template_for_key(key).name_label}" for key in os_keys()]
         return "\n".join(lines) + "\n"
 
     def _lab_words(self) -> str:

@@ -311,23 +311,23 @@ def _admit(host: SimHost, record: dict[str, object], member: str) -> None:
 
 
 def choose_member(host: SimHost, record: dict[str, object], on: str | None) -> str:
-    """Where a VM starts or resumes, admitted on memory there.
+    """Where a VM starts or resumes, admitted there (``assert_can_boot_here``).
 
     ``on`` (``VM.start_on``): that member or its error (HANDLE_INVALID for a ref that is
     no host of this pool). Otherwise xapi chooses (xen-api xapi_vm_helpers.ml,
-    ``choose_host_for_vm``): the VM's ``affinity`` host when the VM fits there, else one of
-    the members it fits on — here the one with most free memory, so a test can predict it;
-    none fits: ``NO_HOSTS_AVAILABLE`` in a pool, the member's own error in a one-host pool
-    (xapi reports the single host's reason)."""
+    ``choose_host_for_vm``): the VM's ``affinity`` host when the VM can boot there, else one
+    of the members it can boot on — here the one with most free memory, so a test can
+    predict it; none: ``NO_HOSTS_AVAILABLE`` in a pool, the member's own error in a
+    one-host pool (xapi reports the single host's reason)."""
     members = host.refs.members
     if on is not None:
         host.store.get("host", on)  # HANDLE_INVALID [host, ref]
         if on not in members:
             raise XapiError("HANDLE_INVALID", "host", on)
-        _admit(host, record, on)
+        assert_can_boot_here(host, record, on)
         return on
     if len(members) == 1:
-        _admit(host, record, members[0])
+        assert_can_boot_here(host, record, members[0])
         return members[0]
     by_room = sorted(members, key=lambda m: (-host.memory_free(m), members.index(m)))
     affinity = str(record.get("affinity", NULL_REF))
@@ -336,11 +336,54 @@ def choose_member(host: SimHost, record: dict[str, object], on: str | None) -> s
         by_room.insert(0, affinity)
     for member in by_room:
         try:
-            _admit(host, record, member)
+            assert_can_boot_here(host, record, member)
         except XapiError:
             continue
         return member
     raise XapiError("NO_HOSTS_AVAILABLE")
+
+
+def assert_can_boot_here(host: SimHost, record: dict[str, object], member: str) -> None:
+    """xapi's checks before a VM runs on a member (xapi_vm_helpers.ml,
+    ``assert_can_boot_here``), in its order: the member is live (``HOST_NOT_LIVE``), it
+    is enabled (``HOST_DISABLED [host]``), it reaches every SR the VM's disks are on
+    (``VM_REQUIRES_SR [vm, sr]``: a member's local SR is no other member's), then memory."""
+    store = host.store
+    host_record = store.get("host", member)
+    if not store.get("host_metrics", str(host_record["metrics"]))["live"]:
+        raise XapiError("HOST_NOT_LIVE")
+    if not host_record["enabled"]:
+        raise XapiError("HOST_DISABLED", member)
+    for sr in vm_srs(host, record):
+        if not member_reaches(host, member, sr):
+            raise XapiError("VM_REQUIRES_SR", _ref_of(host, record), sr)
+    _admit(host, record, member)
+
+
+def _ref_of(host: SimHost, record: dict[str, object]) -> str:
+    return host.store.by_uuid("VM", str(record["uuid"]))
+
+
+def vm_srs(host: SimHost, record: dict[str, object]) -> list[str]:
+    """The SRs the VM's disks are on (CD drives aside), in VBD order."""
+    store, out = host.store, []
+    for vbd in record["VBDs"]:  # type: ignore[union-attr]
+        vbd_record = store.get("VBD", vbd)
+        vdi = str(vbd_record["VDI"])
+        if vbd_record["type"] == "Disk" and vdi != NULL_REF and store.exists("VDI", vdi):
+            sr = str(store.get("VDI", vdi)["SR"])
+            if sr not in out:
+                out.append(sr)
+    return out
+
+
+def member_reaches(host: SimHost, member: str, sr: str) -> bool:
+    """A member reaches an SR it has an attached PBD for."""
+    store = host.store
+    return any(
+        store.get("PBD", pbd)["host"] == member and store.get("PBD", pbd)["currently_attached"]
+        for pbd in store.get("SR", sr)["PBDs"]  # type: ignore[union-attr]
+    )
 
 
 def _check_cores_per_socket(record: dict[str, object]) -> None:
@@ -360,14 +403,30 @@ def _check_cores_per_socket(record: dict[str, object]) -> None:
         raise XapiError("VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE", str(vcpus), str(raw))
 
 
+def require_member_live(host: SimHost, vm: str) -> None:
+    """A VM on a member that does not answer cannot be acted on until the member is back:
+    ``CANNOT_CONTACT_HOST [host]`` while the master still counts it live, ``HOST_OFFLINE
+    [host]`` once it marked it dead (xen-api message_forwarding.ml, ``do_op_on``)."""
+    resident = str(_vm(host, vm)["resident_on"])
+    if resident in host.refs.members:
+        metrics = str(host.store.get("host", resident)["metrics"])
+        if not host.store.get("host_metrics", metrics)["live"]:
+            raise XapiError("HOST_OFFLINE", resident)
+        if host.refs.members.index(resident) in host.members_down:
+            raise XapiError("CANNOT_CONTACT_HOST", resident)
+
+
 def hard_shutdown(host: SimHost, vm: str) -> None:
     store = host.store
+    with store.lock:
+        require_member_live(host, vm)
     host.sleep(host.timing.shutdown_seconds)
     with store.lock:
         record = _vm(host, vm)
         if record["is_control_domain"]:
             raise XapiError("OPERATION_NOT_ALLOWED", "the control domain cannot be shut down")
         _require_power_state(host, vm, "Running", "Paused", "Suspended")
+        require_member_live(host, vm)
         _fault(host, "hard_shutdown", vm)
         stop(host, vm)
         store.update(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from . import lifecycle
 from .catalogue import BUILTIN_TEMPLATES, TEMPLATE_SNAPSHOTS, TEMPLATES, OsTemplate
-from .host import SimHost
+from .host import SimHost, host_memory_overhead, member_address
 from .scheduler import Scheduler
 from .settings import HostSpec, Timing
 
@@ -80,7 +80,8 @@ def _populate(host: SimHost) -> None:
             crash_dump_SR=refs.sr,
         )
         for member in refs.members:
-            store.update("host", member, suspend_image_sr=refs.sr, crash_dump_sr=refs.sr)
+            own = refs.local_srs.get(member, refs.sr)
+            store.update("host", member, suspend_image_sr=own, crash_dump_sr=own)
             dom0 = _dom0(host, member)
             if member == refs.host:
                 refs.dom0 = dom0
@@ -114,8 +115,9 @@ def _member(host: SimHost, position: int) -> str:
             "name_label": name,
             "name_description": "Default install",
             "hostname": name,
-            "address": "127.0.0.1",
+            "address": member_address(position),
             "enabled": True,
+            "memory_overhead": str(host_memory_overhead(spec.memory)),
             "API_version_major": "2",
             "API_version_minor": "21",
             "API_version_vendor": "XenSource",
@@ -222,22 +224,37 @@ def _storage(host: SimHost) -> None:
             "sm_config": {"allocation": "thick", "use_vhd": "true", "devserial": "scsi-3600508b1001c5e6f"},
         }
         device_config = {"device": "/dev/disk/by-id/scsi-3600508b1001c5e6f-part3"}
-    refs.sr = store.create(
-        "SR",
-        {
-            "name_label": spec.storage_name,
-            "name_description": "",
-            "physical_size": str(spec.sr_size),
-            "physical_utilisation": "0",
-            "virtual_allocation": "0",
-            "allowed_operations": ["vdi_create", "vdi_destroy", "vdi_clone", "vdi_snapshot", "vdi_resize", "scan"],
-            **sr_fields,
-        },
-    )
-    for member in refs.members:
-        store.create(
-            "PBD", {"host": member, "SR": refs.sr, "device_config": dict(device_config), "currently_attached": True}
+
+    def make_sr(description: str) -> str:
+        return store.create(
+            "SR",
+            {
+                "name_label": spec.storage_name,
+                "name_description": description,
+                "physical_size": str(spec.sr_size),
+                "physical_utilisation": "0",
+                "virtual_allocation": "0",
+                "allowed_operations": ["vdi_create", "vdi_destroy", "vdi_clone", "vdi_snapshot", "vdi_resize", "scan"],
+                **sr_fields,
+            },
         )
+
+    if spec.shared_storage:
+        refs.sr = make_sr("")
+        for member in refs.members:
+            store.create(
+                "PBD", {"host": member, "SR": refs.sr, "device_config": dict(device_config), "currently_attached": True}
+            )
+    else:
+        # each member's own disk, all named alike (xapi makes "Local storage" on every host
+        # of a pool; an admin renames them the same way); the pool's default is the master's
+        for position, member in enumerate(refs.members):
+            sr = make_sr(f"on {spec.member_name(position)}" if spec.pool_size > 1 else "")
+            store.create(
+                "PBD", {"host": member, "SR": sr, "device_config": dict(device_config), "currently_attached": True}
+            )
+            refs.local_srs[member] = sr
+        refs.sr = refs.local_srs[refs.members[0]]
     refs.iso_sr = store.create(
         "SR",
         {
@@ -317,7 +334,7 @@ def _pif(host: SimHost, member: str, position: int) -> str:
             "physical": True,
             "currently_attached": True,
             "ip_configuration_mode": "Static",
-            "IP": "127.0.0.1",
+            "IP": member_address(position),
             "netmask": "255.0.0.0",
             "gateway": "",
             "DNS": "",

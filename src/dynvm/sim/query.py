@@ -5,6 +5,11 @@ xapi evaluates expressions over its database rows, e.g.
 Row values are strings there (booleans are "true"/"false"); database column names put
 ``__`` where a field name has a namespace separator (``name__label``), so both spellings
 are accepted here.
+
+Errors as xapi gives them (xen-api db_filter.ml, db_cache_types.ml, exnHelper.ml): an
+expression that does not parse is ``INVALID_VALUE [expr, why]``; a field the class does
+not have is ``INTERNAL_ERROR ["missing field", field, ""]``, raised when a row is read, so
+a table with no rows answers ``{}``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise XapiError("INTERNAL_ERROR", f"cannot parse expression at {text[pos:]!r}")
+            raise XapiError("INVALID_VALUE", text, f"cannot parse at {text[pos:]!r}")
         lpar, rpar, op, string, word = m.groups()
         if lpar:
             out.append(("(", "("))
@@ -59,7 +64,7 @@ def parse(text: str) -> Predicate:
         nonlocal pos
         tok = peek()
         if tok is None or tok[0] != kind or (value is not None and tok[1] != value):
-            raise XapiError("INTERNAL_ERROR", f"cannot parse expression {text!r}")
+            raise XapiError("INVALID_VALUE", text, "cannot parse the expression")
         pos += 1
         return tok[1]
 
@@ -71,8 +76,11 @@ def parse(text: str) -> Predicate:
             plain = name.replace("__", "_")
 
             def get(row: dict[str, object]) -> str:
-                value = row.get(name, row.get(plain, ""))
-                return _db_string(value)
+                if name in row:
+                    return _db_string(row[name])
+                if plain in row:
+                    return _db_string(row[plain])
+                raise XapiError("INTERNAL_ERROR", "missing field", name, "")
 
             return get
         literal = take("str")
@@ -118,5 +126,5 @@ def parse(text: str) -> Predicate:
         return lambda row: True
     predicate = disjunction()
     if peek() is not None:
-        raise XapiError("INTERNAL_ERROR", f"cannot parse expression {text!r}")
+        raise XapiError("INVALID_VALUE", text, "cannot parse the expression")
     return predicate

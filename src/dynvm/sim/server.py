@@ -140,6 +140,7 @@ class Endpoint:
         self._thread: threading.Thread | None = None
         self.port = port
         self.down = ""  # "", "hang" or "refuse"
+        self._switching = threading.RLock()  # an outage and its end never overlap
         self._answering = threading.Event()
         self._answering.set()
 
@@ -174,15 +175,17 @@ class Endpoint:
     def go_down(self, mode: str) -> None:
         if mode not in ("hang", "refuse"):
             raise ValueError(f"unknown outage mode {mode!r}: use 'hang' or 'refuse'")
-        self.restore()
-        self.down = mode
-        if mode == "hang":
-            self._answering.clear()
-        else:
-            self.stop()
+        with self._switching:
+            self.restore()
+            self.down = mode
+            if mode == "hang":
+                self._answering.clear()
+            else:
+                self.stop()
 
     def restore(self) -> None:
-        if self.down == "refuse":
-            self.start()
-        self.down = ""
-        self._answering.set()
+        with self._switching:
+            if self.down == "refuse":
+                self.start()
+            self.down = ""
+            self._answering.set()

@@ -25,7 +25,8 @@ class HostSpec:
     storage_name: str = ""
     dhcp_network: ipaddress.IPv4Network | None = None
     xenserver_version: tuple[int, int] = (8, 2)  # an older host lacks the messages released after it
-    pool_size: int = 1  # hosts in this pool: the master, then members sharing its SR and network
+    pool_size: int = 1  # hosts in this pool: the master, then members sharing its network
+    storage: str = ""  # "shared": one SR every member reaches; "local": an SR per member; "": by pool size
     service_port: int = 0  # where a booted Linux guest's sshd listens (0: guests open no service)
     winrm_port: int = 0  # and a Windows guest's WinRM
 
@@ -46,8 +47,12 @@ class HostSpec:
 
     @property
     def shared_storage(self) -> bool:
-        """A pool of several hosts keeps its VMs' disks on one SR every member reaches."""
-        return self.pool_size > 1
+        """Whether the VMs' disks go on one SR every member reaches (a pool's default), or
+        on each member's own local SR, all named alike (a lone host's, and the usual
+        XCP-ng pool built from hosts with local disks)."""
+        if self.storage not in ("", "shared", "local"):
+            raise ValueError(f"storage is 'shared' or 'local', not {self.storage!r}")
+        return self.storage == "shared" if self.storage else self.pool_size > 1
 
 
 # Messages dynvm or its peers may call that a host has only from some XenServer release on
@@ -75,6 +80,7 @@ class Timing:
     boot_seconds: float = 0.0
     ip_seconds: float = 0.0
     service_seconds: float = 0.0  # from the guest's address to its service port answering
+    heartbeat_seconds: float = 0.0  # from a member going down to its master marking it not live
     time_scale: float = 1.0
 
     def scaled(self, seconds: float) -> float:

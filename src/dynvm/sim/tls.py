@@ -15,7 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def write_self_signed(cert_path: Path, key_path: Path, common_name: str = "dynvm-sim") -> None:
+def write_self_signed(
+    cert_path: Path, key_path: Path, common_name: str = "dynvm-sim", address: str = "127.0.0.1"
+) -> None:
+    """A certificate for ``address`` (and localhost), signed by its own key."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -28,7 +31,7 @@ def write_self_signed(cert_path: Path, key_path: Path, common_name: str = "dynvm
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(address))]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

@@ -387,6 +387,23 @@ class LeaseStore:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(vm_ref=vm_ref))
 
+    def rehome(self, from_ref: str, to_ref: str) -> int:
+        """Move what is held on configured host ``from_ref`` to ``to_ref``, the same pool
+        named by an earlier section (``[xenhostN]`` sections that turned out to name one
+        pool): active leases, their reservations and clones left behind. The number of
+        leases moved."""
+        with self.db.write() as conn:
+            moved = conn.execute(
+                update(leases)
+                .where((leases.c.host_ref == from_ref) & leases.c.state.in_(ACTIVE_STATES))
+                .values(host_ref=to_ref)
+            ).rowcount
+            conn.execute(update(reservations).where(reservations.c.host_ref == from_ref).values(host_ref=to_ref))
+            conn.execute(
+                update(abandoned_clones).where(abandoned_clones.c.host_ref == from_ref).values(host_ref=to_ref)
+            )
+            return int(moved or 0)
+
     # -- clones left behind on hosts that stopped answering ----------------------------
 
     def abandon_clone(self, host_ref: str, task: str, lease_id: str, name: str, now: float) -> None:

@@ -28,6 +28,8 @@ class Check:
 class HostReport:
     host: HostSettings
     checks: list[Check] = field(default_factory=list)
+    pool_uuid: str = ""  # the pool it reached (several sections may name one pool)
+    pool_name: str = ""  # its name_label, else its master's
 
     @property
     def ok(self) -> bool:
@@ -40,11 +42,29 @@ class HostReport:
 def _pool(xapi: Any, host: HostSettings, report: HostReport) -> None:
     """Say which hosts the pool has and which is its master (host.name may name any)."""
     records = xapi.host.get_all_records()
+    [(pool_ref, pool)] = xapi.pool.get_all_records().items()
+    master = pool["master"]
+    report.pool_uuid = pool["uuid"]
+    report.pool_name = pool["name_label"] or records.get(master, {}).get("name_label", "")
+    del pool_ref
     if len(records) < 2:
         return
-    master = xapi.pool.get_master(xapi.pool.get_all()[0])
     names = [records[master]["name_label"], *sorted(r["name_label"] for ref, r in records.items() if ref != master)]
     report.add("pool", True, f"{len(records)} hosts, master {names[0]}; members {', '.join(names[1:])}")
+
+
+def same_pools(reports: list[HostReport]) -> dict[str, list[HostReport]]:
+    """Sections that reached one pool, by the first of them (in the configuration's order):
+    dynvm counts such a pool once, under its first section."""
+    first: dict[str, HostReport] = {}
+    out: dict[str, list[HostReport]] = {}
+    for report in reports:
+        if not report.pool_uuid:
+            continue
+        head = first.setdefault(report.pool_uuid, report)
+        if head is not report:
+            out.setdefault(head.host.section, [head]).append(report)
+    return out
 
 
 def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
@@ -75,23 +95,34 @@ def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
             (r for r in xapi.SR.get_all_records().values() if r["name_label"] == host.storage_name),
             key=lambda r: r["uuid"],  # the one provision takes
         )
-        if len(srs) > 1:
+        members = set(xapi.host.get_all())
+        reach = [{xapi.PBD.get_host(pbd) for pbd in sr["PBDs"]} for sr in srs]
+        local = len(srs) > 1 and len(srs) == len(members) and all(len(r) == 1 for r in reach)
+        local = local and set().union(*reach) == members  # one local SR per member, named alike
+        if len(srs) > 1 and not local:
             report.add("storage", False, f"{len(srs)} storage repositories are named {host.storage_name!r}: rename one")
         elif not srs:
             report.add("storage", False, f"no storage repository named {host.storage_name!r}: fix host.storage.name")
         elif srs[0]["content_type"] == "iso":
             report.add("storage", False, f"{host.storage_name!r} holds ISO images, not disks: fix host.storage.name")
+        elif local:
+            free = sum(int(sr["physical_size"]) - int(sr["physical_utilisation"]) for sr in srs)
+            report.add(
+                "storage",
+                True,
+                f"{host.storage_name!r} on each of the {len(srs)} members (local), "
+                f"{free / 1024**3:,.0f} GiB free in all",
+            )
         else:
             free = int(srs[0]["physical_size"]) - int(srs[0]["physical_utilisation"])
-            members = set(xapi.host.get_all())
-            reached = {xapi.PBD.get_host(pbd) for pbd in srs[0]["PBDs"]}
+            reached = reach[0]
             if len(members) > 1 and not members <= reached:
                 names = ", ".join(sorted(xapi.host.get_name_label(m) for m in members - reached))
                 report.add(
                     "storage",
                     False,
                     f"{host.storage_name!r} is not reachable from every pool member ({names} lack it): "
-                    "name a shared SR in host.storage.name",
+                    "name a shared SR in host.storage.name, or give each member a local SR of that name",
                 )
             else:
                 shared = " (shared by the pool)" if len(members) > 1 else ""

@@ -41,7 +41,17 @@ NULL_REF = "OpaqueRef:NULL"
 # The classes mirrored, and the fields of each that dynvm reads.
 KEPT_FIELDS: dict[str, tuple[str, ...]] = {
     "pool": ("uuid", "name_label", "master"),
-    "host": ("uuid", "name_label", "address", "cpu_info", "metrics", "control_domain", "enabled", "PBDs"),
+    "host": (
+        "uuid",
+        "name_label",
+        "address",
+        "cpu_info",
+        "metrics",
+        "control_domain",
+        "enabled",
+        "PBDs",
+        "memory_overhead",
+    ),
     "host_metrics": ("uuid", "memory_total", "memory_free", "live"),
     "VM": (
         "uuid",
@@ -65,7 +75,7 @@ KEPT_FIELDS: dict[str, tuple[str, ...]] = {
         "VIFs",
     ),
     "VM_guest_metrics": ("uuid", "os_version", "networks"),
-    "SR": ("uuid", "name_label", "type", "content_type", "physical_size", "physical_utilisation", "PBDs"),
+    "SR": ("uuid", "name_label", "type", "content_type", "shared", "physical_size", "physical_utilisation", "PBDs"),
     "PBD": ("uuid", "host", "SR", "currently_attached"),
     "PIF": ("uuid", "device", "network", "host", "management", "IP"),
     "network": ("uuid", "name_label", "bridge"),
@@ -80,6 +90,7 @@ class HostState(enum.Enum):
     CONNECTING = "connecting"
     UP = "up"
     DOWN = "down"
+    SAME_POOL = "same pool"  # another, earlier section names the same pool: counted there
 
 
 def is_real_ip(address: str | None) -> bool:
@@ -162,10 +173,13 @@ class MemberView:
     cpus: int
     memory_total: int
     memory_free: int
-    dom0_memory: int
+    dom0_memory: int  # its control domain's memory_static_max plus memory_overhead
     master: bool
     enabled: bool = True  # False: xapi starts no VM there (host.disable, maintenance)
     live: bool = True  # host_metrics.live: False when the master lost touch with it
+    memory_overhead: int = 0  # host.memory_overhead: what Xen keeps for itself
+    address: str = ""  # where the member answers (host.address)
+    uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,12 @@ class HostView:
     storage: dict[str, tuple[int, int]] = field(default_factory=dict)  # SR name -> (size, used)
     disks: tuple[DiskView, ...] = ()  # disks with dynvm's marker
     members: tuple[MemberView, ...] = ()  # the master first
+    pool_uuid: str = ""
+    pool_name: str = ""
+    same_pool_as: str = ""  # SAME_POOL: the ref of the section that counts this pool
+    # SR name -> member ref -> (size, used): SRs of that name that a member reaches alone
+    # (local storage, one per member, named alike); shared SRs are in ``storage``
+    local_storage: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def running_vms(self) -> list[VmView]:
@@ -238,6 +258,10 @@ class HostMirror:
         self._version = 0
         self._view: HostView | None = None
         self.synced = threading.Event()
+        # what the pool is, remembered while the host is down: its uuid, and where its members
+        # answer (to reach a new master when the configured address does not answer)
+        self.pool_uuid = ""
+        self.member_addresses: tuple[str, ...] = ()
 
     # -- written by the watcher -------------------------------------------------------
 
@@ -251,6 +275,7 @@ class HostMirror:
             self._records = records
             self._state = HostState.UP
             self._error = ""
+            self._remember_pool()
             self._changed()
         self.synced.set()
 
@@ -264,7 +289,18 @@ class HostMirror:
                     self._records[cls].pop(event["ref"], None)
                 elif "snapshot" in event:
                     self._records[cls][event["ref"]] = _trim(cls, event["snapshot"])
+            self._remember_pool()
             self._changed()
+
+    def _remember_pool(self) -> None:
+        pool = next(iter(self._records["pool"].values()), {})
+        self.pool_uuid = pool.get("uuid", self.pool_uuid)
+        master = pool.get("master", NULL_REF)
+        hosts = self._records["host"]
+        ordered = sorted(hosts, key=lambda ref: (ref != master, hosts[ref].get("name_label", "")))
+        addresses = tuple(hosts[ref].get("address", "") for ref in ordered)
+        if any(addresses):
+            self.member_addresses = tuple(a for a in addresses if a)
 
     def mark_down(self, error: str) -> None:
         with self._lock:
@@ -294,14 +330,15 @@ class HostMirror:
     def _build_view(self) -> HostView:
         ref = self.settings.ref
         if self._state is not HostState.UP:
-            return HostView(ref, self._state, self._error, name=self.settings.section)
+            return HostView(ref, self._state, self._error, name=self.settings.section, pool_uuid=self.pool_uuid)
         guest = self._records["VM_guest_metrics"]
         vms, templates = [], []
-        dom0_memory: dict[str, int] = {}  # member ref -> its control domain's memory
+        dom0_memory: dict[str, int] = {}  # member ref -> what its control domain holds
         for vm_ref, vm in self._records["VM"].items():
             if vm.get("is_control_domain"):
                 member = vm.get("resident_on", NULL_REF)
-                dom0_memory[member] = dom0_memory.get(member, 0) + int(vm.get("memory_static_max", "0"))
+                held = int(vm.get("memory_static_max", "0")) + int(vm.get("memory_overhead", "0"))
+                dom0_memory[member] = dom0_memory.get(member, 0) + held
                 continue
             if vm.get("is_a_snapshot"):
                 continue
@@ -326,13 +363,18 @@ class HostMirror:
                 )
             )
         members = self._members(dom0_memory)
-        storage = {}
+        storage: dict[str, tuple[int, int]] = {}
+        local_storage: dict[str, dict[str, tuple[int, int]]] = {}
+        pbds = self._records["PBD"]
         for sr in self._records["SR"].values():
-            if sr.get("content_type") != "iso":
-                storage[sr["name_label"]] = (
-                    int(sr.get("physical_size", "0")),
-                    int(sr.get("physical_utilisation", "0")),
-                )
+            if sr.get("content_type") == "iso":
+                continue
+            figures = (int(sr.get("physical_size", "0")), int(sr.get("physical_utilisation", "0")))
+            reached_by = {pbds[p].get("host") for p in sr.get("PBDs", ()) if p in pbds}
+            if len(members) > 1 and len(reached_by) == 1 and not sr.get("shared", False):
+                local_storage.setdefault(sr["name_label"], {})[next(iter(reached_by))] = figures
+            else:
+                storage[sr["name_label"]] = figures
         disks = tuple(
             DiskView(
                 ref=vdi_ref,
@@ -357,6 +399,9 @@ class HostMirror:
             storage=storage,
             disks=disks,
             members=members,
+            pool_uuid=self.pool_uuid,
+            pool_name=next(iter(self._records["pool"].values()), {}).get("name_label", ""),
+            local_storage=local_storage,
         )
 
     def _members(self, dom0_memory: dict[str, int]) -> tuple[MemberView, ...]:
@@ -377,6 +422,9 @@ class HostMirror:
                     master=host_ref == master or len(self._records["host"]) == 1,
                     enabled=bool(host.get("enabled", True)),
                     live=bool(metrics.get("live", True)),
+                    memory_overhead=int(host.get("memory_overhead", "0")),
+                    address=host.get("address", ""),
+                    uuid=host.get("uuid", ""),
                 )
             )
         return tuple(sorted(members, key=lambda m: (not m.master, m.name)))
@@ -418,6 +466,13 @@ def _libc() -> ctypes.CDLL | None:
         return libc
     except (OSError, AttributeError):
         return None
+
+
+def _counted_in(ref: str, mirrors: dict[str, HostMirror]) -> str:
+    uuid = mirrors[ref].pool_uuid if ref in mirrors else ""
+    if not uuid:
+        return ref
+    return next(r for r in sorted(mirrors, key=int) if mirrors[r].pool_uuid == uuid)
 
 
 class HostWatcher:
@@ -487,7 +542,9 @@ class HostWatcher:
 
     def _follow(self) -> None:
         host = self.mirror.settings
-        session, self._transport = open_session(host, timeout=self.event_timeout + 3.0)
+        session, self._transport = open_session(
+            host, timeout=self.event_timeout + 3.0, members=self.mirror.member_addresses
+        )
         try:
             xapi = session.xenapi
             classes = list(KEPT_FIELDS)
@@ -532,6 +589,7 @@ class Inventory:
         self._lock = threading.Lock()
         self._hosts: dict[str, tuple[HostMirror, HostWatcher, SessionPool]] = {}
         self._full_loads = threading.BoundedSemaphore(FULL_LOADS_AT_ONCE)
+        self._announced: set[tuple[str, str]] = set()  # (section ref, the ref counting its pool) logged
 
     def apply(self, settings: Settings) -> None:
         """Start watchers for new hosts, stop them for removed ones, restart changed ones.
@@ -547,13 +605,13 @@ class Inventory:
             for ref, host in wanted.items():
                 if ref not in self._hosts:
                     mirror = HostMirror(host)
-                    pool = SessionPool(host, timeout=self.call_timeout)
+                    pool = SessionPool(host, timeout=self.call_timeout, members=lambda m=mirror: m.member_addresses)
                     watcher = HostWatcher(
                         mirror,
                         self.event_timeout,
                         on_change=self._on_change,
                         full_loads=self._full_loads,
-                        on_up=pool.reset_backoff,  # the host answers again: so may the calls that back off
+                        on_up=pool.reconnected,  # the host answers again: so may the calls that back off
                     )
                     self._hosts[ref] = (mirror, watcher, pool)
                     watcher.start()
@@ -578,13 +636,53 @@ class Inventory:
         return entry[2] if entry else None
 
     def view(self, ref: str) -> HostView | None:
-        mirror = self.mirror(ref)
-        return mirror.view() if mirror else None
+        with self._lock:
+            entry = self._hosts.get(ref)
+            mirrors = {r: e[0] for r, e in self._hosts.items()}
+        if entry is None:
+            return None
+        return self._as_counted(entry[0], mirrors)
 
     def views(self) -> list[HostView]:
         with self._lock:
-            mirrors = [self._hosts[ref][0] for ref in sorted(self._hosts, key=int)]
-        return [m.view() for m in mirrors]
+            mirrors = {r: e[0] for r, e in self._hosts.items()}
+        return [self._as_counted(mirrors[ref], mirrors) for ref in sorted(mirrors, key=int)]
+
+    def counted_in(self, ref: str) -> str:
+        """The section that counts ``ref``'s pool: the first, in the configuration's order,
+        that reached a pool with the same uuid (``ref`` itself for a pool no earlier section
+        names, or one not reached yet). It never moves to a later section while the earlier
+        one is down, so leases keep their host."""
+        with self._lock:
+            mirrors = {r: e[0] for r, e in self._hosts.items()}
+        return _counted_in(ref, mirrors)
+
+    def _as_counted(self, mirror: HostMirror, mirrors: dict[str, HostMirror]) -> HostView:
+        view = mirror.view()
+        ref = mirror.settings.ref
+        same = _counted_in(ref, mirrors)
+        if same == ref:
+            return view
+        first = mirrors[same].settings
+        if (ref, same) not in self._announced:
+            self._announced.add((ref, same))
+            log.warning(
+                "[%s] (%s) names the same pool as [%s] (%s): counted once, as [%s]",
+                mirror.settings.section,
+                mirror.settings.display,
+                first.section,
+                first.display,
+                first.section,
+            )
+        own = "" if view.state is HostState.UP else f"; its own address does not answer ({view.error})"
+        return HostView(
+            ref,
+            HostState.SAME_POOL,
+            f"the same pool as [{first.section}] ({first.display}): counted once, there{own}",
+            name=mirrors[same].view().name or first.section,
+            pool_uuid=mirror.pool_uuid,
+            same_pool_as=same,
+        )
 
     def wait_synced(self, timeout: float = 30.0) -> bool:
         """Block until every host has been loaded once or found down (start-up)."""

@@ -86,6 +86,7 @@ class XenProvider:
             memory_total=view.memory_total,
             memory_free=view.memory_free,
             running_vms=len(running),
+            same_pool_as=view.same_pool_as,
             members=tuple(
                 MemberStatus(
                     ref=m.ref,
@@ -117,6 +118,8 @@ class XenProvider:
         view = self.inventory.view(host.ref)
         if name is None:
             return f"{host.section} has no template for {os}"
+        if view is not None and view.state is HostState.SAME_POOL:
+            return f"{host.section} is {view.error}"
         if view is None or view.state is not HostState.UP:
             why = view.error if view is not None and view.error else "not answering yet"
             return f"{host.section} is down: {why}"
@@ -135,6 +138,9 @@ class XenProvider:
             if choice.template is None:
                 problems.append(f"[{host.section}] {os}.template: {choice.problem} on {host.display}")
         return problems
+
+    def counted_in(self, host: HostSettings) -> str:
+        return self.inventory.counted_in(host.ref)
 
     # -- one VM ----------------------------------------------------------------------------
 

@@ -146,7 +146,7 @@ class Provisioner:
             try:
                 with self.pool.session() as xapi:
                     template, template_name = self._template(xapi, spec)
-                    sr = self._sr(xapi)
+                    sr = self._sr(xapi, spec.member)
                     network = self._network(xapi)
                     progress("cloning")
                     vlog.info("attempt %d/%d: cloning %r on %s", attempt, attempts, template_name, self.host.display)
@@ -290,8 +290,17 @@ class Provisioner:
             )
         return choice.template.ref, choice.template.name
 
-    def _sr(self, xapi: Any) -> str:
+    def _sr(self, xapi: Any, member: str | None) -> str:
+        """The SR named ``host.storage.name`` the VM's disks go on. Where every member has
+        its own SR of that name (local storage), the one the member the VM will start on
+        reaches; else the first by uuid. Disks on an SR the member cannot reach would stop
+        the VM from starting there (``VM_REQUIRES_SR``)."""
         found = sorted(xapi.SR.get_by_name_label(self.host.storage_name), key=xapi.SR.get_uuid)
+        if len(found) > 1 and member:
+            for sr in found:
+                pbds = [xapi.PBD.get_record(p) for p in xapi.SR.get_PBDs(sr)]
+                if any(p["host"] == member and p["currently_attached"] for p in pbds):
+                    return sr
         if found:
             return found[0]
         names = sorted(r["name_label"] for r in xapi.SR.get_all_records().values() if r["content_type"] != "iso")

@@ -2,11 +2,15 @@
 mirror (no xapi call). Per member:
 
 - CPU: ``cpu_count x cpu.overcommit`` minus the vCPUs of the VMs running on it (dom0 aside),
-- memory: ``memory_total`` minus its dom0 minus the memory (``memory_static_max`` plus
-  xapi's overhead) of the VMs running on it,
+- memory: as xapi's admission counts it (memory_check.ml, ``compute_free_memory``):
+  ``memory_total`` minus Xen's own ``host.memory_overhead``, minus every domain resident
+  on it, dom0 included, at ``memory_static_max`` plus its ``memory_overhead`` (xapi counts
+  a ballooning guest at its dynamic minimum: dynvm keeps to the static maximum, never
+  over),
 
-and per pool the free space on the SR named ``host.storage.name`` (one SR, shared by the
-members of a pool, counted once). Each is less what in-flight creates have reserved until
+and the free space on the SR named ``host.storage.name``: one SR shared by the members of
+a pool, counted once; or, where each member has its own SR of that name (local storage),
+each member's own. Each is less what in-flight creates have reserved until
 their VM runs (from then on the host's own figures count it); a reservation holds CPU and
 memory on the member it was placed on. A down pool has no room; a member that is disabled
 or that its master lost has none either; a pool without the OS's template needs nothing
@@ -78,13 +82,23 @@ def room_on(
     known = view.members or (
         MemberView("", view.name, view.cpus, view.memory_total, view.memory_free, view.dom0_memory, master=True),
     )
+    local = view.local_storage.get(host.storage_name, {})
+
+    def own_disk(m: MemberView) -> int | None:
+        if not local:
+            return None
+        size, used = local.get(m.ref, (0, 0))
+        return size - used
+
     members = {
-        m.ref: MemberRoom(m.ref, m.cpus * overcommit, m.memory_total - m.dom0_memory)
+        m.ref: MemberRoom(m.ref, m.cpus * overcommit, m.memory_total - m.memory_overhead - m.dom0_memory, own_disk(m))
         if m.enabled and m.live
-        else MemberRoom(m.ref, 0, 0)
+        else MemberRoom(m.ref, 0, 0, 0 if local else None)
         for m in known
     }
-    room = HostRoom(ref=host.ref, disk=view.storage_free(host.storage_name) or 0, members=list(members.values()))
+    shared = view.storage_free(host.storage_name)
+    disk = shared if shared is not None else sum(d for m in members.values() if (d := m.disk) is not None)
+    room = HostRoom(ref=host.ref, disk=disk or 0, members=list(members.values()))
     master = room.members[0]
     for vm in running:
         member = members.get(vm.resident_on, master)
@@ -97,4 +111,6 @@ def room_on(
         member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]
         member.memory -= int(reservation["memory"])  # type: ignore[call-overload]
         room.disk -= int(reservation["disk"])  # type: ignore[call-overload]
+        if member.disk is not None:
+            member.disk -= int(reservation["disk"])  # type: ignore[call-overload]
     return room

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 import xmlrpc.client
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import XenAPI
@@ -125,13 +125,40 @@ def master_url(url: str, address: str) -> str:
 MAX_MASTER_HOPS = 2  # a member names its master; a master that moved may name another once
 
 
-def open_session(host: HostSettings, timeout: float) -> tuple[XapiSession, _Timeouts]:
+def member_url(url: str, address: str) -> str:
+    """The URL of another member of the pool ``url`` reaches: its scheme and port, the
+    member's address."""
+    return master_url(url, address)
+
+
+def open_session(
+    host: HostSettings, timeout: float, members: Sequence[str] = (), first: str | None = None
+) -> tuple[XapiSession, _Timeouts]:
     """Log in to one host: a new session (and HTTP connection) of its own.
 
     ``host.name`` may be any member of a pool: a member refuses the login with
     ``HOST_IS_SLAVE [master address]`` (only the master hands out sessions; the SDK does
-    not follow it), and the login goes to the master it names."""
-    url = host.url
+    not follow it), and the login goes to the master it names. When neither answers (the
+    member or the master it names is gone), the other ``members`` of the pool last seen
+    (their addresses, the master first) are tried the same way: after an emergency
+    transition, one of them is the new master. ``first``: a URL to try before the
+    configured one (where the last login succeeded)."""
+    starts = [u for u in dict.fromkeys([first or host.url, host.url]) if u]
+    starts += [u for u in dict.fromkeys(member_url(host.url, a) for a in members) if u not in starts]
+    unreachable: HostUnreachable | None = None
+    for start in starts:
+        try:
+            return _login_following_master(host, start, timeout)
+        except HostUnreachable as e:
+            unreachable = unreachable or e
+            if not members:
+                raise
+            log.info("%s: %s; trying the pool's other members", host.display, e)
+    assert unreachable is not None
+    raise unreachable
+
+
+def _login_following_master(host: HostSettings, url: str, timeout: float) -> tuple[XapiSession, _Timeouts]:
     for _ in range(MAX_MASTER_HOPS + 1):
         try:
             return _login(host, url, timeout)
@@ -186,8 +213,12 @@ class SessionPool:
         timeout: float = 30.0,
         max_idle: int = 8,
         clock: Callable[[], float] = time.monotonic,
+        members: Callable[[], Sequence[str]] = tuple,
     ) -> None:
+        """``members``: the addresses of the pool's members as last seen (the inventory's
+        mirror), to find the master through when the configured address does not answer."""
         self.host = host
+        self._members = members
         self.timeout = timeout
         self.max_idle = max_idle
         self._clock = clock
@@ -232,7 +263,7 @@ class SessionPool:
                     f"{self.host.display} is not answering; next attempt in {wait:.1f} s", self.host.ref
                 )
         try:
-            session, transport = open_session(self.host, self.timeout)
+            session, transport = open_session(self.host, self.timeout, self._members())
         except HostUnreachable:
             self._record_failure()
             raise
@@ -269,6 +300,16 @@ class SessionPool:
         """Allow the next checkout to try at once (e.g. when the host is known to be back)."""
         with self._lock:
             self._retry_at = 0.0
+
+    def reconnected(self) -> None:
+        """The host answers again, maybe through another member (a new master): try at once,
+        and log in anew, since idle sessions may be connections to a master that is gone."""
+        with self._lock:
+            self._retry_at = 0.0
+            idle, self._idle = self._idle, []
+        for session, transport in idle:
+            transport.abort()
+            del session
 
     @property
     def backing_off(self) -> bool:
