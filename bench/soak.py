@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import xmlrpc.client
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,8 @@ from dynvm.xen.marker import MARKER_KEY
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_SOAK_DB = "dynvm_soak"
-HOSTS = 3
+HOSTS = 3  # pools
+POOL_SIZE = 3  # members per pool, each named by a section of its own (--members-in-config)
 CLIENTS = 6
 POOLS = "\n[pools]\ncentos.ready=3\nrefill.per.host=1\n"  # a share of getservers comes warm
 
@@ -118,22 +120,40 @@ class Tally:
 
 
 class Lab:
-    """The simulator's hosts, seen by the soak: observer sessions and sim.* control."""
+    """The simulator's pools, seen by the soak: observer sessions and sim.* control. The
+    config may name a pool by several sections (``--members-in-config``); the soak reads
+    each pool once, through whichever member is its master now."""
 
-    def __init__(self, config: Path, control_url: str) -> None:
+    def __init__(self, config: Path, control_url: str, pool_size: int) -> None:
         self.settings = load_settings(config)
         self.service_port = self.settings.probe.port_for("centos") or 22  # the guests' sshd (the lab's [probe])
-        self.control = [SimControlClient(control_url, h.password.reveal()) for h in self.settings.hosts]
+        first: dict[str, object] = {}
+        for host in self.settings.hosts:  # a pool's sections share its password
+            first.setdefault(host.password.reveal(), host)
+        self.pools = list(first.values())
+        self.pool_size = pool_size
+        self.control = [SimControlClient(control_url, h.password.reveal()) for h in self.pools]  # type: ignore[attr-defined]
         self._local = threading.local()
 
     def xapi(self, index: int):  # type: ignore[no-untyped-def]
-        """A session per thread and host (a XenAPI session is not thread-safe)."""
+        """A session per thread and pool (a XenAPI session is not thread-safe), logged in at
+        whichever member answers as master: the soak moves the master around."""
         sessions = self._local.__dict__.setdefault("sessions", {})
         if index not in sessions:
-            host = self.settings.hosts[index]
-            session = XenAPI.Session(host.url, transport=None)
-            session.xenapi.login_with_password(host.user, host.password.reveal(), "2.21", "soak")
-            sessions[index] = session
+            host = self.pools[index]
+            port = host.url.rsplit(":", 1)[1]  # type: ignore[attr-defined]
+            last: Exception | None = None
+            for member in range(1, self.pool_size + 1):
+                session = XenAPI.Session(f"http://127.0.0.{member}:{port}", transport=None)
+                try:
+                    session.xenapi.login_with_password(host.user, host.password.reveal(), "2.21", "soak")  # type: ignore[attr-defined]
+                except (XenAPI.Failure, OSError) as e:  # a member, or one that is down
+                    last = e
+                    continue
+                sessions[index] = session
+                break
+            else:
+                raise RuntimeError(f"no master answers in pool {index + 1}: {last}")
         return sessions[index].xenapi
 
     def forget_sessions(self) -> None:
@@ -141,7 +161,7 @@ class Lab:
 
     def objects(self) -> tuple[set[str], set[str]]:
         vms, vdis = set(), set()
-        for index in range(len(self.settings.hosts)):
+        for index in range(len(self.pools)):
             xapi = self.xapi(index)
             vms |= {f"{index}:{r}" for r in xapi.VM.get_all()}
             vdis |= {f"{index}:{r}" for r in xapi.VDI.get_all()}
@@ -156,17 +176,17 @@ class Lab:
                 try:
                     record = getattr(self.xapi(int(index)), cls).get_record(ref)
                 except Exception as e:
-                    out.append(f"{cls} {ref} on host {int(index) + 1}: {e}")
+                    out.append(f"{cls} {ref} on pool {int(index) + 1}: {e}")
                     continue
                 marked = "marked" if MARKER_KEY in record["other_config"] else "unmarked"
                 state = record.get("power_state", "")
-                out.append(f"{cls} {record['name_label']!r} on host {int(index) + 1}: {state} {marked}".rstrip())
+                out.append(f"{cls} {record['name_label']!r} on pool {int(index) + 1}: {state} {marked}".rstrip())
         return out
 
     def running_with_ip(self, name: str, ip: str) -> bool | None:
-        """Is a VM of that name running with that IP? None: a host did not answer."""
+        """Is a VM of that name running with that IP? None: a pool did not answer."""
         try:
-            for index in range(len(self.settings.hosts)):
+            for index in range(len(self.pools)):
                 xapi = self.xapi(index)
                 for vm in xapi.VM.get_by_name_label(name):
                     record = xapi.VM.get_record(vm)
@@ -315,8 +335,8 @@ def release_for_good(servers: Servers, tally: Tally, user: str, count: int, gran
 
 FAULTS = (
     "kill -9 of dynvm serve",
-    "host refuses connections",
-    "host hangs",
+    "pool refuses connections",
+    "pool hangs",
     "APIPA on 30% of boots",
     "DHCP pool exhausted",
     "VM.destroy fails",
@@ -324,14 +344,29 @@ FAULTS = (
     "VM.clone fails",
     "VM.start fails",
     "sessions invalidated",
-    "slow host (300 ms a call)",
+    "slow pool (300 ms a call)",
     "sshd never answers",
+    "a member goes down",
+    "a member hangs",
+    "a slow member (300 ms a call)",
+    "maintenance: a member disabled and evacuated",
+    "a new master (designate_new_master)",
+    "the master dies: emergency transition",
 )
 
 
+def _members(lab: Lab, pool: int) -> tuple[int, list[str]]:
+    """The pool's master position and its members' refs, in position order."""
+    xapi = lab.xapi(pool)
+    records = xapi.host.get_all_records()
+    by_address = sorted(records, key=lambda ref: records[ref]["address"])
+    master = xapi.pool.get_master(xapi.pool.get_all()[0])
+    return by_address.index(master), by_address
+
+
 def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: threading.Event) -> None:
-    host = rng.randrange(len(lab.control))
-    control = lab.control[host]
+    pool = rng.randrange(len(lab.control))
+    control = lab.control[pool]
     hold = rng.uniform(5, 12)
     match kind:
         case "kill -9 of dynvm serve":
@@ -339,7 +374,7 @@ def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: thre
             servers.kill(index)
             stop.wait(rng.uniform(0.5, 3))
             servers.start(index)
-        case "host refuses connections" | "host hangs":
+        case "pool refuses connections" | "pool hangs":
             control.host_down("refuse" if "refuses" in kind else "hang")
             stop.wait(hold)
             control.host_up()
@@ -365,10 +400,54 @@ def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: thre
             control.service_never(True)
             stop.wait(hold)
             control.service_never(False)
-        case "slow host (300 ms a call)":
+        case "slow pool (300 ms a call)":
             control.set_timing({"latency_ms": 300})
             stop.wait(hold)
             control.set_timing({"latency_ms": 0})
+        case "a member goes down" | "a member hangs" | "a slow member (300 ms a call)":
+            master, _ = _members(lab, pool)
+            member = rng.choice([p for p in range(lab.pool_size) if p != master])
+            if "slow" in kind:
+                control.member_slow(member, 0.3)
+            else:
+                control.member_down(member, "hang" if "hangs" in kind else "refuse")
+            stop.wait(hold * 2)
+            if "slow" in kind:
+                control.member_slow(member, 0)
+            else:
+                control.member_up(member)
+        case "maintenance: a member disabled and evacuated":
+            master, members = _members(lab, pool)
+            xapi = lab.xapi(pool)
+            member = members[rng.choice([p for p in range(lab.pool_size) if p != master])]
+            xapi.host.disable(member)
+            try:
+                with contextlib.suppress(XenAPI.Failure):  # no room elsewhere: it stays, disabled
+                    xapi.host.evacuate(member)
+                stop.wait(hold * 2)
+            finally:
+                lab.xapi(pool).host.enable(member)
+        case "a new master (designate_new_master)":
+            master, members = _members(lab, pool)
+            lab.xapi(pool).pool.designate_new_master(members[(master + 1) % lab.pool_size])
+            lab.forget_sessions()
+        case "the master dies: emergency transition":
+            master, _ = _members(lab, pool)
+            control.member_down(master, "refuse")
+            stop.wait(hold)
+            heir = (master + 1) % lab.pool_size
+            port = lab.pools[pool].url.rsplit(":", 1)[1]  # type: ignore[attr-defined]
+            url = f"http://127.0.0.{heir + 1}:{port}"
+            password = lab.pools[pool].password.reveal()  # type: ignore[attr-defined]
+            local = XenAPI.Session(url)
+            local._session = xmlrpc.client.ServerProxy(url).session.slave_local_login_with_password("root", password)[
+                "Value"
+            ]
+            local.xenapi.pool.emergency_transition_to_master()
+            local.xenapi.pool.recover_slaves()
+            lab.forget_sessions()
+            stop.wait(hold)
+            control.member_up(master)  # back as a member of the new master
 
 
 def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event) -> None:
@@ -383,26 +462,28 @@ def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.R
 
 
 def sampler(lab: Lab, tally: Tally, stop: threading.Event) -> None:
-    """Every 2 s: no host runs more vCPUs or memory than it has."""
+    """Every 2 s: no member of a pool runs more vCPUs than it has CPUs, nor holds more
+    memory than it has (Xen's own share, dom0 and each domain with its overhead)."""
     while not stop.wait(2):
-        for index in range(len(lab.settings.hosts)):
+        for index in range(len(lab.pools)):
             try:
                 xapi = lab.xapi(index)
-                [host] = xapi.host.get_all()
-                cpus = int(xapi.host.get_cpu_info(host)["cpu_count"])
-                memory = int(xapi.host_metrics.get_memory_total(xapi.host.get_metrics(host)))
-                running = [
-                    r
-                    for r in xapi.VM.get_all_records().values()
-                    if r["power_state"] == "Running" and not r["is_control_domain"]
-                ]
-                used_cpus = sum(int(r["VCPUs_at_startup"]) for r in running)
-                used_memory = sum(int(r["memory_static_max"]) for r in running)
-                if used_cpus > cpus or used_memory > memory:
-                    with tally.lock:
-                        tally.overcommits.append(f"host {index + 1}: {used_cpus}/{cpus} vCPUs, {used_memory} bytes")
+                hosts = xapi.host.get_all_records()
+                vms = xapi.VM.get_all_records()
+                for ref, host in hosts.items():
+                    cpus = int(host["cpu_info"]["cpu_count"])
+                    memory = int(xapi.host_metrics.get_memory_total(host["metrics"])) - int(host["memory_overhead"])
+                    resident = [r for r in vms.values() if r["resident_on"] == ref and r["power_state"] == "Running"]
+                    used_cpus = sum(int(r["VCPUs_at_startup"]) for r in resident if not r["is_control_domain"])
+                    used_memory = sum(int(r["memory_static_max"]) + int(r["memory_overhead"]) for r in resident)
+                    if used_cpus > cpus or used_memory > memory:
+                        with tally.lock:
+                            tally.overcommits.append(
+                                f"pool {index + 1} {host['name_label']}: {used_cpus}/{cpus} vCPUs, "
+                                f"{used_memory}/{memory} bytes"
+                            )
             except Exception:
-                lab.forget_sessions()  # a host that is down right now
+                lab.forget_sessions()  # a pool that is down right now, or whose master just moved
 
 
 def fresh_postgres() -> str:
@@ -419,10 +500,12 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
     config = work / f"{backend}.ini"
     control_port = free_port()
     timing = ("--clone-seconds", "0.2", "--boot-seconds", "0.8", "--ip-seconds", "0.4")
-    with sim_process(config, "--hosts", str(HOSTS), "--control-port", str(control_port), *timing):
+    # members small enough that the soak's clients fill them: over-commits would show
+    pools = ("--pool-size", str(POOL_SIZE), "--members-in-config", "--host-cpus", "8", "--host-memory-gib", "24")
+    with sim_process(config, "--hosts", str(HOSTS), "--control-port", str(control_port), *pools, *timing):
         text = config.read_text().replace("vm.network.timeout.secs=400", "vm.network.timeout.secs=4")
         config.write_text(text + POOLS)  # ready pools in the storm too: handed out, refilled, killed mid-way
-        lab = Lab(config, f"http://127.0.0.1:{control_port}/")
+        lab = Lab(config, f"http://127.0.0.1:{control_port}/", POOL_SIZE)
         before_vms, before_vdis = lab.objects()
         db: Path | str = work / "soak.db" if backend == "sqlite" else fresh_postgres()
         servers = Servers(config, db, 1 if backend == "sqlite" else 2, work)
@@ -474,7 +557,10 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
 
 
 def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float) -> Table:
-    title = f"fault soak on {backend}: {minutes:g} min, {HOSTS} hosts, {CLIENTS} clients (2 CPUs)"
+    title = (
+        f"fault soak on {backend}: {minutes:g} min, {HOSTS} pools of {POOL_SIZE} (a section per member), "
+        f"{CLIENTS} clients (2 CPUs)"
+    )
     out = Table(title=title)
     for column in ("figure", "measured", "goal", "met"):
         out.add_column(column, justify="left" if column == "figure" else "right")

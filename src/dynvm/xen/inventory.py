@@ -84,6 +84,7 @@ KEPT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 CLASS_BY_LOWER = {name.lower(): name for name in KEPT_FIELDS}
 FULL_LOADS_AT_ONCE = 4
+ALIAS_RECHECK_SECONDS = 60.0  # how often a section of a pool counted elsewhere checks it still is
 
 
 class HostState(enum.Enum):
@@ -302,6 +303,13 @@ class HostMirror:
         if any(addresses):
             self.member_addresses = tuple(a for a in addresses if a)
 
+    def park(self) -> None:
+        """Another section counts this pool: drop its records (the other mirror has them)
+        and keep only what identifies the pool and reaches it."""
+        with self._lock:
+            self._records = {cls: {} for cls in KEPT_FIELDS}
+            self._changed()
+
     def mark_down(self, error: str) -> None:
         with self._lock:
             if self._state is not HostState.DOWN or self._error != error:
@@ -469,10 +477,21 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def _counted_in(ref: str, mirrors: dict[str, HostMirror]) -> str:
-    uuid = mirrors[ref].pool_uuid if ref in mirrors else ""
-    if not uuid:
+    """``mirrors`` in the configuration's order."""
+    mirror = mirrors.get(ref)
+    if mirror is None or not mirror.pool_uuid:
         return ref
-    return next(r for r in sorted(mirrors, key=int) if mirrors[r].pool_uuid == uuid)
+    return _first_by_pool(tuple((r, m.pool_uuid) for r, m in mirrors.items())).get(mirror.pool_uuid, ref)
+
+
+@functools.lru_cache(maxsize=8)
+def _first_by_pool(identities: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Pool uuid -> the first section (in the configuration's order) that reached it."""
+    first: dict[str, str] = {}
+    for ref, uuid in identities:
+        if uuid:
+            first.setdefault(uuid, ref)
+    return first
 
 
 class HostWatcher:
@@ -486,8 +505,15 @@ class HostWatcher:
         on_change: Callable[[str], None] | None = None,
         full_loads: threading.BoundedSemaphore | None = None,
         on_up: Callable[[], None] | None = None,
+        counted_elsewhere: Callable[[], bool] = lambda: False,
+        alias_recheck: float = ALIAS_RECHECK_SECONDS,
     ) -> None:
+        """``counted_elsewhere``: whether an earlier section counts this one's pool; such a
+        watcher stops following events (the other one does) and only checks every
+        ``alias_recheck`` seconds that its address still belongs to that pool."""
         self.mirror = mirror
+        self._counted_elsewhere = counted_elsewhere
+        self.alias_recheck = alias_recheck
         self._on_up = on_up or (lambda: None)
         self._full_loads = full_loads or threading.BoundedSemaphore(1)
         self.event_timeout = event_timeout
@@ -564,6 +590,11 @@ class HostWatcher:
             self._on_change(host.ref)
             token = batch["token"]
             while not self._stop.is_set():
+                if self._counted_elsewhere():
+                    self.mirror.park()
+                    self._on_change(host.ref)
+                    self._wait_while_counted_elsewhere(xapi)
+                    return  # its pool changed, or it counts now: load it whole again
                 batch = xapi.event_from(classes, token, self.event_timeout)
                 token = batch["token"]
                 if batch["events"]:
@@ -572,6 +603,17 @@ class HostWatcher:
         finally:
             if self._stop.is_set():
                 self._transport.abort()
+
+    def _wait_while_counted_elsewhere(self, xapi: Any) -> None:
+        """A section of a pool another section counts: follow nothing (the pool's events
+        would be parsed twice), and every ``alias_recheck`` seconds make sure the address
+        still reaches that pool (a host can leave a pool and be installed anew)."""
+        while not self._stop.wait(self.alias_recheck):
+            pools = xapi.pool.get_all_records()
+            uuid = next(iter(pools.values()), {}).get("uuid", "")
+            if uuid != self.mirror.pool_uuid or not self._counted_elsewhere():
+                log.info("%s: no longer the same pool as another section; following it", self.mirror.settings.display)
+                return
 
 
 class Inventory:
@@ -590,6 +632,8 @@ class Inventory:
         self._hosts: dict[str, tuple[HostMirror, HostWatcher, SessionPool]] = {}
         self._full_loads = threading.BoundedSemaphore(FULL_LOADS_AT_ONCE)
         self._announced: set[tuple[str, str]] = set()  # (section ref, the ref counting its pool) logged
+        self._mirrors: dict[str, HostMirror] = {}  # by ref, in the configuration's order; replaced whole
+        self._alias_views: dict[str, tuple[object, HostView]] = {}  # ref -> (what it was built from, view)
 
     def apply(self, settings: Settings) -> None:
         """Start watchers for new hosts, stop them for removed ones, restart changed ones.
@@ -612,10 +656,12 @@ class Inventory:
                         on_change=self._on_change,
                         full_loads=self._full_loads,
                         on_up=pool.reconnected,  # the host answers again: so may the calls that back off
+                        counted_elsewhere=lambda r=ref: self.counted_in(r) != r,
                     )
                     self._hosts[ref] = (mirror, watcher, pool)
                     watcher.start()
                     log.info("watching %s", host.display)
+            self._mirrors = {ref: self._hosts[ref][0] for ref in sorted(self._hosts, key=int)}
         for watcher, pool in stale:
             watcher.stop(wait=False)
             pool.close()
@@ -636,26 +682,20 @@ class Inventory:
         return entry[2] if entry else None
 
     def view(self, ref: str) -> HostView | None:
-        with self._lock:
-            entry = self._hosts.get(ref)
-            mirrors = {r: e[0] for r, e in self._hosts.items()}
-        if entry is None:
-            return None
-        return self._as_counted(entry[0], mirrors)
+        mirrors = self._mirrors  # a snapshot, replaced whole when the configuration changes
+        mirror = mirrors.get(ref)
+        return None if mirror is None else self._as_counted(mirror, mirrors)
 
     def views(self) -> list[HostView]:
-        with self._lock:
-            mirrors = {r: e[0] for r, e in self._hosts.items()}
-        return [self._as_counted(mirrors[ref], mirrors) for ref in sorted(mirrors, key=int)]
+        mirrors = self._mirrors
+        return [self._as_counted(mirror, mirrors) for mirror in mirrors.values()]
 
     def counted_in(self, ref: str) -> str:
         """The section that counts ``ref``'s pool: the first, in the configuration's order,
         that reached a pool with the same uuid (``ref`` itself for a pool no earlier section
         names, or one not reached yet). It never moves to a later section while the earlier
         one is down, so leases keep their host."""
-        with self._lock:
-            mirrors = {r: e[0] for r, e in self._hosts.items()}
-        return _counted_in(ref, mirrors)
+        return _counted_in(ref, self._mirrors)
 
     def _as_counted(self, mirror: HostMirror, mirrors: dict[str, HostMirror]) -> HostView:
         view = mirror.view()
@@ -663,26 +703,31 @@ class Inventory:
         same = _counted_in(ref, mirrors)
         if same == ref:
             return view
-        first = mirrors[same].settings
+        counting = mirrors[same]
+        key = (same, view, counting.view().name)
+        cached = self._alias_views.get(ref)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        first = counting.settings
         if (ref, same) not in self._announced:
             self._announced.add((ref, same))
             log.warning(
-                "[%s] (%s) names the same pool as [%s] (%s): counted once, as [%s]",
-                mirror.settings.section,
+                "%s names the same pool as %s: counted once, as [%s]",
                 mirror.settings.display,
-                first.section,
                 first.display,
                 first.section,
             )
         own = "" if view.state is HostState.UP else f"; its own address does not answer ({view.error})"
-        return HostView(
+        alias = HostView(
             ref,
             HostState.SAME_POOL,
-            f"the same pool as [{first.section}] ({first.display}): counted once, there{own}",
-            name=mirrors[same].view().name or first.section,
+            f"the same pool as {first.display}: counted once, there{own}",
+            name=counting.view().name or first.section,
             pool_uuid=mirror.pool_uuid,
             same_pool_as=same,
         )
+        self._alias_views[ref] = (key, alias)
+        return alias
 
     def wait_synced(self, timeout: float = 30.0) -> bool:
         """Block until every host has been loaded once or found down (start-up)."""
@@ -695,6 +740,7 @@ class Inventory:
         with self._lock:
             entries = list(self._hosts.values())
             self._hosts.clear()
+            self._mirrors = {}
         for _, watcher, pool in entries:
             watcher.stop(wait=False)
             pool.close()
