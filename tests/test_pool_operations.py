@@ -5,6 +5,7 @@ whole (never over-commit, never lose a lease, never a 500)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from dynvm.api.app import create_app
 from dynvm.leases import LeaseRequest
-from dynvm.model import NotEnoughCapacity
+from dynvm.model import CreateFailed, NotEnoughCapacity
 from dynvm.sim.control import SimControlClient
 from dynvm.xen.inventory import HostState
 
@@ -64,8 +65,11 @@ def test_a_pool_named_by_every_member_is_counted_once(make_services, sim_lab):
     assert max(vcpus_by_member(lab).values()) <= 32
     with pytest.raises(NotEnoughCapacity):
         services.leases.acquire(LeaseRequest("onemore", "centos"))
-    # each VM listed once, under the first section
+    # each VM listed once, under the first section; the dashboard counts one host
     client = TestClient(create_app(services))
+    summary = client.get("/api/v1/dashboard/overview").json()["summary"]
+    assert (summary["hosts"], summary["hosts_up"]) == (1, 1)
+    assert [h["same_pool_as"] for h in client.get("/api/v1/hosts").json()] == ["", "1", "1"]
     listed = json.loads(client.get("/showall").text)
     assert sorted(vm["name"] for vm in listed["1"]) == sorted(lease.name for lease in leases)
     assert listed["2"] == []
@@ -131,12 +135,17 @@ def test_a_member_that_goes_down_gets_no_vm_and_its_release_waits_for_it(make_se
     control(lab).member_down(2, "refuse")
     wait_for(lambda: not services.inventory.view("1").members[2].live, timeout=5)
     assert services.leases.available_count("centos") == before - 1  # its one free slot is gone
-    [status] = [m for m in services.leases.host_statuses()["1"].members if m.name == "sim-xen-01-h3"]
-    assert status.live is False
-    outcome = services.leases.release_names([stranded.name])
-    assert list(outcome.failed) == [stranded.name]
-    assert "HOST_OFFLINE" in outcome.failed[stranded.name] or "down" in outcome.failed[stranded.name]
     client = TestClient(create_app(services))
+    [member] = [m for m in client.get("/api/v1/hosts").json()[0]["members"] if m["name"] == "sim-xen-01-h3"]
+    assert member["live"] is False
+    assert member["reason"] == "down: the pool's master has lost touch with it"
+    overview = client.get("/api/v1/dashboard/overview").json()
+    assert overview["hosts"][0]["members_out"] == [{"name": "sim-xen-01-h3", "reason": member["reason"]}]
+    answer = client.get(f"/releaseservers/{stranded.name}")  # a sentence, never a 500
+    assert answer.status_code == 502
+    assert answer.text.startswith("Error: ")
+    assert stranded.name in answer.text
+    assert "HOST_OFFLINE" in answer.text
     [other] = [lease for lease in leases if lease is not stranded][:1]
     assert client.get(f"/releaseservers/{other.name}").status_code == 200
     control(lab).member_up(2)
@@ -227,3 +236,69 @@ def test_local_srs_put_each_vms_disk_where_it_starts(make_services):
                 continue
             [pbd] = xapi.SR.get_PBDs(xapi.VDI.get_SR(vdi))
             assert hosts[xapi.PBD.get_host(pbd)] == on[record["name_label"]]
+
+
+def test_a_restart_while_the_first_section_is_down_destroys_no_leased_vm(make_services, sim_lab):
+    """After a master hand-over, the first section's address (the old master) goes down and
+    dynvm restarts: the pool is now counted under the next section, which finds VMs whose
+    leases say host 1. Those are the same pool's, and nothing of them is destroyed."""
+    lab = sim_lab(pool_size=3, members_in_config=True)
+    services, _ = make_services(lab=lab)
+    leases = services.leases.acquire(LeaseRequest("keep", "centos", count=3))
+    assert {lease.host_ref for lease in leases} == {"1"}
+    xapi = lab.xapi()
+    h2 = next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == "sim-xen-01-h2")
+    xapi.pool.designate_new_master(h2)
+    services.stop()
+    control(lab).member_down(0, "refuse")
+    restarted, _ = make_services(lab=lab)  # the same database
+    assert restarted.leases.host_statuses()["2"].state == "up"  # it counts the pool now
+    report = restarted.leases.reconcile(startup=True)
+    assert report.orphans_destroyed == []
+    assert [restarted.leases.leases.get(lease.id).state for lease in leases] == ["ready"] * 3
+    on_host = resident_via(lab, "127.0.0.2")
+    assert all(on_host.get(lease.name) == "Running" for lease in leases)
+
+
+def test_a_member_address_now_in_another_pool_is_never_used(sim_lab):
+    """Pool 1 answers nowhere; the member address dynvm remembers for it now answers as
+    another pool, with the same credentials (an address reused after a reinstall). A
+    session there would count pool 2 as pool 1: the pool's uuid check refuses it."""
+    from dynvm.model import HostUnreachable
+    from dynvm.xen.session import open_session
+
+    lab = sim_lab(hosts=2)
+    first, second = lab.settings.hosts
+    pool_one = lab.xapi(0).pool.get_all_records()
+    [uuid_one] = [p["uuid"] for p in pool_one.values()]
+    lab.lab.nodes[1].host.spec.password = first.password.reveal()  # the same root password
+    control(lab).host_down("refuse")  # pool 1 answers nowhere
+    stale = second.url.split("://", 1)[1]  # "127.0.0.1:<pool 2's port>": remembered for pool 1
+    with pytest.raises(HostUnreachable):
+        open_session(first, 2.0, members=[stale], pool_uuid=uuid_one)
+    session, _ = open_session(first, 2.0, members=[stale])  # with no pool to check, it would be used
+    [found] = session.xenapi.pool.get_all_records().values()
+    assert found["uuid"] != uuid_one
+
+
+def test_a_ready_vm_on_a_member_the_master_lost_is_never_handed_out(make_services, sim_lab):
+    from .engine.test_ready_pools import fill, vm_records, with_pools
+
+    lab = with_pools(sim_lab, "centos.ready=2", pool_size=2, host_memory_gib=12.2)  # one VM per member
+    services, _ = make_services(lab=lab)
+    fill(services)
+    members = {record["name_label"]: record["resident_on"] for record in vm_records(lab).values()}
+    assert len(set(members.values())) == 2  # one ready VM on each member
+    xapi = lab.xapi()
+    h2 = next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == "sim-xen-01-h2")
+    on_h2 = {lease.vm_uuid for lease in services.leases.leases.pooled()} & {
+        xapi.VM.get_uuid(vm) for vm in xapi.host.get_resident_VMs(h2) if not xapi.VM.get_is_control_domain(vm)
+    }
+    control(lab).member_down(1, "refuse")
+    wait_for(lambda: not services.inventory.view("1").members[1].live, timeout=5)
+    leases = []
+    for n in range(2):  # the one on the lost member is not taken, warm or otherwise
+        with contextlib.suppress(NotEnoughCapacity, CreateFailed):
+            leases += services.leases.acquire(LeaseRequest(f"warm{n}", "centos"))
+    assert leases
+    assert not {lease.vm_uuid for lease in leases} & on_h2

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Connection
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from .config import HostSettings, Settings
@@ -212,7 +213,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         settings = self.settings
         self.check_os(settings, os)
         with self.leases.db.read() as conn:
-            reserved = self.leases.pending_reservations(conn)
+            reserved = self.reservations(conn)
         candidates = self._candidates(settings, os, None, None, reserved)
         ready = self.ready_pools.idle(settings, os)
         mine = {lease.id for lease in ready}
@@ -232,7 +233,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         """Every configured host the provider knows, in the configuration's order."""
         settings = self.settings
         with self.leases.db.read() as conn:
-            reserved = self.leases.pending_reservations(conn)
+            reserved = self.reservations(conn)
         out = []
         for host in settings.hosts:
             status = self.provider.status(host)
@@ -291,6 +292,21 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             raise
         self.tracker.finish(request_id)
         return leases
+
+    def reservations(self, conn: Connection) -> list[dict[str, object]]:
+        """The reservations of creates in flight, each on the configured host that counts
+        its pool: one made on a section that turned out to name a pool an earlier section
+        counts (its leases move there at the next reconcile) holds room there at once."""
+        rows = self.leases.pending_reservations(conn)
+        settings = self.settings
+        moved = {}
+        for host in settings.hosts:
+            status = self.provider.status(host)
+            if status is not None and status.same_pool_as:
+                moved[host.ref] = status.same_pool_as
+        if not moved:
+            return rows
+        return [{**row, "host_ref": moved.get(str(row["host_ref"]), row["host_ref"])} for row in rows]
 
     def counted_host(self, request: LeaseRequest) -> LeaseRequest:
         """A request pinned (``xhostref``) to a section that names the same pool as an
@@ -369,7 +385,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         with self.leases.db.write() as conn:
             self._refuse_leased_names(self.leases.by_name(names, conn), request)
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
-            reserved = self.leases.pending_reservations(conn)
+            reserved = self.reservations(conn)
             queued = self.requests.in_state(QUEUED) if immediate else []
             ready = []
             if self.ready_pools.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):

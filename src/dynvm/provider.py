@@ -108,6 +108,15 @@ class MemberStatus:
     memory_free: int
     running_vms: int
 
+    @property
+    def reason(self) -> str:
+        """Why no VM goes there now, or "" when they may."""
+        if not self.live:
+            return "down: the pool's master has lost touch with it"
+        if not self.enabled:
+            return "disabled (maintenance): xapi starts no VM there"
+        return ""
+
 
 @dataclass(frozen=True)
 class HostStatus:
@@ -124,6 +133,7 @@ class HostStatus:
     running_vms: int = 0
     members: tuple[MemberStatus, ...] = ()
     same_pool_as: str = ""  # the ref of the configured host that counts this one's pool, if another
+    pool_id: str = ""  # what the provider knows the pool by (its uuid on Xen); "" while not known
 
     @property
     def is_pool(self) -> bool:

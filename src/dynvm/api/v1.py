@@ -125,6 +125,7 @@ class MemberOut(BaseModel):
     memory_total: int
     memory_free: int
     running_vms: int
+    reason: str = Field("", description="why no VM goes there now (down, disabled); empty when they may")
 
 
 class HostOut(BaseModel):
@@ -182,7 +183,7 @@ async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
             memory_free=report.status.memory_free,
             running_vms=report.status.running_vms,
             capacity=report.capacity,
-            members=[MemberOut(**dataclasses.asdict(m)) for m in report.status.members],  # the same fields
+            members=[MemberOut(**dataclasses.asdict(m), reason=m.reason) for m in report.status.members],
             same_pool_as=report.status.same_pool_as,
         )
         for report in reports

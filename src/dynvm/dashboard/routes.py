@@ -92,6 +92,8 @@ def _overview(services: Services, caller: Caller) -> dict[str, Any]:
                 "others": {"vms": other_vms, "vcpus": other_cpus, "memory": other_memory},
                 "capacity": report.capacity,
                 "members": len(status.members),
+                "same_pool_as": status.same_pool_as,
+                "members_out": [{"name": m.name, "reason": m.reason} for m in status.members if m.reason],
             }
         )
     pools = [dataclasses.asdict(pool) for pool in engine.ready_pools.status()]
@@ -100,7 +102,7 @@ def _overview(services: Services, caller: Caller) -> dict[str, Any]:
         "time": engine.clock(),
         "auth": {"required": settings.auth.required, "user": caller.user, "admin": caller.admin},
         "summary": {
-            "hosts": len(settings.hosts),
+            "hosts": sum(1 for h in hosts if not h["same_pool_as"]),  # a pool named twice is one host
             "hosts_up": sum(1 for h in hosts if h["up"]),
             "leased": held,
             "ready": sum(p["ready"] for p in pools),

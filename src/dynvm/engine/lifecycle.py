@@ -138,7 +138,7 @@ class Lifecycle:
     def _move(self, settings: Settings, lease: Lease, exclude: set[str]) -> Lease | None:
         with self.leases.db.write() as conn:
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
-            reserved = [r for r in self.leases.pending_reservations(conn) if r["lease_id"] != lease.id]
+            reserved = [r for r in self.reservations(conn) if r["lease_id"] != lease.id]
             candidates = [
                 c
                 for c in self._candidates(settings, lease.os, lease.cpus, lease.memory, reserved)

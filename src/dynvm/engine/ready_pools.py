@@ -216,7 +216,7 @@ class ReadyPools:
         ``LeaseService.available_count``, in one read for all OSes)."""
         service = self._service
         with service.leases.db.read() as conn:
-            reserved = service.leases.pending_reservations(conn)
+            reserved = service.reservations(conn)
         ready = [lease for lease in service.leases.pooled() if lease.state == "ready" and lease.pooled_at]
         out = {}
         for os in oses:
@@ -281,7 +281,7 @@ class ReadyPools:
         if not idle:
             return []
         with service.leases.db.read() as conn:
-            reserved = service.leases.pending_reservations(conn)
+            reserved = service.reservations(conn)
         candidates = service._candidates(settings, request.os, request.cpus, request.memory, reserved, request.host_ref)
         if not candidates:
             return []
@@ -406,7 +406,7 @@ class ReadyPools:
         }
         with service.leases.db.write() as conn:
             service.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
-            reserved = service.leases.pending_reservations(conn)
+            reserved = service.reservations(conn)
             candidates = [
                 c for c in service._candidates(settings, os, None, None, reserved) if c.host.ref not in blocked
             ]

@@ -386,7 +386,7 @@ class Scheduler:
 
     def _fresh_snapshot(self, settings: Settings) -> Snapshot:
         with self.leases.leases.db.read() as conn:
-            reserved = self.leases.leases.pending_reservations(conn)
+            reserved = self.leases.reservations(conn)
         return self.snapshot(settings, reserved)
 
     def _forecast(self, settings: Settings, snap: Snapshot, left: list[RequestRecord]) -> None:

@@ -156,6 +156,20 @@ class Upkeep:
         self._report("reconciled", report)
         return report
 
+    def other_pools(self, a: str, b: str) -> bool:
+        """Whether configured hosts ``a`` and ``b`` are known to be different pools: both
+        reached, with pools of their own. A host that is gone from the configuration, or
+        not reached yet, may be the same pool, so nothing of it is judged left behind."""
+        settings = self.settings
+        ids = []
+        for ref in (a, b):
+            host = settings.host(ref)
+            status = self.provider.status(host) if host is not None else None
+            if status is None or not status.pool_id:
+                return False
+            ids.append(status.pool_id)
+        return ids[0] != ids[1]
+
     def rehome_same_pools(self, settings: Settings) -> None:
         """Leases held on a section that names the same pool as an earlier one (a pool
         written as a section per member, and an upgrade from a dynvm that counted each
@@ -247,7 +261,13 @@ class _Judge:
         if host_ref is None:
             return Verdict.KEEP  # a disk: its lease holds it wherever its VM is
         left_behind = holder.vm_uuid is not None and machine_uuid is not None and holder.vm_uuid != machine_uuid
-        return Verdict.KEEP if holder.host_ref == host_ref and not left_behind else Verdict.ENDED
+        if holder.host_ref == host_ref:
+            return Verdict.ENDED if left_behind else Verdict.KEEP
+        if holder.vm_uuid is not None and machine_uuid == holder.vm_uuid:
+            return Verdict.KEEP  # its own VM, seen through another section of the same pool
+        # found on another host than its lease's: a leftover of an attempt there, unless the
+        # two sections may name one pool (the same, or one of them not reached yet)
+        return Verdict.ENDED if self._upkeep.other_pools(holder.host_ref, host_ref) else Verdict.KEEP
 
     def quarantine_step(self, quarantined_at: float | None) -> QuarantineStep:
         return self._upkeep.quarantine_step(quarantined_at)

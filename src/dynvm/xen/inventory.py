@@ -569,7 +569,7 @@ class HostWatcher:
     def _follow(self) -> None:
         host = self.mirror.settings
         session, self._transport = open_session(
-            host, timeout=self.event_timeout + 3.0, members=self.mirror.member_addresses
+            host, self.event_timeout + 3.0, self.mirror.member_addresses, self.mirror.pool_uuid
         )
         try:
             xapi = session.xenapi
@@ -649,7 +649,12 @@ class Inventory:
             for ref, host in wanted.items():
                 if ref not in self._hosts:
                     mirror = HostMirror(host)
-                    pool = SessionPool(host, timeout=self.call_timeout, members=lambda m=mirror: m.member_addresses)
+                    pool = SessionPool(
+                        host,
+                        timeout=self.call_timeout,
+                        members=lambda m=mirror: m.member_addresses,
+                        pool_uuid=lambda m=mirror: m.pool_uuid,
+                    )
                     watcher = HostWatcher(
                         mirror,
                         self.event_timeout,

@@ -87,6 +87,7 @@ class XenProvider:
             memory_free=view.memory_free,
             running_vms=len(running),
             same_pool_as=view.same_pool_as,
+            pool_id=view.pool_uuid,
             members=tuple(
                 MemberStatus(
                     ref=m.ref,
@@ -194,7 +195,10 @@ class XenProvider:
         return list(machines)
 
     def _machines_of(self, host: HostSettings, view: HostView) -> list[Machine]:
+        """A VM on a member the master lost is not counted as running: xapi still says
+        Running, but nobody can reach it or know what it does until the member is back."""
         names = {m.ref: m.name for m in view.members}
+        lost = {m.ref for m in view.members if not m.live}
         return [
             Machine(
                 host_ref=host.ref,
@@ -203,7 +207,7 @@ class XenProvider:
                 name=vm.name,
                 description=vm.description,
                 power_state=vm.power_state,
-                running=vm.running,
+                running=vm.running and vm.resident_on not in lost,
                 vcpus=vm.vcpus,
                 memory=vm.memory,
                 addresses=tuple(vm.addresses),

@@ -26,7 +26,7 @@ from typing import Any
 import XenAPI
 
 from ..config import HostSettings
-from ..model import HostAuthFailed, HostUnreachable
+from ..model import HostAuthFailed, HostUnreachable, XenError
 
 log = logging.getLogger(__name__)
 
@@ -132,30 +132,48 @@ def member_url(url: str, address: str) -> str:
 
 
 def open_session(
-    host: HostSettings, timeout: float, members: Sequence[str] = (), first: str | None = None
+    host: HostSettings, timeout: float, members: Sequence[str] = (), pool_uuid: str = ""
 ) -> tuple[XapiSession, _Timeouts]:
     """Log in to one host: a new session (and HTTP connection) of its own.
 
     ``host.name`` may be any member of a pool: a member refuses the login with
     ``HOST_IS_SLAVE [master address]`` (only the master hands out sessions; the SDK does
-    not follow it), and the login goes to the master it names. When neither answers (the
+    not follow it), and the login goes to the master it names. When that fails (the
     member or the master it names is gone), the other ``members`` of the pool last seen
     (their addresses, the master first) are tried the same way: after an emergency
-    transition, one of them is the new master. ``first``: a URL to try before the
-    configured one (where the last login succeeded)."""
-    starts = [u for u in dict.fromkeys([first or host.url, host.url]) if u]
-    starts += [u for u in dict.fromkeys(member_url(host.url, a) for a in members) if u not in starts]
-    unreachable: HostUnreachable | None = None
-    for start in starts:
+    transition, one of them is the new master. A session found that way must reach the
+    pool ``pool_uuid`` (the one last seen): an address that now belongs to another pool
+    is passed over, so a section never starts counting another pool. The error raised is
+    the configured address's own."""
+    try:
+        return _login_following_master(host, host.url, timeout)
+    except (HostUnreachable, XenAPI.Failure) as e:
+        first_error = e
+        fallbacks = [u for u in dict.fromkeys(member_url(host.url, a) for a in members) if u != host.url]
+        if not fallbacks:
+            raise
+    log.info("%s: %s; trying the pool's other members", host.display, first_error)
+    for url in fallbacks:
         try:
-            return _login_following_master(host, start, timeout)
-        except HostUnreachable as e:
-            unreachable = unreachable or e
-            if not members:
-                raise
-            log.info("%s: %s; trying the pool's other members", host.display, e)
-    assert unreachable is not None
-    raise unreachable
+            session, transport = _login_following_master(host, url, timeout)
+        except (XenError, XenAPI.Failure) as e:  # down, refusing, or another pool's credentials
+            log.info("%s: %s: %s", host.display, url, e)
+            continue
+        if pool_uuid and _pool_of(session) != pool_uuid:
+            log.warning("%s: %s now belongs to another pool; not using it", host.display, url)
+            with contextlib.suppress(Exception):
+                session.xenapi.session.logout()
+            continue
+        return session, transport
+    raise first_error
+
+
+def _pool_of(session: XapiSession) -> str:
+    try:
+        pools = session.xenapi.pool.get_all_records()
+    except (XenAPI.Failure, *CONNECTION_ERRORS):
+        return ""
+    return str(next(iter(pools.values()), {}).get("uuid", ""))
 
 
 def _login_following_master(host: HostSettings, url: str, timeout: float) -> tuple[XapiSession, _Timeouts]:
@@ -214,11 +232,14 @@ class SessionPool:
         max_idle: int = 8,
         clock: Callable[[], float] = time.monotonic,
         members: Callable[[], Sequence[str]] = tuple,
+        pool_uuid: Callable[[], str] = str,
     ) -> None:
-        """``members``: the addresses of the pool's members as last seen (the inventory's
-        mirror), to find the master through when the configured address does not answer."""
+        """``members``, ``pool_uuid``: the addresses of the pool's members and the pool's
+        uuid as last seen (the inventory's mirror), to find the master through when the
+        configured address does not answer, and only in that pool."""
         self.host = host
         self._members = members
+        self._pool_uuid = pool_uuid
         self.timeout = timeout
         self.max_idle = max_idle
         self._clock = clock
@@ -263,7 +284,7 @@ class SessionPool:
                     f"{self.host.display} is not answering; next attempt in {wait:.1f} s", self.host.ref
                 )
         try:
-            session, transport = open_session(self.host, self.timeout, self._members())
+            session, transport = open_session(self.host, self.timeout, self._members(), self._pool_uuid())
         except HostUnreachable:
             self._record_failure()
             raise
@@ -307,9 +328,8 @@ class SessionPool:
         with self._lock:
             self._retry_at = 0.0
             idle, self._idle = self._idle, []
-        for session, transport in idle:
-            transport.abort()
-            del session
+        for session, _ in idle:  # their logout must not hold up the watcher: a master may be gone
+            threading.Thread(target=self._logout, args=(session,), name="xapi-logout", daemon=True).start()
 
     @property
     def backing_off(self) -> bool:

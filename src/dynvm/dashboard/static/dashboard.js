@@ -180,8 +180,13 @@
     syncRows($("hosts").tBodies[0], data.hosts, (h) => h.ref, (h) => {
       const vcpus = Math.round(h.cpus * h.overcommit);
       const otherMemory = Math.max(0, h.memory_total - h.memory_free - h.dynvm.memory);
+      const membersOut = (h.members_out || [])
+        .map((m) => `<span class="why">${escape(m.name)} ${escape(m.reason)}</span>`)
+        .join("");
       const stateCell = h.up
-        ? { html: `<span class="state-up">up</span>`, className: "" }
+        ? { html: `<span class="state-up">up</span>${membersOut}`, className: "" }
+        : h.same_pool_as
+        ? { html: `<span class="state-same">same pool</span><span class="why">${escape(h.error)}</span>`, className: "" }
         : {
             html: `<span class="state-down">${escape(h.state)}</span><span class="why">${escape(h.error)}</span>`,
             className: "",
