@@ -31,8 +31,8 @@ class Ansible:
     def run(self, module: str, **args: object) -> dict:  # type: ignore[type-arg]
         """Run one module as Ansible does and return its JSON result."""
         self.calls += 1
+        args = {"hostname": self.node.url.removeprefix("http://")} | args  # the modules add http:// themselves
         args |= {
-            "hostname": self.node.url.removeprefix("http://"),  # the modules add http:// themselves
             "username": "root",
             "password": self.node.host.spec.password,
             "validate_certs": False,
@@ -136,3 +136,49 @@ def test_remove(ansible, xapi):
     assert ansible.ok("xenserver_guest", name="ans1", state="absent", force=True)["changed"] is True
     assert xapi.VM.get_by_name_label("ans1") == []
     assert set(disks).isdisjoint(xapi.VDI.get_all())  # and its disks with it
+
+
+# -- a pool, as the modules meet one --------------------------------------------------------
+
+
+@pytest.fixture
+def pool_ansible(make_lab, tmp_path):  # type: ignore[no-untyped-def]
+    return Ansible(make_lab(timing=QUICK, pool_size=3), tmp_path)
+
+
+def test_create_on_the_master_with_a_home_server_runs_on_that_member(pool_ansible):
+    from ..sim.simtools import login
+
+    xapi = login(pool_ansible.node).xenapi
+    created = create(pool_ansible, name="homed", home_server="sim-xen-01-h3")
+    assert created["instance"]["home_server"] == "sim-xen-01-h3"
+    on = pool_ansible.ok("xenserver_guest_powerstate", name="homed", state="powered-on", wait_for_ip_address=True)
+    assert on["instance"]["state"] == "poweredon"
+    [vm] = xapi.VM.get_by_name_label("homed")
+    assert xapi.host.get_name_label(xapi.VM.get_resident_on(vm)) == "sim-xen-01-h3"
+
+
+def test_a_member_address_fails_as_the_modules_fail_on_a_real_pool_member(pool_ansible):
+    # the module pointed at a member (127.0.0.2, the pool's port) instead of the master
+    address = pool_ansible.node.url.removeprefix("http://").replace("127.0.0.1", "127.0.0.2")
+    result = pool_ansible.run("xenserver_guest_info", name="anything", hostname=address)
+    assert result["failed"] is True
+    assert "HOST_IS_SLAVE" in result["msg"]
+    assert "127.0.0.1" in result["msg"]  # the master's address, as xapi names it
+
+
+def test_a_vm_from_a_built_in_template_boots(pool_ansible):
+    from ..sim.simtools import login
+
+    xapi = login(pool_ansible.node).xenapi
+    sr = xapi.pool.get_default_SR(xapi.pool.get_all()[0])
+    pool_ansible.ok(
+        "xenserver_guest",
+        name="stock",
+        template="CentOS 7",
+        state="present",
+        disks=[{"size_gb": 10, "sr_uuid": xapi.SR.get_uuid(sr)}],
+        hardware={"num_cpus": 1, "memory_mb": 2048},
+    )
+    on = pool_ansible.ok("xenserver_guest_powerstate", name="stock", state="powered-on")
+    assert on["instance"]["state"] == "poweredon"

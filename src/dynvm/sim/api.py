@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from . import lifecycle, maintenance
+from . import copies, lifecycle, maintenance
 from .errors import (
     XapiError,
     field_type_error,
@@ -42,6 +42,8 @@ from .store import copy_record
 NAME_LABEL_CLASSES = {"VM", "host", "SR", "VDI", "network", "task"}
 # Classes with get_all / get_all_records (sessions cannot be listed).
 LISTABLE_EXCLUDED = {"session"}
+EVENT_NEXT_WAIT = 30.0  # seconds event.next waits for a change before an empty answer
+
 # Classes whose changes never show up in event.from (xapi generates no events for them).
 NO_EVENT_CLASSES = {"session"}
 # Read-only fields that xapi nevertheless sets through explicit messages of the same shape.
@@ -93,6 +95,8 @@ class XapiApi:
         self.messages: dict[str, Message] = {}
         self._current_session = threading.local()  # the caller's session, for event.from
         self._caller = threading.local()  # which member's address the call came to
+        # event.register's subscriptions (the old event API): session -> (classes, generation read)
+        self._registered: dict[str, tuple[set[str], int]] = {}
         self.event_waits = 0  # event.from calls waiting for a change right now
         for cls in schema().values():
             self._generate(cls.name, cls.fields)
@@ -265,6 +269,39 @@ class XapiApi:
         add(
             "VM.set_memory_static_range", self._memory_range("memory_static_min", "memory_static_max"), 3, explicit=True
         )
+        add("VM.pause", lambda vm: self._void(lifecycle.pause, _str(vm, "vm")), 1, explicit=True)
+        add("VM.unpause", lambda vm: self._void(lifecycle.unpause, _str(vm, "vm")), 1, explicit=True)
+        add(
+            "VM.copy",
+            lambda vm, name, sr: copies.copy(host, _str(vm, "vm"), _str(name, "new_name"), _str(sr, "sr")),
+            3,
+            explicit=True,
+        )
+        add(
+            "VM.snapshot",
+            lambda vm, name, ignore=(): copies.snapshot(
+                host,
+                _str(vm, "vm"),
+                _str(name, "new_name"),
+                [str(v) for v in ignore],  # type: ignore[union-attr]
+            ),
+            2,
+            explicit=True,
+            optional=1,
+        )
+        add(
+            "VBD.insert",
+            lambda vbd, vdi: self._void(copies.insert, _str(vbd, "vbd"), _str(vdi, "vdi")),
+            2,
+            explicit=True,
+        )
+        add("VBD.eject", lambda vbd: self._void(copies.eject, _str(vbd, "vbd")), 1, explicit=True)
+        add(
+            "VDI.resize",
+            lambda vdi, size: self._void(copies.resize, _str(vdi, "vdi"), _int(size, "size")),
+            2,
+            explicit=True,
+        )
         add("VM.get_allowed_VBD_devices", lambda vm: self._free_devices("VBD", "userdevice", _str(vm, "vm"), 16), 1)
         add("VM.get_allowed_VIF_devices", lambda vm: self._free_devices("VIF", "device", _str(vm, "vm"), 7), 1)
 
@@ -298,6 +335,9 @@ class XapiApi:
         add("task.cancel", self._task_cancel, 1)
 
         add("event.from", self._event_from, 3)
+        add("event.register", self._event_register, 1)
+        add("event.unregister", self._event_unregister, 1)
+        add("event.next", self._event_next, 0)
         add("event.inject", self._event_inject, 2)
         add("event.get_current_id", lambda: str(store.generation), 0)
 
@@ -558,6 +598,62 @@ class XapiApi:
                 events.append(event)
             counts = {cls.lower(): self.store.count(cls) for cls in self.store.classes() if cls not in NO_EVENT_CLASSES}
         return {"events": events, "valid_ref_counts": counts, "token": f"{last:020d},{0:020d}"}
+
+    # the old event API (event.register / event.next): what clients before event.from use
+
+    def _event_register(self, classes: object) -> str:
+        if not isinstance(classes, list):
+            raise field_type_error("classes")
+        session = self._current_session.value
+        with self.store.lock:
+            wanted, seen = self._registered.get(session, (set(), self.store.generation))
+            self._registered[session] = (wanted | {str(c) for c in classes}, seen)
+        return ""
+
+    def _event_unregister(self, classes: object) -> str:
+        if not isinstance(classes, list):
+            raise field_type_error("classes")
+        session = self._current_session.value
+        with self.store.lock:
+            if session in self._registered:
+                wanted, seen = self._registered[session]
+                self._registered[session] = (wanted - {str(c) for c in classes}, seen)
+        return ""
+
+    def _event_next(self) -> list[dict[str, object]]:
+        """Block until something the session registered for changes (at most
+        ``EVENT_NEXT_WAIT`` seconds, then an empty answer: clients call again); each event
+        as event.from gives it. Unregistered: ``SESSION_NOT_REGISTERED [session]``."""
+        session = self._current_session.value
+        deadline = time.monotonic() + EVENT_NEXT_WAIT
+        with self.store.changed:
+            if session not in self._registered:
+                raise XapiError("SESSION_NOT_REGISTERED", str(session))
+            while True:
+                classes, seen = self._registered[session]
+                changes = self.store.changes_since(seen, self._subscription(sorted(classes)))
+                remaining = deadline - time.monotonic()
+                if changes or remaining <= 0:
+                    break
+                self.store.changed.wait(min(remaining, 1.0))
+                if not self.store.exists("session", session):
+                    raise session_invalid(session)
+            self._registered[session] = (classes, self.store.generation)
+            return [self._event_record(change) for change in changes]
+
+    def _event_record(self, change: object) -> dict[str, object]:
+        event: dict[str, object] = {
+            "id": str(change.generation),  # type: ignore[attr-defined]
+            "timestamp": "0.0",
+            "class": change.cls.lower(),  # type: ignore[attr-defined]
+            "operation": change.operation,  # type: ignore[attr-defined]
+            "ref": change.ref,  # type: ignore[attr-defined]
+        }
+        if change.operation != "del":  # type: ignore[attr-defined]
+            record = copy_record(self.store.get(change.cls, change.ref))  # type: ignore[attr-defined]
+            event["snapshot"] = record
+            event["obj_uuid"] = record.get("uuid", "")
+        return event
 
     def _subscription(self, classes: list[object]) -> Callable[[str, str], bool]:
         everything = False

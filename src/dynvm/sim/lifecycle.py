@@ -18,26 +18,35 @@ from .host import SimHost
 from .schema import NULL_REF
 from .store import copy_record, new_uuid
 
-# What a VM advertises in allowed_operations is what the simulator implements for it: a
-# third-party client that reads the list and calls an operation must find it served.
+# What a VM advertises in allowed_operations is what the real records list for its power
+# state (real-records/ansible-test-vm-2 and -3, XenServer 7.2) less what the simulator
+# does not serve (export, make_into_template, migrate_send, checkpoint, changing the
+# shadow memory or live vCPUs): a third-party client that reads the list and calls an
+# operation must find it served. A template lists provision instead of start (xen-api
+# xapi_vm_lifecycle.ml: provision is a template's, start a VM's).
 HALTED_OPERATIONS = [
     "changing_dynamic_range",
     "changing_static_range",
-    "changing_VCPUs",
-    "destroy",
-    "provision",
-    "start_on",
-    "start",
     "clone",
+    "copy",
+    "destroy",
+    "snapshot",
+    "start",
+    "start_on",
 ]
+TEMPLATE_OPERATIONS = ["changing_dynamic_range", "changing_static_range", "clone", "copy", "destroy", "provision"]
 RUNNING_OPERATIONS = [
     "changing_dynamic_range",
-    "suspend",
-    "hard_reboot",
-    "hard_shutdown",
     "clean_reboot",
     "clean_shutdown",
+    "hard_reboot",
+    "hard_shutdown",
+    "pause",
+    "pool_migrate",
+    "snapshot",
+    "suspend",
 ]
+PAUSED_OPERATIONS = ["hard_shutdown", "snapshot", "unpause"]
 SUSPENDED_OPERATIONS = ["resume", "hard_shutdown"]
 
 
@@ -138,7 +147,7 @@ def clone(host: SimHost, vm: str, new_name: str, instant: bool = False) -> str:
             guest_metrics=NULL_REF,
             other_config=other_config,
             current_operations={},
-            allowed_operations=list(HALTED_OPERATIONS),
+            allowed_operations=list(TEMPLATE_OPERATIONS if source["is_a_template"] else HALTED_OPERATIONS),
         )
         new_vm = store.create("VM", record)
         if vm in host.guest_os:
@@ -200,7 +209,7 @@ def provision(host: SimHost, vm: str) -> None:
     with store.lock:
         record = _require_power_state(host, vm, "Halted")
         _fault(host, "provision", vm)
-        store.update("VM", vm, is_a_template=False)
+        store.update("VM", vm, is_a_template=False, allowed_operations=list(HALTED_OPERATIONS))
         spec = dict(record["other_config"]).get("disks", "")  # type: ignore[call-overload]
         if not spec:
             return
@@ -270,7 +279,7 @@ def start(host: SimHost, vm: str, start_paused: bool = False, instant: bool = Fa
             power_state="Paused" if start_paused else "Running",
             resident_on=member,
             domid=host.next_domid(),
-            allowed_operations=list(RUNNING_OPERATIONS),
+            allowed_operations=list(PAUSED_OPERATIONS if start_paused else RUNNING_OPERATIONS),
         )
         _attach_devices(host, record, True)
         old_metrics = str(record["guest_metrics"])
@@ -467,6 +476,25 @@ def reboot(host: SimHost, vm: str, clean: bool) -> None:
         if not host.store.exists("VM", vm) or _vm(host, vm)["power_state"] != "Running":
             return
     boot(host, vm)
+
+
+def pause(host: SimHost, vm: str) -> None:
+    """The domain stops being scheduled; it keeps its memory, member and guest."""
+    with host.store.lock:
+        record = _vm(host, vm)
+        _refuse_template(record, vm, "pause")
+        _require_power_state(host, vm, "Running")
+        require_member_live(host, vm)
+        host.store.update("VM", vm, power_state="Paused", allowed_operations=list(PAUSED_OPERATIONS))
+
+
+def unpause(host: SimHost, vm: str) -> None:
+    with host.store.lock:
+        record = _vm(host, vm)
+        _refuse_template(record, vm, "unpause")
+        _require_power_state(host, vm, "Paused")
+        require_member_live(host, vm)
+        host.store.update("VM", vm, power_state="Running", allowed_operations=list(RUNNING_OPERATIONS))
 
 
 def suspend(host: SimHost, vm: str) -> None:

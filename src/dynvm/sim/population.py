@@ -32,6 +32,18 @@ GUEST_PLATFORM = {
     "viridian": "false",
 }
 
+# What a real built-in template's platform holds (real-records/fog-xenserver,
+# builtin_templates.yml: {nx, acpi, apic, pae, viridian}; XenServer 8 adds the device
+# model): no cores-per-socket, so a VM made from one boots with any number of vCPUs.
+BUILTIN_PLATFORM = {
+    "nx": "true",
+    "acpi": "1",
+    "apic": "true",
+    "pae": "true",
+    "viridian": "false",
+    "device-model": "qemu-upstream-compat",
+}
+
 BIOS_STRINGS = {
     "bios-vendor": "Xen",
     "bios-version": "",
@@ -467,7 +479,9 @@ def _builtin_template(host: SimHost, name: str, vcpus: int, memory: int, windows
         HVM_boot_policy="BIOS order",
         HVM_boot_params={"order": "cdn" if windows else "dc"},
         HVM_shadow_multiplier=1.0,
-        platform=dict(GUEST_PLATFORM, viridian="true" if windows else "false"),
+        platform=dict(
+            BUILTIN_PLATFORM, viridian="true" if windows else "false", **({"device_id": "0002"} if windows else {})
+        ),
         other_config={
             "default_template": "true",
             "linux_template": "false" if windows else "true",
