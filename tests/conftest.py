@@ -86,11 +86,22 @@ class SimLab:
         return self.settings.hosts[index]
 
     def xapi(self, index: int = 0):
-        """A session of the test's own, to check what is really on the host."""
+        """A session of the test's own, to check what is really on the host: logged in at
+        whichever member of the pool is master now (a test may move the master)."""
         host = self.settings.hosts[index]
-        session = XenAPI.Session(host.url)
-        session.xenapi.login_with_password(host.user, host.password.reveal(), "2.21", "test-observer")
-        return session.xenapi
+        scheme, _, rest = host.url.partition("://")
+        port = rest.rsplit(":", 1)[1]
+        urls = [host.url] + [f"{scheme}://127.0.0.{n}:{port}" for n in range(1, self.lab.options.pool_size + 1)]
+        error: Exception | None = None
+        for url in dict.fromkeys(urls):
+            session = XenAPI.Session(url)
+            try:
+                session.xenapi.login_with_password(host.user, host.password.reveal(), "2.21", "test-observer")
+            except (XenAPI.Failure, OSError) as e:  # a member (HOST_IS_SLAVE), or one that is down
+                error = e
+                continue
+            return session.xenapi
+        raise AssertionError(f"no member of {host.section}'s pool answers as master: {error}")
 
     def control(self, index: int = 0) -> SimControlClient:
         return SimControlClient(self.lab.control_endpoint.url + "/", self.lab.nodes[index].host.spec.password)

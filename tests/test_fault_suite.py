@@ -5,9 +5,12 @@ capacity back where it started once everything is released."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import xmlrpc.client
 
 import pytest
+import XenAPI
 
 from dynvm.leases import LeaseRequest
 from dynvm.model import CreateFailed, LeaseError, NotEnoughCapacity
@@ -277,4 +280,98 @@ def test_a_queued_request_whose_create_fails_ends_failed_and_leaves_nothing(rig)
     assert "BOOTLOADER_FAILED" in record.error
     for index in (0, 1):
         lab.control(index).reset()
+    check_invariants(services, lab, baseline)
+
+
+# -- a pool's own faults: one member, maintenance, a new master ---------------------------
+
+
+@pytest.fixture
+def pool_rig(make_services):
+    services, lab = make_services(pool_size=3, host_memory_gib=16, timing=QUICK, network_timeout=2, seed=12)
+    return services, lab, take_baseline(services, lab)
+
+
+def member_of(lab, name: str) -> str:  # type: ignore[no-untyped-def]
+    xapi = lab.xapi()
+    return next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == name)
+
+
+def test_a_member_going_down_in_the_middle_of_a_create(make_services):
+    services, lab = make_services(
+        pool_size=3, host_memory_gib=16, timing=Timing(clone_seconds=0.02, boot_seconds=1.5), network_timeout=5
+    )
+    baseline = take_baseline(services, lab)
+
+    def outage() -> None:  # the third member goes down once a VM of the request runs there
+        h3 = member_of(lab, "sim-xen-01-h3")
+        wait_for(lambda: any(v.resident_on == h3 for v in services.inventory.view("1").vms), timeout=10)
+        lab.control().member_down(2, "refuse")
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    outcome = attempt(services, "member", count=3)  # one VM per member at first
+    thread.join()
+    if isinstance(outcome, list):  # the lost member's VM was made again elsewhere
+        h3 = member_of(lab, "sim-xen-01-h3")
+        assert all(lease.member != h3 for lease in outcome)
+    lab.control().member_up(2)
+    wait_for(lambda: services.inventory.view("1").members[2].live, timeout=10)
+    services.leases.recover()
+    services.leases.reconcile()  # what the lost member kept goes once it is back
+    check_invariants(services, lab, baseline)
+
+
+def test_maintenance_with_evacuation_while_vms_are_held(pool_rig):
+    services, lab, baseline = pool_rig
+    held = attempt(services, "held", count=4)
+    assert isinstance(held, list), held
+    xapi = lab.xapi()
+    h2 = member_of(lab, "sim-xen-01-h2")
+    xapi.host.disable(h2)
+    with contextlib.suppress(XenAPI.Failure):  # the others may lack room for every VM
+        xapi.host.evacuate(h2)
+    more = attempt(services, "during", count=2)
+    if isinstance(more, list):
+        assert all(lease.member != h2 for lease in more)
+    services.leases.extend(held[0].name, 10)
+    xapi.host.enable(h2)
+    check_invariants(services, lab, baseline)
+
+
+def test_a_new_master_in_the_middle_of_a_create(make_services):
+    services, lab = make_services(pool_size=3, timing=Timing(clone_seconds=0.02, boot_seconds=1), network_timeout=5)
+    baseline = take_baseline(services, lab)
+
+    def handover() -> None:
+        wait_for(lambda: any(v.name.startswith("moving") for v in services.inventory.view("1").vms), timeout=10)
+        lab.xapi().pool.designate_new_master(member_of(lab, "sim-xen-01-h2"))
+
+    thread = threading.Thread(target=handover)
+    thread.start()
+    outcome = attempt(services, "moving", count=2)
+    thread.join()
+    assert isinstance(outcome, list), outcome  # a hand-over loses nothing: sessions go on at the new master
+    assert attempt(services, "after", count=1)
+    check_invariants(services, lab, baseline)
+
+
+def test_the_master_dying_while_vms_are_held(pool_rig):
+    services, lab, baseline = pool_rig
+    held = attempt(services, "kept", count=3)
+    assert isinstance(held, list), held
+    lab.control().member_down(0, "refuse")
+    wait_for(lambda: services.inventory.view("1").state.value == "down", timeout=15)
+    assert isinstance(attempt(services, "nowhere"), LeaseError)  # a clear refusal meanwhile
+    member = lab.lab.members[1][0]
+    local = XenAPI.Session(member.url)
+    password = lab.settings.hosts[0].password.reveal()
+    local._session = xmlrpc.client.ServerProxy(member.url).session.slave_local_login_with_password("root", password)[
+        "Value"
+    ]
+    local.xenapi.pool.emergency_transition_to_master()
+    local.xenapi.pool.recover_slaves()
+    wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=15)
+    assert all(services.leases.leases.get(lease.id).state == "ready" for lease in held)  # nothing lost
+    lab.control().member_up(0)
     check_invariants(services, lab, baseline)

@@ -148,9 +148,26 @@ def test_a_member_that_goes_down_is_lost_to_the_master_and_its_vms_wait_for_it(p
     with pytest.raises(XenAPI.Failure) as failure:
         xapi.VM.start_on(new_vm(xapi, "not-there"), h3, False, False)
     assert failure.value.details == ["HOST_NOT_LIVE"]
-    control(pool).member_up(2)
+    control(pool).member_up(2)  # it was switched off: it boots again, without its guests
     assert xapi.host_metrics.get_live(metrics) is True
-    xapi.VM.hard_shutdown(vm)
+    assert xapi.VM.get_power_state(vm) == "Halted"
+    assert xapi.VM.get_resident_on(vm) == "OpaqueRef:NULL"
+
+
+def test_a_hung_member_keeps_its_guests_running_unreported(pool):
+    xapi = login(pool.nodes[0]).xenapi
+    h2 = member_named(xapi, "-h2")
+    running = new_vm(xapi, "unreported")
+    xapi.VM.start_on(running, h2, False, False)
+    wait_for(lambda: guest_ip(xapi, running))
+    ip = guest_ip(xapi, running)
+    control(pool).member_down(1, "hang")
+    with pytest.raises(XenAPI.Failure) as failure:  # the master cannot reach it: not yet dead to it
+        xapi.VM.hard_shutdown(running)
+    assert failure.value.details[0] in ("CANNOT_CONTACT_HOST", "HOST_OFFLINE")
+    control(pool).member_up(1)
+    assert xapi.VM.get_power_state(running) == "Running"  # a hang is no reboot: the guest ran on
+    assert guest_ip(xapi, running) == ip
 
 
 def test_a_slow_member_answers_late_and_the_master_on_time(pool):

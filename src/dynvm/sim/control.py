@@ -19,7 +19,7 @@ from .catalogue import template_for_key
 from .errors import XapiError
 from .node import failure, success
 from .population import add_foreign_vm
-from .server import Reply, encode_response
+from .server import Reply
 from .settings import Faults
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class Control:
             response = failure(e.description)
         except (ValueError, KeyError) as e:
             response = failure(["SIM_BAD_ARGUMENT", str(e)])
-        return Reply(encode_response(response), after[0] if after else None)
+        return Reply.of(response, after[0] if after else None)
 
     # -- the methods (each gets the node and an "after the reply" list first) -----------
 
@@ -129,15 +129,20 @@ class Control:
         return index
 
     def _member_down(self, node: HostNode, after: list, position: int, mode: str) -> str:
-        """One member stops answering (``hang`` or ``refuse``) while the others go on. A
-        member that is not the master is also lost to the master: ``host_metrics.live``
-        turns false after ``Timing.heartbeat_seconds`` (at once by default). The master
-        going down leaves the others naming it until an emergency transition."""
+        """One member stops answering while the others go on: ``hang`` (a hung toolstack or
+        a cut network: its guests run on, unreported) or ``refuse`` (switched off: its
+        guests stop, and are Halted when it is back). A member that is not the master is
+        also lost to the master: ``host_metrics.live`` turns false after
+        ``Timing.heartbeat_seconds`` (at once by default). The master going down leaves
+        the others naming it until an emergency transition."""
         index = self._position(node, position)
         if mode not in ("hang", "refuse"):
             raise ValueError(f"mode must be 'hang' or 'refuse', not {mode!r}")
         host = node.host
         host.members_down.add(index)
+        if mode == "refuse":  # switched off: its guests stop with it
+            host.crashed.add(index)
+            maintenance.crash(host, index)
         endpoint = node.endpoints[index]
         if mode == "hang" or index > 0:
             # at once: the next call must find it down (only the first member's port also
@@ -169,6 +174,9 @@ class Control:
             host.believed_master[index] = host.master_position()
         node.endpoints[index].restore()
         maintenance.set_live(host, index, True)
+        if index in host.crashed:  # it booted again: the guests it had are halted
+            host.crashed.discard(index)
+            maintenance.restart_after_crash(host, index)
         return ""
 
     def _member_slow(self, node: HostNode, after: list, position: int, seconds: float) -> str:
@@ -242,6 +250,9 @@ class Control:
             endpoint.restore()
             if index in host.members_down:
                 maintenance.set_live(host, index, True)
+        for index in list(host.crashed):
+            maintenance.restart_after_crash(host, index)
+        host.crashed.clear()
         host.members_down.clear()
         host.member_slow.clear()
         return ""

@@ -7,10 +7,13 @@ address when a fault says so or the pool is empty, as a Windows guest does when 
 
 Timer callbacks run on the scheduler thread: they take the store lock briefly and never
 sleep. A VM that was shut down or restarted meanwhile has a new boot epoch, and the stale
-timer does nothing.
+timer does nothing. A guest on a member that does not answer (``sim.member_down``) cannot
+report to the master: its next report waits until the member is back.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from .catalogue import OsTemplate
 from .host import SimHost
@@ -41,10 +44,24 @@ def _current(host: SimHost, vm: str, epoch: int) -> bool:
     return host.boot_epochs.get(vm) == epoch and host.store.exists("VM", vm)
 
 
+MEMBER_RETRY_SECONDS = 0.2  # how often a guest on a member that is down tries to report again
+
+
+def _cut_off(host: SimHost, vm: str, retry: Callable[[], None]) -> bool:
+    """Whether the VM's member is down; if so, ``retry`` runs again a moment later. Call
+    with the store's lock held."""
+    resident = str(host.store.get("VM", vm)["resident_on"])
+    members = host.refs.members
+    if resident in members and members.index(resident) in host.members_down:
+        host.scheduler.call_later(MEMBER_RETRY_SECONDS, retry)
+        return True
+    return False
+
+
 def _agent_up(host: SimHost, vm: str, epoch: int, instant: bool = False) -> None:
     store = host.store
     with store.lock:
-        if not _current(host, vm, epoch):
+        if not _current(host, vm, epoch) or _cut_off(host, vm, lambda: _agent_up(host, vm, epoch)):
             return
         profile: OsTemplate | None = host.guest_os.get(vm)
         os_version = dict(profile.os_version) if profile else dict(GENERIC_LINUX)
@@ -81,7 +98,7 @@ def _network_up(host: SimHost, vm: str, epoch: int) -> None:
     xapi_guest_agent.ml, ``networks``; the XenServer 7.2 record shows 0/ip and 0/ipv6/0)."""
     store = host.store
     with store.lock:
-        if not _current(host, vm, epoch):
+        if not _current(host, vm, epoch) or _cut_off(host, vm, lambda: _network_up(host, vm, epoch)):
             return
         metrics = str(store.get("VM", vm)["guest_metrics"])
         if metrics == NULL_REF or not store.exists("VM_guest_metrics", metrics):
@@ -112,7 +129,7 @@ def _network_up(host: SimHost, vm: str, epoch: int) -> None:
 def _service_up(host: SimHost, vm: str, epoch: int, ip: str) -> None:
     """The guest's sshd (WinRM on Windows) starts listening on its address."""
     with host.store.lock:
-        if not _current(host, vm, epoch):
+        if not _current(host, vm, epoch) or _cut_off(host, vm, lambda: _service_up(host, vm, epoch, ip)):
             return
         profile = host.guest_os.get(vm)
     port = host.spec.winrm_port if profile is not None and profile.windows else host.spec.service_port

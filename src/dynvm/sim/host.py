@@ -124,6 +124,7 @@ class SimHost:
         self.services = GuestServices()  # the guests' sshd / WinRM ports
         self.member_slow: dict[int, float] = {}  # member position -> extra seconds per call
         self.members_down: set[int] = set()  # members whose address does not answer (sim.member_down)
+        self.crashed: set[int] = set()  # of those, the ones switched off (their guests stopped)
         # member position -> the position of the master it believes in (its pool.conf): an
         # emergency transition changes only the member it ran on, until pool.recover_slaves
         self.believed_master: dict[int, int] = {}

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from .errors import XapiError, bad_power_state
 from .host import SimHost
-from .lifecycle import assert_can_boot_here
+from .lifecycle import HALTED_OPERATIONS, assert_can_boot_here
+from .schema import NULL_REF
 
 # host.allowed_operations as a live host's real record has them, enabled or not (xapi adds
 # reboot and shutdown once disabled: the simulator does not serve those, so does not list them)
@@ -161,3 +162,37 @@ def set_live(host: SimHost, position: int, live: bool) -> None:
         metrics = str(host.store.get("host", member)["metrics"])
         host.store.update("host_metrics", metrics, live=live, last_updated=host.now())
         host.store.update("host", member, allowed_operations=list(LIVE_OPERATIONS if live else DEAD_OPERATIONS))
+
+
+def crash(host: SimHost, position: int) -> None:
+    """A member that is switched off or crashed: its guests stop at once (their services
+    close, their timers end), though xapi goes on calling them Running until the member is
+    back or marked dead."""
+    with host.store.lock:
+        member = host.refs.members[position]
+        for vm in list(host.store.get("host", member)["resident_VMs"]):  # type: ignore[call-overload]
+            if not host.store.get("VM", vm)["is_control_domain"]:
+                host.boot_epochs[vm] = host.boot_epochs.get(vm, 0) + 1
+                host.services.close(vm)
+
+
+def restart_after_crash(host: SimHost, position: int) -> None:
+    """The member boots again: its xapi finds none of its guests' domains, and marks them
+    Halted (xen-api xapi_xenops.ml, the resync after a host restart)."""
+    with host.store.lock:
+        member = host.refs.members[position]
+        for vm in list(host.store.get("host", member)["resident_VMs"]):  # type: ignore[call-overload]
+            record = host.store.get("VM", vm)
+            if record["is_control_domain"]:
+                continue
+            host.store.update("VM", vm, power_state="Halted", resident_on=NULL_REF, domid="-1")
+            host.store.update("VM", vm, allowed_operations=list(HALTED_OPERATIONS))
+            metrics = str(record["guest_metrics"])
+            if metrics != NULL_REF and host.store.exists("VM_guest_metrics", metrics):
+                host.store.update("VM_guest_metrics", metrics, live=False)
+            for vbd in record["VBDs"]:  # type: ignore[union-attr]
+                host.store.update("VBD", vbd, currently_attached=False)
+            for vif in record["VIFs"]:  # type: ignore[union-attr]
+                host.store.update("VIF", vif, currently_attached=False)
+            host.dhcp.release(vm)
+        host.refresh_memory_free()

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from .api import XapiApi
 from .errors import XapiError
 from .host import SimHost, member_address
-from .server import Endpoint, Reply, encode_response
+from .server import Endpoint, Reply
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class HostNode:
         if method == "session.login_with_password" or self.endpoints[named].down or named != self.master_position():
             # a login, or a call it cannot forward (its master is gone, or is no master now)
             self.calls += 1
-            return Reply(encode_response(failure(["HOST_IS_SLAVE", member_address(named)])))
+            return Reply.of(failure(["HOST_IS_SLAVE", member_address(named)]))
         return self._answer(method, params, position)
 
     def _answer(self, method: str, params: tuple[object, ...], position: int) -> Reply:
@@ -118,7 +118,7 @@ class HostNode:
         except Exception as e:  # a simulator bug must look like xapi's INTERNAL_ERROR, not a dead socket
             log.exception("%s failed", method)
             response = failure(["INTERNAL_ERROR", repr(e)])
-        return Reply(encode_response(response))
+        return Reply.of(response)
 
 
 class MemberNode:

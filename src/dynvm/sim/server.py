@@ -21,16 +21,24 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from socketserver import ThreadingMixIn
 
+from . import jsonrpc
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class Reply:
     """What a router answers: the XML body, or ``None`` to drop the connection unanswered,
-    and an action to run once the body has been sent."""
+    an action to run once the body has been sent, and the ``{Status, ...}`` envelope the
+    body encodes (what a JSON-RPC answer is made from)."""
 
     body: str | None
     after: Callable[[], None] | None = None
+    envelope: dict[str, object] | None = None
+
+    @classmethod
+    def of(cls, envelope: dict[str, object], after: Callable[[], None] | None = None) -> Reply:
+        return cls(encode_response(envelope), after, envelope)
 
 
 Router = Callable[[str, tuple[object, ...]], Reply]
@@ -58,6 +66,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.track(self.connection, False)
 
     def do_POST(self) -> None:
+        if self.path.split("?", 1)[0] == "/jsonrpc":
+            self._jsonrpc()
+            return
         try:
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
@@ -70,6 +81,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._send(200, "text/xml", reply.body.encode("utf-8"))
+        if reply.after is not None:
+            reply.after()
+
+    def _jsonrpc(self) -> None:
+        """XenServer 8's JSON-RPC (``jsonrpc.py``): the same calls, routed the same way."""
+        try:
+            length = int(self.headers["Content-Length"])  # xapi needs it: no chunked bodies
+            call = jsonrpc.parse(self.rfile.read(length))
+        except (KeyError, ValueError):
+            self.close_connection = True  # xapi answers a request it cannot read with a bare 500
+            self._send(500, "text/html", b"<html><body><h1>500 Internal Server Error</h1></body></html>\n")
+            return
+        reply = self.server.router(call.method, call.params)
+        if reply.body is None or reply.envelope is None:
+            self.close_connection = True
+            return
+        self._send(200, "application/json", jsonrpc.answer(call, reply.envelope))
         if reply.after is not None:
             reply.after()
 
