@@ -19,22 +19,12 @@ from dynvm.sim.control import SimControlClient
 from dynvm.xen.inventory import HostState
 
 from .sim.simtools import wait_for
+from .test_pools import resident_members as resident
 
 
 def control(lab) -> SimControlClient:
     node = lab.lab.nodes[0]
     return SimControlClient(lab.lab.control_endpoint.url + "/", node.host.spec.password)
-
-
-def resident(lab) -> dict[str, str]:
-    """VM name -> the name of the member it runs on, as the pool's master says."""
-    xapi = lab.xapi()
-    names = {ref: rec["name_label"] for ref, rec in xapi.host.get_all_records().items()}
-    return {
-        r["name_label"]: names[r["resident_on"]]
-        for r in xapi.VM.get_all_records().values()
-        if r["power_state"] == "Running" and not r["is_control_domain"]
-    }
 
 
 def vcpus_by_member(lab) -> Counter:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from .errors import XapiError, bad_power_state
 from .host import SimHost
-from .lifecycle import HALTED_OPERATIONS, TEMPLATE_OPERATIONS, create_vbd, create_vdi, create_vif
+from .lifecycle import attach_like, copy_vifs, create_vdi, new_vm_like
 from .schema import NULL_REF
-from .store import copy_record, new_uuid
 
 SNAPSHOT_OPERATIONS = ["clone", "copy", "destroy"]
 
@@ -41,9 +40,7 @@ def copy(host: SimHost, vm: str, new_name: str, sr: str) -> str:
         for target, size in needed.items():
             if size > host.sr_free(target):
                 raise XapiError("SR_FULL", str(size), str(host.sr_free(target)))
-        new_vm = _new_vm(host, vm, source, new_name)
-        operations = TEMPLATE_OPERATIONS if source["is_a_template"] else HALTED_OPERATIONS
-        store.update("VM", new_vm, allowed_operations=list(operations))
+        new_vm = new_vm_like(host, vm, source, new_name)
         for vbd, vdi in disks:
             old = store.get("VDI", vdi)
             target = sr if sr != NULL_REF else str(old["SR"])
@@ -66,7 +63,7 @@ def snapshot(host: SimHost, vm: str, new_name: str, ignore_vdis: list[str]) -> s
             raise bad_power_state(vm, "running", str(source["power_state"]).lower())
         disks = [(vbd, vdi) for vbd, vdi in _disks(host, source) if vdi not in ignore_vdis]
         now = host.now()
-        new_vm = _new_vm(host, vm, source, new_name)
+        new_vm = new_vm_like(host, vm, source, new_name)
         store.update(
             "VM",
             new_vm,
@@ -98,36 +95,6 @@ def _disks(host: SimHost, record: dict[str, object]) -> list[tuple[str, str]]:
     return out
 
 
-def _new_vm(host: SimHost, vm: str, source: dict[str, object], new_name: str) -> str:
-    store = host.store
-    record = copy_record(source)
-    other_config = dict(record["other_config"])  # type: ignore[call-overload]
-    other_config["mac_seed"] = new_uuid()
-    metrics = store.create("VM_metrics", {"memory_actual": "0", "VCPUs_number": "0", "install_time": host.now()})
-    record.update(
-        uuid=new_uuid(),
-        name_label=new_name,
-        power_state="Halted",
-        is_default_template=False,
-        resident_on=NULL_REF,
-        domid="-1",
-        VBDs=[],
-        VIFs=[],
-        consoles=[],
-        snapshots=[],
-        children=[],
-        parent=vm,
-        metrics=metrics,
-        guest_metrics=NULL_REF,
-        other_config=other_config,
-        current_operations={},
-    )
-    new_vm = store.create("VM", record)
-    if vm in host.guest_os:
-        host.guest_os[new_vm] = host.guest_os[vm]
-    return new_vm
-
-
 def _vdi_fields(old: dict[str, object], sr: str) -> dict[str, object]:
     return {
         "name_label": old["name_label"],
@@ -141,20 +108,7 @@ def _vdi_fields(old: dict[str, object], sr: str) -> dict[str, object]:
 
 
 def _attach(host: SimHost, vbd: str, new_vm: str, vdi: str) -> None:
-    old = host.store.get("VBD", vbd)
-    create_vbd(
-        host,
-        {
-            "VM": new_vm,
-            "VDI": vdi,
-            "userdevice": old["userdevice"],
-            "bootable": old["bootable"],
-            "mode": old["mode"],
-            "type": old["type"],
-            "empty": False,
-            "unpluggable": old["unpluggable"],
-        },
-    )
+    attach_like(host, host.store.get("VBD", vbd), new_vm, vdi, False)
 
 
 def _copy_other_devices(host: SimHost, source: dict[str, object], new_vm: str, disks: list[tuple[str, str]]) -> None:
@@ -165,22 +119,8 @@ def _copy_other_devices(host: SimHost, source: dict[str, object], new_vm: str, d
         old = store.get("VBD", vbd)
         if vbd in copied or old["type"] != "CD":
             continue
-        create_vbd(
-            host,
-            {
-                "VM": new_vm,
-                "VDI": old["VDI"],
-                "userdevice": old["userdevice"],
-                "bootable": old["bootable"],
-                "mode": old["mode"],
-                "type": "CD",
-                "empty": old["empty"],
-                "unpluggable": old["unpluggable"],
-            },
-        )
-    for vif in list(source["VIFs"]):  # type: ignore[call-overload]
-        old = store.get("VIF", vif)
-        create_vif(host, {"VM": new_vm, "network": old["network"], "device": old["device"], "MTU": old["MTU"]})
+        attach_like(host, old, new_vm, str(old["VDI"]), bool(old["empty"]))
+    copy_vifs(host, source, new_vm)
 
 
 def insert(host: SimHost, vbd: str, vdi: str) -> None:

@@ -126,38 +126,52 @@ def clone(host: SimHost, vm: str, new_name: str, instant: bool = False) -> str:
         source = _vm(host, vm)
         if source["power_state"] != "Halted":  # it may have been started while we copied
             raise bad_power_state(vm, "halted", str(source["power_state"]))
-        record = copy_record(source)
-        other_config = dict(record["other_config"])  # type: ignore[call-overload]
-        other_config["mac_seed"] = new_uuid()
-        metrics = store.create("VM_metrics", {"memory_actual": "0", "VCPUs_number": "0", "install_time": host.now()})
-        record.update(
-            uuid=new_uuid(),
-            name_label=new_name,
-            power_state="Halted",
-            is_default_template=False,
-            resident_on=NULL_REF,
-            domid="-1",
-            VBDs=[],
-            VIFs=[],
-            consoles=[],
-            snapshots=[],
-            children=[],
-            parent=vm,
-            metrics=metrics,
-            guest_metrics=NULL_REF,
-            other_config=other_config,
-            current_operations={},
-            allowed_operations=list(TEMPLATE_OPERATIONS if source["is_a_template"] else HALTED_OPERATIONS),
-        )
-        new_vm = store.create("VM", record)
-        if vm in host.guest_os:
-            host.guest_os[new_vm] = host.guest_os[vm]
+        new_vm = new_vm_like(host, vm, source, new_name)
         for vbd in list(source["VBDs"]):  # type: ignore[call-overload]
             _clone_vbd(host, vbd, new_vm)
-        for vif in list(source["VIFs"]):  # type: ignore[call-overload]
-            old = store.get("VIF", vif)
-            create_vif(host, {"VM": new_vm, "network": old["network"], "device": old["device"], "MTU": old["MTU"]})
+        copy_vifs(host, source, new_vm)
         return new_vm
+
+
+def new_vm_like(host: SimHost, vm: str, source: dict[str, object], new_name: str) -> str:
+    """A halted VM made from ``source`` as a clone, copy or snapshot starts: its settings,
+    a new identity (uuid, MAC seed, metrics), ``parent`` its source, and no devices yet.
+    Hold the store's lock."""
+    store = host.store
+    record = copy_record(source)
+    other_config = dict(record["other_config"])  # type: ignore[call-overload]
+    other_config["mac_seed"] = new_uuid()
+    metrics = store.create("VM_metrics", {"memory_actual": "0", "VCPUs_number": "0", "install_time": host.now()})
+    record.update(
+        uuid=new_uuid(),
+        name_label=new_name,
+        power_state="Halted",
+        is_default_template=False,
+        resident_on=NULL_REF,
+        domid="-1",
+        VBDs=[],
+        VIFs=[],
+        consoles=[],
+        snapshots=[],
+        children=[],
+        parent=vm,
+        metrics=metrics,
+        guest_metrics=NULL_REF,
+        other_config=other_config,
+        current_operations={},
+        allowed_operations=list(TEMPLATE_OPERATIONS if source["is_a_template"] else HALTED_OPERATIONS),
+    )
+    new_vm = store.create("VM", record)
+    if vm in host.guest_os:
+        host.guest_os[new_vm] = host.guest_os[vm]
+    return new_vm
+
+
+def copy_vifs(host: SimHost, source: dict[str, object], new_vm: str) -> None:
+    """The source's network interfaces, on the same networks, for ``new_vm``."""
+    for vif in list(source["VIFs"]):  # type: ignore[call-overload]
+        old = host.store.get("VIF", vif)
+        create_vif(host, {"VM": new_vm, "network": old["network"], "device": old["device"], "MTU": old["MTU"]})
 
 
 def _clone_vbd(host: SimHost, vbd: str, new_vm: str) -> None:
@@ -185,7 +199,13 @@ def _clone_vbd(host: SimHost, vbd: str, new_vm: str) -> None:
             },
         )
         host.refresh_sr_usage(str(source["SR"]))
-    create_vbd(
+    attach_like(host, old, new_vm, vdi, bool(old["empty"]))
+
+
+def attach_like(host: SimHost, old: dict[str, object], new_vm: str, vdi: str, empty: bool) -> str:
+    """A VBD for ``new_vm`` like the source's ``old`` one (its device, boot order, mode,
+    type), holding ``vdi``."""
+    return create_vbd(
         host,
         {
             "VM": new_vm,
@@ -194,7 +214,7 @@ def _clone_vbd(host: SimHost, vbd: str, new_vm: str) -> None:
             "bootable": old["bootable"],
             "mode": old["mode"],
             "type": old["type"],
-            "empty": old["empty"],
+            "empty": empty,
             "unpluggable": old["unpluggable"],
         },
     )
@@ -480,21 +500,21 @@ def reboot(host: SimHost, vm: str, clean: bool) -> None:
 
 def pause(host: SimHost, vm: str) -> None:
     """The domain stops being scheduled; it keeps its memory, member and guest."""
-    with host.store.lock:
-        record = _vm(host, vm)
-        _refuse_template(record, vm, "pause")
-        _require_power_state(host, vm, "Running")
-        require_member_live(host, vm)
-        host.store.update("VM", vm, power_state="Paused", allowed_operations=list(PAUSED_OPERATIONS))
+    _set_paused(host, vm, True)
 
 
 def unpause(host: SimHost, vm: str) -> None:
+    _set_paused(host, vm, False)
+
+
+def _set_paused(host: SimHost, vm: str, paused: bool) -> None:
     with host.store.lock:
         record = _vm(host, vm)
-        _refuse_template(record, vm, "unpause")
-        _require_power_state(host, vm, "Paused")
+        _refuse_template(record, vm, "pause" if paused else "unpause")
+        _require_power_state(host, vm, "Running" if paused else "Paused")
         require_member_live(host, vm)
-        host.store.update("VM", vm, power_state="Running", allowed_operations=list(RUNNING_OPERATIONS))
+        state, operations = ("Paused", PAUSED_OPERATIONS) if paused else ("Running", RUNNING_OPERATIONS)
+        host.store.update("VM", vm, power_state=state, allowed_operations=list(operations))
 
 
 def suspend(host: SimHost, vm: str) -> None:
