@@ -189,6 +189,38 @@ def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
 
 
+def test_dynvm_lab_with_pools_serves_a_pool_of_members(tmp_path: Path):
+    port = free_port()
+    argv = ["lab", "--hosts", "1", "--pool-size", "3", "--port", str(port), "--directory", str(tmp_path)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dynvm", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        while not any("Ctrl-C stops both" in line for line in lines):
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                pytest.fail("dynvm lab exited:\n" + "".join(lines))
+            lines.append(line)
+            assert time.monotonic() < deadline, "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        [host] = httpx.get(f"{base}/api/v1/hosts", timeout=10).json()
+        assert [m["name"] for m in host["members"]] == ["sim-xen-01", "sim-xen-01-h2", "sim-xen-01-h3"]
+        got = httpx.get(f"{base}/getservers/spread", params={"os": "centos", "count": 3}, timeout=60)
+        assert len(got.json()) == 3
+        vms = httpx.get(f"{base}/api/v1/vms", timeout=10).json()
+        assert {vm["member"] for vm in vms if vm["name"].startswith("spread")} == {m["name"] for m in host["members"]}
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=90)
+    assert process.returncode == 0, output
+
+
 def test_kill_9_during_a_clone_leaves_nothing_once_the_clone_ends(sim_lab, tmp_path: Path):
     """The clone goes on on the host after dynvm dies and ends without dynvm's marker; the
     next start finds it through the clone's task (remembered in the lease) and removes it."""
