@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -486,13 +487,23 @@ def sampler(lab: Lab, tally: Tally, stop: threading.Event) -> None:
                 lab.forget_sessions()  # a pool that is down right now, or whose master just moved
 
 
-def fresh_postgres() -> str:
+def fresh_postgres() -> tuple[str, str]:
+    """A database of this run's own (a soak beside another on the same server never
+    touches the other's): its URL and name, dropped by ``drop_postgres`` at the end."""
+    import psycopg
+
+    name = f"{PG_SOAK_DB}_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", name
+
+
+def drop_postgres(name: str) -> None:
+    """Drop this run's database, once its servers are stopped."""
     import psycopg
 
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {PG_SOAK_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {PG_SOAK_DB}")
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{PG_SOAK_DB}"
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
 
 
 def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, dict[str, object]]:
@@ -507,7 +518,11 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
         config.write_text(text + POOLS)  # ready pools in the storm too: handed out, refilled, killed mid-way
         lab = Lab(config, f"http://127.0.0.1:{control_port}/", POOL_SIZE)
         before_vms, before_vdis = lab.objects()
-        db: Path | str = work / "soak.db" if backend == "sqlite" else fresh_postgres()
+        pg_name = ""
+        if backend == "sqlite":
+            db: Path | str = work / "soak.db"
+        else:
+            db, pg_name = fresh_postgres()
         servers = Servers(config, db, 1 if backend == "sqlite" else 2, work)
         tally = Tally()
         stop = threading.Event()
@@ -546,6 +561,8 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
         after_vms, after_vdis = lab.objects()
         tally.leftovers = lab.describe(after_vms - before_vms, after_vdis - before_vdis)
         servers.stop()
+        if pg_name:
+            drop_postgres(pg_name)
         tally.find_doubles()
         figures = {
             "duration": time.monotonic() - started,

@@ -18,6 +18,7 @@ from ..runtime import Services
 from . import errors, legacy, v1
 from .deps import CallerDep
 from .docs import install_docs
+from .inputs import RefuseUnstorableInput
 
 
 def create_app(services: Services, manage_services: bool = True) -> FastAPI:
@@ -66,6 +67,7 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
         body = await anyio.to_thread.run_sync(services.metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(RefuseUnstorableInput)  # inside the counter: refusals are counted too
     app.add_middleware(RequestCounter, count=lambda path, status: services.metrics.requests.labels(path, status).inc())
     return app
 

@@ -44,6 +44,7 @@ class Queueing:
         error ``acquire`` raises (the seed's 429, a 409, ...), and its VMs are made in the
         background. Either way it is a row from here on."""
         request = self.counted_host(request)
+        self.validate(request)  # what can never be served is refused before it is written down
         if wait_seconds > 0:
             return self.submit(request, wait_seconds, origin)
         request_id = request.request_id or str(uuid.uuid4())
