@@ -281,12 +281,23 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         Blocks for as long as the VMs take to boot: call it from a worker thread."""
         request_id = request.request_id or str(uuid.uuid4())
         request = self.counted_host(request)
-        self.tracker.start(request_id, request.username, request.os, request.count)
         try:
-            leases = self._acquire(request, request_id)
+            self.validate(request)
         except LeaseError as e:
+            self.refuse(None, request, e)
+            raise
+        self.tracker.start(request_id, request.username, request.os, request.count)
+        settings = self.settings
+        try:
+            new = self._reserve_now(settings, request, request_id)
+        except LeaseError as e:
+            self.refuse(request_id, request, e)
+            raise
+        except Exception as e:
             self.tracker.finish(request_id, e)
             raise
+        try:
+            leases = self._build(settings, new, request_id, pinned=request.host_ref is not None)
         except Exception as e:
             self.tracker.finish(request_id, e)
             raise
@@ -337,11 +348,6 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
                 raise BadRequest(
                     f"host {request.host_ref} has no {request.os} template; choose another xhostref or leave it out"
                 )
-
-    def _acquire(self, request: LeaseRequest, request_id: str) -> list[Lease]:
-        settings = self.settings
-        new = self._reserve_now(settings, request, request_id)
-        return self._build(settings, new, request_id, pinned=request.host_ref is not None)
 
     def _reserve_now(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]:
         """Reserve a request that does not wait. When it does not fit, idle ready-pool VMs

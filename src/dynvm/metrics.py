@@ -71,6 +71,12 @@ class Metrics(LeaseEvents):
         self.requests_ended = Counter(
             "dynvm_requests_ended", "Lease requests that ended, by state", ["state"], registry=self.registry
         )
+        self.requests_refused = Counter(
+            "dynvm_requests_refused",
+            "Lease requests refused at once, by why (never started, so not kept as requests)",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def watch(self, services: Services) -> None:
         """Start reporting the gauges read from the running services."""
@@ -83,6 +89,9 @@ class Metrics(LeaseEvents):
 
     def create_failed(self, reason: str) -> None:
         self.failures.labels(reason).inc()
+
+    def refused(self, reason: str) -> None:
+        self.requests_refused.labels(reason).inc()
 
     def ended(self, lease: Lease, state: str) -> None:
         self.leases_ended.labels(state).inc()

@@ -44,15 +44,22 @@ class Queueing:
         error ``acquire`` raises (the seed's 429, a 409, ...), and its VMs are made in the
         background. Either way it is a row from here on."""
         request = self.counted_host(request)
-        self.validate(request)  # what can never be served is refused before it is written down
+        try:
+            self.validate(request)  # what can never be served is refused before it is written down
+        except LeaseError as e:
+            self.refuse(None, request, e)
+            raise
         if wait_seconds > 0:
             return self.submit(request, wait_seconds, origin)
         request_id = request.request_id or str(uuid.uuid4())
         request = dataclasses.replace(request, request_id=request_id)
-        self.tracker.start(request_id, request.username, request.os, request.count)
+        self.tracker.start(request_id, request.username, request.os, request.count, origin)
         settings = self.settings
         try:
             new = self._reserve_now(settings, request, request_id)
+        except LeaseError as e:
+            self.refuse(request_id, request, e)
+            raise
         except Exception as e:
             self.tracker.finish(request_id, e)
             raise
@@ -60,6 +67,14 @@ class Queueing:
         assert record is not None  # written by tracker.start, ended only by this process
         self._builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
         return record
+
+    def refuse(self, request_id: str | None, request: LeaseRequest, error: LeaseError) -> None:
+        """A request refused at once (nothing reserved): counted and logged, not kept
+        (``request_id``: its row, written before it was refused, goes)."""
+        if request_id is not None:
+            self.tracker.refused(request_id)
+        log.info("refused %s (%s x%d): %s", request.username, request.os, request.count, error)
+        self._report("refused", type(error).__name__)
 
     def submit(self, request: LeaseRequest, wait_seconds: float, origin: str = "v1") -> RequestRecord:
         """Queue a request that may wait up to ``wait_seconds`` for room. Refused at once

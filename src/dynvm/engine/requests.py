@@ -163,6 +163,11 @@ class RequestStore:
         with self.db.write() as conn:
             conn.execute(requests.insert().values(**values))
 
+    def forget(self, request_id: str) -> None:
+        """Delete a request's row (one that never started)."""
+        with self.db.write() as conn:
+            conn.execute(requests.delete().where(requests.c.id == request_id))
+
     def ensure(self, record: RequestRecord) -> None:
         """Insert unless a row with this id exists (a request announced before its work)."""
         if self.get(record.id) is None:
@@ -374,7 +379,7 @@ class DurableTracker:
                     self._pending[rid] = {**newer, **merged}
             raise
 
-    def start(self, request_id: str, username: str, os: str, count: int) -> None:
+    def start(self, request_id: str, username: str, os: str, count: int, origin: str = "v1") -> None:
         self.store.ensure(
             RequestRecord(
                 id=request_id,
@@ -386,8 +391,17 @@ class DurableTracker:
                 builder=self.owner,
                 created_at=self.store.clock(),
                 started_at=self.store.clock(),
+                origin=origin,
             )
         )
+
+    def refused(self, request_id: str) -> None:
+        """The request was refused at once, before any VM was reserved for it (a 409, a
+        429, ...): it never started, so it leaves no row (its caller has the answer; the
+        metrics and the log count it)."""
+        with self._lock:
+            self._pending.pop(request_id, None)
+        self.store.forget(request_id)
 
     def placed(self, request_id: str, names_and_hosts: list[tuple[str, str]]) -> None:
         vms = [{"name": n, "host": h, "stage": "reserved", "ip": None, "error": None} for n, h in names_and_hosts]
