@@ -672,6 +672,8 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             taken += again
         if not taken and not outcome.finishing:
             raise NoSuchLease(f"{', '.join(lease.name for lease in held)} already released or expiring")
+        asked = {lease.name for lease in held}
+        outcome.already = sorted(self.leases.released_names([n for n in names if n not in asked]))
         return outcome
 
     def _is_releasing(self, lease_id: str) -> bool:

@@ -230,6 +230,24 @@ def test_a_release_whose_vm_cannot_be_destroyed_answers_502_and_a_retry_finishes
     assert (retry.status_code, retry.json()) == (200, ["stuckjob"])
 
 
+def test_a_partial_release_names_every_vm_and_what_became_of_it(serve):
+    service = serve()
+    assert service.get("/getservers/d3", count=2).status_code == 200
+    control = service.lab.control()
+    control.fail_next("destroy", "INTERNAL_ERROR", 1)  # one VM will not go ...
+    control.fail_next("vdi_destroy", "SR_BACKEND_FAILURE_1200", 1)  # ... the other leaves a disk
+    answer = service.get("/releaseservers/d3", count=2)
+    assert answer.status_code == 502
+    assert "could not destroy d3" in answer.text
+    stuck = "d31" if "could not destroy d31" in answer.text else "d32"
+    other = "d32" if stuck == "d31" else "d31"
+    assert f"{other} is gone, but 1 of its disk(s) could not be deleted yet" in answer.text
+    retry = service.get("/releaseservers/d3", count=2)  # the retry names both, each with its state
+    assert (retry.status_code, retry.json()) == (200, ["d31", "d32"])
+    assert f"{other} was already released" in retry.headers["x-dynvm-detail"]
+    assert f"{stuck} is released" in retry.headers["x-dynvm-detail"]
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [

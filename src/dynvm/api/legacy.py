@@ -221,13 +221,13 @@ def release(services: Services, username: str, count: int, caller: Caller) -> Re
     the rest (a disk, or a release already under way) by itself; ``X-Dynvm-Detail`` says
     what. 502 ``Error: …``: a VM could not be destroyed; dynvm retries within a minute."""
     outcome = services.leases.release(_username(username), count, caller)
-    if outcome.failed:
-        done = f" ({', '.join(outcome.released)} released)" if outcome.released else ""
-        return error(502, " ".join(outcome.failed.values()) + done)
+    if outcome.failed:  # every VM named, with what became of it
+        return error(502, "; ".join(outcome.states()))
     response = json_text(outcome.names, indent=2)
     if outcome.finishing:
         response.status_code = 202
-        detail = " ".join(" ".join(outcome.finishing.values()).split())  # one line: no CR/LF in a header
+    if outcome.finishing or outcome.already:
+        detail = " ".join("; ".join(outcome.states()).split())  # one line: no CR/LF in a header
         response.headers["X-Dynvm-Detail"] = detail.encode("ascii", "replace").decode()
     return response
 

@@ -418,7 +418,7 @@ async def delete_lease(name: str, services: ServicesDep, caller: CallerDep) -> R
     not be destroyed; dynvm tries again within a minute, and so may the caller."""
     outcome = await services.run_long(services.leases.release_names, [name], caller)
     if outcome.failed:
-        raise ReleaseFailed(" ".join(outcome.failed.values()))
+        raise ReleaseFailed("; ".join(outcome.states()))
     if outcome.finishing:
         return JSONResponse({"released": outcome.names, "finishing": outcome.finishing}, status_code=202)
     return JSONResponse({"released": outcome.names})

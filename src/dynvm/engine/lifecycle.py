@@ -39,21 +39,39 @@ class ReleaseOutcome:
     ``released``: gone, VM and disks. ``finishing``: the user's part is done, and dynvm
     finishes the rest in the background (a disk that would not go yet, or a release
     another process is doing): name -> sentence. ``failed``: the VM could not be
-    destroyed; the lease stays ``releasing`` and reconcile tries again: name -> sentence."""
+    destroyed; the lease stays ``releasing`` and reconcile tries again: name -> sentence.
+    ``already``: names of the same release that an earlier try already released (a retry
+    after a partial failure names every VM it was asked for)."""
 
     released: list[str] = field(default_factory=list)
     finishing: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    already: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
         """Every name the release took on (the seed's answer)."""
-        return sorted([*self.released, *self.finishing, *self.failed])
+        return sorted([*self.released, *self.finishing, *self.failed, *self.already])
+
+    def states(self) -> list[str]:
+        """A sentence per VM, in name order: what became of each."""
+        out = []
+        for name in self.names:
+            if name in self.failed:
+                out.append(self.failed[name])
+            elif name in self.finishing:
+                out.append(self.finishing[name])
+            elif name in self.already:
+                out.append(f"{name} was already released")
+            else:
+                out.append(f"{name} is released")
+        return out
 
     def add(self, other: ReleaseOutcome) -> None:
         self.released.extend(other.released)
         self.finishing.update(other.finishing)
         self.failed.update(other.failed)
+        self.already.extend(other.already)
 
 
 class Lifecycle:

@@ -42,6 +42,23 @@ class LeaseStore:
         where = leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
         return self._select(where, conn)
 
+    def released_names(self, names: Iterable[str]) -> set[str]:
+        """Which of these names no lease holds now, and whose last lease was released (by
+        a release, not ended otherwise): what a retry of a partial release already did."""
+        wanted = list(names)
+        if not wanted:
+            return set()
+        query = (
+            select(leases.c.name, leases.c.state, leases.c.released_at)
+            .where(leases.c.name.in_(wanted) & (leases.c.pooled == false()))
+            .order_by(leases.c.created_at)
+        )
+        last: dict[str, str] = {}
+        with self.db.read() as conn:
+            for name, state, _ in conn.execute(query):
+                last[name] = state
+        return {name for name, state in last.items() if state == "released"}
+
     def held(self, conn: Connection | None = None) -> list[Lease]:
         """Active leases a request made or took: not the ready pools' VMs."""
         return self._select(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false()), conn)
