@@ -383,6 +383,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         self.validate(request)
         names = vm_names(request.username, request.count)
         self._refuse_leased_names(self.leases.by_name(names), request)
+        self._refuse_names_of_others(request)
         self._refuse_names_on_hosts(names)
         now = self.clock()
         minutes = settings.common.expiry_minutes
@@ -390,6 +391,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             minutes = min(request.expires_in_minutes, minutes)
         with self.leases.db.write() as conn:
             self._refuse_leased_names(self.leases.by_name(names, conn), request)
+            self._refuse_names_of_others(request, conn)
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             reserved = self.reservations(conn)
             queued = self.requests.in_state(QUEUED) if immediate else []
@@ -498,6 +500,21 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
                 f"{subject} holds {held / 1024**3:g} GiB of VM memory; {sum(memory) / 1024**3:g} GiB more would "
                 f"pass the limit of {quota.memory_per_user / 1024**3:g} GiB ([quota] memory.gib.per.user)"
             )
+
+    def _refuse_names_of_others(self, request: LeaseRequest, conn: Connection | None = None) -> None:
+        """With tokens, a name prefix is its first holder's until all of its VMs are gone:
+        409 when this request's names fall under another user's prefix (bob's ``al3``
+        under alice's ``al1``, ``al2``), or another user's names fall under this one's."""
+        if request.caller is None:
+            return
+        mine = vm_names(request.username, request.count)
+        for lease in self.leases.held_by_others(request.caller, request.username[0], conn):
+            theirs_over_mine = any(_under(name, lease.username) for name in mine)
+            if theirs_over_mine or _under(lease.name, request.username):
+                raise NameInUse(
+                    f"names under {lease.username if theirs_over_mine else request.username!r} belong to "
+                    f"{lease.caller} while {lease.name} is leased: use another name"
+                )
 
     def _refuse_leased_names(self, taken: list[Lease], request: LeaseRequest) -> None:
         """409, with the command that releases exactly the names that clash: the same
@@ -722,3 +739,10 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         self._cancel.set()  # a build not started yet runs now, sees it, and rolls back what it reserved
         self._builders.shutdown(wait=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _under(name: str, prefix: str) -> bool:
+    """``name`` is ``prefix`` itself or ``prefix`` and digits: a name a request for
+    ``prefix`` makes (SPEC.md: ``<username>``, or ``<username>1`` ... ``<username>N``)."""
+    rest = name[len(prefix) :] if name.startswith(prefix) else None
+    return rest is not None and (rest == "" or (rest.isascii() and rest.isdigit()))

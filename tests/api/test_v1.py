@@ -312,3 +312,28 @@ def test_a_request_that_may_not_wait_is_refused_when_it_does_not_fit_not_accepte
     engine = service.services.leases
     assert [r.state for r in engine.requests.in_state("queued", "creating")] == []
     assert engine.leases.active() == []  # nothing was reserved for it
+
+
+def test_a_name_prefix_belongs_to_its_first_holder_until_its_vms_are_gone(make_services):
+    from .conftest import RunningService
+
+    services, lab = make_services()
+    service = RunningService(services, lab)
+    try:
+        alice = {"Authorization": f"Bearer {services.tokens.create('alice')}"}
+        bob = {"Authorization": f"Bearer {services.tokens.create('bob')}"}
+        assert service.http.get("/getservers/al", params={"count": 2}, headers=alice).status_code == 200  # al1, al2
+        taken = service.http.get("/getservers/al3", headers=bob)  # under alice's prefix
+        assert taken.status_code == 409
+        assert "belong to alice" in taken.text
+        inside = service.http.get("/getservers/a", headers=bob)  # alice's al1 is not under "a"+digits: free
+        assert inside.status_code == 200, inside.text
+        over = service.http.get("/getservers/al", params={"count": 3}, headers=bob)  # al1.. are alice's
+        assert over.status_code == 409
+        # alice's own request under her prefix goes on; her release of the whole prefix works
+        assert service.http.get("/getservers/al3", headers=alice).status_code == 200
+        assert service.http.get("/releaseservers/al", params={"count": 2}, headers=alice).status_code == 200
+        assert service.http.get("/releaseservers/al3", headers=alice).status_code == 200
+        assert service.http.get("/getservers/al3", headers=bob).status_code == 200  # all gone: free again
+    finally:
+        service.stop()

@@ -95,6 +95,7 @@ class Queueing:
         if not self.scheduler.can_ever_fit(self.settings, record):
             raise NotEnoughCapacity(never_fits(record) + "; ask for fewer")
         self._refuse_leased_names(self.leases.by_name(vm_names(request.username, request.count)), request)
+        self._refuse_names_of_others(request)
         self.requests.insert(record)
         self.ready_pools.observe(request.os, request.count)
         self.scheduler.wake()

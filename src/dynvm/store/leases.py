@@ -42,6 +42,19 @@ class LeaseStore:
         where = leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
         return self._select(where, conn)
 
+    def held_by_others(self, caller: str, first: str, conn: Connection | None = None) -> list[Lease]:
+        """Active leases of other authenticated callers whose names start with ``first``
+        (every name that can share a prefix with a request starting so)."""
+        pattern = first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = (
+            leases.c.state.in_(ACTIVE_STATES)
+            & (leases.c.pooled == false())
+            & leases.c.caller.is_not(None)
+            & (leases.c.caller != caller)
+            & leases.c.name.like(pattern, escape="\\")
+        )
+        return self._select(where, conn)
+
     def released_names(self, names: Iterable[str]) -> set[str]:
         """Which of these names no lease holds now, and whose last lease was released (by
         a release, not ended otherwise): what a retry of a partial release already did."""
