@@ -161,12 +161,23 @@ class Lab:
         self._local.__dict__.pop("sessions", None)
 
     def objects(self) -> tuple[set[str], set[str]]:
-        vms, vdis = set(), set()
-        for index in range(len(self.pools)):
-            xapi = self.xapi(index)
-            vms |= {f"{index}:{r}" for r in xapi.VM.get_all()}
-            vdis |= {f"{index}:{r}" for r in xapi.VDI.get_all()}
-        return vms, vdis
+        """Every VM and VDI of every pool. A session whose member stopped being master (the
+        SDK logs in again where it logged in first, and meets HOST_IS_SLAVE) is dropped and
+        the master found again."""
+        for attempt in range(10):
+            try:
+                vms, vdis = set(), set()
+                for index in range(len(self.pools)):
+                    xapi = self.xapi(index)
+                    vms |= {f"{index}:{r}" for r in xapi.VM.get_all()}
+                    vdis |= {f"{index}:{r}" for r in xapi.VDI.get_all()}
+                return vms, vdis
+            except (XenAPI.Failure, OSError, RuntimeError):
+                self.forget_sessions()
+                if attempt == 9:
+                    raise
+                time.sleep(1)
+        raise AssertionError("unreachable")
 
     def describe(self, vms: set[str], vdis: set[str]) -> list[str]:
         """What is left: name, state, and whether it carries dynvm's marker."""
