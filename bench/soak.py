@@ -514,10 +514,20 @@ def drop_postgres(name: str) -> None:
     import psycopg
 
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # its own only: a killed replica may linger
 
 
 def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, dict[str, object]]:
+    databases: list[str] = []  # this run's own, dropped however it ends
+    try:
+        return _soak(backend, minutes, seed, work, databases)
+    finally:
+        for name in databases:
+            with contextlib.suppress(Exception):
+                drop_postgres(name)
+
+
+def _soak(backend: str, minutes: float, seed: int, work: Path, databases: list[str]) -> tuple[Tally, dict[str, object]]:
     rng = random.Random(seed)
     config = work / f"{backend}.ini"
     control_port = free_port()
@@ -529,11 +539,11 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
         config.write_text(text + POOLS)  # ready pools in the storm too: handed out, refilled, killed mid-way
         lab = Lab(config, f"http://127.0.0.1:{control_port}/", POOL_SIZE)
         before_vms, before_vdis = lab.objects()
-        pg_name = ""
         if backend == "sqlite":
             db: Path | str = work / "soak.db"
         else:
-            db, pg_name = fresh_postgres()
+            db, name = fresh_postgres()
+            databases.append(name)
         servers = Servers(config, db, 1 if backend == "sqlite" else 2, work)
         tally = Tally()
         stop = threading.Event()
@@ -572,8 +582,6 @@ def soak(backend: str, minutes: float, seed: int, work: Path) -> tuple[Tally, di
         after_vms, after_vdis = lab.objects()
         tally.leftovers = lab.describe(after_vms - before_vms, after_vdis - before_vdis)
         servers.stop()
-        if pg_name:
-            drop_postgres(pg_name)
         tally.find_doubles()
         figures = {
             "duration": time.monotonic() - started,

@@ -83,6 +83,7 @@ class LeaseEvents:
     def request_event(self, kind: str, record: RequestRecord) -> None: ...
     def handed_out(self, lease: Lease, how: str, seconds: float) -> None: ...
     def scheduler_passed(self, seconds: float) -> None: ...
+    def refused(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -391,8 +392,10 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             minutes = min(request.expires_in_minutes, minutes)
         with self.leases.db.write() as conn:
             self._refuse_leased_names(self.leases.by_name(names, conn), request)
-            self._refuse_names_of_others(request, conn)
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
+            # read with the hosts locked: a prefix has no unique index, so two requests
+            # checking it at once must not both pass
+            self._refuse_names_of_others(request, conn)
             reserved = self.reservations(conn)
             queued = self.requests.in_state(QUEUED) if immediate else []
             ready = []
@@ -504,9 +507,9 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
     def _refuse_names_of_others(self, request: LeaseRequest, conn: Connection | None = None) -> None:
         """With tokens, a name prefix is its first holder's until all of its VMs are gone:
         409 when this request's names fall under another user's prefix (bob's ``al3``
-        under alice's ``al1``, ``al2``), or another user's names fall under this one's."""
-        if request.caller is None:
-            return
+        under alice's ``al1``, ``al2``), or another user's names fall under this one's. An
+        anonymous request (``[auth] required=false``) may not take a token holder's either;
+        anonymous leases own no prefix, as the seed's never did."""
         mine = vm_names(request.username, request.count)
         for lease in self.leases.held_by_others(request.caller, request.username[0], conn):
             theirs_over_mine = any(_under(name, lease.username) for name in mine)
@@ -676,7 +679,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
             if lease.state != "releasing":
                 continue
             if lease.owner in alive and (lease.owner != self.owner or self._is_releasing(lease.id)):
-                outcome.finishing[lease.name] = "already being released; dynvm finishes it in the background"
+                outcome.finishing[lease.name] = f"{lease.name} is already being released; dynvm finishes it"
             else:  # an earlier release that failed (owner RELEASE_RETRY), or whose process died
                 retry.setdefault(lease.owner, []).append(lease)
         settings = self.settings
@@ -690,7 +693,8 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         if not taken and not outcome.finishing:
             raise NoSuchLease(f"{', '.join(lease.name for lease in held)} already released or expiring")
         asked = {lease.name for lease in held}
-        outcome.already = sorted(self.leases.released_names([n for n in names if n not in asked]))
+        requests_of = {lease.request_id for lease in held}
+        outcome.already = sorted(self.leases.released_names([n for n in names if n not in asked], requests_of))
         return outcome
 
     def _is_releasing(self, lease_id: str) -> bool:

@@ -330,6 +330,7 @@ def test_a_name_prefix_belongs_to_its_first_holder_until_its_vms_are_gone(make_s
         assert inside.status_code == 200, inside.text
         over = service.http.get("/getservers/al", params={"count": 3}, headers=bob)  # al1.. are alice's
         assert over.status_code == 409
+        assert service.http.get("/getservers/al3").status_code == 409  # nor may an anonymous caller
         # alice's own request under her prefix goes on; her release of the whole prefix works
         assert service.http.get("/getservers/al3", headers=alice).status_code == 200
         assert service.http.get("/releaseservers/al", params={"count": 2}, headers=alice).status_code == 200

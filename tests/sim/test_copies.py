@@ -120,3 +120,40 @@ def test_a_filter_on_a_field_the_class_lacks_is_xapis_internal_error(xapi):
     with pytest.raises(XenAPI.Failure) as failure:
         xapi.VM.get_all_records_where('field "name_label" = ')
     assert failure.value.details[0] == "INVALID_VALUE"
+
+
+def test_a_clone_of_a_snapshot_is_a_vm_of_its_own_and_xapis_refusals_hold(xapi):
+    vm = new_vm(xapi, "base", start=True)
+    snap = xapi.VM.snapshot(vm, "base snap")
+    assert xapi.VM.get_parent(vm) == snap  # the VM's parent becomes its newest snapshot
+    clone = xapi.VM.clone(snap, "from snapshot")
+    record = xapi.VM.get_record(clone)
+    assert (record["is_a_snapshot"], record["snapshot_of"], record["parent"]) == (
+        False,
+        "OpaqueRef:NULL",
+        "OpaqueRef:NULL",
+    )
+    assert xapi.VM.get_snapshots(vm) == [snap]
+    with pytest.raises(XenAPI.Failure) as failure:
+        xapi.VM.snapshot(snap, "again")
+    assert failure.value.details == ["VM_IS_SNAPSHOT", snap, "snapshot"]
+    [template] = xapi.VM.get_by_name_label("tmpl-cnt7.7")
+    with pytest.raises(XenAPI.Failure) as failure:
+        xapi.VM.snapshot(template, "nope")
+    assert failure.value.details == ["VM_IS_TEMPLATE", template, "snapshot"]
+    [disk] = disks(xapi, vm)
+    with pytest.raises(XenAPI.Failure) as failure:  # a running VM's disk grows only online
+        xapi.VDI.resize(disk, str(int(xapi.VDI.get_virtual_size(disk)) * 2))
+    assert failure.value.details == ["VDI_IN_USE", disk, "resize"]
+
+
+def test_a_snapshot_that_does_not_fit_leaves_nothing(node, xapi):
+    from dynvm.sim.control import SimControlClient
+
+    vm = new_vm(xapi, "big")
+    before = (set(xapi.VM.get_all()), set(xapi.VDI.get_all()))
+    SimControlClient(node.url + "/", node.host.spec.password).set_sr_free("0")
+    with pytest.raises(XenAPI.Failure) as failure:
+        xapi.VM.snapshot(vm, "too big")
+    assert failure.value.details[0] == "SR_FULL"
+    assert (set(xapi.VM.get_all()), set(xapi.VDI.get_all())) == before

@@ -216,6 +216,9 @@ async def _leases_for(services: Services, request: Request, lease_request: Lease
     return await anyio.to_thread.run_sync(engine.leases_of, record.id)
 
 
+DETAIL_LIMIT = 4000  # characters of X-Dynvm-Detail
+
+
 def release(services: Services, username: str, count: int, caller: Caller) -> Response:
     """200 and the names: all gone. 202 and the names: the VMs are gone, and dynvm finishes
     the rest (a disk, or a release already under way) by itself; ``X-Dynvm-Detail`` says
@@ -227,7 +230,10 @@ def release(services: Services, username: str, count: int, caller: Caller) -> Re
     if outcome.finishing:
         response.status_code = 202
     if outcome.finishing or outcome.already:
-        detail = " ".join("; ".join(outcome.states()).split())  # one line: no CR/LF in a header
+        notes = [state for state in outcome.states() if not state.endswith(" is released")]
+        detail = " ".join("; ".join(notes).split())  # one line: no CR/LF in a header
+        if len(detail) > DETAIL_LIMIT:  # headers have limits (h11's is 16 KiB in all)
+            detail = detail[: DETAIL_LIMIT - 20].rsplit(";", 1)[0] + "; and more"
         response.headers["X-Dynvm-Detail"] = detail.encode("ascii", "replace").decode()
     return response
 

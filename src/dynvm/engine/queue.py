@@ -72,7 +72,11 @@ class Queueing:
         """A request refused at once (nothing reserved): counted and logged, not kept
         (``request_id``: its row, written before it was refused, goes)."""
         if request_id is not None:
-            self.tracker.refused(request_id)
+            try:
+                self.tracker.refused(request_id)
+            except Exception:  # the answer stays the refusal; the row ends failed instead
+                log.warning("request %s: refused, but its row could not be removed", request_id, exc_info=True)
+                self.tracker.finish(request_id, error)
         log.info("refused %s (%s x%d): %s", request.username, request.os, request.count, error)
         self._report("refused", type(error).__name__)
 
@@ -80,6 +84,13 @@ class Queueing:
         """Queue a request that may wait up to ``wait_seconds`` for room. Refused at once
         (as ``acquire`` would) when it can never be served as asked. Returns the queued
         request; the leader's scheduler serves it."""
+        try:
+            return self._queue_request(request, wait_seconds, origin)
+        except LeaseError as e:
+            self.refuse(None, request, e)
+            raise
+
+    def _queue_request(self, request: LeaseRequest, wait_seconds: float, origin: str) -> RequestRecord:
         if self._stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
         self.validate(request)

@@ -33,13 +33,7 @@ def copy(host: SimHost, vm: str, new_name: str, sr: str) -> str:
         if sr != NULL_REF:
             store.get("SR", sr)  # HANDLE_INVALID
         disks = _disks(host, source)
-        needed: dict[str, int] = {}
-        for _, vdi in disks:
-            target = sr if sr != NULL_REF else str(store.get("VDI", vdi)["SR"])
-            needed[target] = needed.get(target, 0) + int(str(store.get("VDI", vdi)["virtual_size"]))
-        for target, size in needed.items():
-            if size > host.sr_free(target):
-                raise XapiError("SR_FULL", str(size), str(host.sr_free(target)))
+        _check_room(host, [(vdi, sr if sr != NULL_REF else str(store.get("VDI", vdi)["SR"])) for _, vdi in disks])
         new_vm = new_vm_like(host, vm, source, new_name)
         for vbd, vdi in disks:
             old = store.get("VDI", vdi)
@@ -57,19 +51,20 @@ def snapshot(host: SimHost, vm: str, new_name: str, ignore_vdis: list[str]) -> s
     store = host.store
     with store.lock:
         source = store.get("VM", vm)
+        if source["is_control_domain"]:
+            raise XapiError("OPERATION_NOT_ALLOWED", "the control domain cannot be snapshotted")
         if source["is_a_snapshot"]:
-            raise XapiError("OPERATION_NOT_ALLOWED", "a snapshot cannot be snapshotted")
-        if source["power_state"] not in ("Halted", "Running", "Paused", "Suspended"):
-            raise bad_power_state(vm, "running", str(source["power_state"]).lower())
+            raise XapiError("VM_IS_SNAPSHOT", vm, "snapshot")
+        if source["is_a_template"]:
+            raise XapiError("VM_IS_TEMPLATE", vm, "snapshot")
         disks = [(vbd, vdi) for vbd, vdi in _disks(host, source) if vdi not in ignore_vdis]
+        _check_room(host, [(vdi, str(store.get("VDI", vdi)["SR"])) for _, vdi in disks])
         now = host.now()
-        new_vm = new_vm_like(host, vm, source, new_name)
+        new_vm = new_vm_like(host, vm, source, new_name, snapshot=True)
         store.update(
             "VM",
             new_vm,
             is_a_template=True,
-            is_a_snapshot=True,
-            snapshot_of=vm,
             snapshot_time=now,
             power_state="Halted",
             allowed_operations=list(SNAPSHOT_OPERATIONS),
@@ -82,6 +77,17 @@ def snapshot(host: SimHost, vm: str, new_name: str, ignore_vdis: list[str]) -> s
             _attach(host, vbd, new_vm, snap)
         _copy_other_devices(host, source, new_vm, disks)
         return new_vm
+
+
+def _check_room(host: SimHost, copies: list[tuple[str, str]]) -> None:
+    """Every copy (disk, target SR) fits, before any is made: a copy or snapshot that
+    fails leaves nothing behind (``SR_FULL [needed, free]``)."""
+    needed: dict[str, int] = {}
+    for vdi, target in copies:
+        needed[target] = needed.get(target, 0) + int(str(host.store.get("VDI", vdi)["virtual_size"]))
+    for target, size in needed.items():
+        if size > host.sr_free(target):
+            raise XapiError("SR_FULL", str(size), str(host.sr_free(target)))
 
 
 def _disks(host: SimHost, record: dict[str, object]) -> list[tuple[str, str]]:
@@ -123,11 +129,20 @@ def _copy_other_devices(host: SimHost, source: dict[str, object], new_vm: str, d
     copy_vifs(host, source, new_vm)
 
 
+def _media_changeable(host: SimHost, record: dict[str, object]) -> None:
+    """A CD's disc changes while its VM is halted or running, not suspended or paused."""
+    vm = str(record["VM"])
+    state = str(host.store.get("VM", vm)["power_state"])
+    if state not in ("Halted", "Running"):
+        raise bad_power_state(vm, "running", state.lower())
+
+
 def insert(host: SimHost, vbd: str, vdi: str) -> None:
     store = host.store
     with store.lock:
         record = store.get("VBD", vbd)
         store.get("VDI", vdi)
+        _media_changeable(host, record)
         if record["type"] != "CD":
             raise XapiError("VBD_NOT_REMOVABLE_MEDIA", vbd)
         if not record["empty"]:
@@ -139,6 +154,7 @@ def eject(host: SimHost, vbd: str) -> None:
     store = host.store
     with store.lock:
         record = store.get("VBD", vbd)
+        _media_changeable(host, record)
         if record["type"] != "CD":
             raise XapiError("VBD_NOT_REMOVABLE_MEDIA", vbd)
         if record["empty"]:
@@ -157,6 +173,8 @@ def resize(host: SimHost, vdi: str, size: int) -> None:
         sr = str(record["SR"])
         if store.get("SR", sr)["content_type"] == "iso":
             raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
+        if any(store.get("VBD", vbd)["currently_attached"] for vbd in record["VBDs"]):  # type: ignore[union-attr]
+            raise XapiError("VDI_IN_USE", vdi, "resize")  # a running VM's disk grows with resize_online only
         grow = size - current
         if grow > host.sr_free(sr):
             raise XapiError("SR_FULL", str(grow), str(host.sr_free(sr)))

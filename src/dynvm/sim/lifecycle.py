@@ -133,14 +133,18 @@ def clone(host: SimHost, vm: str, new_name: str, instant: bool = False) -> str:
         return new_vm
 
 
-def new_vm_like(host: SimHost, vm: str, source: dict[str, object], new_name: str) -> str:
+def new_vm_like(host: SimHost, vm: str, source: dict[str, object], new_name: str, snapshot: bool = False) -> str:
     """A halted VM made from ``source`` as a clone, copy or snapshot starts: its settings,
-    a new identity (uuid, MAC seed, metrics), ``parent`` its source, and no devices yet.
-    Hold the store's lock."""
+    a new identity (uuid, metrics), and no devices yet. As xapi's ``copy_vm_record``
+    (xapi_vm_clone.ml) has it: a clone or copy is no snapshot and has no parent, loses
+    ``default_template`` and gets a MAC seed of its own; a snapshot keeps the MAC seed and
+    takes its VM's parent, and the VM's parent becomes the snapshot. Hold the store's lock."""
     store = host.store
     record = copy_record(source)
     other_config = dict(record["other_config"])  # type: ignore[call-overload]
-    other_config["mac_seed"] = new_uuid()
+    if not snapshot:
+        other_config["mac_seed"] = new_uuid()
+        other_config.pop("default_template", None)
     metrics = store.create("VM_metrics", {"memory_actual": "0", "VCPUs_number": "0", "install_time": host.now()})
     record.update(
         uuid=new_uuid(),
@@ -154,7 +158,9 @@ def new_vm_like(host: SimHost, vm: str, source: dict[str, object], new_name: str
         consoles=[],
         snapshots=[],
         children=[],
-        parent=vm,
+        parent=source["parent"] if snapshot else NULL_REF,
+        is_a_snapshot=snapshot,
+        snapshot_of=vm if snapshot else NULL_REF,
         metrics=metrics,
         guest_metrics=NULL_REF,
         other_config=other_config,
@@ -162,6 +168,8 @@ def new_vm_like(host: SimHost, vm: str, source: dict[str, object], new_name: str
         allowed_operations=list(TEMPLATE_OPERATIONS if source["is_a_template"] else HALTED_OPERATIONS),
     )
     new_vm = store.create("VM", record)
+    if snapshot:
+        store.update("VM", vm, parent=new_vm)
     if vm in host.guest_os:
         host.guest_os[new_vm] = host.guest_os[vm]
     return new_vm

@@ -42,35 +42,35 @@ class LeaseStore:
         where = leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
         return self._select(where, conn)
 
-    def held_by_others(self, caller: str, first: str, conn: Connection | None = None) -> list[Lease]:
-        """Active leases of other authenticated callers whose names start with ``first``
-        (every name that can share a prefix with a request starting so)."""
+    def held_by_others(self, caller: str | None, first: str, conn: Connection | None = None) -> list[Lease]:
+        """Active leases of authenticated callers other than ``caller`` (all of them for an
+        anonymous one) whose names start with ``first`` (every name that can share a
+        prefix with a request starting so)."""
         pattern = first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         where = (
             leases.c.state.in_(ACTIVE_STATES)
             & (leases.c.pooled == false())
             & leases.c.caller.is_not(None)
-            & (leases.c.caller != caller)
             & leases.c.name.like(pattern, escape="\\")
         )
+        if caller is not None:
+            where = where & (leases.c.caller != caller)
         return self._select(where, conn)
 
-    def released_names(self, names: Iterable[str]) -> set[str]:
-        """Which of these names no lease holds now, and whose last lease was released (by
-        a release, not ended otherwise): what a retry of a partial release already did."""
-        wanted = list(names)
-        if not wanted:
+    def released_names(self, names: Iterable[str], request_ids: Iterable[str]) -> set[str]:
+        """Which of these names a lease of these requests held and that was released: what
+        an earlier try of the same release already did (never another request's names)."""
+        wanted, requests_of = list(names), list(request_ids)
+        if not wanted or not requests_of:
             return set()
-        query = (
-            select(leases.c.name, leases.c.state, leases.c.released_at)
-            .where(leases.c.name.in_(wanted) & (leases.c.pooled == false()))
-            .order_by(leases.c.created_at)
+        query = select(leases.c.name).where(
+            leases.c.name.in_(wanted)
+            & leases.c.request_id.in_(requests_of)
+            & (leases.c.state == "released")
+            & (leases.c.pooled == false())
         )
-        last: dict[str, str] = {}
         with self.db.read() as conn:
-            for name, state, _ in conn.execute(query):
-                last[name] = state
-        return {name for name, state in last.items() if state == "released"}
+            return {name for (name,) in conn.execute(query)}
 
     def held(self, conn: Connection | None = None) -> list[Lease]:
         """Active leases a request made or took: not the ready pools' VMs."""
