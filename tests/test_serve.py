@@ -135,6 +135,19 @@ def test_kill_9_during_a_release_is_finished_by_the_next_start(sim_lab, tmp_path
         assert second.stop() == 0
 
 
+def lab_banner(process: subprocess.Popen) -> str:
+    """What ``dynvm lab`` printed up to the line that says it serves (90 s at most)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while not any("Ctrl-C stops both" in line for line in lines):
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        if not line and process.poll() is not None:
+            pytest.fail("dynvm lab exited:\n" + "".join(lines))
+        lines.append(line)
+        assert time.monotonic() < deadline, "".join(lines)
+    return "".join(lines)
+
+
 def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
     port = free_port()
     process = subprocess.Popen(
@@ -145,15 +158,7 @@ def test_dynvm_lab_serves_a_simulated_lab_until_interrupted(tmp_path: Path):
         env={**os.environ, "COLUMNS": "200"},
     )
     try:
-        lines = []
-        deadline = time.monotonic() + 90
-        while not any("Ctrl-C stops both" in line for line in lines):
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                pytest.fail("dynvm lab exited:\n" + "".join(lines))
-            lines.append(line)
-            assert time.monotonic() < deadline, "".join(lines)
-        text = "".join(lines)
+        text = lab_banner(process)
         assert f"curl http://127.0.0.1:{port}/getavailablecount/centos" in text
         base = f"http://127.0.0.1:{port}"
         # the SPEC's example session: count, get 3, count - 3, release, count again
@@ -200,14 +205,7 @@ def test_dynvm_lab_with_pools_serves_a_pool_of_members(tmp_path: Path):
         env={**os.environ, "COLUMNS": "200"},
     )
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 90
-        while not any("Ctrl-C stops both" in line for line in lines):
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                pytest.fail("dynvm lab exited:\n" + "".join(lines))
-            lines.append(line)
-            assert time.monotonic() < deadline, "".join(lines)
+        lab_banner(process)
         base = f"http://127.0.0.1:{port}"
         [host] = httpx.get(f"{base}/api/v1/hosts", timeout=10).json()
         assert [m["name"] for m in host["members"]] == ["sim-xen-01", "sim-xen-01-h2", "sim-xen-01-h3"]

@@ -310,12 +310,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         its pool: one made on a section that turned out to name a pool an earlier section
         counts (its leases move there at the next reconcile) holds room there at once."""
         rows = self.leases.pending_reservations(conn)
-        settings = self.settings
-        moved = {}
-        for host in settings.hosts:
-            status = self.provider.status(host)
-            if status is not None and status.same_pool_as:
-                moved[host.ref] = status.same_pool_as
+        moved = self.same_pools(self.settings) if rows else {}  # hot path: no look at hosts for no row
         if not moved:
             return rows
         return [{**row, "host_ref": moved.get(str(row["host_ref"]), row["host_ref"])} for row in rows]

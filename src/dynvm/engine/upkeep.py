@@ -170,24 +170,26 @@ class Upkeep:
             ids.append(status.pool_id)
         return ids[0] != ids[1]
 
+    def same_pools(self, settings: Settings) -> dict[str, str]:
+        """Configured host ref -> the ref of the earlier section that counts its pool, for
+        every section that names a pool another section counts."""
+        out = {}
+        for host in settings.hosts:
+            status = self.provider.status(host)
+            if status is not None and status.same_pool_as:
+                out[host.ref] = status.same_pool_as
+        return out
+
     def rehome_same_pools(self, settings: Settings) -> None:
         """Leases held on a section that names the same pool as an earlier one (a pool
         written as a section per member, and an upgrade from a dynvm that counted each
         section alone) move to the section that counts the pool, so that each rule that
         compares hosts (room, verdicts, vanished VMs) sees one host. Called before every
         reconcile pass, and so at start-up."""
-        for host in settings.hosts:
-            status = self.provider.status(host)
-            if status is not None and status.same_pool_as:
-                moved = self.leases.rehome(host.ref, status.same_pool_as)
-                if moved:
-                    log.warning(
-                        "%d lease(s) on [%s] moved to host %s: %s",
-                        moved,
-                        host.section,
-                        status.same_pool_as,
-                        status.error,
-                    )
+        for ref, counting in self.same_pools(settings).items():
+            moved = self.leases.rehome(ref, counting)
+            if moved:
+                log.warning("%d lease(s) on host %s moved to host %s, which counts the same pool", moved, ref, counting)
 
     def quarantine_step(self, since: float | None) -> QuarantineStep:
         """For a VM or disk whose lease this database does not know: quarantine it (the

@@ -42,11 +42,10 @@ class HostReport:
 def _pool(xapi: Any, host: HostSettings, report: HostReport) -> None:
     """Say which hosts the pool has and which is its master (host.name may name any)."""
     records = xapi.host.get_all_records()
-    [(pool_ref, pool)] = xapi.pool.get_all_records().items()
+    [pool] = xapi.pool.get_all_records().values()
     master = pool["master"]
     report.pool_uuid = pool["uuid"]
     report.pool_name = pool["name_label"] or records.get(master, {}).get("name_label", "")
-    del pool_ref
     if len(records) < 2:
         return
     names = [records[master]["name_label"], *sorted(r["name_label"] for ref, r in records.items() if ref != master)]

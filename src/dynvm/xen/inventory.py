@@ -180,7 +180,6 @@ class MemberView:
     live: bool = True  # host_metrics.live: False when the master lost touch with it
     memory_overhead: int = 0  # host.memory_overhead: what Xen keeps for itself
     address: str = ""  # where the member answers (host.address)
-    uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,6 @@ class HostView:
     disks: tuple[DiskView, ...] = ()  # disks with dynvm's marker
     members: tuple[MemberView, ...] = ()  # the master first
     pool_uuid: str = ""
-    pool_name: str = ""
     same_pool_as: str = ""  # SAME_POOL: the ref of the section that counts this pool
     # SR name -> member ref -> (size, used): SRs of that name that a member reaches alone
     # (local storage, one per member, named alike); shared SRs are in ``storage``
@@ -408,7 +406,6 @@ class HostMirror:
             disks=disks,
             members=members,
             pool_uuid=self.pool_uuid,
-            pool_name=next(iter(self._records["pool"].values()), {}).get("name_label", ""),
             local_storage=local_storage,
         )
 
@@ -432,7 +429,6 @@ class HostMirror:
                     live=bool(metrics.get("live", True)),
                     memory_overhead=int(host.get("memory_overhead", "0")),
                     address=host.get("address", ""),
-                    uuid=host.get("uuid", ""),
                 )
             )
         return tuple(sorted(members, key=lambda m: (not m.master, m.name)))
@@ -709,7 +705,8 @@ class Inventory:
         if same == ref:
             return view
         counting = mirrors[same]
-        key = (same, view, counting.view().name)
+        name = counting.view().name
+        key = (same, view, name)
         cached = self._alias_views.get(ref)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -727,7 +724,7 @@ class Inventory:
             ref,
             HostState.SAME_POOL,
             f"the same pool as {first.display}: counted once, there{own}",
-            name=counting.view().name or first.section,
+            name=name or first.section,
             pool_uuid=mirror.pool_uuid,
             same_pool_as=same,
         )

@@ -140,9 +140,6 @@ class XenProvider:
                 problems.append(f"[{host.section}] {os}.template: {choice.problem} on {host.display}")
         return problems
 
-    def counted_in(self, host: HostSettings) -> str:
-        return self.inventory.counted_in(host.ref)
-
     # -- one VM ----------------------------------------------------------------------------
 
     def _provisioner(self, host: HostSettings) -> Provisioner:

@@ -125,12 +125,6 @@ def master_url(url: str, address: str) -> str:
 MAX_MASTER_HOPS = 2  # a member names its master; a master that moved may name another once
 
 
-def member_url(url: str, address: str) -> str:
-    """The URL of another member of the pool ``url`` reaches: its scheme and port, the
-    member's address."""
-    return master_url(url, address)
-
-
 def open_session(
     host: HostSettings, timeout: float, members: Sequence[str] = (), pool_uuid: str = ""
 ) -> tuple[XapiSession, _Timeouts]:
@@ -149,7 +143,7 @@ def open_session(
         return _login_following_master(host, host.url, timeout)
     except (HostUnreachable, XenAPI.Failure) as e:
         first_error = e
-        fallbacks = [u for u in dict.fromkeys(member_url(host.url, a) for a in members) if u != host.url]
+        fallbacks = [u for u in dict.fromkeys(master_url(host.url, a) for a in members) if u != host.url]
         if not fallbacks:
             raise
     log.info("%s: %s; trying the pool's other members", host.display, first_error)
