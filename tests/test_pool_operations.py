@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections import Counter
 
 import pytest
@@ -143,6 +144,76 @@ def test_a_member_that_goes_down_gets_no_vm_and_its_release_waits_for_it(make_se
     services.leases.recover()  # the leader retries failed releases (with each reconcile)
     wait_for(lambda: stranded.name not in resident(lab), timeout=10)
     assert services.leases.leases.get(stranded.id).state == "released"
+
+
+GIB = 1 << 30
+
+
+def member_named(xapi, name: str) -> str:
+    return next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == name)
+
+
+def test_a_retried_start_stays_on_the_member_its_room_was_reserved_on(make_services):
+    """The soak's over-commit: a start that failed once (a bootloader hiccup) was retried with
+    ``VM.start``, and xapi chose the member with most free memory, whose CPUs were full."""
+    services, lab = make_services(pool_size=2, host_cpus=4, host_memory_gib=64)
+    [cpu_full] = services.leases.acquire(LeaseRequest("cpu-full", "centos", cpus=4, memory=GIB))
+    [memory_heavy] = services.leases.acquire(LeaseRequest("mem-heavy", "centos", cpus=1, memory=30 * GIB))
+    assert cpu_full.member != memory_heavy.member  # the first member's CPUs are all taken
+    control(lab).fail_next("start", "BOOTLOADER_FAILED")
+    [retried] = services.leases.acquire(LeaseRequest("retried", "centos", cpus=1, memory=GIB))
+    assert retried.member == memory_heavy.member
+    xapi = lab.xapi()
+    assert resident(lab)["retried"] == xapi.host.get_name_label(memory_heavy.member)
+    assert max(vcpus_by_member(lab).values()) <= 4
+
+
+def start_while_member_is_disabled(services, lab, name: str, member_name: str) -> threading.Thread:
+    """Ask for one VM in a thread; once its lease is placed (its clone takes 1.5 s), disable
+    the member it was placed on, as an admin starting maintenance would."""
+    control(lab).set_timing({"clone_seconds": 1.5})
+    outcome: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            outcome["leases"] = services.leases.acquire(LeaseRequest(name, "centos"))
+        except Exception as e:  # the test reads it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    [placed] = wait_for(lambda: services.leases.leases.by_name([name]), timeout=5)
+    xapi = lab.xapi()
+    assert xapi.host.get_name_label(placed.member) == member_name
+    xapi.host.disable(placed.member)
+    thread.join(timeout=30)
+    control(lab).set_timing({"clone_seconds": 0})
+    return outcome
+
+
+def test_a_member_disabled_before_its_vm_starts_sends_the_vm_to_another(make_services):
+    services, lab = make_services(pool_size=2)
+    services.leases.acquire(LeaseRequest("first", "centos"))  # so the next goes to the second member
+    outcome = start_while_member_is_disabled(services, lab, "moved", "sim-xen-01-h2")
+    [lease] = outcome["leases"]
+    assert lease.ip
+    assert resident(lab)["moved"] == "sim-xen-01"
+    assert lab.xapi().host.get_name_label(lease.member) == "sim-xen-01"
+    assert services.leases.leases.get(lease.id).member == lease.member
+
+
+def test_a_member_disabled_before_its_vm_starts_with_no_room_elsewhere_fails_cleanly(make_services):
+    # 12.2 GiB members hold one 4 GiB VM each
+    services, lab = make_services(pool_size=2, host_memory_gib=12.2)
+    services.leases.acquire(LeaseRequest("first", "centos"))
+    before = lab.inventory_of()
+    outcome = start_while_member_is_disabled(services, lab, "stuck", "sim-xen-01-h2")
+    error = outcome["error"]
+    assert isinstance(error, CreateFailed)
+    assert "HOST_DISABLED" in str(error)
+    assert "no other member has room" in str(error)
+    assert lab.inventory_of() == before  # nothing left behind
+    assert "stuck" not in resident(lab)
 
 
 def test_evacuation_moves_leases_with_their_vms(make_services):

@@ -33,7 +33,8 @@ class ProvisionError(XenError):
     """A VM could not be created; nothing it made is left behind unless ``leftovers`` says so.
     ``unreachable``: the host stopped answering (another host may do). ``exhausted``: every
     attempt on this host failed; ``no_address``: the last for want of a usable IP (APIPA, an
-    exhausted DHCP pool), which another host may not share."""
+    exhausted DHCP pool), which another host may not share. ``refused_by``: the member the
+    VM was placed on will not start it (down, disabled, full); another member may."""
 
     def __init__(
         self,
@@ -44,8 +45,10 @@ class ProvisionError(XenError):
         exhausted: bool = False,
         no_address: bool = False,
         attempts_used: int = 1,
+        refused_by: str = "",
     ) -> None:
         super().__init__(message, host)
+        self.refused_by = refused_by
         self.leftovers = leftovers
         self.unreachable = unreachable
         self.exhausted = exhausted

@@ -369,3 +369,25 @@ def test_a_request_that_needs_room_never_has_its_own_oses_ready_vms_destroyed_fo
     with pytest.raises(NotEnoughCapacity):  # two warm and one cold: no room for the third
         engine.acquire(LeaseRequest("three", "centos", count=3))
     assert pool_of(services).ready == 2  # the two it would have taken were not destroyed for nothing
+
+
+def test_a_ready_vm_whose_member_crashed_unnoticed_is_never_handed_out(make_services, sim_lab):
+    """A member crashes; for a while its master still says it is live and its VMs Running,
+    as xapi does until the heartbeat times out. A ready VM there has no sshd any more."""
+    from dynvm.model import CreateFailed
+
+    from ..conftest import FAST
+
+    lab = with_pools(sim_lab, "centos.ready=2", pool_size=2, timing=dataclasses.replace(FAST, heartbeat_seconds=600))
+    services, _ = make_services(lab=lab)
+    fill(services, ready=2)
+    xapi = lab.xapi()
+    on = {lease.name: xapi.VM.get_resident_on(lease.vm_ref) for lease in services.leases.leases.pooled()}
+    assert len(set(on.values())) == 2  # one on each member
+    lab.control().member_down(1, "refuse")
+    with pytest.raises(CreateFailed, match="no longer answers on port"):
+        services.leases.acquire(LeaseRequest("both", "centos", count=2))
+    for lease in services.leases.leases.by_name(["both1", "both2"]):  # a destroy waits for the member
+        assert (lease.state, lease.handed_over_at) == ("releasing", None)
+    live = {r["name_label"] for r in xapi.VM.get_all_records().values() if r["name_label"].startswith("both")}
+    assert live == set()  # neither VM kept the request's name: none was handed out

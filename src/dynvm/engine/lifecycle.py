@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .. import probe
 from ..model import CreatedVm, Lease, NotDynvmVm, ProvisionError, VmSpec
 from ..provider import DestroyResult
 from ..store.history import origin_of
@@ -89,6 +91,13 @@ class Lifecycle:
             raise ProvisionError(f"{lease.name}: its ready VM's host left the configuration", lease.host_ref)
         spec = VmSpec(name=lease.name, os=lease.os, template=lease.template, lease_id=lease.id)
         try:
+            port = settings.probe.port_for(lease.os)
+            if port and lease.ip and not probe.answers(lease.ip, port):
+                # it answered when it was made; a guest that died in the pool since (its
+                # member crashed before the master noticed, a kernel panic) is no one's VM
+                raise ProvisionError(
+                    f"{lease.name}: its ready VM at {lease.ip} no longer answers on port {port}", lease.host_ref
+                )
             self.provider.hand_out(host, lease.vm_ref, spec)
         except Exception as e:
             self._stage(lease, "failed", error=str(e))
@@ -108,6 +117,7 @@ class Lifecycle:
         if lease.pooled_at is not None and lease.state == "ready":
             return self._hand_out(settings, lease)
         tried = {lease.host_ref}
+        refused: set[tuple[str, str]] = set()  # (host, member) that would not start it
         attempts_left = CREATE_ATTEMPTS
         attempts = attempts_left if pinned else attempts_left - 1  # unpinned: one is kept for elsewhere
         while True:
@@ -116,6 +126,24 @@ class Lifecycle:
             except ProvisionError as e:
                 if e.unreachable:
                     self._abandon_clone(self.leases.get(lease.id) or lease)  # its vm_ref as the create left it
+                if e.refused_by:
+                    refused.add((lease.host_ref, e.refused_by))
+                    attempts_left = max(1, attempts_left - e.attempts_used)
+                    moved = self._move(
+                        settings,
+                        lease,
+                        exclude=tried - {lease.host_ref},
+                        refused=refused,
+                        only=lease.host_ref if pinned else None,
+                    )
+                    if moved is None:
+                        raise ProvisionError(f"{e}; no other member has room for it", e.host) from None
+                    log.warning("%s: %s; placed again on host %s", lease.name, e, moved.host_ref)
+                    self._stage(lease, "moved", host=moved.host_ref)
+                    tried.add(moved.host_ref)
+                    lease = moved
+                    attempts = attempts_left
+                    continue
                 if e.exhausted:
                     attempts_left -= attempts
                     attempts = attempts_left
@@ -153,13 +181,22 @@ class Lifecycle:
             self.leases.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.clock())
             log.warning("%s: a clone may still run on host %s; reconcile removes it", lease.name, lease.host_ref)
 
-    def _move(self, settings: Settings, lease: Lease, exclude: set[str]) -> Lease | None:
+    def _move(
+        self,
+        settings: Settings,
+        lease: Lease,
+        exclude: set[str],
+        refused: Iterable[tuple[str, str]] = (),
+        only: str | None = None,
+    ) -> Lease | None:
+        """Place the lease again, its own reservation aside: on a host not in ``exclude``
+        (``only``: that host), on no member in ``refused``."""
         with self.leases.db.write() as conn:
             self.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             reserved = [r for r in self.reservations(conn) if r["lease_id"] != lease.id]
             candidates = [
-                c
-                for c in self._candidates(settings, lease.os, lease.cpus, lease.memory, reserved)
+                placement.without_members(c, {member for host, member in refused if host == c.host.ref})
+                for c in self._candidates(settings, lease.os, lease.cpus, lease.memory, reserved, only=only)
                 if c.host.ref not in exclude
             ]
             if placement.available(candidates) < 1:

@@ -12,6 +12,7 @@ request spreads; ``xhostref`` pins it to one pool.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ class Placement:
             member=self.member or None,
             pooled=pooled,
         )
+
+
+def without_members(candidate: Candidate, members: set[str]) -> Candidate:
+    """The candidate with no room on these members (they refused a VM just now)."""
+    if not members:
+        return candidate
+    room = dataclasses.replace(candidate.room, members=[m for m in candidate.room.members if m.ref not in members])
+    return dataclasses.replace(candidate, room=room)
 
 
 def available(candidates: Iterable[Candidate]) -> int:

@@ -67,6 +67,31 @@ class NoAddress(AttemptFailed):
     host, on another network segment or DHCP scope, may do better."""
 
 
+# xapi's answers to VM.start_on that say the member will not take this VM now, whatever
+# another attempt there does (xapi_vm_helpers.ml, assert_can_boot_here and its callers)
+MEMBER_REFUSALS = frozenset(
+    {
+        "HOST_NOT_LIVE",
+        "HOST_DISABLED",
+        "HOST_OFFLINE",
+        "HOST_NOT_ENOUGH_FREE_MEMORY",
+        "HOST_CANNOT_ATTACH_NETWORK",
+        "HOST_IN_EMERGENCY_MODE",
+        "CANNOT_CONTACT_HOST",
+        "VM_REQUIRES_SR",
+    }
+)
+
+
+class MemberRefused(Exception):
+    """The member the VM's room was reserved on will not start it: the VM goes, and the
+    engine places the lease again (another member, or a clear failure)."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(reason)
+        self.member = member
+
+
 def describe(name: str, template: str) -> str:
     """A VM's ``name_description`` (SPEC.md §3): ``<name> from <template> on <utc time>``."""
     return f"{name} from {template} on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}"
@@ -189,6 +214,17 @@ class Provisioner:
                 last_error = f"xapi error {_details(e)}"
                 no_address = False
                 vlog.warning("attempt %d/%d failed: %s", attempt, attempts, last_error)
+            except MemberRefused as e:
+                vlog.warning("attempt %d/%d: member %s will not start it: %s", attempt, attempts, e.member, e)
+                if vm is not None:
+                    progress("cleaning up")
+                    self._cleanup(vm, spec.lease_id, vlog)
+                raise ProvisionError(
+                    f"{spec.name}: member {e.member} of {self.host.display} will not start it: {e}",
+                    self.host.ref,
+                    attempts_used=attempt,
+                    refused_by=e.member,
+                ) from None
             except (HostUnreachable, ProvisionError) as e:
                 unreachable = isinstance(e, HostUnreachable) or getattr(e, "unreachable", False)
                 if vm is not None:
@@ -438,15 +474,22 @@ class Provisioner:
         vlog.info("port %d of %s answers after %.2f s", port, ip, took)
 
     def _start(self, xapi: Any, vm: str, spec: VmSpec, attempt: int, vlog: _VmLog) -> None:
-        """Start the VM on the member its room was reserved on (``VM.start_on``). A retry
-        lets xapi choose (``VM.start``): the member that refused the first attempt (full,
-        disabled, gone from the pool) would refuse again."""
-        if spec.member and attempt == 1:
-            vlog.info("starting on member %s", spec.member)
-            self._task(xapi, "VM.start_on", vm, spec.member, False, False)
-        else:
-            vlog.info("starting")
+        """Start the VM on the member its room was reserved on (``VM.start_on``), on every
+        attempt. xapi is never left to choose (``VM.start``): it weighs memory only, and
+        would start a retry on a member whose CPUs are full. A member that will not take
+        the VM (down, disabled, full) raises ``MemberRefused``: the engine places it again."""
+        if not spec.member:  # a lease placed before members were recorded
+            vlog.info("starting (attempt %d)", attempt)
             self._task(xapi, "VM.start", vm, False, False)
+            return
+        vlog.info("starting on member %s (attempt %d)", spec.member, attempt)
+        try:
+            self._task(xapi, "VM.start_on", vm, spec.member, False, False)
+        except XenAPI.Failure as e:
+            details = list(e.details or [""])
+            if details[0] in MEMBER_REFUSALS or details[:2] == ["HANDLE_INVALID", "host"]:
+                raise MemberRefused(spec.member, _details(e)) from None
+            raise
 
     def _describe(
         self,
@@ -495,6 +538,13 @@ class Provisioner:
                     raise NotDynvmVm(f"refusing to hand out {record['name_label']!r}: not lease {spec.lease_id}'s")
                 if record["power_state"] != "Running":
                     raise ProvisionError(f"{spec.name}: its ready VM is {record['power_state']}", self.host.ref)
+                member = record["resident_on"]
+                if member != NULL_REF and not xapi.host_metrics.get_live(xapi.host.get_metrics(member)):
+                    raise ProvisionError(
+                        f"{spec.name}: its ready VM is on {xapi.host.get_name_label(member)}, which the pool's "
+                        "master has lost touch with",
+                        self.host.ref,
+                    )
                 xapi.VM.set_name_label(vm, spec.name)
                 xapi.VM.set_name_description(vm, describe(spec.name, template))
             except XenAPI.Failure as e:
