@@ -201,7 +201,9 @@ def test_reconcile_destroys_vms_of_ended_leases_and_closes_vanished_leases(make_
     services, lab = make_services(clock=clock)
     xapi = lab.xapi()
     [ended] = services.leases.acquire(LeaseRequest("leftover", "centos"))
-    services.leases.leases.finish([ended.id], "released", clock())  # as a release whose destroy failed
+    # as a VM whose create failed after it was made: ended, never handed out (no holder on it)
+    services.leases.leases.finish([ended.id], "failed", clock())
+    xapi.VM.remove_from_other_config(ended.vm_ref, "dynvm_holder")
     [lease] = services.leases.acquire(LeaseRequest("vanishing", "centos"))
     xapi.VM.hard_shutdown(lease.vm_ref)
     xapi.VM.destroy(lease.vm_ref)  # someone removed it behind dynvm's back

@@ -135,7 +135,9 @@ class StaticPool:
     def adopt(self, host: HostSettings, job: str, lease_id: str, wait: float) -> str | None:
         return None
 
-    def destroy(self, host: HostSettings, machine_ref: str, lease_id: str | None) -> DestroyResult:
+    def destroy(
+        self, host: HostSettings, machine_ref: str, lease_id: str | None, holder: str | None = None
+    ) -> DestroyResult:
         with self.lock:
             box = next(b for b in self.boxes[host.ref] if b.name == machine_ref)
             if box.lease_id == lease_id:

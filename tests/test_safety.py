@@ -246,7 +246,10 @@ def test_one_failing_vm_never_stops_a_reconcile_pass(make_services):
     clock = FakeClock()
     services, lab = make_services(clock=clock)
     leases = services.leases.acquire(LeaseRequest("left", "centos", count=2))
-    services.leases.leases.finish([lease.id for lease in leases], "released", clock())  # leftovers
+    # leftovers: VMs of creates that failed once they were made (ended, never handed out)
+    services.leases.leases.finish([lease.id for lease in leases], "failed", clock())
+    for lease in leases:
+        lab.xapi().VM.remove_from_other_config(lease.vm_ref, "dynvm_holder")
     lab.control().fail_next("destroy", "INTERNAL_ERROR", 1)  # the first destroy of the pass fails
     report = services.leases.reconcile()
     assert len(report.orphans_destroyed) == 1

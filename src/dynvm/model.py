@@ -60,6 +60,11 @@ class NotDynvmVm(XenError):
     """dynvm refuses to touch a VM it did not create (no marker of this installation)."""
 
 
+class HeldElsewhere(NotDynvmVm):
+    """The host says another request holds this VM, whatever this database says (it was
+    restored from a backup, say): it is not handed out or destroyed; reconcile quarantines it."""
+
+
 class DestroyFailed(XenError):
     """xapi refused to shut down or destroy a VM; it keeps its marker, and reconcile
     tries again."""
@@ -77,6 +82,7 @@ class VmSpec:
     memory: int | None = None  # bytes; None: the template's own
     member: str | None = None  # the pool member (host ref) to start it on; None: xapi chooses
     probe_port: int | None = None  # ready only once this TCP port of its address answers; None: no probe
+    holder: str | None = None  # the request a hand-out gives it to (written on the host); None: no one yet
 
 
 @dataclass(frozen=True)

@@ -214,9 +214,16 @@ class LeakJudge(Protocol):
     """The engine's side of a leak collection: the provider finds what this installation
     made; the judge says what each is."""
 
-    def verdict(self, lease_id: str, host_ref: str | None = None, machine_uuid: str | None = None) -> Verdict:
-        """A machine of ``lease_id`` found as ``machine_uuid`` on ``host_ref``; a loose disk
-        when both are None (kept while its lease is active anywhere)."""
+    def verdict(
+        self,
+        lease_id: str,
+        host_ref: str | None = None,
+        machine_uuid: str | None = None,
+        held_by: str | None = None,
+    ) -> Verdict:
+        """A machine of ``lease_id`` found as ``machine_uuid`` on ``host_ref``, held (its
+        host says) by request ``held_by``; a loose disk when both are None (kept while its
+        lease is active anywhere)."""
         ...
 
     def quarantine_step(self, quarantined_at: float | None) -> QuarantineStep: ...
@@ -287,9 +294,11 @@ class Provider(Protocol):
         ...
 
     def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:
-        """A ready-pool machine (made for ``spec.lease_id``) becomes ``spec``'s: named and
-        described as if made for it. Raises ``ProvisionError`` when it cannot be (gone,
-        stopped): the engine then makes one cold."""
+        """A ready machine (made for ``spec.lease_id``) becomes ``spec.holder``'s, just
+        before the database hands it over: the holder is written where the machine lives
+        (compare-and-set: ``HeldElsewhere`` when it says another request holds it), and a
+        ready-pool machine is named and described as if made for it. Raises
+        ``ProvisionError`` when it cannot be (gone, stopped)."""
         ...
 
     def pending_job(self, machine_ref: str) -> str | None:
@@ -301,9 +310,12 @@ class Provider(Protocol):
         waiting up to ``wait`` seconds for it to end; None when it made none."""
         ...
 
-    def destroy(self, host: HostSettings, machine_ref: str, lease_id: str | None) -> DestroyResult:
+    def destroy(
+        self, host: HostSettings, machine_ref: str, lease_id: str | None, holder: str | None = None
+    ) -> DestroyResult:
         """Destroy one machine and its disks. Raises ``NotDynvmVm`` for one without this
-        installation's marker (never touched), and any error when it could not."""
+        installation's marker (never touched), ``HeldElsewhere`` for one the host says a
+        request other than ``holder`` holds, and any error when it could not."""
         ...
 
     # -- what this installation owns ----------------------------------------------------------

@@ -84,13 +84,13 @@ class Lifecycle:
         if not lease.pooled:
             self.tracker.stage(lease.request_id, lease.name, stage, **details)
 
-    def _hand_out(self, settings: Settings, lease: Lease) -> Lease:
-        """A ready-pool VM this request took: rename it for its lease, and it is ready."""
+    def _take_warm(self, settings: Settings, lease: Lease) -> Lease:
+        """A ready-pool VM this request took: still there and answering? Nothing on its
+        host changes yet: ``_hold`` gives it to the request with the others."""
         host = settings.host(lease.host_ref)
-        if host is None or not lease.vm_ref:
-            raise ProvisionError(f"{lease.name}: its ready VM's host left the configuration", lease.host_ref)
-        spec = VmSpec(name=lease.name, os=lease.os, template=lease.template, lease_id=lease.id)
         try:
+            if host is None or not lease.vm_ref:
+                raise ProvisionError(f"{lease.name}: its ready VM's host left the configuration", lease.host_ref)
             port = settings.probe.port_for(lease.os)
             if port and lease.ip and not probe.answers(lease.ip, port):
                 # it answered when it was made; a guest that died in the pool since (its
@@ -98,13 +98,35 @@ class Lifecycle:
                 raise ProvisionError(
                     f"{lease.name}: its ready VM at {lease.ip} no longer answers on port {port}", lease.host_ref
                 )
-            self.provider.hand_out(host, lease.vm_ref, spec)
         except Exception as e:
             self._stage(lease, "failed", error=str(e))
             raise
-        self._stage(lease, "ready", ip=lease.ip)
-        self.history.record_created(lease, origin_of(host.url), handed_out_at=self.clock())
         return lease
+
+    def _hold(self, settings: Settings, ready: list[Lease]) -> list[tuple[Lease, Exception]]:
+        """Write on each VM, on its host, that its request holds it: the step just before
+        the database hands them over (``provider.hand_out``: compare-and-set, so a VM the
+        host says another request holds is refused, whatever this database says). A
+        ready-pool VM takes its lease's name here. The VMs that could not be held, and why."""
+        refused: list[tuple[Lease, Exception]] = []
+        for lease in ready:
+            host = settings.host(lease.host_ref)
+            spec = VmSpec(
+                name=lease.name, os=lease.os, template=lease.template, lease_id=lease.id, holder=lease.request_id
+            )
+            try:
+                if host is None or not lease.vm_ref:
+                    raise ProvisionError(f"{lease.name}: its host left the configuration", lease.host_ref)
+                self.provider.hand_out(host, lease.vm_ref, spec)
+            except Exception as e:
+                log.error("%s: not handed out: %s", lease.name, e)
+                self._stage(lease, "failed", error=str(e))
+                refused.append((lease, e))
+                continue
+            if lease.pooled_at is not None:  # a ready-pool VM enters the history once a request takes it
+                self._stage(lease, "ready", ip=lease.ip)
+                self.history.record_created(lease, origin_of(host.url), handed_out_at=self.clock())
+        return refused
 
     def _create_one(
         self, settings: Settings, lease: Lease, pinned: bool = False, cancel: _RequestCancel | None = None
@@ -113,9 +135,9 @@ class Lifecycle:
         with most room among those not tried yet; when its host's guests get no usable IP
         (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
         failed xapi call is retried where it happened. A ready-pool VM the request took is
-        only handed out (renamed)."""
+        only checked (``_take_warm``)."""
         if lease.pooled_at is not None and lease.state == "ready":
-            return self._hand_out(settings, lease)
+            return self._take_warm(settings, lease)
         tried = {lease.host_ref}
         refused: set[tuple[str, str]] = set()  # (host, member) that would not start it
         attempts_left = CREATE_ATTEMPTS
@@ -294,8 +316,11 @@ class Lifecycle:
                 reason = f"host {lease.host_ref} left the configuration; {lease.name} may still be on it"
                 log.error("%s: %s", lease.name, reason)
             else:
+                # a VM its host says this lease's request holds is destroyed only when this
+                # database handed it over, or by the process that made it (a roll-back)
+                holder = lease.request_id if lease.handed_over_at is not None or lease.owner == self.owner else None
                 try:
-                    result = self.provider.destroy(host, lease.vm_ref, lease.id)
+                    result = self.provider.destroy(host, lease.vm_ref, lease.id, holder)
                 except NotDynvmVm as e:
                     log.error("%s", e)  # never touched; the lease ends (it cannot hold this VM)
                 except Exception as e:

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..model import Lease
+from ..model import HeldElsewhere, Lease
 from ..provider import QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
 from ..store.tables import ACTIVE_STATES
 from .requests import CREATING, FAILED, QUEUED, RequestRecord
@@ -236,6 +236,8 @@ class Upkeep:
                     self.provider.destroy(host, vm, lease_id)
                     report.orphans_destroyed.append(name)
                     log.warning("reconcile: destroyed %s on %s (cloned after dynvm gave up)", name, host.display)
+            except HeldElsewhere as e:  # it went on to be handed out: a restored database; quarantined
+                log.error("reconcile: %s's clone on %s: %s", name, host.display, e)
             except Exception as e:  # one clone that cannot be looked at never stops the pass
                 log.warning("reconcile: cannot look at %s's clone on %s yet (%s)", name, host.display, e)
                 report.errors.append(f"{name}'s clone on {host.display}: {e}")
@@ -252,11 +254,20 @@ class _Judge:
         self._upkeep = upkeep
         self._active = active
 
-    def verdict(self, lease_id: str, host_ref: str | None = None, machine_uuid: str | None = None) -> Verdict:
+    def verdict(
+        self,
+        lease_id: str,
+        host_ref: str | None = None,
+        machine_uuid: str | None = None,
+        held_by: str | None = None,
+    ) -> Verdict:
         holder = self._active.get(lease_id)
-        if holder is None or (host_ref is not None and holder.host_ref != host_ref):
+        if holder is None or held_by is not None or (host_ref is not None and holder.host_ref != host_ref):
+            # read afresh: a hand-out changes the database before it writes on the host
             holder = self._upkeep.leases.get(lease_id)
         if holder is None:
+            return Verdict.UNKNOWN
+        if held_by is not None and self._disagrees(holder, held_by):
             return Verdict.UNKNOWN
         if holder.state not in ACTIVE_STATES:
             return Verdict.ENDED
@@ -270,6 +281,30 @@ class _Judge:
         # found on another host than its lease's: a leftover of an attempt there, unless the
         # two sections may name one pool (the same, or one of them not reached yet)
         return Verdict.ENDED if self._upkeep.other_pools(holder.host_ref, host_ref) else Verdict.KEEP
+
+    def _disagrees(self, lease: Lease, held_by: str) -> bool:
+        """The host says request ``held_by`` holds the lease's VM; does the database say
+        otherwise? It does when the lease has ended, waits in a ready pool, or belongs to
+        another request: this database is older than the host (a restored backup) or not
+        the one that handed it out (a copy). Such a VM is quarantined, never handed out or
+        destroyed at once; an active lease that disagrees ends here, its VM left alone."""
+        if lease.state in ACTIVE_STATES and not lease.pooled and lease.request_id == held_by:
+            return False
+        if lease.state in ACTIVE_STATES:
+            self._upkeep.leases.finish(
+                [lease.id],
+                "failed",
+                self._upkeep.clock(),
+                f"the host says request {held_by} holds its VM, not this lease "
+                "(the database was restored from a backup, or copied): quarantined",
+            )
+            log.error(
+                "reconcile: %s's VM is held by request %s on its host, which this database does not know as its "
+                "holder (restored from a backup, or a copy?): the lease ends and the VM is quarantined",
+                lease.name,
+                held_by,
+            )
+        return True
 
     def quarantine_step(self, quarantined_at: float | None) -> QuarantineStep:
         return self._upkeep.quarantine_step(quarantined_at)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..config import HostSettings, Settings, windows_os
 from ..engine.ready_pools import POOL_USER
-from ..model import CreatedVm, NotDynvmVm, VmSpec
+from ..model import CreatedVm, HeldElsewhere, NotDynvmVm, VmSpec
 from ..provider import (
     Cancel,
     DestroyResult,
@@ -93,6 +93,7 @@ class ModelVm:
     disk: int
     ip: str
     runs_at: float  # virtual time its create ends
+    holder: str | None = None  # the request a hand-out gave it to
 
 
 class ModelHosts:
@@ -216,6 +217,10 @@ class ModelHosts:
             vm = self._vms[host.ref].get(machine_ref)
             if vm is None or vm.lease_id != spec.lease_id:
                 raise NotDynvmVm(f"{machine_ref} is not lease {spec.lease_id}'s")
+            if spec.holder is not None:
+                if vm.holder not in (None, spec.holder):
+                    raise HeldElsewhere(f"{machine_ref} is held by request {vm.holder}")
+                vm.holder = spec.holder
             vm.name = spec.name
 
     def pending_job(self, machine_ref: str) -> str | None:
@@ -224,8 +229,13 @@ class ModelHosts:
     def adopt(self, host: HostSettings, job: str, lease_id: str, wait: float) -> str | None:
         return None
 
-    def destroy(self, host: HostSettings, machine_ref: str, lease_id: str | None) -> DestroyResult:
+    def destroy(
+        self, host: HostSettings, machine_ref: str, lease_id: str | None, holder: str | None = None
+    ) -> DestroyResult:
         with self._lock:
+            vm = self._vms.get(host.ref, {}).get(machine_ref)
+            if vm is not None and vm.holder not in (None, holder):
+                raise HeldElsewhere(f"{machine_ref} is held by request {vm.holder}")
             self._vms.get(host.ref, {}).pop(machine_ref, None)
         return DestroyResult()
 

@@ -23,7 +23,7 @@ from ..config import HostSettings
 from ..model import DestroyFailed
 from ..provider import LeakJudge, QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
 from .inventory import DiskView, HostView, VmView
-from .marker import Ownership, lease_of, lease_of_clone_name, marker, ownership, quarantined_at
+from .marker import Ownership, holder_of, lease_of, lease_of_clone_name, marker, ownership, quarantined_at
 from .provision import Provisioner
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class LeakCollector:
         if owner is Ownership.OTHER_INSTALLATION:
             return  # never ours to touch
         lease_id = lease_of(vm.other_config) or ""
-        verdict = self.judge.verdict(lease_id, self.host.ref, vm.uuid)
+        verdict = self.judge.verdict(lease_id, self.host.ref, vm.uuid, holder_of(vm.other_config))
         if verdict is Verdict.KEEP:
             if owner is Ownership.UNNAMED:  # made before installation ids: write ours on it
                 self.provisioner.claim(vm.ref, lease_id)
@@ -92,16 +92,22 @@ class LeakCollector:
             now = self.judge.now()
             if self.provisioner.quarantine(vm.ref, now):
                 self.report.quarantined.append(vm.name)
+                held = holder_of(vm.other_config)
+                why = (
+                    f"the host says request {held} holds it and this database does not agree"
+                    if held is not None
+                    else f"its lease {lease_of(vm.other_config)} is unknown to this database"
+                )
                 log.warning(
-                    "reconcile: %s on %s is this installation's, but its lease %s is unknown to this database "
-                    "(restored from an older backup?): halted and kept until %s, then destroyed",
+                    "reconcile: %s on %s is this installation's, but %s (restored from an older backup?): "
+                    "halted and kept until %s, then destroyed",
                     vm.name,
                     self.host.display,
-                    lease_of(vm.other_config),
+                    why,
                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now + self.keep_seconds)),
                 )
             return
-        self.provisioner.destroy(vm.ref, lease_of(vm.other_config))
+        self.provisioner.destroy(vm.ref, lease_of(vm.other_config), holder_of(vm.other_config))
         self.report.orphans_destroyed.append(vm.name)
         log.warning("reconcile: destroyed %s on %s (its quarantine is over)", vm.name, self.host.display)
 

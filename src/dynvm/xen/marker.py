@@ -5,6 +5,10 @@ read them. The one place that knows the keys.
 - ``dynvm_installation``: the installation that made it (an id kept in its database). A
   second dynvm on the same hosts, with a database of its own, has another id and never
   touches these VMs.
+- ``dynvm_holder``: the request that holds the VM, written at its hand-out (compare-and-set
+  on the host, in the step before the database hands it over). A ready-pool VM has none
+  while it waits. The host, not the database, says who holds a VM: a database restored
+  from a backup may think a held VM is still waiting in its pool, or still being made.
 - ``dynvm_quarantined_at``: set (Unix seconds) when reconcile found a VM of this
   installation that its database does not know — say, the database was restored from a
   backup older than the VM. Such a VM is halted and kept, not destroyed, until the
@@ -25,6 +29,7 @@ from collections.abc import Mapping
 
 MARKER_KEY = "dynvm_lease"
 INSTALLATION_KEY = "dynvm_installation"
+HOLDER_KEY = "dynvm_holder"
 QUARANTINE_KEY = "dynvm_quarantined_at"
 QUARANTINE_TAG = "dynvm-quarantined"  # also in the VM's tags, so that XenCenter shows it
 
@@ -64,6 +69,11 @@ def marker(lease_id: str, installation: str) -> dict[str, str]:
 
 def lease_of(other_config: Mapping[str, str]) -> str | None:
     return other_config.get(MARKER_KEY)
+
+
+def holder_of(other_config: Mapping[str, str]) -> str | None:
+    """The request the host says holds this VM; None while nobody does."""
+    return other_config.get(HOLDER_KEY)
 
 
 def quarantined_at(other_config: Mapping[str, str]) -> float | None:

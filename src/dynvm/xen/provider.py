@@ -175,8 +175,10 @@ class XenProvider:
     def adopt(self, host: HostSettings, job: str, lease_id: str, wait: float) -> str | None:
         return self._provisioner(host).adopt_clone(job, lease_id, wait=wait)
 
-    def destroy(self, host: HostSettings, machine_ref: str, lease_id: str | None) -> DestroyResult:
-        return self._provisioner(host).destroy(machine_ref, lease_id)
+    def destroy(
+        self, host: HostSettings, machine_ref: str, lease_id: str | None, holder: str | None = None
+    ) -> DestroyResult:
+        return self._provisioner(host).destroy(machine_ref, lease_id, holder)
 
     # -- what this installation owns -------------------------------------------------------
 

@@ -30,16 +30,18 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from .. import probe
 from ..config import HostSettings, windows_os
-from ..model import CreatedVm, DestroyFailed, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
+from ..model import CreatedVm, DestroyFailed, HeldElsewhere, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
 from ..provider import DestroyResult
 from .inventory import is_real_ip
 from .marker import (
+    HOLDER_KEY,
     INSTALLATION_KEY,
     MARKER_KEY,
     QUARANTINE_KEY,
     QUARANTINE_TAG,
     Ownership,
     clone_name,
+    holder_of,
     lease_of,
     marker,
     ownership,
@@ -527,9 +529,12 @@ class Provisioner:
     # -- hand-out of a ready-pool VM --------------------------------------------------
 
     def hand_out(self, vm: str, spec: VmSpec, template: str) -> None:
-        """A ready VM of this installation's pool becomes ``spec``'s: its name and
-        description as if made for it (its marker already names the lease, which keeps its
-        id). Raises ``ProvisionError`` when it is gone or stopped meanwhile."""
+        """A ready VM becomes ``spec.holder``'s: the holder is written on its marker first
+        (compare-and-set on the host: ``HeldElsewhere`` when the host says another request
+        holds it, whatever the database says), then a ready-pool VM takes its lease's name
+        and description (its marker already names the lease, which keeps its id). Called
+        just before the database hands the request's VMs over. Raises ``ProvisionError``
+        when it is gone or stopped meanwhile."""
         with self.pool.session() as xapi:
             try:
                 record = xapi.VM.get_record(vm)
@@ -545,19 +550,44 @@ class Provisioner:
                         "master has lost touch with",
                         self.host.ref,
                     )
-                xapi.VM.set_name_label(vm, spec.name)
-                xapi.VM.set_name_description(vm, describe(spec.name, template))
+                if spec.holder is not None:
+                    self._hold(xapi, vm, record, spec.holder)
+                if record["name_label"] != spec.name:
+                    xapi.VM.set_name_label(vm, spec.name)
+                    xapi.VM.set_name_description(vm, describe(spec.name, template))
             except XenAPI.Failure as e:
                 raise ProvisionError(
                     f"{spec.name}: its ready VM cannot be handed out: {_details(e)}", self.host.ref
                 ) from None
 
+    def _hold(self, xapi: Any, vm: str, record: dict[str, Any], holder: str) -> None:
+        """Write ``holder`` on the VM unless the host says someone holds it already: xapi's
+        ``add_to_other_config`` refuses a key that is there (MAP_DUPLICATE_KEY), so of two
+        installations' or databases' hand-outs of one VM, one wins on the host."""
+        held = holder_of(record["other_config"])
+        if held is None:
+            try:
+                xapi.VM.add_to_other_config(vm, HOLDER_KEY, holder)
+                return
+            except XenAPI.Failure as e:
+                if e.details[:1] != ["MAP_DUPLICATE_KEY"]:
+                    raise
+                held = holder_of(xapi.VM.get_other_config(vm))
+        if held is not None and held != holder:
+            raise HeldElsewhere(
+                f"refusing to hand out {record['name_label']!r}: the host says request {held} holds it, "
+                f"not {holder} (is this database restored from a backup, or a copy?)",
+                self.host.ref,
+            )
+
     # -- destroy -----------------------------------------------------------------------
 
-    def destroy(self, vm: str, lease_id: str | None = None) -> DestroyResult:
+    def destroy(self, vm: str, lease_id: str | None = None, holder: str | None = None) -> DestroyResult:
         """Destroy a dynvm VM (by ref) and its disks. Refuses a VM without this
-        installation's marker (or with another lease's, when ``lease_id`` is given); a VM
-        marked before installations had ids is taken when ``lease_id`` names its lease.
+        installation's marker (or with another lease's, when ``lease_id`` is given), and one
+        the host says a request holds unless ``holder`` names that request
+        (``HeldElsewhere``); a VM marked before installations had ids is taken when
+        ``lease_id`` names its lease.
         A VM already gone is fine. A failure to shut down or destroy the VM raises
         ``DestroyFailed``; disks that will not go are in the result."""
         with self.pool.session() as xapi:
@@ -569,6 +599,13 @@ class Provisioner:
                 raise DestroyFailed(
                     f"cannot read VM {vm} on {self.host.display}: {_details(e)}", self.host.ref
                 ) from None
+            held = holder_of(record["other_config"])
+            if held is not None and held != holder:
+                raise HeldElsewhere(
+                    f"refusing to destroy {record['name_label']!r} ({record['uuid']}) on {self.host.display}: "
+                    f"the host says request {held} holds it",
+                    self.host.ref,
+                )
             return self._destroy(xapi, vm, record, lease_id, _VmLog(log, {"vm": record["name_label"]}))
 
     def _refuse_unless_ours(self, what: str, record: dict[str, Any], lease_id: str | None) -> None:
