@@ -42,6 +42,7 @@ test: install browser
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy src/dynvm
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench

@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -15,6 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
+    from .auth import TokenStore
+    from .client import DynvmClient
     from .config import Settings
 
 
@@ -545,7 +549,7 @@ def database_url(config: Path | None, db: str | None, console: Console) -> str:
         raise typer.Exit(2) from None
 
 
-def _token_store(config: Path | None, db: str | None, console: Console):  # type: ignore[no-untyped-def]
+def _token_store(config: Path | None, db: str | None, console: Console) -> TokenStore:
     from .auth import TokenStore
     from .store.db import Database, describe_url
 
@@ -742,7 +746,7 @@ ServerOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
 
-def _client(server: str | None):  # type: ignore[no-untyped-def]
+def _client(server: str | None) -> DynvmClient:
     from .client import DynvmClient
 
     return DynvmClient(server)  # the token comes from $DYNVM_TOKEN, never from the command line
@@ -796,9 +800,9 @@ def get_command(
         if json_out:
             status = client.follow(location, lambda s: None)
         elif not console.is_terminal:  # a log (CI): one line each time the request moves
-            said: list[str] = []
+            said: list[str | Text] = []  # titles of _progress_table
 
-            def say(update: dict) -> None:  # type: ignore[type-arg]
+            def say(update: dict[str, Any]) -> None:
                 line = _progress_table(update).title or ""
                 if not said or said[-1] != line:
                     said.append(line)
@@ -843,7 +847,7 @@ def _minutes(text: str) -> float:
     return value
 
 
-def _progress_table(status: dict) -> Table:  # type: ignore[type-arg]
+def _progress_table(status: dict[str, Any]) -> Table:
     title = f"request {status['id'][:8]}: {status['state']}"
     if status["state"] == "queued" and status.get("position"):
         eta = f", ready in about {status['eta_seconds']:.0f} s ({status['eta']})" if status.get("eta") else ""

@@ -85,4 +85,4 @@ class DynvmClient:
         return self._call("GET", "/api/v1/hosts").json()
 
     def pools(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/v1/pools").json()  # type: ignore[no-any-return]
+        return self._call("GET", "/api/v1/pools").json()

@@ -357,7 +357,8 @@ class _Reader:
                 raise self.error("pools", key, f"must be a whole number of at least {low}, not {raw!r}")
             return int(raw)
 
-        targets, maxima = {}, {}
+        targets: dict[str, int] = {}
+        maxima: dict[str, int] = {}
         for key in values:
             for suffix, into in ((".ready", targets), (".max", maxima)):
                 if key.endswith(suffix) and key not in KNOWN_POOL_KEYS:

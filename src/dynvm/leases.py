@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import cast
 
 from sqlalchemy.engine import Connection
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -716,7 +717,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
 
     def extend(self, name: str, minutes: float, caller: Caller = ANONYMOUS) -> Lease:
         """Move a ready lease's expiry to ``minutes`` from now, capped at the maximum."""
-        [lease] = self.leases.by_name([name]) or [None]
+        [lease] = cast("list[Lease | None]", self.leases.by_name([name])) or [None]
         if lease is None or lease.state != "ready":
             raise NoSuchLease(f"no ready VM named {name} is leased from dynvm")
         if lease.handed_over_at is None:

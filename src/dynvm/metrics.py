@@ -126,10 +126,10 @@ class _Gauges(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         services = self.services
         vms = GaugeMetricFamily("dynvm_vms", "dynvm's VMs, by host, OS and lease state", labels=["host", "os", "state"])
-        for (host, os, state), n in sorted(
+        for (host_ref, os, state), n in sorted(
             Tally((lease.host_ref, lease.os, lease.state) for lease in services.leases.leases.active()).items()
         ):
-            vms.add_metric([host, os, state], n)
+            vms.add_metric([host_ref, os, state], n)
         yield vms
         up = GaugeMetricFamily("dynvm_host_up", "1 if the host answers, 0 if it is down or connecting", labels=["host"])
         for host in services.current_settings().hosts:

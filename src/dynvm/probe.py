@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_any, wait_fixed
+from tenacity import RetryError, Retrying, retry_if_exception_type, wait_fixed
 
 ATTEMPT_TIMEOUT = 1.0  # seconds one connect may take: a guest that drops SYNs is retried, not waited on
 PAUSE = 0.2  # between attempts: a refused connect returns at once
@@ -55,7 +55,7 @@ def wait_until_answering(
     try:
         for attempt in Retrying(
             retry=retry_if_exception_type(OSError),
-            stop=stop_any(out_of_time),
+            stop=out_of_time,
             wait=wait_fixed(PAUSE),
         ):
             with attempt:

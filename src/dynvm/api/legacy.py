@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import Callable
 
 import anyio
 from fastapi import APIRouter, Request
@@ -118,7 +119,7 @@ async def getavailablecount_os(os: str, services: ServicesDep, _: CallerDep) -> 
     return await _guard(available, services, os)
 
 
-async def _guard(fn, *args) -> Response:  # type: ignore[no-untyped-def]
+async def _guard(fn: Callable[..., Response], *args: object) -> Response:
     """Run a quick handler off the event loop and turn its errors into ``Error:`` bodies."""
     try:
         return await anyio.to_thread.run_sync(fn, *args)

@@ -164,7 +164,7 @@ class HistoryOut(BaseModel):
     items: list[dict[str, Any]]
 
 
-def _capacity(services, os_keys: list[str]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def _capacity(services: Services, os_keys: list[str]) -> dict[str, int]:
     return {os: services.leases.available_count(os) for os in os_keys}
 
 

@@ -90,7 +90,7 @@ def timings(lifetimes: Iterable[Lifetime], requests: Iterable[Any], since: float
 def top_users(lifetimes: Iterable[Lifetime], now: float, since: float, limit: int = 10) -> list[dict[str, Any]]:
     """Users by VM-hours held between ``since`` and ``now`` (a VM alive across ``since``
     counts from then), most first."""
-    hours: Counter[str] = Counter()
+    hours: defaultdict[str, float] = defaultdict(float)
     vms: Counter[str] = Counter()
     for user, _, created, lived, _ in lifetimes:
         if user == POOL_USER:

@@ -77,7 +77,7 @@ def fit(rooms: Mapping[str, HostRoom], waiting: Waiting) -> list[tuple[str, str]
             return None
         placed.append((best, trial[best].take(waiting.needs[best])))
     for ref, room in trial.items():
-        rooms[ref].disk, rooms[ref].members = room.disk, room.members  # type: ignore[index]
+        rooms[ref].disk, rooms[ref].members = room.disk, room.members
     return placed
 
 

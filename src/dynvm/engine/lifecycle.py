@@ -25,7 +25,16 @@ from . import placement
 from .queue import _RequestCancel
 
 if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Connection
+
     from ..config import Settings
+    from ..provider import Provider
+    from ..store.history import HistoryStore
+    from ..store.leases import LeaseStore
+    from .requests import DurableTracker
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,29 @@ class ReleaseOutcome:
 
 class Lifecycle:
     """One VM's create and destroy, as methods of ``LeaseService``."""
+
+    # LeaseService's (leases.py), which these methods use
+    leases: LeaseStore
+    history: HistoryStore
+    provider: Provider
+    tracker: DurableTracker
+    clock: Callable[[], float]
+    owner: str
+    _cancel: threading.Event
+
+    if TYPE_CHECKING:
+
+        def _report(self, event: str, *args: object) -> None: ...
+        def reservations(self, conn: Connection) -> list[dict[str, object]]: ...
+        def _candidates(
+            self,
+            settings: Settings,
+            os: str,
+            req_cpus: int | None,
+            req_memory: int | None,
+            reserved: list[dict[str, object]],
+            only: str | None = None,
+        ) -> list[placement.Candidate]: ...
 
     def _stage(self, lease: Lease, stage: str, **details: str | None) -> None:
         """Report a create's progress on its request (a ready-pool VM has none)."""

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..model import (
@@ -31,11 +32,50 @@ from ..store.tables import ACTIVE_STATES
 from .requests import CANCELLED, CREATING, QUEUED, RequestRecord, RequestStore
 from .scheduler import never_fits
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy.engine import Connection
+
+    from ..store.leases import LeaseStore
+    from .ready_pools import ReadyPools
+    from .requests import DurableTracker
+    from .scheduler import Scheduler
+
 log = logging.getLogger(__name__)
 
 
 class Queueing:
     """The queue's side of ``LeaseService``."""
+
+    # LeaseService's (leases.py) and its other parts', which these methods use
+    leases: LeaseStore
+    requests: RequestStore
+    tracker: DurableTracker
+    scheduler: Scheduler
+    ready_pools: ReadyPools
+    clock: Callable[[], float]
+    owner: str
+    _builders: ThreadPoolExecutor
+    _stopping: threading.Event
+
+    if TYPE_CHECKING:
+
+        @property
+        def settings(self) -> Settings: ...
+        def _report(self, event: str, *args: object) -> None: ...
+        def counted_host(self, request: LeaseRequest) -> LeaseRequest: ...
+        def validate(self, request: LeaseRequest) -> None: ...
+        def _reserve_now(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]: ...
+        def _reserve(
+            self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool
+        ) -> list[Lease]: ...
+        def _build(self, settings: Settings, new: list[Lease], request_id: str, pinned: bool) -> list[Lease]: ...
+        def _refuse_names_of_others(self, request: LeaseRequest, conn: Connection | None = None) -> None: ...
+        def _refuse_leased_names(self, taken: list[Lease], request: LeaseRequest) -> None: ...
+        @staticmethod
+        def may_requeue(record: RequestRecord, alive: set[str]) -> bool: ...
 
     def open_request(self, request: LeaseRequest, wait_seconds: float, origin: str) -> RequestRecord:
         """Accept a request: the one way in for both APIs, which then follow its row

@@ -334,12 +334,12 @@ class ReadyPools:
         for lease in pooled:
             if lease.host_ref not in running:
                 running[lease.host_ref] = self._running_on(settings, lease.host_ref)
-            alive = (lease.ip or "") in running[lease.host_ref].get(lease.vm_uuid or "", ())
+            up = (lease.ip or "") in running[lease.host_ref].get(lease.vm_uuid or "", ())
             if lease.expires_at <= now:
                 going[lease.id] = (lease, f"recycled: ready for {settings.pools.ready_ttl_minutes:g} min unused")
             elif settings.host(lease.host_ref) is None:
                 going[lease.id] = (lease, "recycled: its host left the configuration")
-            elif not alive and self._settled(lease, now):
+            elif not up and self._settled(lease, now):
                 going[lease.id] = (lease, "recycled: it stopped or lost its address while waiting")
         by_os: dict[str, list[Lease]] = {}
         for lease in sorted(pooled, key=_oldest_first, reverse=True):  # the newest go first

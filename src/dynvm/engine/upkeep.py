@@ -20,7 +20,14 @@ from ..store.tables import ACTIVE_STATES
 from .requests import CREATING, FAILED, QUEUED, RequestRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..config import HostSettings, Settings
+    from ..provider import Provider
+    from ..store.history import HistoryStore
+    from ..store.leases import LeaseStore
+    from .lifecycle import ReleaseOutcome
+    from .requests import RequestStore
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,34 @@ FINISHED_REQUESTS_KEPT = 7 * 24 * 3600.0  # seconds a finished request's status 
 
 class Upkeep:
     """Expiry, recovery and reconcile, as methods of ``LeaseService``."""
+
+    # LeaseService's (leases.py) and its other parts', which these methods use
+    leases: LeaseStore
+    history: HistoryStore
+    provider: Provider
+    requests: RequestStore
+    clock: Callable[[], float]
+    owner: str
+
+    if TYPE_CHECKING:
+
+        @property
+        def settings(self) -> Settings: ...
+        def _report(self, event: str, *args: object) -> None: ...
+        def _release(
+            self,
+            settings: Settings,
+            candidates: list[Lease],
+            only_from: list[str],
+            final_state: str,
+            reason: str = "",
+            expect_owner: str | None = None,
+            pooled: bool | None = None,
+        ) -> tuple[ReleaseOutcome, list[Lease]]: ...
+        def _roll_back(self, settings: Settings, ready: list[Lease], reason: str) -> None: ...
+        def _is_releasing(self, lease_id: str) -> bool: ...
+        def _live_processes(self) -> set[str]: ...
+        def _abandon_clone(self, lease: Lease) -> None: ...
 
     def expire_due(self) -> list[str]:
         """Destroy every lease past its expiry (the reaper calls this every few seconds).

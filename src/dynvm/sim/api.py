@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 from xml.sax.saxutils import escape
 
 from . import copies, lifecycle, maintenance
@@ -168,10 +169,10 @@ class XapiApi:
             except (TypeError, ValueError):
                 raise field_type_error(field.name) from None
             with self.store.lock:
-                mapping = self.store.mutate(cls, ref, field.name)
-                if key in mapping:  # type: ignore[operator]
+                mapping = cast("dict[str, object]", self.store.mutate(cls, ref, field.name))
+                if key in mapping:
                     raise XapiError("MAP_DUPLICATE_KEY", cls, field.name, ref, key)
-                mapping[key] = wire  # type: ignore[index]
+                mapping[key] = wire
                 self.store.touch(cls, ref)
             return ""
 
@@ -181,9 +182,9 @@ class XapiApi:
         def remove(ref: object, key: object) -> str:
             ref = _str(ref, "self")
             with self.store.lock:
-                mapping = self.store.mutate(cls, ref, field.name)
-                if str(key) in mapping:  # type: ignore[operator]
-                    del mapping[str(key)]  # type: ignore[union-attr]
+                mapping = cast("dict[str, object]", self.store.mutate(cls, ref, field.name))
+                if str(key) in mapping:
+                    del mapping[str(key)]
                     self.store.touch(cls, ref)
             return ""
 
@@ -193,9 +194,9 @@ class XapiApi:
         def add(ref: object, value: object) -> str:
             ref = _str(ref, "self")
             with self.store.lock:
-                items = self.store.mutate(cls, ref, field.name)
-                if value not in items:  # type: ignore[operator]
-                    items.append(value)  # type: ignore[union-attr]
+                items = cast("list[object]", self.store.mutate(cls, ref, field.name))
+                if value not in items:
+                    items.append(value)
                     self.store.touch(cls, ref)
             return ""
 
@@ -205,9 +206,9 @@ class XapiApi:
         def remove(ref: object, value: object) -> str:
             ref = _str(ref, "self")
             with self.store.lock:
-                items = self.store.mutate(cls, ref, field.name)
-                if value in items:  # type: ignore[operator]
-                    items.remove(value)  # type: ignore[union-attr]
+                items = cast("list[object]", self.store.mutate(cls, ref, field.name))
+                if value in items:
+                    items.remove(value)
                     self.store.touch(cls, ref)
             return ""
 
@@ -283,7 +284,7 @@ class XapiApi:
                 host,
                 _str(vm, "vm"),
                 _str(name, "new_name"),
-                [str(v) for v in ignore],  # type: ignore[union-attr]
+                [str(v) for v in ignore],
             ),
             2,
             explicit=True,
@@ -315,7 +316,7 @@ class XapiApi:
         for cls in ("VM", "network", "PBD"):  # plain constructors: the record as given
             add(f"{cls}.create", self._plain_create(cls), 1, explicit=True)
         add("network.destroy", self._network_destroy, 1, explicit=True)
-        add("PBD.destroy", lambda ref: (store.destroy("PBD", _str(ref, "self")), "")[1], 1, explicit=True)
+        add("PBD.destroy", self._destroyer("PBD"), 1, explicit=True)
 
         add(
             "host.list_methods",
@@ -331,7 +332,7 @@ class XapiApi:
 
         self._pool_behaviour()
 
-        add("task.destroy", lambda ref: (store.destroy("task", _str(ref, "self")), "")[1], 1)
+        add("task.destroy", self._destroyer("task"), 1)
         add("task.cancel", self._task_cancel, 1)
 
         add("event.from", self._event_from, 3)
@@ -359,7 +360,7 @@ class XapiApi:
                 maintenance.pool_migrate,
                 _str(vm, "vm"),
                 _str(ref, "host"),
-                dict(options),  # type: ignore[call-overload]
+                dict(options),
             ),
             3,
             explicit=True,
@@ -382,6 +383,13 @@ class XapiApi:
 
     def _caller_position(self) -> int:
         return int(getattr(self._caller, "position", 0))
+
+    def _destroyer(self, cls: str) -> Handler:
+        def destroy(ref: object) -> str:
+            self.store.destroy(cls, _str(ref, "self"))
+            return ""
+
+        return destroy
 
     def _void(self, fn: Callable[..., object], *args: object) -> str:
         fn(self.host, *args)
@@ -428,7 +436,7 @@ class XapiApi:
 
     def _free_devices(self, cls: str, field: str, vm: str, limit: int) -> list[str]:
         with self.store.lock:
-            used = {str(self.store.get(cls, d)[field]) for d in self.store.get("VM", vm)[f"{cls}s"]}  # type: ignore[union-attr]
+            used = {str(self.store.get(cls, d)[field]) for d in cast("list[str]", self.store.get("VM", vm)[f"{cls}s"])}
         return [str(n) for n in range(limit) if str(n) not in used]
 
     def _plain_create(self, cls: str) -> Handler:
@@ -655,7 +663,7 @@ class XapiApi:
             event["obj_uuid"] = record.get("uuid", "")
         return event
 
-    def _subscription(self, classes: list[object]) -> Callable[[str, str], bool]:
+    def _subscription(self, classes: Iterable[object]) -> Callable[[str, str], bool]:
         everything = False
         by_class: set[str] = set()
         by_object: set[tuple[str, str]] = set()

@@ -14,6 +14,8 @@ an empty drive (``VBD_NOT_EMPTY``), and an empty one has nothing to eject
 
 from __future__ import annotations
 
+from typing import cast
+
 from .errors import XapiError, bad_power_state
 from .host import SimHost
 from .lifecycle import attach_like, copy_vifs, create_vdi, new_vm_like
@@ -93,7 +95,7 @@ def _check_room(host: SimHost, copies: list[tuple[str, str]]) -> None:
 def _disks(host: SimHost, record: dict[str, object]) -> list[tuple[str, str]]:
     """(VBD, VDI) of the VM's disks, CD drives aside."""
     out = []
-    for vbd in record["VBDs"]:  # type: ignore[union-attr]
+    for vbd in cast("list[str]", record["VBDs"]):
         vbd_record = host.store.get("VBD", vbd)
         vdi = str(vbd_record["VDI"])
         if vbd_record["type"] == "Disk" and vdi != NULL_REF and host.store.exists("VDI", vdi):
@@ -121,7 +123,7 @@ def _copy_other_devices(host: SimHost, source: dict[str, object], new_vm: str, d
     """The CD drives (with their disc, if any) and the network interfaces."""
     store = host.store
     copied = {vbd for vbd, _ in disks}
-    for vbd in source["VBDs"]:  # type: ignore[union-attr]
+    for vbd in cast("list[str]", source["VBDs"]):
         old = store.get("VBD", vbd)
         if vbd in copied or old["type"] != "CD":
             continue
@@ -173,7 +175,7 @@ def resize(host: SimHost, vdi: str, size: int) -> None:
         sr = str(record["SR"])
         if store.get("SR", sr)["content_type"] == "iso":
             raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
-        if any(store.get("VBD", vbd)["currently_attached"] for vbd in record["VBDs"]):  # type: ignore[union-attr]
+        if any(store.get("VBD", vbd)["currently_attached"] for vbd in cast("list[str]", record["VBDs"])):
             raise XapiError("VDI_IN_USE", vdi, "resize")  # a running VM's disk grows with resize_online only
         grow = size - current
         if grow > host.sr_free(sr):

@@ -14,6 +14,7 @@ report to the master: its next report waits until the member is back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from .catalogue import OsTemplate
 from .host import SimHost
@@ -104,7 +105,10 @@ def _network_up(host: SimHost, vm: str, epoch: int) -> None:
         if metrics == NULL_REF or not store.exists("VM_guest_metrics", metrics):
             return
         networks: dict[str, str] = {}
-        vifs = sorted((store.get("VIF", v) for v in store.get("VM", vm)["VIFs"]), key=lambda r: int(str(r["device"])))  # type: ignore[union-attr]
+        vifs = sorted(
+            (store.get("VIF", v) for v in cast("list[str]", store.get("VM", vm)["VIFs"])),
+            key=lambda r: int(str(r["device"])),
+        )
         for vif in vifs or [{"device": "0", "MAC": ""}]:
             nic = str(vif["device"])
             ip = _choose_address(host, vm) if nic == "0" else _other_nic_address(host, f"{vm}#{nic}")

@@ -18,6 +18,7 @@ import time
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from .catalogue import OsTemplate
 from .scheduler import Scheduler
@@ -168,9 +169,9 @@ class SimHost:
         with self.store.lock:
             host = self.store.get("host", member or self.refs.host)
             total = int(host["memory_overhead"])  # type: ignore[call-overload]
-            for vm in host["resident_VMs"]:  # type: ignore[union-attr]
+            for vm in cast("list[str]", host["resident_VMs"]):
                 record = self.store.get("VM", vm)
-                total += int(record["memory_static_max"]) + int(record["memory_overhead"])  # type: ignore[arg-type]
+                total += int(record["memory_static_max"]) + int(record["memory_overhead"])  # type: ignore[call-overload]
             return total
 
     def memory_free(self, member: str | None = None) -> int:
@@ -192,10 +193,10 @@ class SimHost:
         with self.store.lock:
             used = 0
             allocated = 0
-            for vdi in self.store.get("SR", sr)["VDIs"]:  # type: ignore[union-attr]
+            for vdi in cast("list[str]", self.store.get("SR", sr)["VDIs"]):
                 record = self.store.get("VDI", vdi)
-                used += int(record["physical_utilisation"])  # type: ignore[arg-type]
-                allocated += int(record["virtual_size"])  # type: ignore[arg-type]
+                used += int(record["physical_utilisation"])  # type: ignore[call-overload]
+                allocated += int(record["virtual_size"])  # type: ignore[call-overload]
             if sr == self.refs.sr:
                 used += self.faults.sr_reserved
             self.store.update("SR", sr, physical_utilisation=str(used), virtual_allocation=str(allocated))
@@ -203,4 +204,4 @@ class SimHost:
     def sr_free(self, sr: str) -> int:
         with self.store.lock:
             record = self.store.get("SR", sr)
-            return int(record["physical_size"]) - int(record["physical_utilisation"])  # type: ignore[arg-type]
+            return int(record["physical_size"]) - int(record["physical_utilisation"])  # type: ignore[call-overload]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import xmlrpc.client
 from dataclasses import dataclass
+from typing import cast
 
 from .schema import FieldType, schema
 
@@ -55,7 +56,7 @@ def answer(call: Call, envelope: dict[str, object]) -> bytes:
     """The JSON-RPC answer to ``call`` for xapi's ``{Status, Value | ErrorDescription}``."""
     failed = envelope.get("Status") != "Success"
     if failed:
-        description = [str(p) for p in envelope.get("ErrorDescription", ["INTERNAL_ERROR"])]  # type: ignore[union-attr]
+        description = [str(p) for p in cast("list[object]", envelope.get("ErrorDescription", ["INTERNAL_ERROR"]))]
         if call.version == "2.0":
             out: dict[str, object] = {
                 "jsonrpc": "2.0",

@@ -11,6 +11,7 @@ that only one of them should (the last free memory, the last free disk space).
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from typing import cast
 
 from .errors import XapiError, bad_power_state
 from .guest import boot, stop
@@ -404,7 +405,7 @@ def _ref_of(host: SimHost, record: dict[str, object]) -> str:
 def vm_srs(host: SimHost, record: dict[str, object]) -> list[str]:
     """The SRs the VM's disks are on (CD drives aside), in VBD order."""
     store, out = host.store, []
-    for vbd in record["VBDs"]:  # type: ignore[union-attr]
+    for vbd in cast("list[str]", record["VBDs"]):
         vbd_record = store.get("VBD", vbd)
         vdi = str(vbd_record["VDI"])
         if vbd_record["type"] == "Disk" and vdi != NULL_REF and store.exists("VDI", vdi):
@@ -419,7 +420,7 @@ def member_reaches(host: SimHost, member: str, sr: str) -> bool:
     store = host.store
     return any(
         store.get("PBD", pbd)["host"] == member and store.get("PBD", pbd)["currently_attached"]
-        for pbd in store.get("SR", sr)["PBDs"]  # type: ignore[union-attr]
+        for pbd in cast("list[str]", store.get("SR", sr)["PBDs"])
     )
 
 
@@ -606,7 +607,7 @@ def destroy_vdi(host: SimHost, vdi: str) -> None:
         sr = str(record["SR"])
         if store.get("SR", sr)["content_type"] == "iso":
             raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
-        for vbd in record["VBDs"]:  # type: ignore[union-attr]
+        for vbd in cast("list[str]", record["VBDs"]):
             if store.get("VBD", vbd)["currently_attached"]:
                 raise XapiError("VDI_IN_USE", vdi, "destroy")
         _fault(host, "vdi_destroy", vdi)
@@ -651,7 +652,7 @@ def create_vbd(host: SimHost, fields: dict[str, object]) -> str:
         if vdi != NULL_REF:
             store.get("VDI", vdi)
         device = str(fields.get("userdevice", ""))
-        used = {str(store.get("VBD", v)["userdevice"]) for v in record["VBDs"]}  # type: ignore[union-attr]
+        used = {str(store.get("VBD", v)["userdevice"]) for v in cast("list[str]", record["VBDs"])}
         if device in ("", "autodetect"):
             device = next(str(n) for n in range(16) if str(n) not in used)
         elif device in used:
@@ -675,7 +676,7 @@ def create_vif(host: SimHost, fields: dict[str, object]) -> str:
         record = _vm(host, vm)
         store.get("network", str(fields.get("network", NULL_REF)))
         device = str(fields.get("device", "0"))
-        if any(store.get("VIF", v)["device"] == device for v in record["VIFs"]):  # type: ignore[union-attr]
+        if any(store.get("VIF", v)["device"] == device for v in cast("list[str]", record["VIFs"])):
             raise XapiError("DEVICE_ALREADY_EXISTS", device)
         mac = str(fields.get("MAC", "")) or random_mac(host)
         values = {

@@ -16,6 +16,8 @@ its ``resident_on`` changes.
 
 from __future__ import annotations
 
+from typing import cast
+
 from .errors import XapiError, bad_power_state
 from .host import SimHost
 from .lifecycle import HALTED_OPERATIONS, assert_can_boot_here
@@ -190,9 +192,9 @@ def restart_after_crash(host: SimHost, position: int) -> None:
             metrics = str(record["guest_metrics"])
             if metrics != NULL_REF and host.store.exists("VM_guest_metrics", metrics):
                 host.store.update("VM_guest_metrics", metrics, live=False)
-            for vbd in record["VBDs"]:  # type: ignore[union-attr]
+            for vbd in cast("list[str]", record["VBDs"]):
                 host.store.update("VBD", vbd, currently_attached=False)
-            for vif in record["VIFs"]:  # type: ignore[union-attr]
+            for vif in cast("list[str]", record["VIFs"]):
                 host.store.update("VIF", vif, currently_attached=False)
             host.dhcp.release(vm)
         host.refresh_memory_free()

@@ -44,7 +44,7 @@ class Reply:
 Router = Callable[[str, tuple[object, ...]], Reply]
 
 
-def encode_response(value: object) -> str:
+def encode_response(value: dict[str, object]) -> str:
     return xmlrpc.client.dumps((value,), methodresponse=True, allow_none=True)
 
 
@@ -136,7 +136,7 @@ class _Server(ThreadingMixIn, HTTPServer):
             conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         return conn, addr
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: object) -> None:
         error = sys.exc_info()[1]
         if isinstance(error, OSError | ValueError):  # a client that gave up or closed mid-request
             log.debug("client %s went away: %r", client_address, error)

@@ -16,6 +16,7 @@ import threading
 import uuid as uuid_mod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from .errors import XapiError, handle_invalid, uuid_invalid
 from .schema import NULL_REF, schema
@@ -57,7 +58,7 @@ def new_uuid() -> str:
 def copy_record(record: dict[str, object]) -> dict[str, object]:
     """A copy that is safe to marshal outside the lock (containers copied one level down;
     values inside them are immutable)."""
-    return {k: (v.copy() if isinstance(v, list | dict) else v) for k, v in record.items()}  # type: ignore[union-attr]
+    return {k: (v.copy() if isinstance(v, list | dict) else v) for k, v in record.items()}
 
 
 @dataclass(slots=True)
@@ -198,12 +199,12 @@ class ObjectStore:
             return
         parent_cls, parent_field = relation
         if isinstance(old, str) and old != NULL_REF and self.exists(parent_cls, old):
-            refs = self._tables[parent_cls][old][parent_field]
-            if ref in refs:  # type: ignore[operator]
-                refs.remove(ref)  # type: ignore[union-attr]
+            refs = cast("list[str]", self._tables[parent_cls][old][parent_field])
+            if ref in refs:
+                refs.remove(ref)
                 self._stats[parent_cls][old].modified = self._bump()
         if isinstance(new, str) and new != NULL_REF and self.exists(parent_cls, new):
-            self._tables[parent_cls][new][parent_field].append(ref)  # type: ignore[union-attr]
+            cast("list[str]", self._tables[parent_cls][new][parent_field]).append(ref)
             self._stats[parent_cls][new].modified = self._bump()
 
     # -- events ------------------------------------------------------------------------

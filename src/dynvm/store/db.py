@@ -15,11 +15,15 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    import sqlite3
 
 DEFAULT_DB_PATH = Path("~/.local/share/dynvm/dynvm.db")
 
@@ -77,7 +81,7 @@ def _sqlite_transactions(engine: Engine) -> None:
     (the recipe in SQLAlchemy's SQLite documentation) and pick the BEGIN per transaction."""
 
     @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")

@@ -24,7 +24,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import XenAPI
 
@@ -378,7 +378,7 @@ class HostMirror:
             figures = (int(sr.get("physical_size", "0")), int(sr.get("physical_utilisation", "0")))
             reached_by = {pbds[p].get("host") for p in sr.get("PBDs", ()) if p in pbds}
             if len(members) > 1 and len(reached_by) == 1 and not sr.get("shared", False):
-                local_storage.setdefault(sr["name_label"], {})[next(iter(reached_by))] = figures
+                local_storage.setdefault(sr["name_label"], {})[cast(str, next(iter(reached_by)))] = figures
             else:
                 storage[sr["name_label"]] = figures
         disks = tuple(
@@ -605,7 +605,7 @@ class HostWatcher:
         would be parsed twice), and every ``alias_recheck`` seconds make sure the address
         still reaches that pool (a host can leave a pool and be installed anew)."""
         while not self._stop.wait(self.alias_recheck):
-            pools = xapi.pool.get_all_records()
+            pools: dict[str, dict[str, Any]] = xapi.pool.get_all_records()
             uuid = next(iter(pools.values()), {}).get("uuid", "")
             if uuid != self.mirror.pool_uuid or not self._counted_elsewhere():
                 log.info("%s: no longer the same pool as another section; following it", self.mirror.settings.display)
@@ -648,8 +648,8 @@ class Inventory:
                     pool = SessionPool(
                         host,
                         timeout=self.call_timeout,
-                        members=lambda m=mirror: m.member_addresses,
-                        pool_uuid=lambda m=mirror: m.pool_uuid,
+                        members=cast("Callable[[], tuple[str, ...]]", lambda m=mirror: m.member_addresses),
+                        pool_uuid=cast("Callable[[], str]", lambda m=mirror: m.pool_uuid),
                     )
                     watcher = HostWatcher(
                         mirror,
@@ -657,7 +657,7 @@ class Inventory:
                         on_change=self._on_change,
                         full_loads=self._full_loads,
                         on_up=pool.reconnected,  # the host answers again: so may the calls that back off
-                        counted_elsewhere=lambda r=ref: self.counted_in(r) != r,
+                        counted_elsewhere=cast("Callable[[], bool]", lambda r=ref: self.counted_in(r) != r),
                     )
                     self._hosts[ref] = (mirror, watcher, pool)
                     watcher.start()

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 import xmlrpc.client
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import XenAPI
 
@@ -82,6 +82,10 @@ class TimeoutTransport(_Timeouts, xmlrpc.client.Transport):
 
 
 class TimeoutSafeTransport(_Timeouts, xmlrpc.client.SafeTransport):
+    if TYPE_CHECKING:  # _Timeouts hands on the connection SafeTransport made: an HTTPS one
+
+        def make_connection(self, host: Any) -> http.client.HTTPSConnection: ...
+
     def __init__(self, timeout: float, context: ssl.SSLContext) -> None:
         super().__init__(context=context)
         self.timeout = timeout
@@ -164,7 +168,7 @@ def open_session(
 
 def _pool_of(session: XapiSession) -> str:
     try:
-        pools = session.xenapi.pool.get_all_records()
+        pools: dict[str, dict[str, Any]] = session.xenapi.pool.get_all_records()
     except (XenAPI.Failure, *CONNECTION_ERRORS):
         return ""
     return str(next(iter(pools.values()), {}).get("uuid", ""))
