@@ -555,13 +555,13 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         if not failed:
             refused = self._hold(settings, ready)
             if refused:
-                for lease, error in refused:  # its VM is left alone when the host says it is another's
-                    self._release(settings, [lease], ["ready"], "failed", str(error))
+                for lease, why in refused:  # its VM is left alone when the host says it is another's
+                    self._release(settings, [lease], ["ready"], "failed", str(why))
                 not_held = {lease.id for lease, _ in refused}
                 self._roll_back(settings, [lease for lease in ready if lease.id not in not_held], "another VM failed")
-                first_lease, first_error = refused[0]
+                not_given, why = refused[0]
                 others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
-                raise CreateFailed(f"could not hand out {first_lease.name}: {first_error}{others}")
+                raise CreateFailed(f"could not hand out {not_given.name}: {why}{others}")
             if request_id is not None:
                 self.tracker.flush(request_id)  # its VMs' last stages, before anyone reads it ready
             try:

@@ -188,11 +188,11 @@ class Endpoint:
 
     def stop(self) -> None:
         self._answering.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.drop_connections()
-            self._server.server_close()
-            self._server = None
+        server, self._server = self._server, None  # two threads may stop it at once: one does
+        if server is not None:
+            server.shutdown()
+            server.drop_connections()
+            server.server_close()
 
     def _route(self, method: str, params: tuple[object, ...]) -> Reply:
         if not method.startswith("sim.") and not self._answering.is_set():
