@@ -74,6 +74,7 @@ class StaticPool:
     def __init__(self, boxes: dict[str, list[Box]]) -> None:
         self.boxes = boxes
         self.lock = threading.Lock()
+        self.claims: dict[str, str] = {}
         self.given_back: list[str] = []
 
     def apply(self, settings: Settings) -> None: ...
@@ -131,6 +132,12 @@ class StaticPool:
 
     def pending_job(self, machine_ref: str) -> str | None:
         return None
+
+    def read_claim(self, host: HostSettings) -> str | None:
+        return self.claims.get(host.ref)
+
+    def write_claim(self, host: HostSettings, claim: str) -> None:
+        self.claims[host.ref] = claim
 
     def adopt(self, host: HostSettings, job: str, lease_id: str, wait: float) -> str | None:
         return None

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .auth import TokenStore
     from .client import DynvmClient
     from .config import Settings
+    from .store.leases import LeaseStore
 
 
 def build_cli() -> typer.Typer:
@@ -45,6 +46,12 @@ def build_cli() -> typer.Typer:
     history = typer.Typer(help="dynvm's VM history.", no_args_is_help=True, rich_markup_mode=None)
     history.command("export")(history_export_command)
     app.add_typer(history, name="history")
+    installation = typer.Typer(
+        help="This database's installation: the id on every VM it makes.", no_args_is_help=True, rich_markup_mode=None
+    )
+    installation.command("show")(installation_show_command)
+    installation.command("new")(installation_new_command)
+    app.add_typer(installation, name="installation")
     for name, command in (
         ("get", get_command),
         ("release", release_command),
@@ -558,6 +565,76 @@ def _token_store(config: Path | None, db: str | None, console: Console) -> Token
     database = Database(url)
     database.migrate()
     return TokenStore(database)
+
+
+def _lease_store(config: Path | None, db: str | None, console: Console) -> LeaseStore:
+    from .store.db import Database, describe_url
+    from .store.leases import LeaseStore
+
+    url = database_url(config, db, console)
+    Console(stderr=True).print(f"database: {describe_url(url)}", style="dim", markup=False, highlight=False)
+    database = Database(url)
+    database.migrate()
+    return LeaseStore(database)
+
+
+def installation_show_command(config: ConfigOption = None, db: DbOption = None) -> None:
+    """Print this database's installation id and its last claim on the hosts."""
+    store = _lease_store(config, db, Console())
+    seq, _ = store.claim_mark()
+    typer.echo(f"{store.installation_id()} (claims written: {seq})")
+
+
+def installation_new_command(
+    config: ConfigOption = None,
+    db: DbOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Go on although processes beat in this database: a fresh copy carries its source's "
+            "heartbeats for a few seconds.",
+        ),
+    ] = False,
+) -> None:
+    """Make this database an installation of its own: for a copy (a staging dynvm) that
+    must never touch the VMs of the installation it was copied from. Every lease it holds
+    ends, its VMs left alone (they are the other installation's); run it with dynvm stopped."""
+    import time
+    import uuid
+
+    from .leases import REPLICA_STALE_SECONDS
+
+    console = Console(stderr=True)
+    store = _lease_store(config, db, console)
+    alive = store.live_owners(time.time(), REPLICA_STALE_SECONDS)
+    if alive and not force:
+        console.print(
+            f"Error: a dynvm is running on this database ({', '.join(sorted(alive))}): stop it first "
+            "(a copy made seconds ago carries its source's heartbeats: wait, or use --force)",
+            style="red",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    active = len(store.active())
+    old = store.installation_id()
+    if not yes:
+        typer.confirm(
+            f"Installation {old}: end its {active} active lease(s) here, leaving their VMs to that installation, "
+            "and make a new installation of this database?",
+            abort=True,
+        )
+    new = str(uuid.uuid4())
+    old, ended = store.become_new_installation(
+        new, time.time(), f"this database became installation {new}; the VM is installation {old}'s"
+    )
+    console.print(
+        f"installation {old} -> {new}: {ended} lease(s) ended here; their VMs stay the old installation's, "
+        "untouched by this one",
+        markup=False,
+    )
+    typer.echo(new)
 
 
 def _targets(text: str) -> dict[str, int]:

@@ -35,6 +35,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 
 from .config import HostSettings, Settings
 from .engine import placement
+from .engine.claim import ClaimKeeper, Contested
 from .engine.lifecycle import Lifecycle, ReleaseOutcome
 from .engine.queue import Queueing, _record_of, _RequestCancel
 from .engine.ready_pools import ReadyPools
@@ -135,6 +136,13 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         self.events = events or LeaseEvents()
         self._releasing: Counter[str] = Counter()  # lease ids this process is releasing right now
         self._releasing_lock = threading.Lock()
+        self.claim = ClaimKeeper(leases, provider, settings, self.owner, clock, lambda: self._live_processes())
+
+    def refuse_if_contested(self) -> None:
+        """Raise ``Contested`` once another process group is known to act for this
+        installation (``engine/claim.py``): from then on this process touches no host."""
+        if self.claim.contested is not None:
+            raise Contested(self.claim.contested)
 
     @functools.cached_property
     def installation(self) -> str:
@@ -329,6 +337,7 @@ class LeaseService(Lifecycle, Queueing, Upkeep):
         """Refuse, at once, a request that can never be served as asked (a count over the
         limit, an unknown OS, a host that does not exist or lacks the OS). Cheap: reads
         only the configuration. ``acquire`` calls it too."""
+        self.refuse_if_contested()
         settings = self.settings
         if request.count > settings.quota.max_count_per_request:
             raise QuotaExceeded(

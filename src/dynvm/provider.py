@@ -318,6 +318,17 @@ class Provider(Protocol):
         request other than ``holder`` holds, and any error when it could not."""
         ...
 
+    # -- the installation's claim (engine/claim.py) --------------------------------------------
+
+    def read_claim(self, host: HostSettings) -> str | None:
+        """This installation's claim as ``host`` keeps it (None: none, or the host is not
+        reached, or it is counted under another section)."""
+        ...
+
+    def write_claim(self, host: HostSettings, claim: str) -> None:
+        """Keep ``claim`` on ``host`` for this installation (nothing while it is down)."""
+        ...
+
     # -- what this installation owns ----------------------------------------------------------
 
     def machines(self, host: HostSettings) -> list[Machine]:

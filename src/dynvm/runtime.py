@@ -6,6 +6,7 @@ starts at import or construction time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -18,6 +19,7 @@ from typing import TypeVar
 
 from .auth import TokenStore
 from .config import ConfigWatcher, Settings, load_settings
+from .engine.claim import CLAIM_INTERVAL, Contested
 from .leases import LeaseService
 from .metrics import Metrics
 from .provider import Provider
@@ -39,6 +41,7 @@ class Intervals:
     export: float = 30.0
     pools: float = 1.0  # ready pools: recycle, give way, refill
     sync_wait: float = 15.0  # at start-up, how long to wait for hosts to answer once
+    claim: float = CLAIM_INTERVAL  # the leader renews the installation's claim on its hosts
     shutdown_grace: float = 30.0
 
 
@@ -108,6 +111,14 @@ class Services:
         if not self.provider.wait_synced(self.intervals.sync_wait):
             log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
         self.leases.heartbeat()
+        try:  # before anything touches a host: is this database the installation, or a copy?
+            if self.leadership.is_leader():
+                self.leases.claim.renew()
+            else:
+                self.leases.claim.check()
+        except Contested as e:
+            log.error("%s", e)
+            raise
         for problem in self.leases.template_problems():
             log.error("%s: no VM of that OS is made there until the config names one template", problem)
         if self.leadership.is_leader():  # a follower leaves this to the leader's next pass
@@ -128,12 +139,19 @@ class Services:
             Background("reconcile", self.intervals.reconcile, self._reconcile, leading),
             Background("history-export", self.intervals.export, self.history.export_pending, leading),
             Background("ready-pools", self.intervals.pools, self.leases.ready_pools.tick, leading),
+            Background("claim", self.intervals.claim, self._renew_claim, leading),
         ]
         for loop in self._loops:
             loop.start()
         self.leases.scheduler.start(leading)
         if self.on_started is not None:
             self.on_started()
+
+    def _renew_claim(self) -> None:
+        try:
+            self.leases.claim.renew()
+        except Contested as e:
+            log.error("%s", e)  # from now on this process touches no host
 
     def _reconcile(self) -> None:
         self.leases.recover()
@@ -148,6 +166,9 @@ class Services:
         self.leases.shutdown(self.intervals.shutdown_grace)
         for loop in self._loops:
             loop.stop()
+        if self.leadership.is_leader():
+            with contextlib.suppress(Exception):  # a restore may start at once
+                self.leases.claim.withdraw()
         self.leadership.resign()
         self.watcher.stop()
         self.provider.stop()

@@ -5,8 +5,12 @@ it (the tests fail loudly there), elsewhere they are skipped when it is down."""
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +46,49 @@ def fresh_pg(pg_url: str) -> str:
         conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
     return pg_url
+
+
+class Backup:
+    """One database, backed up and restored the way its kind is."""
+
+    def __init__(self, url: str, folder: Path) -> None:
+        self.url = url
+        self.file = folder / "backup.dump"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.url.removeprefix("sqlite:///"))
+
+    @property
+    def libpq_url(self) -> str:
+        return self.url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def take(self) -> None:
+        if self.url.startswith("sqlite:///"):
+            source, target = sqlite3.connect(self.sqlite_path), sqlite3.connect(self.file)
+            with target:
+                source.backup(target)
+            source.close()
+            target.close()
+        else:
+            subprocess.run(["pg_dump", "-Fc", "-f", str(self.file), self.libpq_url], check=True)
+
+    def restore(self) -> None:
+        if self.url.startswith("sqlite:///"):
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.sqlite_path}{suffix}").unlink(missing_ok=True)
+            shutil.copyfile(self.file, self.sqlite_path)
+        else:
+            subprocess.run(
+                ["pg_restore", "--clean", "--if-exists", "--no-owner", "-d", self.libpq_url, str(self.file)],
+                check=True,
+            )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'restored.db'}"
+    if shutil.which("pg_dump") is None and not os.environ.get("CI"):
+        pytest.skip("pg_dump is not installed")
+    return request.getfixturevalue("fresh_pg")

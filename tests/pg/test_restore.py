@@ -7,14 +7,7 @@ Backups are taken as operators take them: SQLite's online backup API while dynvm
 
 from __future__ import annotations
 
-import os
-import shutil
-import sqlite3
-import subprocess
 import threading
-from pathlib import Path
-
-import pytest
 
 from dynvm.leases import LeaseRequest
 from dynvm.xen.marker import HOLDER_KEY, QUARANTINE_TAG
@@ -22,52 +15,7 @@ from dynvm.xen.marker import HOLDER_KEY, QUARANTINE_TAG
 from ..conftest import FakeClock
 from ..engine.test_ready_pools import fill, with_pools
 from ..sim.simtools import wait_for
-
-
-class Backup:
-    """One database, backed up and restored the way its kind is."""
-
-    def __init__(self, url: str, folder: Path) -> None:
-        self.url = url
-        self.file = folder / "backup.dump"
-
-    @property
-    def sqlite_path(self) -> Path:
-        return Path(self.url.removeprefix("sqlite:///"))
-
-    @property
-    def libpq_url(self) -> str:
-        return self.url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-    def take(self) -> None:
-        if self.url.startswith("sqlite:///"):
-            source, target = sqlite3.connect(self.sqlite_path), sqlite3.connect(self.file)
-            with target:
-                source.backup(target)
-            source.close()
-            target.close()
-        else:
-            subprocess.run(["pg_dump", "-Fc", "-f", str(self.file), self.libpq_url], check=True)
-
-    def restore(self) -> None:
-        if self.url.startswith("sqlite:///"):
-            for suffix in ("-wal", "-shm"):
-                Path(f"{self.sqlite_path}{suffix}").unlink(missing_ok=True)
-            shutil.copyfile(self.file, self.sqlite_path)
-        else:
-            subprocess.run(
-                ["pg_restore", "--clean", "--if-exists", "--no-owner", "-d", self.libpq_url, str(self.file)],
-                check=True,
-            )
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'restored.db'}"
-    if shutil.which("pg_dump") is None and not os.environ.get("CI"):
-        pytest.skip("pg_dump is not installed")
-    return request.getfixturevalue("fresh_pg")
+from .conftest import Backup
 
 
 def vms(lab) -> dict[str, dict]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import probe
-from ..model import CreatedVm, Lease, NotDynvmVm, ProvisionError, VmSpec
+from ..model import CreatedVm, Lease, LeaseError, NotDynvmVm, ProvisionError, VmSpec
 from ..provider import DestroyResult
 from ..store.history import origin_of
 from . import placement
@@ -99,6 +99,8 @@ class Lifecycle:
 
     if TYPE_CHECKING:
 
+        def refuse_if_contested(self) -> None: ...
+
         def _report(self, event: str, *args: object) -> None: ...
         def reservations(self, conn: Connection) -> list[dict[str, object]]: ...
         def _candidates(
@@ -168,6 +170,7 @@ class Lifecycle:
         (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
         failed xapi call is retried where it happened. A ready-pool VM the request took is
         only checked (``_take_warm``)."""
+        self.refuse_if_contested()
         if lease.pooled_at is not None and lease.state == "ready":
             return self._take_warm(settings, lease)
         tried = {lease.host_ref}
@@ -343,6 +346,11 @@ class Lifecycle:
         started = time.monotonic()
         host = settings.host(lease.host_ref)
         result = DestroyResult()  # nothing left, unless the destroy below says otherwise
+        try:
+            self.refuse_if_contested()
+        except LeaseError as e:
+            outcome.failed[lease.name] = f"could not destroy {lease.name}: {e}"
+            return outcome
         if lease.vm_ref and self.provider.pending_job(lease.vm_ref) is None:
             if host is None:  # out of dynvm's reach: the lease ends, the VM stays where it is
                 reason = f"host {lease.host_ref} left the configuration; {lease.name} may still be on it"

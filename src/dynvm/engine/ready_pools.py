@@ -307,6 +307,8 @@ class ReadyPools:
         Called on the leader only; never raises for one VM's sake."""
         with self._lock:
             report = TickReport()
+            if self._service.claim.contested is not None:
+                return report
             settings = self._service.settings
             targets = self.targets(settings)
             everything = self._service.leases.pooled()  # read once a pass

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..provider import Provider
     from ..store.history import HistoryStore
     from ..store.leases import LeaseStore
+    from .claim import ClaimKeeper
     from .lifecycle import ReleaseOutcome
     from .requests import RequestStore
 
@@ -47,6 +48,7 @@ class Upkeep:
     requests: RequestStore
     clock: Callable[[], float]
     owner: str
+    claim: ClaimKeeper
 
     if TYPE_CHECKING:
 
@@ -71,6 +73,8 @@ class Upkeep:
     def expire_due(self) -> list[str]:
         """Destroy every lease past its expiry (the reaper calls this every few seconds).
         Only handed-over leases expire: a request still being made keeps all its VMs."""
+        if self.claim.contested is not None:
+            return []
         _, expired = self._release(self.settings, self.leases.expired(self.clock()), ["ready"], "expired", "expired")
         return [lease.name for lease in expired]
 
@@ -87,6 +91,8 @@ class Upkeep:
         destroy failed) are redone; a release this process is doing right now is left
         alone. Runs at start-up and with each reconcile."""
         self.heartbeat()
+        if self.claim.contested is not None:
+            return []
         alive = self._live_processes()
         stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
         settings = self.settings
@@ -167,6 +173,9 @@ class Upkeep:
         (this one's past lives included) whose VM is not in it is gone: it is closed at
         once, not after the grace given to a VM the mirror may not show yet."""
         report = ReconcileReport()
+        if self.claim.contested is not None:
+            report.errors.append(self.claim.contested)
+            return report
         settings = self.settings
         self.rehome_same_pools(settings)
         active = {lease.id: lease for lease in self.leases.active()}

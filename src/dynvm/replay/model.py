@@ -105,6 +105,7 @@ class ModelHosts:
         self.create_seconds = create_seconds
         self._vms: dict[str, dict[str, ModelVm]] = {}  # host ref -> ref -> VM
         self._lock = threading.Lock()
+        self._claims: dict[str, str] = {}  # host ref -> the installation's claim there
         self._addresses = 0
         self.blocked = 0  # ready-pool creates waiting for the virtual clock
         self.wakes: list[float] = []  # when each of them ends
@@ -238,6 +239,16 @@ class ModelHosts:
                 raise HeldElsewhere(f"{machine_ref} is held by request {vm.holder}")
             self._vms.get(host.ref, {}).pop(machine_ref, None)
         return DestroyResult()
+
+    # -- the installation's claim ------------------------------------------------------------------
+
+    def read_claim(self, host: HostSettings) -> str | None:
+        with self._lock:
+            return self._claims.get(host.ref)
+
+    def write_claim(self, host: HostSettings, claim: str) -> None:
+        with self._lock:
+            self._claims[host.ref] = claim
 
     # -- what this installation owns -------------------------------------------------------------
 

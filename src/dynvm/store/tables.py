@@ -148,6 +148,9 @@ installation = Table(
     metadata,
     Column("id", String(36), primary_key=True),
     Column("created_at", Float, nullable=False),
+    # the last claim this database wrote on the hosts (engine/claim.py; migration 0010)
+    Column("claim_seq", Integer, nullable=False, server_default="0"),
+    Column("claim_token", String(36), nullable=True),
 )
 
 # Every lease request from acceptance to its end (engine/requests.py): queued -> creating ->

@@ -14,6 +14,9 @@ read them. The one place that knows the keys.
   backup older than the VM. Such a VM is halted and kept, not destroyed, until the
   quarantine ends (``[common] orphan.quarantine.hours``).
 
+The pool record carries ``dynvm_claim_<installation id>``: the installation's claim on the
+pool (``engine/claim.py``), renewed by its leader.
+
 VMs made before installations had ids carry only ``dynvm_lease``: they are this
 installation's when its database knows that lease, and are left alone otherwise.
 
@@ -30,6 +33,7 @@ from collections.abc import Mapping
 MARKER_KEY = "dynvm_lease"
 INSTALLATION_KEY = "dynvm_installation"
 HOLDER_KEY = "dynvm_holder"
+CLAIM_KEY_PREFIX = "dynvm_claim_"  # on the pool record, + the installation id
 QUARANTINE_KEY = "dynvm_quarantined_at"
 QUARANTINE_TAG = "dynvm-quarantined"  # also in the VM's tags, so that XenCenter shows it
 
@@ -69,6 +73,10 @@ def marker(lease_id: str, installation: str) -> dict[str, str]:
 
 def lease_of(other_config: Mapping[str, str]) -> str | None:
     return other_config.get(MARKER_KEY)
+
+
+def claim_key(installation: str) -> str:
+    return f"{CLAIM_KEY_PREFIX}{installation}"
 
 
 def holder_of(other_config: Mapping[str, str]) -> str | None:

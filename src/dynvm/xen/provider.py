@@ -26,7 +26,7 @@ from ..provider import (
 )
 from . import leaks
 from .inventory import HostState, HostView, Inventory
-from .marker import MARKER_KEY
+from .marker import MARKER_KEY, claim_key
 from .provision import Provisioner
 from .room import find_template, need_on, room_on, template_choice
 
@@ -179,6 +179,27 @@ class XenProvider:
         self, host: HostSettings, machine_ref: str, lease_id: str | None, holder: str | None = None
     ) -> DestroyResult:
         return self._provisioner(host).destroy(machine_ref, lease_id, holder)
+
+    # -- the installation's claim ------------------------------------------------------------
+
+    def read_claim(self, host: HostSettings) -> str | None:
+        view = self._up(host)
+        if view is None or view.same_pool_as:
+            return None
+        with self._provisioner(host).pool.session() as xapi:
+            [pool] = xapi.pool.get_all()
+            claim: str | None = xapi.pool.get_other_config(pool).get(claim_key(self._installation()))
+            return claim
+
+    def write_claim(self, host: HostSettings, claim: str) -> None:
+        view = self._up(host)
+        if view is None or view.same_pool_as:
+            return
+        key = claim_key(self._installation())
+        with self._provisioner(host).pool.session() as xapi:
+            [pool] = xapi.pool.get_all()
+            xapi.pool.remove_from_other_config(pool, key)  # xapi: a key that is not there is fine
+            xapi.pool.add_to_other_config(pool, key, claim)
 
     # -- what this installation owns -------------------------------------------------------
 

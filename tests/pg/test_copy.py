@@ -1,0 +1,95 @@
+"""A copy of the database started as a second dynvm (a staging copy), on SQLite and
+PostgreSQL: it carries production's installation id, so it must touch nothing until
+``dynvm installation new`` makes it an installation of its own."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dynvm.cli import build_cli
+from dynvm.engine.claim import Contested
+from dynvm.leases import LeaseRequest
+from dynvm.runtime import build_services
+
+from ..conftest import QUIET
+from .conftest import ADMIN_URL, Backup
+from .test_restore import vms
+
+
+@pytest.fixture
+def copy_url(db_url: str, tmp_path: Path):
+    """Where the copy goes: another SQLite file, or another PostgreSQL database."""
+    if db_url.startswith("sqlite:///"):
+        yield f"sqlite:///{tmp_path / 'copy.db'}"
+        return
+    import psycopg
+
+    name = f"dynvm_copy_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield db_url.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def copy_database(source: str, target: str, folder: Path) -> None:
+    backup = Backup(source, folder)
+    backup.take()
+    if source.startswith("sqlite:///"):
+        shutil.copyfile(backup.file, target.removeprefix("sqlite:///"))
+    else:
+        Backup(target, folder).restore()  # the dump of the source, into the target
+
+
+def test_a_copy_started_beside_production_touches_nothing_until_it_is_a_new_installation(
+    copy_url, make_services, sim_lab, db_url, tmp_path
+):  # copy_url first: its database is dropped only once every dynvm on it has stopped
+    lab = sim_lab()
+    production, _ = make_services(lab=lab, db=db_url)
+    production.leases.acquire(LeaseRequest("prod", "centos"))
+    copy_database(db_url, copy_url, tmp_path)
+    production.leases.claim.renew()  # its leader renews the claim every 20 s
+
+    copy = build_services(lab.settings.source, copy_url, intervals=QUIET, event_timeout=1.0)
+    try:
+        with pytest.raises(Contested, match="dynvm installation new"):
+            copy.start()
+        outcome = copy.leases.release("prod")  # what the copy's /releaseservers/prod would do
+        assert outcome.released == []
+        assert "prod" in outcome.failed
+        with pytest.raises(Contested):
+            copy.leases.acquire(LeaseRequest("staging", "centos"))
+        assert copy.leases.reconcile().orphans_destroyed == []
+    finally:
+        copy.stop()
+    assert vms(lab)["prod"]["power_state"] == "Running"  # production's VM, untouched
+    production.leases.claim.renew()  # production goes on: nothing contests it
+
+    runner = CliRunner()
+    # --force: the copy, seconds old, still carries production's heartbeat
+    result = runner.invoke(build_cli(), ["installation", "new", "--db", copy_url, "--yes", "--force"])
+    assert result.exit_code == 0, result.output
+    staging, _ = make_services(lab=lab, db=copy_url)  # now an installation of its own
+    assert staging.leases.installation != production.leases.installation
+    [own] = staging.leases.acquire(LeaseRequest("staging", "centos"))
+    assert staging.leases.reconcile().orphans_destroyed == []
+    assert production.leases.reconcile().orphans_destroyed == []
+    on_host = vms(lab)
+    assert on_host["prod"]["power_state"] == "Running"
+    assert on_host["staging"]["power_state"] == "Running"
+    assert production.leases.release("prod").released == ["prod"]
+    assert staging.leases.release("staging").released == ["staging"]
+    assert own.ip
+
+
+def test_installation_new_refuses_while_a_dynvm_runs_on_the_database(make_services, sim_lab, db_url):
+    make_services(lab=sim_lab(), db=db_url)
+    result = CliRunner().invoke(build_cli(), ["installation", "new", "--db", db_url, "--yes"])
+    assert result.exit_code == 1
+    assert "a dynvm is running on this database" in result.output
