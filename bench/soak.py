@@ -5,18 +5,24 @@ the queue with ``wait=``, so queued and creating requests meet every fault) whil
 injects, one at a time and in random order, the faults real labs have: kill -9 of a
 ``dynvm serve``, a host refusing or hanging, APIPA and DHCP exhaustion, failing clone,
 start, destroy and disk destroy, sessions invalidated, a slow host, guests whose sshd never
-answers. A ready pool of CentOS VMs (``[pools]``) is handed out and refilled throughout.
+answers, pool members down or in maintenance, a new master, an operator restoring the
+oldest of the backups taken while the soak runs (one a minute in, then every 5 minutes),
+and a copy of the database started as a second dynvm (it must refuse to serve). A ready
+pool of CentOS VMs (``[pools]``) is handed out and refilled throughout.
 At the end every fault is lifted, everything held is released, the pool's target drops to
 0, and the soak waits for reconcile. Then it prints what the users would have seen and
 what was left on the hosts:
 
 - VMs and disks left behind (goal 0): on the hosts, beyond what was there at the start;
 - IPs handed out twice (0): an IP answered to a request while an earlier request still
-  held it (released by it, or its lifetime over, at the earliest);
+  held it (released by it, its lifetime over, or forgotten by a restore, at the earliest);
+- VMs handed to two users (0): one VM (by uuid, as the host says) answered to two users;
+- copies of the database that served (0);
 - dead VMs handed out (0): an answered IP whose VM was not running with that IP;
 - VMs handed out before their sshd answered (0): the readiness probe's promise;
 - over-commits (0): a host whose running VMs had more vCPUs or memory than it has;
-- leases lost (0): a release answered 404 for a lease still within its lifetime;
+- leases lost (0): a release answered 404 for a lease still within its lifetime (a lease
+  answered after the restored backup was taken is the restore's to forget, counted apart);
 - 5xx other than 502 (0).
 
 Run on SQLite (one process) and on PostgreSQL (two replicas sharing a database), each for
@@ -32,6 +38,7 @@ import random
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -69,6 +76,7 @@ class Grant:
     received: float
     lifetime: float
     ended: float | None = None  # when its release was sent (answered 200/202)
+    uuid: str | None = None  # the VM's, as the host says when the client looked
 
     @property
     def valid_until(self) -> float:
@@ -94,6 +102,10 @@ class Tally:
     overcommits: list[str] = field(default_factory=list)
     server_errors: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    forgotten: set[str] = field(default_factory=set)  # users whose leases a restored backup never knew
+    restored_ages: list[float] = field(default_factory=list)  # seconds: how old each restored backup was
+    copies_started: list[str] = field(default_factory=list)  # a copy of the database that served
+    handed_twice: list[str] = field(default_factory=list)  # one VM (by uuid) answered to two users
 
     def answered(self, response: httpx.Response) -> None:
         with self.lock:
@@ -105,6 +117,15 @@ class Tally:
     def granted(self, grants: list[Grant]) -> None:
         with self.lock:
             self.grants.extend(grants)
+
+    def find_vms_handed_twice(self) -> None:
+        """A VM (by uuid) answered to two users: never allowed, at any time (a released VM
+        is destroyed, a ready-pool VM is handed out once)."""
+        users: dict[str, set[str]] = {}
+        for grant in self.grants:
+            if grant.uuid is not None:
+                users.setdefault(grant.uuid, set()).add(grant.name.rstrip("0123456789"))
+        self.handed_twice = [f"{uuid}: {', '.join(sorted(u))}" for uuid, u in users.items() if len(u) > 1]
 
     def find_doubles(self) -> None:
         """Once every release is known (a release answered after another client's grant
@@ -195,6 +216,21 @@ class Lab:
                 out.append(f"{cls} {record['name_label']!r} on pool {int(index) + 1}: {state} {marked}".rstrip())
         return out
 
+    def uuid_with_ip(self, name: str, ip: str) -> str | None:
+        """The uuid of the VM of that name running with that IP, if any."""
+        try:
+            for index in range(len(self.pools)):
+                xapi = self.xapi(index)
+                for vm in xapi.VM.get_by_name_label(name):
+                    record = xapi.VM.get_record(vm)
+                    if record["guest_metrics"] == "OpaqueRef:NULL":
+                        continue
+                    if ip in xapi.VM_guest_metrics.get_networks(record["guest_metrics"]).values():
+                        return str(record["uuid"])
+        except Exception:
+            self.forget_sessions()
+        return None
+
     def running_with_ip(self, name: str, ip: str) -> bool | None:
         """Is a VM of that name running with that IP? None: a pool did not answer."""
         try:
@@ -244,6 +280,60 @@ class Servers:
         with self.lock:
             return [self.url(i) for i, p in enumerate(self.processes) if p is not None]
 
+    # -- backups, restores and copies, as an operator does them --------------------------------
+
+    def backup(self, target: Path) -> None:
+        """SQLite's online backup, or pg_dump, while dynvm runs."""
+        if isinstance(self.db, Path):
+            source, copy = sqlite3.connect(self.db), sqlite3.connect(target)
+            with copy:
+                source.backup(copy)
+            source.close()
+            copy.close()
+        else:
+            subprocess.run(["pg_dump", "-Fc", "-f", str(target), _libpq(self.db)], check=True)
+
+    def restore(self, backup: Path) -> None:
+        """Stop every replica (cleanly), put the backup in place, start them again."""
+        with self.lock:
+            self.stop()
+            if isinstance(self.db, Path):
+                for suffix in ("-wal", "-shm"):
+                    Path(f"{self.db}{suffix}").unlink(missing_ok=True)
+                shutil.copyfile(backup, self.db)
+            else:
+                restore_dump(backup, self.db)
+        for index in range(len(self.ports)):
+            self.start(index)
+
+    def start_copy(self, backup: Path, work: Path) -> bool:
+        """Start a dynvm serve on a copy of the database (made from ``backup``), as a staging
+        copy would be: True if it served (it must refuse to: production runs)."""
+        if isinstance(self.db, Path):
+            db: Path | str = work / "copy.db"
+            shutil.copyfile(backup, db)
+            name = None
+        else:
+            db, name = fresh_postgres()
+            restore_dump(backup, db)
+        port = free_port()
+        log = open(self.log_dir / "copy.log", "a")  # noqa: SIM115 - the process keeps it
+        process = subprocess.Popen(serve_argv(self.config, db, port), stdout=log, stderr=log)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", process, timeout=60)
+            served = True
+        except RuntimeError:
+            served = False
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+            process.wait()
+            if name is not None:
+                drop_postgres(name)
+            elif isinstance(db, Path):
+                db.unlink(missing_ok=True)
+        return served
+
     def stop(self) -> None:
         for index, process in enumerate(self.processes):
             if process is not None:
@@ -290,10 +380,17 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                         grants = [Grant(n, ip, sent, received, lifetime) for n, ip in answer.json().items()]
                         tally.granted(grants)
                         for grant in grants:
-                            if lab.running_with_ip(grant.name, grant.ip) is False:
+                            grant.uuid = lab.uuid_with_ip(grant.name, grant.ip)
+                            running = lab.running_with_ip(grant.name, grant.ip)
+                            answers = probe.answers(grant.ip, lab.service_port)
+                            # a look that ended after the lease could have expired says nothing
+                            # (a hung pool holds the observer's calls for seconds)
+                            if time.time() >= grant.sent + grant.lifetime:
+                                continue
+                            if running is False:
                                 with tally.lock:
                                     tally.dead.append(f"{grant.name} {grant.ip}")
-                            elif not probe.answers(grant.ip, lab.service_port):
+                            elif not answers:
                                 with tally.lock:
                                     tally.deaf.append(f"{grant.name} {grant.ip}:{lab.service_port}")
                         held.append((user, count, grants))
@@ -309,7 +406,7 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                     if answer is not None:
                         tally.answered(answer)
                     if answer is not None and answer.status_code == 404:
-                        if sent < min(g.sent + g.lifetime for g in grants) - 1:
+                        if sent < min(g.valid_until for g in grants) - 1 and user not in tally.forgotten:
                             with tally.lock:
                                 tally.lost.append(f"{user} x{count}: {answer.text.strip()}")
                     elif answer is None or answer.status_code not in (200, 202):
@@ -364,7 +461,12 @@ FAULTS = (
     "maintenance: a member disabled and evacuated",
     "a new master (designate_new_master)",
     "the master dies: emergency transition",
+    "restore the oldest backup",
+    "start a copy of the database",
 )
+
+
+ONLY: tuple[str, ...] = ()  # --faults: inject only these (a rehearsal of some of them)
 
 
 def _members(lab: Lab, pool: int) -> tuple[int, list[str]]:
@@ -402,7 +504,7 @@ def evacuate_where_it_fits(xapi, member: str) -> None:  # type: ignore[no-untype
                     break
 
 
-def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: threading.Event) -> None:
+def inject(kind: str, lab: Lab, servers: Servers, tally: Tally, rng: random.Random, stop: threading.Event) -> None:
     pool = rng.randrange(len(lab.control))
     control = lab.control[pool]
     hold = rng.uniform(5, 12)
@@ -468,6 +570,29 @@ def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: thre
             master, members = _members(lab, pool)
             lab.xapi(pool).pool.designate_new_master(members[(master + 1) % lab.pool_size])
             lab.forget_sessions()
+        case "restore the oldest backup":
+            backups = sorted(servers.log_dir.glob("backup-*.dump"))
+            if not backups:
+                return
+            oldest = backups[0]
+            taken = float(oldest.stem.removeprefix("backup-"))
+            restored_at = time.time()
+            with tally.lock:
+                tally.restored_ages.append(restored_at - taken)
+                # what was answered after the backup is unknown to it: those leases end with the
+                # restore (their VMs are quarantined, halted): not lost, and their IPs free
+                for grant in tally.grants:
+                    if grant.received > taken:
+                        tally.forgotten.add(grant.name.rstrip("0123456789"))  # its user (names end in v)
+                        grant.ended = min(grant.ended or restored_at, restored_at)
+            servers.restore(oldest)
+        case "start a copy of the database":
+            copy = servers.log_dir / "copy.dump"
+            servers.backup(copy)
+            stop.wait(25)  # a copy is started a while after it is made; production renews its claim
+            if servers.start_copy(copy, servers.log_dir):
+                with tally.lock:
+                    tally.copies_started.append(time.strftime("%H:%M:%S"))
         case "the master dies: emergency transition":
             master, _ = _members(lab, pool)
             control.member_down(master, "refuse")
@@ -489,13 +614,25 @@ def inject(kind: str, lab: Lab, servers: Servers, rng: random.Random, stop: thre
 
 def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event) -> None:
     while not stop.wait(rng.uniform(8, 20)) and time.monotonic() < until:
-        kind = rng.choice(FAULTS)
+        kind = rng.choice(ONLY or FAULTS)
         with tally.lock:
             tally.faults[kind] += 1
         try:
-            inject(kind, lab, servers, rng, stop)
+            inject(kind, lab, servers, tally, rng, stop)
         except Exception as e:  # the soak goes on; the count says it was tried
             print(f"soak: injecting {kind!r} failed: {e}", file=sys.stderr)
+
+
+def backups(servers: Servers, stop: threading.Event) -> None:
+    """An operator's backups: one a minute in, then every 5 minutes (``backup-<time>.dump``)."""
+    wait = 60.0
+    while not stop.wait(wait):
+        target = servers.log_dir / f"backup-{time.time():.0f}.dump"
+        try:
+            servers.backup(target)
+        except Exception as e:  # a backup that fails is retried at the next
+            print(f"soak: backup failed: {e}", file=sys.stderr)
+        wait = 300.0
 
 
 def sampler(lab: Lab, tally: Tally, stop: threading.Event) -> None:
@@ -521,6 +658,14 @@ def sampler(lab: Lab, tally: Tally, stop: threading.Event) -> None:
                             )
             except Exception:
                 lab.forget_sessions()  # a pool that is down right now, or whose master just moved
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def restore_dump(dump: Path, url: str) -> None:
+    subprocess.run(["pg_restore", "--clean", "--if-exists", "--no-owner", "-d", _libpq(url), str(dump)], check=True)
 
 
 def fresh_postgres() -> tuple[str, str]:
@@ -561,6 +706,8 @@ def _soak(backend: str, minutes: float, seed: int, work: Path, databases: list[s
     pools = ("--pool-size", str(POOL_SIZE), "--members-in-config", "--host-cpus", "8", "--host-memory-gib", "24")
     with sim_process(config, "--hosts", str(HOSTS), "--control-port", str(control_port), *pools, *timing):
         text = config.read_text().replace("vm.network.timeout.secs=400", "vm.network.timeout.secs=4")
+        # what a restore quarantines goes within the soak (72 s), not a day later
+        text = text.replace("[common]\n", "[common]\norphan.quarantine.hours=0.02\n", 1)
         config.write_text(text + POOLS)  # ready pools in the storm too: handed out, refilled, killed mid-way
         lab = Lab(config, f"http://127.0.0.1:{control_port}/", POOL_SIZE)
         before_vms, before_vdis = lab.objects()
@@ -579,13 +726,15 @@ def _soak(backend: str, minutes: float, seed: int, work: Path, databases: list[s
         ]
         threads.append(threading.Thread(target=faults, args=(lab, servers, tally, until, rng, stop)))
         watcher = threading.Thread(target=sampler, args=(lab, tally, stop))
+        threads.append(threading.Thread(target=backups, args=(servers, stop)))
         started = time.monotonic()
         for thread in [*threads, watcher]:
             thread.start()
-        for thread in threads[:-1]:
+        for thread in threads[:CLIENTS]:
             thread.join()
         stop.set()
-        threads[-1].join()
+        for thread in threads[CLIENTS:]:
+            thread.join()
         watcher.join()
         for control in lab.control:
             control.reset()
@@ -608,6 +757,7 @@ def _soak(backend: str, minutes: float, seed: int, work: Path, databases: list[s
         tally.leftovers = lab.describe(after_vms - before_vms, after_vdis - before_vdis)
         servers.stop()
         tally.find_doubles()
+        tally.find_vms_handed_twice()
         figures = {
             "duration": time.monotonic() - started,
             "vms_left": len(after_vms - before_vms),
@@ -643,6 +793,11 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     row("disks left behind", figures["disks_left"], 0)
     row("leases left after releasing all", figures["leases_left"], 0)
     row("IPs handed out twice", len(tally.doubles), 0)
+    row("VMs handed to two users", len(tally.handed_twice), 0)
+    row("copies of the database that served", len(tally.copies_started), 0)
+    ages = ", ".join(f"{age / 60:.0f}" for age in tally.restored_ages) or "-"
+    row("backups restored (their age, minutes)", ages)
+    row("  users the restores forgot (not lost)", len(tally.forgotten))
     row("dead VMs handed out", len(tally.dead), 0)
     row("VMs handed out before their sshd answered", len(tally.deaf), 0)
     row("over-commits", len(tally.overcommits), 0)
@@ -656,7 +811,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 10)))
     parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--seed", type=int, default=int(os.environ.get("SOAK_SEED", 1)))
+    parser.add_argument("--faults", default="", help="inject only these faults (comma-separated names)")
     args = parser.parse_args()
+    global ONLY
+    ONLY = tuple(kind.strip() for kind in args.faults.split(",") if kind.strip())
+    unknown = [kind for kind in ONLY if kind not in FAULTS]
+    if unknown:
+        parser.error(f"unknown fault(s): {', '.join(unknown)}; known: {', '.join(FAULTS)}")
     console = Console(width=140)
     backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
     failed = False
@@ -667,6 +828,8 @@ def main() -> None:
             console.print(table(backend, tally, figures, args.minutes))
             for label, items in (
                 ("IPs handed out twice", tally.doubles),
+                ("VMs handed to two users", tally.handed_twice),
+                ("copies that served", tally.copies_started),
                 ("dead VMs handed out", tally.dead),
                 ("handed out before sshd answered", tally.deaf),
                 ("over-commits", tally.overcommits),
@@ -676,7 +839,16 @@ def main() -> None:
             ):
                 for item in items[:10]:
                     console.print(f"{label}: {item}", markup=False)
-            bad = [tally.doubles, tally.dead, tally.deaf, tally.overcommits, tally.lost, tally.server_errors]
+            bad = [
+                tally.doubles,
+                tally.handed_twice,
+                tally.copies_started,
+                tally.dead,
+                tally.deaf,
+                tally.overcommits,
+                tally.lost,
+                tally.server_errors,
+            ]
             failed = failed or any(bad) or any(figures[k] for k in ("vms_left", "disks_left", "leases_left"))
             if failed:
                 console.print(f"serve logs kept in {work}", markup=False)

@@ -168,27 +168,53 @@ def test_a_retried_start_stays_on_the_member_its_room_was_reserved_on(make_servi
     assert max(vcpus_by_member(lab).values()) <= 4
 
 
-def start_while_member_is_disabled(services, lab, name: str, member_name: str) -> threading.Thread:
-    """Ask for one VM in a thread; once its lease is placed (its clone takes 1.5 s), disable
-    the member it was placed on, as an admin starting maintenance would."""
+def while_cloning(services, lab, name: str, action, **request: object) -> dict[str, object]:
+    """Ask for one VM in a thread; once its lease is placed (its clone takes 1.5 s), run
+    ``action(placed lease)``, as an admin working on the pool meanwhile would."""
     control(lab).set_timing({"clone_seconds": 1.5})
     outcome: dict[str, object] = {}
 
     def ask() -> None:
         try:
-            outcome["leases"] = services.leases.acquire(LeaseRequest(name, "centos"))
+            outcome["leases"] = services.leases.acquire(LeaseRequest(name, "centos", **request))
         except Exception as e:  # the test reads it
             outcome["error"] = e
 
     thread = threading.Thread(target=ask)
     thread.start()
     [placed] = wait_for(lambda: services.leases.leases.by_name([name]), timeout=5)
-    xapi = lab.xapi()
-    assert xapi.host.get_name_label(placed.member) == member_name
-    xapi.host.disable(placed.member)
+    action(placed)
     thread.join(timeout=30)
     control(lab).set_timing({"clone_seconds": 0})
     return outcome
+
+
+def start_while_member_is_disabled(services, lab, name: str, member_name: str) -> dict[str, object]:
+    """Disable the member the VM was placed on while it is cloned (maintenance begins)."""
+    xapi = lab.xapi()
+
+    def disable(placed) -> None:
+        assert xapi.host.get_name_label(placed.member) == member_name
+        xapi.host.disable(placed.member)
+
+    return while_cloning(services, lab, name, disable)
+
+
+def test_a_vm_migrated_onto_the_member_before_the_start_sends_the_new_vm_elsewhere(make_services):
+    """xapi admits a start on memory only: CPUs an admin's migration took since placement
+    are seen at the start, and the VM is placed again."""
+    services, lab = make_services(pool_size=2, host_cpus=4, host_memory_gib=64)
+    [big] = services.leases.acquire(LeaseRequest("big", "centos", cpus=4, memory=GIB))
+    xapi = lab.xapi()
+
+    def migrate_big_there(placed) -> None:
+        assert placed.member != big.member
+        xapi.VM.pool_migrate(big.vm_ref, placed.member, {})
+
+    outcome = while_cloning(services, lab, "after", migrate_big_there, cpus=2, memory=GIB)
+    [lease] = outcome["leases"]
+    assert lease.member == big.member  # where big was: the only member with its CPUs free
+    assert max(vcpus_by_member(lab).values()) <= 4
 
 
 def test_a_member_disabled_before_its_vm_starts_sends_the_vm_to_another(make_services):

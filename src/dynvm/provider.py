@@ -176,6 +176,7 @@ class QuarantinedVm:
     lease_id: str
     quarantined_at: float
     destroy_at: float
+    held_by: str = ""  # the request its host says holds it ("" when none)
 
 
 @dataclass

@@ -166,9 +166,10 @@ class Services:
         self.leases.shutdown(self.intervals.shutdown_grace)
         for loop in self._loops:
             loop.stop()
-        if self.leadership.is_leader():
-            with contextlib.suppress(Exception):  # a restore may start at once
-                self.leases.claim.withdraw()
+        with contextlib.suppress(Exception):  # a stopped process is not alive: others need not wait
+            self.leases.leases.forget_owner(self.leases.owner)
+        with contextlib.suppress(Exception):  # the last one out: a restore may start at once
+            self.leases.claim.withdraw()
         self.leadership.resign()
         self.watcher.stop()
         self.provider.stop()

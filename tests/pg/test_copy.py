@@ -56,7 +56,8 @@ def test_a_copy_started_beside_production_touches_nothing_until_it_is_a_new_inst
     copy_database(db_url, copy_url, tmp_path)
     production.leases.claim.renew()  # its leader renews the claim every 20 s
 
-    copy = build_services(lab.settings.source, copy_url, intervals=QUIET, event_timeout=1.0)
+    # a staging dynvm runs elsewhere, under a replica name of its own
+    copy = build_services(lab.settings.source, copy_url, intervals=QUIET, event_timeout=1.0, replica="staging:5000")
     try:
         with pytest.raises(Contested, match="dynvm installation new"):
             copy.start()

@@ -42,7 +42,8 @@ def test_an_idle_pool_vm_in_the_backup_is_never_handed_to_a_second_user(make_ser
     assert on_host["alice"]["other_config"][HOLDER_KEY] == alice.request_id  # never renamed, never bob's
     assert QUARANTINE_TAG in on_host["alice"]["tags"]  # kept, halted, shown
     assert on_host["bob"]["other_config"][HOLDER_KEY] == bob.request_id
-    assert [q.name for q in restored.leases.quarantined()] == ["alice"]
+    [shown] = restored.leases.quarantined()
+    assert (shown.name, shown.held_by) == ("alice", alice.request_id)
 
 
 def test_a_vm_whose_create_the_backup_caught_midway_is_quarantined_not_destroyed(

@@ -215,14 +215,18 @@ class QuarantinedOut(BaseModel):
     uuid: str
     host: str
     lease_id: str = Field(description="the lease its marker names, unknown to this database")
+    held_by: str = Field(
+        "", description="the request its host says holds it (handed out after the backup, say); '' when none"
+    )
     quarantined_at: float = Field(description="Unix seconds: when reconcile halted and tagged it")
     destroy_at: float = Field(description="Unix seconds: when reconcile destroys it ([common] orphan.quarantine.hours)")
 
 
 @router.get("/quarantine", response_model=list[QuarantinedOut], responses=ERRORS)
 async def quarantine(services: ServicesDep, _: CallerDep) -> list[QuarantinedOut]:
-    """VMs this installation made whose lease its database does not know (say, it was
-    restored from an older backup): halted and kept until ``destroy_at``. To keep one,
+    """VMs this installation made whose lease its database does not know, or whose holder
+    on the host it disagrees with (say, it was restored from an older backup): halted and
+    kept until ``destroy_at``. To keep one,
     remove ``dynvm_lease`` from its ``other_config`` before then."""
     found = await anyio.to_thread.run_sync(services.leases.quarantined)
     return [
@@ -231,6 +235,7 @@ async def quarantine(services: ServicesDep, _: CallerDep) -> list[QuarantinedOut
             uuid=q.uuid,
             host=q.host_ref,
             lease_id=q.lease_id,
+            held_by=q.held_by,
             quarantined_at=q.quarantined_at,
             destroy_at=q.destroy_at,
         )

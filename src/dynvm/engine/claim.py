@@ -10,8 +10,9 @@ own history, which a copy shares only up to the moment it was copied.
 Before it writes, and at start-up, a process reads the hosts' claims:
 
 - none, the last one its database wrote, or an older one: it is the installation;
-- a later one its database never wrote, renewed less than ``CLAIM_STALE`` seconds ago by
-  a process that is not a live replica of this database: another process group acts for
+- a later one its database never wrote (a replica records its claim in the database before
+  it writes it on the hosts), renewed less than ``CLAIM_STALE`` seconds ago by a process
+  that is not an earlier life of this replica: another process group acts for
   this installation. This database is a copy; it touches nothing (``Contested``) until
   ``dynvm installation new`` makes it an installation of its own;
 - a later one whose writer has stopped renewing it: this database is older than the
@@ -99,11 +100,13 @@ class ClaimKeeper:
                 log.debug("claim on %s not read: %s", host.section, e)
                 continue
             claim = Claim.load(raw) if raw else None
+            if claim is not None and claim.seq >= seq:  # a replica may have renewed it since
+                seq, token = self.store.claim_mark()
             if claim is None or claim.seq < seq or (claim.seq == seq and claim.token == token):
                 continue
-            later.append(claim)
+            later.append(claim)  # this database never wrote it
             age = self.clock() - claim.at
-            if age < CLAIM_STALE and claim.writer != self.owner and claim.writer not in self.live_owners():
+            if age < CLAIM_STALE and not self._same_replica(claim.writer):
                 self.contested = (
                     f"another dynvm ({claim.writer}) acts for this installation on {host.section}: it renewed "
                     f"its claim {max(0.0, age):.0f} s ago, and this database never wrote that claim. This "
@@ -112,6 +115,12 @@ class ClaimKeeper:
                 )
                 raise Contested(self.contested)
         return later
+
+    def _same_replica(self, writer: str) -> bool:
+        """This process, or an earlier life of this replica (the same ``<replica name>#``):
+        restarted after a crash on a restored database, it wrote that claim itself. A
+        replica of this database would have recorded its claim in it first."""
+        return writer.rsplit("#", 1)[0] == self.owner.rsplit("#", 1)[0]
 
     def renew(self) -> None:
         """Check, then write the next claim on every host (the leader, every
@@ -131,7 +140,8 @@ class ClaimKeeper:
         self._write(claim)
 
     def withdraw(self) -> None:
-        """A graceful stop: the claim stays the database's, but is stale at once."""
+        """A graceful stop of the last replica: the claim stays the database's, but is stale
+        at once (a restore may start). Called once this process's heartbeat is gone."""
         if self.contested is not None or self.live_owners() - {self.owner}:
             return  # not ours to withdraw, or another replica leads on
         seq, token = self.store.claim_mark()

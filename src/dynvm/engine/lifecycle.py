@@ -141,26 +141,30 @@ class Lifecycle:
         """Write on each VM, on its host, that its request holds it: the step just before
         the database hands them over (``provider.hand_out``: compare-and-set, so a VM the
         host says another request holds is refused, whatever this database says). A
-        ready-pool VM takes its lease's name here. The VMs that could not be held, and why."""
-        refused: list[tuple[Lease, Exception]] = []
-        for lease in ready:
-            host = settings.host(lease.host_ref)
-            spec = VmSpec(
-                name=lease.name, os=lease.os, template=lease.template, lease_id=lease.id, holder=lease.request_id
-            )
-            try:
-                if host is None or not lease.vm_ref:
-                    raise ProvisionError(f"{lease.name}: its host left the configuration", lease.host_ref)
-                self.provider.hand_out(host, lease.vm_ref, spec)
-            except Exception as e:
-                log.error("%s: not handed out: %s", lease.name, e)
-                self._stage(lease, "failed", error=str(e))
-                refused.append((lease, e))
-                continue
-            if lease.pooled_at is not None:  # a ready-pool VM enters the history once a request takes it
-                self._stage(lease, "ready", ip=lease.ip)
-                self.history.record_created(lease, origin_of(host.url), handed_out_at=self.clock())
-        return refused
+        ready-pool VM takes its lease's name here. Side by side, as destroys are. The VMs
+        that could not be held, and why."""
+        if len(ready) <= 1:
+            outcomes = [self._hold_one(settings, lease) for lease in ready]
+        else:
+            with ThreadPoolExecutor(min(len(ready), DESTROYS_AT_ONCE), thread_name_prefix="hand-out") as pool:
+                outcomes = list(pool.map(lambda lease: self._hold_one(settings, lease), ready))
+        return [(lease, error) for lease, error in zip(ready, outcomes, strict=True) if error is not None]
+
+    def _hold_one(self, settings: Settings, lease: Lease) -> Exception | None:
+        host = settings.host(lease.host_ref)
+        spec = VmSpec(name=lease.name, os=lease.os, template=lease.template, lease_id=lease.id, holder=lease.request_id)
+        try:
+            if host is None or not lease.vm_ref:
+                raise ProvisionError(f"{lease.name}: its host left the configuration", lease.host_ref)
+            self.provider.hand_out(host, lease.vm_ref, spec)
+        except Exception as e:
+            log.error("%s: not handed out: %s", lease.name, e)
+            self._stage(lease, "failed", error=str(e))
+            return e
+        if lease.pooled_at is not None:  # a ready-pool VM enters the history once a request takes it
+            self._stage(lease, "ready", ip=lease.ip)
+            self.history.record_created(lease, origin_of(host.url), handed_out_at=self.clock())
+        return None
 
     def _create_one(
         self, settings: Settings, lease: Lease, pinned: bool = False, cancel: _RequestCancel | None = None

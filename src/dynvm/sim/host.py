@@ -64,7 +64,10 @@ class HostRefs:
 
 
 class DhcpPool:
-    """Leases of the host's loopback range, one per running VM."""
+    """Leases of the host's loopback range, one per running VM. A freed address goes to
+    the back of the queue, as a DHCP server reuses the least recently used one first: a
+    guest that died without a release (its host crashed) does not see its address given
+    to the next boot at once."""
 
     def __init__(self, network: ipaddress.IPv4Network) -> None:
         self._free = [str(ip) for ip in list(network.hosts())[1:]]  # .1 is the gateway
@@ -87,7 +90,7 @@ class DhcpPool:
         (keyed ``<vm>#<device>``)."""
         with self._lock:
             for key in [k for k in self._leases if k == vm or k.startswith(f"{vm}#")]:
-                self._free.append(self._leases.pop(key))
+                self._free.insert(0, self._leases.pop(key))  # _free is taken from its end
 
     @property
     def available(self) -> int:

@@ -443,6 +443,11 @@ class LeaseStore:
         with self.db.write() as conn:
             conn.execute(statement)
 
+    def forget_owner(self, owner: str) -> None:
+        """A process that stopped cleanly: no longer alive, without waiting for staleness."""
+        with self.db.write() as conn:
+            conn.execute(delete(replicas).where(replicas.c.owner == owner))
+
     def live_owners(self, now: float, stale_after: float) -> set[str]:
         with self.db.read() as conn:
             return {

@@ -147,6 +147,14 @@ def quarantined(view: HostView, installation: str, keep_seconds: float) -> list[
         since = quarantined_at(vm.other_config)
         if since is not None and ownership(vm.other_config, installation) is Ownership.OURS:
             out.append(
-                QuarantinedVm(vm.name, vm.uuid, view.ref, lease_of(vm.other_config) or "", since, since + keep_seconds)
+                QuarantinedVm(
+                    vm.name,
+                    vm.uuid,
+                    view.ref,
+                    lease_of(vm.other_config) or "",
+                    since,
+                    since + keep_seconds,
+                    holder_of(vm.other_config) or "",
+                )
             )
     return out

@@ -146,8 +146,15 @@ class XenProvider:
         pool = self.inventory.pool(host.ref)
         if pool is None:
             raise ProvisionError(f"host {host.ref} is not in the inventory")
-        timeout = self._settings().common.network_timeout_secs
-        return Provisioner(host, pool, timeout, self._installation(), clock=self._monotonic)
+        common = self._settings().common
+        return Provisioner(
+            host,
+            pool,
+            common.network_timeout_secs,
+            self._installation(),
+            clock=self._monotonic,
+            cpu_overcommit=common.cpu_overcommit,
+        )
 
     def create(
         self,

@@ -138,6 +138,7 @@ class Provisioner:
         attempts: int = 3,
         cleanup_timeout: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        cpu_overcommit: float = 1.0,
     ) -> None:
         self.host = host
         self.pool = pool
@@ -146,6 +147,7 @@ class Provisioner:
         self.attempts = attempts
         self.cleanup_timeout = cleanup_timeout
         self.clock = clock
+        self.cpu_overcommit = cpu_overcommit
 
     # -- create ------------------------------------------------------------------------
 
@@ -485,6 +487,11 @@ class Provisioner:
             self._task(xapi, "VM.start", vm, False, False)
             return
         vlog.info("starting on member %s (attempt %d)", spec.member, attempt)
+        busy = self._vcpus_running_on(xapi, spec.member)
+        if busy is not None and busy[0] + int(xapi.VM.get_VCPUs_at_startup(vm)) > busy[1]:
+            # xapi admits on memory only: VMs that arrived since placement (an admin's
+            # migration, say) may have taken the CPUs dynvm reserved there
+            raise MemberRefused(spec.member, f"its CPUs are taken now ({busy[0]} of {busy[1]:g} vCPUs running)")
         try:
             self._task(xapi, "VM.start_on", vm, spec.member, False, False)
         except XenAPI.Failure as e:
@@ -492,6 +499,21 @@ class Provisioner:
             if details[0] in MEMBER_REFUSALS or details[:2] == ["HANDLE_INVALID", "host"]:
                 raise MemberRefused(spec.member, _details(e)) from None
             raise
+
+    def _vcpus_running_on(self, xapi: Any, member: str) -> tuple[int, float] | None:
+        """The vCPUs of the guests running on ``member`` now, and how many it may run
+        (its CPUs times ``[common] cpu.overcommit``); None when xapi cannot say."""
+        try:
+            cpus = int(xapi.host.get_cpu_info(member).get("cpu_count", 0))
+            running = xapi.VM.get_all_records_where(
+                f'field "resident_on" = "{member}" and field "power_state" = "Running"'
+            )
+        except XenAPI.Failure:
+            return None
+        if cpus <= 0:
+            return None
+        used = sum(int(r["VCPUs_at_startup"]) for r in running.values() if not r["is_control_domain"])
+        return used, cpus * self.cpu_overcommit
 
     def _describe(
         self,
