@@ -216,8 +216,10 @@ class Lab:
                 out.append(f"{cls} {record['name_label']!r} on pool {int(index) + 1}: {state} {marked}".rstrip())
         return out
 
-    def uuid_with_ip(self, name: str, ip: str) -> str | None:
-        """The uuid of the VM of that name running with that IP, if any."""
+    def vm_with_ip(self, name: str, ip: str) -> tuple[bool | None, str | None]:
+        """Is a VM of that name running with that IP (None: a pool did not answer), and the
+        uuid of the VM of that name that has (or last had) that IP."""
+        uuid = None
         try:
             for index in range(len(self.pools)):
                 xapi = self.xapi(index)
@@ -226,26 +228,13 @@ class Lab:
                     if record["guest_metrics"] == "OpaqueRef:NULL":
                         continue
                     if ip in xapi.VM_guest_metrics.get_networks(record["guest_metrics"]).values():
-                        return str(record["uuid"])
+                        uuid = str(record["uuid"])
+                        if record["power_state"] == "Running":
+                            return True, uuid
+            return False, uuid
         except Exception:
             self.forget_sessions()
-        return None
-
-    def running_with_ip(self, name: str, ip: str) -> bool | None:
-        """Is a VM of that name running with that IP? None: a pool did not answer."""
-        try:
-            for index in range(len(self.pools)):
-                xapi = self.xapi(index)
-                for vm in xapi.VM.get_by_name_label(name):
-                    record = xapi.VM.get_record(vm)
-                    if record["power_state"] != "Running" or record["guest_metrics"] == "OpaqueRef:NULL":
-                        continue
-                    if ip in xapi.VM_guest_metrics.get_networks(record["guest_metrics"]).values():
-                        return True
-            return False
-        except Exception:
-            self.forget_sessions()
-            return None
+            return None, uuid
 
 
 class Servers:
@@ -380,8 +369,7 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                         grants = [Grant(n, ip, sent, received, lifetime) for n, ip in answer.json().items()]
                         tally.granted(grants)
                         for grant in grants:
-                            grant.uuid = lab.uuid_with_ip(grant.name, grant.ip)
-                            running = lab.running_with_ip(grant.name, grant.ip)
+                            running, grant.uuid = lab.vm_with_ip(grant.name, grant.ip)
                             answers = probe.answers(grant.ip, lab.service_port)
                             # a look that ended after the lease could have expired says nothing
                             # (a hung pool holds the observer's calls for seconds)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .auth import TokenStore
     from .client import DynvmClient
     from .config import Settings
+    from .store.db import Database
     from .store.leases import LeaseStore
 
 
@@ -556,26 +557,27 @@ def database_url(config: Path | None, db: str | None, console: Console) -> str:
         raise typer.Exit(2) from None
 
 
-def _token_store(config: Path | None, db: str | None, console: Console) -> TokenStore:
-    from .auth import TokenStore
+def _database(config: Path | None, db: str | None, console: Console) -> Database:
+    """The database the config (or ``--db``) names, migrated; its name on stderr."""
     from .store.db import Database, describe_url
 
     url = database_url(config, db, console)
     Console(stderr=True).print(f"database: {describe_url(url)}", style="dim", markup=False, highlight=False)
     database = Database(url)
     database.migrate()
-    return TokenStore(database)
+    return database
+
+
+def _token_store(config: Path | None, db: str | None, console: Console) -> TokenStore:
+    from .auth import TokenStore
+
+    return TokenStore(_database(config, db, console))
 
 
 def _lease_store(config: Path | None, db: str | None, console: Console) -> LeaseStore:
-    from .store.db import Database, describe_url
     from .store.leases import LeaseStore
 
-    url = database_url(config, db, console)
-    Console(stderr=True).print(f"database: {describe_url(url)}", style="dim", markup=False, highlight=False)
-    database = Database(url)
-    database.migrate()
-    return LeaseStore(database)
+    return LeaseStore(_database(config, db, console))
 
 
 def installation_show_command(config: ConfigOption = None, db: DbOption = None) -> None:
