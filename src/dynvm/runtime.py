@@ -112,10 +112,10 @@ class Services:
             log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
         self.leases.heartbeat()
         try:  # before anything touches a host: is this database the installation, or a copy?
+            self.leases.claim.check()
+            self.leases.claim.settle()
             if self.leadership.is_leader():
                 self.leases.claim.renew()
-            else:
-                self.leases.claim.check()
         except Contested as e:
             log.error("%s", e)
             raise
@@ -139,7 +139,7 @@ class Services:
             Background("reconcile", self.intervals.reconcile, self._reconcile, leading),
             Background("history-export", self.intervals.export, self.history.export_pending, leading),
             Background("ready-pools", self.intervals.pools, self.leases.ready_pools.tick, leading),
-            Background("claim", self.intervals.claim, self._renew_claim, leading),
+            Background("claim", self.intervals.claim, self._renew_claim),
         ]
         for loop in self._loops:
             loop.start()
@@ -148,8 +148,14 @@ class Services:
             self.on_started()
 
     def _renew_claim(self) -> None:
+        """The leader renews the claim; every replica checks it (a copy's followers too)."""
+        if self.leases.claim.contested is not None:
+            return  # said once; a restart after the operator's fix clears it
         try:
-            self.leases.claim.renew()
+            if self.leadership.is_leader():
+                self.leases.claim.renew()
+            else:
+                self.leases.claim.check()
         except Contested as e:
             log.error("%s", e)  # from now on this process touches no host
 

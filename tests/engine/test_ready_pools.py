@@ -387,7 +387,29 @@ def test_a_ready_vm_whose_member_crashed_unnoticed_is_never_handed_out(make_serv
     lab.control().member_down(1, "refuse")
     with pytest.raises(CreateFailed, match="no longer answers on port"):
         services.leases.acquire(LeaseRequest("both", "centos", count=2))
-    for lease in services.leases.leases.by_name(["both1", "both2"]):  # a destroy waits for the member
-        assert (lease.state, lease.handed_over_at) == ("releasing", None)
+    # the one on the crashed member waits for it to be destroyed; the other is gone already
+    [waiting] = services.leases.leases.by_name(["both1", "both2"])
+    assert (waiting.state, waiting.handed_over_at) == ("releasing", None)
     live = {r["name_label"] for r in xapi.VM.get_all_records().values() if r["name_label"].startswith("both")}
     assert live == set()  # neither VM kept the request's name: none was handed out
+
+
+def test_a_ready_vm_the_host_says_another_request_holds_is_never_handed_out(make_services, sim_lab):
+    """The compare-and-set at the hand-out: whatever the database says, a VM whose marker on
+    the host names another holder is refused, and not renamed."""
+    from dynvm.model import HeldElsewhere, VmSpec
+    from dynvm.xen.marker import HOLDER_KEY
+
+    lab = with_pools(sim_lab, "centos.ready=1")
+    services, _ = make_services(lab=lab)
+    fill(services, ready=1)
+    [pooled] = services.leases.leases.pooled()
+    xapi = lab.xapi()
+    xapi.VM.add_to_other_config(pooled.vm_ref, HOLDER_KEY, "a-request-of-another-database")
+    spec = VmSpec(name="bob", os="centos", template=pooled.template, lease_id=pooled.id, holder="bobs-request")
+    with pytest.raises(HeldElsewhere, match="a-request-of-another-database"):
+        services.provider.hand_out(lab.host(), pooled.vm_ref, spec)
+    assert xapi.VM.get_name_label(pooled.vm_ref) == pooled.name  # not renamed for bob
+    again = dataclasses.replace(spec, holder="a-request-of-another-database")
+    services.provider.hand_out(lab.host(), pooled.vm_ref, again)  # its own holder: idempotent
+    assert xapi.VM.get_name_label(pooled.vm_ref) == "bob"

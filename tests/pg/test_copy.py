@@ -5,6 +5,7 @@ PostgreSQL: it carries production's installation id, so it must touch nothing un
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from dynvm.cli import build_cli
 from dynvm.engine.claim import Contested
 from dynvm.leases import LeaseRequest
 from dynvm.runtime import build_services
+from dynvm.xen.marker import MARKER_KEY
 
-from ..conftest import QUIET
+from ..conftest import QUIET, FakeClock
 from .conftest import ADMIN_URL, Backup
 from .test_restore import vms
 
@@ -94,3 +96,26 @@ def test_installation_new_refuses_while_a_dynvm_runs_on_the_database(make_servic
     result = CliRunner().invoke(build_cli(), ["installation", "new", "--db", db_url, "--yes"])
     assert result.exit_code == 1
     assert "a dynvm is running on this database" in result.output
+
+
+def test_a_copy_started_before_production_renewed_its_claim_waits_and_finds_out(
+    copy_url, make_services, sim_lab, db_url, tmp_path
+):
+    """The copy carries the very claim the hosts have (production has not renewed since
+    the dump): it waits for the claim's writer to renew, and refuses when it does."""
+    clock = FakeClock()
+    production, lab = make_services(lab=sim_lab(), db=db_url, clock=clock)
+    copy_database(db_url, copy_url, tmp_path)
+    clock.advance(15)  # production's heartbeat in the copy is stale; its claim is not
+    copy = build_services(
+        lab.settings.source, copy_url, clock=clock, intervals=QUIET, event_timeout=1.0, replica="staging:5000"
+    )
+    renewal = threading.Timer(1.0, production.leases.claim.renew)  # production's next renewal
+    renewal.start()
+    try:
+        with pytest.raises(Contested, match="COPY's database"):
+            copy.start()
+    finally:
+        renewal.join()
+        copy.stop()
+    assert [name for name, r in vms(lab).items() if MARKER_KEY in r["other_config"]] == []  # it made nothing

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -109,12 +110,45 @@ class ClaimKeeper:
             if age < CLAIM_STALE and not self._same_replica(claim.writer):
                 self.contested = (
                     f"another dynvm ({claim.writer}) acts for this installation on {host.section}: it renewed "
-                    f"its claim {max(0.0, age):.0f} s ago, and this database never wrote that claim. This "
-                    "database is a copy (or the other is): it touches no host. Make it an installation of "
-                    "its own with `dynvm installation new`, or stop the other"
+                    f"its claim {max(0.0, age):.0f} s ago, and this database never wrote that claim, so one of "
+                    "the two databases is a copy of the other: this dynvm touches no host. Stop the copy's dynvm "
+                    "and run `dynvm installation new` on the COPY's database (never on production's: its leases "
+                    "would end and their VMs be left to the other)"
                 )
                 raise Contested(self.contested)
         return later
+
+    def settle(self, wait: float = CLAIM_INTERVAL + 5.0, poll: float = 0.5) -> None:
+        """At start-up, before the first renewal. A fresh claim this database wrote, by a
+        replica it does not know alive, may be the claim of another database's dynvm: a
+        copy of this one made before that dynvm renewed it. Wait for the writer's next
+        renewal (at most ``wait`` seconds): one this database never wrote raises
+        ``Contested``; none means the writer has stopped, and this process goes on."""
+        deadline = time.monotonic() + wait
+        while self._unexplained_writers():
+            if time.monotonic() >= deadline:
+                log.warning("the last writer of the installation's claim stopped renewing it: going on")
+                return
+            time.sleep(poll)
+            self.check()
+
+    def _unexplained_writers(self) -> set[str]:
+        alive = self.live_owners()
+        out = set()
+        for host in self.settings().hosts:
+            try:
+                raw = self.provider.read_claim(host)
+            except Exception:
+                continue
+            claim = Claim.load(raw) if raw else None
+            if (
+                claim is not None
+                and self.clock() - claim.at < CLAIM_STALE
+                and not self._same_replica(claim.writer)
+                and claim.writer not in alive
+            ):
+                out.add(claim.writer)
+        return out
 
     def _same_replica(self, writer: str) -> bool:
         """This process, or an earlier life of this replica (the same ``<replica name>#``):

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
+WARM_PROBE_SECONDS = 3.0  # how long a ready VM's service port is given to answer at its hand-out
 RELEASE_RETRY = "release-retry"  # the owner of a lease whose destroy failed: whichever replica leads retries it
 CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to another host if one has room
 
@@ -126,7 +127,7 @@ class Lifecycle:
             if host is None or not lease.vm_ref:
                 raise ProvisionError(f"{lease.name}: its ready VM's host left the configuration", lease.host_ref)
             port = settings.probe.port_for(lease.os)
-            if port and lease.ip and not probe.answers(lease.ip, port):
+            if port and lease.ip and not self._still_answers(lease.ip, port):
                 # it answered when it was made; a guest that died in the pool since (its
                 # member crashed before the master noticed, a kernel panic) is no one's VM
                 raise ProvisionError(
@@ -136,6 +137,15 @@ class Lifecycle:
             self._stage(lease, "failed", error=str(e))
             raise
         return lease
+
+    @staticmethod
+    def _still_answers(ip: str, port: int) -> bool:
+        """A few seconds' tries, not one: a busy guest or a lost SYN is not a dead one."""
+        try:
+            probe.wait_until_answering(ip, port, time.monotonic() + WARM_PROBE_SECONDS)
+        except probe.ServiceDown:
+            return False
+        return True
 
     def _hold(self, settings: Settings, ready: list[Lease]) -> list[tuple[Lease, Exception]]:
         """Write on each VM, on its host, that its request holds it: the step just before
@@ -157,13 +167,13 @@ class Lifecycle:
             if host is None or not lease.vm_ref:
                 raise ProvisionError(f"{lease.name}: its host left the configuration", lease.host_ref)
             self.provider.hand_out(host, lease.vm_ref, spec)
+            if lease.pooled_at is not None:  # a ready-pool VM enters the history once a request takes it
+                self._stage(lease, "ready", ip=lease.ip)
+                self.history.record_created(lease, origin_of(host.url), handed_out_at=self.clock())
         except Exception as e:
             log.error("%s: not handed out: %s", lease.name, e)
             self._stage(lease, "failed", error=str(e))
             return e
-        if lease.pooled_at is not None:  # a ready-pool VM enters the history once a request takes it
-            self._stage(lease, "ready", ip=lease.ip)
-            self.history.record_created(lease, origin_of(host.url), handed_out_at=self.clock())
         return None
 
     def _create_one(
@@ -353,6 +363,7 @@ class Lifecycle:
         try:
             self.refuse_if_contested()
         except LeaseError as e:
+            self.leases.set_owner(lease.id, RELEASE_RETRY)  # redone by whichever dynvm may act
             outcome.failed[lease.name] = f"could not destroy {lease.name}: {e}"
             return outcome
         if lease.vm_ref and self.provider.pending_job(lease.vm_ref) is None:

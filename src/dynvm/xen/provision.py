@@ -186,6 +186,7 @@ class Provisioner:
                     try:
                         vm = self._outcome(xapi, task)
                         _set_keys(xapi, "VM", vm, marker(spec.lease_id, self.installation))
+                        self._forget_inherited(xapi, vm)
                     finally:
                         with contextlib.suppress(XenAPI.Failure, *CONNECTION_ERRORS):
                             xapi.task.destroy(task)
@@ -251,6 +252,15 @@ class Provisioner:
             no_address=no_address,
             attempts_used=attempts,
         )
+
+    @staticmethod
+    def _forget_inherited(xapi: Any, vm: str) -> None:
+        """A clone copies its template's ``other_config``: a template an admin made from a
+        dynvm VM would give every clone that VM's holder and quarantine stamp."""
+        inherited = xapi.VM.get_other_config(vm)
+        for key in (HOLDER_KEY, QUARANTINE_KEY):
+            if key in inherited:
+                xapi.VM.remove_from_other_config(vm, key)
 
     def _mark_vm_and_disks(self, xapi: Any, vm: str, lease_id: str) -> None:
         _set_keys(xapi, "VM", vm, marker(lease_id, self.installation))
