@@ -546,6 +546,8 @@ class HostWatcher:
             except XenAPI.Failure as e:
                 self._down(f"{host.display}: xapi error {' '.join(map(str, e.details))}")
             except Exception as e:  # never let the watcher die: the host would look frozen
+                if self._stop.is_set():
+                    return  # stop() cut its long poll short: what the cut left is no failure
                 log.exception("%s: watcher failed", host.display)
                 self._down(f"{host.display}: {e!r}")
             else:
