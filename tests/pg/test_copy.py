@@ -119,3 +119,31 @@ def test_a_copy_started_before_production_renewed_its_claim_waits_and_finds_out(
         renewal.join()
         copy.stop()
     assert [name for name, r in vms(lab).items() if MARKER_KEY in r["other_config"]] == []  # it made nothing
+
+
+def test_a_running_dynvm_that_finds_another_acting_for_it_stops_acting_and_says_so(make_services, sim_lab, db_url):
+    """Found out after start-up (a follower, or a later renewal): it touches no host, and
+    /healthz answers 503 so that a load balancer takes it out."""
+    from fastapi.testclient import TestClient
+
+    from dynvm.api.app import create_app
+    from dynvm.engine.claim import Claim
+    from dynvm.xen.marker import claim_key
+
+    services, lab = make_services(lab=sim_lab(), db=db_url)
+    seq, _ = services.leases.leases.claim_mark()
+    xapi = lab.xapi()
+    [pool] = xapi.pool.get_all()
+    key = claim_key(services.leases.installation)
+    xapi.pool.remove_from_other_config(pool, key)  # another database's dynvm renews its claim
+    xapi.pool.add_to_other_config(
+        pool, key, Claim(seq + 1, "f" * 32, "elsewhere:5000#1", services.leases.clock()).dump()
+    )
+    services._renew_claim()
+    client = TestClient(create_app(services, manage_services=False))
+    answer = client.get("/healthz")
+    assert answer.status_code == 503
+    assert "elsewhere:5000#1" in answer.text
+    assert client.get("/healthz", params={"detail": "true"}).json()["status"] == "contested"
+    assert client.get("/getservers/u1").status_code == 503
+    assert services.leases.expire_due() == []

@@ -47,19 +47,26 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
     async def healthz(detail: bool = False) -> Response:
         """``ok``; with ``?detail=true`` also which installation this is (the id in the
         marker of every VM it makes), its version, whether this replica leads, and the time
-        on its clock (Unix seconds; a live replay's compressed time, ``clock.py``)."""
+        on its clock (Unix seconds; a live replay's compressed time, ``clock.py``). 503 once
+        another dynvm is known to act for this installation (``engine/claim.py``): a load
+        balancer takes this one out."""
+        contested = services.leases.claim.contested
         if not detail:
-            return PlainTextResponse("ok")
+            return PlainTextResponse(
+                f"contested: {contested}" if contested else "ok", status_code=503 if contested else 200
+            )
         installation = await anyio.to_thread.run_sync(lambda: services.leases.installation)
         leading = await anyio.to_thread.run_sync(services.leadership.is_leader)
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "contested" if contested else "ok",
+                "contested": contested,
                 "installation": installation,
                 "version": __version__,
                 "leader": leading,
                 "time": services.leases.clock(),
-            }
+            },
+            status_code=503 if contested else 200,
         )
 
     @app.get("/metrics", include_in_schema=False)
