@@ -23,7 +23,8 @@ def test_legacy_wait_holds_the_answer_until_room_frees_and_answers_as_the_seed_d
     )
     waiter.start()
     wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
-    [queued] = service.get("/api/v1/queue").json()
+    # the scheduler numbers the queue on its pass after the request joins it
+    [queued] = wait_for(lambda: [q for q in service.get("/api/v1/queue").json() if q["position"] is not None])
     assert queued["position"] == 1
     assert queued["user"] == "patient"
     assert service.get("/releaseservers/holder", count=2).status_code == 200
