@@ -94,22 +94,16 @@ class ClaimKeeper:
         remembers why) when one of them is another live process group's."""
         seq, token = self.store.claim_mark()
         later: list[Claim] = []
-        for host in self.settings().hosts:
-            try:
-                raw = self.provider.read_claim(host)
-            except Exception as e:  # a host that cannot be read now says nothing
-                log.debug("claim on %s not read: %s", host.section, e)
-                continue
-            claim = Claim.load(raw) if raw else None
-            if claim is not None and claim.seq >= seq:  # a replica may have renewed it since
+        for section, claim in self._hosts_claims():
+            if claim.seq >= seq:  # a replica may have renewed it since
                 seq, token = self.store.claim_mark()
-            if claim is None or claim.seq < seq or (claim.seq == seq and claim.token == token):
+            if claim.seq < seq or (claim.seq == seq and claim.token == token):
                 continue
             later.append(claim)  # this database never wrote it
             age = self.clock() - claim.at
             if age < CLAIM_STALE and not self._same_replica(claim.writer):
                 self.contested = (
-                    f"another dynvm ({claim.writer}) acts for this installation on {host.section}: it renewed "
+                    f"another dynvm ({claim.writer}) acts for this installation on {section}: it renewed "
                     f"its claim {max(0.0, age):.0f} s ago, and this database never wrote that claim, so one of "
                     "the two databases is a copy of the other: this dynvm touches no host. Stop the copy's dynvm "
                     "and run `dynvm installation new` on the COPY's database (never on production's: its leases "
@@ -134,20 +128,27 @@ class ClaimKeeper:
 
     def _unexplained_writers(self) -> set[str]:
         alive = self.live_owners()
-        out = set()
+        return {
+            claim.writer
+            for _, claim in self._hosts_claims()
+            if self.clock() - claim.at < CLAIM_STALE
+            and not self._same_replica(claim.writer)
+            and claim.writer not in alive
+        }
+
+    def _hosts_claims(self) -> list[tuple[str, Claim]]:
+        """(section, claim) for each host that keeps a readable claim of this installation;
+        a host that cannot be read now says nothing."""
+        out = []
         for host in self.settings().hosts:
             try:
                 raw = self.provider.read_claim(host)
-            except Exception:
+            except Exception as e:
+                log.debug("claim on %s not read: %s", host.section, e)
                 continue
             claim = Claim.load(raw) if raw else None
-            if (
-                claim is not None
-                and self.clock() - claim.at < CLAIM_STALE
-                and not self._same_replica(claim.writer)
-                and claim.writer not in alive
-            ):
-                out.add(claim.writer)
+            if claim is not None:
+                out.append((host.section, claim))
         return out
 
     def _same_replica(self, writer: str) -> bool:

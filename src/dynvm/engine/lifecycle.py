@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .. import probe
 from ..model import CreatedVm, Lease, LeaseError, NotDynvmVm, ProvisionError, VmSpec
@@ -26,7 +26,6 @@ from .queue import _RequestCancel
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Callable
 
     from sqlalchemy.engine import Connection
 
@@ -37,11 +36,22 @@ if TYPE_CHECKING:
     from .requests import DurableTracker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
 WARM_PROBE_SECONDS = 3.0  # how long a ready VM's service port is given to answer at its hand-out
 RELEASE_RETRY = "release-retry"  # the owner of a lease whose destroy failed: whichever replica leads retries it
 CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to another host if one has room
+
+
+def side_by_side(work: Callable[[Lease], T], leases: list[Lease], name: str) -> list[T]:
+    """``work`` for each lease, at most ``DESTROYS_AT_ONCE`` at a time, results in order: on
+    short-lived threads of its own (not the create pool, so it still runs while dynvm
+    stops); one lease is done on the calling thread."""
+    if len(leases) <= 1:
+        return [work(lease) for lease in leases]
+    with ThreadPoolExecutor(min(len(leases), DESTROYS_AT_ONCE), thread_name_prefix=name) as pool:
+        return list(pool.map(work, leases))
 
 
 @dataclass
@@ -153,11 +163,7 @@ class Lifecycle:
         host says another request holds is refused, whatever this database says). A
         ready-pool VM takes its lease's name here. Side by side, as destroys are. The VMs
         that could not be held, and why."""
-        if len(ready) <= 1:
-            outcomes = [self._hold_one(settings, lease) for lease in ready]
-        else:
-            with ThreadPoolExecutor(min(len(ready), DESTROYS_AT_ONCE), thread_name_prefix="hand-out") as pool:
-                outcomes = list(pool.map(lambda lease: self._hold_one(settings, lease), ready))
+        outcomes = side_by_side(lambda lease: self._hold_one(settings, lease), ready, "hand-out")
         return [(lease, error) for lease, error in zip(ready, outcomes, strict=True) if error is not None]
 
     def _hold_one(self, settings: Settings, lease: Lease) -> Exception | None:
@@ -340,13 +346,8 @@ class Lifecycle:
         takes about as long as the slowest destroy, not the sum. Its own short-lived threads,
         not the create pool, so a release still completes while dynvm stops."""
         outcome = ReleaseOutcome()
-        if len(leases) <= 1:
-            for lease in leases:
-                outcome.add(self._destroy(settings, lease, final_state, reason))
-            return outcome
-        with ThreadPoolExecutor(min(len(leases), DESTROYS_AT_ONCE), thread_name_prefix="destroy") as pool:
-            for one in pool.map(lambda lease: self._destroy(settings, lease, final_state, reason), leases):
-                outcome.add(one)
+        for one in side_by_side(lambda lease: self._destroy(settings, lease, final_state, reason), leases, "destroy"):
+            outcome.add(one)
         return outcome
 
     def _destroy(self, settings: Settings, lease: Lease, final_state: str, reason: str = "") -> ReleaseOutcome:
