@@ -12,8 +12,7 @@ import xmlrpc.client
 import pytest
 import XenAPI
 
-from dynvm.leases import LeaseRequest
-from dynvm.model import CreateFailed, LeaseError, NotEnoughCapacity
+from dynvm.model import CreateFailed, LeaseError, LeaseRequest, NotEnoughCapacity
 from dynvm.sim.settings import Timing
 from dynvm.xen.provision import MARKER_KEY
 
@@ -33,7 +32,7 @@ def take_baseline(services, lab) -> dict:  # type: ignore[no-untyped-def]
     """What must be true again once everything is released: capacity, VMs and disks."""
     hosts = range(len(lab.settings.hosts))
     return {
-        "capacity": services.leases.available_count("centos"),
+        "capacity": services.engine.available_count("centos"),
         "vms": [set(lab.xapi(i).VM.get_all()) for i in hosts],
         "vdis": [set(lab.xapi(i).VDI.get_all()) for i in hosts],
     }
@@ -42,20 +41,20 @@ def take_baseline(services, lab) -> dict:  # type: ignore[no-untyped-def]
 def check_invariants(services, lab, baseline) -> None:  # type: ignore[no-untyped-def]
     """Release what is held (and drain the ready pools), then: nothing left on any host,
     nothing reserved, capacity back."""
-    for lease in services.leases.leases.held():
+    for lease in services.engine.lease_store.held():
         if lease.state == "ready":
-            services.leases.release_names([lease.name])
+            services.engine.release_names([lease.name])
     drain_ready_pools(services, lab)
-    assert services.leases.leases.active() == []
+    assert services.engine.lease_store.active() == []
     with services.db.read() as conn:
-        assert services.leases.leases.pending_reservations(conn) == []
+        assert services.engine.lease_store.pending_reservations(conn) == []
     for index in range(len(baseline["vms"])):
         xapi = lab.xapi(index)
         marked = [r["name_label"] for r in xapi.VM.get_all_records().values() if MARKER_KEY in r["other_config"]]
         assert marked == [], f"host {index + 1} keeps dynvm VMs no lease holds: {marked}"
         assert set(xapi.VM.get_all()) == baseline["vms"][index]
         assert set(xapi.VDI.get_all()) == baseline["vdis"][index], f"host {index + 1} leaks disks"
-    wait_for(lambda: services.leases.available_count("centos") == baseline["capacity"], timeout=10)
+    wait_for(lambda: services.engine.available_count("centos") == baseline["capacity"], timeout=10)
 
 
 def drain_ready_pools(services, lab) -> None:  # type: ignore[no-untyped-def]
@@ -64,13 +63,13 @@ def drain_ready_pools(services, lab) -> None:  # type: ignore[no-untyped-def]
     if "[pools]" in text:
         lab.settings.source.write_text(text.split("\n[pools]\n")[0] + "\n")
         services.watcher.reload()
-    wait_for(lambda: not services.leases.ready_pools.tick().recycled and not services.leases.leases.pooled(), 15)
+    wait_for(lambda: not services.engine.ready_pools.tick().recycled and not services.engine.lease_store.pooled(), 15)
 
 
 def attempt(services, name: str, count: int = 1, **options):  # type: ignore[no-untyped-def]
     """A request's outcome: its leases, or the error it ended with (which must be clear)."""
     try:
-        return services.leases.acquire(LeaseRequest(name, options.pop("os", "centos"), count=count, **options))
+        return services.engine.acquire(LeaseRequest(name, options.pop("os", "centos"), count=count, **options))
     except LeaseError as e:
         error = e
     assert str(error)  # a sentence for the user ...
@@ -160,7 +159,7 @@ def test_a_host_going_down_in_the_middle_of_a_create(make_services, pinned):
     thread.join()
     control.host_up()
     wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=30)
-    services.leases.reconcile()  # when the host is back, whatever is left there goes
+    services.engine.reconcile()  # when the host is back, whatever is left there goes
     check_invariants(services, lab, baseline)
 
 
@@ -177,7 +176,7 @@ def test_a_host_going_down_while_it_clones(make_services, pinned):
     def cloning_on_host_1() -> bool:
         return any(
             lease.host_ref == "1" and (lease.vm_ref or "").startswith("task/")
-            for lease in services.leases.leases.active()
+            for lease in services.engine.lease_store.active()
         )
 
     def clone_ended_on_host_1() -> bool:  # seen inside the simulator: host 1 answers no one meanwhile
@@ -205,7 +204,7 @@ def test_a_host_going_down_while_it_clones(make_services, pinned):
     unmarked = [r for r in lab.xapi(0).VM.get_all_records().values() if r["name_label"].startswith("dynvm-clone-")]
     assert unmarked  # what the clone left: a VM under its clone name ...
     assert all(MARKER_KEY not in r["other_config"] for r in unmarked)  # ... without dynvm's marker
-    report = services.leases.reconcile()
+    report = services.engine.reconcile()
     assert any(name.startswith("dynvm-clone-") for name in report.orphans_destroyed), report
     check_invariants(services, lab, baseline)
 
@@ -214,7 +213,7 @@ def test_a_full_sr_is_a_capacity_answer_not_a_failure(rig):
     services, lab, baseline = rig
     for index in (0, 1):
         lab.control(index).set_sr_free(str(10 * 1024**3))  # less than one 35 GiB disk
-    wait_for(lambda: services.leases.available_count("centos") == 0, timeout=5)
+    wait_for(lambda: services.engine.available_count("centos") == 0, timeout=5)
     outcome = attempt(services, "nodisk")
     assert isinstance(outcome, NotEnoughCapacity)
     assert "0 can be made now" in str(outcome)
@@ -241,7 +240,7 @@ def test_a_cancel_racing_the_grant_hands_the_vm_over_or_removes_it_never_both(ri
     from dynvm.model import NameInUse
 
     services, lab, baseline = rig
-    engine = services.leases
+    engine = services.engine
     attempt(services, "fill", count=16)  # both hosts full
     rng = random.Random(5)
     ends = []
@@ -252,14 +251,14 @@ def test_a_cancel_racing_the_grant_hands_the_vm_over_or_removes_it_never_both(ri
         threading.Event().wait(rng.uniform(0, 0.4))  # somewhere in its grant, create or hand-over
         with contextlib.suppress(NameInUse):  # handed over first: the cancel lost, the VM is the request's
             engine.cancel(waiter.id)
-        wait_for(lambda waiter=waiter: engine.requests.get(waiter.id).finished, timeout=30)
-        record = engine.requests.get(waiter.id)
-        mine = [lease for lease in engine.leases.active() if lease.request_id == waiter.id]
+        wait_for(lambda waiter=waiter: engine.request_store.get(waiter.id).finished, timeout=30)
+        record = engine.request_store.get(waiter.id)
+        mine = [lease for lease in engine.lease_store.active() if lease.request_id == waiter.id]
         if record.state == "ready":
             assert [lease.state for lease in mine] == ["ready"]  # handed over, and kept
         else:
             assert record.state == "cancelled"
-            wait_for(lambda waiter=waiter: not [x for x in engine.leases.active() if x.request_id == waiter.id])
+            wait_for(lambda waiter=waiter: not [x for x in engine.lease_store.active() if x.request_id == waiter.id])
         ends.append(record.state)
     assert set(ends) <= {"ready", "cancelled"}
     check_invariants(services, lab, baseline)
@@ -267,15 +266,15 @@ def test_a_cancel_racing_the_grant_hands_the_vm_over_or_removes_it_never_both(ri
 
 def test_a_queued_request_whose_create_fails_ends_failed_and_leaves_nothing(rig):
     services, lab, baseline = rig
-    engine = services.leases
+    engine = services.engine
     attempt(services, "fill", count=16)
     waiter = engine.submit(LeaseRequest("doomed", "centos"), 600)
     engine.scheduler.run_pass()
     for index in (0, 1):
         lab.control(index).fail_next("start", "BOOTLOADER_FAILED", 10)
     engine.release_names(["fill1"])
-    wait_for(lambda: engine.requests.get(waiter.id).finished, timeout=30)
-    record = engine.requests.get(waiter.id)
+    wait_for(lambda: engine.request_store.get(waiter.id).finished, timeout=30)
+    record = engine.request_store.get(waiter.id)
     assert record.state == "failed"
     assert "BOOTLOADER_FAILED" in record.error
     for index in (0, 1):
@@ -317,8 +316,8 @@ def test_a_member_going_down_in_the_middle_of_a_create(make_services):
         assert all(lease.member != h3 for lease in outcome)
     lab.control().member_up(2)
     wait_for(lambda: services.inventory.view("1").members[2].live, timeout=10)
-    services.leases.recover()
-    services.leases.reconcile()  # what the lost member kept goes once it is back
+    services.engine.recover()
+    services.engine.reconcile()  # what the lost member kept goes once it is back
     check_invariants(services, lab, baseline)
 
 
@@ -334,7 +333,7 @@ def test_maintenance_with_evacuation_while_vms_are_held(pool_rig):
     more = attempt(services, "during", count=2)
     if isinstance(more, list):
         assert all(lease.member != h2 for lease in more)
-    services.leases.extend(held[0].name, 10)
+    services.engine.extend(held[0].name, 10)
     xapi.host.enable(h2)
     check_invariants(services, lab, baseline)
 
@@ -372,6 +371,6 @@ def test_the_master_dying_while_vms_are_held(pool_rig):
     local.xenapi.pool.emergency_transition_to_master()
     local.xenapi.pool.recover_slaves()
     wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=15)
-    assert all(services.leases.leases.get(lease.id).state == "ready" for lease in held)  # nothing lost
+    assert all(services.engine.lease_store.get(lease.id).state == "ready" for lease in held)  # nothing lost
     lab.control().member_up(0)
     check_invariants(services, lab, baseline)

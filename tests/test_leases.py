@@ -8,9 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dynvm.leases import LeaseRequest, vm_names
-from dynvm.model import BadRequest, CreateFailed, NameInUse, NoSuchLease, NotEnoughCapacity, UnknownOs
+from dynvm.model import (
+    BadRequest,
+    CreateFailed,
+    LeaseRequest,
+    NameInUse,
+    NoSuchLease,
+    NotEnoughCapacity,
+    UnknownOs,
+    vm_names,
+)
 from dynvm.sim.settings import Timing
+from dynvm.states import Actor, LeaseState
 from dynvm.xen.inventory import HostState
 from dynvm.xen.provision import MARKER_KEY
 
@@ -33,7 +42,7 @@ def dynvm_vms(lab, index: int = 0) -> dict[str, dict]:
 
 def test_acquire_gives_ready_vms_with_ips_and_release_removes_them(make_services):
     services, lab = make_services(hosts=2)
-    service = services.leases
+    service = services.engine
     before = service.available_count("centos")
     assert before == 2 * 8  # 32 CPUs / 4 vCPUs per CentOS VM, per host
     leases = service.acquire(LeaseRequest("demo", "centos", count=3))
@@ -51,10 +60,10 @@ def test_acquire_gives_ready_vms_with_ips_and_release_removes_them(make_services
 
 def test_the_vms_of_a_release_are_destroyed_side_by_side(make_services):
     services, lab = make_services()
-    services.leases.acquire(LeaseRequest("wide", "centos", count=4))
+    services.engine.acquire(LeaseRequest("wide", "centos", count=4))
     lab.control().set_timing({"shutdown_seconds": 1.5})  # as on a real host: seconds per shutdown
     started = time.monotonic()
-    assert services.leases.release("wide", 4).released == ["wide1", "wide2", "wide3", "wide4"]
+    assert services.engine.release("wide", 4).released == ["wide1", "wide2", "wide3", "wide4"]
     elapsed = time.monotonic() - started
     assert dynvm_vms(lab) == {}
     assert elapsed < 4 * 1.5 - 1.5  # one after the other would take at least 6 s; side by side about 1.5
@@ -62,32 +71,32 @@ def test_the_vms_of_a_release_are_destroyed_side_by_side(make_services):
 
 def test_cpus_memory_and_a_pinned_host(make_services):
     services, lab = make_services(hosts=2)
-    [lease] = services.leases.acquire(LeaseRequest("big", "centos", cpus=8, memory=16 * GiB, host_ref="2"))
+    [lease] = services.engine.acquire(LeaseRequest("big", "centos", cpus=8, memory=16 * GiB, host_ref="2"))
     assert lease.host_ref == "2"
     record = dynvm_vms(lab, 1)["big"]
     assert (record["VCPUs_at_startup"], record["memory_static_max"]) == ("8", str(16 * GiB))
     with pytest.raises(BadRequest, match="no host 7; xhostref is one of: 1, 2"):
-        services.leases.acquire(LeaseRequest("x", "centos", host_ref="7"))
+        services.engine.acquire(LeaseRequest("x", "centos", host_ref="7"))
 
 
 def test_unknown_os_names_the_oses_that_exist(make_services):
     services, _ = make_services()
     with pytest.raises(UnknownOs, match="unknown OS 'rhel9'; the OSes that exist are: centos, centos7, centos8"):
-        services.leases.acquire(LeaseRequest("x", "rhel9"))
+        services.engine.acquire(LeaseRequest("x", "rhel9"))
 
 
 def test_a_held_name_is_refused(make_services):
     services, lab = make_services(foreign_vms=1)
-    services.leases.acquire(LeaseRequest("taken", "centos"))
+    services.engine.acquire(LeaseRequest("taken", "centos"))
     with pytest.raises(NameInUse, match="taken already leased by dynvm"):
-        services.leases.acquire(LeaseRequest("taken", "centos"))
+        services.engine.acquire(LeaseRequest("taken", "centos"))
     foreign = next(
         r["name_label"]
         for r in lab.xapi().VM.get_all_records().values()
         if r["power_state"] == "Running" and not r["is_control_domain"] and MARKER_KEY not in r["other_config"]
     )
     with pytest.raises(NameInUse, match=r"already exist\(s\) on host 1"):
-        services.leases.acquire(LeaseRequest(foreign, "centos"))
+        services.engine.acquire(LeaseRequest(foreign, "centos"))
 
 
 def test_a_foreign_vm_is_never_touched(make_services):
@@ -100,8 +109,8 @@ def test_a_foreign_vm_is_never_touched(make_services):
     }
     name = sorted(foreign)[0]
     with pytest.raises(NoSuchLease):
-        services.leases.release(name)
-    report = services.leases.reconcile()
+        services.engine.release(name)
+    report = services.engine.reconcile()
     assert report.orphans_destroyed == []
     assert foreign <= {r["name_label"] for r in xapi.VM.get_all_records().values() if r["power_state"] == "Running"}
 
@@ -109,7 +118,7 @@ def test_a_foreign_vm_is_never_touched(make_services):
 def test_not_enough_capacity_says_how_much_there_is(make_services):
     services, lab = make_services(host_cpus=8)  # room for two CentOS VMs
     with pytest.raises(NotEnoughCapacity, match="not enough capacity for 3 centos VM\\(s\\): 2 can be made now"):
-        services.leases.acquire(LeaseRequest("many", "centos", count=3))
+        services.engine.acquire(LeaseRequest("many", "centos", count=3))
     assert dynvm_vms(lab) == {}
 
 
@@ -118,22 +127,22 @@ def test_all_or_nothing_when_one_vm_cannot_be_made(make_services):
     before = [lab.inventory_of(0), lab.inventory_of(1)]
     lab.control(1).fail_next("start", "BOOTLOADER_FAILED", 3)  # every attempt on host 2 fails
     with pytest.raises(CreateFailed) as error:
-        services.leases.acquire(LeaseRequest("allornot", "centos", count=2))
+        services.engine.acquire(LeaseRequest("allornot", "centos", count=2))
     message = str(error.value)
     assert "could not create allornot2 on xenhost2" in message
     assert "BOOTLOADER_FAILED" in message
     assert "the other 1 VM(s) of the request were removed" in message
     assert [lab.inventory_of(0), lab.inventory_of(1)] == before
-    assert services.leases.leases.active() == []
+    assert services.engine.lease_store.active() == []
     with services.db.read() as conn:
-        assert services.leases.leases.pending_reservations(conn) == []
-    assert services.leases.available_count("centos") == 16
+        assert services.engine.lease_store.pending_reservations(conn) == []
+    assert services.engine.available_count("centos") == 16
 
 
 def test_apipa_is_retried_transparently(make_services):
     services, lab = make_services(network_timeout=0.5)
     lab.control().apipa_next(1)
-    [lease] = services.leases.acquire(LeaseRequest("apipa", "windows"))
+    [lease] = services.engine.acquire(LeaseRequest("apipa", "windows"))
     assert not lease.ip.startswith("169.254.")
     assert list(dynvm_vms(lab)) == ["apipa"]
 
@@ -145,7 +154,7 @@ def test_concurrent_requests_never_over_commit(make_services):
 
     def ask(n: int) -> None:
         try:
-            outcome: object = services.leases.acquire(LeaseRequest(f"storm{n}", "centos"))
+            outcome: object = services.engine.acquire(LeaseRequest(f"storm{n}", "centos"))
         except NotEnoughCapacity as e:
             outcome = e
         with lock:
@@ -164,13 +173,13 @@ def test_concurrent_requests_never_over_commit(make_services):
 def test_expiry_follows_the_clock(make_services):
     clock = FakeClock()
     services, lab = make_services(clock=clock)
-    [lease] = services.leases.acquire(LeaseRequest("short", "centos", expires_in_minutes=0.5))
+    [lease] = services.engine.acquire(LeaseRequest("short", "centos", expires_in_minutes=0.5))
     assert lease.expires_at == pytest.approx(clock.now + 30)
-    assert services.leases.expire_due() == []
+    assert services.engine.expire_due() == []
     clock.advance(29)
-    assert services.leases.expire_due() == []
+    assert services.engine.expire_due() == []
     clock.advance(2)
-    assert services.leases.expire_due() == ["short"]
+    assert services.engine.expire_due() == ["short"]
     assert dynvm_vms(lab) == {}
     document = services.history.get(lease.vm_uuid)
     assert document["state"] == "deleted"
@@ -180,7 +189,7 @@ def test_expiry_follows_the_clock(make_services):
 def test_expiry_is_capped_at_the_configured_maximum(make_services):
     clock = FakeClock()
     services, _ = make_services(clock=clock)
-    [lease] = services.leases.acquire(LeaseRequest("long", "centos", expires_in_minutes=10_000))
+    [lease] = services.engine.acquire(LeaseRequest("long", "centos", expires_in_minutes=10_000))
     assert lease.expires_at == pytest.approx(clock.now + 720 * 60)
 
 
@@ -188,11 +197,11 @@ def test_an_expiry_survives_a_restart(make_services, sim_lab):
     clock = FakeClock()
     lab = sim_lab()
     first, _ = make_services(lab=lab, clock=clock)
-    first.leases.acquire(LeaseRequest("persist", "centos", expires_in_minutes=1))
+    first.engine.acquire(LeaseRequest("persist", "centos", expires_in_minutes=1))
     first.stop()  # dynvm goes away; the VM stays; the expiry is in the database
     clock.advance(120)
     second, _ = make_services(lab=lab, clock=clock)
-    assert second.leases.expire_due() == ["persist"]
+    assert second.engine.expire_due() == ["persist"]
     assert dynvm_vms(lab) == {}
 
 
@@ -200,20 +209,20 @@ def test_reconcile_destroys_vms_of_ended_leases_and_closes_vanished_leases(make_
     clock = FakeClock()
     services, lab = make_services(clock=clock)
     xapi = lab.xapi()
-    [ended] = services.leases.acquire(LeaseRequest("leftover", "centos"))
+    [ended] = services.engine.acquire(LeaseRequest("leftover", "centos"))
     # as a VM whose create failed after it was made: ended, never handed out (no holder on it)
-    services.leases.leases.finish([ended.id], "failed", clock())
+    services.engine.lease_store.finish([ended.id], LeaseState.FAILED, clock(), by=Actor.BUILDER)
     xapi.VM.remove_from_other_config(ended.vm_ref, "dynvm_holder")
-    [lease] = services.leases.acquire(LeaseRequest("vanishing", "centos"))
+    [lease] = services.engine.acquire(LeaseRequest("vanishing", "centos"))
     xapi.VM.hard_shutdown(lease.vm_ref)
     xapi.VM.destroy(lease.vm_ref)  # someone removed it behind dynvm's back
     wait_for(lambda: all(vm.name != "vanishing" for vm in services.inventory.view("1").vms), timeout=5)
     clock.advance(60)
-    report = services.leases.reconcile()
+    report = services.engine.reconcile()
     assert report.orphans_destroyed == ["leftover"]
     assert report.vanished == ["vanishing"]
     assert "leftover" not in {r["name_label"] for r in xapi.VM.get_all_records().values()}
-    assert services.leases.leases.active() == []
+    assert services.engine.lease_store.active() == []
     assert services.history.get(lease.vm_uuid)["state"] == "deleted"
 
 
@@ -230,10 +239,10 @@ def test_start_up_fails_creates_a_dead_process_left_behind_and_removes_their_vms
 
     services, _ = make_services(lab=lab)  # recover + reconcile run at start-up
     assert "crashed" not in dynvm_vms(lab)
-    assert services.leases.leases.get(lease.id).state == "failed"
+    assert services.engine.lease_store.get(lease.id).state == "failed"
     with services.db.read() as conn:
-        assert services.leases.leases.pending_reservations(conn) == []
-    assert services.leases.available_count("centos") == 8
+        assert services.engine.lease_store.pending_reservations(conn) == []
+    assert services.engine.available_count("centos") == 8
 
 
 def test_a_new_host_in_the_config_is_used_without_a_restart(make_services, sim_lab):
@@ -242,34 +251,34 @@ def test_a_new_host_in_the_config_is_used_without_a_restart(make_services, sim_l
     only_first = text[: text.index("[xenhost2]")]
     lab.settings.source.write_text(only_first)
     services, _ = make_services(lab=lab)
-    assert services.leases.available_count("centos") == 8
+    assert services.engine.available_count("centos") == 8
     with pytest.raises(BadRequest):
-        services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
+        services.engine.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
     lab.settings.source.write_text(text)
-    wait_for(lambda: services.leases.available_count("centos") == 16, timeout=10)
-    [lease] = services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
+    wait_for(lambda: services.engine.available_count("centos") == 16, timeout=10)
+    [lease] = services.engine.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
     assert lease.host_ref == "2"
     assert services.inventory.view("2").state is HostState.UP
 
 
 def test_a_dead_replicas_creates_are_failed_once_its_heartbeat_is_stale(make_services, sim_lab, tmp_path):
     """Another process (replica "a", still beating a moment ago) left a create behind."""
-    from dynvm.leases import REPLICA_STALE_SECONDS
+    from dynvm.engine.context import REPLICA_STALE_SECONDS
 
     clock = FakeClock()
     lab = sim_lab()
     services, _ = make_services(lab=lab, clock=clock, replica="b")
-    store = services.leases.leases
-    store.heartbeat("a#1", clock.now)
+    store = services.engine.lease_store
+    services.engine.ctx.replicas.heartbeat("a#1", clock.now)
     leave_a_crashed_create(store, lab, "lease-a", "half", "a#1", clock.now)
     wait_for(lambda: any(v.name == "half" for v in services.inventory.view("1").vms), timeout=5)
 
-    assert services.leases.recover() == []  # replica a is alive: its create is its own business
-    services.leases.reconcile()
+    assert services.engine.recover() == []  # replica a is alive: its create is its own business
+    services.engine.reconcile()
     assert "half" in dynvm_vms(lab)
     clock.advance(REPLICA_STALE_SECONDS + 1)  # a has stopped beating
-    assert services.leases.recover() == ["half"]
-    assert services.leases.reconcile().orphans_destroyed == ["half"]
+    assert services.engine.recover() == ["half"]
+    assert services.engine.reconcile().orphans_destroyed == ["half"]
     assert dynvm_vms(lab) == {}
 
 
@@ -286,13 +295,13 @@ def test_a_clone_that_outlasts_the_start_up_wait_is_left_to_reconcile(make_servi
     task = xapi.Async.VM.clone(template, "slowclone")  # as the dead process began it
     lease = a_creating_lease("lease-slow", "slowclone", "gone#1", 1.0, vm_ref=f"task/{task}")  # never beat: dead
     with services.db.write() as conn:
-        services.leases.leases.insert(conn, [lease])
-    assert services.leases.recover() == ["slowclone"]  # failed at once, its clone remembered
-    assert services.leases.leases.abandoned_clones()[0]["task"] == task
+        services.engine.lease_store.insert(conn, [lease])
+    assert services.engine.recover() == ["slowclone"]  # failed at once, its clone remembered
+    assert services.engine.ctx.clones.abandoned_clones()[0]["task"] == task
     wait_for(lambda: xapi.task.get_status(task) == "success", timeout=10)
-    assert services.leases.reconcile().orphans_destroyed == ["slowclone"]
+    assert services.engine.reconcile().orphans_destroyed == ["slowclone"]
     assert "slowclone" not in {r["name_label"] for r in xapi.VM.get_all_records().values()}
-    assert services.leases.leases.abandoned_clones() == []
+    assert services.engine.ctx.clones.abandoned_clones() == []
 
 
 def a_creating_lease(lease_id: str, name: str, owner: str, created_at: float, vm_ref: str | None = None):  # type: ignore[no-untyped-def]
@@ -339,7 +348,7 @@ def test_a_shortage_names_the_hosts_that_give_nothing_and_why(make_services, sim
     lab.control(2).host_down("refuse")
     wait_for(lambda: services.inventory.view("3").state is HostState.DOWN, timeout=15)
     with pytest.raises(NotEnoughCapacity) as error:
-        services.leases.acquire(LeaseRequest("big", "windows", count=40))
+        services.engine.acquire(LeaseRequest("big", "windows", count=40))
     message = str(error.value)
     assert message.startswith("not enough capacity for 40 windows VM(s): ")
     assert "xenhost1 has no template for windows" in message
@@ -353,14 +362,14 @@ def test_after_a_restart_on_a_fresh_lab_leases_whose_vms_are_gone_are_closed_at_
     closed by the start-up reconcile, not up to a minute later."""
     lab = sim_lab()
     first, _ = make_services(lab=lab, db="kept.db")
-    [lease] = first.leases.acquire(LeaseRequest("before", "centos"))
+    [lease] = first.engine.acquire(LeaseRequest("before", "centos"))
     first.stop()
     xapi = lab.xapi()
     xapi.VM.hard_shutdown(lease.vm_ref)
     xapi.VM.destroy(lease.vm_ref)  # as a fresh simulator would not have it
     second, _ = make_services(lab=lab, db="kept.db")  # seconds later: well within the grace
-    assert second.leases.leases.get(lease.id).state == "released"
-    assert second.leases.leases.active() == []
+    assert second.engine.lease_store.get(lease.id).state == "released"
+    assert second.engine.lease_store.active() == []
 
 
 def test_templates_are_never_picked_from_snapshots_builtins_or_an_ambiguous_prefix(make_services, sim_lab, caplog):
@@ -371,26 +380,26 @@ def test_templates_are_never_picked_from_snapshots_builtins_or_an_ambiguous_pref
     text = text.replace("windows.template=tmpl-win16dc - PATCHED (1)", "windows.template=tmpl-win16dc")
     lab.settings.source.write_text(text)
     services, _ = make_services(lab=lab)
-    problems = services.leases.template_problems()
+    problems = services.engine.template_problems()
     assert any("centos8.template: 2 templates start with 'tmpl-cnt'" in p for p in problems)
     assert any("oel8.template: no template named 'Oracle'" in p for p in problems)  # built-ins need their whole name
     assert "no VM of that OS is made there" in caplog.text
     with pytest.raises(NotEnoughCapacity, match="2 templates start with 'tmpl-cnt'"):
-        services.leases.acquire(LeaseRequest("amb", "centos8"))
+        services.engine.acquire(LeaseRequest("amb", "centos8"))
     # a prefix that only a snapshot shares with the template still picks the template
-    [lease] = services.leases.acquire(LeaseRequest("win", "windows"))
+    [lease] = services.engine.acquire(LeaseRequest("win", "windows"))
     assert lease.template == "tmpl-win16dc - PATCHED (1)"
-    [lease] = services.leases.acquire(LeaseRequest("exact", "centos"))  # a snapshot "tmpl-cnt7.7 before patch" exists
+    [lease] = services.engine.acquire(LeaseRequest("exact", "centos"))  # a snapshot "tmpl-cnt7.7 before patch" exists
     assert lease.template == "tmpl-cnt7.7"
 
 
 def test_asked_vcpus_get_a_cores_per_socket_that_divides_them(make_services):
     services, lab = make_services()
-    services.leases.acquire(LeaseRequest("three", "centos", cpus=3))  # the template says 2 per socket
+    services.engine.acquire(LeaseRequest("three", "centos", cpus=3))  # the template says 2 per socket
     record = dynvm_vms(lab)["three"]
     assert (record["VCPUs_max"], record["platform"]["cores-per-socket"]) == ("3", "1")
     assert record["power_state"] == "Running"
-    services.leases.acquire(LeaseRequest("six", "centos", cpus=6))
+    services.engine.acquire(LeaseRequest("six", "centos", cpus=6))
     assert dynvm_vms(lab)["six"]["platform"]["cores-per-socket"] == "2"  # the template's, as it divides 6
 
 
@@ -398,7 +407,7 @@ def test_dynvm_works_on_a_host_older_than_xenserver_7_1(make_services):
     """No VIF.move nor VM.set_memory before 7.1: dynvm puts a VIF on its network by
     destroying and creating it, and sets memory with set_memory_limits."""
     services, lab = make_services(xenserver_version=(7, 0))
-    services.leases.acquire(LeaseRequest("oldie", "centos", cpus=2, memory=2 * GiB))
+    services.engine.acquire(LeaseRequest("oldie", "centos", cpus=2, memory=2 * GiB))
     record = dynvm_vms(lab)["oldie"]
     assert (record["power_state"], record["memory_static_max"], record["VCPUs_max"]) == ("Running", str(2 * GiB), "2")
 
@@ -410,7 +419,7 @@ def test_a_vm_is_handed_out_only_once_its_sshd_answers(make_services):
     services, lab = make_services(timing=timing)
     port = lab.lab.service_port
     assert services.current_settings().probe.port_for("centos") == port  # the lab's config says where
-    [lease] = services.leases.acquire(LeaseRequest("probed", "centos"))
+    [lease] = services.engine.acquire(LeaseRequest("probed", "centos"))
     assert probe.answers(lease.ip, port)  # the job's first ssh connects
     assert lease.create_seconds >= 0.5
 
@@ -420,6 +429,6 @@ def test_a_vm_whose_sshd_never_answers_is_replaced_and_never_handed_out(make_ser
 
     services, lab = make_services(network_timeout=1.0)
     lab.control().service_never_next(1)
-    [lease] = services.leases.acquire(LeaseRequest("second", "centos"))
+    [lease] = services.engine.acquire(LeaseRequest("second", "centos"))
     assert probe.answers(lease.ip, lab.lab.service_port)
     assert list(dynvm_vms(lab)) == ["second"]  # the mute first attempt is gone

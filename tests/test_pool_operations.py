@@ -14,8 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dynvm.api.app import create_app
-from dynvm.leases import LeaseRequest
-from dynvm.model import CreateFailed, NotEnoughCapacity
+from dynvm.model import CreateFailed, LeaseRequest, NotEnoughCapacity
 from dynvm.sim.control import SimControlClient
 from dynvm.xen.inventory import HostState
 
@@ -42,20 +41,20 @@ def test_a_pool_named_by_every_member_is_counted_once(make_services, sim_lab):
     assert [h.section for h in per_member.settings.hosts] == ["xenhost1", "xenhost2", "xenhost3"]
     services, lab = make_services(lab=per_member)
     masters_only, _ = make_services(lab=sim_lab(pool_size=3, host_memory_gib=64), db="other.db")
-    room = services.leases.available_count("centos")
-    assert room == masters_only.leases.available_count("centos")
-    statuses = services.leases.host_statuses()
+    room = services.engine.available_count("centos")
+    assert room == masters_only.engine.available_count("centos")
+    statuses = services.engine.host_statuses()
     assert statuses["1"].state == "up"
     for ref in ("2", "3"):
         assert statuses[ref].state == "same pool"
         assert statuses[ref].same_pool_as == "1"
         assert "the same pool as xenhost1 (" in statuses[ref].error
     # a fill to the room: every VM starts, no member is over-committed, one more is refused
-    leases = services.leases.acquire(LeaseRequest("fill", "centos", count=room))
+    leases = services.engine.acquire(LeaseRequest("fill", "centos", count=room))
     assert {lease.host_ref for lease in leases} == {"1"}
     assert max(vcpus_by_member(lab).values()) <= 32
     with pytest.raises(NotEnoughCapacity):
-        services.leases.acquire(LeaseRequest("onemore", "centos"))
+        services.engine.acquire(LeaseRequest("onemore", "centos"))
     # each VM listed once, under the first section; the dashboard counts one host
     client = TestClient(create_app(services))
     summary = client.get("/api/v1/dashboard/overview").json()["summary"]
@@ -69,7 +68,7 @@ def test_a_pool_named_by_every_member_is_counted_once(make_services, sim_lab):
 
 def test_xhostref_of_a_later_section_of_the_pool_goes_to_the_pool(make_services, sim_lab):
     services, _ = make_services(lab=sim_lab(pool_size=2, members_in_config=True))
-    [lease] = services.leases.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
+    [lease] = services.engine.acquire(LeaseRequest("pinned", "centos", host_ref="2"))
     assert lease.host_ref == "1"
     assert lease.ip
 
@@ -79,17 +78,17 @@ def test_leases_of_a_database_that_counted_each_section_move_to_the_pool(make_se
     also names. Reconcile moves them to the pool's section and destroys nothing."""
     lab = sim_lab(pool_size=2, members_in_config=True)
     services, _ = make_services(lab=lab)
-    [lease] = services.leases.acquire(LeaseRequest("old", "centos"))
-    services.leases.leases.rehome("1", "2")  # as the old dynvm had it
-    assert services.leases.leases.get(lease.id).host_ref == "2"
-    report = services.leases.reconcile()
+    [lease] = services.engine.acquire(LeaseRequest("old", "centos"))
+    services.engine.lease_store.rehome("1", "2")  # as the old dynvm had it
+    assert services.engine.lease_store.get(lease.id).host_ref == "2"
+    report = services.engine.reconcile()
     assert report.orphans_destroyed == []
     assert report.quarantined == []
-    moved = services.leases.leases.get(lease.id)
+    moved = services.engine.lease_store.get(lease.id)
     assert moved.host_ref == "1"
     assert moved.state == "ready"
     assert "old" in resident(lab)
-    services.leases.release("old")
+    services.engine.release("old")
     assert "old" not in resident(lab)
 
 
@@ -109,23 +108,23 @@ def test_a_fill_to_the_memory_bound_room_starts_every_vm(make_services):
     # memory-bound: 12 GiB hosts (Xen keeps 0.43, dom0 4): room for one 4 GiB VM per member
     # only when Xen's own overhead is counted; xapi refuses the second, so must dynvm
     services, _ = make_services(pool_size=2, host_memory_gib=12.2)
-    room = services.leases.available_count("centos")
+    room = services.engine.available_count("centos")
     assert room == 2
-    leases = services.leases.acquire(LeaseRequest("mem", "centos", count=room))
+    leases = services.engine.acquire(LeaseRequest("mem", "centos", count=room))
     assert all(lease.ip for lease in leases)
     with pytest.raises(NotEnoughCapacity):
-        services.leases.acquire(LeaseRequest("mem-more", "centos"))
+        services.engine.acquire(LeaseRequest("mem-more", "centos"))
 
 
 def test_a_member_that_goes_down_gets_no_vm_and_its_release_waits_for_it(make_services):
     services, lab = make_services(pool_size=3, host_memory_gib=16)  # two 4 GiB VMs per member
-    leases = services.leases.acquire(LeaseRequest("spread", "centos", count=3))
+    leases = services.engine.acquire(LeaseRequest("spread", "centos", count=3))
     on = resident(lab)
     stranded = next(lease for lease in leases if on[lease.name] == "sim-xen-01-h3")
-    before = services.leases.available_count("centos")
+    before = services.engine.available_count("centos")
     control(lab).member_down(2, "refuse")
     wait_for(lambda: not services.inventory.view("1").members[2].live, timeout=5)
-    assert services.leases.available_count("centos") == before - 1  # its one free slot is gone
+    assert services.engine.available_count("centos") == before - 1  # its one free slot is gone
     client = TestClient(create_app(services))
     [member] = [m for m in client.get("/api/v1/hosts").json()[0]["members"] if m["name"] == "sim-xen-01-h3"]
     assert member["live"] is False
@@ -141,9 +140,9 @@ def test_a_member_that_goes_down_gets_no_vm_and_its_release_waits_for_it(make_se
     assert client.get(f"/releaseservers/{other.name}").status_code == 200
     control(lab).member_up(2)
     wait_for(lambda: services.inventory.view("1").members[2].live, timeout=5)
-    services.leases.recover()  # the leader retries failed releases (with each reconcile)
+    services.engine.recover()  # the leader retries failed releases (with each reconcile)
     wait_for(lambda: stranded.name not in resident(lab), timeout=10)
-    assert services.leases.leases.get(stranded.id).state == "released"
+    assert services.engine.lease_store.get(stranded.id).state == "released"
 
 
 GIB = 1 << 30
@@ -157,11 +156,11 @@ def test_a_retried_start_stays_on_the_member_its_room_was_reserved_on(make_servi
     """The soak's over-commit: a start that failed once (a bootloader hiccup) was retried with
     ``VM.start``, and xapi chose the member with most free memory, whose CPUs were full."""
     services, lab = make_services(pool_size=2, host_cpus=4, host_memory_gib=64)
-    [cpu_full] = services.leases.acquire(LeaseRequest("cpu-full", "centos", cpus=4, memory=GIB))
-    [memory_heavy] = services.leases.acquire(LeaseRequest("mem-heavy", "centos", cpus=1, memory=30 * GIB))
+    [cpu_full] = services.engine.acquire(LeaseRequest("cpu-full", "centos", cpus=4, memory=GIB))
+    [memory_heavy] = services.engine.acquire(LeaseRequest("mem-heavy", "centos", cpus=1, memory=30 * GIB))
     assert cpu_full.member != memory_heavy.member  # the first member's CPUs are all taken
     control(lab).fail_next("start", "BOOTLOADER_FAILED")
-    [retried] = services.leases.acquire(LeaseRequest("retried", "centos", cpus=1, memory=GIB))
+    [retried] = services.engine.acquire(LeaseRequest("retried", "centos", cpus=1, memory=GIB))
     assert retried.member == memory_heavy.member
     xapi = lab.xapi()
     assert resident(lab)["retried"] == xapi.host.get_name_label(memory_heavy.member)
@@ -176,13 +175,13 @@ def while_cloning(services, lab, name: str, action, **request: object) -> dict[s
 
     def ask() -> None:
         try:
-            outcome["leases"] = services.leases.acquire(LeaseRequest(name, "centos", **request))
+            outcome["leases"] = services.engine.acquire(LeaseRequest(name, "centos", **request))
         except Exception as e:  # the test reads it
             outcome["error"] = e
 
     thread = threading.Thread(target=ask)
     thread.start()
-    [placed] = wait_for(lambda: services.leases.leases.by_name([name]), timeout=5)
+    [placed] = wait_for(lambda: services.engine.lease_store.by_name([name]), timeout=5)
     action(placed)
     thread.join(timeout=30)
     control(lab).set_timing({"clone_seconds": 0})
@@ -204,7 +203,7 @@ def test_a_vm_migrated_onto_the_member_before_the_start_sends_the_new_vm_elsewhe
     """xapi admits a start on memory only: CPUs an admin's migration took since placement
     are seen at the start, and the VM is placed again."""
     services, lab = make_services(pool_size=2, host_cpus=4, host_memory_gib=64)
-    [big] = services.leases.acquire(LeaseRequest("big", "centos", cpus=4, memory=GIB))
+    [big] = services.engine.acquire(LeaseRequest("big", "centos", cpus=4, memory=GIB))
     xapi = lab.xapi()
 
     def migrate_big_there(placed) -> None:
@@ -219,19 +218,19 @@ def test_a_vm_migrated_onto_the_member_before_the_start_sends_the_new_vm_elsewhe
 
 def test_a_member_disabled_before_its_vm_starts_sends_the_vm_to_another(make_services):
     services, lab = make_services(pool_size=2)
-    services.leases.acquire(LeaseRequest("first", "centos"))  # so the next goes to the second member
+    services.engine.acquire(LeaseRequest("first", "centos"))  # so the next goes to the second member
     outcome = start_while_member_is_disabled(services, lab, "moved", "sim-xen-01-h2")
     [lease] = outcome["leases"]
     assert lease.ip
     assert resident(lab)["moved"] == "sim-xen-01"
     assert lab.xapi().host.get_name_label(lease.member) == "sim-xen-01"
-    assert services.leases.leases.get(lease.id).member == lease.member
+    assert services.engine.lease_store.get(lease.id).member == lease.member
 
 
 def test_a_member_disabled_before_its_vm_starts_with_no_room_elsewhere_fails_cleanly(make_services):
     # 12.2 GiB members hold one 4 GiB VM each
     services, lab = make_services(pool_size=2, host_memory_gib=12.2)
-    services.leases.acquire(LeaseRequest("first", "centos"))
+    services.engine.acquire(LeaseRequest("first", "centos"))
     before = lab.inventory_of()
     outcome = start_while_member_is_disabled(services, lab, "stuck", "sim-xen-01-h2")
     error = outcome["error"]
@@ -244,33 +243,33 @@ def test_a_member_disabled_before_its_vm_starts_with_no_room_elsewhere_fails_cle
 
 def test_evacuation_moves_leases_with_their_vms(make_services):
     services, lab = make_services(pool_size=2)
-    leases = services.leases.acquire(LeaseRequest("maint", "centos", count=2))
+    leases = services.engine.acquire(LeaseRequest("maint", "centos", count=2))
     xapi = lab.xapi()
     member = next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == "sim-xen-01-h2")
     xapi.host.disable(member)
     wait_for(lambda: not services.inventory.view("1").members[1].enabled, timeout=5)
-    more = services.leases.acquire(LeaseRequest("during", "centos", count=2))
+    more = services.engine.acquire(LeaseRequest("during", "centos", count=2))
     assert all(resident(lab)[lease.name] == "sim-xen-01" for lease in more)  # none on the disabled member
     xapi.host.evacuate(member)
     wait_for(lambda: set(resident(lab).values()) == {"sim-xen-01"}, timeout=5)
-    wait_for(lambda: {m.member for m in services.leases.machines()["1"]} == {"sim-xen-01"}, timeout=5)
+    wait_for(lambda: {m.member for m in services.engine.machines()["1"]} == {"sim-xen-01"}, timeout=5)
     view = services.inventory.view("1")
     master_vms = [vm for vm in view.running_vms if vm.resident_on == view.members[0].ref]
     assert len(master_vms) == 4  # counted where they run now
-    services.leases.extend(leases[0].name, 30)
-    outcome = services.leases.release("maint", count=2)
+    services.engine.extend(leases[0].name, 30)
+    outcome = services.engine.release("maint", count=2)
     assert sorted(outcome.released) == ["maint1", "maint2"]
 
 
 def test_a_new_master_is_followed_without_a_restart(make_services):
     services, lab = make_services(pool_size=3)
-    [first] = services.leases.acquire(LeaseRequest("before", "centos"))
+    [first] = services.engine.acquire(LeaseRequest("before", "centos"))
     xapi = lab.xapi()
     h2 = next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == "sim-xen-01-h2")
     xapi.pool.designate_new_master(h2)
-    [second] = services.leases.acquire(LeaseRequest("after", "centos"))  # via HOST_IS_SLAVE from 127.0.0.1
+    [second] = services.engine.acquire(LeaseRequest("after", "centos"))  # via HOST_IS_SLAVE from 127.0.0.1
     assert second.ip
-    services.leases.release("before")
+    services.engine.release("before")
     assert first.name not in resident_via(lab, "127.0.0.2")
 
 
@@ -286,7 +285,7 @@ def resident_via(lab, address: str) -> dict[str, str]:
 
 def test_the_master_gone_and_an_emergency_transition_dynvm_finds_the_new_master(make_services):
     services, lab = make_services(pool_size=3)
-    [before] = services.leases.acquire(LeaseRequest("before", "centos"))
+    [before] = services.engine.acquire(LeaseRequest("before", "centos"))
     control(lab).member_down(0, "refuse")  # the master, which the config names
     wait_for(lambda: services.inventory.view("1").state is not HostState.UP, timeout=10)
     member = lab.lab.members[1][0]
@@ -301,15 +300,15 @@ def test_the_master_gone_and_an_emergency_transition_dynvm_finds_the_new_master(
     ]
     local.xenapi.pool.emergency_transition_to_master()
     wait_for(lambda: services.inventory.view("1").state is HostState.UP, timeout=15)
-    [after] = services.leases.acquire(LeaseRequest("after", "centos"))
+    [after] = services.engine.acquire(LeaseRequest("after", "centos"))
     assert after.ip
     assert before.name in resident_via(lab, "127.0.0.2")
-    services.leases.release("before")
+    services.engine.release("before")
 
 
 def test_local_srs_put_each_vms_disk_where_it_starts(make_services):
     services, lab = make_services(pool_size=2, storage="local")
-    leases = services.leases.acquire(LeaseRequest("local", "centos", count=4))
+    leases = services.engine.acquire(LeaseRequest("local", "centos", count=4))
     on = resident(lab)
     assert {on[lease.name] for lease in leases} == {"sim-xen-01", "sim-xen-01-h2"}
     xapi = lab.xapi()
@@ -331,7 +330,7 @@ def test_a_restart_while_the_first_section_is_down_destroys_no_leased_vm(make_se
     leases say host 1. Those are the same pool's, and nothing of them is destroyed."""
     lab = sim_lab(pool_size=3, members_in_config=True)
     services, _ = make_services(lab=lab)
-    leases = services.leases.acquire(LeaseRequest("keep", "centos", count=3))
+    leases = services.engine.acquire(LeaseRequest("keep", "centos", count=3))
     assert {lease.host_ref for lease in leases} == {"1"}
     xapi = lab.xapi()
     h2 = next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == "sim-xen-01-h2")
@@ -339,10 +338,10 @@ def test_a_restart_while_the_first_section_is_down_destroys_no_leased_vm(make_se
     services.stop()
     control(lab).member_down(0, "refuse")
     restarted, _ = make_services(lab=lab)  # the same database
-    assert restarted.leases.host_statuses()["2"].state == "up"  # it counts the pool now
-    report = restarted.leases.reconcile(startup=True)
+    assert restarted.engine.host_statuses()["2"].state == "up"  # it counts the pool now
+    report = restarted.engine.reconcile(startup=True)
     assert report.orphans_destroyed == []
-    assert [restarted.leases.leases.get(lease.id).state for lease in leases] == ["ready"] * 3
+    assert [restarted.engine.lease_store.get(lease.id).state for lease in leases] == ["ready"] * 3
     on_host = resident_via(lab, "127.0.0.2")
     assert all(on_host.get(lease.name) == "Running" for lease in leases)
 
@@ -378,7 +377,7 @@ def test_a_ready_vm_on_a_member_the_master_lost_is_never_handed_out(make_service
     assert len(set(members.values())) == 2  # one ready VM on each member
     xapi = lab.xapi()
     h2 = next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h) == "sim-xen-01-h2")
-    on_h2 = {lease.vm_uuid for lease in services.leases.leases.pooled()} & {
+    on_h2 = {lease.vm_uuid for lease in services.engine.lease_store.pooled()} & {
         xapi.VM.get_uuid(vm) for vm in xapi.host.get_resident_VMs(h2) if not xapi.VM.get_is_control_domain(vm)
     }
     control(lab).member_down(1, "refuse")
@@ -386,6 +385,6 @@ def test_a_ready_vm_on_a_member_the_master_lost_is_never_handed_out(make_service
     leases = []
     for n in range(2):  # the one on the lost member is not taken, warm or otherwise
         with contextlib.suppress(NotEnoughCapacity, CreateFailed):
-            leases += services.leases.acquire(LeaseRequest(f"warm{n}", "centos"))
+            leases += services.engine.acquire(LeaseRequest(f"warm{n}", "centos"))
     assert leases
     assert not {lease.vm_uuid for lease in leases} & on_h2

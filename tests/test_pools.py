@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynvm.leases import LeaseRequest
-from dynvm.model import NotEnoughCapacity
+from dynvm.model import LeaseRequest, NotEnoughCapacity
 from dynvm.xen.inventory import HostState
 
 from .sim.simtools import wait_for
@@ -38,7 +37,7 @@ def test_a_member_in_host_name_leads_dynvm_to_the_master(sim_lab, make_services,
     assert view.state is HostState.UP
     assert [m.name for m in view.members] == ["sim-xen-01", "sim-xen-01-h2", "sim-xen-01-h3"]
     assert view.members[0].master
-    [lease] = services.leases.acquire(LeaseRequest("via-member", "centos"))
+    [lease] = services.engine.acquire(LeaseRequest("via-member", "centos"))
     assert lease.state == "ready"
     assert lease.ip
 
@@ -47,16 +46,16 @@ def test_capacity_is_counted_per_member_not_summed_over_the_pool(make_services):
     # 10 GiB per host, 4 of them dom0's: 6 GiB free on each member holds one 4 GiB CentOS
     # VM (plus its overhead), not one and a half; a summed pool would promise four
     services, lab = make_services(pool_size=3, host_memory_gib=10)
-    assert services.leases.available_count("centos") == 3
-    leases = services.leases.acquire(LeaseRequest("spread", "centos", count=3))
+    assert services.engine.available_count("centos") == 3
+    leases = services.engine.acquire(LeaseRequest("spread", "centos", count=3))
     on = resident_members(lab)
     assert sorted(on[lease.name] for lease in leases) == ["sim-xen-01", "sim-xen-01-h2", "sim-xen-01-h3"]
     view = services.inventory.view("1")
     for lease in leases:  # each started where its room was reserved (VM.start_on)
         assert view.member(lease.member).name == on[lease.name]
-    wait_for(lambda: services.leases.available_count("centos") == 0, timeout=5)
+    wait_for(lambda: services.engine.available_count("centos") == 0, timeout=5)
     with pytest.raises(NotEnoughCapacity, match="0 can be made now"):
-        services.leases.acquire(LeaseRequest("more", "centos"))
+        services.engine.acquire(LeaseRequest("more", "centos"))
 
 
 def test_vms_are_started_on_the_member_dynvm_chose(make_services):
@@ -81,6 +80,6 @@ def test_vms_are_started_on_the_member_dynvm_chose(make_services):
     xapi.VM.start_on(big, members["sim-xen-01-h2"], False, False)
     wait_for(lambda: len(services.inventory.view("1").running_vms) == 2, timeout=5)
     # master: 4 vCPUs left (room for 1); member 2: 30 vCPUs, ~20 GiB (room for 4 by memory)
-    [lease] = services.leases.acquire(LeaseRequest("placed", "centos"))
+    [lease] = services.engine.acquire(LeaseRequest("placed", "centos"))
     assert resident_members(lab)["placed"] == "sim-xen-01-h2"
     assert services.inventory.view("1").member(lease.member).name == "sim-xen-01-h2"

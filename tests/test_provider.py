@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dynvm.config import HostSettings, Settings, load_settings
-from dynvm.leases import LeaseService
+from dynvm.engine.service import LeaseService
 from dynvm.model import CreatedVm, LeaseRequest, NotEnoughCapacity, VmSpec
 from dynvm.provider import (
     Cancel,

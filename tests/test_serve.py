@@ -15,8 +15,9 @@ import httpx
 import pytest
 from bench.processes import free_port, serve_argv, wait_healthy
 
-from dynvm.leases import LeaseRequest
+from dynvm.model import LeaseRequest
 from dynvm.sim.settings import Timing
+from dynvm.states import Actor, LeaseState
 from dynvm.xen.provision import MARKER_KEY
 
 from .sim.simtools import wait_for
@@ -243,8 +244,10 @@ def test_a_second_serve_on_a_taken_port_fails_before_touching_any_host(sim_lab, 
     lab = sim_lab()
     db = tmp_path / "d.db"
     services, _ = make_services(lab=lab, db=str(f"sqlite:///{db}"))
-    [lease] = services.leases.acquire(LeaseRequest("leftover", "centos"))
-    services.leases.leases.finish([lease.id], "released", time.time())  # a leftover reconcile would destroy
+    [lease] = services.engine.acquire(LeaseRequest("leftover", "centos"))
+    services.engine.lease_store.finish(
+        [lease.id], LeaseState.RELEASED, time.time(), by=Actor.RECONCILE
+    )  # a leftover reconcile would destroy
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -62,10 +62,10 @@ def test_the_history_becomes_one_row_per_request_arriving_a_create_time_before_r
 
 
 def test_dynvm_history_export_writes_the_trace_of_a_database(make_services, tmp_path: Path):
-    from dynvm.leases import LeaseRequest
+    from dynvm.model import LeaseRequest
 
     services, lab = make_services()
-    services.leases.acquire(LeaseRequest("exported", "centos", count=2))
+    services.engine.acquire(LeaseRequest("exported", "centos", count=2))
     out = tmp_path / "mine.csv"
     result = CliRunner().invoke(
         build_cli(),

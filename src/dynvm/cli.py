@@ -14,6 +14,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from . import bounds
+
 if TYPE_CHECKING:
     from rich.text import Text
 
@@ -21,7 +23,6 @@ if TYPE_CHECKING:
     from .client import DynvmClient
     from .config import Settings
     from .store.db import Database
-    from .store.leases import LeaseStore
 
 
 def build_cli() -> typer.Typer:
@@ -519,11 +520,11 @@ def with_db_url(config_text: str, db_url: str) -> str:
 
 def _installation_of(db_url: str) -> str | None:
     from .store.db import Database
-    from .store.leases import LeaseStore
+    from .store.installation import InstallationStore
 
     database = Database(db_url)
     try:
-        return LeaseStore(database).installation_id()
+        return InstallationStore(database).installation_id()
     except Exception:
         return None
     finally:
@@ -574,15 +575,11 @@ def _token_store(config: Path | None, db: str | None, console: Console) -> Token
     return TokenStore(_database(config, db, console))
 
 
-def _lease_store(config: Path | None, db: str | None, console: Console) -> LeaseStore:
-    from .store.leases import LeaseStore
-
-    return LeaseStore(_database(config, db, console))
-
-
 def installation_show_command(config: ConfigOption = None, db: DbOption = None) -> None:
     """Print this database's installation id and its last claim on the hosts."""
-    store = _lease_store(config, db, Console())
+    from .store.installation import InstallationStore
+
+    store = InstallationStore(_database(config, db, Console()))
     seq, _ = store.claim_mark()
     typer.echo(f"{store.installation_id()} (claims written: {seq})")
 
@@ -606,11 +603,15 @@ def installation_new_command(
     import time
     import uuid
 
-    from .leases import REPLICA_STALE_SECONDS
+    from .engine.context import REPLICA_STALE_SECONDS
+    from .store.installation import InstallationStore
+    from .store.leases import LeaseStore
+    from .store.replicas import ReplicaStore
 
     console = Console(stderr=True)
-    store = _lease_store(config, db, console)
-    alive = store.live_owners(time.time(), REPLICA_STALE_SECONDS)
+    database = _database(config, db, console)
+    store = InstallationStore(database)
+    alive = ReplicaStore(database).live_owners(time.time(), REPLICA_STALE_SECONDS)
     if alive and not force:
         console.print(
             f"Error: a dynvm is running on this database ({', '.join(sorted(alive))}): stop it first "
@@ -619,7 +620,7 @@ def installation_new_command(
             markup=False,
         )
         raise typer.Exit(1)
-    active = len(store.active())
+    active = len(LeaseStore(database).active())
     old = store.installation_id()
     if not yes:
         typer.confirm(
@@ -838,11 +839,17 @@ def _fail(console: Console, error: Exception) -> typer.Exit:
 
 def get_command(
     os: Annotated[str, typer.Option("--os", help="OS key, e.g. centos.")] = "centos",
-    count: Annotated[int, typer.Option(min=1, max=1000)] = 1,
+    count: Annotated[int, typer.Option(min=bounds.COUNT.low, max=bounds.COUNT.high)] = 1,
     name: Annotated[str | None, typer.Option(help="VM name (count 1) or prefix; default: $USER-<random>.")] = None,
-    cpus: Annotated[int | None, typer.Option(min=1)] = None,
-    memory_gib: Annotated[float | None, typer.Option("--memory-gib", min=0.25)] = None,
-    expires: Annotated[float | None, typer.Option(help="Minutes until the VMs are destroyed.")] = None,
+    cpus: Annotated[int | None, typer.Option(min=bounds.CPUS.low, max=bounds.CPUS.high)] = None,
+    memory_gib: Annotated[
+        float | None,
+        typer.Option("--memory-gib", min=bounds.MEMORY.low / bounds.GiB, max=bounds.MEMORY.high / bounds.GiB),
+    ] = None,
+    expires: Annotated[
+        float | None,
+        typer.Option(min=0.01, max=bounds.LIFETIME_MINUTES.high, help="Minutes until the VMs are destroyed."),
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Pin to host N ([xenhostN]).")] = None,
     wait: Annotated[
         str | None,

@@ -6,20 +6,21 @@ HTTP middleware; gauges (VMs, capacity, hosts) are read from memory at scrape ti
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .engine.requests import QUEUED, RequestRecord
+from .engine.context import LeaseEvents
 from .engine.upkeep import ReconcileReport
-from .leases import LeaseEvents
 from .model import Lease
+from .states import RequestState
+from .store.requests import RequestRecord
 
 if TYPE_CHECKING:
-    from .runtime import Services
+    from .engine.service import LeaseService
 
 
 class Metrics(LeaseEvents):
@@ -78,9 +79,10 @@ class Metrics(LeaseEvents):
             registry=self.registry,
         )
 
-    def watch(self, services: Services) -> None:
-        """Start reporting the gauges read from the running services."""
-        self.registry.register(_Gauges(services))
+    def watch(self, engine: LeaseService, leading: Callable[[], bool]) -> None:
+        """Start reporting the gauges read from the running lease engine (``leading``: whether
+        this replica leads)."""
+        self.registry.register(_Gauges(engine, leading))
 
     # -- LeaseEvents ---------------------------------------------------------------------
 
@@ -120,36 +122,37 @@ class Metrics(LeaseEvents):
 
 
 class _Gauges(Collector):
-    def __init__(self, services: Services) -> None:
-        self.services = services
+    def __init__(self, engine: LeaseService, leading: Callable[[], bool]) -> None:
+        self.engine = engine
+        self.leading = leading
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        services = self.services
+        engine = self.engine
+        settings = engine.settings
         vms = GaugeMetricFamily("dynvm_vms", "dynvm's VMs, by host, OS and lease state", labels=["host", "os", "state"])
         for (host_ref, os, state), n in sorted(
-            Tally((lease.host_ref, lease.os, lease.state) for lease in services.leases.leases.active()).items()
+            Tally((lease.host_ref, lease.os, lease.state) for lease in engine.lease_store.active()).items()
         ):
             vms.add_metric([host_ref, os, state], n)
         yield vms
         up = GaugeMetricFamily("dynvm_host_up", "1 if the host answers, 0 if it is down or connecting", labels=["host"])
-        for host in services.current_settings().hosts:
-            status = services.provider.status(host)
-            if status is not None and not status.same_pool_as:  # a section naming a counted pool again
-                up.add_metric([host.ref], 1.0 if status.up else 0.0)
+        for ref, status in engine.host_statuses().items():
+            if not status.same_pool_as:  # a section naming a counted pool again
+                up.add_metric([ref], 1.0 if status.up else 0.0)
         yield up
         capacity = GaugeMetricFamily("dynvm_capacity", "How many more VMs of an OS fit now", labels=["os"])
-        for os in services.current_settings().os_keys:
-            capacity.add_metric([os], services.leases.available_count(os))
+        for os in settings.os_keys:
+            capacity.add_metric([os], engine.available_count(os))
         yield capacity
         length = GaugeMetricFamily("dynvm_queue_length", "Requests waiting in the queue", labels=["os"])
         oldest = GaugeMetricFamily(
             "dynvm_queue_oldest_wait_seconds", "How long the oldest waiting request has waited", labels=["os"]
         )
-        now = services.leases.clock()
+        now = engine.clock()
         waiting: dict[str, list[float]] = {}
-        for record in services.leases.requests.in_state(QUEUED):
+        for record in engine.request_store.in_state(RequestState.QUEUED):
             waiting.setdefault(record.os, []).append(now - record.created_at)
-        for os in sorted(set(services.current_settings().os_keys) | set(waiting)):
+        for os in sorted(set(settings.os_keys) | set(waiting)):
             length.add_metric([os], len(waiting.get(os, [])))
             oldest.add_metric([os], max(waiting.get(os, [0.0])))
         yield length
@@ -161,7 +164,7 @@ class _Gauges(Collector):
             "With learned sizing: the VMs an hour an OS's ready pool is sized for",
             labels=["os"],
         )
-        for pool in services.leases.ready_pools.status():
+        for pool in engine.ready_pools.status():
             ready.add_metric([pool.os], pool.ready)
             target.add_metric([pool.os], pool.target)
             if pool.forecast is not None:
@@ -172,5 +175,5 @@ class _Gauges(Collector):
         leader = GaugeMetricFamily(
             "dynvm_leader", "1 if this replica runs the reaper, reconcile and history export (one replica does)"
         )
-        leader.add_metric([], 1.0 if services.leadership.leading else 0.0)
+        leader.add_metric([], 1.0 if self.leading() else 0.0)
         yield leader

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .states import LeaseState
+
 
 class DynvmError(Exception):
     """Base of every error dynvm raises on purpose."""
@@ -186,7 +188,7 @@ class Lease:
     username: str
     os: str
     host_ref: str
-    state: str
+    state: LeaseState
     cpus: int
     memory: int
     disk: int

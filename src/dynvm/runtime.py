@@ -20,11 +20,12 @@ from typing import TypeVar
 from .auth import TokenStore
 from .config import ConfigWatcher, Settings, load_settings
 from .engine.claim import CLAIM_INTERVAL, Contested
-from .leases import LeaseService
+from .engine.service import LeaseService
 from .metrics import Metrics
 from .provider import Provider
 from .store.db import Database, default_db_url, describe_url
 from .store.history import CouchbaseSink, HistorySink, HistoryStore
+from .store.installation import InstallationStore
 from .store.leadership import Leadership
 from .store.leases import LeaseStore
 from .xen.inventory import Inventory
@@ -82,7 +83,7 @@ class Services:
     db: Database
     provider: Provider
     inventory: Inventory  # the Xen provider's mirror (doctor and tests read it)
-    leases: LeaseService
+    engine: LeaseService  # the lease engine (engine/service.py)
     history: HistoryStore
     watcher: ConfigWatcher
     intervals: Intervals
@@ -106,26 +107,26 @@ class Services:
         return await asyncio.get_running_loop().run_in_executor(self.requests, functools.partial(work, *args))
 
     def start(self) -> None:
-        self.metrics.watch(self)
+        self.metrics.watch(self.engine, lambda: self.leadership.leading)
         self.provider.apply(self.settings)
         if not self.provider.wait_synced(self.intervals.sync_wait):
             log.warning("some hosts did not answer within %.0f s; going on without them", self.intervals.sync_wait)
-        self.leases.heartbeat()
+        self.engine.heartbeat()
         try:  # before anything touches a host: is this database the installation, or a copy?
-            self.leases.claim.check()
-            self.leases.claim.settle()
+            self.engine.claim.check()
+            self.engine.claim.settle()
             if self.leadership.is_leader():
-                self.leases.claim.renew()
+                self.engine.claim.renew()
         except Contested as e:
             log.error("%s", e)
             raise
-        for problem in self.leases.template_problems():
+        for problem in self.engine.template_problems():
             log.error("%s: no VM of that OS is made there until the config names one template", problem)
         if self.leadership.is_leader():  # a follower leaves this to the leader's next pass
-            recovered = self.leases.recover()
+            recovered = self.engine.recover()
             if recovered:
                 log.warning("creates interrupted by the last stop, now failed: %s", ", ".join(recovered))
-            report = self.leases.reconcile(startup=True)
+            report = self.engine.reconcile(startup=True)
             log.info(
                 "start-up reconcile: %d orphan(s) destroyed, %d vanished lease(s) closed",
                 len(report.orphans_destroyed),
@@ -134,48 +135,48 @@ class Services:
         self.watcher.start()
         leading = self.leadership.is_leader
         self._loops = [
-            Background("heartbeat", self.intervals.reap, self.leases.heartbeat),
-            Background("reaper", self.intervals.reap, self.leases.expire_due, leading),
+            Background("heartbeat", self.intervals.reap, self.engine.heartbeat),
+            Background("reaper", self.intervals.reap, self.engine.expire_due, leading),
             Background("reconcile", self.intervals.reconcile, self._reconcile, leading),
             Background("history-export", self.intervals.export, self.history.export_pending, leading),
-            Background("ready-pools", self.intervals.pools, self.leases.ready_pools.tick, leading),
+            Background("ready-pools", self.intervals.pools, self.engine.ready_pools.tick, leading),
             Background("claim", self.intervals.claim, self._renew_claim),
         ]
         for loop in self._loops:
             loop.start()
-        self.leases.scheduler.start(leading)
+        self.engine.scheduler.start(leading)
         if self.on_started is not None:
             self.on_started()
 
     def _renew_claim(self) -> None:
         """The leader renews the claim; every replica checks it (a copy's followers too)."""
-        if self.leases.claim.contested is not None:
+        if self.engine.claim.contested is not None:
             return  # said once; a restart after the operator's fix clears it
         try:
             if self.leadership.is_leader():
-                self.leases.claim.renew()
+                self.engine.claim.renew()
             else:
-                self.leases.claim.check()
+                self.engine.claim.check()
         except Contested as e:
             log.error("%s", e)  # from now on this process touches no host
 
     def _reconcile(self) -> None:
-        self.leases.recover()
-        self.leases.reconcile()
+        self.engine.recover()
+        self.engine.reconcile()
 
     def stop(self) -> None:
         """Stop everything (in-flight creates finish or are rolled back). Idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        self.leases.scheduler.stop()
-        self.leases.shutdown(self.intervals.shutdown_grace)
+        self.engine.scheduler.stop()
+        self.engine.shutdown(self.intervals.shutdown_grace)
         for loop in self._loops:
             loop.stop()
         with contextlib.suppress(Exception):  # a stopped process is not alive: others need not wait
-            self.leases.leases.forget_owner(self.leases.owner)
+            self.engine.ctx.replicas.forget_owner(self.engine.owner)
         with contextlib.suppress(Exception):  # the last one out: a restore may start at once
-            self.leases.claim.withdraw()
+            self.engine.claim.withdraw()
         self.leadership.resign()
         self.watcher.stop()
         self.provider.stop()
@@ -214,21 +215,21 @@ def build_services(
     inventory = Inventory(event_timeout=event_timeout)
     holder: dict[str, ConfigWatcher] = {}
     lease_store = LeaseStore(db)
-    installation = functools.cache(lease_store.installation_id)
+    installation = functools.cache(InstallationStore(db).installation_id)
     provider = XenProvider(inventory, lambda: holder["watcher"].current, installation, monotonic)
-    leases = LeaseService(lambda: holder["watcher"].current, provider, lease_store, history, clock=clock, owner=replica)
+    engine = LeaseService(lambda: holder["watcher"].current, provider, lease_store, history, clock=clock, owner=replica)
     watcher = ConfigWatcher(config_path, settings, provider.apply)
     holder["watcher"] = watcher
     tokens = TokenStore(db, clock)
     metrics = Metrics()
-    leases.events = metrics
+    engine.events = metrics
     return Services(
         config_path=config_path,
         settings=settings,
         db=db,
         provider=provider,
         inventory=inventory,
-        leases=leases,
+        engine=engine,
         history=history,
         watcher=watcher,
         intervals=intervals or Intervals(),

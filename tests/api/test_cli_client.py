@@ -76,7 +76,7 @@ def test_release_tries_every_name_and_reports_each(serve):
     assert result.exit_code == 1
     assert "released kept" in result.stdout
     assert "ghost: Error: no VM named ghost" in result.output
-    assert service.services.leases.leases.active() == []
+    assert service.services.engine.lease_store.active() == []
 
 
 def test_ls_by_user_extend_says_when_capped_and_version(serve):
@@ -112,7 +112,7 @@ def test_a_name_clash_hint_releases_exactly_the_names_that_clash(serve):
 def test_get_wait_queues_until_room_frees(serve):
     import threading
 
-    from dynvm.engine.requests import QUEUED
+    from dynvm.states import RequestState
 
     from ..sim.simtools import wait_for
 
@@ -121,7 +121,7 @@ def test_get_wait_queues_until_room_frees(serve):
     result: dict[str, object] = {}
     waiter = threading.Thread(target=lambda: result.update(r=run(service, "get", "--name", "waits", "--wait", "5m")))
     waiter.start()
-    wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
+    wait_for(lambda: service.services.engine.request_store.in_state(RequestState.QUEUED), timeout=10)
     assert run(service, "release", "holder1").exit_code == 0
     waiter.join(timeout=60)
     got = result["r"]
@@ -143,7 +143,7 @@ def test_ctrl_c_on_a_queued_get_cancels_the_request(serve):
     import subprocess
     import sys
 
-    from dynvm.engine.requests import CANCELLED, QUEUED
+    from dynvm.states import RequestState
 
     service = serve(host_cpus=8)
     assert run(service, "get", "--count", "2", "--name", "holder").exit_code == 0
@@ -152,9 +152,9 @@ def test_ctrl_c_on_a_queued_get_cancels_the_request(serve):
     process = subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = process.stderr.readline()  # the CLI has its request's answer: it says where it is
     assert ": queued" in first
-    [queued] = service.services.leases.requests.in_state(QUEUED)
+    [queued] = service.services.engine.request_store.in_state(RequestState.QUEUED)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130
     assert "cancelled" in err
-    assert service.services.leases.requests.get(queued.id).state == CANCELLED
+    assert service.services.engine.request_store.get(queued.id).state == RequestState.CANCELLED

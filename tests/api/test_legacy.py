@@ -127,9 +127,9 @@ def test_a_short_expiry_destroys_the_vm_by_itself(serve):
     xapi = service.lab.xapi()
     assert any(r["name_label"] == "brief" for r in xapi.VM.get_all_records().values())
     wait_for(lambda: all(r["name_label"] != "brief" for r in xapi.VM.get_all_records().values()), timeout=15)
-    wait_for(lambda: service.services.leases.leases.active() == [], timeout=5)
+    wait_for(lambda: service.services.engine.lease_store.active() == [], timeout=5)
     assert service.get("/releaseservers/brief").status_code == 404
-    [expired] = service.services.leases.leases.in_state("expired")
+    [expired] = service.services.engine.lease_store.in_state("expired")
     assert expired.name == "brief"
 
 
@@ -140,12 +140,12 @@ def test_a_client_that_goes_away_still_gets_a_lease_it_can_release(serve):
 
     def handed_over() -> bool:  # its request ended: the lease is the user's even though nobody heard
         return [
-            (lease.state, lease.handed_over_at is not None) for lease in service.services.leases.leases.active()
+            (lease.state, lease.handed_over_at is not None) for lease in service.services.engine.lease_store.active()
         ] == [("ready", True)]
 
     wait_for(handed_over, timeout=15)
     with service.services.db.read() as conn:
-        assert service.services.leases.leases.pending_reservations(conn) == []  # the reservation became a lease
+        assert service.services.engine.lease_store.pending_reservations(conn) == []  # the reservation became a lease
     assert service.get("/releaseservers/impatient").text == '[\n  "impatient"\n]'
 
 
@@ -166,7 +166,7 @@ def test_counting_stays_fast_while_a_hundred_getservers_wait_and_stopping_rolls_
     with ThreadPoolExecutor(100) as pool:
         pending = [pool.submit(service.get, f"/getservers/wait{n}") for n in range(100)]
         # 100 creates at once write their leases and progress: slow on a loaded disk
-        wait_for(lambda: len(service.services.leases.leases.active()) == 100, timeout=180)
+        wait_for(lambda: len(service.services.engine.lease_store.active()) == 100, timeout=180)
         slowest = 0.0
         for _ in range(20):
             started = time.monotonic()
@@ -181,7 +181,7 @@ def test_counting_stays_fast_while_a_hundred_getservers_wait_and_stopping_rolls_
     for index in (0, 1):
         marked = [r for r in service.lab.xapi(index).VM.get_all_records().values() if MARKER_KEY in r["other_config"]]
         assert marked == []
-    assert service.services.leases.leases.active() == []
+    assert service.services.engine.lease_store.active() == []
 
 
 def test_a_host_that_stops_answering_is_shown_empty_and_gets_no_vms(serve):
@@ -276,7 +276,7 @@ def test_names_made_only_of_dots_are_refused(serve):
         assert "not only dots" in text
         v1 = service.http.post("/api/v1/leases", json={"os": "centos", "name": name})
         assert v1.status_code == 422, (name, v1.text)
-    assert service.services.leases.leases.active() == []
+    assert service.services.engine.lease_store.active() == []
 
 
 def test_showall_networkinfo_joins_every_value_as_the_seed_did(serve):

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from dynvm.engine.requests import CANCELLED, QUEUED
+from dynvm.states import RequestState
 
 from ..sim.simtools import wait_for
 
@@ -22,7 +22,7 @@ def test_legacy_wait_holds_the_answer_until_room_frees_and_answers_as_the_seed_d
         target=lambda: answer.update(r=service.get("/getservers/patient", os="centos", wait="5", format="detailed"))
     )
     waiter.start()
-    wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
+    wait_for(lambda: service.services.engine.request_store.in_state(RequestState.QUEUED), timeout=10)
     # the scheduler numbers the queue on its pass after the request joins it
     [queued] = wait_for(lambda: [q for q in service.get("/api/v1/queue").json() if q["position"] is not None])
     assert queued["position"] == 1
@@ -52,11 +52,11 @@ def test_a_legacy_client_that_hangs_up_while_queued_cancels_its_request(serve):
     port = int(service.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(b"GET /getservers/gone?os=centos&wait=10 HTTP/1.1\r\nHost: x\r\n\r\n")
-        wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
-        [record] = service.services.leases.requests.in_state(QUEUED)
-    wait_for(lambda: service.services.leases.requests.get(record.id).state == CANCELLED, timeout=10)
+        wait_for(lambda: service.services.engine.request_store.in_state(RequestState.QUEUED), timeout=10)
+        [record] = service.services.engine.request_store.in_state(RequestState.QUEUED)
+    wait_for(lambda: service.services.engine.request_store.get(record.id).state == RequestState.CANCELLED, timeout=10)
     service.get("/releaseservers/holder", count=2)
-    service.services.leases.scheduler.run_pass()
+    service.services.engine.scheduler.run_pass()
     assert service.get("/showall").json()["1"] == []  # nothing was made for it
 
 
@@ -66,14 +66,14 @@ def test_v1_queue_position_eta_and_cancel(serve):
     answer = service.http.post("/api/v1/leases", json={"os": "centos", "name": "queued1", "wait_minutes": 30})
     assert answer.status_code == 202
     location = answer.headers["location"]
-    assert answer.json()["state"] == QUEUED
+    assert answer.json()["state"] == RequestState.QUEUED
     wait_for(lambda: service.http.get(location).json()["position"] == 1, timeout=10)
     status = service.http.get(location).json()
     assert status["eta"].endswith("Z")
     assert status["eta_seconds"] > 0
     cancelled = service.http.delete(location)
     assert cancelled.status_code == 200
-    assert cancelled.json()["state"] == CANCELLED
+    assert cancelled.json()["state"] == RequestState.CANCELLED
     assert service.get("/api/v1/queue").json() == []
 
 
@@ -88,7 +88,7 @@ def test_v1_wait_and_queue_answers_when_served(serve):
 
     waiter = threading.Thread(target=ask)
     waiter.start()
-    wait_for(lambda: service.services.leases.requests.in_state(QUEUED), timeout=10)
+    wait_for(lambda: service.services.engine.request_store.in_state(RequestState.QUEUED), timeout=10)
     service.get("/releaseservers/holder1")
     waiter.join(timeout=30)
     assert done["r"].status_code == 200

@@ -55,7 +55,7 @@ def test_v1_takes_ready_vms_too_and_its_request_says_they_are_ready_at_once(make
         body = answer.json()
         assert body["state"] == "ready"
         assert [vm["stage"] for vm in body["vms"]] == ["ready"]
-        [lease] = services.leases.leases.by_name(["v1job"])
+        [lease] = services.engine.lease_store.by_name(["v1job"])
         assert lease.pooled_at is not None
     finally:
         service.stop()

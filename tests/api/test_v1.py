@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from dynvm.states import Actor
+
 from ..sim.simtools import wait_for
 
 GiB = 1024**3
@@ -82,8 +84,9 @@ def test_waiting_clients_hold_no_worker_so_other_routes_still_answer(serve):
 
 
 def test_a_wait_that_times_out_answers_with_the_request_still_under_way(tmp_path):
-    from dynvm.engine.requests import DurableTracker, RequestStore
+    from dynvm.engine.tracker import DurableTracker
     from dynvm.store.db import Database
+    from dynvm.store.requests import RequestStore
 
     db = Database(f"sqlite:///{tmp_path / 'r.db'}")
     db.migrate()
@@ -92,7 +95,7 @@ def test_a_wait_that_times_out_answers_with_the_request_still_under_way(tmp_path
     tracker.start("r1", "alice", "centos", 1)
     assert asyncio.run(store.wait_finished("r1", timeout=0.01)).state == "creating"
     assert asyncio.run(store.wait_finished("gone", timeout=0.01)) is None
-    tracker.finish("r1")
+    tracker.finish("r1", Actor.BUILDER)
     assert asyncio.run(store.wait_finished("r1", timeout=60)).state == "ready"
     db.close()
 
@@ -309,9 +312,9 @@ def test_a_request_that_may_not_wait_is_refused_when_it_does_not_fit_not_accepte
     full = service.http.post("/api/v1/leases", json={"os": "centos", "name": "lots", "count": 40})
     assert full.status_code == 429  # at once, as getservers answers: no 202 for a request that cannot start
     assert problem(full)["title"] == "Not enough capacity"
-    engine = service.services.leases
-    assert [r.state for r in engine.requests.in_state("queued", "creating")] == []
-    assert engine.leases.active() == []  # nothing was reserved for it
+    engine = service.services.engine
+    assert [r.state for r in engine.request_store.in_state("queued", "creating")] == []
+    assert engine.lease_store.active() == []  # nothing was reserved for it
 
 
 def test_a_name_prefix_belongs_to_its_first_holder_until_its_vms_are_gone(make_services):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from dynvm.dashboard import figures
-from dynvm.engine.ready_pools import POOL_USER
+from dynvm.engine.ready_stock import POOL_USER
 
 HOUR = 3600.0
 NOW = 1_800_000_000.0

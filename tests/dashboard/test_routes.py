@@ -41,7 +41,7 @@ def test_the_page_and_its_files_are_served_without_anything_from_outside(service
 
 def test_leases_page_filter_and_say_where_each_came_from(service):
     running = service(hosts=2)
-    engine = running.services.leases
+    engine = running.services.engine
     engine.acquire(LeaseRequest("alpha", "centos", count=3))
     engine.acquire(LeaseRequest("beta", "windows"))
     first = running.get("/api/v1/dashboard/leases", limit=2).json()
@@ -60,7 +60,7 @@ def test_leases_page_filter_and_say_where_each_came_from(service):
 
 def test_the_overview_counts_dynvm_others_and_free_per_host(service):
     running = service(hosts=1, foreign_vms=2)
-    running.services.leases.acquire(LeaseRequest("gamma", "centos", count=2))
+    running.services.engine.acquire(LeaseRequest("gamma", "centos", count=2))
     answer = running.get("/api/v1/dashboard/overview")
     assert answer.headers["server-timing"].startswith("app;dur=")
     found = answer.json()
@@ -77,7 +77,7 @@ def test_the_overview_counts_dynvm_others_and_free_per_host(service):
 
 def test_the_plots_data_comes_from_the_history_and_the_requests(service):
     running = service(hosts=1)
-    engine = running.services.leases
+    engine = running.services.engine
     engine.acquire(LeaseRequest("delta", "centos", count=2))
     engine.release_names(["delta1"])
     usage = running.get("/api/v1/dashboard/usage", span="24h").json()
@@ -100,7 +100,7 @@ def test_a_ready_pool_vm_counts_from_its_hand_out_not_from_when_it_was_made(make
     clock.advance(3600)  # and waits an hour (a ready VM is kept two)
     running = RunningService(services, lab)
     try:
-        services.leases.acquire(LeaseRequest("warm", "centos"))
+        services.engine.acquire(LeaseRequest("warm", "centos"))
         [item] = running.get("/api/v1/dashboard/leases").json()["items"]
         assert item["from_pool"] is True
         assert item["handed_out_at"] == pytest.approx(clock(), abs=1)
@@ -117,6 +117,6 @@ def test_a_ready_pool_vm_counts_from_its_hand_out_not_from_when_it_was_made(make
 
 def test_the_user_filter_takes_wildcards_as_characters(service):
     running = service(hosts=1)
-    running.services.leases.acquire(LeaseRequest("a_b", "centos"))
-    running.services.leases.acquire(LeaseRequest("axb", "centos"))
+    running.services.engine.acquire(LeaseRequest("a_b", "centos"))
+    running.services.engine.acquire(LeaseRequest("axb", "centos"))
     assert [i["name"] for i in running.get("/api/v1/dashboard/leases", user="a_b").json()["items"]] == ["a_b"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dynvm.engine.requests import CANCELLED, QUEUED
-from dynvm.leases import LeaseRequest
-from dynvm.model import NotEnoughCapacity, RequestCancelled
+from dynvm.model import LeaseRequest, NotEnoughCapacity, RequestCancelled
 from dynvm.sim.settings import Timing
+from dynvm.states import RequestState
 
 from ..conftest import FakeClock
 from ..sim.simtools import wait_for
@@ -25,17 +24,17 @@ def dynvm_vm_names(lab) -> list[str]:
 
 
 def state_of(services, request_id: str) -> str:
-    return services.leases.requests.get(request_id).state
+    return services.engine.request_store.get(request_id).state
 
 
 def test_a_request_that_does_not_fit_waits_its_turn_and_is_served_when_room_frees(make_services):
     services, _ = make_services(**SMALL)
-    engine = services.leases
+    engine = services.engine
     engine.acquire(LeaseRequest("holder", "centos", count=2))
     queued = engine.submit(LeaseRequest("waiter", "centos"), wait_seconds=600)
     engine.scheduler.run_pass()
-    record = engine.requests.get(queued.id)
-    assert record.state == QUEUED
+    record = engine.request_store.get(queued.id)
+    assert record.state == RequestState.QUEUED
     assert record.position == 1
     assert record.eta_at is not None  # from the holders' expiry: dynvm knows when room comes back
     status = record.as_dict(engine.clock())
@@ -51,18 +50,18 @@ def test_a_request_that_does_not_fit_waits_its_turn_and_is_served_when_room_free
 
 def test_without_wait_a_shortage_is_still_refused_at_once(make_services):
     services, _ = make_services(**SMALL)
-    services.leases.acquire(LeaseRequest("holder", "centos", count=2))
+    services.engine.acquire(LeaseRequest("holder", "centos", count=2))
     with pytest.raises(NotEnoughCapacity, match="0 can be made now"):
-        services.leases.acquire(LeaseRequest("impatient", "centos"))
+        services.engine.acquire(LeaseRequest("impatient", "centos"))
 
 
 def test_a_request_that_does_not_wait_may_not_take_the_room_the_queue_head_waits_for(make_services):
     services, _ = make_services(**SMALL)
-    engine = services.leases
+    engine = services.engine
     engine.acquire(LeaseRequest("holder", "centos"))  # one of two slots left
     head = engine.submit(LeaseRequest("pair", "centos", count=2), wait_seconds=600)  # needs both
     engine.scheduler.run_pass()
-    assert state_of(services, head.id) == QUEUED
+    assert state_of(services, head.id) == RequestState.QUEUED
     with pytest.raises(NotEnoughCapacity, match="wait in the queue"):
         engine.acquire(LeaseRequest("jumper", "centos"))  # it fits, but the pair would wait longer
     engine.release("holder")
@@ -73,55 +72,55 @@ def test_a_small_request_is_backfilled_when_it_does_not_delay_the_head(make_serv
     # two hosts of 8 CPUs; the head is pinned to host 1, which is full: host 2's room is
     # of no use to it, so a small request may take it now
     services, _ = make_services(hosts=2, **SMALL)
-    engine = services.leases
+    engine = services.engine
     engine.acquire(LeaseRequest("fill", "centos", count=2, host_ref="1"))
     head = engine.submit(LeaseRequest("pinned", "centos", host_ref="1"), wait_seconds=600)
     small = engine.submit(LeaseRequest("small", "centos"), wait_seconds=600)
     engine.scheduler.run_pass()
-    assert state_of(services, head.id) == QUEUED
+    assert state_of(services, head.id) == RequestState.QUEUED
     wait_for(lambda: state_of(services, small.id) == "ready", timeout=20)
     assert engine.leases_of(small.id)[0].host_ref == "2"
 
 
 def test_one_users_flood_does_not_starve_anothers_single_request(make_services):
     services, _ = make_services(**SMALL)
-    engine = services.leases
+    engine = services.engine
     engine.acquire(LeaseRequest("holder", "centos", count=2))
     flood = [engine.submit(LeaseRequest(f"flood{i}x", "centos", caller="alice"), 600) for i in range(20)]
     lone = engine.submit(LeaseRequest("lone", "centos", caller="bob"), 600)
     engine.scheduler.run_pass()
-    assert engine.requests.get(lone.id).position == 2  # after the flood's first, not its twentieth
+    assert engine.request_store.get(lone.id).position == 2  # after the flood's first, not its twentieth
     engine.release_names(["holder1"])  # one slot: the flood's oldest has it
     wait_for(lambda: state_of(services, flood[0].id) == "ready", timeout=20)
     engine.scheduler.run_pass()
     # alice's next request is older than bob's, but alice was just served: bob's turn
-    assert engine.requests.get(lone.id).position == 1
+    assert engine.request_store.get(lone.id).position == 1
     engine.release_names(["holder2"])
     wait_for(lambda: state_of(services, lone.id) == "ready", timeout=20)
-    assert all(state_of(services, r.id) == QUEUED for r in flood[1:])
+    assert all(state_of(services, r.id) == RequestState.QUEUED for r in flood[1:])
 
 
 def test_a_queued_request_that_is_cancelled_is_never_served(make_services):
     services, lab = make_services(**SMALL)
-    engine = services.leases
+    engine = services.engine
     engine.acquire(LeaseRequest("holder", "centos", count=2))
     queued = engine.submit(LeaseRequest("changed-mind", "centos"), 600)
-    assert engine.cancel(queued.id).state == CANCELLED
+    assert engine.cancel(queued.id).state == RequestState.CANCELLED
     engine.release("holder", 2)
     engine.scheduler.run_pass()
-    assert state_of(services, queued.id) == CANCELLED
+    assert state_of(services, queued.id) == RequestState.CANCELLED
     assert dynvm_vm_names(lab) == []
 
 
 def test_a_cancel_while_creating_removes_what_was_built(make_services):
     services, lab = make_services(timing=Timing(boot_seconds=2.0))
-    engine = services.leases
+    engine = services.engine
     request = engine.submit(LeaseRequest("slow", "centos", count=2), 600)
     wait_for(lambda: state_of(services, request.id) == "creating", timeout=10)
     wait_for(lambda: dynvm_vm_names(lab), timeout=10)
     engine.cancel(request.id)
-    wait_for(lambda: state_of(services, request.id) == CANCELLED, timeout=30)
-    assert engine.leases.active() == []
+    wait_for(lambda: state_of(services, request.id) == RequestState.CANCELLED, timeout=30)
+    assert engine.lease_store.active() == []
     wait_for(lambda: dynvm_vm_names(lab) == [], timeout=10)
     with pytest.raises(RequestCancelled.__mro__[1]):  # a ready request cannot be cancelled; nor one gone
         engine.cancel("no-such-request")
@@ -129,7 +128,7 @@ def test_a_cancel_while_creating_removes_what_was_built(make_services):
 
 def test_a_cancel_that_loses_to_the_hand_over_leaves_the_vms_with_their_request(make_services):
     services, lab = make_services()
-    engine = services.leases
+    engine = services.engine
     request = engine.submit(LeaseRequest("quick", "centos"), 600)
     wait_for(lambda: state_of(services, request.id) == "ready", timeout=20)
     from dynvm.model import NameInUse
@@ -142,7 +141,7 @@ def test_a_cancel_that_loses_to_the_hand_over_leaves_the_vms_with_their_request(
 def test_a_request_still_queued_at_its_deadline_times_out(make_services):
     clock = FakeClock()
     services, _ = make_services(clock=clock, **SMALL)
-    engine = services.leases
+    engine = services.engine
     engine.acquire(LeaseRequest("holder", "centos", count=2))
     queued = engine.submit(LeaseRequest("late", "centos"), wait_seconds=60)
     engine.scheduler.run_pass()
@@ -152,7 +151,7 @@ def test_a_request_still_queued_at_its_deadline_times_out(make_services):
     assert 'dynvm_queue_oldest_wait_seconds{os="centos"} 30.0' in scrape
     clock.advance(31)
     engine.scheduler.run_pass()
-    record = engine.requests.get(queued.id)
+    record = engine.request_store.get(queued.id)
     assert record.state == "timed out"
     assert "after waiting 1.0 minute(s)" in record.error
     assert "number 1 in the queue" in record.error
@@ -163,38 +162,38 @@ def test_a_request_still_queued_at_its_deadline_times_out(make_services):
 def test_a_request_that_can_never_fit_is_refused_instead_of_queued(make_services):
     services, _ = make_services(**SMALL)
     with pytest.raises(NotEnoughCapacity, match="can never be served at once"):
-        services.leases.submit(LeaseRequest("greedy", "centos", count=3), wait_seconds=600)
+        services.engine.submit(LeaseRequest("greedy", "centos", count=3), wait_seconds=600)
 
 
 def test_queued_requests_survive_a_restart_and_keep_their_order(make_services, sim_lab, tmp_path):
     lab = sim_lab(**SMALL)
     first, _ = make_services(lab=lab, db="kept.db")
-    first.leases.acquire(LeaseRequest("holder", "centos", count=2))
-    a = first.leases.submit(LeaseRequest("first", "centos"), 600)
-    b = first.leases.submit(LeaseRequest("second", "centos", caller="bob"), 600)
-    first.leases.scheduler.run_pass()
+    first.engine.acquire(LeaseRequest("holder", "centos", count=2))
+    a = first.engine.submit(LeaseRequest("first", "centos"), 600)
+    b = first.engine.submit(LeaseRequest("second", "centos", caller="bob"), 600)
+    first.engine.scheduler.run_pass()
     first.stop()
     second, _ = make_services(lab=lab, db="kept.db")
-    assert [second.leases.requests.get(r.id).state for r in (a, b)] == [QUEUED, QUEUED]
-    second.leases.release_names(["holder1"])  # one slot: the older request gets it
+    assert [second.engine.request_store.get(r.id).state for r in (a, b)] == [RequestState.QUEUED, RequestState.QUEUED]
+    second.engine.release_names(["holder1"])  # one slot: the older request gets it
     wait_for(lambda: state_of(second, a.id) == "ready", timeout=20)
-    assert state_of(second, b.id) == QUEUED
-    second.leases.release_names(["holder2"])
+    assert state_of(second, b.id) == RequestState.QUEUED
+    second.engine.release_names(["holder2"])
     wait_for(lambda: state_of(second, b.id) == "ready", timeout=20)
 
 
 def test_a_request_pinned_to_a_host_that_goes_down_waits_for_it_and_is_served_when_it_is_back(make_services):
     services, lab = make_services(hosts=2, **SMALL)
-    engine = services.leases
+    engine = services.engine
     engine.acquire(LeaseRequest("fill", "centos", count=2, host_ref="1"))
     pinned = engine.submit(LeaseRequest("pinned", "centos", host_ref="1"), 600)
     engine.scheduler.run_pass()
-    assert engine.requests.get(pinned.id).eta_at is not None
+    assert engine.request_store.get(pinned.id).eta_at is not None
     lab.control(0).host_down("refuse")
     wait_for(lambda: services.inventory.view("1").state.value == "down", timeout=20)
     engine.scheduler.run_pass()
-    record = engine.requests.get(pinned.id)
-    assert record.state == QUEUED  # not refused: the host may come back
+    record = engine.request_store.get(pinned.id)
+    assert record.state == RequestState.QUEUED  # not refused: the host may come back
     assert record.eta_at is None  # and no ETA is made up meanwhile
     lab.control(0).host_up()
     wait_for(lambda: services.inventory.view("1").state.value == "up", timeout=30)
@@ -206,24 +205,24 @@ def test_a_request_pinned_to_a_host_that_goes_down_waits_for_it_and_is_served_wh
 def test_stopping_cancels_the_legacy_requests_queued_here_and_keeps_the_v1_ones(make_services, sim_lab):
     lab = sim_lab(**SMALL)
     first, _ = make_services(lab=lab, db="stop.db")
-    first.leases.acquire(LeaseRequest("holder", "centos", count=2))
-    legacy = first.leases.submit(LeaseRequest("legacy", "centos"), 600, origin="legacy")
-    v1 = first.leases.submit(LeaseRequest("v1", "centos"), 600, origin="v1")
+    first.engine.acquire(LeaseRequest("holder", "centos", count=2))
+    legacy = first.engine.submit(LeaseRequest("legacy", "centos"), 600, origin="legacy")
+    v1 = first.engine.submit(LeaseRequest("v1", "centos"), 600, origin="v1")
     first.stop()
     second, _ = make_services(lab=lab, db="stop.db")
-    assert state_of(second, legacy.id) == CANCELLED  # its caller's connection ended with the process
-    assert state_of(second, v1.id) == QUEUED  # read by id: it is still served
+    assert state_of(second, legacy.id) == RequestState.CANCELLED  # its caller's connection ended with the process
+    assert state_of(second, v1.id) == RequestState.QUEUED  # read by id: it is still served
 
 
 def test_a_request_whose_builder_died_goes_back_to_the_queue_while_its_caller_waits(make_services):
     import dataclasses
 
-    from dynvm.engine.requests import CREATING
+    from dynvm.states import RequestState
 
     services, _ = make_services(**SMALL)
-    engine = services.leases
+    engine = services.engine
     now = engine.clock()
-    base = engine.requests.get(engine.submit(LeaseRequest("template-row", "centos"), 600).id)
+    base = engine.request_store.get(engine.submit(LeaseRequest("template-row", "centos"), 600).id)
     rows = {
         # its caller waits on this (live) process: queued again
         "waited-on-here": dataclasses.replace(base, id="r1", origin="legacy", owner=engine.owner),
@@ -235,10 +234,12 @@ def test_a_request_whose_builder_died_goes_back_to_the_queue_while_its_caller_wa
         "immediate": dataclasses.replace(base, id="r4", origin="legacy", owner=engine.owner, wait_until=None),
     }
     for record in rows.values():
-        engine.requests.insert(dataclasses.replace(record, state=CREATING, builder="gone#2", created_at=now))
+        engine.request_store.insert(
+            dataclasses.replace(record, state=RequestState.CREATING, builder="gone#2", created_at=now)
+        )
     engine.recover()
     states = {name: state_of(services, record.id) for name, record in rows.items()}
-    assert states["waited-on-here"] == QUEUED
-    assert states["v1"] == QUEUED
+    assert states["waited-on-here"] == RequestState.QUEUED
+    assert states["v1"] == RequestState.QUEUED
     assert states["caller-gone"] == "failed"
     assert states["immediate"] == "failed"

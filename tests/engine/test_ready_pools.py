@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dynvm.leases import LeaseRequest
-from dynvm.model import NotEnoughCapacity
+from dynvm.model import LeaseRequest, NotEnoughCapacity
 from dynvm.xen.provision import MARKER_KEY
 
 from ..conftest import FakeClock
@@ -26,14 +25,14 @@ def with_pools(sim_lab, pools: str, **options):  # type: ignore[no-untyped-def]
 
 
 def pool_of(services, os: str = "centos"):  # type: ignore[no-untyped-def]
-    return next((p for p in services.leases.ready_pools.status() if p.os == os), None)
+    return next((p for p in services.engine.ready_pools.status() if p.os == os), None)
 
 
 def fill(services, os: str = "centos", ready: int = 2) -> None:  # type: ignore[no-untyped-def]
     """Run pool passes until ``ready`` VMs of ``os`` wait, probed and seen by the mirror."""
 
     def filled() -> bool:
-        services.leases.ready_pools.tick()
+        services.engine.ready_pools.tick()
         pool = pool_of(services, os)
         return pool is not None and pool.ready >= ready and pool.refilling == 0
 
@@ -49,9 +48,9 @@ def test_a_pool_fills_to_its_target_and_getservers_takes_a_ready_vm_renamed_for_
     lab = with_pools(sim_lab, "centos.ready=2")
     services, _ = make_services(lab=lab)
     fill(services)
-    pooled = {lease.vm_uuid for lease in services.leases.leases.pooled()}
+    pooled = {lease.vm_uuid for lease in services.engine.lease_store.pooled()}
     assert len(pooled) == 2
-    [lease] = services.leases.acquire(LeaseRequest("job42", "centos"))
+    [lease] = services.engine.acquire(LeaseRequest("job42", "centos"))
     assert lease.vm_uuid in pooled
     assert lease.pooled_at is not None
     assert not lease.pooled
@@ -86,7 +85,7 @@ def test_the_legacy_answer_from_a_pool_is_byte_for_byte_a_cold_one(make_services
     [warm_ip], [cold_ip] = warm.json(), cold.json()
     assert warm.text == f'["{warm_ip}"]'
     assert cold.text == f'["{cold_ip}"]'
-    leases = {lease.name: lease for lease in services.leases.leases.held()}
+    leases = {lease.name: lease for lease in services.engine.lease_store.held()}
     assert leases["warmjob"].pooled_at is not None
     assert leases["coldjob"].pooled_at is None
 
@@ -95,7 +94,7 @@ def test_a_bigger_request_takes_the_ready_vms_and_makes_the_rest(make_services, 
     lab = with_pools(sim_lab, "centos.ready=2")
     services, _ = make_services(lab=lab)
     fill(services)
-    leases = services.leases.acquire(LeaseRequest("batch", "centos", count=3))
+    leases = services.engine.acquire(LeaseRequest("batch", "centos", count=3))
     assert [lease.name for lease in leases] == ["batch1", "batch2", "batch3"]
     assert [lease.pooled_at is not None for lease in leases] == [True, True, False]
 
@@ -104,7 +103,7 @@ def test_other_cpus_or_memory_are_made_cold_and_leave_the_pool_alone(make_servic
     lab = with_pools(sim_lab, "centos.ready=2")
     services, _ = make_services(lab=lab)
     fill(services)
-    [lease] = services.leases.acquire(LeaseRequest("big", "centos", cpus=2, memory=2 * GiB))
+    [lease] = services.engine.acquire(LeaseRequest("big", "centos", cpus=2, memory=2 * GiB))
     assert lease.pooled_at is None
     assert lease.cpus == 2
     assert pool_of(services).ready == 2
@@ -118,7 +117,7 @@ def test_requests_at_once_never_get_the_same_ready_vm(make_services, sim_lab):
 
     def one(n: int):  # type: ignore[no-untyped-def]
         start.wait()
-        return services.leases.acquire(LeaseRequest(f"racer{n}", "centos"))[0]
+        return services.engine.acquire(LeaseRequest(f"racer{n}", "centos"))[0]
 
     with ThreadPoolExecutor(6) as pool:
         leases = list(pool.map(one, range(6)))
@@ -130,7 +129,7 @@ def test_requests_at_once_never_get_the_same_ready_vm(make_services, sim_lab):
 def test_capacity_counts_ready_vms_and_the_pool_makes_way_for_another_os(make_services, sim_lab):
     lab = with_pools(sim_lab, "centos.ready=2")  # one host: 32 CPUs, centos 4 vCPUs, windows 6
     services, _ = make_services(lab=lab)
-    engine = services.leases
+    engine = services.engine
     fill(services)
     assert engine.available_count("centos") == 8  # 2 ready + 6 more fit
     assert engine.available_count("windows") == 5  # the ready VMs' 8 CPUs count: they make way
@@ -141,8 +140,8 @@ def test_capacity_counts_ready_vms_and_the_pool_makes_way_for_another_os(make_se
     assert engine.available_count("centos") == 0
     with pytest.raises(NotEnoughCapacity):
         engine.acquire(LeaseRequest("more", "windows"))
-    services.leases.ready_pools.tick()
-    assert engine.leases.pooled() == []  # no room: the pool never takes what real demand holds
+    services.engine.ready_pools.tick()
+    assert engine.lease_store.pooled() == []  # no room: the pool never takes what real demand holds
 
 
 def test_a_stale_ready_vm_and_a_lowered_target_are_recycled(make_services, sim_lab):
@@ -150,16 +149,16 @@ def test_a_stale_ready_vm_and_a_lowered_target_are_recycled(make_services, sim_l
     lab = with_pools(sim_lab, "centos.ready=2\nready.ttl.minutes=30")
     services, _ = make_services(lab=lab, clock=clock)
     fill(services)
-    before = {lease.id for lease in services.leases.leases.pooled()}
+    before = {lease.id for lease in services.engine.lease_store.pooled()}
     clock.advance(31 * 60)
-    report = services.leases.ready_pools.tick()
+    report = services.engine.ready_pools.tick()
     assert len(report.recycled) == 2  # DHCP leases and clocks go stale: made afresh
     fill(services)
-    assert before.isdisjoint({lease.id for lease in services.leases.leases.pooled()})
+    assert before.isdisjoint({lease.id for lease in services.engine.lease_store.pooled()})
     text = lab.settings.source.read_text().replace("centos.ready=2", "centos.ready=1")
     lab.settings.source.write_text(text)
     assert services.watcher.reload()
-    assert len(services.leases.ready_pools.tick().recycled) == 1  # the surplus drains
+    assert len(services.engine.ready_pools.tick().recycled) == 1  # the surplus drains
     assert pool_of(services).ready == 1
     assert pool_of(services).target == 1
 
@@ -172,15 +171,15 @@ def test_a_ready_vm_that_dies_while_waiting_is_never_handed_out_and_is_replaced(
     services, _ = make_services(lab=lab, clock=clock)
     baseline = take_baseline(services, lab)
     fill(services, ready=1)
-    [dead] = services.leases.leases.pooled()
+    [dead] = services.engine.lease_store.pooled()
     lab.xapi().VM.hard_shutdown(dead.vm_ref)
     wait_for(lambda: pool_of(services).ready == 0, timeout=5)  # the mirror saw it stop
-    [lease] = services.leases.acquire(LeaseRequest("fresh", "centos"))
+    [lease] = services.engine.acquire(LeaseRequest("fresh", "centos"))
     assert lease.vm_uuid != dead.vm_uuid
     assert lease.pooled_at is None
     clock.advance(10)  # past the moment a new ready VM may take to show in the mirror
-    assert dead.name in services.leases.ready_pools.tick().recycled
-    assert services.leases.leases.get(dead.id).state == "released"
+    assert dead.name in services.engine.ready_pools.tick().recycled
+    assert services.engine.lease_store.get(dead.id).state == "released"
     fill(services, ready=1)
     check_invariants(services, lab, baseline)
 
@@ -189,7 +188,7 @@ def test_reconcile_never_takes_a_ready_vm_for_an_orphan(make_services, sim_lab):
     lab = with_pools(sim_lab, "centos.ready=2")
     services, _ = make_services(lab=lab)
     fill(services)
-    report = services.leases.reconcile()
+    report = services.engine.reconcile()
     assert report.orphans_destroyed == []
     assert report.quarantined == []
     assert pool_of(services).ready == 2
@@ -201,7 +200,7 @@ def test_after_a_kill_mid_refill_and_mid_handout_no_vm_is_both_pooled_and_leased
     lab = with_pools(sim_lab, "centos.ready=2")
     first, _ = make_services(lab=lab, replica="r")
     fill(first)
-    store = first.leases.leases
+    store = first.engine.lease_store
     dead = "r#boot-that-was-killed"
     # mid-handout: a request took a ready VM (one transaction) and dynvm died before answering
     kept, taken = sorted(store.pooled(), key=lambda lease: lease.name)
@@ -217,12 +216,12 @@ def test_after_a_kill_mid_refill_and_mid_handout_no_vm_is_both_pooled_and_leased
     lab.xapi().VM.add_to_other_config(vm, MARKER_KEY, half.id)
     # a new boot of replica r starts on the same database: recover, then reconcile
     second, _ = make_services(lab=lab, replica="r")
-    assert second.leases.leases.get(taken.id).state == "failed"  # nobody got it: rolled back
-    assert second.leases.leases.get(half.id).state == "failed"
-    assert [lease.id for lease in second.leases.leases.pooled()] == [kept.id]  # still ready to hand out
-    second.leases.reconcile()
+    assert second.engine.lease_store.get(taken.id).state == "failed"  # nobody got it: rolled back
+    assert second.engine.lease_store.get(half.id).state == "failed"
+    assert [lease.id for lease in second.engine.lease_store.pooled()] == [kept.id]  # still ready to hand out
+    second.engine.reconcile()
     assert set(vm_records(lab)) == {kept.name}  # nothing leaked
-    [lease] = second.leases.acquire(LeaseRequest("after", "centos"))
+    [lease] = second.engine.acquire(LeaseRequest("after", "centos"))
     assert lease.id == kept.id
     assert lease.pooled_at is not None
 
@@ -230,24 +229,24 @@ def test_after_a_kill_mid_refill_and_mid_handout_no_vm_is_both_pooled_and_leased
 def test_a_queued_request_is_served_from_the_pool_and_the_pool_yields_to_a_queue_of_another_os(make_services, sim_lab):
     lab = with_pools(sim_lab, "centos.ready=2")
     services, _ = make_services(lab=lab)
-    engine = services.leases
+    engine = services.engine
     fill(services)
     engine.acquire(LeaseRequest("hog", "windows", count=4))  # 24 of 32 CPUs; the pool holds the other 8
     waiting = engine.submit(LeaseRequest("patient", "centos", count=2), 600)
     engine.scheduler.run_pass()
-    assert engine.requests.get(waiting.id).state in ("creating", "ready")  # served warm at once
-    wait_for(lambda: engine.requests.get(waiting.id).state == "ready", timeout=5)
+    assert engine.request_store.get(waiting.id).state in ("creating", "ready")  # served warm at once
+    wait_for(lambda: engine.request_store.get(waiting.id).state == "ready", timeout=5)
     assert all(lease.pooled_at is not None for lease in engine.leases_of(waiting.id))
     # no room left: a request of another OS waits; the pool refills nothing and gives way
     fill_blocked = engine.ready_pools.tick()
     assert fill_blocked.started == []  # nothing to refill into: no room
     engine.release("patient", 2)
     engine.ready_pools.tick()
-    wait_for(lambda: pool_of(services).refilling == 0 and len(engine.leases.pooled()) == 2, timeout=10)
+    wait_for(lambda: pool_of(services).refilling == 0 and len(engine.lease_store.pooled()) == 2, timeout=10)
     wait_for(lambda: pool_of(services).ready == 2, timeout=10)
     other = engine.submit(LeaseRequest("winjob", "windows"), 600)
     engine.scheduler.run_pass()
-    assert engine.requests.get(other.id).state == "queued"  # the pool's room is still taken
+    assert engine.request_store.get(other.id).state == "queued"  # the pool's room is still taken
     report = engine.ready_pools.tick()
     assert len(report.yielded) == 1  # one idle ready VM per host per pass makes way
     assert report.started == []  # and nothing refills while someone waits
@@ -255,7 +254,7 @@ def test_a_queued_request_is_served_from_the_pool_and_the_pool_yields_to_a_queue
     def served() -> bool:
         engine.ready_pools.tick()
         engine.scheduler.run_pass()
-        return engine.requests.get(other.id).state == "ready"
+        return engine.request_store.get(other.id).state == "ready"
 
     wait_for(served, timeout=15, interval=0.1)  # windows needs 6 CPUs: two ready VMs make way
 
@@ -265,13 +264,13 @@ def test_refill_makes_at_most_refill_per_host_at_once_and_backs_off_a_failing_ho
 
     lab = with_pools(sim_lab, "centos.ready=5\nrefill.per.host=2", timing=Timing(clone_seconds=0.3))
     services, _ = make_services(lab=lab)
-    pools = services.leases.ready_pools
+    pools = services.engine.ready_pools
     assert len(pools.tick().started) == 2  # five wanted, two begun on the one host
     assert pools.tick().started == []  # both still being made
     fill(services, ready=5)
     lab.control().set_timing({"clone_seconds": 0.0})
     lab.control().fail_next("clone", "INTERNAL_ERROR", 9)  # every attempt of the next refills fails
-    services.leases.acquire(LeaseRequest("one", "centos"))
+    services.engine.acquire(LeaseRequest("one", "centos"))
     assert len(pools.tick().started) == 1
     wait_for(lambda: pool_of(services).refilling == 0, timeout=10)
     assert pools.tick().started == []  # the host failed: it is left alone for a while
@@ -287,15 +286,15 @@ def test_a_host_going_down_takes_its_ready_vms_out_of_the_pool(make_services, si
     services, _ = make_services(lab=lab)
     baseline = take_baseline(services, lab)
     fill(services)
-    on_first = [lease for lease in services.leases.leases.pooled() if lease.host_ref == "1"]
+    on_first = [lease for lease in services.engine.lease_store.pooled() if lease.host_ref == "1"]
     lab.control(0).host_down("refuse")
     wait_for(lambda: services.inventory.view("1").state is HostState.DOWN, timeout=15)
     assert pool_of(services).ready == 2 - len(on_first)  # never handed out while unreachable
-    leases = services.leases.acquire(LeaseRequest("during", "centos", count=2))
+    leases = services.engine.acquire(LeaseRequest("during", "centos", count=2))
     assert all(lease.host_ref == "2" for lease in leases)
     lab.control(0).host_up()
     wait_for(lambda: services.inventory.view("1").state is HostState.UP, timeout=30)
-    idle = {lease.id for lease in services.leases.ready_pools.idle(services.current_settings(), "centos")}
+    idle = {lease.id for lease in services.engine.stock.idle(services.current_settings(), "centos")}
     assert {lease.id for lease in on_first} <= idle  # back, alive, and handed out again
     check_invariants(services, lab, baseline)
 
@@ -306,7 +305,7 @@ def test_learned_sizing_keeps_what_recent_demand_needs_with_the_fixed_lines_as_a
     clock = FakeClock()
     lab = with_pools(sim_lab, "sizing=learned\nsizing.margin=1\ncentos.max=3\nwindows.ready=1")
     services, _ = make_services(lab=lab, clock=clock)
-    engine = services.leases
+    engine = services.engine
     for n in range(6):  # six centos requests in the last hour: a new OS, sized on its recent rate
         engine.acquire(LeaseRequest(f"seen{n}", "centos"))
         engine.release(f"seen{n}")
@@ -331,15 +330,15 @@ def test_a_recycle_pass_never_destroys_a_vm_a_request_took_since_the_pass_read_t
     clock = FakeClock()
     lab = with_pools(sim_lab, "centos.ready=1\nready.ttl.minutes=30")
     services, _ = make_services(lab=lab, clock=clock)
-    engine = services.leases
+    engine = services.engine
     fill(services, ready=1)
-    stale = engine.leases.pooled()  # what a pass read before a request came
+    stale = engine.lease_store.pooled()  # what a pass read before a request came
     [lease] = engine.acquire(LeaseRequest("job42", "centos"))
     assert lease.id == stale[0].id  # the request took that very VM
     clock.advance(31 * 60)  # and the pass finds it past its ready TTL
-    monkeypatch.setattr(engine.leases, "pooled", lambda conn=None: stale)
+    monkeypatch.setattr(engine.lease_store, "pooled", lambda conn=None: stale)
     assert engine.ready_pools.tick().recycled == []
-    assert engine.leases.get(lease.id).state == "ready"  # job42 still holds it ...
+    assert engine.lease_store.get(lease.id).state == "ready"  # job42 still holds it ...
     assert "job42" in vm_records(lab)  # ... and its VM is still there
 
 
@@ -347,23 +346,23 @@ def test_a_ready_vm_whose_maker_died_before_it_joined_the_pool_is_recycled(make_
     lab = with_pools(sim_lab, "centos.ready=1")
     services, _ = make_services(lab=lab, replica="r")
     fill(services, ready=1)
-    [ready] = services.leases.leases.pooled()
-    store = services.leases.leases
+    [ready] = services.engine.lease_store.pooled()
+    store = services.engine.lease_store
     with store.db.write() as conn:  # as a refill leaves it when its process dies between two writes
         from sqlalchemy import update
 
         from dynvm.store.tables import leases
 
         conn.execute(update(leases).where(leases.c.id == ready.id).values(pooled_at=None, owner="r#killed"))
-    report = services.leases.ready_pools.tick()
+    report = services.engine.ready_pools.tick()
     assert ready.name in report.recycled
-    assert services.leases.leases.get(ready.id).state == "released"
+    assert services.engine.lease_store.get(ready.id).state == "released"
 
 
 def test_a_request_that_needs_room_never_has_its_own_oses_ready_vms_destroyed_for_it(make_services, sim_lab):
     lab = with_pools(sim_lab, "centos.ready=2")
     services, _ = make_services(lab=lab)
-    engine = services.leases
+    engine = services.engine
     fill(services)
     engine.acquire(LeaseRequest("hog", "windows", count=4))  # 24 CPUs; the two ready centos hold 8
     with pytest.raises(NotEnoughCapacity):  # two warm and one cold: no room for the third
@@ -382,13 +381,13 @@ def test_a_ready_vm_whose_member_crashed_unnoticed_is_never_handed_out(make_serv
     services, _ = make_services(lab=lab)
     fill(services, ready=2)
     xapi = lab.xapi()
-    on = {lease.name: xapi.VM.get_resident_on(lease.vm_ref) for lease in services.leases.leases.pooled()}
+    on = {lease.name: xapi.VM.get_resident_on(lease.vm_ref) for lease in services.engine.lease_store.pooled()}
     assert len(set(on.values())) == 2  # one on each member
     lab.control().member_down(1, "refuse")
     with pytest.raises(CreateFailed, match="no longer answers on port"):
-        services.leases.acquire(LeaseRequest("both", "centos", count=2))
+        services.engine.acquire(LeaseRequest("both", "centos", count=2))
     # the one on the crashed member waits for it to be destroyed; the other is gone already
-    [waiting] = services.leases.leases.by_name(["both1", "both2"])
+    [waiting] = services.engine.lease_store.by_name(["both1", "both2"])
     assert (waiting.state, waiting.handed_over_at) == ("releasing", None)
     live = {r["name_label"] for r in xapi.VM.get_all_records().values() if r["name_label"].startswith("both")}
     assert live == set()  # neither VM kept the request's name: none was handed out
@@ -403,7 +402,7 @@ def test_a_ready_vm_the_host_says_another_request_holds_is_never_handed_out(make
     lab = with_pools(sim_lab, "centos.ready=1")
     services, _ = make_services(lab=lab)
     fill(services, ready=1)
-    [pooled] = services.leases.leases.pooled()
+    [pooled] = services.engine.lease_store.pooled()
     xapi = lab.xapi()
     xapi.VM.add_to_other_config(pooled.vm_ref, HOLDER_KEY, "a-request-of-another-database")
     spec = VmSpec(name="bob", os="centos", template=pooled.template, lease_id=pooled.id, holder="bobs-request")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dynvm.engine.requests import QUEUED, RequestRecord
-from dynvm.engine.scheduler import fair_order
+from dynvm.engine.queue_policy import fair_order
+from dynvm.states import RequestState
+from dynvm.store.requests import RequestRecord
 
 
 def queued(request_id: str, user: str, at: float, priority: int = 0) -> RequestRecord:
-    return RequestRecord(request_id, user, "centos", 1, QUEUED, "me", at, priority=priority)
+    return RequestRecord(request_id, user, "centos", 1, RequestState.QUEUED, "me", at, priority=priority)
 
 
 def test_users_take_turns_and_each_users_requests_keep_their_order():

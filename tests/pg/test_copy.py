@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dynvm.cli import build_cli
 from dynvm.engine.claim import Contested
-from dynvm.leases import LeaseRequest
+from dynvm.model import LeaseRequest
 from dynvm.runtime import build_services
 from dynvm.xen.marker import MARKER_KEY
 
@@ -54,40 +54,40 @@ def test_a_copy_started_beside_production_touches_nothing_until_it_is_a_new_inst
 ):  # copy_url first: its database is dropped only once every dynvm on it has stopped
     lab = sim_lab()
     production, _ = make_services(lab=lab, db=db_url)
-    production.leases.acquire(LeaseRequest("prod", "centos"))
+    production.engine.acquire(LeaseRequest("prod", "centos"))
     copy_database(db_url, copy_url, tmp_path)
-    production.leases.claim.renew()  # its leader renews the claim every 20 s
+    production.engine.claim.renew()  # its leader renews the claim every 20 s
 
     # a staging dynvm runs elsewhere, under a replica name of its own
     copy = build_services(lab.settings.source, copy_url, intervals=QUIET, event_timeout=1.0, replica="staging:5000")
     try:
         with pytest.raises(Contested, match="dynvm installation new"):
             copy.start()
-        outcome = copy.leases.release("prod")  # what the copy's /releaseservers/prod would do
+        outcome = copy.engine.release("prod")  # what the copy's /releaseservers/prod would do
         assert outcome.released == []
         assert "prod" in outcome.failed
         with pytest.raises(Contested):
-            copy.leases.acquire(LeaseRequest("staging", "centos"))
-        assert copy.leases.reconcile().orphans_destroyed == []
+            copy.engine.acquire(LeaseRequest("staging", "centos"))
+        assert copy.engine.reconcile().orphans_destroyed == []
     finally:
         copy.stop()
     assert vms(lab)["prod"]["power_state"] == "Running"  # production's VM, untouched
-    production.leases.claim.renew()  # production goes on: nothing contests it
+    production.engine.claim.renew()  # production goes on: nothing contests it
 
     runner = CliRunner()
     # --force: the copy, seconds old, still carries production's heartbeat
     result = runner.invoke(build_cli(), ["installation", "new", "--db", copy_url, "--yes", "--force"])
     assert result.exit_code == 0, result.output
     staging, _ = make_services(lab=lab, db=copy_url)  # now an installation of its own
-    assert staging.leases.installation != production.leases.installation
-    [own] = staging.leases.acquire(LeaseRequest("staging", "centos"))
-    assert staging.leases.reconcile().orphans_destroyed == []
-    assert production.leases.reconcile().orphans_destroyed == []
+    assert staging.engine.installation != production.engine.installation
+    [own] = staging.engine.acquire(LeaseRequest("staging", "centos"))
+    assert staging.engine.reconcile().orphans_destroyed == []
+    assert production.engine.reconcile().orphans_destroyed == []
     on_host = vms(lab)
     assert on_host["prod"]["power_state"] == "Running"
     assert on_host["staging"]["power_state"] == "Running"
-    assert production.leases.release("prod").released == ["prod"]
-    assert staging.leases.release("staging").released == ["staging"]
+    assert production.engine.release("prod").released == ["prod"]
+    assert staging.engine.release("staging").released == ["staging"]
     assert own.ip
 
 
@@ -110,7 +110,7 @@ def test_a_copy_started_before_production_renewed_its_claim_waits_and_finds_out(
     copy = build_services(
         lab.settings.source, copy_url, clock=clock, intervals=QUIET, event_timeout=1.0, replica="staging:5000"
     )
-    renewal = threading.Timer(1.0, production.leases.claim.renew)  # production's next renewal
+    renewal = threading.Timer(1.0, production.engine.claim.renew)  # production's next renewal
     renewal.start()
     try:
         with pytest.raises(Contested, match="COPY's database"):
@@ -131,13 +131,13 @@ def test_a_running_dynvm_that_finds_another_acting_for_it_stops_acting_and_says_
     from dynvm.xen.marker import claim_key
 
     services, lab = make_services(lab=sim_lab(), db=db_url)
-    seq, _ = services.leases.leases.claim_mark()
+    seq, _ = services.engine.installation_store.claim_mark()
     xapi = lab.xapi()
     [pool] = xapi.pool.get_all()
-    key = claim_key(services.leases.installation)
+    key = claim_key(services.engine.installation)
     xapi.pool.remove_from_other_config(pool, key)  # another database's dynvm renews its claim
     xapi.pool.add_to_other_config(
-        pool, key, Claim(seq + 1, "f" * 32, "elsewhere:5000#1", services.leases.clock()).dump()
+        pool, key, Claim(seq + 1, "f" * 32, "elsewhere:5000#1", services.engine.clock()).dump()
     )
     services._renew_claim()
     client = TestClient(create_app(services, manage_services=False))
@@ -146,4 +146,4 @@ def test_a_running_dynvm_that_finds_another_acting_for_it_stops_acting_and_says_
     assert "elsewhere:5000#1" in answer.text
     assert client.get("/healthz", params={"detail": "true"}).json()["status"] == "contested"
     assert client.get("/getservers/u1").status_code == 503
-    assert services.leases.expire_due() == []
+    assert services.engine.expire_due() == []

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from dynvm.leases import LeaseRequest
-from dynvm.model import Lease, NameInUse, NotEnoughCapacity
+from dynvm.model import Lease, LeaseRequest, NameInUse, NotEnoughCapacity
 from dynvm.runtime import Intervals
 from dynvm.sim.settings import Timing
+from dynvm.states import Actor, LeaseState
 from dynvm.store.db import Database
 from dynvm.store.leases import LeaseStore
 from dynvm.xen.provision import MARKER_KEY
@@ -56,7 +56,7 @@ def test_the_schema_behaves_as_on_sqlite(fresh_pg):
         store.insert(conn, [first])
     with pytest.raises(NameInUse), db.write() as conn:
         store.insert(conn, [lease("same")])  # the partial unique index, on PostgreSQL too
-    store.finish([first.id], "released", 3.0)
+    store.finish([first.id], LeaseState.RELEASED, 3.0, by=Actor.OPERATOR)
     with db.write() as conn:
         store.insert(conn, [lease("same")])  # a released name may be used again
     db.close()
@@ -74,12 +74,12 @@ def test_two_replicas_under_a_storm_grant_exactly_the_capacity(make_services, si
     a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
     b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
     assert not a.db.is_sqlite
-    assert a.leases.available_count("centos") == b.leases.available_count("centos") == 8
+    assert a.engine.available_count("centos") == b.engine.available_count("centos") == 8
     outcomes: list[object] = []
     lock = threading.Lock()
 
     def ask(n: int) -> None:
-        service = (a, b)[n % 2].leases
+        service = (a, b)[n % 2].engine
         try:
             result: object = service.acquire(LeaseRequest(f"storm{n}", "centos"))
         except NotEnoughCapacity as e:
@@ -108,10 +108,10 @@ def test_the_leader_runs_expiry_and_another_takes_over_when_it_dies(make_service
     b, _ = make_services(lab=lab, db=fresh_pg, replica="b", intervals=quick)
     assert a.leadership.is_leader()
     assert not b.leadership.is_leader()  # exactly one leader
-    [doomed] = b.leases.acquire(LeaseRequest("doomed", "centos", expires_in_minutes=0.05))  # 3 s
+    [doomed] = b.engine.acquire(LeaseRequest("doomed", "centos", expires_in_minutes=0.05))  # 3 s
     a.stop()  # the leader goes away ...
     wait_for(lambda: b.leadership.is_leader(), timeout=30)  # ... another takes over ...
-    wait_for(lambda: b.leases.leases.get(doomed.id).state == "expired", timeout=30)  # ... and expiry goes on
+    wait_for(lambda: b.engine.lease_store.get(doomed.id).state == "expired", timeout=30)  # ... and expiry goes on
     assert not any(r["name_label"] == "doomed" for r in lab.xapi().VM.get_all_records().values())
 
 
@@ -141,18 +141,18 @@ def test_a_request_queued_on_a_follower_is_served_by_the_leader_and_by_the_next_
     a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
     b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
     assert a.leadership.is_leader()
-    b.leases.acquire(LeaseRequest("holder", "centos", count=2))
-    first = b.leases.submit(LeaseRequest("q1", "centos"), 600)  # accepted by the follower
-    second = b.leases.submit(LeaseRequest("q2", "centos", caller="bob"), 600)
-    wait_for(lambda: b.leases.requests.get(first.id).position == 1, timeout=10)  # the leader's forecast
-    b.leases.release_names(["holder1"])
-    wait_for(lambda: b.leases.requests.get(first.id).state == "ready", timeout=30)  # served by a, seen by b
-    assert a.leases.requests.get(first.id).builder == a.leases.owner
+    b.engine.acquire(LeaseRequest("holder", "centos", count=2))
+    first = b.engine.submit(LeaseRequest("q1", "centos"), 600)  # accepted by the follower
+    second = b.engine.submit(LeaseRequest("q2", "centos", caller="bob"), 600)
+    wait_for(lambda: b.engine.request_store.get(first.id).position == 1, timeout=10)  # the leader's forecast
+    b.engine.release_names(["holder1"])
+    wait_for(lambda: b.engine.request_store.get(first.id).state == "ready", timeout=30)  # served by a, seen by b
+    assert a.engine.request_store.get(first.id).builder == a.engine.owner
     a.stop()  # the leader goes away with a request still queued
     wait_for(lambda: b.leadership.is_leader(), timeout=30)
-    b.leases.release_names(["holder2"])
-    wait_for(lambda: b.leases.requests.get(second.id).state == "ready", timeout=30)
-    assert sorted(lease.name for lease in b.leases.leases.active()) == ["q1", "q2"]
+    b.engine.release_names(["holder2"])
+    wait_for(lambda: b.engine.request_store.get(second.id).state == "ready", timeout=30)
+    assert sorted(lease.name for lease in b.engine.lease_store.active()) == ["q1", "q2"]
 
 
 def test_a_leader_that_stops_while_making_a_followers_request_gives_it_back_to_the_queue(
@@ -164,15 +164,15 @@ def test_a_leader_that_stops_while_making_a_followers_request_gives_it_back_to_t
     a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
     b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
     assert a.leadership.is_leader()
-    request = b.leases.submit(LeaseRequest("handed", "centos"), 600, origin="legacy")  # its caller waits on b
-    wait_for(lambda: b.leases.requests.get(request.id).state == "creating", timeout=10)
-    assert b.leases.requests.get(request.id).builder == a.leases.owner
+    request = b.engine.submit(LeaseRequest("handed", "centos"), 600, origin="legacy")  # its caller waits on b
+    wait_for(lambda: b.engine.request_store.get(request.id).state == "creating", timeout=10)
+    assert b.engine.request_store.get(request.id).builder == a.engine.owner
     a.stop()  # the leader stops mid-create: it rolls its VMs back, and the request waits again
-    assert b.leases.requests.get(request.id).state == "queued"
+    assert b.engine.request_store.get(request.id).state == "queued"
     lab.control().set_timing({"boot_seconds": 0.1})
     wait_for(lambda: b.leadership.is_leader(), timeout=30)
-    wait_for(lambda: b.leases.requests.get(request.id).state == "ready", timeout=60)
-    assert b.leases.requests.get(request.id).builder == b.leases.owner
+    wait_for(lambda: b.engine.request_store.get(request.id).state == "ready", timeout=60)
+    assert b.engine.request_store.get(request.id).builder == b.engine.owner
 
 
 def test_two_replicas_never_hand_out_the_same_ready_vm(make_services, sim_lab, fresh_pg):
@@ -182,12 +182,12 @@ def test_two_replicas_never_hand_out_the_same_ready_vm(make_services, sim_lab, f
     a, _ = make_services(lab=lab, db=fresh_pg, replica="a")
     b, _ = make_services(lab=lab, db=fresh_pg, replica="b")
     fill(a, ready=4)
-    ready = {lease.vm_uuid for lease in b.leases.leases.pooled()}
+    ready = {lease.vm_uuid for lease in b.engine.lease_store.pooled()}
     start = threading.Barrier(8)
 
     def ask(n: int) -> Lease:
         start.wait()
-        return (a, b)[n % 2].leases.acquire(LeaseRequest(f"warm{n}", "centos"))[0]
+        return (a, b)[n % 2].engine.acquire(LeaseRequest(f"warm{n}", "centos"))[0]
 
     with ThreadPoolExecutor(8) as pool:
         leases = list(pool.map(ask, range(8)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from dynvm.leases import LeaseRequest
+from dynvm.model import LeaseRequest
 from dynvm.xen.marker import HOLDER_KEY, QUARANTINE_TAG
 
 from ..conftest import FakeClock
@@ -28,21 +28,21 @@ def test_an_idle_pool_vm_in_the_backup_is_never_handed_to_a_second_user(make_ser
     fill(services, ready=1)
     backup = Backup(db_url, tmp_path)
     backup.take()  # the pool VM idle in it
-    [alice] = services.leases.acquire(LeaseRequest("alice", "centos"))
+    [alice] = services.engine.acquire(LeaseRequest("alice", "centos"))
     assert alice.pooled_at is not None  # she got it warm
     assert vms(lab)["alice"]["other_config"][HOLDER_KEY] == alice.request_id
     services.stop()
     backup.restore()
 
     restored, _ = make_services(lab=lab, db=db_url)  # start-up reconcile runs first
-    assert restored.leases.leases.pooled() == []  # the database's pool VM is the host's alice's
-    [bob] = restored.leases.acquire(LeaseRequest("bob", "centos"))
+    assert restored.engine.lease_store.pooled() == []  # the database's pool VM is the host's alice's
+    [bob] = restored.engine.acquire(LeaseRequest("bob", "centos"))
     assert bob.vm_uuid != alice.vm_uuid  # made cold for him (alice's halted VM gave its address back)
     on_host = vms(lab)
     assert on_host["alice"]["other_config"][HOLDER_KEY] == alice.request_id  # never renamed, never bob's
     assert QUARANTINE_TAG in on_host["alice"]["tags"]  # kept, halted, shown
     assert on_host["bob"]["other_config"][HOLDER_KEY] == bob.request_id
-    [shown] = restored.leases.quarantined()
+    [shown] = restored.engine.quarantined()
     assert (shown.name, shown.held_by) == ("alice", alice.request_id)
 
 
@@ -54,9 +54,9 @@ def test_a_vm_whose_create_the_backup_caught_midway_is_quarantined_not_destroyed
     backup = Backup(db_url, tmp_path)
     lab.control().set_timing({"clone_seconds": 1.0})
     answered: list = []
-    asking = threading.Thread(target=lambda: answered.extend(services.leases.acquire(LeaseRequest("mid", "centos"))))
+    asking = threading.Thread(target=lambda: answered.extend(services.engine.acquire(LeaseRequest("mid", "centos"))))
     asking.start()
-    wait_for(lambda: services.leases.leases.by_name(["mid"]), timeout=5)
+    wait_for(lambda: services.engine.lease_store.by_name(["mid"]), timeout=5)
     backup.take()  # "mid" is being made in it
     asking.join(timeout=30)
     [mid] = answered  # its user has it
@@ -68,7 +68,7 @@ def test_a_vm_whose_create_the_backup_caught_midway_is_quarantined_not_destroyed
     record = vms(lab)["mid"]  # still there: never destroyed at once
     assert record["other_config"][HOLDER_KEY] == mid.request_id
     assert QUARANTINE_TAG in record["tags"]
-    assert restored.leases.reconcile().orphans_destroyed == []
+    assert restored.engine.reconcile().orphans_destroyed == []
 
 
 def test_a_held_vm_stays_its_users_and_one_the_backup_never_saw_is_quarantined(
@@ -77,10 +77,10 @@ def test_a_held_vm_stays_its_users_and_one_the_backup_never_saw_is_quarantined(
     clock = FakeClock()
     lab = sim_lab()
     services, _ = make_services(lab=lab, db=db_url, clock=clock)
-    services.leases.acquire(LeaseRequest("alice", "centos"))
+    services.engine.acquire(LeaseRequest("alice", "centos"))
     backup = Backup(db_url, tmp_path)
     backup.take()  # alice holds her VM in it
-    [bob] = services.leases.acquire(LeaseRequest("bob", "centos"))  # after the backup
+    [bob] = services.engine.acquire(LeaseRequest("bob", "centos"))  # after the backup
     services.stop()
     backup.restore()
 
@@ -90,7 +90,7 @@ def test_a_held_vm_stays_its_users_and_one_the_backup_never_saw_is_quarantined(
     assert on_host["alice"]["power_state"] == "Running"
     assert QUARANTINE_TAG in on_host["bob"]["tags"]  # unknown to this database: kept, halted
     assert on_host["bob"]["other_config"][HOLDER_KEY] == bob.request_id
-    assert restored.leases.release("alice").released == ["alice"]
+    assert restored.engine.release("alice").released == ["alice"]
     assert "alice" not in vms(lab)
     clock.advance(restored.settings.common.quarantine_hours * 3600 + 60)
-    assert restored.leases.reconcile().orphans_destroyed == ["bob"]  # once its quarantine is over
+    assert restored.engine.reconcile().orphans_destroyed == ["bob"]  # once its quarantine is over

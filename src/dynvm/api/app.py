@@ -50,12 +50,12 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
         on its clock (Unix seconds; a live replay's compressed time, ``clock.py``). 503 once
         another dynvm is known to act for this installation (``engine/claim.py``): a load
         balancer takes this one out."""
-        contested = services.leases.claim.contested
+        contested = services.engine.claim.contested
         if not detail:
             return PlainTextResponse(
                 f"contested: {contested}" if contested else "ok", status_code=503 if contested else 200
             )
-        installation = await anyio.to_thread.run_sync(lambda: services.leases.installation)
+        installation = await anyio.to_thread.run_sync(lambda: services.engine.installation)
         leading = await anyio.to_thread.run_sync(services.leadership.is_leader)
         return JSONResponse(
             {
@@ -64,7 +64,7 @@ def create_app(services: Services, manage_services: bool = True) -> FastAPI:
                 "installation": installation,
                 "version": __version__,
                 "leader": leading,
-                "time": services.leases.clock(),
+                "time": services.engine.clock(),
             },
             status_code=503 if contested else 200,
         )

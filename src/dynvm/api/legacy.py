@@ -19,6 +19,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
+from .. import bounds
 from ..model import BadRequest, Caller, CreateFailed, Lease, LeaseRequest, RequestCancelled
 from ..provider import Machine
 from ..runtime import Services
@@ -31,8 +32,6 @@ router = APIRouter(include_in_schema=False)
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would also take '２' or ' 5'
 DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
-MAX_COUNT = 1000  # a sanity bound; [quota] max.count.per.request is the real limit
-GiB = 1024**3
 
 
 def error(status: int, message: str) -> Response:
@@ -44,7 +43,7 @@ def as_error(e: Exception) -> Response:
 
 
 def json_text(value: object, **options: object) -> Response:
-    return Response(json.dumps(value, **options), media_type="application/json")  # type: ignore[arg-type]
+    return Response(json.dumps(value, **options), media_type="application/json")  # type: ignore[arg-type]  # json.dumps's keyword options are typed per keyword; this passes them through
 
 
 def _int(name: str, raw: str | None, default: int | None, low: int, high: int) -> int | None:
@@ -86,7 +85,7 @@ def _vm_entry(vm: Machine, member: str | None = None) -> dict[str, str]:
 
 
 def showall(services: Services, os: str | None) -> Response:
-    engine = services.leases
+    engine = services.engine
     pools = {ref for ref, status in engine.host_statuses().items() if status.is_pool}
     result: dict[str, list[dict[str, str]]] = {}
     for host_ref, machines in engine.machines(os).items():  # a host that is down is listed with no VMs
@@ -106,7 +105,7 @@ async def showall_os(os: str, services: ServicesDep, _: CallerDep) -> Response:
 
 
 def available(services: Services, os: str) -> Response:
-    return PlainTextResponse(str(services.leases.available_count(os)))
+    return PlainTextResponse(str(services.engine.available_count(os)))
 
 
 @router.get("/getavailablecount")
@@ -137,14 +136,12 @@ def parse_wait(raw: str | None, default: float) -> float:
     if not DECIMAL.fullmatch(raw):
         raise BadRequest(f"wait is minutes (digits 0-9, decimals allowed; 0 = do not wait), not {raw!r}")
     minutes = float(raw)
-    if not math.isfinite(minutes) or minutes > 7 * 24 * 60:
-        raise BadRequest(f"wait is at most a week of minutes ({7 * 24 * 60}), not {raw!r}")
+    if not math.isfinite(minutes) or minutes not in bounds.WAIT_MINUTES:
+        raise BadRequest(f"wait is at most a week of minutes ({bounds.WAIT_MINUTES.high:g}), not {raw!r}")
     return minutes
 
 
-def parse_getservers(
-    username: str, query: dict[str, str], max_minutes: float, caller: Caller
-) -> tuple[LeaseRequest, str]:
+def parse_getservers(username: str, query: dict[str, str], caller: Caller) -> tuple[LeaseRequest, str]:
     fmt = query.get("format") or "servermanager"
     if fmt not in ("servermanager", "detailed"):
         raise BadRequest(f"format must be servermanager or detailed, not {fmt!r}")
@@ -156,16 +153,18 @@ def parse_getservers(
         expires = float(raw)
         if not math.isfinite(expires) or expires <= 0:
             raise BadRequest(f"expiresin must be a positive number of minutes, not {raw!r}")
-        expires = min(expires, max_minutes)
+        expires = min(expires, bounds.LIFETIME_MINUTES.high)  # the engine caps it at vm.expiry.minutes
     request = LeaseRequest(
         username=_username(username),
         os=query.get("os") or "centos",
-        count=_int("count", query.get("count"), 1, 1, MAX_COUNT) or 1,
-        cpus=_int("cpus", query.get("cpus"), None, 1, 256),
-        memory=_int("mem", query.get("mem"), None, GiB // 4, 4096 * GiB),
+        count=_int("count", query.get("count"), 1, *_int_bound(bounds.COUNT)) or 1,
+        cpus=_int("cpus", query.get("cpus"), None, *_int_bound(bounds.CPUS)),
+        memory=_int("mem", query.get("mem"), None, *_int_bound(bounds.MEMORY)),
         expires_in_minutes=expires,
         caller=caller.user,
-        host_ref=str(_int("xhostref", query.get("xhostref"), None, 1, 100000)) if query.get("xhostref") else None,
+        host_ref=str(_int("xhostref", query.get("xhostref"), None, *_int_bound(bounds.HOST_REF)))
+        if query.get("xhostref")
+        else None,
     )
     return request, fmt
 
@@ -174,7 +173,7 @@ def parse_getservers(
 async def getservers(username: str, request: Request, services: ServicesDep, caller: CallerDep) -> Response:
     try:
         common = services.current_settings().common
-        lease_request, fmt = parse_getservers(username, dict(request.query_params), common.expiry_minutes, caller)
+        lease_request, fmt = parse_getservers(username, dict(request.query_params), caller)
         minutes = parse_wait(request.query_params.get("wait"), common.queue_wait_minutes)
         leases = await _leases_for(services, request, lease_request, minutes)
     except Exception as e:
@@ -190,7 +189,7 @@ async def _leases_for(services: Services, request: Request, lease_request: Lease
     saying how long it waited). A client that hangs up cancels a request that may wait:
     everything built for it is removed. One that does not wait carries on, as the seed's
     did: its VMs become leases the user can release, or that expire."""
-    engine = services.leases
+    engine = services.engine
     lease_request = dataclasses.replace(lease_request, request_id=str(uuid.uuid4()))
     record = await anyio.to_thread.run_sync(engine.open_request, lease_request, minutes * 60, "legacy")
     waits = minutes > 0
@@ -201,11 +200,11 @@ async def _leases_for(services: Services, request: Request, lease_request: Lease
     # once served, its create may take up to three attempts of vm.network.timeout.secs
     longest = minutes * 60 + 3 * services.current_settings().common.network_timeout_secs + 600
     try:
-        final = await engine.requests.wait_finished(record.id, longest, still_wanted=connected if waits else None)
+        final = await engine.request_store.wait_finished(record.id, longest, still_wanted=connected if waits else None)
     except BaseException:  # the server is stopping and cancels this wait: nobody will be answered
         if waits:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(engine.requests.request_cancel, record.id)
+                await anyio.to_thread.run_sync(engine.request_store.request_cancel, record.id)
         raise
     if final is None or not final.finished:
         if not waits:
@@ -224,7 +223,7 @@ def release(services: Services, username: str, count: int, caller: Caller) -> Re
     """200 and the names: all gone. 202 and the names: the VMs are gone, and dynvm finishes
     the rest (a disk, or a release already under way) by itself; ``X-Dynvm-Detail`` says
     what. 502 ``Error: …``: a VM could not be destroyed; dynvm retries within a minute."""
-    outcome = services.leases.release(_username(username), count, caller)
+    outcome = services.engine.release(_username(username), count, caller)
     if outcome.failed:  # every VM named, with what became of it
         return error(502, "; ".join(outcome.states()))
     response = json_text(outcome.names, indent=2)
@@ -242,7 +241,7 @@ def release(services: Services, username: str, count: int, caller: Caller) -> Re
 @router.get("/releaseservers/{username}")
 async def releaseservers(username: str, request: Request, services: ServicesDep, caller: CallerDep) -> Response:
     try:
-        count = _int("count", request.query_params.get("count"), 1, 1, MAX_COUNT) or 1
+        count = _int("count", request.query_params.get("count"), 1, *_int_bound(bounds.COUNT)) or 1
         return await services.run_long(release, services, username, count, caller)
     except Exception as e:
         return as_error(e)
@@ -254,3 +253,7 @@ async def releaseservers_state(
 ) -> Response:
     """The seed took a state here; it is accepted and the VMs are destroyed all the same."""
     return await releaseservers(username, request, services, caller)
+
+
+def _int_bound(bound: bounds.Bound) -> tuple[int, int]:
+    return int(bound.low), int(bound.high)

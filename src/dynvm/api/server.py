@@ -47,7 +47,7 @@ def protocol_with_request_timeout(seconds: float = DEFAULT_REQUEST_TIMEOUT) -> t
     class RequestTimeoutProtocol(H11Protocol):
         _request_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # asyncio.Protocol types the transport as BaseTransport; uvicorn gives a Transport
             super().connection_made(transport)
             self._arm()
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from .. import bounds
 from ..model import Lease, LeaseRequest, NoSuchLease, ReleaseFailed
 from ..runtime import Services
 from .deps import CallerDep, ServicesDep
@@ -25,9 +26,7 @@ from .errors import render_exception
 
 router = APIRouter(prefix="/api/v1", tags=["v1"])
 
-NAME_PATTERN = r"^[A-Za-z0-9._-]{0,63}[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"  # not only dots (max_length: 64)
-OS_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-GiB = 1024**3
+NAME_PATTERN, OS_PATTERN = bounds.NAME_PATTERN, bounds.OS_PATTERN
 PROBLEM = {"model": dict, "content": {"application/problem+json": {}}, "description": "problem details"}
 ERRORS: dict[int | str, dict[str, Any]] = dict.fromkeys((400, 401, 403, 404, 409, 422, 429, 502, 503), PROBLEM)
 
@@ -35,24 +34,36 @@ ERRORS: dict[int | str, dict[str, Any]] = dict.fromkeys((400, 401, 403, 404, 409
 class LeaseIn(BaseModel):
     os: str = Field(pattern=OS_PATTERN, description="OS key, e.g. centos")
     name: str = Field(
-        pattern=NAME_PATTERN, max_length=64, description="the VM name (count=1) or the prefix of <name>1..<name>N"
+        pattern=NAME_PATTERN,
+        max_length=bounds.NAME_MAX,
+        description="the VM name (count=1) or the prefix of <name>1..<name>N",
     )
-    count: int = Field(1, ge=1, le=1000)
-    cpus: int | None = Field(None, ge=1, le=256, description="vCPUs; default: the template's")
-    memory: int | None = Field(None, ge=GiB // 4, le=4096 * GiB, description="bytes; default: the template's")
-    expires_in_minutes: float | None = Field(None, gt=0, le=10**7, description="capped at vm.expiry.minutes")
-    host: str | None = Field(None, pattern=r"^[1-9][0-9]{0,5}$", description="pin to [xenhostN]")
+    count: int = Field(1, ge=bounds.COUNT.low, le=bounds.COUNT.high)
+    cpus: int | None = Field(
+        None, ge=bounds.CPUS.low, le=bounds.CPUS.high, description="vCPUs; default: the template's"
+    )
+    memory: int | None = Field(
+        None, ge=bounds.MEMORY.low, le=bounds.MEMORY.high, description="bytes; default: the template's"
+    )
+    expires_in_minutes: float | None = Field(
+        None, gt=bounds.LIFETIME_MINUTES.low, le=bounds.LIFETIME_MINUTES.high, description="capped at vm.expiry.minutes"
+    )
+    host: str | None = Field(None, pattern=bounds.HOST_REF_PATTERN, description="pin to [xenhostN]")
     wait_minutes: float | None = Field(
         None,
-        ge=0,
-        le=7 * 24 * 60,
+        ge=bounds.WAIT_MINUTES.low,
+        le=bounds.WAIT_MINUTES.high,
         description="wait in the queue up to this long when the VMs do not fit now; "
         "0: refuse at once (429); default: [common] queue.wait.minutes",
     )
 
 
 class ExtendIn(BaseModel):
-    expires_in_minutes: float = Field(gt=0, le=10**7, description="new lifetime from now, capped at the maximum")
+    expires_in_minutes: float = Field(
+        gt=bounds.LIFETIME_MINUTES.low,
+        le=bounds.LIFETIME_MINUTES.high,
+        description="new lifetime from now, capped at the maximum",
+    )
 
 
 class LeaseOut(BaseModel):
@@ -165,12 +176,12 @@ class HistoryOut(BaseModel):
 
 
 def _capacity(services: Services, os_keys: list[str]) -> dict[str, int]:
-    return {os: services.leases.available_count(os) for os in os_keys}
+    return {os: services.engine.available_count(os) for os in os_keys}
 
 
 @router.get("/hosts", response_model=list[HostOut], responses=ERRORS)
 async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
-    reports = await anyio.to_thread.run_sync(services.leases.host_reports)
+    reports = await anyio.to_thread.run_sync(services.engine.host_reports)
     return [
         HostOut(
             ref=report.host.ref,
@@ -192,7 +203,7 @@ async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
 
 @router.get("/vms", response_model=list[VmOut], responses=ERRORS)
 async def vms(services: ServicesDep, _: CallerDep) -> list[VmOut]:
-    found = await anyio.to_thread.run_sync(services.leases.machines)
+    found = await anyio.to_thread.run_sync(services.engine.machines)
     return [
         VmOut(
             host=host_ref,
@@ -228,7 +239,7 @@ async def quarantine(services: ServicesDep, _: CallerDep) -> list[QuarantinedOut
     on the host it disagrees with (say, it was restored from an older backup): halted and
     kept until ``destroy_at``. To keep one,
     remove ``dynvm_lease`` from its ``other_config`` before then."""
-    found = await anyio.to_thread.run_sync(services.leases.quarantined)
+    found = await anyio.to_thread.run_sync(services.engine.quarantined)
     return [
         QuarantinedOut(
             name=q.name,
@@ -272,11 +283,11 @@ async def create_leases(
     minutes = body.wait_minutes
     if minutes is None:
         minutes = services.current_settings().common.queue_wait_minutes
-    engine = services.leases
+    engine = services.engine
     await anyio.to_thread.run_sync(engine.open_request, lease_request, minutes * 60, "v1")
     location = f"/api/v1/requests/{request_id}"
     if wait:
-        record = await engine.requests.wait_finished(request_id, timeout=minutes * 60 + 24 * 3600)
+        record = await engine.request_store.wait_finished(request_id, timeout=minutes * 60 + 24 * 3600)
         if record is not None and record.state != "ready":
             problem = render_exception("/api/", record.failure())
             problem.headers["Location"] = location
@@ -294,10 +305,10 @@ async def request_status(
     wait: Annotated[bool, Query(description="answer when the request is done")] = False,
     timeout: Annotated[float, Query(gt=0, le=3600, description="longest wait, seconds")] = 600,
 ) -> Any:
-    store = services.leases.requests
+    store = services.engine.request_store
     if wait:
         await store.wait_finished(request_id, timeout)
-    status = await anyio.to_thread.run_sync(services.leases.tracker.get, request_id)
+    status = await anyio.to_thread.run_sync(services.engine.tracker.get, request_id)
     if status is None:
         raise NoSuchLease(f"no request {request_id} (finished requests are kept for a week)")
     return status
@@ -308,8 +319,8 @@ async def cancel_request(request_id: str, services: ServicesDep, caller: CallerD
     """Cancel a request in any state before ``ready``: a queued one ends at once; one
     being created ends once the VMs made for it are removed (follow it to ``cancelled``).
     A ready request is refused with 409: release its VMs instead."""
-    await anyio.to_thread.run_sync(services.leases.cancel, request_id, caller)
-    return await anyio.to_thread.run_sync(services.leases.tracker.get, request_id)
+    await anyio.to_thread.run_sync(services.engine.cancel, request_id, caller)
+    return await anyio.to_thread.run_sync(services.engine.tracker.get, request_id)
 
 
 class QueuedOut(BaseModel):
@@ -331,12 +342,12 @@ async def queue(services: ServicesDep, _: CallerDep) -> list[QueuedOut]:
 
 def queued(services: Services) -> list[QueuedOut]:
     """The queue in the order it will be served (a worker thread: it reads the database)."""
-    from ..engine.requests import QUEUED
+    from ..states import RequestState
 
-    waiting = services.leases.requests.in_state(QUEUED)
-    now = services.leases.clock()
+    waiting = services.engine.request_store.in_state(RequestState.QUEUED)
+    now = services.engine.clock()
     out = []
-    ordered = services.leases.scheduler.order(waiting) if waiting else []
+    ordered = services.engine.policy.order(waiting) if waiting else []
     for record in ordered:
         status = record.as_dict(now)
         out.append(
@@ -383,7 +394,7 @@ class PoolOut(BaseModel):
 @router.get("/pools", response_model=list[PoolOut], responses=ERRORS)
 async def pools(services: ServicesDep, _: CallerDep) -> list[PoolOut]:
     """The ready pools, per OS: a getservers takes these VMs first and makes only the rest."""
-    found = await anyio.to_thread.run_sync(services.leases.ready_pools.status)
+    found = await anyio.to_thread.run_sync(services.engine.ready_pools.status)
     return [PoolOut(**dataclasses.asdict(pool)) for pool in found]  # the forecast, a dict, becomes ForecastOut
 
 
@@ -393,13 +404,13 @@ async def list_leases(
     _: CallerDep,
     user: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)] = None,
 ) -> list[LeaseOut]:
-    leases = await anyio.to_thread.run_sync(services.leases.leases.held)
+    leases = await anyio.to_thread.run_sync(services.engine.lease_store.held)
     return [LeaseOut.of(lease) for lease in leases if user is None or (lease.caller or lease.username) == user]
 
 
 @router.get("/leases/{name}", response_model=LeaseOut, responses=ERRORS)
 async def get_lease(name: str, services: ServicesDep, _: CallerDep) -> LeaseOut:
-    found = await anyio.to_thread.run_sync(services.leases.leases.by_name, [name])
+    found = await anyio.to_thread.run_sync(services.engine.lease_store.by_name, [name])
     if not found:
         raise NoSuchLease(f"no VM named {name} is leased from dynvm")
     return LeaseOut.of(found[0])
@@ -421,7 +432,7 @@ async def delete_lease(name: str, services: ServicesDep, caller: CallerDep) -> R
     """200: the VM and its disks are gone. 202: the VM is gone or being removed, and dynvm
     finishes the rest in the background (nothing to do for the caller). 502: the VM could
     not be destroyed; dynvm tries again within a minute, and so may the caller."""
-    outcome = await services.run_long(services.leases.release_names, [name], caller)
+    outcome = await services.run_long(services.engine.release_names, [name], caller)
     if outcome.failed:
         raise ReleaseFailed("; ".join(outcome.states()))
     if outcome.finishing:
@@ -431,7 +442,7 @@ async def delete_lease(name: str, services: ServicesDep, caller: CallerDep) -> R
 
 @router.patch("/leases/{name}", response_model=LeaseOut, responses=ERRORS)
 async def extend_lease(name: str, body: ExtendIn, services: ServicesDep, caller: CallerDep) -> LeaseOut:
-    lease = await anyio.to_thread.run_sync(services.leases.extend, name, body.expires_in_minutes, caller)
+    lease = await anyio.to_thread.run_sync(services.engine.extend, name, body.expires_in_minutes, caller)
     return LeaseOut.of(lease)
 
 

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..engine.ready_pools import POOL_USER
+from ..engine.ready_stock import POOL_USER
 
 # Histogram bin edges, seconds: fine where a warm handout lands, coarse where a create does.
 EDGES = (0.0, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800)

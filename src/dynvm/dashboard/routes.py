@@ -63,10 +63,10 @@ def _timed(work: Any, *args: Any) -> Any:
 
 
 def _overview(services: Services, caller: Caller) -> dict[str, Any]:
-    engine = services.leases
+    engine = services.engine
     settings = services.current_settings()
     reports = engine.host_reports()
-    use = engine.leases.use_by_host()
+    use = engine.lease_store.use_by_host()
     foreign: dict[str, tuple[int, int, int]] = {}
     for ref, machines in engine.machines().items():
         others = [m for m in machines if not m.ours and m.running]
@@ -97,7 +97,7 @@ def _overview(services: Services, caller: Caller) -> dict[str, Any]:
             }
         )
     pools = [dataclasses.asdict(pool) for pool in engine.ready_pools.status()]
-    held = engine.leases.page(limit=1)[1]
+    held = engine.lease_store.page(limit=1)[1]
     return {
         "time": engine.clock(),
         "auth": {"required": settings.auth.required, "user": caller.user, "admin": caller.admin},
@@ -128,7 +128,7 @@ async def overview(services: ServicesDep, caller: CallerDep) -> Any:
 
 
 def _queue(services: Services) -> dict[str, Any]:
-    return {"time": services.leases.clock(), "items": [item.model_dump() for item in queued(services)]}
+    return {"time": services.engine.clock(), "items": [item.model_dump() for item in queued(services)]}
 
 
 @router.get("/queue", responses=ERRORS)
@@ -138,8 +138,8 @@ async def dashboard_queue(services: ServicesDep, _: CallerDep) -> Any:
 
 
 def _leases(services: Services, user: str | None, os: str | None, limit: int, offset: int) -> dict[str, Any]:
-    engine = services.leases
-    found, total = engine.leases.page(user, os, limit, offset)
+    engine = services.engine
+    found, total = engine.lease_store.page(user, os, limit, offset)
     items = []
     for lease in found:
         item = LeaseOut.of(lease).model_dump()
@@ -151,7 +151,7 @@ def _leases(services: Services, user: str | None, os: str | None, limit: int, of
         "total": total,
         "limit": limit,
         "offset": offset,
-        "oses": engine.leases.held_oses(),
+        "oses": engine.lease_store.held_oses(),
         "items": items,
     }
 
@@ -175,7 +175,7 @@ async def leases(
 
 
 def _usage(services: Services, span: str) -> dict[str, Any]:
-    now = services.leases.clock()
+    now = services.engine.clock()
     seconds, _ = figures.SPANS[span]
     return figures.in_use(services.history.lifetimes(now - seconds), now, span)
 
@@ -187,8 +187,10 @@ async def usage(services: ServicesDep, _: CallerDep, span: Annotated[str, Query(
 
 
 def _timings(services: Services, days: float) -> dict[str, Any]:
-    since = services.leases.clock() - days * 86400
-    return figures.timings(services.history.lifetimes(since), services.leases.requests.finished_since(since), since)
+    since = services.engine.clock() - days * 86400
+    return figures.timings(
+        services.history.lifetimes(since), services.engine.request_store.finished_since(since), since
+    )
 
 
 @router.get("/timings", responses=ERRORS)
@@ -199,7 +201,7 @@ async def timings(services: ServicesDep, _: CallerDep, days: Annotated[float, Qu
 
 
 def _users(services: Services, days: float, limit: int) -> list[dict[str, Any]]:
-    now = services.leases.clock()
+    now = services.engine.clock()
     since = now - days * 86400
     return figures.top_users(services.history.lifetimes(since), now, since, limit)
 
@@ -216,8 +218,8 @@ async def users(
 
 
 def _failures(services: Services, days: float) -> list[dict[str, Any]]:
-    since = services.leases.clock() - days * 86400
-    return figures.failures(services.leases.requests.finished_since(since), since)
+    since = services.engine.clock() - days * 86400
+    return figures.failures(services.engine.request_store.finished_since(since), since)
 
 
 @router.get("/failures", responses=ERRORS)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from ..config import Settings
 from ..model import LeaseError
 from ..provider import Provider
-from ..store.leases import LeaseStore
+from ..store.installation import InstallationStore
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ClaimKeeper:
 
     def __init__(
         self,
-        store: LeaseStore,
+        store: InstallationStore,
         provider: Provider,
         settings: Callable[[], Settings],
         owner: str,

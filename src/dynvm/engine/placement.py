@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..config import HostSettings
 from ..model import Lease, NotEnoughCapacity
 from ..provider import HostRoom, Need
+from ..states import LeaseState
 
 FULL_HINT = "; release some VMs or try again later"
 
@@ -68,7 +69,7 @@ class Placement:
             username=username,
             os=os,
             host_ref=self.host.ref,
-            state="creating",
+            state=LeaseState.CREATING,
             cpus=self.need.cpus,
             memory=self.need.static_max,
             disk=self.need.disk,

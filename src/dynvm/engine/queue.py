@@ -1,18 +1,16 @@
-"""Waiting requests as the lease engine takes them: queue one (``submit``), serve it when
-the scheduler says so (``grant``), cancel it, and find its leases. The order and the
-forecast are the scheduler's (``scheduler.py``); the rows are ``requests.py``'s.
-
-``Queueing`` is a part of ``LeaseService`` (``leases.py``), which it extends.
+"""Requests as the engine takes them: accept one (``open_request``, or ``acquire`` for a
+caller that blocks), queue one that may wait (``submit``), serve a queued one when the
+scheduler says so (``grant``), cancel one, and find its leases. Admission decides whether
+and where; the build makes the VMs; this is the way in and the bookkeeping between.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-import time
 import uuid
-from typing import TYPE_CHECKING
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from ..config import Settings
 from ..model import (
@@ -28,54 +26,63 @@ from ..model import (
     ShuttingDown,
     vm_names,
 )
-from ..store.tables import ACTIVE_STATES
-from .requests import CANCELLED, CREATING, QUEUED, RequestRecord, RequestStore
-from .scheduler import never_fits
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sqlalchemy.engine import Connection
-
-    from ..store.leases import LeaseStore
-    from .ready_pools import ReadyPools
-    from .requests import DurableTracker
-    from .scheduler import Scheduler
+from ..states import ACTIVE_LEASE_STATES, Actor, RequestState
+from ..store.requests import RequestRecord
+from .admission import Admission, record_of, request_of
+from .build import Builder
+from .context import EngineContext
+from .queue_policy import QueuePolicy, never_fits
+from .ready_pools import ReadyPools
+from .tracker import DurableTracker
 
 log = logging.getLogger(__name__)
 
+ROOM_SHOWS_WITHIN = 5.0  # seconds the hosts may take to report the room of VMs just destroyed
 
-class Queueing:
-    """The queue's side of ``LeaseService``."""
 
-    # LeaseService's (leases.py) and its other parts', which these methods use
-    leases: LeaseStore
-    requests: RequestStore
-    tracker: DurableTracker
-    scheduler: Scheduler
-    ready_pools: ReadyPools
-    clock: Callable[[], float]
-    owner: str
-    _builders: ThreadPoolExecutor
-    _stopping: threading.Event
+def may_requeue(record: RequestRecord, alive: set[str]) -> bool:
+    """Whether a request whose VMs stopped being made goes back to the queue: it waits,
+    and whoever waits for its answer is still there."""
+    return record.wait_until is not None and (record.origin == "v1" or record.owner in alive)
 
-    if TYPE_CHECKING:
 
-        @property
-        def settings(self) -> Settings: ...
-        def _report(self, event: str, *args: object) -> None: ...
-        def counted_host(self, request: LeaseRequest) -> LeaseRequest: ...
-        def validate(self, request: LeaseRequest) -> None: ...
-        def _reserve_now(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]: ...
-        def _reserve(
-            self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool
-        ) -> list[Lease]: ...
-        def _build(self, settings: Settings, new: list[Lease], request_id: str, pinned: bool) -> list[Lease]: ...
-        def _refuse_names_of_others(self, request: LeaseRequest, conn: Connection | None = None) -> None: ...
-        def _refuse_leased_names(self, taken: list[Lease], request: LeaseRequest) -> None: ...
-        @staticmethod
-        def may_requeue(record: RequestRecord, alive: set[str]) -> bool: ...
+class Queue:
+    def __init__(
+        self,
+        ctx: EngineContext,
+        admission: Admission,
+        builder: Builder,
+        pools: ReadyPools,
+        policy: QueuePolicy,
+        tracker: DurableTracker,
+    ) -> None:
+        self.ctx = ctx
+        self.admission = admission
+        self.builder = builder
+        self.pools = pools
+        self.policy = policy
+        self.tracker = tracker
+
+    def acquire(self, request: LeaseRequest) -> list[Lease]:
+        """Create ``request.count`` VMs and return their leases, ready, with IPs. Blocks
+        for as long as the VMs take to boot: call it from a worker thread."""
+        request = self.admission.counted_host(request)
+        request_id = request.request_id or str(uuid.uuid4())
+        try:
+            self.admission.validate(request)
+        except LeaseError as e:
+            self.refuse(None, request, e)
+            raise
+        self.tracker.start(request_id, request.username, request.os, request.count)
+        settings = self.ctx.settings()
+        new = self._reserve_or_refuse(settings, request, request_id)
+        try:
+            leases = self.builder.build(settings, new, request_id, pinned=request.host_ref is not None)
+        except Exception as e:
+            self.tracker.finish(request_id, Actor.BUILDER, e)
+            raise
+        self.tracker.finish(request_id, Actor.BUILDER)
+        return leases
 
     def open_request(self, request: LeaseRequest, wait_seconds: float, origin: str) -> RequestRecord:
         """Accept a request: the one way in for both APIs, which then follow its row
@@ -83,9 +90,9 @@ class Queueing:
         (``submit``). Without, its room is reserved now or it is refused at once, with the
         error ``acquire`` raises (the seed's 429, a 409, ...), and its VMs are made in the
         background. Either way it is a row from here on."""
-        request = self.counted_host(request)
+        request = self.admission.counted_host(request)
         try:
-            self.validate(request)  # what can never be served is refused before it is written down
+            self.admission.validate(request)  # what can never be served is refused before it is written down
         except LeaseError as e:
             self.refuse(None, request, e)
             raise
@@ -94,19 +101,53 @@ class Queueing:
         request_id = request.request_id or str(uuid.uuid4())
         request = dataclasses.replace(request, request_id=request_id)
         self.tracker.start(request_id, request.username, request.os, request.count, origin)
-        settings = self.settings
+        settings = self.ctx.settings()
+        new = self._reserve_or_refuse(settings, request, request_id)
+        record = self.ctx.requests.get(request_id)
+        assert record is not None  # written by tracker.start, ended only by this process
+        self.ctx.builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
+        return record
+
+    def _reserve_or_refuse(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]:
+        """Reserve a request that does not wait; a refusal ends its row (``refuse``)."""
         try:
-            new = self._reserve_now(settings, request, request_id)
+            return self._reserve_now(settings, request, request_id)
         except LeaseError as e:
             self.refuse(request_id, request, e)
             raise
         except Exception as e:
-            self.tracker.finish(request_id, e)
+            self.tracker.finish(request_id, Actor.ADMISSION, e)
             raise
-        record = self.requests.get(request_id)
-        assert record is not None  # written by tracker.start, ended only by this process
-        self._builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
-        return record
+
+    def _reserve_now(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]:
+        """Reserve a request that does not wait. When it does not fit, idle ready-pool VMs
+        make way (``ReadyPools.make_room``) and it is tried again once their room shows
+        (the hosts report a destroyed VM's room a moment later); else the shortage stands."""
+        self.pools.observe(request.os, request.count)
+        try:
+            return self._reserve(settings, request, request_id, immediate=True)
+        except NotEnoughCapacity as shortage:
+            queued = self.ctx.requests.in_state(RequestState.QUEUED)
+            waits = any(r.os == request.os for r in queued)  # then it takes none
+            takes = self.pools.stock.eligible(request.cpus, request.memory) and not waits
+            warm = len(self.pools.stock.idle(settings, request.os, request.host_ref)) if takes else 0
+            cold = request.count - min(warm, request.count)
+            if not self.pools.make_room(settings, request, cold):
+                raise shortage from None
+        for attempt in Retrying(
+            retry=retry_if_exception_type(NotEnoughCapacity),
+            stop=stop_after_delay(ROOM_SHOWS_WITHIN),
+            wait=wait_fixed(0.05),
+            reraise=True,
+        ):
+            with attempt:
+                return self._reserve(settings, request, request_id, immediate=True)
+        raise AssertionError("unreachable: Retrying reraises")
+
+    def _reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
+        new = self.admission.reserve(settings, request, request_id, immediate)
+        self.tracker.placed(request_id, [(lease.name, lease.host_ref) for lease in new])
+        return new
 
     def refuse(self, request_id: str | None, request: LeaseRequest, error: LeaseError) -> None:
         """A request refused at once (nothing reserved): counted and logged, not kept
@@ -116,9 +157,9 @@ class Queueing:
                 self.tracker.refused(request_id)
             except Exception:  # the answer stays the refusal; the row ends failed instead
                 log.warning("request %s: refused, but its row could not be removed", request_id, exc_info=True)
-                self.tracker.finish(request_id, error)
+                self.tracker.finish(request_id, Actor.ADMISSION, error)
         log.info("refused %s (%s x%d): %s", request.username, request.os, request.count, error)
-        self._report("refused", type(error).__name__)
+        self.ctx.report("refused", type(error).__name__)
 
     def submit(self, request: LeaseRequest, wait_seconds: float, origin: str = "v1") -> RequestRecord:
         """Queue a request that may wait up to ``wait_seconds`` for room. Refused at once
@@ -131,25 +172,25 @@ class Queueing:
             raise
 
     def _queue_request(self, request: LeaseRequest, wait_seconds: float, origin: str) -> RequestRecord:
-        if self._stopping.is_set():
+        ctx = self.ctx
+        if ctx.stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
-        self.validate(request)
+        self.admission.validate(request)
         request_id = request.request_id or str(uuid.uuid4())
         record = dataclasses.replace(
-            _record_of(request, request_id),
-            state=QUEUED,
-            owner=self.owner,
+            record_of(request, request_id),
+            state=RequestState.QUEUED,
+            owner=ctx.owner,
             origin=origin,
-            created_at=self.clock(),
-            wait_until=self.clock() + wait_seconds,
+            created_at=ctx.clock(),
+            wait_until=ctx.clock() + wait_seconds,
         )
-        if not self.scheduler.can_ever_fit(self.settings, record):
+        if not self.policy.can_ever_fit(ctx.settings(), record):
             raise NotEnoughCapacity(never_fits(record) + "; ask for fewer")
-        self._refuse_leased_names(self.leases.by_name(vm_names(request.username, request.count)), request)
-        self._refuse_names_of_others(request)
-        self.requests.insert(record)
-        self.ready_pools.observe(request.os, request.count)
-        self.scheduler.wake()
+        self.admission.refuse_names_taken(request)
+        ctx.requests.insert(record)
+        self.pools.observe(request.os, request.count)
+        ctx.room_freed.set()  # the scheduler looks at the queue now
         return record
 
     def grant(self, record: RequestRecord) -> bool:
@@ -157,137 +198,81 @@ class Queueing:
         making its VMs in the background. False, and the request still queued, when its
         room is gone after all; a request that can no longer be served as asked (its name
         taken meanwhile, a quota) ends failed with the reason (True: it was dealt with)."""
-        if not self.requests.transition(record.id, [QUEUED], CREATING, builder=self.owner, position=None, eta_at=None):
+        ctx = self.ctx
+        queued, creating = [RequestState.QUEUED], [RequestState.CREATING]
+        if not ctx.requests.transition(
+            record.id, queued, RequestState.CREATING, by=Actor.SCHEDULER, builder=ctx.owner, position=None, eta_at=None
+        ):
             return False  # cancelled or timed out meanwhile
-        request = _request_of(record)
-        settings = self.settings
+        request = request_of(record)
+        settings = ctx.settings()
         try:
             new = self._reserve(settings, request, record.id, immediate=False)
         except NotEnoughCapacity:
-            self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None)
+            ctx.requests.transition(
+                record.id, creating, RequestState.QUEUED, by=Actor.SCHEDULER, builder=None, started_at=None
+            )
             return False
-        except LeaseError as e:
-            self.tracker.finish(record.id, e)
-            return True
         except Exception as e:
-            log.exception("request %s: could not be served", record.id)
-            self.tracker.finish(record.id, e)
+            if not isinstance(e, LeaseError):
+                log.exception("request %s: could not be served", record.id)
+            self.tracker.finish(record.id, Actor.ADMISSION, e)
             return True
-
-        self._builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
+        ctx.builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
         return True
 
     def _build_request(self, settings: Settings, record: RequestRecord, new: list[Lease], pinned: bool) -> None:
         """Make a reserved request's VMs (a builder thread). Its row turns ready with the
-        hand-over (``LeaseStore.hand_over``), or failed here."""
+        hand-over (``Builder``), or failed here."""
+        ctx = self.ctx
         try:
-            self._build(settings, new, record.id, pinned=pinned)
+            self.builder.build(settings, new, record.id, pinned=pinned)
         except Exception as e:
-            if self._stopping.is_set() and record.owner != self.owner and self.may_requeue(record, {record.owner}):
+            if ctx.stopping.is_set() and record.owner != ctx.owner and may_requeue(record, {record.owner}):
                 # this replica stops; the caller waits on another: another leader makes them
-                self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None, vms=[])
+                ctx.requests.transition(
+                    record.id,
+                    [RequestState.CREATING],
+                    RequestState.QUEUED,
+                    by=Actor.BUILDER,
+                    builder=None,
+                    started_at=None,
+                    vms=[],
+                )
                 log.warning("request %s: stopping while making its VMs; queued again", record.id)
                 return
             if not isinstance(e, LeaseError):
                 log.exception("request %s failed", record.id)
-            self.tracker.finish(record.id, e)
+            self.tracker.finish(record.id, Actor.BUILDER, e)
 
     def cancel(self, request_id: str, caller: Caller = ANONYMOUS) -> RequestRecord:
         """Cancel a request before it is ready: a queued one ends at once; a creating one
         has its VMs removed by the process making them. Cancelling a ready request is
         refused (release its VMs instead)."""
-        record = self.requests.get(request_id)
+        ctx = self.ctx
+        record = ctx.requests.get(request_id)
         if record is None:
             raise NoSuchLease(f"no request {request_id}")
         if not (caller.admin or record.caller is None or record.caller == caller.user):
             raise Forbidden(f"request {request_id} belongs to {record.caller}: only they or an admin may cancel it")
-        if record.state == "ready":
+        if record.state == RequestState.READY:
             raise NameInUse(
                 f"request {request_id} is ready: its VMs were handed over; release them instead "
                 f"(releaseservers/{record.username}?count={record.count})"
             )
         if record.finished:
             return record
-        updated = self.requests.request_cancel(request_id)
-        if updated is not None and updated.state == CANCELLED:
-            self._request_event("cancelled", request_id)
-        self.scheduler.wake()
+        updated = ctx.requests.request_cancel(request_id)
+        if updated is not None and updated.state == RequestState.CANCELLED:
+            ctx.request_event("cancelled", request_id)
+        ctx.room_freed.set()
         return updated or record
 
     def leases_of(self, request_id: str) -> list[Lease]:
         """The ready leases of a request, in the order of its answer."""
-        found = {lease.name: lease for lease in self.leases.by_request(request_id) if lease.state in ACTIVE_STATES}
-        record = self.requests.get(request_id)
+        found = {
+            lease.name: lease for lease in self.ctx.leases.by_request(request_id) if lease.state in ACTIVE_LEASE_STATES
+        }
+        record = self.ctx.requests.get(request_id)
         names = vm_names(record.username, record.count) if record else sorted(found)
         return [found[name] for name in names if name in found]
-
-    def _end_cancelled(self, request_id: str | None) -> None:
-        if request_id is not None:
-            self.requests.end_cancelled(request_id, [CREATING], "cancelled by its caller; what was built was removed")
-
-    def _request_event(self, kind: str, request_id: str | None) -> None:
-        """Tell the listeners a request moved (served from the queue, ready, ended)."""
-        if request_id is None:
-            return
-        record = self.requests.get(request_id)
-        if record is not None:
-            self._report("request_event", kind, record)
-
-
-class _RequestCancel:
-    """What a create checks between its steps: dynvm stopping, or its request cancelled
-    (read from the request's row at most every ``CANCEL_CHECK`` seconds)."""
-
-    CANCEL_CHECK = 1.0
-
-    def __init__(self, stopping: threading.Event, store: RequestStore, request_id: str | None) -> None:
-        self._stopping = stopping
-        self._store = store
-        self._request_id = request_id
-        self._checked_at = -self.CANCEL_CHECK
-        self._cancelled = False
-        self._lock = threading.Lock()
-
-    def is_set(self) -> bool:
-        if self._stopping.is_set() or self._cancelled:
-            return True
-        if self._request_id is None:
-            return False
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at >= self.CANCEL_CHECK:
-                self._checked_at = now
-                record = self._store.get(self._request_id)
-                self._cancelled = bool(record and record.cancel_requested)
-        return self._cancelled
-
-
-def _record_of(request: LeaseRequest, request_id: str) -> RequestRecord:
-    return RequestRecord(
-        id=request_id,
-        username=request.username,
-        os=request.os,
-        count=request.count,
-        state=CREATING,
-        owner="",
-        created_at=0.0,
-        caller=request.caller,
-        cpus=request.cpus,
-        memory=request.memory,
-        expires_in_minutes=request.expires_in_minutes,
-        host_ref=request.host_ref,
-    )
-
-
-def _request_of(record: RequestRecord) -> LeaseRequest:
-    return LeaseRequest(
-        username=record.username,
-        os=record.os,
-        count=record.count,
-        cpus=record.cpus,
-        memory=record.memory,
-        expires_in_minutes=record.expires_in_minutes,
-        host_ref=record.host_ref,
-        caller=record.caller,
-        request_id=record.id,
-    )

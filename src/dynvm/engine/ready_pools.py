@@ -5,7 +5,8 @@ A ready-pool VM is a lease like any other — it holds its room, carries dynvm's
 reconciled and recovered as one — whose ``pooled`` flag says no request has it yet. A
 request takes one in its reservation's transaction (``LeaseStore.take_pooled``): it gets
 the request's name, user and lifetime there, and the VM is renamed after (``Provider.
-hand_out``). The pool only ever gives way to real demand:
+hand_out``). Which idle VMs a request may take is ``ready_stock.py``'s. The pool only ever
+gives way to real demand:
 
 - a request asking for other ``cpus``/``mem`` than the template's, or pinned to a host the
   pool has no VM on, is made cold; so is the rest of a request the pool cannot cover;
@@ -13,7 +14,7 @@ hand_out``). The pool only ever gives way to real demand:
   destroyed first (``make_room``); while requests wait in the queue, nothing is refilled,
   and idle VMs of OSes nobody waits for are recycled one per host per pass;
 - refill runs on the leader only, at most ``[pools] refill.per.host`` creates at once per
-  host, and backs off (doubling, up to ``BACKOFF_MAX``) on a host whose create failed.
+  host, and backs off (``backoff.REFILL``) on a host whose create failed.
 
 A ready VM that stopped, lost its address, outlived ``ready.ttl.minutes`` or is over its
 pool's target is recycled (destroyed; the pass after refills it). ``tick`` does all of it;
@@ -24,29 +25,28 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from ..backoff import REFILL, Backoff
+from ..config import Settings
 from ..model import Lease, LeaseRequest
-from ..provider import HostRoom
+from ..states import Actor, LeaseState, RequestState
+from ..store.requests import RequestRecord
 from ..trace import Demand, requests_in_history
 from . import placement
-from .requests import CREATING, QUEUED, RequestRecord
+from .admission import Admission
+from .capacity import Capacity
+from .context import EngineContext
+from .creator import Creator
+from .queue_policy import QueuePolicy
+from .ready_stock import ReadyStock, give_back, is_idle, oldest_first
+from .release import Releaser
 from .sizing import KEEP_SECONDS, Forecast, LearnedSizing
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from ..leases import LeaseService
 
 log = logging.getLogger(__name__)
 
-POOL_USER = "dynvm-pool"  # the username of a ready VM no request has taken yet
-BACKOFF_FIRST = 5.0  # seconds a host whose refill failed is left alone, doubling ...
-BACKOFF_MAX = 300.0  # ... up to this
 COUNTS_WINDOW = 24 * 3600.0  # handed out / recycled are counted over the last day
 RESIZE_SECONDS = 60.0  # learned targets are computed again this often
 RELOAD_SECONDS = 600.0  # and the demand model is read again from the history (other replicas' requests)
@@ -71,37 +71,35 @@ class TickReport:
     yielded: list[str] = field(default_factory=list)  # recycled to make room for waiting requests
 
 
-def _oldest_first(lease: Lease) -> tuple[float, float, int, str]:
-    """Ready VMs in the order they joined their pool; VMs that joined at the same moment by
-    when they were made, then by host (not by their random names), so the same demand always
-    takes the same hosts' VMs (``dynvm replay`` is repeatable)."""
-    ref = lease.host_ref
-    return (lease.pooled_at or 0.0, lease.created_at, int(ref) if ref.isdigit() else 0, ref)
-
-
-def pool_name(os: str) -> str:
-    """A ready VM's name until a request takes it: never one getservers would make for a
-    user (``vm_names`` keeps a user's name; this one is dynvm's)."""
-    return f"{POOL_USER}-{os}-{uuid.uuid4().hex[:8]}"
-
-
 class ReadyPools:
-    """The ready pools of one ``LeaseService``."""
-
     def __init__(
-        self, service: LeaseService, clock: Callable[[], float], reload_seconds: float | None = RELOAD_SECONDS
+        self,
+        ctx: EngineContext,
+        stock: ReadyStock,
+        capacity: Capacity,
+        policy: QueuePolicy,
+        admission: Admission,
+        creator: Creator,
+        releaser: Releaser,
+        reload_seconds: float | None = RELOAD_SECONDS,
     ) -> None:
         """``reload_seconds``: how often the demand model is rebuilt from the history (None:
         once, then only from what this process sees: ``dynvm replay``)."""
-        self._service = service
-        self._clock = clock
+        self.ctx = ctx
+        self.stock = stock
+        self.capacity = capacity
+        self.policy = policy
+        self.admission = admission
+        self.creator = creator
+        self.releaser = releaser
+        self._clock = ctx.clock
         self._reload_seconds = reload_seconds
         self.resize_seconds = RESIZE_SECONDS
         self._sizing: LearnedSizing | None = None
         self._loaded_at = 0.0
         self._learned: list[Demand] = []  # demand given by ``learn``, kept across reloads
         self._lock = threading.Lock()  # one tick at a time in this process
-        self._backoff: dict[str, tuple[float, float]] = {}  # host ref -> (monotonic retry time, delay)
+        self._backoff = Backoff(REFILL)  # per host ref
         self._forecasts: dict[str, Forecast] = {}
         self._sized_at: tuple[float, float] | None = None  # (when, margin) of the last learned sizing
 
@@ -133,9 +131,7 @@ class ReadyPools:
         stale = self._reload_seconds is not None and now - self._loaded_at >= self._reload_seconds
         if self._sizing is None or stale or self._sizing.margin != settings.pools.margin:
             sizing = LearnedSizing(margin=settings.pools.margin, interval=self.resize_seconds)
-            documents = [
-                d for d in self._service.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS
-            ]
+            documents = [d for d in self.ctx.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS]
             demands = sorted([*requests_in_history(documents, now), *self._learned], key=lambda d: d.arrival_s)
             for demand in demands:
                 sizing.model.observe(demand.os, demand.arrival_s, demand.count)
@@ -159,9 +155,8 @@ class ReadyPools:
         fresh = self._sized_at is not None and now - self._sized_at[0] < self.resize_seconds
         if fresh and self._sized_at is not None and self._sized_at[1] == margin:
             return self._forecasts
-        service = self._service
         sizing = self._model(settings, now)
-        timing = service.scheduler.timing()
+        timing = self.policy.timing()
         oses = settings.os_keys
         room = self._room_by_os(settings, oses)
         maxima = {os: settings.pools.maximum(os) for os in oses}
@@ -172,64 +167,24 @@ class ReadyPools:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def eligible(self, cpus: int | None, memory: int | None) -> bool:
-        """Whether a request may take ready VMs: it asks for the template's own size."""
-        return cpus is None and memory is None
-
-    def idle(self, settings: Settings, os: str, host_ref: str | None = None, limit: int | None = None) -> list[Lease]:
-        """Ready VMs of ``os`` waiting for a request (on ``host_ref`` when pinned), oldest
-        first, and only those whose host shows them running with their address: a VM that
-        died or lost its address is never handed out. ``limit``: at most that many."""
-        now = self._clock()
-        pooled = sorted(
-            (
-                lease
-                for lease in self._service.leases.pooled()
-                if lease.os == os
-                and lease.state == "ready"
-                and lease.pooled_at is not None
-                and lease.expires_at > now  # stale: the next pass recycles it
-                and (host_ref is None or lease.host_ref == host_ref)
-            ),
-            key=_oldest_first,
-        )
-        found: list[Lease] = []
-        running: dict[str, dict[str, tuple[str, ...]]] = {}  # host ref -> uuid -> addresses, if running
-        for lease in pooled:
-            if limit is not None and len(found) >= limit:
-                break
-            if lease.host_ref not in running:
-                running[lease.host_ref] = self._running_on(settings, lease.host_ref)
-            if (lease.ip or "") in running[lease.host_ref].get(lease.vm_uuid or "", ()):
-                found.append(lease)
-        return found
-
-    def _running_on(self, settings: Settings, host_ref: str) -> dict[str, tuple[str, ...]]:
-        host = settings.host(host_ref)
-        if host is None:
-            return {}
-        return {m.uuid: m.addresses for m in self._service.provider.machines(host) if m.running}
-
     def _room_by_os(self, settings: Settings, oses: list[str]) -> dict[str, int]:
         """Per OS, how many of its VMs the pools could hold if they held nothing else: its
         ready VMs, and what fits with every other idle ready VM's room given back (as
         ``LeaseService.available_count``, in one read for all OSes)."""
-        service = self._service
-        with service.leases.db.read() as conn:
-            reserved = service.reservations(conn)
-        ready = [lease for lease in service.leases.pooled() if lease.state == "ready" and lease.pooled_at]
+        reserved = self.capacity.reserved_now()
+        ready = [lease for lease in self.ctx.leases.pooled() if is_idle(lease)]
         out = {}
         for os in oses:
-            candidates = service._candidates(settings, os, None, None, reserved)
+            candidates = self.capacity.candidates(settings, os, None, None, reserved)
             mine = {lease.id for lease in ready if lease.os == os}
-            self.give_back_idle(candidates, exclude=mine, pooled=ready)
+            self.stock.give_back_idle(candidates, exclude=mine, pooled=ready)
             out[os] = len(mine) + placement.available(candidates)
         return out
 
     def status(self) -> list[PoolStatus]:
-        settings = self._service.settings
-        pooled = self._service.leases.pooled()
-        counts = self._service.leases.pool_counts(self._clock() - COUNTS_WINDOW)
+        settings = self.ctx.settings()
+        pooled = self.ctx.leases.pooled()
+        counts = self.ctx.leases.pool_counts(self._clock() - COUNTS_WINDOW)
         targets = self.targets(settings)
         learned = settings.pools.sizing == "learned"
         forecasts = self.forecasts(settings) if learned else {}
@@ -243,8 +198,8 @@ class ReadyPools:
                 PoolStatus(
                     os=os,
                     target=targets.get(os, 0),
-                    ready=len(self.idle(settings, os)),
-                    refilling=sum(1 for lease in mine if lease.state == "creating"),
+                    ready=len(self.stock.idle(settings, os)),
+                    refilling=sum(1 for lease in mine if lease.state == LeaseState.CREATING),
                     handed_out=handed,
                     recycled=recycled,
                     sizing=settings.pools.sizing,
@@ -255,48 +210,39 @@ class ReadyPools:
 
     # -- giving way to demand --------------------------------------------------------------
 
-    def give_back_idle(
-        self, candidates: list[placement.Candidate], exclude: set[str], pooled: list[Lease] | None = None
-    ) -> None:
-        """Count the room of every idle ready VM (but ``exclude``) as free in ``candidates``:
-        what a request could have once they make way. ``pooled``: the pools as already read."""
-        by_host = {c.host.ref: c for c in candidates}
-        for lease in self._service.leases.pooled() if pooled is None else pooled:
-            if lease.state == "ready" and lease.id not in exclude and lease.host_ref in by_host:
-                _give_back(by_host[lease.host_ref].room, lease)
-
     def make_room(self, settings: Settings, request: LeaseRequest, count: int) -> list[Lease]:
         """A request for ``count`` more VMs than fit now: destroy idle ready VMs (of any OS
         but those it could take itself) until they would fit; the VMs destroyed, [] when
         even that would not be enough (then nothing is destroyed)."""
-        service = self._service
-        own = self.eligible(request.cpus, request.memory)  # then its own OS's ready VMs are its to take
+        own = self.stock.eligible(request.cpus, request.memory)  # then its own OS's ready VMs are its to take
         idle = [
             lease
-            for lease in service.leases.pooled()
-            if lease.state == "ready"
+            for lease in self.ctx.leases.pooled()
+            if lease.state == LeaseState.READY
             and (request.host_ref is None or lease.host_ref == request.host_ref)
             and not (own and lease.os == request.os)
         ]
         if not idle:
             return []
-        with service.leases.db.read() as conn:
-            reserved = service.reservations(conn)
-        candidates = service._candidates(settings, request.os, request.cpus, request.memory, reserved, request.host_ref)
+        reserved = self.capacity.reserved_now()
+        candidates = self.capacity.candidates(
+            settings, request.os, request.cpus, request.memory, reserved, request.host_ref
+        )
         if not candidates:
             return []
         victims: list[Lease] = []
-        for lease in sorted(idle, key=_oldest_first):
+        for lease in sorted(idle, key=oldest_first):
             if placement.available(candidates) >= count:
                 break
             target = next((c for c in candidates if c.host.ref == lease.host_ref), None)
             if target is None:
                 continue
-            _give_back(target.room, lease)
+            give_back(target.room, lease)
             victims.append(lease)
         if placement.available(candidates) < count:
             return []
-        service._release(settings, victims, ["ready"], "released", "recycled: its room went to a request", pooled=True)
+        reason = "recycled: its room went to a request"
+        self.releaser.release(settings, victims, [LeaseState.READY], LeaseState.RELEASED, reason, pooled=True)
         log.info("ready pools: recycled %s to make room for %s", ", ".join(v.name for v in victims), request.username)
         return victims
 
@@ -307,14 +253,14 @@ class ReadyPools:
         Called on the leader only; never raises for one VM's sake."""
         with self._lock:
             report = TickReport()
-            if self._service.claim.contested is not None:
+            if self.ctx.contested is not None:
                 return report
-            settings = self._service.settings
+            settings = self.ctx.settings()
             targets = self.targets(settings)
-            everything = self._service.leases.pooled()  # read once a pass
+            everything = self.ctx.leases.pooled()  # read once a pass
             gone = self._recycle(settings, everything, targets, report)
             staying = [lease for lease in everything if lease.id not in gone]
-            queued = self._service.requests.in_state(QUEUED)
+            queued = self.ctx.requests.in_state(RequestState.QUEUED)
             if queued:
                 self._yield_to(settings, staying, queued, report)
             else:
@@ -326,16 +272,16 @@ class ReadyPools:
     ) -> set[str]:
         """Release what must go; the ids of those it took (or tried to take) off the pools."""
         now = self._clock()
-        pooled = [lease for lease in everything if lease.state == "ready" and lease.pooled_at]
+        pooled = [lease for lease in everything if is_idle(lease)]
         going: dict[str, tuple[Lease, str]] = {}
-        alive = self._service._live_processes()
+        alive = self.ctx.live_processes()
         for lease in everything:  # made, but its maker died before it joined the pool
-            if lease.state == "ready" and lease.pooled_at is None and lease.owner not in alive:
+            if lease.state == LeaseState.READY and lease.pooled_at is None and lease.owner not in alive:
                 going[lease.id] = (lease, "recycled: its maker stopped before it joined the pool")
         running: dict[str, dict[str, tuple[str, ...]]] = {}  # host ref -> uuid -> addresses, read once a pass
         for lease in pooled:
             if lease.host_ref not in running:
-                running[lease.host_ref] = self._running_on(settings, lease.host_ref)
+                running[lease.host_ref] = self.stock.running_on(settings, lease.host_ref)
             up = (lease.ip or "") in running[lease.host_ref].get(lease.vm_uuid or "", ())
             if lease.expires_at <= now:
                 going[lease.id] = (lease, f"recycled: ready for {settings.pools.ready_ttl_minutes:g} min unused")
@@ -344,7 +290,7 @@ class ReadyPools:
             elif not up and self._settled(lease, now):
                 going[lease.id] = (lease, "recycled: it stopped or lost its address while waiting")
         by_os: dict[str, list[Lease]] = {}
-        for lease in sorted(pooled, key=_oldest_first, reverse=True):  # the newest go first
+        for lease in sorted(pooled, key=oldest_first, reverse=True):  # the newest go first
             if lease.id not in going:
                 by_os.setdefault(lease.os, []).append(lease)
         for os, ready in by_os.items():
@@ -352,7 +298,9 @@ class ReadyPools:
             for lease in ready[: max(0, surplus)]:
                 going[lease.id] = (lease, "recycled: over its pool's target")
         for lease, reason in going.values():
-            _, taken = self._service._release(settings, [lease], ["ready"], "released", reason, pooled=True)
+            _, taken = self.releaser.release(
+                settings, [lease], [LeaseState.READY], LeaseState.RELEASED, reason, pooled=True
+            )
             if taken:
                 report.recycled.append(lease.name)
                 log.info("ready pools: %s %s", lease.name, reason)
@@ -369,12 +317,12 @@ class ReadyPools:
         nobody waits for (the scheduler serves those who wait for a pooled OS from it)."""
         wanted = {record.os for record in queued}
         seen: set[str] = set()
-        for lease in sorted(pooled, key=_oldest_first):
-            if lease.state != "ready" or lease.os in wanted or lease.host_ref in seen:
+        for lease in sorted(pooled, key=oldest_first):
+            if lease.state != LeaseState.READY or lease.os in wanted or lease.host_ref in seen:
                 continue
             seen.add(lease.host_ref)
-            _, taken = self._service._release(
-                settings, [lease], ["ready"], "released", "recycled: requests wait", pooled=True
+            _, taken = self.releaser.release(
+                settings, [lease], [LeaseState.READY], LeaseState.RELEASED, "recycled: requests wait", pooled=True
             )
             if taken:
                 report.yielded.append(lease.name)
@@ -383,9 +331,9 @@ class ReadyPools:
         targets = {os: n for os, n in targets.items() if n > 0}
         if not targets:
             return
-        pooled = [lease for lease in pooled if lease.state in ("creating", "ready")]
+        pooled = [lease for lease in pooled if lease.state in (LeaseState.CREATING, LeaseState.READY)]
         have = Counter(lease.os for lease in pooled)
-        busy = Counter(lease.host_ref for lease in pooled if lease.state == "creating")
+        busy = Counter(lease.host_ref for lease in pooled if lease.state == LeaseState.CREATING)
         for os in sorted(targets):
             for _ in range(max(0, targets[os] - have[os])):
                 lease = self._reserve_one(settings, os, busy)
@@ -394,83 +342,31 @@ class ReadyPools:
                 busy[lease.host_ref] += 1
                 have[os] += 1
                 report.started.append(lease.name)
-                self._service._builders.submit(self._make, settings, lease)
+                self.ctx.builders.submit(self._make, settings, lease)
 
     def _reserve_one(self, settings: Settings, os: str, busy: Counter[str]) -> Lease | None:
         """Reserve room for one ready VM of ``os`` on the host with most room that is not
         at its refill limit nor backing off; None when none may take one now."""
-        service = self._service
-        now = self._clock()
         blocked = {
             host.ref
             for host in settings.hosts
-            if busy[host.ref] >= settings.pools.refill_per_host or self._backing_off(host.ref)
+            if busy[host.ref] >= settings.pools.refill_per_host or self._backoff.waiting(host.ref) > 0
         }
-        with service.leases.db.write() as conn:
-            service.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
-            reserved = service.reservations(conn)
-            candidates = [
-                c for c in service._candidates(settings, os, None, None, reserved) if c.host.ref not in blocked
-            ]
-            if placement.available(candidates) < 1:
-                return None
-            [choice] = placement.place(1, os, candidates)
-            record = _pool_record(os)
-            if not service.scheduler.may_serve_now(settings, reserved, record):
-                return None
-            name = pool_name(os)
-            lease = choice.new_lease(
-                request_id=record.id,
-                name=name,
-                username=POOL_USER,
-                os=os,
-                owner=service.owner,
-                now=now,
-                lifetime_seconds=settings.pools.ready_ttl_minutes * 60,
-                pooled=True,
-            )
-            service.leases.insert(conn, [lease], [choice.need.memory])
-        return lease
+        return self.admission.reserve_pool_vm(settings, os, blocked)
 
     def _make(self, settings: Settings, lease: Lease) -> None:
         """Make one ready VM (a builder thread); it joins its pool once it answers."""
-        service = self._service
+        ctx = self.ctx
         try:
-            ready = service._create_one(settings, lease, pinned=True)
+            ready = self.creator.create_one(settings, lease, pinned=True)
         except Exception as e:
-            service.leases.finish([lease.id], "failed", self._clock(), str(e))
-            self._back_off(lease.host_ref)
+            ctx.leases.finish([lease.id], LeaseState.FAILED, self._clock(), str(e), by=Actor.BUILDER)
+            delay = self._backoff.failed(lease.host_ref)
             log.warning("ready pools: %s on host %s failed: %s", lease.name, lease.host_ref, e)
+            log.warning("ready pools: host %s failed a refill; left alone for %.0f s", lease.host_ref, delay)
             return
-        self._backoff.pop(lease.host_ref, None)
+        self._backoff.succeeded(lease.host_ref)
         now = self._clock()
-        if service.leases.mark_pooled(ready.id, now, now + settings.pools.ready_ttl_minutes * 60) is None:
+        if ctx.leases.mark_pooled(ready.id, now, now + settings.pools.ready_ttl_minutes * 60) is None:
             log.info("ready pools: %s ended while it was made", lease.name)
-        service.scheduler.wake()  # a queued request may take it
-
-    def _backing_off(self, host_ref: str) -> bool:
-        entry = self._backoff.get(host_ref)
-        return entry is not None and time.monotonic() < entry[0]
-
-    def _back_off(self, host_ref: str) -> None:
-        _, delay = self._backoff.get(host_ref, (0.0, BACKOFF_FIRST / 2))
-        delay = min(BACKOFF_MAX, delay * 2)
-        self._backoff[host_ref] = (time.monotonic() + delay, delay)
-        log.warning("ready pools: host %s failed a refill; left alone for %.0f s", host_ref, delay)
-
-
-def _give_back(room: HostRoom, lease: Lease) -> None:
-    """Count a ready VM's CPUs, memory and disk as free again in ``room`` (its memory
-    without xapi's overhead: the estimate errs on the side of too little room)."""
-    member = next((m for m in room.members if m.ref == (lease.member or "")), room.members[0] if room.members else None)
-    if member is not None:
-        member.cpus += lease.cpus
-        member.memory += lease.memory
-    room.disk += lease.disk
-
-
-def _pool_record(os: str) -> RequestRecord:
-    """A refill as the scheduler weighs it: one VM of ``os`` that may not delay the queue."""
-    return RequestRecord(
-        id=str(uuid.uuid4()), username=POOL_USER, os=os, count=1, state=CREATING, owner="", created_at=0
-    )
+        ctx.room_freed.set()  # a queued request may take it

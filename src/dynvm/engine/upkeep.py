@@ -3,32 +3,24 @@ asks — expiry, recovery after a process died, and reconcile (leftover VMs and 
 quarantine, vanished VMs, clones left running). Run by the leader's background loops and
 at start-up; never on a request's path.
 
-``Upkeep`` is a part of ``LeaseService`` (``leases.py``), which it extends: it uses the
-service's stores, provider and release path. What a machine of a lease is (kept, ended,
-unknown) is judged here; finding and removing them is the provider's (``collect_leaks``).
+What a machine of a lease is (kept, ended, unknown) is judged here; finding and removing
+them is the provider's (``collect_leaks``); ending leases goes through ``release.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
+from ..config import HostSettings, Settings
 from ..model import HeldElsewhere, Lease
 from ..provider import QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
-from ..store.tables import ACTIVE_STATES
-from .requests import CREATING, FAILED, QUEUED, RequestRecord
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from ..config import HostSettings, Settings
-    from ..provider import Provider
-    from ..store.history import HistoryStore
-    from ..store.leases import LeaseStore
-    from .claim import ClaimKeeper
-    from .lifecycle import ReleaseOutcome
-    from .requests import RequestStore
+from ..states import ACTIVE_LEASE_STATES, Actor, LeaseState, RequestState
+from .capacity import Capacity
+from .context import EngineContext
+from .creator import Creator
+from .queue import may_requeue
+from .release import Releaser
 
 log = logging.getLogger(__name__)
 
@@ -39,48 +31,25 @@ FINISHED_REQUESTS_KEPT = 7 * 24 * 3600.0  # seconds a finished request's status 
 
 
 class Upkeep:
-    """Expiry, recovery and reconcile, as methods of ``LeaseService``."""
-
-    # LeaseService's (leases.py) and its other parts', which these methods use
-    leases: LeaseStore
-    history: HistoryStore
-    provider: Provider
-    requests: RequestStore
-    clock: Callable[[], float]
-    owner: str
-    claim: ClaimKeeper
-
-    if TYPE_CHECKING:
-
-        @property
-        def settings(self) -> Settings: ...
-        def _report(self, event: str, *args: object) -> None: ...
-        def _release(
-            self,
-            settings: Settings,
-            candidates: list[Lease],
-            only_from: list[str],
-            final_state: str,
-            reason: str = "",
-            expect_owner: str | None = None,
-            pooled: bool | None = None,
-        ) -> tuple[ReleaseOutcome, list[Lease]]: ...
-        def _roll_back(self, settings: Settings, ready: list[Lease], reason: str) -> None: ...
-        def _is_releasing(self, lease_id: str) -> bool: ...
-        def _live_processes(self) -> set[str]: ...
-        def _abandon_clone(self, lease: Lease) -> None: ...
+    def __init__(self, ctx: EngineContext, releaser: Releaser, creator: Creator, capacity: Capacity) -> None:
+        self.ctx = ctx
+        self.releaser = releaser
+        self.creator = creator
+        self.capacity = capacity
 
     def expire_due(self) -> list[str]:
         """Destroy every lease past its expiry (the reaper calls this every few seconds).
         Only handed-over leases expire: a request still being made keeps all its VMs."""
-        if self.claim.contested is not None:
+        ctx = self.ctx
+        if ctx.contested is not None:
             return []
-        _, expired = self._release(self.settings, self.leases.expired(self.clock()), ["ready"], "expired", "expired")
+        due = ctx.leases.expired(ctx.clock())
+        _, expired = self.releaser.release(ctx.settings(), due, [LeaseState.READY], LeaseState.EXPIRED, "expired")
         return [lease.name for lease in expired]
 
     def heartbeat(self) -> None:
         """Tell other replicas this process is alive (every reaper tick)."""
-        self.leases.heartbeat(self.owner, self.clock())
+        self.ctx.replicas.heartbeat(self.ctx.owner, self.ctx.clock())
 
     def recover(self) -> list[str]:
         """Creates left by a process that died never finish: fail them, so that their VMs
@@ -90,25 +59,29 @@ class Upkeep:
         starts). Releases that are not under way any more (their process died, or the
         destroy failed) are redone; a release this process is doing right now is left
         alone. Runs at start-up and with each reconcile."""
+        ctx = self.ctx
         self.heartbeat()
-        if self.claim.contested is not None:
+        if ctx.contested is not None:
             return []
-        alive = self._live_processes()
-        stale = [lease for lease in self.leases.in_state("creating") if lease.owner not in alive]
-        settings = self.settings
+        alive = ctx.live_processes()
+        stale = [lease for lease in ctx.leases.in_state(LeaseState.CREATING) if lease.owner not in alive]
+        settings = ctx.settings()
         for lease in stale:  # a clone that was still running when its process died
-            self._abandon_clone(lease)
-        self.leases.finish([lease.id for lease in stale], "failed", self.clock(), "dynvm stopped during the create")
+            self.creator.abandon_clone(lease)
+        why = "dynvm stopped during the create"
+        ctx.leases.finish([lease.id for lease in stale], LeaseState.FAILED, ctx.clock(), why, by=Actor.RECOVERY)
         if stale:  # their clones get RECOVER_CLONE_WAIT in all; what still runs is left to reconcile
             give_up_at = time.monotonic() + RECOVER_CLONE_WAIT
-            self._collect_abandoned_clones(settings, ReconcileReport(), give_up_at=give_up_at)
+            self.collect_abandoned_clones(settings, ReconcileReport(), give_up_at=give_up_at)
         self._roll_back_unanswered_requests(settings, alive)
         self._recover_requests(alive)
-        for lease in self.leases.in_state("releasing"):
-            if lease.owner in alive and (lease.owner != self.owner or self._is_releasing(lease.id)):
+        for lease in ctx.leases.in_state(LeaseState.RELEASING):
+            if lease.owner in alive and (lease.owner != ctx.owner or self.releaser.is_releasing(lease.id)):
                 continue
-            final = "expired" if lease.handed_over_at is not None and lease.expires_at <= self.clock() else "released"
-            self._release(settings, [lease], ["releasing"], final, "release finished by reconcile", lease.owner)
+            over = lease.handed_over_at is not None and lease.expires_at <= ctx.clock()
+            final = LeaseState.EXPIRED if over else LeaseState.RELEASED
+            reason = "release finished by reconcile"
+            self.releaser.release(settings, [lease], [LeaseState.RELEASING], final, reason, lease.owner)
         return [lease.name for lease in stale]
 
     def _recover_requests(self, alive: set[str]) -> None:
@@ -119,41 +92,43 @@ class Upkeep:
         other. Else it fails (nobody waits for the answer). A queued one whose caller
         waited on the dead process (legacy: the HTTP answer died with it) is cancelled;
         v1 ones stay queued for the leader."""
-        now = self.clock()
-        for record in self.requests.in_state(CREATING):
+        requests = self.ctx.requests
+        now = self.ctx.clock()
+        creating, queued = [RequestState.CREATING], [RequestState.QUEUED]
+        for record in requests.in_state(RequestState.CREATING):
             if record.builder in alive or record.builder is None:
                 continue
-            if self.may_requeue(record, alive):
-                self.requests.transition(record.id, [CREATING], QUEUED, builder=None, started_at=None, vms=[])
+            if may_requeue(record, alive):
+                requests.transition(
+                    record.id, creating, RequestState.QUEUED, by=Actor.RECOVERY, builder=None, started_at=None, vms=[]
+                )
                 log.warning("request %s: the dynvm making its VMs stopped; queued again", record.id)
             else:
-                self.requests.transition(
+                requests.transition(
                     record.id,
-                    [CREATING],
-                    FAILED,
+                    creating,
+                    RequestState.FAILED,
+                    by=Actor.RECOVERY,
                     error="dynvm stopped while making its VMs; everything built was removed: ask again",
                     error_status=503,
                 )
-        for record in self.requests.in_state(QUEUED):
+        for record in requests.in_state(RequestState.QUEUED):
             if record.origin == "legacy" and record.owner not in alive:
-                self.requests.end_cancelled(record.id, [QUEUED], "the dynvm process its caller waited on stopped")
-        self.requests.forget_finished(now - FINISHED_REQUESTS_KEPT)
-
-    @staticmethod
-    def may_requeue(record: RequestRecord, alive: set[str]) -> bool:
-        """Whether a request whose VMs stopped being made goes back to the queue: it waits,
-        and whoever waits for its answer is still there."""
-        return record.wait_until is not None and (record.origin == "v1" or record.owner in alive)
+                why = "the dynvm process its caller waited on stopped"
+                requests.end_cancelled(record.id, queued, why, by=Actor.RECOVERY)
+        requests.forget_finished(now - FINISHED_REQUESTS_KEPT)
 
     def _roll_back_unanswered_requests(self, settings: Settings, alive: set[str]) -> None:
         """Ready leases a dead process never handed over (it died before its request
         answered): nobody got them, so they are removed, all or nothing."""
         waiting = [
-            lease for lease in self.leases.in_state("ready") if lease.handed_over_at is None and not lease.pooled
+            lease
+            for lease in self.ctx.leases.in_state(LeaseState.READY)
+            if lease.handed_over_at is None and not lease.pooled
         ]
         orphaned = [lease for lease in waiting if lease.owner not in alive]
         if orphaned:
-            self._roll_back(settings, orphaned, "dynvm stopped before the request answered")
+            self.releaser.roll_back(settings, orphaned, "dynvm stopped before the request answered")
 
     def reconcile(self, startup: bool = False) -> ReconcileReport:
         """Make the hosts and the leases agree (at start-up and every minute). Only VMs and
@@ -172,57 +147,34 @@ class Upkeep:
         ``startup``: the mirror was just loaded whole, so a lease made by no live process
         (this one's past lives included) whose VM is not in it is gone: it is closed at
         once, not after the grace given to a VM the mirror may not show yet."""
+        ctx = self.ctx
         report = ReconcileReport()
-        if self.claim.contested is not None:
-            report.errors.append(self.claim.contested)
+        if ctx.contested is not None:
+            report.errors.append(ctx.contested)
             return report
-        settings = self.settings
+        settings = ctx.settings()
         self.rehome_same_pools(settings)
-        active = {lease.id: lease for lease in self.leases.active()}
-        live = self._live_processes() - ({self.owner} if startup else set())
+        active = {lease.id: lease for lease in ctx.leases.active()}
+        live = ctx.live_processes() - ({ctx.owner} if startup else set())
         judge = _Judge(self, active)
         for host in settings.hosts:
-            status = self.provider.status(host)
+            status = ctx.provider.status(host)
             if status is None or not status.up:
                 continue
-            self.provider.collect_leaks(host, judge, report)
-            on_host = {machine.uuid for machine in self.provider.machines(host)}
+            ctx.provider.collect_leaks(host, judge, report)
+            on_host = {machine.uuid for machine in ctx.provider.machines(host)}
             for lease in active.values():
-                settled = (lease.ready_at or 0) < self.clock() - VANISH_GRACE  # the mirror may lag a moment
+                settled = (lease.ready_at or 0) < ctx.clock() - VANISH_GRACE  # the mirror may lag a moment
                 if (
                     lease.host_ref == host.ref
-                    and lease.state == "ready"
+                    and lease.state == LeaseState.READY
                     and lease.vm_uuid not in on_host
                     and (settled or (startup and lease.owner not in live))
                 ):
                     report.guarded(lease.name, self._close_vanished, lease, host, report)
-        self._collect_abandoned_clones(settings, report)
-        self._report("reconciled", report)
+        self.collect_abandoned_clones(settings, report)
+        ctx.report("reconciled", report)
         return report
-
-    def other_pools(self, a: str, b: str) -> bool:
-        """Whether configured hosts ``a`` and ``b`` are known to be different pools: both
-        reached, with pools of their own. A host that is gone from the configuration, or
-        not reached yet, may be the same pool, so nothing of it is judged left behind."""
-        settings = self.settings
-        ids = []
-        for ref in (a, b):
-            host = settings.host(ref)
-            status = self.provider.status(host) if host is not None else None
-            if status is None or not status.pool_id:
-                return False
-            ids.append(status.pool_id)
-        return ids[0] != ids[1]
-
-    def same_pools(self, settings: Settings) -> dict[str, str]:
-        """Configured host ref -> the ref of the earlier section that counts its pool, for
-        every section that names a pool another section counts."""
-        out = {}
-        for host in settings.hosts:
-            status = self.provider.status(host)
-            if status is not None and status.same_pool_as:
-                out[host.ref] = status.same_pool_as
-        return out
 
     def rehome_same_pools(self, settings: Settings) -> None:
         """Leases held on a section that names the same pool as an earlier one (a pool
@@ -230,32 +182,37 @@ class Upkeep:
         section alone) move to the section that counts the pool, so that each rule that
         compares hosts (room, verdicts, vanished VMs) sees one host. Called before every
         reconcile pass, and so at start-up."""
-        for ref, counting in self.same_pools(settings).items():
-            moved = self.leases.rehome(ref, counting)
+        for ref, counting in self.capacity.same_pools(settings).items():
+            moved = self.ctx.leases.rehome(ref, counting)
+            self.ctx.clones.rehome(ref, counting)
             if moved:
                 log.warning("%d lease(s) on host %s moved to host %s, which counts the same pool", moved, ref, counting)
 
     def quarantine_step(self, since: float | None) -> QuarantineStep:
         """For a VM or disk whose lease this database does not know: quarantine it (the
         first time it is seen), wait (its quarantine is not over), or destroy it."""
-        keep = self.settings.common.quarantine_hours * 3600
+        keep = self.ctx.settings().common.quarantine_hours * 3600
         if since is None:
             return QuarantineStep.QUARANTINE if keep > 0 else QuarantineStep.DESTROY
-        return QuarantineStep.WAIT if self.clock() < since + keep else QuarantineStep.DESTROY
+        return QuarantineStep.WAIT if self.ctx.clock() < since + keep else QuarantineStep.DESTROY
 
     def quarantined(self) -> list[QuarantinedVm]:
         """VMs of this installation that reconcile holds halted in quarantine."""
-        keep = self.settings.common.quarantine_hours * 3600
-        out = [vm for host in self.settings.hosts for vm in self.provider.quarantined(host, keep)]
+        settings = self.ctx.settings()
+        keep = settings.common.quarantine_hours * 3600
+        out = [vm for host in settings.hosts for vm in self.ctx.provider.quarantined(host, keep)]
         return sorted(out, key=lambda q: (q.quarantined_at, q.name))
 
     def _close_vanished(self, lease: Lease, host: HostSettings, report: ReconcileReport) -> None:
-        self.leases.finish([lease.id], "released", self.clock(), "the VM vanished from its host")
-        self.history.record_deleted(self.leases.get(lease.id) or lease, 0.0)
+        ctx = self.ctx
+        ctx.leases.finish(
+            [lease.id], LeaseState.RELEASED, ctx.clock(), "the VM vanished from its host", by=Actor.RECONCILE
+        )
+        ctx.history.record_deleted(ctx.leases.get(lease.id) or lease, 0.0)
         report.vanished.append(lease.name)
         log.warning("reconcile: %s vanished from %s; lease closed", lease.name, host.display)
 
-    def _collect_abandoned_clones(
+    def collect_abandoned_clones(
         self, settings: Settings, report: ReconcileReport, give_up_at: float | None = None
     ) -> None:
         """Clones dynvm stopped waiting for (its host went silent, or its process died):
@@ -263,21 +220,22 @@ class Upkeep:
         destroy it. A clone still running is waited for ``ADOPT_WAIT`` seconds, or until
         ``give_up_at`` (monotonic) when given, then looked at again on the next pass; a task
         xapi no longer knows left no VM to find."""
-        for row in self.leases.abandoned_clones():
+        ctx = self.ctx
+        for row in ctx.clones.abandoned_clones():
             host_ref, task, lease_id, name = (str(row[k]) for k in ("host_ref", "task", "lease_id", "name"))
             host = settings.host(host_ref)
             if host is None:
                 log.warning("reconcile: host %s left the configuration; cannot look for %s's clone", host_ref, name)
-                self.leases.forget_clone(host_ref, task)
+                ctx.clones.forget_clone(host_ref, task)
                 continue
-            status = self.provider.status(host)
+            status = ctx.provider.status(host)
             if status is None or not status.up:
                 continue
             try:
                 wait = ADOPT_WAIT if give_up_at is None else max(0.0, give_up_at - time.monotonic())
-                vm = self.provider.adopt(host, task, lease_id, wait=wait)
+                vm = ctx.provider.adopt(host, task, lease_id, wait=wait)
                 if vm is not None:
-                    self.provider.destroy(host, vm, lease_id)
+                    ctx.provider.destroy(host, vm, lease_id)
                     report.orphans_destroyed.append(name)
                     log.warning("reconcile: destroyed %s on %s (cloned after dynvm gave up)", name, host.display)
             except HeldElsewhere as e:  # it went on to be handed out: a restored database; quarantined
@@ -286,7 +244,7 @@ class Upkeep:
                 log.warning("reconcile: cannot look at %s's clone on %s yet (%s)", name, host.display, e)
                 report.errors.append(f"{name}'s clone on {host.display}: {e}")
                 continue
-            self.leases.forget_clone(host_ref, task)
+            ctx.clones.forget_clone(host_ref, task)
 
 
 class _Judge:
@@ -308,12 +266,12 @@ class _Judge:
         holder = self._active.get(lease_id)
         if holder is None or held_by is not None or (host_ref is not None and holder.host_ref != host_ref):
             # read afresh: a hand-out changes the database before it writes on the host
-            holder = self._upkeep.leases.get(lease_id)
+            holder = self._upkeep.ctx.leases.get(lease_id)
         if holder is None:
             return Verdict.UNKNOWN
         if held_by is not None and self._disagrees(holder, held_by):
             return Verdict.UNKNOWN
-        if holder.state not in ACTIVE_STATES:
+        if holder.state not in ACTIVE_LEASE_STATES:
             return Verdict.ENDED
         if host_ref is None:
             return Verdict.KEEP  # a disk: its lease holds it wherever its VM is
@@ -324,7 +282,7 @@ class _Judge:
             return Verdict.KEEP  # its own VM, seen through another section of the same pool
         # found on another host than its lease's: a leftover of an attempt there, unless the
         # two sections may name one pool (the same, or one of them not reached yet)
-        return Verdict.ENDED if self._upkeep.other_pools(holder.host_ref, host_ref) else Verdict.KEEP
+        return Verdict.ENDED if self._upkeep.capacity.other_pools(holder.host_ref, host_ref) else Verdict.KEEP
 
     def _disagrees(self, lease: Lease, held_by: str) -> bool:
         """The host says request ``held_by`` holds the lease's VM; does the database say
@@ -332,15 +290,16 @@ class _Judge:
         another request: this database is older than the host (a restored backup) or not
         the one that handed it out (a copy). Such a VM is quarantined, never handed out or
         destroyed at once; an active lease that disagrees ends here, its VM left alone."""
-        if lease.state in ACTIVE_STATES and not lease.pooled and lease.request_id == held_by:
+        if lease.state in ACTIVE_LEASE_STATES and not lease.pooled and lease.request_id == held_by:
             return False
-        if lease.state in ACTIVE_STATES:
-            self._upkeep.leases.finish(
+        if lease.state in ACTIVE_LEASE_STATES:
+            self._upkeep.ctx.leases.finish(
                 [lease.id],
-                "failed",
-                self._upkeep.clock(),
+                LeaseState.FAILED,
+                self._upkeep.ctx.clock(),
                 f"the host says request {held_by} holds its VM, not this lease "
                 "(the database was restored from a backup, or copied): quarantined",
+                by=Actor.RECONCILE,
             )
             log.error(
                 "reconcile: %s's VM is held by request %s on its host, which this database does not know as its "
@@ -354,4 +313,4 @@ class _Judge:
         return self._upkeep.quarantine_step(quarantined_at)
 
     def now(self) -> float:
-        return self._upkeep.clock()
+        return self._upkeep.ctx.clock()

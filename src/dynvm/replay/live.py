@@ -35,10 +35,10 @@ from pathlib import Path
 
 import httpx
 
-from ..engine.requests import RequestStore
 from ..store.db import Database
 from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
+from ..store.requests import RequestStore
 from ..trace import Demand
 from .runner import ReplayOptions, ReplayResult, idle_seconds, known_before, replay_sections, slice_of
 
@@ -143,7 +143,7 @@ class LiveReplay:
     def _prepare(self, config: Path, db_path: Path) -> None:
         """The replay's settings over the simulator's config, and the past in the history."""
         parser = configparser.ConfigParser(interpolation=None)
-        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep the case of ini keys, as configparser documents
         parser.read(config)
         oses = {d.os for d in [*self.trace, *self.history]} or {"centos"}
         for section, values in replay_sections(oses, self.options).items():

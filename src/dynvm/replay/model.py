@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..config import HostSettings, Settings, windows_os
-from ..engine.ready_pools import POOL_USER
+from ..engine.ready_stock import POOL_USER
 from ..model import CreatedVm, HeldElsewhere, NotDynvmVm, VmSpec
 from ..provider import (
     Cancel,
@@ -159,9 +159,9 @@ class ModelHosts:
         for reservation in [] if empty else reserved:
             if reservation["lease_id"] in made:
                 continue
-            member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]
-            member.memory -= int(reservation["memory"])  # type: ignore[call-overload]
-            room.disk -= int(reservation["disk"])  # type: ignore[call-overload]
+            member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
+            member.memory -= int(reservation["memory"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
+            room.disk -= int(reservation["disk"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
         return room
 
     def shortage(self, host: HostSettings, os: str) -> str | None:

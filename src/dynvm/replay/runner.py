@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import load_settings
-from ..engine.ready_pools import ReadyPools
-from ..leases import LeaseService
+from ..engine.service import LeaseService
 from ..model import Lease, LeaseError, LeaseRequest
+from ..states import LeaseState, RequestState
 from ..store.db import Database
 from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
@@ -158,9 +158,13 @@ class Replay:
             self.hosts = ModelHosts(self.clock, self.options.create_seconds)
             self.hosts.apply(settings)
             service = LeaseService(
-                lambda: settings, self.hosts, LeaseStore(db), HistoryStore(db, None, self.clock), clock=self.clock
+                lambda: settings,
+                self.hosts,
+                LeaseStore(db),
+                HistoryStore(db, None, self.clock),
+                clock=self.clock,
+                pools_reload_seconds=None,  # the demand model learns from this replay alone
             )
-            service.ready_pools = ReadyPools(service, self.clock, reload_seconds=None)
             service.ready_pools.resize_seconds = RESIZE_SECONDS
             if self.history:  # what a running lab would know at the slice's start
                 service.ready_pools.learn(self.history)
@@ -195,9 +199,9 @@ class Replay:
             if kind in ("arrive", "release"):
                 self._changed = True
             if kind == "arrive":
-                self._arrive(*payload)  # type: ignore[misc]
+                self._arrive(*payload)  # type: ignore[misc]  # an event's payload is the tuple _arrive takes for that kind of event
             elif kind == "release":
-                self._release(payload)  # type: ignore[arg-type]
+                self._release(payload)  # type: ignore[arg-type]  # an event's payload is the name list _release takes for that kind of event
             elif kind == "tick":
                 self._tick()
             if kind == "release" and self._waiting:  # room was given back: the queue may move
@@ -255,10 +259,12 @@ class Replay:
         """Refills and grants are made by the engine's builder threads: let them finish
         (the model makes a VM at once; its virtual create time is in ``runs_at``)."""
         deadline = time.monotonic() + 30
-        leases = self.service.leases
+        leases = self.service.lease_store
         while time.monotonic() < deadline:
-            creating = len(leases.in_state("creating"))
-            if creating == self.hosts.blocked and (not self._waiting or not self.service.requests.in_state("creating")):
+            creating = len(leases.in_state(LeaseState.CREATING))
+            if creating == self.hosts.blocked and (
+                not self._waiting or not self.service.request_store.in_state(RequestState.CREATING)
+            ):
                 return  # all that is left waits for the virtual clock
             time.sleep(0.001)
 
@@ -267,11 +273,11 @@ class Replay:
         service.scheduler.run_pass()
         self._settle()
         for request_id, (demand, arrived) in list(self._waiting.items()):
-            record = service.requests.get(request_id)
+            record = service.request_store.get(request_id)
             if record is None or not record.finished:
                 continue
             del self._waiting[request_id]
-            if record.state != "ready":
+            if record.state != RequestState.READY:
                 self.result.refused += 1
                 continue
             leases = service.leases_of(request_id)
@@ -281,7 +287,7 @@ class Replay:
 
     def _account(self) -> None:
         end = self.trace[-1].arrival_s if self.trace else 0.0
-        self.result.vm_seconds_idle = idle_seconds(self.service.leases.ever_pooled(), end)
+        self.result.vm_seconds_idle = idle_seconds(self.service.lease_store.ever_pooled(), end)
 
 
 def idle_seconds(ever_pooled: Iterable[Lease], end: float) -> float:

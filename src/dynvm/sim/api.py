@@ -78,7 +78,7 @@ def _int(value: object, name: str) -> int:
     try:
         if isinstance(value, bool):
             raise ValueError
-        return int(value)  # type: ignore[call-overload]
+        return int(value)  # type: ignore[call-overload]  # the value passed the type check of xenapi.json's int just above
     except (TypeError, ValueError):
         raise field_type_error(name) from None
 
@@ -572,7 +572,7 @@ class XapiApi:
         except ValueError:
             raise XapiError("EVENT_FROM_TOKEN_PARSE_FAILURE", token) from None
         try:
-            wait = float(timeout)  # type: ignore[arg-type]
+            wait = float(timeout)  # type: ignore[arg-type]  # event.from's timeout is a float or a string of one (xapi takes both)
         except (TypeError, ValueError):
             raise field_type_error("timeout") from None
         wanted = self._subscription(classes)
@@ -651,14 +651,14 @@ class XapiApi:
 
     def _event_record(self, change: object) -> dict[str, object]:
         event: dict[str, object] = {
-            "id": str(change.generation),  # type: ignore[attr-defined]
+            "id": str(change.generation),  # type: ignore[attr-defined]  # the change log's entries are its own records, typed as object in the store
             "timestamp": "0.0",
-            "class": change.cls.lower(),  # type: ignore[attr-defined]
-            "operation": change.operation,  # type: ignore[attr-defined]
-            "ref": change.ref,  # type: ignore[attr-defined]
+            "class": change.cls.lower(),  # type: ignore[attr-defined]  # the change log's entries are its own records, typed as object in the store
+            "operation": change.operation,  # type: ignore[attr-defined]  # the change log's entries are its own records, typed as object in the store
+            "ref": change.ref,  # type: ignore[attr-defined]  # the change log's entries are its own records, typed as object in the store
         }
-        if change.operation != "del":  # type: ignore[attr-defined]
-            record = copy_record(self.store.get(change.cls, change.ref))  # type: ignore[attr-defined]
+        if change.operation != "del":  # type: ignore[attr-defined]  # the change log's entries are its own records, typed as object in the store
+            record = copy_record(self.store.get(change.cls, change.ref))  # type: ignore[attr-defined]  # the change log's entries are its own records, typed as object in the store
             event["snapshot"] = record
             event["obj_uuid"] = record.get("uuid", "")
         return event

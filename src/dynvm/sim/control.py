@@ -123,7 +123,7 @@ class Control:
 
     @staticmethod
     def _position(node: HostNode, position: object) -> int:
-        index = int(position)  # type: ignore[call-overload]
+        index = int(position)  # type: ignore[call-overload]  # a control argument arrives as object from XML-RPC; it is an integer
         if not 0 <= index < len(node.endpoints):
             raise ValueError(f"member position {index} is not in this pool of {len(node.endpoints)}")
         return index
@@ -262,7 +262,7 @@ class SimControlClient:
     """A small client for ``sim.*`` (tests and users' rehearsal scripts use it)."""
 
     def __init__(self, url: str, password: str, **proxy_options: object) -> None:
-        self._proxy = xmlrpc.client.ServerProxy(url, allow_none=True, **proxy_options)  # type: ignore[arg-type]
+        self._proxy = xmlrpc.client.ServerProxy(url, allow_none=True, **proxy_options)  # type: ignore[arg-type]  # ServerProxy's options are typed per keyword; this passes them through
         self._password = password
 
     def __getattr__(self, name: str) -> Callable[..., object]:

@@ -171,10 +171,10 @@ class SimHost:
         ``memory_static_max`` plus its ``memory_overhead``."""
         with self.store.lock:
             host = self.store.get("host", member or self.refs.host)
-            total = int(host["memory_overhead"])  # type: ignore[call-overload]
+            total = int(host["memory_overhead"])  # type: ignore[call-overload]  # a record's fields are object-typed; these are integers
             for vm in cast("list[str]", host["resident_VMs"]):
                 record = self.store.get("VM", vm)
-                total += int(record["memory_static_max"]) + int(record["memory_overhead"])  # type: ignore[call-overload]
+                total += int(record["memory_static_max"]) + int(record["memory_overhead"])  # type: ignore[call-overload]  # a record's fields are object-typed; these are integers
             return total
 
     def memory_free(self, member: str | None = None) -> int:
@@ -198,8 +198,8 @@ class SimHost:
             allocated = 0
             for vdi in cast("list[str]", self.store.get("SR", sr)["VDIs"]):
                 record = self.store.get("VDI", vdi)
-                used += int(record["physical_utilisation"])  # type: ignore[call-overload]
-                allocated += int(record["virtual_size"])  # type: ignore[call-overload]
+                used += int(record["physical_utilisation"])  # type: ignore[call-overload]  # a record's fields are object-typed; these are integers
+                allocated += int(record["virtual_size"])  # type: ignore[call-overload]  # a record's fields are object-typed; these are integers
             if sr == self.refs.sr:
                 used += self.faults.sr_reserved
             self.store.update("SR", sr, physical_utilisation=str(used), virtual_allocation=str(allocated))
@@ -207,4 +207,4 @@ class SimHost:
     def sr_free(self, sr: str) -> int:
         with self.store.lock:
             record = self.store.get("SR", sr)
-            return int(record["physical_size"]) - int(record["physical_utilisation"])  # type: ignore[call-overload]
+            return int(record["physical_size"]) - int(record["physical_utilisation"])  # type: ignore[call-overload]  # a record's fields are object-typed; these are integers

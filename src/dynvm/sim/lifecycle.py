@@ -71,7 +71,7 @@ def refresh_memory_overhead(host: SimHost, vm: str) -> None:
     overhead = hvm_memory_overhead(
         int(str(record["memory_static_max"])),
         int(str(record["VCPUs_max"])),
-        float(record["HVM_shadow_multiplier"]),  # type: ignore[arg-type]
+        float(record["HVM_shadow_multiplier"]),  # type: ignore[arg-type]  # a record's fields are object-typed; this one is a float
     )
     host.store.update("VM", vm, memory_overhead=str(overhead))
 
@@ -128,7 +128,7 @@ def clone(host: SimHost, vm: str, new_name: str, instant: bool = False) -> str:
         if source["power_state"] != "Halted":  # it may have been started while we copied
             raise bad_power_state(vm, "halted", str(source["power_state"]))
         new_vm = new_vm_like(host, vm, source, new_name)
-        for vbd in list(source["VBDs"]):  # type: ignore[call-overload]
+        for vbd in list(source["VBDs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
             _clone_vbd(host, vbd, new_vm)
         copy_vifs(host, source, new_vm)
         return new_vm
@@ -142,7 +142,7 @@ def new_vm_like(host: SimHost, vm: str, source: dict[str, object], new_name: str
     takes its VM's parent, and the VM's parent becomes the snapshot. Hold the store's lock."""
     store = host.store
     record = copy_record(source)
-    other_config = dict(record["other_config"])  # type: ignore[call-overload]
+    other_config = dict(record["other_config"])  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
     if not snapshot:
         other_config["mac_seed"] = new_uuid()
         other_config.pop("default_template", None)
@@ -178,7 +178,7 @@ def new_vm_like(host: SimHost, vm: str, source: dict[str, object], new_name: str
 
 def copy_vifs(host: SimHost, source: dict[str, object], new_vm: str) -> None:
     """The source's network interfaces, on the same networks, for ``new_vm``."""
-    for vif in list(source["VIFs"]):  # type: ignore[call-overload]
+    for vif in list(source["VIFs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
         old = host.store.get("VIF", vif)
         create_vif(host, {"VM": new_vm, "network": old["network"], "device": old["device"], "MTU": old["MTU"]})
 
@@ -239,7 +239,7 @@ def provision(host: SimHost, vm: str) -> None:
         record = _require_power_state(host, vm, "Halted")
         _fault(host, "provision", vm)
         store.update("VM", vm, is_a_template=False, allowed_operations=list(HALTED_OPERATIONS))
-        spec = dict(record["other_config"]).get("disks", "")  # type: ignore[call-overload]
+        spec = dict(record["other_config"]).get("disks", "")  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
         if not spec:
             return
         try:
@@ -283,7 +283,7 @@ def provision(host: SimHost, vm: str) -> None:
             for vdi in created:  # xapi deletes what it created when an install fails
                 destroy_vdi(host, vdi)
             raise
-        other_config = dict(record["other_config"])  # type: ignore[call-overload]
+        other_config = dict(record["other_config"])  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
         other_config.pop("disks", None)
         store.update("VM", vm, other_config=other_config)
 
@@ -429,7 +429,7 @@ def _check_cores_per_socket(record: dict[str, object]) -> None:
     platform:cores-per-socket (xen-api vm_platform.ml, sanity_check, at VM.start only:
     VCPU_MAX_NOT_CORES_PER_SOCKET_MULTIPLE [vcpu_max, cores_per_socket], also for 0 or a
     negative value; INVALID_VALUE [platform:cores-per-socket, value] for a non-integer)."""
-    raw = dict(record["platform"]).get("cores-per-socket")  # type: ignore[call-overload]
+    raw = dict(record["platform"]).get("cores-per-socket")  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
     if raw is None:
         return
     vcpus = int(str(record["VCPUs_max"]))
@@ -565,13 +565,13 @@ def _attach_devices(host: SimHost, record: dict[str, object], attached: bool) ->
     """Plug (or unplug) the VM's devices. xapi names a VBD's device (xvda, xvdd, ...) the
     first time its VM runs, and keeps the name after a shutdown (the real records: a
     halted, once-run VM's disk is xvda; its never-plugged CD has device "")."""
-    for vbd in list(record["VBDs"]):  # type: ignore[call-overload]
+    for vbd in list(record["VBDs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
         fields: dict[str, object] = {"currently_attached": attached}
         vbd_record = host.store.get("VBD", vbd)
         if attached and not vbd_record["device"] and str(vbd_record["userdevice"]).isdigit():
             fields["device"] = "xvd" + "abcdefghijklmnop"[int(str(vbd_record["userdevice"])) % 16]
         host.store.update("VBD", vbd, **fields)
-    for vif in list(record["VIFs"]):  # type: ignore[call-overload]
+    for vif in list(record["VIFs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
         host.store.update("VIF", vif, currently_attached=attached)
 
 
@@ -587,9 +587,9 @@ def destroy_vm(host: SimHost, vm: str) -> None:
             raise XapiError("OPERATION_NOT_ALLOWED", "the control domain cannot be destroyed")
         _require_power_state(host, vm, "Halted")
         _fault(host, "destroy", vm)
-        for vbd in list(record["VBDs"]):  # type: ignore[call-overload]
+        for vbd in list(record["VBDs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
             store.destroy("VBD", vbd)
-        for vif in list(record["VIFs"]):  # type: ignore[call-overload]
+        for vif in list(record["VIFs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
             store.destroy("VIF", vif)
         for cls, ref in (("VM_metrics", record["metrics"]), ("VM_guest_metrics", record["guest_metrics"])):
             if store.exists(cls, str(ref)):
@@ -611,7 +611,7 @@ def destroy_vdi(host: SimHost, vdi: str) -> None:
             if store.get("VBD", vbd)["currently_attached"]:
                 raise XapiError("VDI_IN_USE", vdi, "destroy")
         _fault(host, "vdi_destroy", vdi)
-        for vbd in list(record["VBDs"]):  # type: ignore[call-overload]
+        for vbd in list(record["VBDs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; this one is a map or a list of refs
             store.destroy("VBD", vbd)
         store.destroy("VDI", vdi)
         host.refresh_sr_usage(sr)

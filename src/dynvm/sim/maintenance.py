@@ -61,7 +61,7 @@ def evacuate(host: SimHost, member: str) -> None:
     store = host.store
     with store.lock:
         record = _member(host, member)
-        resident = list(record["resident_VMs"])  # type: ignore[call-overload]
+        resident = list(record["resident_VMs"])  # type: ignore[call-overload]  # a record's fields are object-typed; resident_VMs is a list of refs
         guests = [vm for vm in resident if not store.get("VM", vm)["is_control_domain"]]
         moved: list[str] = []
         try:
@@ -172,7 +172,7 @@ def crash(host: SimHost, position: int) -> None:
     back or marked dead."""
     with host.store.lock:
         member = host.refs.members[position]
-        for vm in list(host.store.get("host", member)["resident_VMs"]):  # type: ignore[call-overload]
+        for vm in list(host.store.get("host", member)["resident_VMs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; resident_VMs is a list of refs
             if not host.store.get("VM", vm)["is_control_domain"]:
                 host.boot_epochs[vm] = host.boot_epochs.get(vm, 0) + 1
                 host.services.close(vm)
@@ -183,7 +183,7 @@ def restart_after_crash(host: SimHost, position: int) -> None:
     Halted (xen-api xapi_xenops.ml, the resync after a host restart)."""
     with host.store.lock:
         member = host.refs.members[position]
-        for vm in list(host.store.get("host", member)["resident_VMs"]):  # type: ignore[call-overload]
+        for vm in list(host.store.get("host", member)["resident_VMs"]):  # type: ignore[call-overload]  # a record's fields are object-typed; resident_VMs is a list of refs
             record = host.store.get("VM", vm)
             if record["is_control_domain"]:
                 continue

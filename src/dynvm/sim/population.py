@@ -506,7 +506,7 @@ def _snapshot(host: SimHost, parent: str, name: str) -> str:
         snapshot_of=parent,
         snapshot_time=host.now(),
         allowed_operations=["clone", "destroy"],
-        other_config={**dict(source["other_config"]), "mac_seed": ""},  # type: ignore[call-overload]
+        other_config={**dict(source["other_config"]), "mac_seed": ""},  # type: ignore[call-overload]  # a record's fields are object-typed; other_config is a map
     )
     return store.create("VM", fields)
 

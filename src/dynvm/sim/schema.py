@@ -84,7 +84,7 @@ class FieldType:
                     raise TypeError("expected an int")
                 return str(int(value))  # type: ignore[call-overload]  # any client value: int() is the check
             case "float":
-                return float(value)  # type: ignore[arg-type]
+                return float(value)  # type: ignore[arg-type]  # the value passed the type check of xenapi.json's float just above
             case "bool":
                 if not isinstance(value, bool):
                     raise TypeError("expected a bool")

@@ -115,7 +115,7 @@ class GuestServices:
                 continue  # a socket closed meanwhile
             for key, _ in ready:
                 try:
-                    conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    conn, _ = key.fileobj.accept()  # type: ignore[union-attr]  # a selector key's fileobj is the listening socket registered just above
                     conn.close()
                 except OSError:
                     pass

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..config import CouchbaseSettings
 from ..model import Lease
+from ..states import LeaseState
 from ..trace import Demand
 from .db import Database
 from .tables import history
@@ -126,7 +127,7 @@ class HistoryStore:
                     username=demand.user,
                     os=demand.os,
                     host_ref="",
-                    state="released",
+                    state=LeaseState.RELEASED,
                     cpus=0,
                     memory=0,
                     disk=0,

@@ -1,4 +1,5 @@
-"""Leases and reservations in the database: the only code that writes those tables."""
+"""Leases and their reservations in the database: the only code that writes those tables.
+Every change of a lease's state is checked against ``states.LEASES`` first."""
 
 from __future__ import annotations
 
@@ -8,24 +9,18 @@ from sqlalchemy import Connection, delete, false, func, insert, select, true, up
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from ..model import CreatedVm, Lease, NameInUse, RequestCancelled
+from ..model import CreatedVm, Lease, NameInUse
+from ..states import ACTIVE_LEASE_STATES, LEASES, Actor, LeaseState
 from .db import Database
-from .tables import (
-    ACTIVE_STATES,
-    abandoned_clones,
-    host_locks,
-    installation,
-    leases,
-    replicas,
-    requests,
-    reservations,
-)
+from .tables import host_locks, leases, reservations
 
 LEASE_FIELDS = [c.name for c in leases.columns]
 
 
 def _lease(row: object) -> Lease:
-    return Lease(**{name: getattr(row, name) for name in LEASE_FIELDS})
+    values = {name: getattr(row, name) for name in LEASE_FIELDS}
+    values["state"] = LeaseState(values["state"])
+    return Lease(**values)
 
 
 class LeaseStore:
@@ -35,11 +30,11 @@ class LeaseStore:
     # -- reading -----------------------------------------------------------------------
 
     def active(self, conn: Connection | None = None) -> list[Lease]:
-        return self._select(leases.c.state.in_(ACTIVE_STATES), conn)
+        return self._select(leases.c.state.in_(ACTIVE_LEASE_STATES), conn)
 
     def by_name(self, names: Iterable[str], conn: Connection | None = None) -> list[Lease]:
         """Active leases of these names; ready-pool VMs are nobody's lease yet and never match."""
-        where = leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
+        where = leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false())
         return self._select(where, conn)
 
     def held_by_others(self, caller: str | None, first: str, conn: Connection | None = None) -> list[Lease]:
@@ -48,7 +43,7 @@ class LeaseStore:
         prefix with a request starting so)."""
         pattern = first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         where = (
-            leases.c.state.in_(ACTIVE_STATES)
+            leases.c.state.in_(ACTIVE_LEASE_STATES)
             & (leases.c.pooled == false())
             & leases.c.caller.is_not(None)
             & leases.c.name.like(pattern, escape="\\")
@@ -66,7 +61,7 @@ class LeaseStore:
         query = select(leases.c.name).where(
             leases.c.name.in_(wanted)
             & leases.c.request_id.in_(requests_of)
-            & (leases.c.state == "released")
+            & (leases.c.state == LeaseState.RELEASED)
             & (leases.c.pooled == false())
         )
         with self.db.read() as conn:
@@ -74,11 +69,11 @@ class LeaseStore:
 
     def held(self, conn: Connection | None = None) -> list[Lease]:
         """Active leases a request made or took: not the ready pools' VMs."""
-        return self._select(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false()), conn)
+        return self._select(leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false()), conn)
 
     def pooled(self, conn: Connection | None = None) -> list[Lease]:
         """The ready pools' VMs: being made (``creating``), ready, or being recycled."""
-        return self._select(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == true()), conn)
+        return self._select(leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == true()), conn)
 
     def ever_pooled(self) -> list[Lease]:
         """Every lease that was made as a ready-pool VM, in any state, handed out or not."""
@@ -96,7 +91,7 @@ class LeaseStore:
                 handed, recycled = out.get(row.os, (0, 0))
                 if not row.pooled:
                     handed += 1
-                elif row.state not in ACTIVE_STATES:
+                elif row.state not in ACTIVE_LEASE_STATES:
                     recycled += 1
                 out[row.os] = (handed, recycled)
         return out
@@ -112,7 +107,7 @@ class LeaseStore:
         """Ready leases past their expiry. A lease whose request has not handed it over yet
         (its other VMs are still being made) never expires: its lifetime has not begun."""
         return self._select(
-            (leases.c.state == "ready") & leases.c.handed_over_at.is_not(None) & (leases.c.expires_at <= now)
+            (leases.c.state == LeaseState.READY) & leases.c.handed_over_at.is_not(None) & (leases.c.expires_at <= now)
         )
 
     def page(
@@ -121,7 +116,7 @@ class LeaseStore:
         """Held leases, the latest handed out first (a ready-pool VM counts from when it was
         taken), for a list that pages (the dashboard): those whose user or caller contains
         ``user`` (any case) and of ``os``; and how many match in all."""
-        where = leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false())
+        where = leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false())
         if user:
             pattern = "%" + user.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             where &= leases.c.username.ilike(pattern, escape="\\") | leases.c.caller.ilike(pattern, escape="\\")
@@ -135,7 +130,7 @@ class LeaseStore:
 
     def held_oses(self) -> list[str]:
         """The OSes of held leases (what a filter offers)."""
-        query = select(leases.c.os).where(leases.c.state.in_(ACTIVE_STATES) & (leases.c.pooled == false()))
+        query = select(leases.c.os).where(leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false()))
         with self.db.read() as conn:
             return sorted(row.os for row in conn.execute(query.distinct()))
 
@@ -144,59 +139,17 @@ class LeaseStore:
         memory, summed by the database."""
         query = (
             select(leases.c.host_ref, func.count(), func.sum(leases.c.cpus), func.sum(leases.c.memory))
-            .where(leases.c.state.in_(ACTIVE_STATES))
+            .where(leases.c.state.in_(ACTIVE_LEASE_STATES))
             .group_by(leases.c.host_ref)
         )
         with self.db.read() as conn:
             return {ref: (int(n), int(cpus or 0), int(memory or 0)) for ref, n, cpus, memory in conn.execute(query)}
 
-    def installation_id(self) -> str:
-        """This installation's id (made once by migration 0006, kept for ever)."""
-        with self.db.read() as conn:
-            return str(conn.execute(select(installation.c.id)).scalar_one())
-
-    def claim_mark(self) -> tuple[int, str | None]:
-        """The sequence number and token of the last claim this database wrote on the hosts."""
-        with self.db.read() as conn:
-            row = conn.execute(select(installation.c.claim_seq, installation.c.claim_token)).one()
-            return int(row.claim_seq), row.claim_token
-
-    def record_claim(self, seq: int, token: str) -> bool:
-        """Remember a claim about to be written on the hosts; False when this database
-        already remembers a later one (another replica renewed it meanwhile)."""
-        with self.db.write() as conn:
-            done = conn.execute(
-                update(installation).where(installation.c.claim_seq < seq).values(claim_seq=seq, claim_token=token)
-            )
-            return done.rowcount == 1
-
-    def become_new_installation(self, new_id: str, now: float, reason: str) -> tuple[str, int]:
-        """Give this database a new installation id (``dynvm installation new``): every
-        lease still active ends without its VM being touched (the VM is the old
-        installation's), and nothing of the old installation is waited for. Returns the
-        old id and how many leases ended."""
-        with self.db.write() as conn:
-            old = str(conn.execute(select(installation.c.id)).scalar_one())
-            ended = conn.execute(
-                update(leases)
-                .where(leases.c.state.in_(ACTIVE_STATES))
-                .values(state="released", released_at=now, error=reason)
-            ).rowcount
-            conn.execute(delete(reservations))
-            conn.execute(delete(abandoned_clones))
-            conn.execute(  # the old installation's callers asked it, not this one
-                update(requests)
-                .where(requests.c.state.in_(["queued", "creating"]))
-                .values(state="cancelled", finished_at=now, error=reason, error_status=503)
-            )
-            conn.execute(update(installation).values(id=new_id, created_at=now, claim_seq=0, claim_token=None))
-            return old, int(ended or 0)
-
-    def in_state(self, *states: str) -> list[Lease]:
+    def in_state(self, *states: LeaseState) -> list[Lease]:
         return self._select(leases.c.state.in_(states))
 
     def _select(self, where: object, conn: Connection | None = None) -> list[Lease]:
-        query = select(leases).where(where).order_by(leases.c.name)  # type: ignore[arg-type]
+        query = select(leases).where(where).order_by(leases.c.name)  # type: ignore[arg-type]  # a where clause is built by the callers as a SQLAlchemy expression
         if conn is not None:
             return [_lease(row) for row in conn.execute(query)]
         with self.db.read() as own:
@@ -207,7 +160,7 @@ class LeaseStore:
         queue's forecast learns create and hold times from."""
         query = (
             select(leases)
-            .where(leases.c.state.in_(["released", "expired"]) & leases.c.handed_over_at.is_not(None))
+            .where(leases.c.state.in_([LeaseState.RELEASED, LeaseState.EXPIRED]) & leases.c.handed_over_at.is_not(None))
             .order_by(leases.c.released_at.desc())
             .limit(limit)
         )
@@ -268,12 +221,13 @@ class LeaseStore:
     def mark_ready(self, lease_id: str, vm: CreatedVm, now: float, owner: str) -> Lease | None:
         """The lease's VM is ready. None (nothing changed) if the lease is no longer being
         created by ``owner``: another replica took it for dead and failed it meanwhile."""
+        [source] = LEASES.check([LeaseState.CREATING], LeaseState.READY, Actor.BUILDER)
         with self.db.write() as conn:
             done = conn.execute(
                 update(leases)
-                .where((leases.c.id == lease_id) & (leases.c.state == "creating") & (leases.c.owner == owner))
+                .where((leases.c.id == lease_id) & (leases.c.state == source) & (leases.c.owner == owner))
                 .values(
-                    state="ready",
+                    state=LeaseState.READY,
                     vm_uuid=vm.uuid,
                     vm_ref=vm.ref,
                     ip=vm.ip,
@@ -292,21 +246,31 @@ class LeaseStore:
             conn.execute(delete(reservations).where(reservations.c.lease_id == lease_id))
             return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
 
-    def finish(self, lease_ids: Sequence[str], state: str, now: float, error: str | None = None) -> None:
-        """End leases (``released``, ``expired``, ``failed``) and free their reservations."""
+    def finish(
+        self, lease_ids: Sequence[str], state: LeaseState, now: float, error: str | None = None, *, by: Actor
+    ) -> list[str]:
+        """End leases (``released``, ``expired``, ``failed``) from whichever state ``by`` may
+        end them from (``states.LEASES``), and free their reservations; those ended."""
+        sources = LEASES.sources(state, by)
         if not lease_ids:
-            return
+            return []
         with self.db.write() as conn:
-            conn.execute(
-                update(leases).where(leases.c.id.in_(lease_ids)).values(state=state, released_at=now, error=error)
-            )
+            where = leases.c.id.in_(lease_ids) & leases.c.state.in_(sources)
+            ended = [row.id for row in conn.execute(select(leases.c.id).where(where).with_for_update())]
+            if ended:
+                conn.execute(
+                    update(leases).where(leases.c.id.in_(ended)).values(state=state, released_at=now, error=error)
+                )
             conn.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
+            return ended
 
     def set_state(
         self,
         lease_ids: Sequence[str],
-        state: str,
-        only_from: Sequence[str],
+        state: LeaseState,
+        only_from: Sequence[LeaseState],
+        *,
+        by: Actor,
         owner: str | None = None,
         expect_owner: str | None = None,
         pooled: bool | None = None,
@@ -318,10 +282,11 @@ class LeaseStore:
         the same lease. ``owner``: the process
         that now works on them (a release is its releaser's, not its creator's). The rows
         are locked while deciding (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers)."""
+        sources = LEASES.check(only_from, state, by)
         if not lease_ids:
             return []
         with self.db.write() as conn:
-            where = leases.c.id.in_(lease_ids) & leases.c.state.in_(only_from)
+            where = leases.c.id.in_(lease_ids) & leases.c.state.in_(sources)
             if expect_owner is not None:
                 where &= leases.c.owner == expect_owner
             if pooled is not None:
@@ -336,48 +301,32 @@ class LeaseStore:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(owner=owner))
 
-    def hand_over(self, lease_ids: Sequence[str], now: float, request_id: str | None = None) -> list[Lease] | None:
-        """The request answers with these leases: their lifetime starts now. All or none:
-        None (and nothing changed) unless every one of them is still ready and not handed
-        over yet. Returned in the order of ``lease_ids`` (the order of the answer).
-
-        With ``request_id``, the request turns ``ready`` in the same transaction, unless
-        its caller cancelled it: then ``RequestCancelled`` and nothing changed (a cancel and
-        a hand-over that race: the database decides, and only one happens)."""
-        with self.db.write() as conn:
-            if request_id is not None:
-                done = conn.execute(
-                    update(requests)
-                    .where(
-                        (requests.c.id == request_id)
-                        & (requests.c.state == "creating")
-                        & (requests.c.cancel_requested == false())
-                    )
-                    .values(state="ready", finished_at=now)
-                )
-                if done.rowcount != 1:
-                    raise RequestCancelled("the request was cancelled before its VMs were handed over")
-            query = select(leases).where(leases.c.id.in_(lease_ids)).with_for_update()
-            rows = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
-            if set(rows) != set(lease_ids) or any(
-                lease.state != "ready" or lease.handed_over_at is not None for lease in rows.values()
-            ):
-                return None
-            for lease in rows.values():
-                conn.execute(
-                    update(leases)
-                    .where(leases.c.id == lease.id)
-                    .values(handed_over_at=now, expires_at=now + lease.lifetime)
-                )
-            found = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
-            return [found[lease_id] for lease_id in lease_ids]
+    def hand_over(self, conn: Connection, lease_ids: Sequence[str], now: float) -> list[Lease] | None:
+        """The request answers with these leases: their lifetime starts now (inside the
+        caller's transaction, which turns the request ready too: ``engine/build.py``). All
+        or none: None (and nothing changed) unless every one of them is still ready and not
+        handed over yet. Returned in the order of ``lease_ids`` (the order of the answer)."""
+        query = select(leases).where(leases.c.id.in_(lease_ids)).with_for_update()
+        rows = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
+        if set(rows) != set(lease_ids) or any(
+            lease.state != LeaseState.READY or lease.handed_over_at is not None for lease in rows.values()
+        ):
+            return None
+        for lease in rows.values():
+            conn.execute(
+                update(leases)
+                .where(leases.c.id == lease.id)
+                .values(handed_over_at=now, expires_at=now + lease.lifetime)
+            )
+        found = {lease.id: lease for lease in (_lease(r) for r in conn.execute(query))}
+        return [found[lease_id] for lease_id in lease_ids]
 
     def mark_pooled(self, lease_id: str, now: float, expires_at: float) -> Lease | None:
         """A ready-pool VM is ready: it joins its pool until ``expires_at`` (its ready TTL)."""
         with self.db.write() as conn:
             done = conn.execute(
                 update(leases)
-                .where((leases.c.id == lease_id) & (leases.c.state == "ready") & (leases.c.pooled == true()))
+                .where((leases.c.id == lease_id) & (leases.c.state == LeaseState.READY) & (leases.c.pooled == true()))
                 .values(pooled_at=now, expires_at=expires_at)
             )
             if done.rowcount != 1:
@@ -395,7 +344,7 @@ class LeaseStore:
                 .where(
                     (leases.c.id == lease.id)
                     & (leases.c.pooled == true())
-                    & (leases.c.state == "ready")
+                    & (leases.c.state == LeaseState.READY)
                     & leases.c.handed_over_at.is_(None)
                 )
                 .values(
@@ -436,25 +385,6 @@ class LeaseStore:
         conn.execute(update(reservations).where(reservations.c.lease_id == lease_id).values(**reserved))
         return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
 
-    def heartbeat(self, owner: str, now: float) -> None:
-        dialect = sqlite if self.db.is_sqlite else postgresql
-        statement = dialect.insert(replicas).values(owner=owner, started_at=now, heartbeat_at=now)
-        statement = statement.on_conflict_do_update(index_elements=[replicas.c.owner], set_={"heartbeat_at": now})
-        with self.db.write() as conn:
-            conn.execute(statement)
-
-    def forget_owner(self, owner: str) -> None:
-        """A process that stopped cleanly: no longer alive, without waiting for staleness."""
-        with self.db.write() as conn:
-            conn.execute(delete(replicas).where(replicas.c.owner == owner))
-
-    def live_owners(self, now: float, stale_after: float) -> set[str]:
-        with self.db.read() as conn:
-            return {
-                row.owner
-                for row in conn.execute(select(replicas.c.owner).where(replicas.c.heartbeat_at >= now - stale_after))
-            }
-
     def remember_vm(self, lease_id: str, vm_ref: str) -> None:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(vm_ref=vm_ref))
@@ -462,40 +392,13 @@ class LeaseStore:
     def rehome(self, from_ref: str, to_ref: str) -> int:
         """Move what is held on configured host ``from_ref`` to ``to_ref``, the same pool
         named by an earlier section (``[xenhostN]`` sections that turned out to name one
-        pool): active leases, their reservations and clones left behind. The number of
+        pool): active leases and their reservations (``CloneStore.rehome`` moves the clones). The number of
         leases moved."""
         with self.db.write() as conn:
             moved = conn.execute(
                 update(leases)
-                .where((leases.c.host_ref == from_ref) & leases.c.state.in_(ACTIVE_STATES))
+                .where((leases.c.host_ref == from_ref) & leases.c.state.in_(ACTIVE_LEASE_STATES))
                 .values(host_ref=to_ref)
             ).rowcount
             conn.execute(update(reservations).where(reservations.c.host_ref == from_ref).values(host_ref=to_ref))
-            conn.execute(
-                update(abandoned_clones).where(abandoned_clones.c.host_ref == from_ref).values(host_ref=to_ref)
-            )
             return int(moved or 0)
-
-    # -- clones left behind on hosts that stopped answering ----------------------------
-
-    def abandon_clone(self, host_ref: str, task: str, lease_id: str, name: str, now: float) -> None:
-        """Remember a clone task dynvm stopped waiting for (its host stopped answering)."""
-        row = {"host_ref": host_ref, "task": task, "lease_id": lease_id, "name": name, "abandoned_at": now}
-        with self.db.write() as conn:
-            exists = conn.execute(
-                select(abandoned_clones.c.task).where(
-                    abandoned_clones.c.host_ref == host_ref, abandoned_clones.c.task == task
-                )
-            ).first()
-            if exists is None:
-                conn.execute(insert(abandoned_clones).values(**row))
-
-    def abandoned_clones(self) -> list[dict[str, object]]:
-        with self.db.read() as conn:
-            return [dict(row._mapping) for row in conn.execute(select(abandoned_clones))]
-
-    def forget_clone(self, host_ref: str, task: str) -> None:
-        with self.db.write() as conn:
-            conn.execute(
-                delete(abandoned_clones).where(abandoned_clones.c.host_ref == host_ref, abandoned_clones.c.task == task)
-            )

@@ -8,6 +8,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     Float,
     ForeignKey,
@@ -21,10 +22,17 @@ from sqlalchemy import (
     text,
 )
 
-ACTIVE_STATES = ("creating", "ready", "releasing")
-ACTIVE_SQL = "state IN ('creating', 'ready', 'releasing')"
+from ..states import LeaseState, RequestState
+
+ACTIVE_SQL = "state IN ('creating', 'ready', 'releasing')"  # states.ACTIVE_LEASE_STATES, as the index is made
 
 metadata = MetaData()
+
+
+def _in(states: type[LeaseState] | type[RequestState]) -> str:
+    """The check that keeps a state column to the states dynvm knows (migration 0011)."""
+    return "state IN (" + ", ".join(f"'{state.value}'" for state in states) + ")"
+
 
 leases = Table(
     "leases",
@@ -36,8 +44,7 @@ leases = Table(
     Column("os", String(64), nullable=False),
     Column("host_ref", String(16), nullable=False),
     Column("template", String(255), nullable=False, default=""),
-    # creating -> ready -> releasing -> released | expired; creating -> failed
-    Column("state", String(16), nullable=False),
+    Column("state", String(16), nullable=False),  # states.LeaseState; its moves: states.LEASES
     Column("cpus", Integer, nullable=False),
     Column("memory", BigInteger, nullable=False),
     Column("disk", BigInteger, nullable=False),
@@ -68,6 +75,7 @@ leases = Table(
     ),
     Index("ix_leases_state_expires", "state", "expires_at"),
     Index("ix_leases_pooled_os", "pooled", "os"),
+    CheckConstraint(_in(LeaseState), name="ck_leases_state"),
 )
 
 # What an in-flight create holds on a host until its VM runs (then the host's own figures
@@ -153,8 +161,8 @@ installation = Table(
     Column("claim_token", String(36), nullable=True),
 )
 
-# Every lease request from acceptance to its end (engine/requests.py): queued -> creating ->
-# ready | failed | cancelled | timed out. ``vms`` holds per-VM progress; ``position`` and
+# Every lease request from acceptance to its end (store/requests.py; its states and moves are
+# states.RequestState and states.REQUESTS). ``vms`` holds per-VM progress; ``position`` and
 # ``eta_at`` are written by the scheduler while the request waits.
 requests = Table(
     "requests",
@@ -186,4 +194,5 @@ requests = Table(
     Column("eta_first", Float),
     Column("vms", JSON, nullable=False),
     Index("ix_requests_state_created", "state", "created_at"),
+    CheckConstraint(_in(RequestState), name="ck_requests_state"),
 )

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import XenAPI
 
+from ..backoff import WATCHER, BackoffPolicy
 from ..config import HostSettings, Settings
 from ..model import HostAuthFailed, HostUnreachable
 from .marker import MARKER_KEY, lease_of_clone_name
@@ -553,7 +554,7 @@ class HostWatcher:
             else:
                 continue
             failures += 1
-            self._stop.wait(min(self.max_backoff, 0.5 * 2 ** (failures - 1)))
+            self._stop.wait(BackoffPolicy(WATCHER.first, self.max_backoff).delay(failures))
 
     def _down(self, message: str) -> None:
         if self._stop.is_set():

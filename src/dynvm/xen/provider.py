@@ -168,7 +168,7 @@ class XenProvider:
         return self._provisioner(host).create(
             spec,
             progress,
-            cancel=cancel,  # type: ignore[arg-type]
+            cancel=cancel,  # type: ignore[arg-type]  # any object with is_set() cancels; the provisioner's signature says Event
             on_clone_task=lambda task: on_pending(f"{CLONE_TASK}{task}"),
             attempts=attempts,
         )

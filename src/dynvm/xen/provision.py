@@ -106,7 +106,7 @@ class NoService(NoAddress):
 
 class _VmLog(logging.LoggerAdapter):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['vm']}] {msg}", kwargs  # type: ignore[index]
+        return f"[{self.extra['vm']}] {msg}", kwargs  # type: ignore[index]  # LoggerAdapter.extra is a Mapping | None; this adapter is always made with one
 
 
 def _details(error: XenAPI.Failure) -> str:

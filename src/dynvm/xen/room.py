@@ -108,9 +108,9 @@ def room_on(
         if reservation["lease_id"] in materialised:
             continue
         member = members.get(str(reservation.get("member") or ""), master)
-        member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]
-        member.memory -= int(reservation["memory"])  # type: ignore[call-overload]
-        room.disk -= int(reservation["disk"])  # type: ignore[call-overload]
+        member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
+        member.memory -= int(reservation["memory"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
+        room.disk -= int(reservation["disk"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
         if member.disk is not None:
-            member.disk -= int(reservation["disk"])  # type: ignore[call-overload]
+            member.disk -= int(reservation["disk"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
     return room

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import XenAPI
 
+from ..backoff import SESSION, Backoff
 from ..config import HostSettings
 from ..model import HostAuthFailed, HostUnreachable, XenError
 
@@ -59,7 +60,7 @@ class _Timeouts:
     def make_connection(self, host: Any) -> http.client.HTTPConnection:
         if self._aborted:  # xmlrpc.client retries a reset connection once: not after abort()
             raise ConnectionAbortedError("the session was closed")
-        connection = super().make_connection(host)  # type: ignore[misc]
+        connection = super().make_connection(host)  # type: ignore[misc]  # xmlrpc's Transport.make_connection is untyped in typeshed's stubs
         connection.timeout = self.timeout
         if connection.sock is not None:
             connection.sock.settimeout(self.timeout)
@@ -244,8 +245,7 @@ class SessionPool:
         self._idle: list[tuple[XapiSession, _Timeouts]] = []
         self._busy: set[_Timeouts] = set()
         self._lock = threading.Lock()
-        self._failures = 0
-        self._retry_at = 0.0
+        self._backoff = Backoff(SESSION, clock)
         self._closed = False
 
     @contextlib.contextmanager
@@ -276,7 +276,7 @@ class SessionPool:
                 session, transport = self._idle.pop()
                 self._busy.add(transport)
                 return session, transport
-            wait = self._retry_at - self._clock()
+            wait = self._backoff.waiting()
             if wait > 0:
                 raise HostUnreachable(
                     f"{self.host.display} is not answering; next attempt in {wait:.1f} s", self.host.ref
@@ -286,16 +286,15 @@ class SessionPool:
         except HostUnreachable:
             self._record_failure()
             raise
+        self._backoff.succeeded()
         with self._lock:
-            self._failures = 0
-            self._retry_at = 0.0
             self._busy.add(transport)
         return session, transport
 
     def _checkin(self, session: XapiSession, transport: _Timeouts) -> None:
         with self._lock:
             self._busy.discard(transport)
-            self._failures = 0
+            self._backoff.succeeded()
             if not self._closed and len(self._idle) < self.max_idle:
                 self._idle.append((session, transport))
                 return
@@ -309,22 +308,18 @@ class SessionPool:
             self._record_failure()
 
     def _record_failure(self) -> None:
-        with self._lock:
-            self._failures += 1
-            delay = min(30.0, 2.0 ** (self._failures - 1))
-            self._retry_at = self._clock() + delay
+        delay = self._backoff.failed()
         log.warning("%s: not answering; backing off %.0f s", self.host.display, delay)
 
     def reset_backoff(self) -> None:
         """Allow the next checkout to try at once (e.g. when the host is known to be back)."""
-        with self._lock:
-            self._retry_at = 0.0
+        self._backoff.try_now()
 
     def reconnected(self) -> None:
         """The host answers again, maybe through another member (a new master): try at once,
         and log in anew, since idle sessions may be connections to a master that is gone."""
+        self._backoff.try_now()
         with self._lock:
-            self._retry_at = 0.0
             idle, self._idle = self._idle, []
         for session, _ in idle:  # their logout must not hold up the watcher: a master may be gone
             threading.Thread(target=self._logout, args=(session,), name="xapi-logout", daemon=True).start()
@@ -332,7 +327,7 @@ class SessionPool:
     @property
     def backing_off(self) -> bool:
         with self._lock:
-            return self._retry_at > self._clock()
+            return self._backoff.waiting() > 0
 
     def close(self) -> None:
         """Log out idle sessions and break calls still in progress. Called when the host is

@@ -22,18 +22,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Connection, delete, false, select, update
 
-from ..store.db import Database
-from ..store.tables import requests
+from ..states import FINAL_REQUEST_STATES, REQUESTS, Actor, RequestState
+from .db import Database
+from .tables import requests
 
-QUEUED = "queued"
-CREATING = "creating"
-READY = "ready"
-FAILED = "failed"
-CANCELLED = "cancelled"
-TIMED_OUT = "timed out"
-FINAL_STATES = (READY, FAILED, CANCELLED, TIMED_OUT)
 STAGES = ("reserved", "cloning", "provisioning", "booting", "waiting for IP", "ready", "failed", "removed", "moved")
 log = logging.getLogger(__name__)
 
@@ -46,7 +40,7 @@ class RequestRecord:
     username: str
     os: str
     count: int
-    state: str
+    state: RequestState
     owner: str
     created_at: float
     origin: str = "v1"
@@ -71,7 +65,7 @@ class RequestRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state in FINAL_STATES
+        return self.state in FINAL_REQUEST_STATES
 
     def failure(self) -> Exception:
         """The error a request that did not become ready answers with: the engine's own
@@ -97,9 +91,9 @@ class RequestRecord:
             "error": self.error,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
-            "position": self.position if self.state == QUEUED else None,
-            "eta": _iso(self.eta_at) if self.state == QUEUED and self.eta_at is not None else None,
-            "eta_seconds": eta_seconds if self.state == QUEUED else None,
+            "position": self.position if self.state == RequestState.QUEUED else None,
+            "eta": _iso(self.eta_at) if self.state == RequestState.QUEUED and self.eta_at is not None else None,
+            "eta_seconds": eta_seconds if self.state == RequestState.QUEUED else None,
             "wait_until": self.wait_until,
             "vms": [dict(vm) for vm in self.vms],
         }
@@ -113,6 +107,7 @@ def _record(row: Any) -> RequestRecord:
     values = dict(row._mapping)
     values["vms"] = list(values.get("vms") or [])
     values["cancel_requested"] = bool(values.get("cancel_requested"))
+    values["state"] = RequestState(values["state"])
     return RequestRecord(**values)
 
 
@@ -173,39 +168,62 @@ class RequestStore:
         if self.get(record.id) is None:
             self.insert(record)
 
-    def transition(self, request_id: str, from_states: Iterable[str], to: str, **values: Any) -> bool:
-        """Move the request to ``to`` if it is in one of ``from_states``; whether it moved."""
+    def transition(
+        self,
+        request_id: str,
+        from_states: Iterable[RequestState],
+        to: RequestState,
+        *,
+        by: Actor,
+        conn: Connection | None = None,
+        **values: Any,
+    ) -> bool:
+        """Move the request to ``to`` if it is in one of ``from_states``; whether it moved.
+        The move must be in the state table for ``by`` (``states.REQUESTS``), else
+        ``IllegalMove``. ``conn``: inside the caller's transaction (the hand-over), whose
+        commit the caller awaits before anyone is told."""
+        sources = REQUESTS.check(from_states, to, by)
         now = self.clock()
-        if to in FINAL_STATES:
+        if to in FINAL_REQUEST_STATES:
             values.setdefault("finished_at", now)
-        if to == CREATING:
+        if to == RequestState.CREATING:
             values.setdefault("started_at", now)
-        with self.db.write() as conn:
-            done = conn.execute(
-                update(requests)
-                .where((requests.c.id == request_id) & requests.c.state.in_(list(from_states)))
-                .values(state=to, **values)
-            )
-            moved = done.rowcount == 1
+        statement = (
+            update(requests)
+            .where((requests.c.id == request_id) & requests.c.state.in_(sources))
+            .values(state=to, **values)
+        )
+        if to == RequestState.READY:  # a cancel asked for first wins over the hand-over
+            statement = statement.where(requests.c.cancel_requested == false())
+        if conn is not None:
+            return conn.execute(statement).rowcount == 1
+        with self.db.write() as own:
+            moved = own.execute(statement).rowcount == 1
         if moved:
             self.notify(request_id)
         return moved
 
-    def end_cancelled(self, request_id: str, from_states: Iterable[str], why: str) -> bool:
+    def end_cancelled(self, request_id: str, from_states: Iterable[RequestState], why: str, *, by: Actor) -> bool:
         """End the request ``cancelled`` (answered as a 409 saying ``why``)."""
         return self.transition(
-            request_id, from_states, CANCELLED, error=why, error_status=409, error_kind="RequestCancelled"
+            request_id,
+            from_states,
+            RequestState.CANCELLED,
+            by=by,
+            error=why,
+            error_status=409,
+            error_kind="RequestCancelled",
         )
 
     def request_cancel(self, request_id: str) -> RequestRecord | None:
         """Cancel: a queued request ends at once; a creating one is flagged, and the
         process making its VMs rolls them back. Returns the request as it is now."""
-        if self.end_cancelled(request_id, [QUEUED], "cancelled by its caller"):
+        if self.end_cancelled(request_id, [RequestState.QUEUED], "cancelled by its caller", by=Actor.CALLER):
             return self.get(request_id)
         with self.db.write() as conn:
             conn.execute(
                 update(requests)
-                .where((requests.c.id == request_id) & (requests.c.state == CREATING))
+                .where((requests.c.id == request_id) & (requests.c.state == RequestState.CREATING))
                 .values(cancel_requested=True)
             )
         self.notify(request_id)
@@ -241,7 +259,7 @@ class RequestStore:
         with self.db.write() as conn:
             rows = conn.execute(
                 select(requests.c.id, requests.c.position, requests.c.eta_at).where(
-                    requests.c.id.in_(list(forecast)) & (requests.c.state == QUEUED)
+                    requests.c.id.in_(list(forecast)) & (requests.c.state == RequestState.QUEUED)
                 )
             ).all()
             for request_id, position, eta_at in rows:
@@ -261,7 +279,7 @@ class RequestStore:
         """Drop requests that ended before ``before`` (their leases and history remain)."""
         with self.db.write() as conn:
             done = conn.execute(
-                delete(requests).where(requests.c.state.in_(FINAL_STATES) & (requests.c.finished_at < before))
+                delete(requests).where(requests.c.state.in_(FINAL_REQUEST_STATES) & (requests.c.finished_at < before))
             )
             return done.rowcount
 
@@ -322,131 +340,3 @@ class RequestStore:
                 self._forget(request_id, future)
                 return record
             await self._await_change(request_id, future, min(POLL_SECONDS, left))
-
-
-class DurableTracker:
-    """The progress the lease engine reports while it makes a request's VMs, written into
-    the request's row. A request started directly (``LeaseService.acquire``, with no row
-    yet) gets one in state ``creating``.
-
-    Stage changes are gathered and written together, every ``FLUSH_SECONDS`` (a hundred
-    VMs booting at once would otherwise be a hundred write transactions per stage, and on
-    SQLite every one waits for the disk). Reads in this process see them at once; other
-    replicas within ``FLUSH_SECONDS``. They are written before the request ends."""
-
-    FLUSH_SECONDS = 0.2
-
-    def __init__(self, store: RequestStore, owner: str) -> None:
-        self.store = store
-        self.owner = owner
-        self._pending: dict[str, dict[str, dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._flusher: threading.Thread | None = None
-
-    def _queue(self, request_id: str, name: str, changes: dict[str, Any]) -> None:
-        with self._lock:
-            self._pending.setdefault(request_id, {}).setdefault(name, {}).update(changes)
-            if self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_loop, name="progress", daemon=True)
-                self._flusher.start()
-        self._wake.set()
-
-    def _flush_loop(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(self.FLUSH_SECONDS)  # gather what comes meanwhile
-            self._wake.clear()
-            try:
-                self.flush()
-            except Exception:  # the database is away for a moment: the next change tries again
-                log.warning("writing request progress failed; retrying with the next change", exc_info=True)
-
-    def flush(self, request_id: str | None = None) -> None:
-        """Write what is gathered (only ``request_id``'s, when given) now."""
-        with self._lock:
-            if request_id is None:
-                taken, self._pending = self._pending, {}
-            else:
-                taken = {request_id: self._pending.pop(request_id)} if request_id in self._pending else {}
-        try:
-            self.store.update_vms(taken)
-        except Exception:
-            with self._lock:  # put it back, older than anything gathered since
-                for rid, by_name in taken.items():
-                    newer = self._pending.get(rid, {})
-                    merged = {n: {**c, **newer.get(n, {})} for n, c in by_name.items()}
-                    self._pending[rid] = {**newer, **merged}
-            raise
-
-    def start(self, request_id: str, username: str, os: str, count: int, origin: str = "v1") -> None:
-        self.store.ensure(
-            RequestRecord(
-                id=request_id,
-                username=username,
-                os=os,
-                count=count,
-                state=CREATING,
-                owner=self.owner,
-                builder=self.owner,
-                created_at=self.store.clock(),
-                started_at=self.store.clock(),
-                origin=origin,
-            )
-        )
-
-    def refused(self, request_id: str) -> None:
-        """The request was refused at once, before any VM was reserved for it (a 409, a
-        429, ...): it never started, so it leaves no row (its caller has the answer; the
-        metrics and the log count it)."""
-        with self._lock:
-            self._pending.pop(request_id, None)
-        self.store.forget(request_id)
-
-    def placed(self, request_id: str, names_and_hosts: list[tuple[str, str]]) -> None:
-        vms = [{"name": n, "host": h, "stage": "reserved", "ip": None, "error": None} for n, h in names_and_hosts]
-        self.store.set_vms(request_id, vms)
-
-    def stage(
-        self,
-        request_id: str,
-        name: str,
-        stage: str,
-        ip: str | None = None,
-        error: str | None = None,
-        host: str | None = None,
-    ) -> None:
-        changes: dict[str, Any] = {"stage": stage}
-        if host:
-            changes["host"] = host
-        if stage == "removed":
-            changes["ip"] = None  # a removed VM's address is no one's
-        elif ip:
-            changes["ip"] = ip
-        if error:
-            changes["error"] = error
-        self._queue(request_id, name, changes)
-
-    def finish(self, request_id: str, error: Exception | None = None) -> None:
-        """The request ended: ready, or failed with ``error`` (its HTTP status and kind kept,
-        so a waiter on any replica answers as the engine raised it)."""
-        self.flush(request_id)
-        if error is None:
-            self.store.transition(request_id, [CREATING, QUEUED], READY)
-        else:
-            status = getattr(error, "status", 500)
-            kind = type(error).__name__
-            self.store.transition(
-                request_id, [CREATING, QUEUED], FAILED, error=str(error), error_status=status, error_kind=kind
-            )
-
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        record = self.store.get(request_id)
-        if record is None:
-            return None
-        status = record.as_dict(self.store.clock())
-        with self._lock:  # what this process has not written yet
-            pending = {name: dict(changes) for name, changes in self._pending.get(request_id, {}).items()}
-        for vm in status["vms"]:
-            vm.update(pending.get(vm["name"], {}))
-        return status

@@ -1,0 +1,364 @@
+"""Admission: whether a request may have VMs, and the one transaction that gives it room.
+
+``validate`` refuses at once what can never be served as asked. ``reserve`` names the VMs
+(SPEC.md §1), refuses names held by a lease or by any VM on any host, then, in one write
+transaction, locks the hosts, reads what is reserved, takes idle ready-pool VMs first and
+places the rest, checks the quota, and inserts the leases with their reservations: two
+requests never both get the last slot. The same lock-and-place transaction
+(``_locked_candidates``) serves a create that moves to another host (``place_again``) and
+a ready pool's refill (``reserve_pool_vm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.engine import Connection
+
+from ..bounds import capped_lifetime_minutes
+from ..config import Settings
+from ..model import (
+    BadRequest,
+    Lease,
+    LeaseRequest,
+    NameInUse,
+    NotEnoughCapacity,
+    QuotaExceeded,
+    ShuttingDown,
+    vm_names,
+)
+from ..states import RequestState
+from ..store.requests import RequestRecord
+from . import placement
+from .capacity import Capacity
+from .context import EngineContext
+from .queue_policy import QueuePolicy
+from .ready_stock import POOL_USER, ReadyStock, pool_name
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    def __init__(self, ctx: EngineContext, capacity: Capacity, stock: ReadyStock, policy: QueuePolicy) -> None:
+        self.ctx = ctx
+        self.capacity = capacity
+        self.stock = stock
+        self.policy = policy
+
+    # -- refusing at once --------------------------------------------------------------
+
+    def counted_host(self, request: LeaseRequest) -> LeaseRequest:
+        """A request pinned (``xhostref``) to a section that names the same pool as an
+        earlier one goes to that earlier one, which counts the pool."""
+        host = self.ctx.settings().host(request.host_ref) if request.host_ref is not None else None
+        status = self.ctx.provider.status(host) if host is not None else None
+        if status is None or not status.same_pool_as:
+            return request
+        return dataclasses.replace(request, host_ref=status.same_pool_as)
+
+    def validate(self, request: LeaseRequest) -> None:
+        """Refuse, at once, a request that can never be served as asked (a count over the
+        limit, an unknown OS, a host that does not exist or lacks the OS). Cheap: reads
+        only the configuration."""
+        self.ctx.refuse_if_contested()
+        settings = self.ctx.settings()
+        if request.count > settings.quota.max_count_per_request:
+            raise QuotaExceeded(
+                f"count {request.count} is over the limit of {settings.quota.max_count_per_request} VMs per request "
+                "([quota] max.count.per.request)"
+            )
+        self.capacity.check_os(settings, request.os)
+        if request.host_ref is not None:
+            host = settings.host(request.host_ref)
+            if host is None:
+                refs = ", ".join(h.ref for h in settings.hosts)
+                raise BadRequest(f"no host {request.host_ref}; xhostref is one of: {refs}")
+            if request.os not in host.templates:
+                raise BadRequest(
+                    f"host {request.host_ref} has no {request.os} template; choose another xhostref or leave it out"
+                )
+
+    def refuse_names_taken(self, request: LeaseRequest) -> None:
+        """409 when the request's names are leased, or fall under another user's prefix."""
+        self._refuse_leased_names(self.ctx.leases.by_name(vm_names(request.username, request.count)), request)
+        self._refuse_names_of_others(request)
+
+    # -- the lock-and-place transaction ------------------------------------------------
+
+    @contextmanager
+    def _locked(self, settings: Settings) -> Iterator[tuple[Connection, list[dict[str, object]]]]:
+        """A write transaction with every host's lock taken, and what is reserved as read
+        under those locks: the only way room is ever given."""
+        with self.ctx.leases.db.write() as conn:
+            self.ctx.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
+            yield conn, self.capacity.reservations(conn)
+
+    def _locked_candidates(
+        self,
+        settings: Settings,
+        reserved: list[dict[str, object]],
+        os: str,
+        cpus: int | None,
+        memory: int | None,
+        only: str | None = None,
+        exclude: Iterable[str] = (),
+        refused: Iterable[tuple[str, str]] = (),
+    ) -> list[placement.Candidate]:
+        """Candidates as the locked transaction sees them: not on hosts in ``exclude``, nor
+        on a (host, member) in ``refused``."""
+        excluded, refused = set(exclude), list(refused)
+        return [
+            placement.without_members(c, {member for host, member in refused if host == c.host.ref})
+            for c in self.capacity.candidates(settings, os, cpus, memory, reserved, only)
+            if c.host.ref not in excluded
+        ]
+
+    def reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
+        """Name the VMs, reserve their room and insert their leases, in one transaction;
+        ready-pool VMs of the OS are taken first, the rest made cold. ``immediate``: a
+        request that does not wait, which may take room (or ready VMs) only if that delays
+        no queued request (``QueuePolicy.may_serve_now``)."""
+        ctx = self.ctx
+        if ctx.stopping.is_set():
+            raise ShuttingDown("dynvm is stopping; try again in a moment")
+        self.validate(request)
+        names = vm_names(request.username, request.count)
+        self._refuse_leased_names(ctx.leases.by_name(names), request)
+        self._refuse_names_of_others(request)
+        self._refuse_names_on_hosts(settings, names)
+        now = ctx.clock()
+        lifetime = capped_lifetime_minutes(settings, request.expires_in_minutes) * 60
+        with self._locked(settings) as (conn, reserved):
+            self._refuse_leased_names(ctx.leases.by_name(names, conn), request)
+            # read with the hosts locked: a prefix has no unique index, so two requests
+            # checking it at once must not both pass
+            self._refuse_names_of_others(request, conn)
+            queued = ctx.requests.in_state(RequestState.QUEUED) if immediate else []
+            ready = []
+            if self.stock.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):
+                # read with the hosts locked, so what another request took is seen taken
+                # (and those who wait for this OS are served from its pool first)
+                ready = self.stock.idle(settings, request.os, request.host_ref, limit=request.count)
+            warm = ready[: request.count]
+            cold_names = names[len(warm) :]
+            chosen: list[placement.Placement] = []
+            if cold_names:
+                candidates = self._locked_candidates(
+                    settings, reserved, request.os, request.cpus, request.memory, only=request.host_ref
+                )
+                try:
+                    chosen = placement.place(len(cold_names), request.os, candidates)
+                except NotEnoughCapacity as e:
+                    raise NotEnoughCapacity(self.capacity.explain_shortage(settings, str(e), request)) from None
+                cold = dataclasses.replace(record_of(request, request_id), count=len(cold_names))
+                if queued and not self.policy.may_serve_now(settings, reserved, cold):
+                    raise NotEnoughCapacity(
+                        f"not enough capacity for {request.count} {request.os} VM(s) now: {len(queued)} request(s) "
+                        "wait in the queue for the room it would take; ask with wait=<minutes> to queue behind them"
+                    )
+            memory = [lease.memory for lease in warm] + [c.need.static_max for c in chosen]
+            self._check_quota(settings, request, memory, conn)
+            taken = []
+            for name, lease in zip(names, warm, strict=False):
+                mine = dataclasses.replace(
+                    lease,
+                    request_id=request_id,
+                    name=name,
+                    username=request.username,
+                    caller=request.caller,
+                    owner=ctx.owner,
+                    created_at=now,
+                    expires_at=now + lifetime,
+                )
+                if not ctx.leases.take_pooled(conn, lease, mine):
+                    raise NotEnoughCapacity(f"a ready {request.os} VM went away as it was taken; ask again")
+                taken.append(
+                    dataclasses.replace(
+                        mine, pooled=False, created_at=lease.created_at, expires_at=lease.created_at + lifetime
+                    )
+                )
+            new = [
+                choice.new_lease(
+                    request_id=request_id,
+                    name=name,
+                    username=request.username,
+                    os=request.os,
+                    owner=ctx.owner,
+                    now=now,
+                    lifetime_seconds=lifetime,
+                    caller=request.caller,
+                )
+                for name, choice in zip(cold_names, chosen, strict=True)
+            ]
+            if new:
+                ctx.leases.insert(conn, new, [choice.need.memory for choice in chosen])
+        new = taken + new
+        log.info(
+            "request %s: %s x %s for %s on host(s) %s%s",
+            request_id,
+            request.count,
+            request.os,
+            request.username,
+            ", ".join(sorted({lease.host_ref for lease in new})),
+            f" ({len(taken)} from the ready pool)" if taken else "",
+        )
+        return new
+
+    def place_again(
+        self,
+        settings: Settings,
+        lease: Lease,
+        exclude: set[str],
+        refused: Iterable[tuple[str, str]] = (),
+        only: str | None = None,
+    ) -> Lease | None:
+        """Place a lease still being created again, its own reservation aside: on a host
+        not in ``exclude`` (``only``: that host), on no member in ``refused``."""
+        with self._locked(settings) as (conn, reserved):
+            reserved = [r for r in reserved if r["lease_id"] != lease.id]
+            candidates = self._locked_candidates(
+                settings, reserved, lease.os, lease.cpus, lease.memory, only, exclude, refused
+            )
+            if placement.available(candidates) < 1:
+                return None
+            [choice] = placement.place(1, lease.os, candidates)
+            return self.ctx.leases.move(
+                conn,
+                lease.id,
+                choice.host.ref,
+                choice.need.cpus,
+                choice.need.static_max,
+                choice.need.disk,
+                choice.need.template,
+                reserve_memory=choice.need.memory,
+                member=choice.member or None,
+            )
+
+    def reserve_pool_vm(self, settings: Settings, os: str, blocked: set[str]) -> Lease | None:
+        """Reserve room for one ready VM of ``os`` on the host with most room, not on a
+        host in ``blocked``; None when none may take one now (nor if it would delay a
+        queued request)."""
+        with self._locked(settings) as (conn, reserved):
+            candidates = self._locked_candidates(settings, reserved, os, None, None, exclude=blocked)
+            if placement.available(candidates) < 1:
+                return None
+            [choice] = placement.place(1, os, candidates)
+            record = record_of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
+            if not self.policy.may_serve_now(settings, reserved, record):
+                return None
+            lease = choice.new_lease(
+                request_id=record.id,
+                name=pool_name(os),
+                username=POOL_USER,
+                os=os,
+                owner=self.ctx.owner,
+                now=self.ctx.clock(),
+                lifetime_seconds=settings.pools.ready_ttl_minutes * 60,
+                pooled=True,
+            )
+            self.ctx.leases.insert(conn, [lease], [choice.need.memory])
+        return lease
+
+    # -- quota and names ---------------------------------------------------------------
+
+    def _check_quota(self, settings: Settings, request: LeaseRequest, memory: list[int], conn: Connection) -> None:
+        """Per-user limits, counted inside the reservation's transaction. The user is the
+        caller when authenticated, else the name the VMs are requested under."""
+        quota = settings.quota
+        if not quota.vms_per_user and not quota.memory_per_user:
+            return
+        subject = request.caller or request.username
+        mine = [lease for lease in self.ctx.leases.active(conn) if (lease.caller or lease.username) == subject]
+        if quota.vms_per_user and len(mine) + request.count > quota.vms_per_user:
+            raise QuotaExceeded(
+                f"{subject} holds {len(mine)} VM(s); {request.count} more would pass the limit of "
+                f"{quota.vms_per_user} ([quota] vms.per.user): release some first"
+            )
+        held = sum(lease.memory for lease in mine)
+        if quota.memory_per_user and held + sum(memory) > quota.memory_per_user:
+            raise QuotaExceeded(
+                f"{subject} holds {held / 1024**3:g} GiB of VM memory; {sum(memory) / 1024**3:g} GiB more would "
+                f"pass the limit of {quota.memory_per_user / 1024**3:g} GiB ([quota] memory.gib.per.user)"
+            )
+
+    def _refuse_names_of_others(self, request: LeaseRequest, conn: Connection | None = None) -> None:
+        """With tokens, a name prefix is its first holder's until all of its VMs are gone:
+        409 when this request's names fall under another user's prefix (bob's ``al3``
+        under alice's ``al1``, ``al2``), or another user's names fall under this one's. An
+        anonymous request (``[auth] required=false``) may not take a token holder's either;
+        anonymous leases own no prefix, as the seed's never did."""
+        mine = vm_names(request.username, request.count)
+        for lease in self.ctx.leases.held_by_others(request.caller, request.username[0], conn):
+            theirs_over_mine = any(_under(name, lease.username) for name in mine)
+            if theirs_over_mine or _under(lease.name, request.username):
+                raise NameInUse(
+                    f"names under {lease.username if theirs_over_mine else request.username!r} belong to "
+                    f"{lease.caller} while {lease.name} is leased: use another name"
+                )
+
+    @staticmethod
+    def _refuse_leased_names(taken: list[Lease], request: LeaseRequest) -> None:
+        """409, with the command that releases exactly the names that clash: the same
+        user and count when they are all of them, else the names one by one."""
+        if not taken:
+            return
+        clash = sorted(lease.name for lease in taken)
+        if clash == sorted(vm_names(request.username, request.count)):
+            how = f"releaseservers/{request.username}?count={request.count}"
+        else:
+            how = f"dynvm release {' '.join(clash)}"
+        raise NameInUse(f"{', '.join(clash)} already leased by dynvm: release them first ({how}) or use another name")
+
+    def _refuse_names_on_hosts(self, settings: Settings, names: list[str]) -> None:
+        wanted = set(names)
+        for host in settings.hosts:
+            clash = sorted(wanted & {machine.name for machine in self.ctx.provider.machines(host)})
+            if clash:
+                raise NameInUse(
+                    f"{', '.join(clash)} already exist(s) on host {host.ref}: choose another name "
+                    "(dynvm never reuses or touches a VM it did not create)"
+                )
+
+
+def record_of(request: LeaseRequest, request_id: str) -> RequestRecord:
+    """A request as its row holds it (not written here)."""
+    return RequestRecord(
+        id=request_id,
+        username=request.username,
+        os=request.os,
+        count=request.count,
+        state=RequestState.CREATING,
+        owner="",
+        created_at=0.0,
+        caller=request.caller,
+        cpus=request.cpus,
+        memory=request.memory,
+        expires_in_minutes=request.expires_in_minutes,
+        host_ref=request.host_ref,
+    )
+
+
+def request_of(record: RequestRecord) -> LeaseRequest:
+    """The request a row holds."""
+    return LeaseRequest(
+        username=record.username,
+        os=record.os,
+        count=record.count,
+        cpus=record.cpus,
+        memory=record.memory,
+        expires_in_minutes=record.expires_in_minutes,
+        host_ref=record.host_ref,
+        caller=record.caller,
+        request_id=record.id,
+    )
+
+
+def _under(name: str, prefix: str) -> bool:
+    """``name`` is ``prefix`` itself or ``prefix`` and digits: a name a request for
+    ``prefix`` makes (SPEC.md: ``<username>``, or ``<username>1`` ... ``<username>N``)."""
+    rest = name[len(prefix) :] if name.startswith(prefix) else None
+    return rest is not None and (rest == "" or (rest.isascii() and rest.isdigit()))

@@ -1,0 +1,185 @@
+"""A request's build: make its VMs side by side, hold each on its host, and hand them over
+with the request in one transaction. All or nothing: if one VM still fails after its
+retries, the others are destroyed, every reservation is given back, and the error says
+what failed where.
+
+Every exit gives a reservation back or turns it into a lease: success (ready), failure
+(failed, VMs destroyed), an exception (same), the client going away (the build carries
+on and becomes a lease the user can release, or that expires), dynvm stopping (builds in
+flight are cancelled and rolled back).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, wait
+
+from ..config import Settings
+from ..model import CreateFailed, Lease, RequestCancelled
+from ..states import Actor, LeaseState, RequestState
+from ..store.requests import RequestStore
+from .context import EngineContext
+from .creator import Creator
+from .release import Releaser
+from .tracker import DurableTracker
+
+log = logging.getLogger(__name__)
+
+
+class RequestCancel:
+    """What a create checks between its steps: dynvm stopping, or its request cancelled
+    (read from the request's row at most every ``CANCEL_CHECK`` seconds)."""
+
+    CANCEL_CHECK = 1.0
+
+    def __init__(self, stopping: threading.Event, store: RequestStore, request_id: str | None) -> None:
+        self._stopping = stopping
+        self._store = store
+        self._request_id = request_id
+        self._checked_at = -self.CANCEL_CHECK
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        if self._stopping.is_set() or self._cancelled:
+            return True
+        if self._request_id is None:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at >= self.CANCEL_CHECK:
+                self._checked_at = now
+                record = self._store.get(self._request_id)
+                self._cancelled = bool(record and record.cancel_requested)
+        return self._cancelled
+
+
+class _NotHandedOver(Exception):
+    """Inside the hand-over's transaction: a lease is no longer ready (roll it all back)."""
+
+
+class Builder:
+    def __init__(self, ctx: EngineContext, creator: Creator, releaser: Releaser, tracker: DurableTracker) -> None:
+        self.ctx = ctx
+        self.creator = creator
+        self.releaser = releaser
+        self.tracker = tracker
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def build(self, settings: Settings, new: list[Lease], request_id: str, pinned: bool) -> list[Lease]:
+        """Make a reserved request's VMs and hand them over; blocks until they are (a
+        builder thread, or the caller's own worker thread)."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            return self._create_all(settings, new, pinned, request_id)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+            self.ctx.room_freed.set()  # a failed request gave its room back
+
+    def wait_idle(self, grace: float) -> None:
+        """dynvm stops: let the builds in flight finish for ``grace`` seconds, then cancel
+        the rest (their VMs are removed) and wait for the roll-back."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_flight == 0, timeout=grace):
+                log.warning("stopping: cancelling %d request(s) still in flight", self._in_flight)
+                self.ctx.cancel.set()
+                self._idle.wait_for(lambda: self._in_flight == 0, timeout=300)
+
+    def _create_all(self, settings: Settings, new: list[Lease], pinned: bool, request_id: str) -> list[Lease]:
+        ctx, releaser = self.ctx, self.releaser
+        cancel = RequestCancel(ctx.cancel, ctx.requests, request_id)
+        futures: dict[str, Future[Lease]] = {
+            lease.id: ctx.creates.submit(self.creator.create_one, settings, lease, pinned, cancel) for lease in new
+        }
+        wait(futures.values())
+        ready, failed = [], []
+        for lease in new:
+            error = futures[lease.id].exception()
+            if error is None:
+                ready.append(futures[lease.id].result())
+            else:
+                failed.append((lease, error))
+        if failed:
+            for lease, error in failed:
+                if lease.pooled_at is not None:  # a ready VM it took: its VM runs, and goes with it
+                    releaser.release(settings, [lease], [LeaseState.READY], LeaseState.FAILED, str(error))
+                else:
+                    ctx.leases.finish([lease.id], LeaseState.FAILED, ctx.clock(), str(error), by=Actor.BUILDER)
+            if cancel.is_set() and not ctx.cancel.is_set():
+                self._cancelled(settings, ready, request_id)
+            releaser.roll_back(settings, ready, "another VM of its request failed")  # all or nothing
+            first_lease, first_error = failed[0]
+            host = settings.host(first_lease.host_ref)
+            where = host.display if host else f"host {first_lease.host_ref}"
+            others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
+            raise CreateFailed(f"could not create {first_lease.name} on {where}: {first_error}{others}")
+        refused = self.creator.hold(settings, ready)
+        if refused:
+            for lease, why in refused:  # its VM is left alone when the host says it is another's
+                releaser.release(settings, [lease], [LeaseState.READY], LeaseState.FAILED, str(why))
+            not_held = {lease.id for lease, _ in refused}
+            releaser.roll_back(settings, [lease for lease in ready if lease.id not in not_held], "another VM failed")
+            not_given, why = refused[0]
+            others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
+            raise CreateFailed(f"could not hand out {not_given.name}: {why}{others}")
+        self.tracker.flush(request_id)  # its VMs' last stages, before anyone reads it ready
+        try:
+            handed = self._hand_over([lease.id for lease in ready], request_id)
+        except RequestCancelled:
+            self._cancelled(settings, ready, request_id)
+        except _NotHandedOver:
+            # only a process that died and left the request to recover ends a ready lease
+            # before its hand-over; nothing that is not alive is ever handed out
+            gone = [lease for lease in ready if (ctx.leases.get(lease.id) or lease).state != LeaseState.READY]
+            releaser.roll_back(settings, [lease for lease in ready if lease not in gone], "another VM of it was ended")
+            raise CreateFailed(
+                f"{', '.join(lease.name for lease in gone)} ended before the request could hand it over; "
+                "the request's other VMs were removed: ask again"
+            ) from None
+        except Exception:  # the database failed us: never leave ready leases nobody will hand over
+            releaser.roll_back(settings, ready, "the request could not be handed over")
+            raise
+        ctx.requests.notify(request_id)  # its waiters answer now, not at their next look
+        self._report_handed_out(request_id, handed)
+        ctx.request_event("ready", request_id)
+        return handed
+
+    def _hand_over(self, lease_ids: list[str], request_id: str) -> list[Lease]:
+        """The request turns ready and its leases' lifetimes start, in one transaction: a
+        cancel and a hand-over that race, the database decides, and only one happens."""
+        ctx = self.ctx
+        with ctx.leases.db.write() as conn:
+            if not ctx.requests.transition(
+                request_id, [RequestState.CREATING], RequestState.READY, by=Actor.BUILDER, conn=conn
+            ):
+                raise RequestCancelled("the request was cancelled before its VMs were handed over")
+            handed = ctx.leases.hand_over(conn, lease_ids, ctx.clock())
+            if handed is None:
+                raise _NotHandedOver()
+            return handed
+
+    def _cancelled(self, settings: Settings, ready: list[Lease], request_id: str) -> None:
+        self.releaser.roll_back(settings, ready, "its request was cancelled")
+        self.ctx.requests.end_cancelled(
+            request_id,
+            [RequestState.CREATING],
+            "cancelled by its caller; what was built was removed",
+            by=Actor.BUILDER,
+        )
+        raise RequestCancelled("the request was cancelled; every VM made for it was removed")
+
+    def _report_handed_out(self, request_id: str, handed: list[Lease]) -> None:
+        """Time-to-VM, by how each VM came: from a ready pool, made for it, or after waiting."""
+        record = self.ctx.requests.get(request_id)
+        if record is None:
+            return
+        seconds = max(0.0, self.ctx.clock() - record.created_at)
+        for lease in handed:
+            how = "queued" if record.wait_until is not None else ("warm" if lease.pooled_at else "cold")
+            self.ctx.report("handed_out", lease, how, seconds)

@@ -1,0 +1,215 @@
+"""Making one lease's VM through the provider: the retries and moves of a create (SPEC.md
+§3), a ready-pool VM's check when a request takes it, and the hold written on each VM
+just before its request hands it over. Called from a request's build (``build.py``) and
+from a ready pool's refill; it never decides which request is served (``scheduler.py``)
+nor where a VM goes (``admission.py`` places it, and places it again when it moves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from .. import probe
+from ..config import Settings
+from ..model import CreatedVm, Lease, ProvisionError, VmSpec
+from ..provider import Cancel
+from ..states import LeaseState
+from ..store.history import origin_of
+from .admission import Admission
+from .context import EngineContext
+from .release import side_by_side
+from .tracker import DurableTracker
+
+log = logging.getLogger(__name__)
+
+WARM_PROBE_SECONDS = 3.0  # how long a ready VM's service port is given to answer at its hand-out
+CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to another host if one has room
+
+
+class Creator:
+    def __init__(self, ctx: EngineContext, admission: Admission, tracker: DurableTracker) -> None:
+        self.ctx = ctx
+        self.admission = admission
+        self.tracker = tracker
+
+    def _stage(self, lease: Lease, stage: str, **details: str | None) -> None:
+        """Report a create's progress on its request (a ready-pool VM has none)."""
+        if not lease.pooled:
+            self.tracker.stage(lease.request_id, lease.name, stage, **details)
+
+    def take_warm(self, settings: Settings, lease: Lease) -> Lease:
+        """A ready-pool VM this request took: still there and answering? Nothing on its
+        host changes yet: ``hold`` gives it to the request with the others."""
+        host = settings.host(lease.host_ref)
+        try:
+            if host is None or not lease.vm_ref:
+                raise ProvisionError(f"{lease.name}: its ready VM's host left the configuration", lease.host_ref)
+            port = settings.probe.port_for(lease.os)
+            if port and lease.ip and not self._still_answers(lease.ip, port):
+                # it answered when it was made; a guest that died in the pool since (its
+                # member crashed before the master noticed, a kernel panic) is no one's VM
+                raise ProvisionError(
+                    f"{lease.name}: its ready VM at {lease.ip} no longer answers on port {port}", lease.host_ref
+                )
+        except Exception as e:
+            self._stage(lease, "failed", error=str(e))
+            raise
+        return lease
+
+    @staticmethod
+    def _still_answers(ip: str, port: int) -> bool:
+        """A few seconds' tries, not one: a busy guest or a lost SYN is not a dead one."""
+        try:
+            probe.wait_until_answering(ip, port, time.monotonic() + WARM_PROBE_SECONDS)
+        except probe.ServiceDown:
+            return False
+        return True
+
+    def hold(self, settings: Settings, ready: list[Lease]) -> list[tuple[Lease, Exception]]:
+        """Write on each VM, on its host, that its request holds it: the step just before
+        the database hands them over (``provider.hand_out``: compare-and-set, so a VM the
+        host says another request holds is refused, whatever this database says). A
+        ready-pool VM takes its lease's name here. Side by side, as destroys are. The VMs
+        that could not be held, and why."""
+        outcomes = side_by_side(lambda lease: self._hold_one(settings, lease), ready, "hand-out")
+        return [(lease, error) for lease, error in zip(ready, outcomes, strict=True) if error is not None]
+
+    def _hold_one(self, settings: Settings, lease: Lease) -> Exception | None:
+        host = settings.host(lease.host_ref)
+        spec = VmSpec(name=lease.name, os=lease.os, template=lease.template, lease_id=lease.id, holder=lease.request_id)
+        try:
+            if host is None or not lease.vm_ref:
+                raise ProvisionError(f"{lease.name}: its host left the configuration", lease.host_ref)
+            self.ctx.provider.hand_out(host, lease.vm_ref, spec)
+            if lease.pooled_at is not None:  # a ready-pool VM enters the history once a request takes it
+                self._stage(lease, "ready", ip=lease.ip)
+                self.ctx.history.record_created(lease, origin_of(host.url), handed_out_at=self.ctx.clock())
+        except Exception as e:
+            log.error("%s: not handed out: %s", lease.name, e)
+            self._stage(lease, "failed", error=str(e))
+            return e
+        return None
+
+    def create_one(self, settings: Settings, lease: Lease, pinned: bool = False, cancel: Cancel | None = None) -> Lease:
+        """Create one VM. Unpinned, it may move: when its host stops answering, to the host
+        with most room among those not tried yet; when its host's guests get no usable IP
+        (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
+        failed xapi call is retried where it happened. A ready-pool VM the request took is
+        only checked (``take_warm``)."""
+        self.ctx.refuse_if_contested()
+        if lease.pooled_at is not None and lease.state == LeaseState.READY:
+            return self.take_warm(settings, lease)
+        tried = {lease.host_ref}
+        refused: set[tuple[str, str]] = set()  # (host, member) that would not start it
+        attempts_left = CREATE_ATTEMPTS
+        attempts = attempts_left if pinned else attempts_left - 1  # unpinned: one is kept for elsewhere
+        while True:
+            try:
+                return self._create_on(settings, lease, attempts, cancel)
+            except ProvisionError as e:
+                if e.unreachable:
+                    self.abandon_clone(self.ctx.leases.get(lease.id) or lease)  # its vm_ref as the create left it
+                if e.refused_by:
+                    refused.add((lease.host_ref, e.refused_by))
+                    attempts_left = max(1, attempts_left - e.attempts_used)
+                    moved = self.admission.place_again(
+                        settings,
+                        lease,
+                        exclude=tried - {lease.host_ref},
+                        refused=refused,
+                        only=lease.host_ref if pinned else None,
+                    )
+                    if moved is None:
+                        raise ProvisionError(f"{e}; no other member has room for it", e.host) from None
+                    log.warning("%s: %s; placed again on host %s", lease.name, e, moved.host_ref)
+                    self._stage(lease, "moved", host=moved.host_ref)
+                    tried.add(moved.host_ref)
+                    lease = moved
+                    attempts = attempts_left
+                    continue
+                if e.exhausted:
+                    attempts_left -= attempts
+                    attempts = attempts_left
+                    if attempts_left <= 0 and len(tried) > 1:
+                        hosts = ", ".join(sorted(tried))
+                        raise ProvisionError(
+                            f"{e} ({CREATE_ATTEMPTS} attempts in all, on hosts {hosts})", e.host
+                        ) from None
+                    if attempts_left <= 0:
+                        raise
+                    if pinned or not e.no_address:
+                        continue  # the last attempt, on the same host
+                elif pinned or not e.unreachable:
+                    raise
+                else:
+                    attempts_left = max(1, attempts_left - e.attempts_used)
+                moved = self.admission.place_again(settings, lease, exclude=tried)
+                if moved is None:
+                    if e.unreachable:
+                        raise ProvisionError(f"{e}; no other host has room for it", e.host, unreachable=True) from None
+                    continue  # no room elsewhere: the last attempt stays here
+                why = "stopped answering" if e.unreachable else "gives its guests no usable IP"
+                log.warning("%s: host %s %s; trying host %s", lease.name, lease.host_ref, why, moved.host_ref)
+                self._stage(lease, "moved", host=moved.host_ref)
+                tried.add(moved.host_ref)
+                lease = moved
+                attempts = attempts_left
+
+    def abandon_clone(self, lease: Lease) -> None:
+        """dynvm stops waiting for this lease's create (its host went silent, or the process
+        that ran it died): if a clone was running, it may still end and leave a VM without
+        dynvm's marker. Remember its task for ``Upkeep.collect_abandoned_clones``."""
+        task = self.ctx.provider.pending_job(lease.vm_ref or "")
+        if task is not None:
+            self.ctx.clones.abandon_clone(lease.host_ref, task, lease.id, lease.name, self.ctx.clock())
+            log.warning("%s: a clone may still run on host %s; reconcile removes it", lease.name, lease.host_ref)
+
+    def _create_on(
+        self,
+        settings: Settings,
+        lease: Lease,
+        attempts: int = CREATE_ATTEMPTS,
+        cancel: Cancel | None = None,
+    ) -> Lease:
+        host = settings.host(lease.host_ref)
+        if host is None:
+            raise ProvisionError(f"host {lease.host_ref} was removed from the configuration")
+        spec = VmSpec(
+            name=lease.name,
+            os=lease.os,
+            template=lease.template,
+            lease_id=lease.id,
+            cpus=lease.cpus,
+            memory=lease.memory,
+            member=lease.member,
+            probe_port=settings.probe.port_for(lease.os),
+        )
+
+        def progress(stage: str) -> None:
+            self._stage(lease, stage)
+
+        try:
+            created: CreatedVm = self.ctx.provider.create(
+                host,
+                spec,
+                progress,
+                cancel or self.ctx.cancel,
+                on_pending=lambda handle: self.ctx.leases.remember_vm(lease.id, handle),
+                attempts=attempts,
+            )
+        except Exception as e:
+            self._stage(lease, "failed", error=str(e))
+            self.ctx.report("create_failed", type(e).__name__)
+            raise
+        ready = self.ctx.leases.mark_ready(lease.id, created, self.ctx.clock(), self.ctx.owner)
+        if ready is None:  # another replica took this process for dead and failed the lease
+            with contextlib.suppress(Exception):  # else reconcile removes it: its lease has ended
+                self.ctx.provider.destroy(host, created.ref, lease.id)
+            raise ProvisionError(f"{lease.name}: the lease ended while its VM was being made", host.ref)
+        self._stage(lease, "ready", ip=ready.ip)
+        if not ready.pooled:  # a ready-pool VM enters the history once a request takes it
+            self.ctx.history.record_created(ready, origin_of(host.url))
+        self.ctx.report("created", ready)
+        return ready
