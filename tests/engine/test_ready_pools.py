@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from dynvm import probe
 from dynvm.model import LeaseRequest, NotEnoughCapacity
 from dynvm.xen.provision import MARKER_KEY
 
@@ -370,27 +371,53 @@ def test_a_request_that_needs_room_never_has_its_own_oses_ready_vms_destroyed_fo
     assert pool_of(services).ready == 2  # the two it would have taken were not destroyed for nothing
 
 
-def test_a_ready_vm_whose_member_crashed_unnoticed_is_never_handed_out(make_services, sim_lab):
+def test_a_ready_vm_whose_member_crashed_unnoticed_is_never_handed_out_and_is_made_cold(make_services, sim_lab):
     """A member crashes; for a while its master still says it is live and its VMs Running,
-    as xapi does until the heartbeat times out. A ready VM there has no sshd any more."""
-    from dynvm.model import CreateFailed
-
+    as xapi does until the heartbeat times out. A ready VM there has no sshd any more: it
+    is not handed out, and the request gets a VM made for it in its place."""
     from ..conftest import FAST
 
     lab = with_pools(sim_lab, "centos.ready=2", pool_size=2, timing=dataclasses.replace(FAST, heartbeat_seconds=600))
     services, _ = make_services(lab=lab)
     fill(services, ready=2)
     xapi = lab.xapi()
-    on = {lease.name: xapi.VM.get_resident_on(lease.vm_ref) for lease in services.engine.lease_store.pooled()}
+    on = {lease.id: xapi.VM.get_resident_on(lease.vm_ref) for lease in services.engine.lease_store.pooled()}
     assert len(set(on.values())) == 2  # one on each member
+    crashed = next(h for h in xapi.host.get_all() if xapi.host.get_name_label(h).endswith("-h2"))  # member 1
+    dead = next(lease_id for lease_id, member in on.items() if member == crashed)
     lab.control().member_down(1, "refuse")
-    with pytest.raises(CreateFailed, match="no longer answers on port"):
-        services.engine.acquire(LeaseRequest("both", "centos", count=2))
-    # the one on the crashed member waits for it to be destroyed; the other is gone already
-    [waiting] = services.engine.lease_store.by_name(["both1", "both2"])
-    assert (waiting.state, waiting.handed_over_at) == ("releasing", None)
-    live = {r["name_label"] for r in xapi.VM.get_all_records().values() if r["name_label"].startswith("both")}
-    assert live == set()  # neither VM kept the request's name: none was handed out
+    leases = services.engine.acquire(LeaseRequest("both", "centos", count=2))
+    assert [lease.name for lease in leases] == ["both1", "both2"]
+    assert all(xapi.VM.get_resident_on(lease.vm_ref) != crashed for lease in leases)
+    assert dead not in {lease.id for lease in leases}
+    assert sum(1 for lease in leases if lease.pooled_at is None) == 1  # one warm, one made for it
+    gone = services.engine.lease_store.get(dead)
+    assert gone.handed_over_at is None
+    assert gone.state in ("releasing", "failed")
+    assert gone.name.startswith("dynvm-pool-")  # it gave the request's name back
+    port = services.current_settings().probe.port_for("centos")
+    assert port is not None
+    assert all(probe.answers(lease.ip, port) for lease in leases)  # both guests answer: neither is the dead one
+
+
+def test_a_ready_vm_its_host_says_another_request_holds_is_left_alone_and_made_cold(make_services, sim_lab):
+    """The compare-and-set at the hand-out refuses a ready VM (its host names another
+    holder: a restored database's VM, say): the VM is left as it is, and the request gets
+    one made for it."""
+    from dynvm.xen.marker import HOLDER_KEY
+
+    lab = with_pools(sim_lab, "centos.ready=1")
+    services, _ = make_services(lab=lab)
+    fill(services, ready=1)
+    [pooled] = services.engine.lease_store.pooled()
+    xapi = lab.xapi()
+    xapi.VM.add_to_other_config(pooled.vm_ref, HOLDER_KEY, "a-request-of-another-database")
+    [lease] = services.engine.acquire(LeaseRequest("bob", "centos"))
+    assert (lease.name, lease.pooled_at) == ("bob", None)
+    assert lease.id != pooled.id
+    assert xapi.VM.get_name_label(pooled.vm_ref) == pooled.name  # not renamed, not destroyed
+    assert xapi.VM.get_other_config(pooled.vm_ref)[HOLDER_KEY] == "a-request-of-another-database"
+    assert services.engine.lease_store.get(pooled.id).state == "failed"
 
 
 def test_a_ready_vm_the_host_says_another_request_holds_is_never_handed_out(make_services, sim_lab):

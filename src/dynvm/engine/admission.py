@@ -238,6 +238,29 @@ class Admission:
                 member=choice.member or None,
             )
 
+    def reserve_in_place_of(self, settings: Settings, lease: Lease, only: str | None = None) -> Lease | None:
+        """A VM for the request of ``lease``, a ready-pool VM it took that cannot be handed
+        out (and has ended): the same name, user and lifetime, its template's size, placed
+        now (``only``: on that host). None when no host has room. Its quota and its place
+        in the queue were counted when the request took the ready VM."""
+        with self._locked(settings) as (conn, reserved):
+            candidates = self._locked_candidates(settings, reserved, lease.os, None, None, only)
+            if placement.available(candidates) < 1:
+                return None
+            [choice] = placement.place(1, lease.os, candidates)
+            new = choice.new_lease(
+                request_id=lease.request_id,
+                name=lease.name,
+                username=lease.username,
+                os=lease.os,
+                owner=self.ctx.owner,
+                now=self.ctx.clock(),
+                lifetime_seconds=lease.lifetime,
+                caller=lease.caller,
+            )
+            self.ctx.leases.insert(conn, [new], [choice.need.memory])
+        return new
+
     def reserve_pool_vm(self, settings: Settings, os: str, blocked: set[str]) -> Lease | None:
         """Reserve room for one ready VM of ``os`` on the host with most room, not on a
         host in ``blocked``; None when none may take one now (nor if it would delay a

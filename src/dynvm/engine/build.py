@@ -22,7 +22,7 @@ from ..states import Actor, LeaseState, RequestState
 from ..store.requests import RequestStore
 from .context import EngineContext
 from .creator import Creator
-from .release import Releaser
+from .release import Releaser, side_by_side
 from .tracker import DurableTracker
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ class Builder:
             others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
             raise CreateFailed(f"could not create {first_lease.name} on {where}: {first_error}{others}")
         refused = self.creator.hold(settings, ready)
+        if any(lease.pooled_at is not None for lease, _ in refused):
+            ready, refused = self._cold_for_refused_warm(settings, ready, refused, pinned, cancel)
         if refused:
             for lease, why in refused:  # its VM is left alone when the host says it is another's
                 releaser.release(settings, [lease], [LeaseState.READY], LeaseState.FAILED, str(why))
@@ -149,6 +151,34 @@ class Builder:
         self._report_handed_out(request_id, handed)
         ctx.request_event("ready", request_id)
         return handed
+
+    def _cold_for_refused_warm(
+        self,
+        settings: Settings,
+        ready: list[Lease],
+        refused: list[tuple[Lease, Exception]],
+        pinned: bool,
+        cancel: RequestCancel,
+    ) -> tuple[list[Lease], list[tuple[Lease, Exception]]]:
+        """The ready-pool VMs the host would not hand over are made cold, side by side, and
+        held in turn; the request's VMs then, and those still refused (a cold one refused,
+        or a replacement that could not be made)."""
+        warm = {lease.id: why for lease, why in refused if lease.pooled_at is not None}
+        still = [(lease, why) for lease, why in refused if lease.pooled_at is None]
+
+        def replace(lease: Lease) -> Lease | Exception:
+            try:
+                return self.creator.replace_with_cold(settings, lease, str(warm[lease.id]), pinned, cancel)
+            except Exception as e:
+                return e
+
+        going = [lease for lease in ready if lease.id in warm]
+        outcomes = dict(zip([lease.id for lease in going], side_by_side(replace, going, "cold"), strict=True))
+        made = [outcome for outcome in outcomes.values() if isinstance(outcome, Lease)]
+        still += [(lease, outcome) for lease in going if isinstance(outcome := outcomes[lease.id], Exception)]
+        still += self.creator.hold(settings, made)
+        in_order = [outcomes.get(lease.id, lease) for lease in ready]  # the answer keeps the request's order
+        return [lease for lease in in_order if isinstance(lease, Lease)], still
 
     def _hand_over(self, lease_ids: list[str], request_id: str) -> list[Lease]:
         """The request turns ready and its leases' lifetimes start, in one transaction: a

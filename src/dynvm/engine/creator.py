@@ -15,11 +15,12 @@ from .. import probe
 from ..config import Settings
 from ..model import CreatedVm, Lease, ProvisionError, VmSpec
 from ..provider import Cancel
-from ..states import LeaseState
+from ..states import Actor, LeaseState
 from ..store.history import origin_of
 from .admission import Admission
 from .context import EngineContext
-from .release import side_by_side
+from .ready_stock import pool_name
+from .release import Releaser, side_by_side
 from .tracker import DurableTracker
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,10 @@ CREATE_ATTEMPTS = 3  # per VM (SPEC.md §3); unpinned, the last one goes to anot
 
 
 class Creator:
-    def __init__(self, ctx: EngineContext, admission: Admission, tracker: DurableTracker) -> None:
+    def __init__(self, ctx: EngineContext, admission: Admission, releaser: Releaser, tracker: DurableTracker) -> None:
         self.ctx = ctx
         self.admission = admission
+        self.releaser = releaser
         self.tracker = tracker
 
     def _stage(self, lease: Lease, stage: str, **details: str | None) -> None:
@@ -54,9 +56,33 @@ class Creator:
                     f"{lease.name}: its ready VM at {lease.ip} no longer answers on port {port}", lease.host_ref
                 )
         except Exception as e:
-            self._stage(lease, "failed", error=str(e))
+            if not isinstance(e, ProvisionError):  # else it is made cold (``create_one``)
+                self._stage(lease, "failed", error=str(e))
             raise
         return lease
+
+    def replace_with_cold(
+        self, settings: Settings, warm: Lease, why: str, pinned: bool, cancel: Cancel | None = None
+    ) -> Lease:
+        """A ready-pool VM the request took cannot be handed out (its guest stopped
+        answering, or its host would not hand it over): it goes, and a VM is made for the
+        request in its place, under the same name (on the same host when pinned). Raises
+        when no host has room for it, or its create fails (its lease then ends failed)."""
+        ctx = self.ctx
+        log.warning("%s: its ready VM is not handed out (%s); making one for it", warm.name, why)
+        # the ready VM gives the name back (its destroy may wait on a host that is down)
+        going = ctx.leases.rename(warm.id, pool_name(warm.os)) or warm
+        self.releaser.release(settings, [going], [LeaseState.READY], LeaseState.FAILED, f"not handed out: {why}")
+        cold = self.admission.reserve_in_place_of(settings, warm, only=warm.host_ref if pinned else None)
+        if cold is None:
+            self._stage(warm, "failed", error=why)
+            raise ProvisionError(f"{warm.name}: {why}; and no host has room to make one in its place", warm.host_ref)
+        self._stage(cold, "moved", host=cold.host_ref)
+        try:
+            return self.create_one(settings, cold, pinned, cancel)
+        except BaseException as e:
+            ctx.leases.finish([cold.id], LeaseState.FAILED, ctx.clock(), str(e), by=Actor.BUILDER)
+            raise
 
     @staticmethod
     def _still_answers(ip: str, port: int) -> bool:
@@ -97,10 +123,13 @@ class Creator:
         with most room among those not tried yet; when its host's guests get no usable IP
         (APIPA, DHCP exhausted), its last attempt goes to another host if one has room. A
         failed xapi call is retried where it happened. A ready-pool VM the request took is
-        only checked (``take_warm``)."""
+        only checked (``take_warm``); one that no longer answers is made cold instead."""
         self.ctx.refuse_if_contested()
         if lease.pooled_at is not None and lease.state == LeaseState.READY:
-            return self.take_warm(settings, lease)
+            try:
+                return self.take_warm(settings, lease)
+            except ProvisionError as e:
+                return self.replace_with_cold(settings, lease, str(e), pinned, cancel)
         tried = {lease.host_ref}
         refused: set[tuple[str, str]] = set()  # (host, member) that would not start it
         attempts_left = CREATE_ATTEMPTS

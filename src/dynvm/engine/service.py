@@ -83,7 +83,7 @@ class LeaseService:
         self.policy = QueuePolicy(self.capacity, provider, lease_store, ctx.requests, clock)
         self.admission = Admission(ctx, self.capacity, self.stock, self.policy)
         self.releaser = Releaser(ctx, self.tracker)
-        self.creator = Creator(ctx, self.admission, self.tracker)
+        self.creator = Creator(ctx, self.admission, self.releaser, self.tracker)
         self.builder = Builder(ctx, self.creator, self.releaser, self.tracker)
         self.ready_pools = ReadyPools(
             ctx,

@@ -362,6 +362,14 @@ class LeaseStore:
             raise NameInUse(f"{new.name} is already in use by another lease") from None
         return done.rowcount == 1
 
+    def rename(self, lease_id: str, name: str) -> Lease | None:
+        """Give a lease another name (a ready-pool VM a request took but could not have
+        gives the request's name back); None when the lease is gone."""
+        with self.db.write() as conn:
+            conn.execute(update(leases).where(leases.c.id == lease_id).values(name=name))
+            row = conn.execute(select(leases).where(leases.c.id == lease_id)).first()
+            return _lease(row) if row is not None else None
+
     def extend(self, lease_id: str, expires_at: float) -> None:
         with self.db.write() as conn:
             conn.execute(update(leases).where(leases.c.id == lease_id).values(expires_at=expires_at))
