@@ -147,6 +147,18 @@ def test_apipa_is_retried_transparently(make_services):
     assert list(dynvm_vms(lab)) == ["apipa"]
 
 
+@pytest.mark.parametrize("operation", ["clone", "provision", "start"])
+def test_a_failed_step_is_retried_transparently_leaving_only_the_vm_that_worked(make_services, operation):
+    services, lab = make_services()
+    before = lab.inventory_of()
+    lab.control().fail_next(operation, "INTERNAL_ERROR", 2)  # the first two attempts fail; the third works
+    [lease] = services.engine.acquire(LeaseRequest(f"flaky-{operation}", "centos"))
+    vms, vdis = lab.inventory_of()
+    assert vms - before[0] == {lease.vm_ref}
+    assert len(vdis - before[1]) == 1  # and only its disk
+    assert lease.create_seconds > 0
+
+
 def test_concurrent_requests_never_over_commit(make_services):
     services, lab = make_services(host_cpus=16, timing=Timing(clone_seconds=0.05, boot_seconds=0.3))  # room: 4
     results: list[object] = []

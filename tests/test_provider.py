@@ -117,7 +117,7 @@ class StaticPool:
         progress: Progress,
         cancel: Cancel | threading.Event,
         on_pending: Callable[[str], None],
-        attempts: int,
+        attempt: int,
     ) -> CreatedVm:
         with self.lock:
             box = next(b for b in self.boxes[host.ref] if b.lease_id is None and b.os == spec.os)

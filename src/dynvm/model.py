@@ -6,6 +6,7 @@ user can act on; it never contains a password.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from .states import LeaseState
@@ -31,31 +32,34 @@ class HostAuthFailed(XenError):
     """The host refused dynvm's credentials."""
 
 
+class FailureKind(enum.Enum):
+    """Why one attempt at making a VM failed: all the engine's retries need to know
+    (``engine/creator.py`` decides, from this alone, whether and where to try again)."""
+
+    AGAIN = "again"  # this attempt went wrong (a failed call, a guest that never came up): try again
+    NO_ADDRESS = "no address"  # the guest got no usable address (APIPA, DHCP exhausted): another host may do
+    MEMBER_REFUSED = "member refused"  # the pool member it was placed on will not start it: another may
+    HOST_UNREACHABLE = "host unreachable"  # the host stopped answering: another host may
+    FINAL = "final"  # trying again cannot help (a configuration mistake, dynvm stopping)
+
+
 class ProvisionError(XenError):
-    """A VM could not be created; nothing it made is left behind unless ``leftovers`` says so.
-    ``unreachable``: the host stopped answering (another host may do). ``exhausted``: every
-    attempt on this host failed; ``no_address``: the last for want of a usable IP (APIPA, an
-    exhausted DHCP pool), which another host may not share. ``refused_by``: the member the
-    VM was placed on will not start it (down, disabled, full); another member may."""
+    """A VM could not be made; nothing it made is left behind unless ``leftovers`` says so.
+    ``kind``: why, as the engine's retries need it; ``member``: with ``MEMBER_REFUSED``,
+    the member that would not start it."""
 
     def __init__(
         self,
         message: str,
         host: str = "",
         leftovers: tuple[str, ...] = (),
-        unreachable: bool = False,
-        exhausted: bool = False,
-        no_address: bool = False,
-        attempts_used: int = 1,
-        refused_by: str = "",
+        kind: FailureKind = FailureKind.FINAL,
+        member: str = "",
     ) -> None:
         super().__init__(message, host)
-        self.refused_by = refused_by
         self.leftovers = leftovers
-        self.unreachable = unreachable
-        self.exhausted = exhausted
-        self.no_address = no_address
-        self.attempts_used = attempts_used
+        self.kind = kind
+        self.member = member
 
 
 class NotDynvmVm(XenError):

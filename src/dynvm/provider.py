@@ -286,12 +286,14 @@ class Provider(Protocol):
         progress: Progress,
         cancel: Cancel | threading.Event,
         on_pending: Callable[[str], None],
-        attempts: int,
+        attempt: int,
     ) -> CreatedVm:
-        """Make one machine, ready with an address; raise ``ProvisionError`` (``model.py``)
-        when it cannot. ``on_pending(handle)`` is called when a remote job starts whose
-        result would be a machine not yet marked: the engine stores the handle as the
-        lease's machine ref until the create returns."""
+        """One attempt at a machine, ready with an address; when it fails, nothing it made
+        is left and ``ProvisionError`` says why (its ``kind``: the engine alone decides
+        whether and where to try again). ``on_pending(handle)`` is called when a remote job
+        starts whose result would be a machine not yet marked: the engine stores the handle
+        as the lease's machine ref until the create returns. ``attempt``: the engine's count
+        (1 first), for the provider's log."""
         ...
 
     def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:

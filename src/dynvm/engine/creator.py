@@ -8,12 +8,13 @@ nor where a VM goes (``admission.py`` places it, and places it again when it mov
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
 from .. import probe
 from ..config import Settings
-from ..model import CreatedVm, Lease, ProvisionError, VmSpec
+from ..model import CreatedVm, FailureKind, Lease, ProvisionError, VmSpec
 from ..provider import Cancel
 from ..states import Actor, LeaseState
 from ..store.history import origin_of
@@ -130,61 +131,67 @@ class Creator:
                 return self.take_warm(settings, lease)
             except ProvisionError as e:
                 return self.replace_with_cold(settings, lease, str(e), pinned, cancel)
+        started = time.monotonic()
         tried = {lease.host_ref}
         refused: set[tuple[str, str]] = set()  # (host, member) that would not start it
-        attempts_left = CREATE_ATTEMPTS
-        attempts = attempts_left if pinned else attempts_left - 1  # unpinned: one is kept for elsewhere
+        left, attempt = CREATE_ATTEMPTS, 0
         while True:
+            attempt, left = attempt + 1, left - 1
             try:
-                return self._create_on(settings, lease, attempts, cancel)
+                spent = time.monotonic() - started if attempt > 1 else 0.0
+                return self._create_on(settings, lease, attempt, spent, cancel)
             except ProvisionError as e:
-                if e.unreachable:
-                    self.abandon_clone(self.ctx.leases.get(lease.id) or lease)  # its vm_ref as the create left it
-                if e.refused_by:
-                    refused.add((lease.host_ref, e.refused_by))
-                    attempts_left = max(1, attempts_left - e.attempts_used)
-                    moved = self.admission.place_again(
-                        settings,
-                        lease,
-                        exclude=tried - {lease.host_ref},
-                        refused=refused,
-                        only=lease.host_ref if pinned else None,
-                    )
-                    if moved is None:
-                        raise ProvisionError(f"{e}; no other member has room for it", e.host) from None
-                    log.warning("%s: %s; placed again on host %s", lease.name, e, moved.host_ref)
-                    self._stage(lease, "moved", host=moved.host_ref)
-                    tried.add(moved.host_ref)
-                    lease = moved
-                    attempts = attempts_left
-                    continue
-                if e.exhausted:
-                    attempts_left -= attempts
-                    attempts = attempts_left
-                    if attempts_left <= 0 and len(tried) > 1:
-                        hosts = ", ".join(sorted(tried))
-                        raise ProvisionError(
-                            f"{e} ({CREATE_ATTEMPTS} attempts in all, on hosts {hosts})", e.host
-                        ) from None
-                    if attempts_left <= 0:
-                        raise
-                    if pinned or not e.no_address:
-                        continue  # the last attempt, on the same host
-                elif pinned or not e.unreachable:
-                    raise
-                else:
-                    attempts_left = max(1, attempts_left - e.attempts_used)
-                moved = self.admission.place_again(settings, lease, exclude=tried)
+                failure = e
+            kind = failure.kind
+            if kind is FailureKind.HOST_UNREACHABLE:
+                self.abandon_clone(self.ctx.leases.get(lease.id) or lease)  # its vm_ref as the create left it
+            if kind is FailureKind.FINAL or self.ctx.cancel.is_set() or (cancel is not None and cancel.is_set()):
+                raise failure
+            if kind is FailureKind.MEMBER_REFUSED:  # the member failed, not the VM: one more try at least
+                left = max(1, left)
+                refused.add((lease.host_ref, failure.member))
+                only = lease.host_ref if pinned else None
+                moved = self.admission.place_again(settings, lease, tried - {lease.host_ref}, refused, only)
                 if moved is None:
-                    if e.unreachable:
-                        raise ProvisionError(f"{e}; no other host has room for it", e.host, unreachable=True) from None
-                    continue  # no room elsewhere: the last attempt stays here
-                why = "stopped answering" if e.unreachable else "gives its guests no usable IP"
-                log.warning("%s: host %s %s; trying host %s", lease.name, lease.host_ref, why, moved.host_ref)
-                self._stage(lease, "moved", host=moved.host_ref)
-                tried.add(moved.host_ref)
-                lease = moved
-                attempts = attempts_left
+                    raise ProvisionError(f"{failure}; no other member has room for it", failure.host, kind=kind)
+                lease = self._moved(lease, moved, str(failure), tried)
+                continue
+            if kind is FailureKind.HOST_UNREACHABLE:
+                if pinned:
+                    raise failure
+                left = max(1, left)
+                moved = self.admission.place_again(settings, lease, tried)
+                if moved is None:
+                    raise ProvisionError(f"{failure}; no other host has room for it", failure.host, kind=kind)
+                lease = self._moved(lease, moved, f"host {lease.host_ref} stopped answering", tried)
+                continue
+            if left <= 0:  # the VM itself failed, every time
+                hosts = f"hosts {', '.join(sorted(tried))}" if len(tried) > 1 else self._where(settings, lease)
+                last = str(failure).removeprefix(f"{lease.name}: ")
+                raise ProvisionError(
+                    f"{lease.name}: no usable VM on {hosts} after {CREATE_ATTEMPTS} attempts; last: {last}",
+                    failure.host,
+                    kind=kind,
+                )
+            if left == 1 and kind is FailureKind.NO_ADDRESS and not pinned:
+                # the last attempt goes where guests may get an address (another DHCP scope)
+                moved = self.admission.place_again(settings, lease, tried)
+                if moved is not None:
+                    why = f"host {lease.host_ref} gives its guests no usable IP"
+                    lease = self._moved(lease, moved, why, tried)
+                    continue
+            self._stage(lease, "retrying")
+
+    def _moved(self, lease: Lease, moved: Lease, why: str, tried: set[str]) -> Lease:
+        log.warning("%s: %s; placed again on host %s", lease.name, why, moved.host_ref)
+        self._stage(lease, "moved", host=moved.host_ref)
+        tried.add(moved.host_ref)
+        return moved
+
+    @staticmethod
+    def _where(settings: Settings, lease: Lease) -> str:
+        host = settings.host(lease.host_ref)
+        return host.display if host is not None else f"host {lease.host_ref}"
 
     def abandon_clone(self, lease: Lease) -> None:
         """dynvm stops waiting for this lease's create (its host went silent, or the process
@@ -196,12 +203,10 @@ class Creator:
             log.warning("%s: a clone may still run on host %s; reconcile removes it", lease.name, lease.host_ref)
 
     def _create_on(
-        self,
-        settings: Settings,
-        lease: Lease,
-        attempts: int = CREATE_ATTEMPTS,
-        cancel: Cancel | None = None,
+        self, settings: Settings, lease: Lease, attempt: int, spent: float, cancel: Cancel | None = None
     ) -> Lease:
+        """One attempt on the lease's host. ``spent``: seconds the VM's earlier attempts took
+        (its create time counts them)."""
         host = settings.host(lease.host_ref)
         if host is None:
             raise ProvisionError(f"host {lease.host_ref} was removed from the configuration")
@@ -226,8 +231,9 @@ class Creator:
                 progress,
                 cancel or self.ctx.cancel,
                 on_pending=lambda handle: self.ctx.leases.remember_vm(lease.id, handle),
-                attempts=attempts,
+                attempt=attempt,
             )
+            created = dataclasses.replace(created, create_seconds=created.create_seconds + spent, attempts=attempt)
         except Exception as e:
             self._stage(lease, "failed", error=str(e))
             self.ctx.report("create_failed", type(e).__name__)

@@ -179,7 +179,7 @@ class ModelHosts:
         progress: Progress,
         cancel: Cancel | threading.Event,
         on_pending: Callable[[str], None],
-        attempts: int,
+        attempt: int,
     ) -> CreatedVm:
         cpus, memory, disk = size_of(spec.os)
         cpus, memory = spec.cpus or cpus, spec.memory or memory

@@ -163,14 +163,14 @@ class XenProvider:
         progress: Progress,
         cancel: Cancel | threading.Event,
         on_pending: Callable[[str], None],
-        attempts: int,
+        attempt: int,
     ) -> CreatedVm:
         return self._provisioner(host).create(
             spec,
             progress,
             cancel=cancel,  # type: ignore[arg-type]  # any object with is_set() cancels; the provisioner's signature says Event
             on_clone_task=lambda task: on_pending(f"{CLONE_TASK}{task}"),
-            attempts=attempts,
+            attempt=attempt,
         )
 
     def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:

@@ -5,8 +5,9 @@ name then uuid order), clone it, mark the clone and its disks as this installati
 once (``xen/marker.py``), name and describe it, put its VIF on the right network, set vCPUs (in
 the order xapi requires) and memory if asked, provision its disks on the SR named
 ``host.storage.name``, start it, and wait for the OS name (not for Windows) and a real IP
-(not 169.254.x.y) until ``vm.network.timeout.secs``. A failed attempt is destroyed with
-its disks and tried again, three attempts in all. Long operations run as ``Async.*``
+(not 169.254.x.y) until ``vm.network.timeout.secs``. One attempt: a failed one is
+destroyed with its disks and raised with its kind (``model.FailureKind``); whether and
+where to try again is the engine's (``engine/creator.py``). Long operations run as ``Async.*``
 tasks followed with ``event.from``, so no socket waits minutes and a dead host is noticed.
 
 Destroy: only a VM carrying this installation's marker; hard shutdown if running, destroy
@@ -30,7 +31,16 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from .. import probe
 from ..config import HostSettings, windows_os
-from ..model import CreatedVm, DestroyFailed, HeldElsewhere, HostUnreachable, NotDynvmVm, ProvisionError, VmSpec
+from ..model import (
+    CreatedVm,
+    DestroyFailed,
+    FailureKind,
+    HeldElsewhere,
+    HostUnreachable,
+    NotDynvmVm,
+    ProvisionError,
+    VmSpec,
+)
 from ..provider import DestroyResult
 from .inventory import is_real_ip
 from .marker import (
@@ -135,7 +145,6 @@ class Provisioner:
         pool: SessionPool,
         network_timeout: float,
         installation: str,
-        attempts: int = 3,
         cleanup_timeout: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         cpu_overcommit: float = 1.0,
@@ -144,7 +153,6 @@ class Provisioner:
         self.pool = pool
         self.installation = installation
         self.network_timeout = network_timeout
-        self.attempts = attempts
         self.cleanup_timeout = cleanup_timeout
         self.clock = clock
         self.cpu_overcommit = cpu_overcommit
@@ -157,101 +165,81 @@ class Provisioner:
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         on_clone_task: Callable[[str], None] | None = None,
-        attempts: int | None = None,
+        attempt: int = 1,
     ) -> CreatedVm:
-        """Create the VM; ``cancel`` (set when dynvm stops) ends the attempt and removes
-        what it built. ``on_clone_task`` is told the ref of each clone's xapi task before
-        the clone ends: if dynvm dies meanwhile, the clone finishes on the host without
-        dynvm's marker, and ``adopt_clone`` finds it through that task afterwards.
-        ``attempts`` overrides the provisioner's number of attempts for this create."""
+        """One attempt at the VM; a failure leaves nothing behind (unless the host stopped
+        answering: then reconcile finishes the clean-up) and raises ``ProvisionError`` with
+        its kind. ``cancel`` (set when dynvm stops) ends the attempt and removes what it
+        built. ``on_clone_task`` is told the ref of each clone's xapi task before the clone
+        ends: if dynvm dies meanwhile, the clone finishes on the host without dynvm's
+        marker, and ``adopt_clone`` finds it through that task afterwards. ``attempt``: the
+        engine's count, for the log and ``CreatedVm.attempts``."""
         progress = progress or (lambda stage: None)
         vlog = _VmLog(log, {"vm": spec.name})
         started = self.clock()
-        last_error = ""
-        no_address = False
-        attempts = attempts or self.attempts
-        for attempt in range(1, attempts + 1):
-            vm: str | None = None
-            try:
-                with self.pool.session() as xapi:
-                    template, template_name = self._template(xapi, spec)
-                    sr = self._sr(xapi, spec.member)
-                    network = self._network(xapi)
-                    progress("cloning")
-                    vlog.info("attempt %d/%d: cloning %r on %s", attempt, attempts, template_name, self.host.display)
-                    # the clone's task is let go only once the clone is marked: should dynvm die
-                    # in between, the task still names the VM and adopt_clone finds it (xapi
-                    # keeps a finished task until it is destroyed)
-                    task = self._begin(xapi, "VM.clone", template, clone_name(spec.lease_id), on_task=on_clone_task)
-                    try:
-                        vm = self._outcome(xapi, task)
-                        _set_keys(xapi, "VM", vm, marker(spec.lease_id, self.installation))
-                        self._forget_inherited(xapi, vm)
-                    finally:
-                        with contextlib.suppress(XenAPI.Failure, *CONNECTION_ERRORS):
-                            xapi.task.destroy(task)
-                    self._check_cancel(cancel)
-                    self._configure(xapi, vm, spec, template_name, sr, network, vlog)
-                    progress("provisioning")
-                    self._task(xapi, "VM.provision", vm)
-                    self._mark_disks(xapi, vm, spec.lease_id)  # the disks provision just made
-                    # its own name only once it is a VM: a dynvm clone that is still a template
-                    # always has its clone name, so no admin's template is ever taken for one
-                    xapi.VM.set_name_label(vm, spec.name)
-                    self._check_cancel(cancel)
-                    progress("booting")
-                    self._start(xapi, vm, spec, attempt, vlog)
-                    progress("waiting for IP")
-                    waiting_since = self.clock()
-                    ip, os_version = self._wait_for_guest(xapi, vm, spec, vlog, cancel)
-                    if spec.probe_port:
-                        progress("waiting for service")
-                        self._wait_for_service(ip, spec.probe_port, waiting_since + self.network_timeout, cancel, vlog)
-                    created = self._describe(xapi, vm, spec, template_name, ip, os_version, started, attempt)
-                progress("ready")
-                vlog.info("ready at %s after %.1f s", ip, created.create_seconds)
-                return created
-            except AttemptFailed as e:
-                last_error = str(e)
-                no_address = isinstance(e, NoAddress)
-                vlog.warning("attempt %d/%d failed: %s", attempt, attempts, e)
-            except XenAPI.Failure as e:
-                last_error = f"xapi error {_details(e)}"
-                no_address = False
-                vlog.warning("attempt %d/%d failed: %s", attempt, attempts, last_error)
-            except MemberRefused as e:
-                vlog.warning("attempt %d/%d: member %s will not start it: %s", attempt, attempts, e.member, e)
-                if vm is not None:
-                    progress("cleaning up")
-                    self._cleanup(vm, spec.lease_id, vlog)
-                raise ProvisionError(
-                    f"{spec.name}: member {e.member} of {self.host.display} will not start it: {e}",
-                    self.host.ref,
-                    attempts_used=attempt,
-                    refused_by=e.member,
-                ) from None
-            except (HostUnreachable, ProvisionError) as e:
-                unreachable = isinstance(e, HostUnreachable) or getattr(e, "unreachable", False)
-                if vm is not None:
-                    progress("cleaning up")
-                    # a host that stopped answering gets a short while; reconcile does the rest
-                    self._cleanup(vm, spec.lease_id, vlog, UNREACHABLE_CLEANUP if unreachable else None)
-                raise ProvisionError(
-                    f"{spec.name}: {e}", self.host.ref, unreachable=unreachable, attempts_used=attempt
-                ) from None
-            if vm is not None:
-                progress("cleaning up")
-                self._cleanup(vm, spec.lease_id, vlog)
-            if attempt < attempts:
-                progress("retrying")
-        raise ProvisionError(
-            f"{spec.name}: no usable VM on {self.host.display} after {attempts} "
-            f"attempt{'s' if attempts != 1 else ''}; last: {last_error}",
-            self.host.ref,
-            exhausted=True,
-            no_address=no_address,
-            attempts_used=attempts,
-        )
+        vm: str | None = None
+        try:
+            with self.pool.session() as xapi:
+                template, template_name = self._template(xapi, spec)
+                sr = self._sr(xapi, spec.member)
+                network = self._network(xapi)
+                progress("cloning")
+                vlog.info("attempt %d: cloning %r on %s", attempt, template_name, self.host.display)
+                # the clone's task is let go only once the clone is marked: should dynvm die
+                # in between, the task still names the VM and adopt_clone finds it (xapi
+                # keeps a finished task until it is destroyed)
+                task = self._begin(xapi, "VM.clone", template, clone_name(spec.lease_id), on_task=on_clone_task)
+                try:
+                    vm = self._outcome(xapi, task)
+                    _set_keys(xapi, "VM", vm, marker(spec.lease_id, self.installation))
+                    self._forget_inherited(xapi, vm)
+                finally:
+                    with contextlib.suppress(XenAPI.Failure, *CONNECTION_ERRORS):
+                        xapi.task.destroy(task)
+                self._check_cancel(cancel)
+                self._configure(xapi, vm, spec, template_name, sr, network, vlog)
+                progress("provisioning")
+                self._task(xapi, "VM.provision", vm)
+                self._mark_disks(xapi, vm, spec.lease_id)  # the disks provision just made
+                # its own name only once it is a VM: a dynvm clone that is still a template
+                # always has its clone name, so no admin's template is ever taken for one
+                xapi.VM.set_name_label(vm, spec.name)
+                self._check_cancel(cancel)
+                progress("booting")
+                self._start(xapi, vm, spec, attempt, vlog)
+                progress("waiting for IP")
+                waiting_since = self.clock()
+                ip, os_version = self._wait_for_guest(xapi, vm, spec, vlog, cancel)
+                if spec.probe_port:
+                    progress("waiting for service")
+                    self._wait_for_service(ip, spec.probe_port, waiting_since + self.network_timeout, cancel, vlog)
+                created = self._describe(xapi, vm, spec, template_name, ip, os_version, started, attempt)
+            progress("ready")
+            vlog.info("ready at %s after %.1f s", ip, created.create_seconds)
+            return created
+        except AttemptFailed as e:
+            kind = FailureKind.NO_ADDRESS if isinstance(e, NoAddress) else FailureKind.AGAIN
+            failure = ProvisionError(f"{spec.name}: {e}", self.host.ref, kind=kind)
+        except XenAPI.Failure as e:
+            failure = ProvisionError(f"{spec.name}: xapi error {_details(e)}", self.host.ref, kind=FailureKind.AGAIN)
+        except MemberRefused as e:
+            failure = ProvisionError(
+                f"{spec.name}: member {e.member} of {self.host.display} will not start it: {e}",
+                self.host.ref,
+                kind=FailureKind.MEMBER_REFUSED,
+                member=e.member,
+            )
+        except HostUnreachable as e:
+            failure = ProvisionError(f"{spec.name}: {e}", self.host.ref, kind=FailureKind.HOST_UNREACHABLE)
+        except ProvisionError as e:
+            failure = ProvisionError(f"{spec.name}: {e}", self.host.ref, kind=e.kind, member=e.member)
+        vlog.warning("attempt %d failed: %s", attempt, failure)
+        if vm is not None:
+            progress("cleaning up")
+            # a host that stopped answering gets a short while; reconcile does the rest
+            unreachable = failure.kind is FailureKind.HOST_UNREACHABLE
+            self._cleanup(vm, spec.lease_id, vlog, UNREACHABLE_CLEANUP if unreachable else None)
+        raise failure
 
     @staticmethod
     def _forget_inherited(xapi: Any, vm: str) -> None:
