@@ -107,3 +107,14 @@ def _private(name: str) -> bool:
 )
 def test_no_private_name_is_used_across_modules(path):
     assert private_uses(path) == []
+
+
+def test_the_engine_and_the_xen_provider_know_each_other_only_through_the_seam():
+    found = modules()
+    known = set(found)
+    for name, path in found.items():
+        imported = imports_of(name, path, known)
+        if name.startswith("dynvm.engine"):
+            assert not [m for m in imported if m.startswith("dynvm.xen")], f"{name} imports Xen"
+        if name.startswith("dynvm.xen"):
+            assert not [m for m in imported if m.startswith("dynvm.engine")], f"{name} imports the engine"

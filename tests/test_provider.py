@@ -1,199 +1,129 @@
-"""The provider seam (``provider.py``): the lease engine runs on a second kind of machines
-with nothing of Xen in the way. ``StaticPool`` is the smallest honest provider — a fixed
-set of existing machines per host, handed out and given back — written only against the
-``Provider`` protocol, as the README says a second provider is added."""
+"""The provider seam (``provider.py``) and its plugins (``hosts.py``, ``providers.py``): the
+lease engine runs on a second kind of machines with nothing of Xen in the way.
+``tests/rack_plugin.py`` is the smallest honest plugin — racks of existing machines, a
+``[rackN]`` section each, handed out and given back — written only against dynvm's seams,
+as the README says a provider is added. The configuration chooses it by its sections."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dynvm.config import HostSettings, Settings, load_settings
+from dynvm import hosts
+from dynvm.config import ConfigError, load_settings
 from dynvm.engine.service import LeaseService
-from dynvm.model import CreatedVm, LeaseRequest, NotEnoughCapacity, VmSpec
-from dynvm.provider import (
-    Cancel,
-    DestroyResult,
-    HostRoom,
-    HostStatus,
-    LeakJudge,
-    Machine,
-    MemberRoom,
-    Need,
-    Progress,
-    Provider,
-    QuarantinedVm,
-    ReconcileReport,
-    Verdict,
-)
+from dynvm.model import LeaseRequest, NotEnoughCapacity
+from dynvm.provider import Provider
+from dynvm.providers import Providers
 from dynvm.store.db import Database
 from dynvm.store.history import HistoryStore
 from dynvm.store.leases import LeaseStore
 
 from .conftest import FakeClock
+from .rack_plugin import RackPlugin, RackSettings, StaticPool
 
 CONFIG = """
 [common]
 vm.expiry.minutes=60
 
-; a static rack: the provider never connects to host.name
-[xenhost1]
-host.name=http://127.0.0.1:9/rack-a
-host.user=nobody
-host.password=unused
-host.storage.name=none
-centos.template=centos-box
+; two racks of existing machines: a kind of host of their own, not Xen's
+[rack1]
+centos.boxes=a1@127.0.10.1, a2@127.0.10.2, a3@127.0.10.3
 
-[xenhost2]
-host.name=http://127.0.0.1:9/rack-b
-host.user=nobody
-host.password=unused
-host.storage.name=none
-ubuntu.template=ubuntu-box
+[rack2]
+ubuntu.boxes=b1@127.0.11.1
 """
-
-
-@dataclass
-class Box:
-    name: str
-    ip: str
-    os: str
-    lease_id: str | None = None  # taken by this lease
-    label: str = ""  # the lease's name while taken
-
-
-class StaticPool:
-    """A provider over machines that already exist: ``create`` takes an idle one,
-    ``destroy`` gives it back. One box is one unit of room; since room is per host (not
-    per OS), each configured host is a rack of one OS's boxes."""
-
-    def __init__(self, boxes: dict[str, list[Box]]) -> None:
-        self.boxes = boxes
-        self.lock = threading.Lock()
-        self.claims: dict[str, str] = {}
-        self.given_back: list[str] = []
-
-    def apply(self, settings: Settings) -> None: ...
-    def wait_synced(self, timeout: float) -> bool:
-        return True
-
-    def stop(self) -> None: ...
-
-    def status(self, host: HostSettings) -> HostStatus | None:
-        boxes = self.boxes.get(host.ref)
-        if boxes is None:
-            return None
-        return HostStatus(host.ref, up=True, state="up", name=host.url, running_vms=len(boxes))
-
-    def need(self, host: HostSettings, os: str, cpus: int | None, memory: int | None) -> Need | None:
-        if cpus is not None or memory is not None or os not in host.templates:
-            return None  # a static box is what it is
-        return Need(1, 1, 0, host.templates[os], 1)
-
-    def room(
-        self, host: HostSettings, overcommit: float, reserved: Iterable[Mapping[str, object]], empty: bool = False
-    ) -> HostRoom | None:
-        with self.lock:
-            boxes = self.boxes.get(host.ref, [])
-            idle = len(boxes) if empty else sum(1 for b in boxes if b.lease_id is None)
-            made = {b.lease_id for b in boxes}
-        pending = 0 if empty else sum(1 for r in reserved if r["lease_id"] not in made)
-        return HostRoom(host.ref, 1 << 40, [MemberRoom("", idle - pending, idle - pending)])
-
-    def shortage(self, host: HostSettings, os: str) -> str | None:
-        return None if os in host.templates else f"{host.section} holds no {os} box"
-
-    def template_problems(self, host: HostSettings) -> list[str]:
-        return []
-
-    def create(
-        self,
-        host: HostSettings,
-        spec: VmSpec,
-        progress: Progress,
-        cancel: Cancel | threading.Event,
-        on_pending: Callable[[str], None],
-        attempt: int,
-    ) -> CreatedVm:
-        with self.lock:
-            box = next(b for b in self.boxes[host.ref] if b.lease_id is None and b.os == spec.os)
-            box.lease_id, box.label = spec.lease_id, spec.name
-        progress("ready")
-        return CreatedVm(uuid=box.name, ref=box.name, name=spec.name, ip=box.ip, host=host.ref, cpus=1, memory=1)
-
-    def hand_out(self, host: HostSettings, machine_ref: str, spec: VmSpec) -> None:
-        with self.lock:
-            box = next(b for b in self.boxes[host.ref] if b.name == machine_ref)
-            box.label = spec.name
-
-    def pending_job(self, machine_ref: str) -> str | None:
-        return None
-
-    def read_claim(self, host: HostSettings) -> str | None:
-        return self.claims.get(host.ref)
-
-    def write_claim(self, host: HostSettings, claim: str) -> None:
-        self.claims[host.ref] = claim
-
-    def adopt(self, host: HostSettings, job: str, lease_id: str, wait: float) -> str | None:
-        return None
-
-    def destroy(
-        self, host: HostSettings, machine_ref: str, lease_id: str | None, holder: str | None = None
-    ) -> DestroyResult:
-        with self.lock:
-            box = next(b for b in self.boxes[host.ref] if b.name == machine_ref)
-            if box.lease_id == lease_id:
-                box.lease_id, box.label = None, ""
-                self.given_back.append(box.name)
-        return DestroyResult()
-
-    def machines(self, host: HostSettings) -> list[Machine]:
-        with self.lock:
-            return [
-                Machine(host.ref, b.name, b.name, b.label or b.name, b.os, "Running", True, "1", "1", (b.ip,), b.ip)
-                for b in self.boxes.get(host.ref, [])
-            ]
-
-    def made_for(self, host: HostSettings, machine: Machine, os: str) -> bool:
-        return machine.description == os
-
-    def collect_leaks(self, host: HostSettings, judge: LeakJudge, report: ReconcileReport) -> None:
-        for box in list(self.boxes.get(host.ref, [])):
-            if box.lease_id is not None and judge.verdict(box.lease_id, host.ref, box.name) is Verdict.ENDED:
-                self.destroy(host, box.name, box.lease_id)
-                report.orphans_destroyed.append(box.name)
-
-    def quarantined(self, host: HostSettings, keep_seconds: float) -> list[QuarantinedVm]:
-        return []
-
-
-def _pool() -> StaticPool:
-    return StaticPool(
-        {
-            "1": [Box(f"a{i}", f"127.0.10.{i}", "centos") for i in (1, 2, 3)],
-            "2": [Box("b1", "127.0.11.1", "ubuntu")],
-        }
-    )
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> tuple[LeaseService, StaticPool, FakeClock]:
+def racks():
+    hosts.register(RackPlugin())
+    yield
+    hosts.unregister("rack")
+
+
+@pytest.fixture
+def engine(tmp_path: Path, racks) -> tuple[LeaseService, StaticPool, FakeClock]:
     path = tmp_path / "static.ini"
     path.write_text(CONFIG)
     settings = load_settings(path)
     db = Database(f"sqlite:///{tmp_path / 'static.db'}")
     db.migrate()
     clock = FakeClock()
-    pool = _pool()
-    service = LeaseService(lambda: settings, pool, LeaseStore(db), HistoryStore(db, None, clock), clock=clock)
+    providers = Providers(lambda: settings, lambda: "rack-installation")
+    providers.apply(settings)
+    pool = providers.part("rack")
+    assert isinstance(pool, StaticPool)
+    service = LeaseService(lambda: settings, providers, LeaseStore(db), HistoryStore(db, None, clock), clock=clock)
     yield service, pool, clock
     service.shutdown(grace=1)
     db.close()
+
+
+def test_the_config_chooses_the_kind_by_its_sections(tmp_path: Path, racks):
+    path = tmp_path / "static.ini"
+    path.write_text(CONFIG)
+    settings = load_settings(path)
+    assert [type(host) for host in settings.hosts] == [RackSettings, RackSettings]
+    assert settings.hosts[0].boxes == (
+        ("centos", "a1", "127.0.10.1"),
+        ("centos", "a2", "127.0.10.2"),
+        ("centos", "a3", "127.0.10.3"),
+    )
+    assert settings.os_keys == ["centos", "ubuntu"]
+    path.write_text(
+        CONFIG + "\n[xenhost2]\nhost.name=h\nhost.user=u\nhost.password=p\nhost.storage.name=s\ncentos.template=t\n"
+    )
+    with pytest.raises(ConfigError, match=r"\[rack2\] and \[xenhost2\] share the number 2"):
+        load_settings(path)  # a host's number is its ref in the API, whatever its kind
+    hosts.unregister("rack")
+    path.write_text(CONFIG)
+    assert any("[rack1]: unknown section" in warning for warning in load_settings(path).warnings)
+
+
+def test_an_engine_on_racks_never_loads_xen(tmp_path: Path):
+    """In a fresh interpreter: the config names only racks, so nothing of Xen is imported."""
+    script = f"""
+import sys
+from pathlib import Path
+from dynvm import hosts
+from dynvm.config import load_settings
+from dynvm.engine.service import LeaseService
+from dynvm.model import LeaseRequest
+from dynvm.providers import Providers
+from dynvm.store.db import Database
+from dynvm.store.history import HistoryStore
+from dynvm.store.leases import LeaseStore
+from tests.rack_plugin import RackPlugin
+
+hosts.register(RackPlugin())
+path = Path({str(tmp_path / "racks.ini")!r})
+path.write_text({CONFIG!r})
+settings = load_settings(path)
+db = Database("sqlite:///" + str(path.with_suffix(".db")))
+db.migrate()
+providers = Providers(lambda: settings, lambda: "rack-installation")
+providers.apply(settings)
+engine = LeaseService(lambda: settings, providers, LeaseStore(db), HistoryStore(db, None))
+leases = engine.acquire(LeaseRequest("dave", "centos", 2))
+assert sorted(lease.ip for lease in leases) == ["127.0.10.1", "127.0.10.2"], leases
+assert engine.release("dave", 2).released == ["dave1", "dave2"]
+engine.shutdown(grace=1)
+xen = sorted(name for name in sys.modules if name.startswith("dynvm.xen") or name == "XenAPI")
+assert xen == [], xen
+print("no xen")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "no xen"
 
 
 def test_a_static_pool_has_every_method_of_the_provider_protocol():

@@ -67,6 +67,9 @@ def test_the_stores_refuse_an_illegal_write_before_touching_a_row(db):
     with pytest.raises(IllegalMove):
         leases.finish(["any"], LeaseState.EXPIRED, 0.0, by=Actor.BUILDER)  # only a release expires a lease
     requests = RequestStore(db)
+    with pytest.raises(IllegalMove, match="never written in state ready"):
+        requests.insert(RequestRecord("r0", "u", "centos", 1, RequestState.READY, "me", 1.0))
+    assert requests.get("r0") is None
     requests.insert(RequestRecord("r1", "u", "centos", 1, RequestState.QUEUED, "me", 1.0))
     with pytest.raises(IllegalMove):
         requests.transition("r1", [RequestState.QUEUED], RequestState.READY, by=Actor.BUILDER)

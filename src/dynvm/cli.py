@@ -247,15 +247,10 @@ def check_config_command(
     console = Console()
     settings = load_or_exit(config, console)
     table = Table(title=f"{settings.source}: {len(settings.hosts)} host(s)")
-    for column in ("ref", "section", "xapi URL", "user", "storage", "TLS", "OS keys"):
+    for column in ("ref", "section", "address", "details", "OS keys"):
         table.add_column(column)
     for host in settings.hosts:
-        tls = (
-            "-"
-            if not host.url.startswith("https")
-            else (f"CA {host.tls_ca_file}" if host.tls_ca_file else ("verified" if host.tls_verify else "NOT verified"))
-        )
-        table.add_row(host.ref, host.section, host.url, host.user, host.storage_name, tls, str(len(host.templates)))
+        table.add_row(host.ref, host.section, host.address, host.details, str(len(host.templates)))
     console.print(table)
     console.print(f"OS keys: {', '.join(settings.os_keys) or 'none'}", markup=False)
     common = settings.common

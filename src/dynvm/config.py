@@ -13,17 +13,18 @@ import logging
 import os
 import re
 import threading
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import hosts
+from .hosts import HostSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPIRY_MINUTES = 720.0
 DEFAULT_NETWORK_TIMEOUT_SECS = 400.0
-HOST_SECTION = re.compile(r"^xenhost([1-9][0-9]*)$")
-OS_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+OS_KEY = hosts.OS_KEY
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 KNOWN_COMMON_KEYS = {
@@ -44,15 +45,6 @@ DEFAULT_PROBE_PORT = 22  # sshd
 DEFAULT_WINDOWS_PROBE_PORT = 5985  # WinRM over HTTP
 KNOWN_QUOTA_KEYS = {"max.count.per.request", "vms.per.user", "memory.gib.per.user"}
 KNOWN_COUCHBASE_KEYS = {"couchbase.server", "couchbase.bucket", "couchbase.username", "couchbase.userpassword"}
-KNOWN_HOST_KEYS = {
-    "host.name",
-    "host.user",
-    "host.password",
-    "host.storage.name",
-    "host.network",
-    "host.tls.verify",
-    "host.tls.ca_file",
-}
 
 
 class ConfigError(Exception):
@@ -72,32 +64,6 @@ class Secret:
         return "Secret('********')"
 
     __str__ = __repr__
-
-
-@dataclass(frozen=True)
-class HostSettings:
-    number: int  # the N of [xenhostN]: the host's ref in the API
-    url: str
-    user: str
-    password: Secret
-    storage_name: str
-    templates: Mapping[str, str]  # OS key -> template name (or name prefix)
-    network: str | None = None
-    tls_verify: bool = True
-    tls_ca_file: Path | None = None
-
-    @property
-    def section(self) -> str:
-        return f"xenhost{self.number}"
-
-    @property
-    def ref(self) -> str:
-        return str(self.number)
-
-    @property
-    def display(self) -> str:
-        """How logs and errors name the host: section and URL, never credentials."""
-        return f"{self.section} ({self.url})"
 
 
 @dataclass(frozen=True)
@@ -166,7 +132,7 @@ class ProbeSettings:
 
 
 @dataclass(frozen=True)
-class PoolSettings:
+class ReadyPoolSettings:
     """Ready pools: per OS key, how many VMs to keep booted and ready ahead of demand."""
 
     targets: Mapping[str, int] = field(default_factory=dict)  # <os>.ready (with learned sizing: a floor)
@@ -191,7 +157,7 @@ class Settings:
     auth: AuthSettings = AuthSettings()
     quota: QuotaSettings = QuotaSettings()
     probe: ProbeSettings = ProbeSettings()
-    pools: PoolSettings = PoolSettings()
+    ready_pools: ReadyPoolSettings = ReadyPoolSettings()  # [pools]: VMs kept ready ahead of demand
     hosts: tuple[HostSettings, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -249,11 +215,6 @@ def load_settings(path: Path) -> Settings:
     return _Reader(path, parser).settings()
 
 
-def _without_credentials(url: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://***@host``."""
-    return re.sub(r"(?<=://)[^/@]*@", "***@", url)
-
-
 def _without_values(error: configparser.Error) -> str:
     """What is wrong and on which line, but never the line's text (it may hold a password)."""
     if isinstance(error, configparser.MissingSectionHeaderError):
@@ -270,6 +231,8 @@ def _without_values(error: configparser.Error) -> str:
 
 
 class _Reader:
+    """Reads one file; given to each kind of host to read its sections (``hosts.SectionReader``)."""
+
     def __init__(self, path: Path, parser: configparser.ConfigParser) -> None:
         self.path = path
         self.parser = parser
@@ -284,15 +247,20 @@ class _Reader:
         self.warnings.append(f"{self.path}: {where}: {what}")
 
     def settings(self) -> Settings:
-        hosts = []
+        found: list[HostSettings] = []
         for section in self.parser.sections():
-            match = HOST_SECTION.match(section)
-            if match:
-                hosts.append(self.host(section, int(match.group(1))))
+            owner = hosts.match(section)
+            if owner is not None:
+                found.append(self.host(section, *owner))
             elif section not in ("common", "couchbase", "auth", "quota", "probe", "pools"):
                 self.warn(section, None, "unknown section, ignored")
-        if not hosts:
-            self.warn("xenhost1", None, "no [xenhostN] section: no host can be used until one is added")
+        numbers = [host.number for host in found]
+        for number in sorted({n for n in numbers if numbers.count(n) > 1}):
+            same = " and ".join(f"[{host.section}]" for host in found if host.number == number)
+            raise ConfigError(f"{self.path}: {same} share the number {number}: a host's number is its ref, once")
+        if not found:
+            kinds = ", ".join(f"[{prefix}N]" for prefix in hosts.prefixes())
+            self.warn("xenhost1", None, f"no host section ({kinds}): no host can be used until one is added")
         return Settings(
             source=self.path,
             common=self.common(),
@@ -300,18 +268,18 @@ class _Reader:
             auth=self.auth(),
             quota=self.quota(),
             probe=self.probe(),
-            pools=self.pools(),
-            hosts=tuple(sorted(hosts, key=lambda h: h.number)),
+            ready_pools=self.ready_pools(),
+            hosts=tuple(sorted(found, key=lambda h: h.number)),
             warnings=tuple(self.warnings),
         )
 
-    def _section(self, name: str, known: set[str]) -> Mapping[str, str]:
+    def _section(self, name: str, known: set[str] | frozenset[str], per_os_suffix: str = "") -> Mapping[str, str]:
         if not self.parser.has_section(name):
             return {}
         values = dict(self.parser.items(name))
         for key in values:
             per_os = (
-                (name.startswith("xenhost") and key.endswith(".template"))
+                (bool(per_os_suffix) and key.endswith(per_os_suffix))
                 or (name == "probe" and key.endswith(".port"))
                 or (name == "pools" and key.endswith((".ready", ".max")))
             )
@@ -346,7 +314,7 @@ class _Reader:
             queue_wait_minutes=self.number("common", values, "queue.wait.minutes", 0.0, allow_zero=True),
         )
 
-    def pools(self) -> PoolSettings:
+    def ready_pools(self) -> ReadyPoolSettings:
         values = self._section("pools", KNOWN_POOL_KEYS)
 
         def whole(key: str, default: int, low: int) -> int:
@@ -373,7 +341,7 @@ class _Reader:
         for os in sorted(targets):
             if targets[os] and known and os not in known:
                 self.warn("pools", f"{os}.ready", f"no host has a {os} template: that pool stays empty")
-        return PoolSettings(
+        return ReadyPoolSettings(
             targets={os: n for os, n in targets.items() if n > 0},
             ready_ttl_minutes=self.number("pools", values, "ready.ttl.minutes", DEFAULT_READY_TTL_MINUTES),
             refill_per_host=whole("refill.per.host", 2, 1),
@@ -384,11 +352,13 @@ class _Reader:
 
     def _host_templates(self) -> list[set[str]]:
         """The OS keys each host section names (before the sections are validated)."""
-        return [
-            {key.removesuffix(".template") for key in self.parser.options(section) if key.endswith(".template")}
-            for section in self.parser.sections()
-            if HOST_SECTION.match(section)
-        ]
+        out = []
+        for section in self.parser.sections():
+            owner = hosts.match(section)
+            if owner is not None:
+                suffix = owner[0].os_key_suffix
+                out.append({key.removesuffix(suffix) for key in self.parser.options(section) if key.endswith(suffix)})
+        return out
 
     def probe(self) -> ProbeSettings:
         values = self._section("probe", KNOWN_PROBE_KEYS)
@@ -464,65 +434,10 @@ class _Reader:
             raise self.error("couchbase", missing, "is needed too (fill in both, or neither)")
         return settings
 
-    def host(self, section: str, number: int) -> HostSettings:
-        values = self._section(section, KNOWN_HOST_KEYS)
-
-        def required(key: str) -> str:
-            value = values.get(key, "").strip()
-            if not value:
-                raise self.error(section, key, "is missing or empty")
-            return value
-
-        templates = {}
-        for key, value in values.items():
-            if key.endswith(".template"):
-                os_key = key.removesuffix(".template")
-                if not OS_KEY.match(os_key):
-                    raise self.error(section, key, "an OS key is lower-case letters, digits, '-' or '_'")
-                if not value.strip():
-                    raise self.error(section, key, "names no template")
-                templates[os_key] = value.strip()
-        if not templates:
-            raise self.error(section, None, "has no <os>.template line: which templates does this host have?")
-        password = values.get("host.password", "")
-        if not password:
-            raise self.error(section, "host.password", "is missing or empty")
-        verify = self.boolean(section, values, "host.tls.verify", True)
-        ca_file = None
-        if values.get("host.tls.ca_file", "").strip():
-            ca_file = Path(values["host.tls.ca_file"].strip()).expanduser()
-            if not ca_file.is_absolute():
-                ca_file = self.path.parent / ca_file
-            if not ca_file.is_file():
-                raise self.error(section, "host.tls.ca_file", f"{ca_file} does not exist")
-        return HostSettings(
-            number=number,
-            url=self.host_url(section, required("host.name")),
-            user=required("host.user"),
-            password=Secret(password),
-            storage_name=required("host.storage.name"),
-            templates=templates,
-            network=values.get("host.network", "").strip() or None,
-            tls_verify=verify,
-            tls_ca_file=ca_file,
-        )
-
-    def host_url(self, section: str, name: str) -> str:
-        """A bare address means xapi's default, HTTPS on 443; a URL is taken as given.
-        Errors quote the value without any ``user:password@`` written into it."""
-        if "://" not in name:
-            name = f"https://{name}"
-        parsed = urllib.parse.urlsplit(name)
-        shown = _without_credentials(name)
-        try:
-            parsed.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise self.error(section, "host.name", f"has a bad port: {shown!r}") from None
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise self.error(section, "host.name", f"must be an address or an http(s) URL, not {shown!r}")
-        if parsed.username or parsed.password:
-            raise self.error(section, "host.name", "must not hold credentials: use host.user and host.password")
-        return name.rstrip("/")
+    def host(self, section: str, kind: hosts.HostKind, number: int) -> HostSettings:
+        """A host section, read by its kind (``hosts.py``)."""
+        values = self._section(section, kind.known_keys, kind.os_key_suffix)
+        return kind.parse(self, section, number, values)
 
 
 # -- watching ------------------------------------------------------------------------------

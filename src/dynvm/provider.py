@@ -12,8 +12,10 @@ queue and its forecast, quotas, expiry, and the judgement of what a machine is (
 active lease, left behind by an ended one, or unknown to this database: ``LeakJudge``).
 
 Adding a provider (a static pool of existing machines, libvirt, a cloud) is a new package
-beside ``xen/`` with one class that has the methods below, and a line in
-``runtime.build_services`` choosing it; nothing in the engine or the API changes. A
+beside ``xen/`` with a ``ProviderPlugin`` (below): a kind of host section of its own
+(``hosts.py``) and the ``Provider`` for those hosts, named in ``hosts.BUILTIN`` or
+installed as a ``dynvm.providers`` entry point. The config picks it by its sections;
+nothing in the engine or the API changes (``providers.py`` gives each host to its kind). A
 provider that cannot do something answers in the engine's terms: a static pool has no
 ``need`` for an OS it does not hold, ``create`` hands out an idle machine of that OS
 (marking it taken), ``destroy`` gives it back wiped, ``pending_job`` is always ``None``.
@@ -28,7 +30,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .config import HostSettings, Settings
+from .config import Settings
+from .hosts import HostKind, HostSettings
 from .model import CreatedVm, VmSpec
 
 log = logging.getLogger(__name__)
@@ -349,3 +352,23 @@ class Provider(Protocol):
         ...
 
     def quarantined(self, host: HostSettings, keep_seconds: float) -> list[QuarantinedVm]: ...
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    """What a plugin's provider is made with: the configuration (only its own kind's
+    hosts), the installation id (written into every machine's mark), and the clock it
+    times creates on."""
+
+    settings: Callable[[], Settings]
+    installation: Callable[[], str]
+    monotonic: Callable[[], float]
+    event_timeout: float = 5.0  # how long a remote event watch waits before it looks again
+
+
+class ProviderPlugin(HostKind, Protocol):
+    """A kind of host (its section and settings) and the provider that leases from it."""
+
+    def make_provider(self, context: ProviderContext) -> Provider:
+        """Called once, the first time the configuration names a host of this kind."""
+        ...

@@ -15,21 +15,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .auth import TokenStore
 from .config import ConfigWatcher, Settings, load_settings
 from .engine.claim import CLAIM_INTERVAL, Contested
 from .engine.service import LeaseService
 from .metrics import Metrics
-from .provider import Provider
+from .providers import Providers
 from .store.db import Database, default_db_url, describe_url
 from .store.history import CouchbaseSink, HistorySink, HistoryStore
 from .store.installation import InstallationStore
 from .store.leadership import Leadership
 from .store.leases import LeaseStore
-from .xen.inventory import Inventory
-from .xen.provider import XenProvider
+
+if TYPE_CHECKING:
+    from .xen.inventory import Inventory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,8 +82,7 @@ class Services:
     config_path: Path
     settings: Settings
     db: Database
-    provider: Provider
-    inventory: Inventory  # the Xen provider's mirror (doctor and tests read it)
+    provider: Providers  # a provider per kind of host the config names (providers.py)
     engine: LeaseService  # the lease engine (engine/service.py)
     history: HistoryStore
     watcher: ConfigWatcher
@@ -96,6 +96,17 @@ class Services:
     on_started: Callable[[], None] | None = None  # called once start() is done (dynvm replay --live's clock)
     _loops: list[Background] = field(default_factory=list)
     _stopped: bool = False
+
+    @property
+    def inventory(self) -> Inventory:
+        """The Xen provider's mirror of its hosts, when the config names Xen hosts (tests
+        and ``dynvm doctor`` read it)."""
+        from .xen.provider import XenProvider  # only when asked: a config may name no Xen host
+
+        xen = self.provider.part("xenhost")
+        if not isinstance(xen, XenProvider):
+            raise LookupError("the configuration names no [xenhostN] host")
+        return xen.inventory
 
     def current_settings(self) -> Settings:
         return self.watcher.current
@@ -212,11 +223,14 @@ def build_services(
         except Exception as e:  # history stays in the database and is exported once it works
             log.error("Couchbase history sink unavailable: %s", e)
     history = HistoryStore(db, sink, clock)
-    inventory = Inventory(event_timeout=event_timeout)
     holder: dict[str, ConfigWatcher] = {}
     lease_store = LeaseStore(db)
     installation = functools.cache(InstallationStore(db).installation_id)
-    provider = XenProvider(inventory, lambda: holder["watcher"].current, installation, monotonic)
+
+    def current() -> Settings:  # the watcher's, once made: a reload reaches the providers too
+        return holder["watcher"].current if "watcher" in holder else settings
+
+    provider = Providers(current, installation, monotonic, event_timeout)
     engine = LeaseService(lambda: holder["watcher"].current, provider, lease_store, history, clock=clock, owner=replica)
     watcher = ConfigWatcher(config_path, settings, provider.apply)
     holder["watcher"] = watcher
@@ -228,7 +242,6 @@ def build_services(
         settings=settings,
         db=db,
         provider=provider,
-        inventory=inventory,
         engine=engine,
         history=history,
         watcher=watcher,

@@ -127,6 +127,12 @@ class StateTable(Generic[S]):
                 raise IllegalMove(f"{by} may not move a {self.name} from {source or 'nothing'} to {target}")
         return [s for s in sources if s is not None]
 
+    def check_born(self, state: S) -> None:
+        """A row may be written in ``state`` (some move starts there from nothing); else
+        ``IllegalMove``. Called by the stores before each insert."""
+        if not any(m.source is None and m.target == state for m in self.moves):
+            raise IllegalMove(f"a {self.name} is never written in state {state}")
+
     def sources(self, target: S, by: Actor) -> list[S]:
         """Every state from which ``by`` may move a row to ``target`` (never empty: else
         ``IllegalMove``)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dynvm.config import HostSettings, Secret
 from dynvm.engine.placement import Candidate, place
+from dynvm.hosts import HostSettings
 from dynvm.model import NotEnoughCapacity
 from dynvm.provider import HostRoom, MemberRoom, Need
 
@@ -13,7 +13,7 @@ GiB = 1024**3
 
 
 def host(ref: str = "1", **templates: str) -> HostSettings:
-    return HostSettings(int(ref), f"http://h{ref}", "root", Secret("x"), "SR", templates or {"centos": "tmpl-cnt7"})
+    return HostSettings(number=int(ref), templates=templates or {"centos": "tmpl-cnt7"})
 
 
 def lone(ref: str, cpus: float, memory: int, disk: int = 0) -> HostRoom:

@@ -10,7 +10,8 @@ import pytest
 
 from dynvm.model import Lease
 from dynvm.store.db import Database
-from dynvm.store.history import HistoryStore, created_document, deleted_document, origin_of
+from dynvm.store.history import HistoryStore, created_document, deleted_document
+from dynvm.xen.settings import origin_of
 
 from ..conftest import FakeClock
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from dynvm.config import HostSettings, Secret
+from dynvm.config import Secret
 from dynvm.provider import Need
 from dynvm.xen.inventory import HostState, HostView, MemberView, TemplateView, VmView
 from dynvm.xen.memory import memory_overhead
 from dynvm.xen.room import find_template, need_on, room_on
+from dynvm.xen.settings import XenHostSettings
 
 GiB = 1024**3
 MiB = 1024**2
 
 
-def host(ref: str = "1", **templates: str) -> HostSettings:
-    return HostSettings(int(ref), f"http://h{ref}", "root", Secret("x"), "SR", templates or {"centos": "tmpl-cnt7"})
+def host(ref: str = "1", **templates: str) -> XenHostSettings:
+    return XenHostSettings(
+        number=int(ref),
+        templates=templates or {"centos": "tmpl-cnt7"},
+        url=f"http://h{ref}",
+        user="root",
+        password=Secret("x"),
+        storage_name="SR",
+    )
 
 
 def vm(name: str, cpus: int, memory: int, lease: str | None = None, on: str = "OpaqueRef:NULL") -> VmView:

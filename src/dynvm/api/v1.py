@@ -186,7 +186,7 @@ async def hosts(services: ServicesDep, _: CallerDep) -> list[HostOut]:
         HostOut(
             ref=report.host.ref,
             name=report.status.name,
-            url=report.host.url,
+            url=report.host.address,
             state=report.status.state,
             error=report.status.error,
             cpus=report.status.cpus,

@@ -80,7 +80,7 @@ def _overview(services: Services, caller: Caller) -> dict[str, Any]:
             {
                 "ref": ref,
                 "name": status.name,
-                "url": report.host.url,
+                "url": report.host.address,
                 "state": status.state,
                 "up": status.up,
                 "error": status.error,

@@ -280,7 +280,7 @@ class Admission:
                 os=os,
                 owner=self.ctx.owner,
                 now=self.ctx.clock(),
-                lifetime_seconds=settings.pools.ready_ttl_minutes * 60,
+                lifetime_seconds=settings.ready_pools.ready_ttl_minutes * 60,
                 pooled=True,
             )
             self.ctx.leases.insert(conn, [lease], [choice.need.memory])

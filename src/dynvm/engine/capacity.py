@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection
 
-from ..config import HostSettings, Settings
+from ..config import Settings
+from ..hosts import HostSettings
 from ..model import LeaseRequest, UnknownOs
 from ..provider import HostStatus, Machine, Provider
 from ..store.leases import LeaseStore

@@ -17,7 +17,6 @@ from ..config import Settings
 from ..model import CreatedVm, FailureKind, Lease, ProvisionError, VmSpec
 from ..provider import Cancel
 from ..states import Actor, LeaseState
-from ..store.history import origin_of
 from .admission import Admission
 from .context import EngineContext
 from .ready_stock import pool_name
@@ -112,7 +111,7 @@ class Creator:
             self.ctx.provider.hand_out(host, lease.vm_ref, spec)
             if lease.pooled_at is not None:  # a ready-pool VM enters the history once a request takes it
                 self._stage(lease, "ready", ip=lease.ip)
-                self.ctx.history.record_created(lease, origin_of(host.url), handed_out_at=self.ctx.clock())
+                self.ctx.history.record_created(lease, host.origin, handed_out_at=self.ctx.clock())
         except Exception as e:
             log.error("%s: not handed out: %s", lease.name, e)
             self._stage(lease, "failed", error=str(e))
@@ -245,6 +244,6 @@ class Creator:
             raise ProvisionError(f"{lease.name}: the lease ended while its VM was being made", host.ref)
         self._stage(lease, "ready", ip=ready.ip)
         if not ready.pooled:  # a ready-pool VM enters the history once a request takes it
-            self.ctx.history.record_created(ready, origin_of(host.url))
+            self.ctx.history.record_created(ready, host.origin)
         self.ctx.report("created", ready)
         return ready

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import HostSettings
+from ..hosts import HostSettings
 from ..model import Lease, NotEnoughCapacity
 from ..provider import HostRoom, Need
 from ..states import LeaseState

@@ -52,14 +52,14 @@ class Queue:
         ctx: EngineContext,
         admission: Admission,
         builder: Builder,
-        pools: ReadyPools,
+        ready_pools: ReadyPools,
         policy: QueuePolicy,
         tracker: DurableTracker,
     ) -> None:
         self.ctx = ctx
         self.admission = admission
         self.builder = builder
-        self.pools = pools
+        self.ready_pools = ready_pools
         self.policy = policy
         self.tracker = tracker
 
@@ -123,16 +123,16 @@ class Queue:
         """Reserve a request that does not wait. When it does not fit, idle ready-pool VMs
         make way (``ReadyPools.make_room``) and it is tried again once their room shows
         (the hosts report a destroyed VM's room a moment later); else the shortage stands."""
-        self.pools.observe(request.os, request.count)
+        self.ready_pools.observe(request.os, request.count)
         try:
             return self._reserve(settings, request, request_id, immediate=True)
         except NotEnoughCapacity as shortage:
             queued = self.ctx.requests.in_state(RequestState.QUEUED)
             waits = any(r.os == request.os for r in queued)  # then it takes none
-            takes = self.pools.stock.eligible(request.cpus, request.memory) and not waits
-            warm = len(self.pools.stock.idle(settings, request.os, request.host_ref)) if takes else 0
+            takes = self.ready_pools.stock.eligible(request.cpus, request.memory) and not waits
+            warm = len(self.ready_pools.stock.idle(settings, request.os, request.host_ref)) if takes else 0
             cold = request.count - min(warm, request.count)
-            if not self.pools.make_room(settings, request, cold):
+            if not self.ready_pools.make_room(settings, request, cold):
                 raise shortage from None
         for attempt in Retrying(
             retry=retry_if_exception_type(NotEnoughCapacity),
@@ -189,7 +189,7 @@ class Queue:
             raise NotEnoughCapacity(never_fits(record) + "; ask for fewer")
         self.admission.refuse_names_taken(request)
         ctx.requests.insert(record)
-        self.pools.observe(request.os, request.count)
+        self.ready_pools.observe(request.os, request.count)
         ctx.room_freed.set()  # the scheduler looks at the queue now
         return record
 

@@ -108,8 +108,8 @@ class ReadyPools:
     def targets(self, settings: Settings) -> dict[str, int]:
         """How many ready VMs each OS's pool keeps now: the ``<os>.ready`` lines, or with
         ``sizing=learned`` the policy's targets (``engine/sizing.py``), those lines a floor."""
-        fixed = dict(settings.pools.targets)
-        if settings.pools.sizing != "learned":
+        fixed = dict(settings.ready_pools.targets)
+        if settings.ready_pools.sizing != "learned":
             return fixed
         learned = {os: f.target for os, f in self.forecasts(settings).items()}
         return {os: max(learned.get(os, 0), fixed.get(os, 0)) for os in set(learned) | set(fixed)}
@@ -129,8 +129,8 @@ class ReadyPools:
         """The demand model: the last four weeks of history (and ``learn``'s), read again
         every ``reload_seconds``; in between, the requests this process sees."""
         stale = self._reload_seconds is not None and now - self._loaded_at >= self._reload_seconds
-        if self._sizing is None or stale or self._sizing.margin != settings.pools.margin:
-            sizing = LearnedSizing(margin=settings.pools.margin, interval=self.resize_seconds)
+        if self._sizing is None or stale or self._sizing.margin != settings.ready_pools.margin:
+            sizing = LearnedSizing(margin=settings.ready_pools.margin, interval=self.resize_seconds)
             documents = [d for d in self.ctx.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS]
             demands = sorted([*requests_in_history(documents, now), *self._learned], key=lambda d: d.arrival_s)
             for demand in demands:
@@ -141,9 +141,9 @@ class ReadyPools:
     def targets_due(self, settings: Settings) -> bool:
         """Whether the next pass would compute the learned targets again (never with fixed
         targets): until then, a pass after which nothing happened would do nothing."""
-        if settings.pools.sizing != "learned":
+        if settings.ready_pools.sizing != "learned":
             return False
-        if self._sized_at is None or self._sized_at[1] != settings.pools.margin:
+        if self._sized_at is None or self._sized_at[1] != settings.ready_pools.margin:
             return True
         return self._clock() - self._sized_at[0] >= self.resize_seconds
 
@@ -151,7 +151,7 @@ class ReadyPools:
         """The learned targets and what made them, computed at most every ``RESIZE_SECONDS``
         (sooner when the margin changed)."""
         now = self._clock()
-        margin = settings.pools.margin
+        margin = settings.ready_pools.margin
         fresh = self._sized_at is not None and now - self._sized_at[0] < self.resize_seconds
         if fresh and self._sized_at is not None and self._sized_at[1] == margin:
             return self._forecasts
@@ -159,7 +159,7 @@ class ReadyPools:
         timing = self.policy.timing()
         oses = settings.os_keys
         room = self._room_by_os(settings, oses)
-        maxima = {os: settings.pools.maximum(os) for os in oses}
+        maxima = {os: settings.ready_pools.maximum(os) for os in oses}
         create = {os: timing.create_seconds(os) for os in oses}
         self._forecasts = sizing.targets(now, create, room, maxima, oses)
         self._sized_at = (now, margin)
@@ -186,7 +186,7 @@ class ReadyPools:
         pooled = self.ctx.leases.pooled()
         counts = self.ctx.leases.pool_counts(self._clock() - COUNTS_WINDOW)
         targets = self.targets(settings)
-        learned = settings.pools.sizing == "learned"
+        learned = settings.ready_pools.sizing == "learned"
         forecasts = self.forecasts(settings) if learned else {}
         out = []
         for os in sorted(
@@ -202,7 +202,7 @@ class ReadyPools:
                     refilling=sum(1 for lease in mine if lease.state == LeaseState.CREATING),
                     handed_out=handed,
                     recycled=recycled,
-                    sizing=settings.pools.sizing,
+                    sizing=settings.ready_pools.sizing,
                     forecast=forecasts.get(os),
                 )
             )
@@ -284,7 +284,7 @@ class ReadyPools:
                 running[lease.host_ref] = self.stock.running_on(settings, lease.host_ref)
             up = (lease.ip or "") in running[lease.host_ref].get(lease.vm_uuid or "", ())
             if lease.expires_at <= now:
-                going[lease.id] = (lease, f"recycled: ready for {settings.pools.ready_ttl_minutes:g} min unused")
+                going[lease.id] = (lease, f"recycled: ready for {settings.ready_pools.ready_ttl_minutes:g} min unused")
             elif settings.host(lease.host_ref) is None:
                 going[lease.id] = (lease, "recycled: its host left the configuration")
             elif not up and self._settled(lease, now):
@@ -350,7 +350,7 @@ class ReadyPools:
         blocked = {
             host.ref
             for host in settings.hosts
-            if busy[host.ref] >= settings.pools.refill_per_host or self._backoff.waiting(host.ref) > 0
+            if busy[host.ref] >= settings.ready_pools.refill_per_host or self._backoff.waiting(host.ref) > 0
         }
         return self.admission.reserve_pool_vm(settings, os, blocked)
 
@@ -367,6 +367,6 @@ class ReadyPools:
             return
         self._backoff.succeeded(lease.host_ref)
         now = self._clock()
-        if ctx.leases.mark_pooled(ready.id, now, now + settings.pools.ready_ttl_minutes * 60) is None:
+        if ctx.leases.mark_pooled(ready.id, now, now + settings.ready_pools.ready_ttl_minutes * 60) is None:
             log.info("ready pools: %s ended while it was made", lease.name)
         ctx.room_freed.set()  # a queued request may take it

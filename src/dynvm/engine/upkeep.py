@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ..config import HostSettings, Settings
+from ..config import Settings
+from ..hosts import HostSettings
 from ..model import HeldElsewhere, Lease
 from ..provider import QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
 from ..states import ACTIVE_LEASE_STATES, Actor, LeaseState, RequestState

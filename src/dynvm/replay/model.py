@@ -17,8 +17,9 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from ..config import HostSettings, Settings, windows_os
+from ..config import Settings, windows_os
 from ..engine.ready_stock import POOL_USER
+from ..hosts import HostSettings
 from ..model import CreatedVm, HeldElsewhere, NotDynvmVm, VmSpec
 from ..provider import (
     Cancel,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -30,11 +29,6 @@ log = logging.getLogger(__name__)
 POOL_ID = "dynamicpool"
 INDEXED = ("username", "os", "state", "created_time", "create_duration_secs", "live_duration_secs")
 DOCUMENT_VERSION = 1
-
-
-def origin_of(url: str) -> str:
-    """The host a VM came from, as the history names it: address[:port] of its xapi."""
-    return urllib.parse.urlsplit(url).netloc
 
 
 def created_document(lease: Lease, origin: str) -> dict[str, Any]:

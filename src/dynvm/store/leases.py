@@ -196,6 +196,8 @@ class LeaseStore:
         by an active lease raises ``NameInUse`` (the partial unique index decides).
         ``reserve_memory``: what each reservation holds of the host's memory (the VM's
         memory plus xapi's overhead for it); by default the lease's memory."""
+        for lease in new:
+            LEASES.check_born(lease.state)
         reserve = list(reserve_memory) if reserve_memory is not None else [lease.memory for lease in new]
         try:
             conn.execute(insert(leases), [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new])

@@ -154,6 +154,7 @@ class RequestStore:
     # -- writing -----------------------------------------------------------------------
 
     def insert(self, record: RequestRecord) -> None:
+        REQUESTS.check_born(record.state)
         values = {k: getattr(record, k) for k in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
         with self.db.write() as conn:
             conn.execute(requests.insert().values(**values))

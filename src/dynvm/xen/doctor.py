@@ -11,9 +11,9 @@ from typing import Any
 
 import XenAPI
 
-from ..config import HostSettings
 from ..model import XenError
 from .session import open_session
+from .settings import XenHostSettings
 from .templates import candidate_of, choose
 
 
@@ -26,7 +26,7 @@ class Check:
 
 @dataclass
 class HostReport:
-    host: HostSettings
+    host: XenHostSettings
     checks: list[Check] = field(default_factory=list)
     pool_uuid: str = ""  # the pool it reached (several sections may name one pool)
     pool_name: str = ""  # its name_label, else its master's
@@ -39,7 +39,7 @@ class HostReport:
         self.checks.append(Check(what, ok, detail))
 
 
-def _pool(xapi: Any, host: HostSettings, report: HostReport) -> None:
+def _pool(xapi: Any, host: XenHostSettings, report: HostReport) -> None:
     """Say which hosts the pool has and which is its master (host.name may name any)."""
     records = xapi.host.get_all_records()
     [pool] = xapi.pool.get_all_records().values()
@@ -66,7 +66,7 @@ def same_pools(reports: list[HostReport]) -> dict[str, list[HostReport]]:
     return out
 
 
-def examine(host: HostSettings, timeout: float = 10.0) -> HostReport:
+def examine(host: XenHostSettings, timeout: float = 10.0) -> HostReport:
     report = HostReport(host)
     try:
         session, _ = open_session(host, timeout)

@@ -22,17 +22,18 @@ import logging
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import XenAPI
 
 from ..backoff import WATCHER, BackoffPolicy
-from ..config import HostSettings, Settings
+from ..config import Settings
 from ..model import HostAuthFailed, HostUnreachable
 from .marker import MARKER_KEY, lease_of_clone_name
 from .session import CONNECTION_ERRORS, SessionPool, describe, open_session
+from .settings import XenHostSettings
 from .templates import is_builtin
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,18 @@ def is_real_ip(address: str | None) -> bool:
     return bool(address) and not str(address).startswith("169.254.")
 
 
+def guest_addresses(networks: Mapping[str, str]) -> list[str]:
+    """Every address a guest's ``VM_guest_metrics.networks`` reports, interface order
+    ("0/ip" first), without duplicates: the one reading of that map, for the mirror and
+    for a create waiting for its guest."""
+    ordered = sorted(networks.items(), key=lambda kv: (kv[0] != "0/ip", kv[0]))
+    seen: list[str] = []
+    for key, value in ordered:
+        if (key.endswith("/ip") or "/ipv4/" in key) and value and value not in seen:
+            seen.append(value)
+    return seen
+
+
 @dataclass(frozen=True)
 class VmView:
     ref: str
@@ -122,12 +135,7 @@ class VmView:
     @property
     def addresses(self) -> list[str]:
         """Every address the guest reports, interface order ("0/ip" first)."""
-        ordered = sorted(self.networks.items(), key=lambda kv: (kv[0] != "0/ip", kv[0]))
-        seen: list[str] = []
-        for key, value in ordered:
-            if (key.endswith("/ip") or "/ipv4/" in key) and value and value not in seen:
-                seen.append(value)
-        return seen
+        return guest_addresses(self.networks)
 
     @property
     def networkinfo(self) -> str:
@@ -249,7 +257,7 @@ def provision_disk_bytes(other_config: dict[str, str]) -> int:
 class HostMirror:
     """The records of one host. Written only by its watcher; read by anyone."""
 
-    def __init__(self, settings: HostSettings) -> None:
+    def __init__(self, settings: XenHostSettings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, dict[str, Any]]] = {cls: {} for cls in KEPT_FIELDS}
@@ -638,7 +646,7 @@ class Inventory:
         """Start watchers for new hosts, stop them for removed ones, restart changed ones.
 
         Called at start-up and by the config watcher on every reload."""
-        wanted = {h.ref: h for h in settings.hosts}
+        wanted = {h.ref: h for h in settings.hosts if isinstance(h, XenHostSettings)}
         stale = []
         with self._lock:
             for ref, (mirror, watcher, pool) in list(self._hosts.items()):

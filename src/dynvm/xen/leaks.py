@@ -19,12 +19,12 @@ import dataclasses
 import logging
 import time
 
-from ..config import HostSettings
 from ..model import DestroyFailed
 from ..provider import LeakJudge, QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
 from .inventory import DiskView, HostView, VmView
 from .marker import Ownership, holder_of, lease_of, lease_of_clone_name, marker, ownership, quarantined_at
 from .provision import Provisioner
+from .settings import XenHostSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class LeakCollector:
 
     def __init__(
         self,
-        host: HostSettings,
+        host: XenHostSettings,
         view: HostView,
         provisioner: Provisioner,
         installation: str,

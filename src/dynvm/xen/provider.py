@@ -9,7 +9,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from ..config import HostSettings, Settings
+from ..config import Settings
+from ..hosts import HostSettings
 from ..model import CreatedVm, ProvisionError, VmSpec
 from ..provider import (
     Cancel,
@@ -29,6 +30,7 @@ from .inventory import HostState, HostView, Inventory
 from .marker import MARKER_KEY, claim_key
 from .provision import Provisioner
 from .room import find_template, need_on, room_on, template_choice
+from .settings import XenHostSettings
 
 CLONE_TASK = "task/"  # a lease's machine ref while its clone runs: "task/<xapi task ref>"
 
@@ -106,13 +108,13 @@ class XenProvider:
 
     def need(self, host: HostSettings, os: str, cpus: int | None, memory: int | None) -> Need | None:
         view = self.inventory.view(host.ref)
-        return None if view is None else need_on(host, view, os, cpus, memory)
+        return None if view is None else need_on(xen(host), view, os, cpus, memory)
 
     def room(
         self, host: HostSettings, overcommit: float, reserved: Iterable[Mapping[str, object]], empty: bool = False
     ) -> HostRoom | None:
         view = self._up(host)
-        return None if view is None else room_on(host, view, overcommit, reserved, empty=empty)
+        return None if view is None else room_on(xen(host), view, overcommit, reserved, empty=empty)
 
     def shortage(self, host: HostSettings, os: str) -> str | None:
         name = host.templates.get(os)
@@ -148,7 +150,7 @@ class XenProvider:
             raise ProvisionError(f"host {host.ref} is not in the inventory")
         common = self._settings().common
         return Provisioner(
-            host,
+            xen(host),
             pool,
             common.network_timeout_secs,
             self._installation(),
@@ -261,8 +263,15 @@ class XenProvider:
         if view is None:
             return
         keep = self._settings().common.quarantine_hours * 3600
-        leaks.LeakCollector(host, view, self._provisioner(host), self._installation(), judge, report, keep).run()
+        leaks.LeakCollector(xen(host), view, self._provisioner(host), self._installation(), judge, report, keep).run()
 
     def quarantined(self, host: HostSettings, keep_seconds: float) -> list[QuarantinedVm]:
         view = self.inventory.view(host.ref)
         return [] if view is None else leaks.quarantined(view, self._installation(), keep_seconds)
+
+
+def xen(host: HostSettings) -> XenHostSettings:
+    """A configured host, as the Xen one it is (the engine gives this provider only its own)."""
+    if not isinstance(host, XenHostSettings):
+        raise ProvisionError(f"{host.display} is not a Xen host", host.ref)
+    return host

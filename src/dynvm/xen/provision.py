@@ -30,7 +30,7 @@ import XenAPI
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from .. import probe
-from ..config import HostSettings, windows_os
+from ..config import windows_os
 from ..model import (
     CreatedVm,
     DestroyFailed,
@@ -42,7 +42,7 @@ from ..model import (
     VmSpec,
 )
 from ..provider import DestroyResult
-from .inventory import is_real_ip
+from .inventory import guest_addresses, is_real_ip
 from .marker import (
     HOLDER_KEY,
     INSTALLATION_KEY,
@@ -57,6 +57,7 @@ from .marker import (
     ownership,
 )
 from .session import CONNECTION_ERRORS, SessionPool
+from .settings import XenHostSettings
 from .templates import candidate_of, choose
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class NoService(NoAddress):
     attempt, maybe on another host, gets a fresh guest (the APIPA retry path)."""
 
 
-class _VmLog(logging.LoggerAdapter):
+class _VmLog(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.extra['vm']}] {msg}", kwargs  # type: ignore[index]  # LoggerAdapter.extra is a Mapping | None; this adapter is always made with one
 
@@ -141,7 +142,7 @@ class Provisioner:
 
     def __init__(
         self,
-        host: HostSettings,
+        host: XenHostSettings,
         pool: SessionPool,
         network_timeout: float,
         installation: str,
@@ -449,7 +450,7 @@ class Provisioner:
                 except XenAPI.Failure:
                     metrics = {"networks": {}, "os_version": {}}
                 os_ready = windows_os(spec.os) or bool(metrics["os_version"].get("name"))
-                addresses = [v for k, v in sorted(metrics["networks"].items()) if k.endswith("/ip") or "/ipv4/" in k]
+                addresses = guest_addresses(metrics["networks"])
                 real = next((a for a in addresses if is_real_ip(a)), None)
                 if real and os_ready:
                     return real, metrics["os_version"]

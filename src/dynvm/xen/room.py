@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from ..config import HostSettings
 from ..provider import HostRoom, MemberRoom, Need
 from . import templates
 from .inventory import HostState, HostView, MemberView, TemplateView
 from .marker import MARKER_KEY
 from .memory import memory_overhead
+from .settings import XenHostSettings
 
 
 def template_choice(view: HostView, name: str) -> templates.Choice:
@@ -42,7 +42,7 @@ def find_template(view: HostView, name: str) -> TemplateView | None:
     return next((t for t in view.templates if choice.template and t.ref == choice.template.ref), None)
 
 
-def need_on(host: HostSettings, view: HostView, os: str, cpus: int | None, memory: int | None) -> Need | None:
+def need_on(host: XenHostSettings, view: HostView, os: str, cpus: int | None, memory: int | None) -> Need | None:
     """What one VM of ``os`` takes on this host. Its memory counts what xapi admits it on:
     ``memory_static_max`` plus the overhead (the template's own, or recomputed for asked
     vCPUs or memory as xapi would)."""
@@ -62,7 +62,7 @@ def need_on(host: HostSettings, view: HostView, os: str, cpus: int | None, memor
 
 
 def room_on(
-    host: HostSettings,
+    host: XenHostSettings,
     view: HostView,
     overcommit: float,
     reserved: Iterable[Mapping[str, object]],

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import XenAPI
 
 from ..backoff import SESSION, Backoff
-from ..config import HostSettings
 from ..model import HostAuthFailed, HostUnreachable, XenError
+from .settings import XenHostSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class XapiSession(XenAPI.Session):
         return super().xenapi_request(methodname, tuple(to_wire(p) for p in params))
 
 
-def tls_context(host: HostSettings) -> ssl.SSLContext:
+def tls_context(host: XenHostSettings) -> ssl.SSLContext:
     if host.tls_ca_file is not None:
         return ssl.create_default_context(cafile=str(host.tls_ca_file))
     if not host.tls_verify:
@@ -131,7 +131,7 @@ MAX_MASTER_HOPS = 2  # a member names its master; a master that moved may name a
 
 
 def open_session(
-    host: HostSettings, timeout: float, members: Sequence[str] = (), pool_uuid: str = ""
+    host: XenHostSettings, timeout: float, members: Sequence[str] = (), pool_uuid: str = ""
 ) -> tuple[XapiSession, _Timeouts]:
     """Log in to one host: a new session (and HTTP connection) of its own.
 
@@ -175,7 +175,7 @@ def _pool_of(session: XapiSession) -> str:
     return str(next(iter(pools.values()), {}).get("uuid", ""))
 
 
-def _login_following_master(host: HostSettings, url: str, timeout: float) -> tuple[XapiSession, _Timeouts]:
+def _login_following_master(host: XenHostSettings, url: str, timeout: float) -> tuple[XapiSession, _Timeouts]:
     for _ in range(MAX_MASTER_HOPS + 1):
         try:
             return _login(host, url, timeout)
@@ -187,7 +187,7 @@ def _login_following_master(host: HostSettings, url: str, timeout: float) -> tup
     raise HostUnreachable(f"{host.display}: each pool member named another as master; last {url}", host.ref)
 
 
-def _login(host: HostSettings, url: str, timeout: float) -> tuple[XapiSession, _Timeouts]:
+def _login(host: XenHostSettings, url: str, timeout: float) -> tuple[XapiSession, _Timeouts]:
     if url.startswith("https"):
         transport: _Timeouts = TimeoutSafeTransport(timeout, tls_context(host))
     else:
@@ -226,7 +226,7 @@ class SessionPool:
 
     def __init__(
         self,
-        host: HostSettings,
+        host: XenHostSettings,
         timeout: float = 30.0,
         max_idle: int = 8,
         clock: Callable[[], float] = time.monotonic,
