@@ -19,7 +19,7 @@ class BackoffPolicy:
         """The wait after ``failures`` failures in a row (0 for none)."""
         if failures <= 0:
             return 0.0
-        return min(self.limit, self.first * 2 ** (failures - 1))
+        return min(self.limit, self.first * 2.0 ** (failures - 1))
 
 
 REFILL = BackoffPolicy(first=5.0, limit=300.0)  # a host whose ready-pool refill failed

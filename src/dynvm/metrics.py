@@ -14,8 +14,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .engine.context import LeaseEvents
-from .engine.upkeep import ReconcileReport
 from .model import Lease
+from .provider import ReconcileReport
 from .states import RequestState
 from .store.requests import RequestRecord
 

@@ -56,7 +56,7 @@ class Control:
 
     # -- the methods (each gets the node and an "after the reply" list first) -----------
 
-    def _status(self, node: HostNode, after: list) -> dict[str, object]:
+    def _status(self, node: HostNode, after: list[object]) -> dict[str, object]:
         host = node.host
         with host.store.lock:
             running = sum(
@@ -99,7 +99,7 @@ class Control:
             "resident_vms": resident,
         }
 
-    def _host_down(self, node: HostNode, after: list, mode: str) -> str:
+    def _host_down(self, node: HostNode, after: list[object], mode: str) -> str:
         """The whole pool (a lone host) stops answering, every member's address at once."""
         if mode not in ("hang", "refuse"):
             raise ValueError(f"mode must be 'hang' or 'refuse', not {mode!r}")
@@ -113,7 +113,7 @@ class Control:
                 after.append(lambda endpoint=endpoint: endpoint.go_down(mode))
         return ""
 
-    def _host_up(self, node: HostNode, after: list) -> str:
+    def _host_up(self, node: HostNode, after: list[object]) -> str:
         for index, endpoint in enumerate(node.endpoints):
             if index not in node.host.members_down:
                 endpoint.restore()
@@ -128,7 +128,7 @@ class Control:
             raise ValueError(f"member position {index} is not in this pool of {len(node.endpoints)}")
         return index
 
-    def _member_down(self, node: HostNode, after: list, position: int, mode: str) -> str:
+    def _member_down(self, node: HostNode, after: list[object], position: int, mode: str) -> str:
         """One member stops answering while the others go on: ``hang`` (a hung toolstack or
         a cut network: its guests run on, unreported) or ``refuse`` (switched off: its
         guests stop, and are Halted when it is back). A member that is not the master is
@@ -163,7 +163,7 @@ class Control:
                 lost()
         return ""
 
-    def _member_up(self, node: HostNode, after: list, position: int) -> str:
+    def _member_up(self, node: HostNode, after: list[object], position: int) -> str:
         """The member answers again and the master hears it: live, its VMs as they were."""
         index = self._position(node, position)
         host = node.host
@@ -179,45 +179,45 @@ class Control:
             maintenance.restart_after_crash(host, index)
         return ""
 
-    def _member_slow(self, node: HostNode, after: list, position: int, seconds: float) -> str:
+    def _member_slow(self, node: HostNode, after: list[object], position: int, seconds: float) -> str:
         """Every call that comes to this member's address takes ``seconds`` longer (scaled)."""
         index = self._position(node, position)
         node.host.member_slow[index] = max(0.0, float(seconds))
         return ""
 
-    def _apipa_next(self, node: HostNode, after: list, count: int) -> str:
+    def _apipa_next(self, node: HostNode, after: list[object], count: int) -> str:
         node.host.faults.apipa_next = int(count)
         return ""
 
-    def _set_apipa_rate(self, node: HostNode, after: list, rate: float) -> str:
+    def _set_apipa_rate(self, node: HostNode, after: list[object], rate: float) -> str:
         rate = float(rate)
         if not 0.0 <= rate <= 1.0:
             raise ValueError("the APIPA rate is a fraction between 0 and 1")
         node.host.faults.apipa_rate = rate
         return ""
 
-    def _dhcp_exhausted(self, node: HostNode, after: list, flag: bool) -> str:
+    def _dhcp_exhausted(self, node: HostNode, after: list[object], flag: bool) -> str:
         node.host.faults.dhcp_exhausted = bool(flag)
         return ""
 
-    def _service_never(self, node: HostNode, after: list, flag: bool) -> str:
+    def _service_never(self, node: HostNode, after: list[object], flag: bool) -> str:
         node.host.faults.service_never = bool(flag)
         return ""
 
-    def _service_never_next(self, node: HostNode, after: list, count: int) -> str:
+    def _service_never_next(self, node: HostNode, after: list[object], count: int) -> str:
         node.host.faults.service_never_next = int(count)
         return ""
 
-    def _fail_next(self, node: HostNode, after: list, operation: str, code: str, count: int = 1) -> str:
+    def _fail_next(self, node: HostNode, after: list[object], operation: str, code: str, count: int = 1) -> str:
         if operation not in FAILABLE_OPERATIONS:
             raise ValueError(f"operation must be one of {', '.join(FAILABLE_OPERATIONS)}")
         node.host.faults.fail_next[operation] = (str(code), int(count))
         return ""
 
-    def _invalidate_sessions(self, node: HostNode, after: list) -> int:
+    def _invalidate_sessions(self, node: HostNode, after: list[object]) -> int:
         return node.api.invalidate_sessions()
 
-    def _set_sr_free(self, node: HostNode, after: list, free: str) -> str:
+    def _set_sr_free(self, node: HostNode, after: list[object], free: str) -> str:
         host = node.host
         with host.store.lock:
             host.faults.sr_reserved = 0
@@ -228,7 +228,7 @@ class Control:
                 host.refresh_sr_usage(host.refs.sr)
             return str(host.sr_free(host.refs.sr))
 
-    def _set_timing(self, node: HostNode, after: list, changes: dict) -> dict[str, object]:
+    def _set_timing(self, node: HostNode, after: list[object], changes: dict[str, float]) -> dict[str, object]:
         timing = node.host.timing
         names = {f.name for f in dataclasses.fields(timing)}
         for key, value in changes.items():
@@ -238,11 +238,11 @@ class Control:
         return dataclasses.asdict(timing)
 
     def _add_foreign_vm(
-        self, node: HostNode, after: list, name: str, os_key: str = "centos", running: bool = True
+        self, node: HostNode, after: list[object], name: str, os_key: str = "centos", running: bool = True
     ) -> str:
         return add_foreign_vm(node.host, str(name), template_for_key(str(os_key)), bool(running))
 
-    def _reset(self, node: HostNode, after: list) -> str:
+    def _reset(self, node: HostNode, after: list[object]) -> str:
         host = node.host
         host.faults = Faults()
         host.refresh_sr_usage(host.refs.sr)
