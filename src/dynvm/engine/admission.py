@@ -5,8 +5,8 @@
 transaction, locks the hosts, reads what is reserved, takes idle ready-pool VMs first and
 places the rest, checks the quota, and inserts the leases with their reservations: two
 requests never both get the last slot. The same lock-and-place transaction
-(``_locked_candidates``) serves a create that moves to another host (``place_again``) and
-a ready pool's refill (``reserve_pool_vm``).
+(``_locked``, ``_place_one``) serves a create that moves to another host (``place_again``),
+a ready VM made cold (``reserve_in_place_of``) and a ready pool's refill (``reserve_pool_vm``).
 """
 
 from __future__ import annotations
@@ -117,6 +117,24 @@ class Admission:
             if c.host.ref not in excluded
         ]
 
+    def _place_one(
+        self,
+        settings: Settings,
+        reserved: list[dict[str, object]],
+        os: str,
+        cpus: int | None = None,
+        memory: int | None = None,
+        only: str | None = None,
+        exclude: Iterable[str] = (),
+        refused: Iterable[tuple[str, str]] = (),
+    ) -> placement.Placement | None:
+        """Where one VM goes, inside the locked transaction; None when nowhere has room."""
+        candidates = self._locked_candidates(settings, reserved, os, cpus, memory, only, exclude, refused)
+        if placement.available(candidates) < 1:
+            return None
+        [choice] = placement.place(1, os, candidates)
+        return choice
+
     def reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
         """Name the VMs, reserve their room and insert their leases, in one transaction;
         ready-pool VMs of the OS are taken first, the rest made cold. ``immediate``: a
@@ -154,7 +172,7 @@ class Admission:
                     chosen = placement.place(len(cold_names), request.os, candidates)
                 except NotEnoughCapacity as e:
                     raise NotEnoughCapacity(self.capacity.explain_shortage(settings, str(e), request)) from None
-                cold = dataclasses.replace(record_of(request, request_id), count=len(cold_names))
+                cold = dataclasses.replace(RequestRecord.of(request, request_id), count=len(cold_names))
                 if queued and not self.policy.may_serve_now(settings, reserved, cold):
                     raise NotEnoughCapacity(
                         f"not enough capacity for {request.count} {request.os} VM(s) now: {len(queued)} request(s) "
@@ -220,12 +238,9 @@ class Admission:
         not in ``exclude`` (``only``: that host), on no member in ``refused``."""
         with self._locked(settings) as (conn, reserved):
             reserved = [r for r in reserved if r["lease_id"] != lease.id]
-            candidates = self._locked_candidates(
-                settings, reserved, lease.os, lease.cpus, lease.memory, only, exclude, refused
-            )
-            if placement.available(candidates) < 1:
+            choice = self._place_one(settings, reserved, lease.os, lease.cpus, lease.memory, only, exclude, refused)
+            if choice is None:
                 return None
-            [choice] = placement.place(1, lease.os, candidates)
             return self.ctx.leases.move(
                 conn,
                 lease.id,
@@ -244,10 +259,9 @@ class Admission:
         now (``only``: on that host). None when no host has room. Its quota and its place
         in the queue were counted when the request took the ready VM."""
         with self._locked(settings) as (conn, reserved):
-            candidates = self._locked_candidates(settings, reserved, lease.os, None, None, only)
-            if placement.available(candidates) < 1:
+            choice = self._place_one(settings, reserved, lease.os, only=only)
+            if choice is None:
                 return None
-            [choice] = placement.place(1, lease.os, candidates)
             new = choice.new_lease(
                 request_id=lease.request_id,
                 name=lease.name,
@@ -266,11 +280,10 @@ class Admission:
         host in ``blocked``; None when none may take one now (nor if it would delay a
         queued request)."""
         with self._locked(settings) as (conn, reserved):
-            candidates = self._locked_candidates(settings, reserved, os, None, None, exclude=blocked)
-            if placement.available(candidates) < 1:
+            choice = self._place_one(settings, reserved, os, exclude=blocked)
+            if choice is None:
                 return None
-            [choice] = placement.place(1, os, candidates)
-            record = record_of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
+            record = RequestRecord.of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
             if not self.policy.may_serve_now(settings, reserved, record):
                 return None
             lease = choice.new_lease(
@@ -345,39 +358,6 @@ class Admission:
                     f"{', '.join(clash)} already exist(s) on host {host.ref}: choose another name "
                     "(dynvm never reuses or touches a VM it did not create)"
                 )
-
-
-def record_of(request: LeaseRequest, request_id: str) -> RequestRecord:
-    """A request as its row holds it (not written here)."""
-    return RequestRecord(
-        id=request_id,
-        username=request.username,
-        os=request.os,
-        count=request.count,
-        state=RequestState.CREATING,
-        owner="",
-        created_at=0.0,
-        caller=request.caller,
-        cpus=request.cpus,
-        memory=request.memory,
-        expires_in_minutes=request.expires_in_minutes,
-        host_ref=request.host_ref,
-    )
-
-
-def request_of(record: RequestRecord) -> LeaseRequest:
-    """The request a row holds."""
-    return LeaseRequest(
-        username=record.username,
-        os=record.os,
-        count=record.count,
-        cpus=record.cpus,
-        memory=record.memory,
-        expires_in_minutes=record.expires_in_minutes,
-        host_ref=record.host_ref,
-        caller=record.caller,
-        request_id=record.id,
-    )
 
 
 def _under(name: str, prefix: str) -> bool:

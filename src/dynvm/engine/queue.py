@@ -28,7 +28,7 @@ from ..model import (
 )
 from ..states import ACTIVE_LEASE_STATES, Actor, RequestState
 from ..store.requests import RequestRecord
-from .admission import Admission, record_of, request_of
+from .admission import Admission
 from .build import Builder
 from .context import EngineContext
 from .queue_policy import QueuePolicy, never_fits
@@ -178,7 +178,7 @@ class Queue:
         self.admission.validate(request)
         request_id = request.request_id or str(uuid.uuid4())
         record = dataclasses.replace(
-            record_of(request, request_id),
+            RequestRecord.of(request, request_id),
             state=RequestState.QUEUED,
             owner=ctx.owner,
             origin=origin,
@@ -204,7 +204,7 @@ class Queue:
             record.id, queued, RequestState.CREATING, by=Actor.SCHEDULER, builder=ctx.owner, position=None, eta_at=None
         ):
             return False  # cancelled or timed out meanwhile
-        request = request_of(record)
+        request = record.request()
         settings = ctx.settings()
         try:
             new = self._reserve(settings, request, record.id, immediate=False)

@@ -134,30 +134,12 @@ class Scheduler:
                     f"not enough capacity for {record.count} {record.os} VM(s) after waiting {waited:.1f} minute(s)"
                     f"{where}: release some VMs, ask for fewer, or wait longer"
                 )
-                if self.store.transition(
-                    record.id,
-                    [RequestState.QUEUED],
-                    RequestState.TIMED_OUT,
-                    by=Actor.SCHEDULER,
-                    error=message,
-                    error_status=429,
-                    error_kind="QueueTimedOut",
-                ):
+                if self._end(record, RequestState.TIMED_OUT, message, "QueueTimedOut"):
                     report.timed_out.append(record.id)
-                    self.events("timed out", record)
             elif not self.policy.can_ever_fit(settings, record):
                 message = never_fits(record)
-                if self.store.transition(
-                    record.id,
-                    [RequestState.QUEUED],
-                    RequestState.FAILED,
-                    by=Actor.SCHEDULER,
-                    error=message,
-                    error_status=429,
-                    error_kind="NotEnoughCapacity",
-                ):
+                if self._end(record, RequestState.FAILED, message, "NotEnoughCapacity"):
                     report.refused.append(record.id)
-                    self.events("failed", record)
             else:
                 order.append(record)
         head: RequestRecord | None = None
@@ -190,6 +172,21 @@ class Scheduler:
         report.waiting = len(left)
         self._forecast(settings, snap, left)
         return report
+
+    def _end(self, record: RequestRecord, state: RequestState, message: str, kind: str) -> bool:
+        """End a queued request that will not be served (a 429 saying why); whether it ended."""
+        ended = self.store.transition(
+            record.id,
+            [RequestState.QUEUED],
+            state,
+            by=Actor.SCHEDULER,
+            error=message,
+            error_status=429,
+            error_kind=kind,
+        )
+        if ended:
+            self.events(state.value, record)
+        return ended
 
     def _served_warm(self, settings: Settings, record: RequestRecord, warm: dict[tuple[str, str | None], int]) -> bool:
         """Serve a request its ready pool covers whole (it takes no new room, so it delays

@@ -24,6 +24,8 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, false, select, update
 
+from .. import model
+from ..model import LeaseRequest
 from ..states import FINAL_REQUEST_STATES, REQUESTS, Actor, RequestState
 from .db import Database
 from .tables import requests
@@ -63,6 +65,38 @@ class RequestRecord:
     eta_first: float | None = None  # the first ETA forecast for it: what its ETA error is measured on
     vms: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, request: LeaseRequest, request_id: str) -> RequestRecord:
+        """A request as its row holds it, before it is accepted (state ``creating``, no owner)."""
+        return cls(
+            id=request_id,
+            username=request.username,
+            os=request.os,
+            count=request.count,
+            state=RequestState.CREATING,
+            owner="",
+            created_at=0.0,
+            caller=request.caller,
+            cpus=request.cpus,
+            memory=request.memory,
+            expires_in_minutes=request.expires_in_minutes,
+            host_ref=request.host_ref,
+        )
+
+    def request(self) -> LeaseRequest:
+        """The request this row holds."""
+        return LeaseRequest(
+            username=self.username,
+            os=self.os,
+            count=self.count,
+            cpus=self.cpus,
+            memory=self.memory,
+            expires_in_minutes=self.expires_in_minutes,
+            host_ref=self.host_ref,
+            caller=self.caller,
+            request_id=self.id,
+        )
+
     @property
     def finished(self) -> bool:
         return self.state in FINAL_REQUEST_STATES
@@ -70,8 +104,6 @@ class RequestRecord:
     def failure(self) -> Exception:
         """The error a request that did not become ready answers with: the engine's own
         kind (a 429 shortage, a 409 clash, ...), rebuilt from the row."""
-        from .. import model
-
         kind = getattr(model, self.error_kind or "", None)
         cls = kind if isinstance(kind, type) and issubclass(kind, model.LeaseError) else model.LeaseError
         error = cls(self.error or f"the request ended {self.state}")
