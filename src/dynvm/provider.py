@@ -1,6 +1,6 @@
 """The seam between the lease engine and what makes the machines.
 
-The engine (``leases.py``, ``engine/``) and the API see hosts, their room and their
+The engine (``engine/``) and the API see hosts, their room and their
 machines only through a ``Provider``. Xen is the one provider today (``xen/provider.py``);
 everything Xen-specific — xapi sessions, the marker in ``other_config``, template choice,
 memory overhead, IP extraction, clone tasks, quarantine by halting and tagging — lives
