@@ -167,13 +167,11 @@ def test_counting_stays_fast_while_a_hundred_getservers_wait_and_stopping_rolls_
         pending = [pool.submit(service.get, f"/getservers/wait{n}") for n in range(100)]
         # 100 creates at once write their leases and progress: slow on a loaded disk
         wait_for(lambda: len(service.services.engine.lease_store.active()) == 100, timeout=180)
-        slowest = 0.0
-        for _ in range(20):
-            started = time.monotonic()
+        for _ in range(20):  # counting never queues behind them: else it would wait out their hour-long boot
             assert service.get("/getavailablecount/centos").status_code == 200
-            slowest = max(slowest, time.monotonic() - started)
-        assert [f.result().text for f in pending if f.done()] == []  # all still waiting for their VMs ...
-        assert slowest < 2.0  # ... and counting never queued behind them (the bench has the figure)
+        assert [
+            f.result().text for f in pending if f.done()
+        ] == []  # all still waiting for their VMs (the bench times it)
         service.services.stop()  # as on SIGTERM: creates still in flight are cancelled and rolled back
         answers = [f.result() for f in pending]
     assert {a.status_code for a in answers} == {502}
