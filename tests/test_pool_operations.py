@@ -358,7 +358,8 @@ def test_a_member_address_now_in_another_pool_is_never_used(sim_lab):
     pool_one = lab.xapi(0).pool.get_all_records()
     [uuid_one] = [p["uuid"] for p in pool_one.values()]
     lab.lab.nodes[1].host.spec.password = first.password.reveal()  # the same root password
-    control(lab).host_down("refuse")  # pool 1 answers nowhere
+    control(lab).host_down("refuse")  # pool 1 answers nowhere ...
+    wait_for(lambda: refuses(first.url), timeout=10)  # ... once its listener has closed
     stale = second.url.split("://", 1)[1]  # "127.0.0.1:<pool 2's port>": remembered for pool 1
     with pytest.raises(HostUnreachable):
         open_session(first, 2.0, members=[stale], pool_uuid=uuid_one)
@@ -388,3 +389,16 @@ def test_a_ready_vm_on_a_member_the_master_lost_is_never_handed_out(make_service
             leases += services.engine.acquire(LeaseRequest(f"warm{n}", "centos"))
     assert leases
     assert not {lease.vm_uuid for lease in leases} & on_h2
+
+
+def refuses(url: str) -> bool:
+    """Whether a TCP connection to the URL's address is refused."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=0.5).close()
+    except OSError:
+        return True
+    return False
