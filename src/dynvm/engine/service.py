@@ -160,9 +160,6 @@ class LeaseService:
     def leases_of(self, request_id: str) -> list[Lease]:
         return self.queue.leases_of(request_id)
 
-    def validate(self, request: LeaseRequest) -> None:
-        self.admission.validate(request)
-
     # -- held leases -------------------------------------------------------------------
 
     def release(self, username: str, count: int = 1, caller: Caller = ANONYMOUS) -> ReleaseOutcome:
