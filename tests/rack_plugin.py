@@ -43,6 +43,7 @@ class RackSettings(HostSettings):
 class RackPlugin:
     section_prefix = "rack"
     os_key_suffix = ".boxes"  # centos.boxes=a1@127.0.10.1, a2@127.0.10.2
+    os_key_extras: tuple[str, ...] = ()
     known_keys = frozenset({"rack.label"})
 
     def parse(self, reader: SectionReader, section: str, number: int, values: Mapping[str, str]) -> RackSettings:

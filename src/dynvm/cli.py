@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import bounds
+from .running_lab import RunningLab
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -54,6 +57,11 @@ def build_cli() -> typer.Typer:
     installation.command("show")(installation_show_command)
     installation.command("new")(installation_new_command)
     app.add_typer(installation, name="installation")
+    image = typer.Typer(
+        help="The tiny guest image for libvirt labs and tests.", no_args_is_help=True, rich_markup_mode=None
+    )
+    image.command("build")(_image_build)
+    app.add_typer(image, name="image")
     for name, command in (
         ("get", get_command),
         ("release", release_command),
@@ -64,6 +72,22 @@ def build_cli() -> typer.Typer:
     ):
         app.command(name)(command)
     return app
+
+
+def _image_build(
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the image is kept (default: $DYNVM_IMAGE_DIR, else /var/cache/dynvm/images); "
+            "reused while its inputs are the same."
+        ),
+    ] = None,
+) -> None:
+    """Build the tiny guest image from this machine's Debian packages (kernel, busybox,
+    dropbear): a bootable qcow2, and a kernel and initramfs for direct boot."""
+    from .libvirt.commands import build_image, image_dir
+
+    build_image(directory or image_dir())
 
 
 def _print_version(value: bool) -> None:
@@ -397,13 +421,26 @@ def serve_command(
         raise typer.Exit(1)
 
 
+class LabProvider(enum.StrEnum):
+    xen = "xen"
+    libvirt = "libvirt"
+
+
 def lab_command(
     hosts: Annotated[int, typer.Option(min=1, max=50, help="Simulated hosts (pools with --pool-size).")] = 4,
     pool_size: Annotated[int, typer.Option(min=1, max=16, help="Hosts per pool: a master and its members.")] = 1,
     port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
     directory: Annotated[Path, typer.Option(help="Where the lab keeps its config and database.")] = Path(".lab"),
+    provider: Annotated[
+        LabProvider,
+        typer.Option(
+            help="xen: a simulated Xen lab. libvirt: real guests under libvirt/QEMU on this machine "
+            "(starts libvirtd where none runs; run it inside a network namespace: ip netns exec NAME ...)."
+        ),
+    ] = LabProvider.xen,
 ) -> None:
-    """A simulated Xen lab and dynvm serving it on 127.0.0.1, together, until Ctrl-C."""
+    """A lab and dynvm serving it on 127.0.0.1, together, until Ctrl-C: simulated Xen hosts,
+    or real guests under libvirt (--provider libvirt)."""
     import json
     import subprocess
     import sys
@@ -425,8 +462,79 @@ def lab_command(
     config_path = (directory / "dynvmservice.ini").resolve()
     config_path.unlink(missing_ok=True)
     python = [sys.executable, "-m", "dynvm"]
-    # Sessions of their own: Ctrl-C reaches this command only, which then stops dynvm first
-    # and the lab second, so dynvm never sees its hosts vanish while it shuts down.
+    if provider is LabProvider.libvirt:
+        from .libvirt.commands import libvirt_lab
+
+        made = libvirt_lab(directory, config_path, console)
+    else:
+        made = _xen_lab(python, config_path, hosts, pool_size, console)
+    serve = None
+    with made as lab:
+        try:
+            deadline = time.monotonic() + 60
+            db_url = f"sqlite:///{(directory / 'dynvm.db').resolve()}"
+            # the lab's database in its config, so that 'dynvm token … --config' finds the same one
+            config_path.write_text(with_db_url(config_path.read_text(), db_url))
+            serve = subprocess.Popen(
+                [*python, "serve", "--config", str(config_path), "--port", str(port), "--log-level", "warning"],
+                start_new_session=True,
+            )
+            base = f"http://127.0.0.1:{port}"
+            while True:
+                if serve.poll() is not None or time.monotonic() > deadline:
+                    console.print(f"Error: dynvm serve did not start on port {port}", style="red", markup=False)
+                    raise typer.Exit(1)
+                try:
+                    with urllib.request.urlopen(f"{base}/healthz?detail=true", timeout=1) as answer:
+                        answered = json.loads(answer.read())
+                        break
+                except (OSError, ValueError):
+                    time.sleep(0.2)
+            if serve.poll() is not None or answered.get("installation") != _installation_of(db_url):
+                console.print(f"Error: port {port} is answered by another service, not this lab's", style="red")
+                raise typer.Exit(1)
+            console.print(f"dynvm serves {lab.what} at {base}  (config: {config_path})", markup=False)
+            console.print(f"The dashboard: {base}/", markup=False)
+            console.print("Try the SPEC's example session:", style="bold")
+            os = lab.os
+            for line in (
+                f"curl {base}/getavailablecount/{os}",
+                f"curl '{base}/getservers/demoserver?os={os}&count=3'",
+                f"curl {base}/getavailablecount/{os}",
+                f"curl '{base}/getservers/demoserver9?os={os}&count=2&format=detailed&expiresin=0.5'",
+                f"curl {base}/showall/{os}",
+                f"curl '{base}/releaseservers/demoserver?os={os}&count=3'",
+                f"curl {base}/getavailablecount/{os}",
+                *lab.hints,
+            ):
+                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+            console.print("Tokens (needed once [auth] required=true is set in the config):", style="bold", markup=False)
+            console.print(
+                f"  dynvm token create $USER --config {config_path}", markup=False, highlight=False, soft_wrap=True
+            )
+            console.print("Ctrl-C stops both.", style="dim")
+            while lab.alive() and serve.poll() is None and not stop.wait(0.5):
+                pass
+        finally:
+            if serve is not None and serve.poll() is None:  # dynvm first, then the lab
+                serve.terminate()
+                try:
+                    serve.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    serve.kill()
+    console.print("lab stopped.")
+
+
+@contextlib.contextmanager
+def _xen_lab(
+    python: list[str], config_path: Path, hosts: int, pool_size: int, console: Console
+) -> Iterator[RunningLab]:
+    """The simulator, in a session of its own (Ctrl-C reaches the lab command only, which
+    stops dynvm first and the simulator second, so dynvm never sees its hosts vanish while
+    it shuts down); its config written to ``config_path``."""
+    import subprocess
+    import time
+
     sim = subprocess.Popen(
         [
             *python,
@@ -443,7 +551,6 @@ def lab_command(
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
-    serve = None
     try:
         deadline = time.monotonic() + 60
         while not config_path.exists():
@@ -451,56 +558,14 @@ def lab_command(
                 console.print("Error: the simulated lab did not start", style="red")
                 raise typer.Exit(1)
             time.sleep(0.1)
-        db_url = f"sqlite:///{(directory / 'dynvm.db').resolve()}"
-        # the lab's database in its config, so that 'dynvm token … --config' finds the same one
-        config_path.write_text(with_db_url(config_path.read_text(), db_url))
-        serve = subprocess.Popen(
-            [*python, "serve", "--config", str(config_path), "--port", str(port), "--log-level", "warning"],
-            start_new_session=True,
-        )
-        base = f"http://127.0.0.1:{port}"
-        while True:
-            if serve.poll() is not None or time.monotonic() > deadline:
-                console.print(f"Error: dynvm serve did not start on port {port}", style="red", markup=False)
-                raise typer.Exit(1)
-            try:
-                with urllib.request.urlopen(f"{base}/healthz?detail=true", timeout=1) as answer:
-                    answered = json.loads(answer.read())
-                    break
-            except (OSError, ValueError):
-                time.sleep(0.2)
-        if serve.poll() is not None or answered.get("installation") != _installation_of(db_url):
-            console.print(f"Error: port {port} is answered by another service, not this lab's", style="red")
-            raise typer.Exit(1)
-        console.print(f"dynvm serves {hosts} simulated hosts at {base}  (config: {config_path})", markup=False)
-        console.print(f"The dashboard: {base}/", markup=False)
-        console.print("Try the SPEC's example session:", style="bold")
-        for line in (
-            f"curl {base}/getavailablecount/centos",
-            f"curl '{base}/getservers/demoserver?os=centos&count=3'",
-            f"curl {base}/getavailablecount/centos",
-            f"curl '{base}/getservers/demoserver9?os=centos&count=2&format=detailed&expiresin=0.5'",
-            f"curl {base}/showall/centos",
-            f"curl '{base}/releaseservers/demoserver?os=centos&count=3'",
-            f"curl {base}/getavailablecount/centos",
-        ):
-            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
-        console.print("Tokens (needed once [auth] required=true is set in the config):", style="bold", markup=False)
-        console.print(
-            f"  dynvm token create $USER --config {config_path}", markup=False, highlight=False, soft_wrap=True
-        )
-        console.print("Ctrl-C stops both.", style="dim")
-        while sim.poll() is None and serve.poll() is None and not stop.wait(0.5):
-            pass
+        yield RunningLab(f"{hosts} simulated hosts", "centos", lambda: sim.poll() is None)
     finally:
-        for process in (serve, sim):  # in this order: dynvm first
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        console.print("lab stopped.")
+        if sim.poll() is None:
+            sim.terminate()
+            try:
+                sim.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                sim.kill()
 
 
 def with_db_url(config_text: str, db_url: str) -> str:

@@ -273,7 +273,9 @@ class _Reader:
             warnings=tuple(self.warnings),
         )
 
-    def _section(self, name: str, known: set[str] | frozenset[str], per_os_suffix: str = "") -> Mapping[str, str]:
+    def _section(
+        self, name: str, known: set[str] | frozenset[str], per_os_suffix: tuple[str, ...] = ()
+    ) -> Mapping[str, str]:
         if not self.parser.has_section(name):
             return {}
         values = dict(self.parser.items(name))
@@ -436,7 +438,7 @@ class _Reader:
 
     def host(self, section: str, kind: hosts.HostKind, number: int) -> HostSettings:
         """A host section, read by its kind (``hosts.py``)."""
-        values = self._section(section, kind.known_keys, kind.os_key_suffix)
+        values = self._section(section, kind.known_keys, (kind.os_key_suffix, *kind.os_key_extras))
         return kind.parse(self, section, number, values)
 
 

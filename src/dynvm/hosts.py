@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import ClassVar, Protocol, cast
 
 ENTRY_POINTS = "dynvm.providers"
-BUILTIN = {"xenhost": "dynvm.xen.plugin:PLUGIN"}  # section prefix -> "module:attribute"
+BUILTIN = {  # section prefix -> "module:attribute"
+    "xenhost": "dynvm.xen.plugin:PLUGIN",
+    "libvirthost": "dynvm.libvirt.plugin:PLUGIN",
+    "static": "dynvm.static.plugin:PLUGIN",
+}  # section prefix -> "module:attribute"
 SECTION = re.compile(r"^([a-z][a-z-]*?)([1-9][0-9]*)$")
 OS_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -85,6 +89,7 @@ class HostKind(Protocol):
 
     section_prefix: str  # its sections are [<prefix>1], [<prefix>2], ...
     os_key_suffix: str  # "<os><suffix>=..." lines name what each OS is made from (".template")
+    os_key_extras: tuple[str, ...]  # other per-OS suffixes it reads (".cpus", ".memory.mib")
     known_keys: frozenset[str]  # its other keys
 
     def parse(self, reader: SectionReader, section: str, number: int, values: Mapping[str, str]) -> HostSettings:

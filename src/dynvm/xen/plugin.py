@@ -15,6 +15,7 @@ from .settings import KNOWN_KEYS, XenHostSettings, parse_xen_host
 class XenPlugin:
     section_prefix = XenHostSettings.section_prefix
     os_key_suffix = ".template"
+    os_key_extras: tuple[str, ...] = ()
     known_keys = KNOWN_KEYS
 
     def parse(self, reader: SectionReader, section: str, number: int, values: Mapping[str, str]) -> XenHostSettings:

@@ -1,0 +1,1 @@
+"""libvirt/KVM as a provider: ``[libvirthostN]`` sections and real guests."""
