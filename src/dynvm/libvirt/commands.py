@@ -38,9 +38,10 @@ def build_image(directory: Path) -> None:
 
 
 def own_network_namespace() -> bool:
-    """Whether this process runs in a network namespace other than the machine's own."""
+    """Whether this process runs in a named network namespace (``ip netns add``)."""
     try:
-        return os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino
+        ours = os.stat("/proc/self/ns/net").st_ino
+        return any(os.stat(named).st_ino == ours for named in Path("/run/netns").iterdir())
     except OSError:
         return False
 

@@ -157,8 +157,8 @@ class _Watched:
 class Inventory:
     """The mirrors of every ``[libvirthostN]``. ``apply`` is called with each configuration."""
 
-    def __init__(self, refresh_seconds: float = REFRESH_SECONDS) -> None:
-        self.refresh_seconds = refresh_seconds
+    def __init__(self, refresh_seconds: float | None = None) -> None:
+        self.refresh_seconds = REFRESH_SECONDS if refresh_seconds is None else refresh_seconds
         self._hosts: dict[str, _Watched] = {}
         self._lock = threading.Lock()
 

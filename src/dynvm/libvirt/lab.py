@@ -134,18 +134,33 @@ def pool_xml(name: str, path: Path) -> str:
     return ET.tostring(pool, encoding="unicode")
 
 
-def start(name: str, directory: Path, image: GuestImage, subnet: str = "192.168.231") -> Lab:
+def free_subnet(connection: Any) -> str:
+    """A /24 in 192.168.200-254 that no libvirt network on this host uses."""
+    used = set()
+    for network in connection.listAllNetworks(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            for ip in ET.fromstring(network.XMLDesc(0)).iterfind("ip"):
+                used.add(ip.get("address", "").rsplit(".", 1)[0])
+    for third in range(231, 255):
+        if f"192.168.{third}" not in used:
+            return f"192.168.{third}"
+    raise LabError("every 192.168.231-254 subnet is taken by a libvirt network")
+
+
+def start(name: str, directory: Path, image: GuestImage, subnet: str = "") -> Lab:
     """Daemons, network and pool for a lab called ``name`` (its network and pool keep that
-    name; one left by an earlier lab of the same name is replaced)."""
+    name; one left by an earlier lab of the same name is replaced). ``subnet``: the
+    guests' /24 ("192.168.231"); by default one no other libvirt network uses."""
     lab = Lab(name, directory.resolve(), subnet)
     lab.started_daemons = start_daemons()
     connection = libvirt.open(URI)
     try:
         _remove_network(connection, name)
         _remove_pool(connection, name)
+        lab.subnet = subnet = subnet or free_subnet(connection)
         network = connection.networkDefineXML(network_xml(name, subnet))
-        network.create()
         lab.made_network = True
+        network.create()
         lab.pool_path.mkdir(parents=True, exist_ok=True)
         lab.pool_path.chmod(0o755)
         shutil.copyfile(image.disk, lab.pool_path / image.disk.name)

@@ -203,6 +203,8 @@ class LibvirtProvider:
         return domain is not None and domain.mark is not None and domain.mark.os == os
 
     def collect_leaks(self, host: HostSettings, judge: LeakJudge, report: ReconcileReport) -> None:
+        """On a fresh read of the host (volumes change without an event)."""
+        self.inventory.refresh(host.ref)
         view = self._up(host)
         if view is None:
             return
