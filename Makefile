@@ -9,10 +9,13 @@ APT    := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-rec
 
 .PHONY: install browser lab test lint format bench soak screenshots clean
 
+# The libvirt binding builds against Debian's libvirt-dev: taken where it is installed
+LIBVIRT_EXTRA := $(shell pkg-config --exists libvirt 2>/dev/null && echo ,libvirt)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres$(LIBVIRT_EXTRA)]'
 	touch $(STAMP)
 
 # The dashboard's front-end packages, from the npm registry as web/package-lock.json pins
@@ -35,9 +38,15 @@ browser:
 lab: install
 	$(BIN)/dynvm lab --hosts 4 --port 5000 --directory $(LAB)
 
-## test: the whole suite, in parallel on every core
+## test: the whole suite, in parallel on every core; beside it, the real guests under
+## libvirt (tests/libvirt), in a network namespace of their own (tests/libvirt/in-netns)
 test: install browser
-	$(BIN)/python -m pytest -n auto -q
+	@rm -f .libvirt-tests.log; \
+	tests/libvirt/in-netns $(BIN)/python -m pytest -q tests/libvirt > .libvirt-tests.log 2>&1 & guests=$$!; \
+	$(BIN)/python -m pytest -n auto -q; suite=$$?; \
+	wait $$guests; real=$$?; \
+	echo "--- tests/libvirt (real guests, in their own network namespace) ---"; cat .libvirt-tests.log; \
+	exit $$(( suite || real ))
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,6 +34,7 @@ from typing import Protocol
 from .config import Settings
 from .hosts import HostKind, HostSettings
 from .model import CreatedVm, VmSpec
+from .store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -357,13 +359,16 @@ class Provider(Protocol):
 @dataclass(frozen=True)
 class ProviderContext:
     """What a plugin's provider is made with: the configuration (only its own kind's
-    hosts), the installation id (written into every machine's mark), and the clock it
-    times creates on."""
+    hosts), the installation id (written into every machine's mark), the clock it times
+    creates on, and the engine's database, for a provider whose machines keep no mark of
+    their own (``[staticN]``: which machine a lease holds is kept beside the lease)."""
 
     settings: Callable[[], Settings]
     installation: Callable[[], str]
     monotonic: Callable[[], float]
     event_timeout: float = 5.0  # how long a remote event watch waits before it looks again
+    database: Database | None = None
+    clock: Callable[[], float] = time.time  # Unix time, as the engine keeps it
 
 
 class ProviderPlugin(HostKind, Protocol):

@@ -30,6 +30,7 @@ from .provider import (
     QuarantinedVm,
     ReconcileReport,
 )
+from .store.db import Database
 
 
 def only(settings: Settings, prefix: str) -> Settings:
@@ -44,6 +45,8 @@ class Providers:
         installation: Callable[[], str],
         monotonic: Callable[[], float] = time.monotonic,
         event_timeout: float = 5.0,
+        database: Database | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """The kinds the configuration names now get their providers at once (so that a
         caller may look at them before ``apply``); later kinds on their first ``apply``."""
@@ -51,6 +54,8 @@ class Providers:
         self._installation = installation
         self._monotonic = monotonic
         self._event_timeout = event_timeout
+        self._database = database
+        self._clock = clock
         self._parts: dict[str, Provider] = {}
         self._views: dict[str, tuple[Settings, Settings]] = {}  # prefix -> (settings, its view)
         self._lock = threading.Lock()
@@ -69,7 +74,14 @@ class Providers:
         kind = hosts.kind(prefix)
         if kind is None or not hasattr(kind, "make_provider"):
             raise ProvisionError(f"no provider for [{prefix}N] sections is installed")
-        context = ProviderContext(lambda: self._view(prefix), self._installation, self._monotonic, self._event_timeout)
+        context = ProviderContext(
+            lambda: self._view(prefix),
+            self._installation,
+            self._monotonic,
+            self._event_timeout,
+            self._database,
+            self._clock,
+        )
         made = cast("ProviderPlugin", kind).make_provider(context)
         with self._lock:
             return self._parts.setdefault(prefix, made)

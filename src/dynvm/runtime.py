@@ -230,7 +230,7 @@ def build_services(
     def current() -> Settings:  # the watcher's, once made: a reload reaches the providers too
         return holder["watcher"].current if "watcher" in holder else settings
 
-    provider = Providers(current, installation, monotonic, event_timeout)
+    provider = Providers(current, installation, monotonic, event_timeout, database=db, clock=clock)
     engine = LeaseService(lambda: holder["watcher"].current, provider, lease_store, history, clock=clock, owner=replica)
     watcher = ConfigWatcher(config_path, settings, provider.apply)
     holder["watcher"] = watcher

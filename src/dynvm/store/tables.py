@@ -149,6 +149,23 @@ abandoned_clones = Table(
     Column("abandoned_at", Float, nullable=False),
 )
 
+# Existing machines that providers hand out whole (``[staticN]``): a row while a machine is
+# not idle: held by a lease, being reset after one, or out of service because its reset
+# failed. The primary key makes taking a machine one atomic insert, across replicas.
+machine_holds = Table(
+    "machine_holds",
+    metadata,
+    Column("host_ref", String(16), primary_key=True),
+    Column("machine", String(128), primary_key=True),
+    Column("state", String(16), nullable=False),  # held, resetting, out
+    Column("lease_id", String(36), nullable=True),
+    Column("label", String(64), nullable=False, server_default=""),  # the lease's VM name while held
+    Column("holder", String(36), nullable=True),  # the request it was handed to (compare-and-set)
+    Column("since", Float, nullable=False),
+    Column("error", Text, nullable=False, server_default=""),
+    CheckConstraint("state IN ('held', 'resetting', 'out')", name="machine_holds_state_known"),
+)
+
 # One row, made by migration 0006: the id of this installation, written into the marker of
 # every VM and disk it makes. Reconcile only ever touches VMs and disks carrying it.
 installation = Table(

@@ -1,0 +1,1 @@
+"""Existing machines handed out whole: ``[staticN]`` sections."""
