@@ -9,6 +9,7 @@ from rich.console import Console
 from bench import (
     dashboard_bench,
     lease_bench,
+    libvirt_bench,
     live_bench,
     pool_bench,
     pool_identity_bench,
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "sizing": sizing_bench.run,
     "live": live_bench.run,
     "dashboard": dashboard_bench.run,
+    "libvirt": libvirt_bench.run,
 }
 
 

@@ -152,6 +152,7 @@ class _Watched:
     stop: threading.Event = field(default_factory=threading.Event)
     changed: queue.SimpleQueue[str | None] = field(default_factory=queue.SimpleQueue)  # uuids; None: all
     thread: threading.Thread | None = None
+    updating: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Inventory:
@@ -239,6 +240,17 @@ class Inventory:
             watched = self._hosts.get(ref)
         if watched is not None:
             watched.changed.put(uuid)
+
+    def reread(self, ref: str, uuid: str) -> None:
+        """Read one domain again now, on the caller's thread: a create or a hand-out that
+        changed it answers only once the mirror shows the change."""
+        with self._lock:
+            watched = self._hosts.get(ref)
+        if watched is not None and watched.connection is not None:
+            try:
+                self._read_domain(watched, uuid)
+            except libvirt.libvirtError as e:
+                log.info("%s: reading a domain again failed: %s", watched.settings.display, e)
 
     def refresh(self, ref: str) -> None:
         """Read the host again now, on the caller's thread (after a create or destroy, so
@@ -364,14 +376,15 @@ class Inventory:
         )
 
     def _read_domain(self, watched: _Watched, uuid: str) -> None:
-        view = watched.view
         try:
             fresh: DomainView | None = domain_view(watched.connection.lookupByUUIDString(uuid))
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise
             fresh = None
-        others = tuple(d for d in view.domains if d.uuid != uuid)
-        domains = others if fresh is None else (*others, fresh)
         free = int(watched.connection.getFreeMemory())
-        watched.view = HostView(**{**view.__dict__, "domains": domains, "memory_free": free})
+        with watched.updating:  # the watcher and a provisioning thread may both read one host
+            view = watched.view
+            others = tuple(d for d in view.domains if d.uuid != uuid)
+            domains = others if fresh is None else (*others, fresh)
+            watched.view = HostView(**{**view.__dict__, "domains": domains, "memory_free": free})

@@ -37,7 +37,7 @@ from .settings import LibvirtHostSettings, OsImage
 
 log = logging.getLogger(__name__)
 
-ADDRESS_POLL = 0.1  # seconds between reads of the network's leases while a guest boots
+ADDRESS_POLL = 0.05  # seconds between reads of the network's leases while a guest boots
 QEMU_OVERHEAD_MIB = 64  # what QEMU itself takes beside the guest's memory (measured: 60-70 MiB)
 
 _HOLD_LOCKS = tuple(threading.Lock() for _ in range(64))  # striped by VM: a hand-out reads and writes its mark
@@ -183,7 +183,7 @@ class Provisioner:
                 progress("waiting for service")
                 self._wait_for_service(ip, spec.probe_port, waiting_since + self.network_timeout, cancel)
             uuid = dom.UUIDString()
-            self.inventory.changed(self.host.ref, uuid)
+            self.inventory.reread(self.host.ref, uuid)
             seconds = self.clock() - started
             log.info("%s: ready at %s after %.1f s", spec.name, ip, seconds)
             progress("ready")
@@ -252,6 +252,7 @@ class Provisioner:
         """Stop and undefine ``dom`` (if any) and delete its volume; what would not go."""
         problems = []
         stopped = True
+        uuid = dom.UUIDString() if dom is not None else None
         if dom is not None:
             try:
                 if dom.isActive():
@@ -273,7 +274,9 @@ class Provisioner:
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     problems.append(f"undefine {label}: {e.get_error_message()}")
-        self.inventory.changed(self.host.ref)
+        if uuid is not None:
+            self.inventory.reread(self.host.ref, uuid)  # the answer waits until the mirror shows it gone
+        self.inventory.changed(self.host.ref)  # and its volume, on the next read
         return problems
 
     # -- hand-out ----------------------------------------------------------------------
@@ -316,7 +319,7 @@ class Provisioner:
                 raise ProvisionError(
                     f"{spec.name}: its ready VM cannot be handed out: {e.get_error_message()}", self.host.ref
                 ) from None
-        self.inventory.changed(self.host.ref, uuid)
+        self.inventory.reread(self.host.ref, uuid)
 
     @staticmethod
     def _set_mark(dom: Any, mark: marker.Mark) -> None:
