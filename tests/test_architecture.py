@@ -114,3 +114,19 @@ def test_the_engine_and_the_xen_provider_know_each_other_only_through_the_seam()
             assert not [m for m in imported if m.startswith("dynvm.xen")], f"{name} imports Xen"
         if name.startswith("dynvm.xen"):
             assert not [m for m in imported if m.startswith("dynvm.engine")], f"{name} imports the engine"
+
+
+PROVIDER_PACKAGES = ("dynvm.xen", "dynvm.libvirt", "dynvm.static")
+
+
+def test_each_provider_is_a_package_the_engine_and_the_other_providers_never_import():
+    found = modules()
+    known = set(found)
+    for name, path in found.items():
+        imported = imports_of(name, path, known)
+        own = next((p for p in PROVIDER_PACKAGES if name.startswith(p)), None)
+        if name.startswith("dynvm.engine") or own is not None:
+            others = [m for m in imported if m.startswith(PROVIDER_PACKAGES) and not (own and m.startswith(own))]
+            assert others == [], f"{name} imports {others}"
+        if own is not None:
+            assert not [m for m in imported if m.startswith("dynvm.engine")], f"{name} imports the engine"

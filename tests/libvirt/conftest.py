@@ -22,7 +22,6 @@ import pytest
 
 from dynvm.runtime import Services, build_services
 
-from ..api.conftest import RunningService
 from ..conftest import QUIET, FakeClock
 
 TIMEOUT_SECS = 90  # vm.network.timeout.secs: eight TCG guests booting at once on 2 cores take ~45 s
@@ -144,23 +143,6 @@ def libvirt_services(libvirt_lab: LibvirtLab, tmp_path: Path) -> Iterator[Callab
     for services in made:
         services.stop()
     libvirt_lab.clean()
-
-
-@pytest.fixture
-def libvirt_service(
-    libvirt_services: Callable[..., tuple[Services, FakeClock]],
-) -> Iterator[Callable[..., RunningService]]:
-    running: list[RunningService] = []
-
-    def start(**options: str) -> RunningService:
-        services, clock = libvirt_services(**options)
-        service = RunningService(services, clock)
-        running.append(service)
-        return service
-
-    yield start
-    for service in running:
-        service.stop()
 
 
 def ssh(lab: LibvirtLab, address: str, command: str) -> str:
