@@ -102,6 +102,14 @@ def test_the_seeds_session_hands_out_each_machine_to_one_lease_at_a_time(
         assert service.get("/getavailablecount/centos").text == "1"
         refused = service.get("/getservers/bob", os="centos", count=2)
         assert refused.status_code == 429  # one idle machine: never one handed out twice
+        [listed] = service.get("/api/v1/hosts").json()  # as the dashboard reads it
+        assert (listed["ref"], listed["state"], listed["running_vms"], listed["capacity"]) == (
+            "5",
+            "up",
+            2,
+            {"centos": 1},
+        )
+        assert service.get("/").status_code == 200
         shown = service.get("/showall/centos").json()["5"]
         assert sorted(vm["name"] for vm in shown if vm["power_state"] == "Running") == ["alice1", "alice2"]
         assert service.get("/releaseservers/alice", os="centos", count=2).status_code == 200

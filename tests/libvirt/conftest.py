@@ -43,12 +43,16 @@ class LibvirtLab:
 
         return libvirt.open("qemu:///system")
 
-    def config(self, directory: Path, common: str = "", extra: str = "") -> Path:
+    def config(
+        self, directory: Path, common: str = "", extra: str = "", network: str = "", timeout: float = TIMEOUT_SECS
+    ) -> Path:
+        """A config of the lab's one host; ``network``: another libvirt network for its guests."""
+        section = self.lab.section(1, self.image)
+        if network:
+            section = section.replace(f"network={self.lab.name}\n", f"network={network}\n")
         path = directory / "dynvmservice.ini"
         path.write_text(
-            f"[common]\ncpu.overcommit=8\nvm.network.timeout.secs={TIMEOUT_SECS}\n{common}\n"
-            + self.lab.section(1, self.image)
-            + extra
+            f"[common]\ncpu.overcommit=8\nvm.network.timeout.secs={timeout:g}\n{common}\n" + section + extra
         )
         return path
 
@@ -124,12 +128,12 @@ def libvirt_services(libvirt_lab: LibvirtLab, tmp_path: Path) -> Iterator[Callab
     libvirt_lab.clean()
     made: list[Services] = []
 
-    def make(db: str = "dynvm.db", common: str = "", extra: str = "") -> tuple[Services, FakeClock]:
+    def make(db: str = "dynvm.db", **config: Any) -> tuple[Services, FakeClock]:
         clock = FakeClock(time.time())
         directory = tmp_path / db.removesuffix(".db")
         directory.mkdir(exist_ok=True)
         services = build_services(
-            libvirt_lab.config(directory, common, extra),
+            libvirt_lab.config(directory, **config),
             f"sqlite:///{tmp_path / db}",
             clock=clock,
             intervals=QUIET,

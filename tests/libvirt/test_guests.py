@@ -3,7 +3,9 @@ reached over its own sshd."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from bench.processes import free_port
 
 from dynvm.model import NotDynvmVm
 from dynvm.runtime import Services
@@ -199,3 +202,74 @@ def test_kill_9_during_creates_leaves_nothing_after_a_restart(libvirt_lab: Libvi
         assert ssh(libvirt_lab, answer.json()[0], "hostname").strip() == "dynvm-guest"
     finally:
         second.stop()
+
+
+def test_a_guest_that_gets_no_address_is_tried_again_then_removed(
+    libvirt_lab: LibvirtLab, libvirt_services: MakeServices
+) -> None:
+    """A network without DHCP: every attempt ends without an address (NO_ADDRESS), is
+    removed, and the request fails with the reason; nothing is left."""
+    from dynvm.libvirt.lab import network_xml
+
+    connection = libvirt_lab.connection()
+    xml = network_xml("dynvm-nodhcp", "192.168.250").replace("<dhcp>", "<!--").replace("</dhcp>", "-->")
+    network = connection.networkCreateXML(xml)  # transient: gone when destroyed
+    try:
+        services, _ = libvirt_services(network="dynvm-nodhcp", timeout=3)
+        service = RunningService(services, None)
+        try:
+            answer = service.get("/getservers/lost", os="tiny")
+            assert answer.status_code == 502
+            assert "no address after 3 s" in answer.text
+            assert libvirt_lab.ours() == ([], [])
+        finally:
+            service.stop()
+    finally:
+        network.destroy()
+        connection.close()
+
+
+def test_dynvm_lab_serves_real_guests_and_tears_down_what_it_made(libvirt_lab: LibvirtLab, tmp_path: Path) -> None:
+    libvirt_lab.clean()
+    port = free_port()
+    lab = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dynvm",
+            "lab",
+            "--provider",
+            "libvirt",
+            "--port",
+            str(port),
+            "--directory",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the lab serves", lambda: lab.poll() is None and healthy(url), timeout=120)
+        answer = httpx.get(f"{url}/getservers/demoserver", params={"os": "tiny"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert ssh(libvirt_lab, answer.json()[0], "hostname").strip() == "dynvm-guest"
+    finally:
+        lab.send_signal(signal.SIGINT)
+        output = lab.communicate(timeout=120)[0]
+    assert "lab stopped." in output
+    connection = libvirt_lab.connection()
+    try:
+        assert "dynvm-lab" not in [n.name() for n in connection.listAllNetworks(0)]
+        assert "dynvm-lab" not in [p.name() for p in connection.listAllStoragePools(0)]
+        assert [d.name() for d in connection.listAllDomains(0) if d.name().startswith("dynvm-")] == []
+    finally:
+        connection.close()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
