@@ -16,10 +16,10 @@ import pytest
 from bench.processes import free_port
 
 from dynvm.model import NotDynvmVm
-from dynvm.runtime import Services
+from dynvm.runtime import Services, build_services
 
 from ..api.conftest import RunningService
-from ..conftest import FakeClock
+from ..conftest import QUIET, FakeClock
 from ..test_serve import ServeProcess
 from .conftest import LibvirtLab, ssh
 
@@ -273,3 +273,34 @@ def healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_copy_of_the_database_started_beside_production_touches_nothing(
+    libvirt_lab: LibvirtLab, libvirt_services: MakeServices, tmp_path: Path
+) -> None:
+    """The claim lives on the host (a libvirt secret), where a copy finds the one its
+    original renews: the copy refuses to act until it is an installation of its own."""
+    import sqlite3
+
+    from dynvm.engine.claim import Contested
+    from dynvm.model import LeaseRequest
+
+    production, _ = libvirt_services("production.db")
+    [prod] = production.engine.acquire(LeaseRequest("prod", "tiny"))
+    with sqlite3.connect(tmp_path / "production.db") as source, sqlite3.connect(tmp_path / "copy.db") as target:
+        source.backup(target)  # what a backup tool makes of a live database
+    production.engine.claim.renew()
+    config = production.config_path
+    copy = build_services(config, f"sqlite:///{tmp_path / 'copy.db'}", intervals=QUIET, replica="staging:5000")
+    try:
+        with pytest.raises(Contested, match="dynvm installation new"):
+            copy.start()
+        assert "prod" in copy.engine.release("prod").failed
+        with pytest.raises(Contested):
+            copy.engine.acquire(LeaseRequest("staging", "tiny"))
+        assert copy.engine.reconcile().orphans_destroyed == []
+    finally:
+        copy.stop()
+    assert prod.ip is not None
+    assert ssh(libvirt_lab, prod.ip, "echo untouched").strip() == "untouched"
+    assert production.engine.release("prod").released == ["prod"]

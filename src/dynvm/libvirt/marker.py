@@ -17,11 +17,16 @@ namespace, and the names of the clone volumes. The one place that knows them. ::
 The domain is defined, marked, before its disk exists and before it starts, so no step of a
 create leaves an unmarked domain. Its disk is the volume ``dynvm-<installation>-<lease>``
 (and ``.qcow2``): a volume left when a delete failed is known by its name alone.
+
+The installation's claim on a host (``engine/claim.py``) is a libvirt secret of the host,
+not private, whose UUID is derived from the installation id: a value the host keeps for
+every client, where a copy of the database finds the claim its original renews.
 """
 
 from __future__ import annotations
 
 import enum
+import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -116,3 +121,18 @@ def lease_of_volume(name: str, installation: str) -> str | None:
     if not name.startswith(head) or not name.endswith(VOLUME_SUFFIX):
         return None
     return name.removeprefix(head).removesuffix(VOLUME_SUFFIX) or None
+
+
+CLAIM_NAMESPACE = uuid.UUID("5d0c54a4-8f5e-4f55-9a0e-6f2b3c9d7e11")  # dynvm's, for claim secrets' UUIDs
+
+
+def claim_secret(installation: str) -> str:
+    """The UUID of the secret that holds ``installation``'s claim on a host."""
+    return str(uuid.uuid5(CLAIM_NAMESPACE, installation))
+
+
+def claim_secret_xml(secret_uuid: str, installation: str) -> str:
+    secret = ET.Element("secret", ephemeral="no", private="no")
+    ET.SubElement(secret, "uuid").text = secret_uuid
+    ET.SubElement(secret, "description").text = f"dynvm: the claim of installation {installation}"
+    return ET.tostring(secret, encoding="unicode")

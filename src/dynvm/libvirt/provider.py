@@ -24,8 +24,9 @@ from ..provider import (
     QuarantinedVm,
     ReconcileReport,
 )
-from . import leaks
+from . import leaks, marker
 from .inventory import HostState, HostView, Inventory
+from .libvirt_api import libvirt
 from .provision import Provisioner
 from .room import need_on, room_on
 from .settings import LibvirtHostSettings
@@ -43,7 +44,6 @@ class LibvirtProvider:
         self._settings = settings
         self._installation = installation
         self._monotonic = monotonic
-        self._claims: dict[str, str] = {}
 
     # -- life ------------------------------------------------------------------------------
 
@@ -164,12 +164,32 @@ class LibvirtProvider:
     # -- the installation's claim ------------------------------------------------------------
 
     def read_claim(self, host: HostSettings) -> str | None:
-        """A libvirt host has no record to keep a claim on; this process keeps it."""
-        return self._claims.get(host.ref) if self._up(host) is not None else None
+        """The installation's claim as the host keeps it: a libvirt secret (a value the host
+        stores, readable by any client of it) named by the installation id
+        (``marker.claim_secret``); None when there is none or the host is down."""
+        connection = self.inventory.connection(host.ref) if self._up(host) is not None else None
+        if connection is None:
+            return None
+        try:
+            value: bytes = connection.secretLookupByUUIDString(marker.claim_secret(self._installation())).value()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return None
+            raise
+        return value.decode()
 
     def write_claim(self, host: HostSettings, claim: str) -> None:
-        if self._up(host) is not None:
-            self._claims[host.ref] = claim
+        connection = self.inventory.connection(host.ref) if self._up(host) is not None else None
+        if connection is None:
+            return
+        uuid = marker.claim_secret(self._installation())
+        try:
+            secret = connection.secretLookupByUUIDString(uuid)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+                raise
+            secret = connection.secretDefineXML(marker.claim_secret_xml(uuid, self._installation()), 0)
+        secret.setValue(claim.encode(), 0)
 
     # -- what this installation owns -------------------------------------------------------
 
