@@ -4,6 +4,7 @@ without libvirt running: the real guests are in tests/libvirt)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,18 @@ def test_the_guest_image_is_built_from_this_machines_packages_and_reused(tmp_pat
     again: list[str] = []
     image.build(tmp_path / "image", again.append)
     assert again == [f"reusing the guest image in {tmp_path / 'image'}"]
+
+
+def test_a_lab_in_a_folder_qemus_user_cannot_reach_keeps_its_pool_where_it_can(tmp_path: Path) -> None:
+    from dynvm.libvirt.lab import pool_folder
+
+    private = tmp_path / "home"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    assert pool_folder("dynvm-lab", private / ".lab") == Path("/var/lib/libvirt/images/dynvm-lab")
+    shared = Path(tempfile.mkdtemp(dir="/var/tmp"))  # /var/tmp: every user may pass through
+    try:
+        shared.chmod(0o755)
+        assert pool_folder("dynvm-lab", shared) == shared / "pool"
+    finally:
+        shared.rmdir()

@@ -45,10 +45,7 @@ class Lab:
     started_daemons: list[str] = field(default_factory=list)
     made_network: bool = False
     made_pool: bool = False
-
-    @property
-    def pool_path(self) -> Path:
-        return self.directory / "pool"
+    pool_path: Path | None = None  # where its volumes live: in ``directory`` when QEMU's own user can reach it
 
     def section(self, number: int, image: GuestImage, direct_boot: bool = True, memory_mib: int = 128) -> str:
         """A ``[libvirthostN]`` section for this lab (software emulation: ``domain.type=qemu``)."""
@@ -134,6 +131,18 @@ def pool_xml(name: str, path: Path) -> str:
     return ET.tostring(pool, encoding="unicode")
 
 
+def reachable_by_others(path: Path) -> bool:
+    """Whether a user other than this one may pass through every folder down to ``path``
+    (QEMU runs as its own user: a pool in a home folder of mode 0700 cannot be opened)."""
+    return all(folder.stat().st_mode & 0o001 for folder in [*path.parents, path] if folder.exists())
+
+
+def pool_folder(name: str, directory: Path) -> Path:
+    """``directory``/pool, or, when QEMU's user could not reach it, a folder of libvirt's own."""
+    wanted = directory / "pool"
+    return wanted if reachable_by_others(directory) else Path("/var/lib/libvirt/images") / name
+
+
 def free_subnet(connection: Any) -> str:
     """A /24 in 192.168.200-254 that no libvirt network on this host uses."""
     used = set()
@@ -152,6 +161,7 @@ def start(name: str, directory: Path, image: GuestImage, subnet: str = "") -> La
     name; one left by an earlier lab of the same name is replaced). ``subnet``: the
     guests' /24 ("192.168.231"); by default one no other libvirt network uses."""
     lab = Lab(name, directory.resolve(), subnet)
+    lab.pool_path = pool = pool_folder(name, lab.directory)
     lab.started_daemons = start_daemons()
     connection = libvirt.open(URI)
     try:
@@ -161,11 +171,11 @@ def start(name: str, directory: Path, image: GuestImage, subnet: str = "") -> La
         network = connection.networkDefineXML(network_xml(name, subnet))
         lab.made_network = True
         network.create()
-        lab.pool_path.mkdir(parents=True, exist_ok=True)
-        lab.pool_path.chmod(0o755)
-        shutil.copyfile(image.disk, lab.pool_path / image.disk.name)
-        pool = connection.storagePoolDefineXML(pool_xml(name, lab.pool_path), 0)
-        pool.create(0)
+        pool.mkdir(parents=True, exist_ok=True)  # the lab's own: nothing else lives there
+        pool.chmod(0o755)
+        shutil.copyfile(image.disk, pool / image.disk.name)
+        defined = connection.storagePoolDefineXML(pool_xml(name, pool), 0)
+        defined.create(0)
         lab.made_pool = True
     except libvirt.libvirtError as e:
         connection.close()
@@ -196,7 +206,8 @@ def stop(lab: Lab, remove_domains: bool = True) -> None:
         if lab.made_network:
             _remove_network(connection, lab.name)
         connection.close()
-    shutil.rmtree(lab.pool_path, ignore_errors=True)
+    if lab.pool_path is not None and lab.pool_path.name in ("pool", lab.name):  # only the folder start made
+        shutil.rmtree(lab.pool_path, ignore_errors=True)
     stop_daemons(lab.started_daemons)
 
 
