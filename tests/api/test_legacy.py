@@ -163,8 +163,11 @@ def test_counting_stays_fast_while_a_hundred_getservers_wait_and_stopping_rolls_
         timing=Timing(boot_seconds=3600),  # they wait until dynvm stops
         intervals=Intervals(reap=3600, reconcile=3600, export=3600, sync_wait=10, shutdown_grace=0.1),
     )
+    # their own client, whose time-out outlasts every wait below (the default 60 s does not,
+    # on a machine loaded by the rest of the suite and the real guests beside it)
+    waiting = httpx.Client(base_url=service.url, timeout=600, limits=httpx.Limits(max_connections=200))
     with ThreadPoolExecutor(100) as pool:
-        pending = [pool.submit(service.get, f"/getservers/wait{n}") for n in range(100)]
+        pending = [pool.submit(waiting.get, f"/getservers/wait{n}") for n in range(100)]
         # 100 creates at once write their leases and progress: slow on a loaded disk
         wait_for(lambda: len(service.services.engine.lease_store.active()) == 100, timeout=180)
         for _ in range(20):  # counting never queues behind them: else it would wait out their hour-long boot
@@ -174,6 +177,7 @@ def test_counting_stays_fast_while_a_hundred_getservers_wait_and_stopping_rolls_
         ] == []  # all still waiting for their VMs (the bench times it)
         service.services.stop()  # as on SIGTERM: creates still in flight are cancelled and rolled back
         answers = [f.result() for f in pending]
+    waiting.close()
     assert {a.status_code for a in answers} == {502}
     assert all("cancelled: dynvm is stopping" in a.text for a in answers)
     for index in (0, 1):

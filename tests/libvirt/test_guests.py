@@ -304,3 +304,20 @@ def test_a_copy_of_the_database_started_beside_production_touches_nothing(
     assert prod.ip is not None
     assert ssh(libvirt_lab, prod.ip, "echo untouched").strip() == "untouched"
     assert production.engine.release("prod").released == ["prod"]
+
+
+def test_two_sections_that_reach_one_host_count_it_once(
+    libvirt_lab: LibvirtLab, libvirt_services: MakeServices
+) -> None:
+    second = libvirt_lab.lab.section(2, libvirt_lab.image)  # the same qemu:///system, as people copy a section
+    services, _ = libvirt_services(extra="\n" + second)
+    wait_for("both sections read", lambda: all(services.provider.status(h) for h in services.settings.hosts))
+    first, again = (services.provider.status(h) for h in services.settings.hosts)
+    assert first is not None
+    assert again is not None
+    assert first.up
+    assert not again.up
+    assert again.same_pool_as == "1"
+    assert "the same host as [libvirthost1]" in again.error
+    alone, _ = libvirt_services("alone.db")
+    assert services.engine.available_count("tiny") == alone.engine.available_count("tiny") > 0

@@ -153,6 +153,8 @@ class _Watched:
     changed: queue.SimpleQueue[str | None] = field(default_factory=queue.SimpleQueue)  # uuids; None: all
     thread: threading.Thread | None = None
     updating: threading.Lock = field(default_factory=threading.Lock)
+    generation: int = 0  # counts the single-domain reads
+    touched: dict[str, int] = field(default_factory=dict)  # uuid -> the generation of its last single read
 
 
 class Inventory:
@@ -330,8 +332,12 @@ class Inventory:
                 self._read_domain(watched, uuid)
 
     def _read_all(self, watched: _Watched) -> None:
+        """Everything, afresh. A domain read on its own meanwhile (a create, a hand-out)
+        keeps that newer reading: a full read that began before it must not undo it."""
         connection = watched.connection
         host = watched.settings
+        with watched.updating:
+            began = watched.generation
         _model, memory_mib, cpus, *_ = connection.getInfo()
         capabilities = ET.fromstring(connection.getCapabilities())
         domains = []
@@ -360,20 +366,25 @@ class Inventory:
             network_active = bool(connection.networkLookupByName(host.network).isActive())
         except libvirt.libvirtError:
             network_active = False
-        watched.view = HostView(
-            ref=host.ref,
-            state=HostState.UP,
-            name=connection.getHostname(),
-            host_uuid=capabilities.findtext("host/uuid") or "",
-            cpus=int(cpus),
-            memory_total=int(memory_mib) * 1024 * 1024,
-            memory_free=int(connection.getFreeMemory()),
-            domains=tuple(domains),
-            volumes=tuple(volumes),
-            pool_available=available,
-            pool_path=path,
-            network_active=network_active,
-        )
+        name, free = connection.getHostname(), int(connection.getFreeMemory())
+        with watched.updating:
+            newer = {uuid for uuid, generation in watched.touched.items() if generation > began}
+            kept = [d for d in watched.view.domains if d.uuid in newer]
+            watched.touched = {u: g for u, g in watched.touched.items() if g > watched.generation - 10_000}
+            watched.view = HostView(
+                ref=host.ref,
+                state=HostState.UP,
+                name=name,
+                host_uuid=capabilities.findtext("host/uuid") or "",
+                cpus=int(cpus),
+                memory_total=int(memory_mib) * 1024 * 1024,
+                memory_free=free,
+                domains=(*(d for d in domains if d.uuid not in newer), *kept),
+                volumes=tuple(volumes),
+                pool_available=available,
+                pool_path=path,
+                network_active=network_active,
+            )
 
     def _read_domain(self, watched: _Watched, uuid: str) -> None:
         try:
@@ -384,6 +395,8 @@ class Inventory:
             fresh = None
         free = int(watched.connection.getFreeMemory())
         with watched.updating:  # the watcher and a provisioning thread may both read one host
+            watched.generation += 1
+            watched.touched[uuid] = watched.generation
             view = watched.view
             others = tuple(d for d in view.domains if d.uuid != uuid)
             domains = others if fresh is None else (*others, fresh)

@@ -70,9 +70,10 @@ def running(daemon: str) -> bool:
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, 0)
+        status = Path(f"/proc/{pid}/status").read_text()
     except (OSError, ValueError):
         return False
-    return True
+    return "\nState:\tZ" not in status  # a daemon that exited but nobody reaped (no init here) is not running
 
 
 def start_daemons(timeout: float = 30.0) -> list[str]:
