@@ -17,6 +17,7 @@ from dynvm.runtime import Services, build_services
 
 from .api.conftest import RunningService
 from .conftest import QUIET, FakeClock
+from .sim.simtools import wait_for
 
 ADDRESSES = ("127.0.77.1", "127.0.77.2", "127.0.77.3")
 
@@ -82,13 +83,6 @@ def static_services(tmp_path: Path) -> Iterator[Callable[..., tuple[Services, Fa
         services.stop()
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
-        time.sleep(0.02)
-
-
 def test_the_seeds_session_hands_out_each_machine_to_one_lease_at_a_time(
     static_services, listeners: int, tmp_path: Path
 ) -> None:
@@ -113,15 +107,17 @@ def test_the_seeds_session_hands_out_each_machine_to_one_lease_at_a_time(
         shown = service.get("/showall/centos").json()["5"]
         assert sorted(vm["name"] for vm in shown if vm["power_state"] == "Running") == ["alice1", "alice2"]
         assert service.get("/releaseservers/alice", os="centos", count=2).status_code == 200
+        # both resets
         wait_for(
-            "both resets",
             lambda: (tmp_path / "resets").exists() and len((tmp_path / "resets").read_text().splitlines()) == 2,
+            timeout=10,
         )
         assert sorted((tmp_path / "resets").read_text().splitlines()) == [
             "box1 127.0.77.1 centos",
             "box2 127.0.77.2 centos",
         ]
-        wait_for("idle again", lambda: service.get("/getavailablecount/centos").text == "3")
+        # idle again
+        wait_for(lambda: service.get("/getavailablecount/centos").text == "3", timeout=10)
         again = service.get("/getservers/bob", os="centos", count=3)
         assert sorted(again.json()) == list(ADDRESSES)
     finally:
@@ -148,7 +144,8 @@ def test_a_machine_whose_reset_fails_is_taken_out_and_shown(static_services, lis
     [lease] = services.engine.acquire(request("once"))
     assert lease.ip == "127.0.77.1"
     services.engine.release("once")
-    wait_for("the failed reset", lambda: "out of service" in services.provider.status(host(services)).error)
+    # the failed reset
+    wait_for(lambda: "out of service" in services.provider.status(host(services)).error, timeout=10)
     status = services.provider.status(host(services))
     assert "box1: the reset command exited 3: disk wipe failed" in status.error
     [box1] = [m for m in services.provider.machines(host(services)) if m.ref == "box1"]
@@ -204,7 +201,8 @@ def test_a_request_waits_in_the_queue_for_a_machine_given_back(static_services, 
         location = posted.headers["Location"]
         assert service.http.get(location).json()["state"] == "queued"
         service.get("/releaseservers/full", os="centos", count=3).raise_for_status()
-        wait_for("served from the queue", lambda: service.http.get(location).json()["state"] == "ready", timeout=30)
+        # served from the queue
+        wait_for(lambda: service.http.get(location).json()["state"] == "ready", timeout=30)
         [vm] = service.http.get(location).json()["vms"]
         assert vm["ip"] in ADDRESSES
     finally:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,18 +19,11 @@ from dynvm.runtime import Services, build_services
 
 from ..api.conftest import RunningService
 from ..conftest import QUIET, FakeClock
+from ..sim.simtools import wait_for
 from ..test_serve import ServeProcess
 from .conftest import LibvirtLab, ssh
 
 MakeServices = Callable[..., tuple[Services, FakeClock]]
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not after {timeout} s")
-        time.sleep(0.1)
 
 
 def test_the_seeds_curl_session_on_real_guests(libvirt_lab: LibvirtLab, libvirt_services: MakeServices) -> None:
@@ -95,7 +87,8 @@ def test_a_domain_destroyed_by_hand_leaves_the_mirror_by_its_event(
         dom.destroy()
         dom.undefine()
         connection.close()
-        wait_for("the mirror drops the domain", lambda: services.provider.machines(host(services)) == [], timeout=10)
+        # the mirror drops the domain
+        wait_for(lambda: services.provider.machines(host(services)) == [], timeout=10, interval=0.1)
         clock.advance(60)  # past the grace a new VM has to show in the mirror
         report = services.engine.reconcile()
         assert report.vanished == ["byhand"]
@@ -114,7 +107,8 @@ def test_another_installation_never_touches_these_guests(
     try:
         [address] = service.get("/getservers/keepme", os="tiny").json()
         theirs.provider.wait_synced(10)
-        wait_for("the other installation sees the domain", lambda: len(theirs.provider.machines(host(theirs))) == 1)
+        # the other installation sees the domain
+        wait_for(lambda: len(theirs.provider.machines(host(theirs))) == 1, timeout=60, interval=0.1)
         report = theirs.engine.reconcile()
         assert report.orphans_destroyed == []
         assert report.quarantined == []
@@ -155,8 +149,11 @@ def test_a_ready_pool_hands_out_a_real_guest(libvirt_lab: LibvirtLab, libvirt_se
     service = RunningService(services, None)
     try:
         services.engine.ready_pools.tick()
+        # the ready VM
         wait_for(
-            "the ready VM", lambda: [lease.state.value for lease in services.engine.lease_store.pooled()] == ["ready"]
+            lambda: [lease.state.value for lease in services.engine.lease_store.pooled()] == ["ready"],
+            timeout=60,
+            interval=0.1,
         )
         [address] = service.get("/getservers/warm", os="tiny").json()
         [vm] = service.get("/showall/tiny").json()["1"]
@@ -186,7 +183,8 @@ def test_kill_9_during_creates_leaves_nothing_after_a_restart(libvirt_lab: Libvi
 
     asking = threading.Thread(target=ask)
     asking.start()
-    wait_for("the creates begin", lambda: len(libvirt_lab.ours()[0]) == 2, timeout=30)
+    # the creates begin
+    wait_for(lambda: len(libvirt_lab.ours()[0]) == 2, timeout=30, interval=0.1)
     first.process.kill()  # SIGKILL: no clean-up of its own
     first.process.wait()
     asking.join()
@@ -194,7 +192,8 @@ def test_kill_9_during_creates_leaves_nothing_after_a_restart(libvirt_lab: Libvi
     assert len(libvirt_lab.ours()[0]) == 2  # what it was making is still there...
     second = ServeProcess(config, db, port=first.port)  # ...until the same replica starts again
     try:
-        wait_for("the restart removes what the dead process made", lambda: libvirt_lab.ours() == ([], []), timeout=60)
+        # the restart removes what the dead process made
+        wait_for(lambda: libvirt_lab.ours() == ([], []), timeout=60, interval=0.1)
         leases = httpx.get(f"{second.url}/api/v1/leases", params={"all": "true"}).json()
         assert [lease["name"] for lease in leases if lease["state"] in ("creating", "ready")] == []
         answer = httpx.get(f"{second.url}/getservers/after", params={"os": "tiny"}, timeout=120)
@@ -251,7 +250,8 @@ def test_dynvm_lab_serves_real_guests_and_tears_down_what_it_made(libvirt_lab: L
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for("the lab serves", lambda: lab.poll() is None and healthy(url), timeout=120)
+        # the lab serves
+        wait_for(lambda: lab.poll() is None and healthy(url), timeout=120, interval=0.1)
         answer = httpx.get(f"{url}/getservers/demoserver", params={"os": "tiny"}, timeout=120)
         assert answer.status_code == 200, answer.text
         assert ssh(libvirt_lab, answer.json()[0], "hostname").strip() == "dynvm-guest"
@@ -311,7 +311,8 @@ def test_two_sections_that_reach_one_host_count_it_once(
 ) -> None:
     second = libvirt_lab.lab.section(2, libvirt_lab.image)  # the same qemu:///system, as people copy a section
     services, _ = libvirt_services(extra="\n" + second)
-    wait_for("both sections read", lambda: all(services.provider.status(h) for h in services.settings.hosts))
+    # both sections read
+    wait_for(lambda: all(services.provider.status(h) for h in services.settings.hosts), timeout=60, interval=0.1)
     first, again = (services.provider.status(h) for h in services.settings.hosts)
     assert first is not None
     assert again is not None
