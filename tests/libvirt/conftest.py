@@ -8,7 +8,6 @@ they skip and say so; under ``CI=true`` a libvirt that cannot start fails the ru
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import tempfile
@@ -69,25 +68,11 @@ class LibvirtLab:
 
     def clean(self) -> None:
         """Remove every domain and clone volume of the lab: each test starts from none."""
-        import libvirt
+        from dynvm.libvirt import lab
 
-        connection = self.connection()
-        try:
-            for dom in connection.listAllDomains(0):
-                if dom.name().startswith("dynvm-"):
-                    with contextlib.suppress(libvirt.libvirtError):
-                        if dom.isActive():
-                            dom.destroy()
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.undefine()
-            pool = connection.storagePoolLookupByName(self.lab.name)
-            for volume in pool.listAllVolumes(0):
-                if volume.name() != self.image.disk.name:
-                    subprocess.run(["chattr", "-i", volume.path()], capture_output=True)
-                    with contextlib.suppress(libvirt.libvirtError):
-                        volume.delete(0)
-        finally:
-            connection.close()
+        for path in self.lab.pool_path.iterdir():  # a test may have left one undeletable
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        lab.clear(self.lab, keep=self.image.disk.name)
 
 
 @pytest.fixture(scope="session")

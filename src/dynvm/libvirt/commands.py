@@ -49,12 +49,14 @@ def own_network_namespace() -> bool:
 def libvirtd_elsewhere() -> int | None:
     """The pid of a libvirtd that runs in another network namespace than this process
     (its guests' network would be out of this process's reach), or None."""
+    from .lab import daemon_pid
+
+    pid = daemon_pid("libvirtd")
     try:
-        pid = int(Path("/run/libvirtd.pid").read_text().strip())
-        theirs = os.stat(f"/proc/{pid}/ns/net").st_ino
-    except (OSError, ValueError):
+        theirs = os.stat(f"/proc/{pid}/ns/net").st_ino if pid is not None else None
+    except OSError:
         return None
-    return pid if theirs != os.stat("/proc/self/ns/net").st_ino else None
+    return pid if theirs is not None and theirs != os.stat("/proc/self/ns/net").st_ino else None
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ watcher's connection from their own threads (``Inventory.connection``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import queue
@@ -212,12 +213,12 @@ class Inventory:
     def view(self, ref: str) -> HostView | None:
         with self._lock:
             watched = self._hosts.get(ref)
-            if watched is None:
-                return None
-            same = [w for w in self._hosts.values() if w.view.host_uuid]
+            others = list(self._hosts.values())
+        if watched is None:
+            return None
         view = watched.view
         if view.state is HostState.UP and view.host_uuid:
-            earlier = [w for w in same if w.view.host_uuid == view.host_uuid and int(w.settings.ref) < int(ref)]
+            earlier = [w for w in others if w.view.host_uuid == view.host_uuid and int(w.settings.ref) < int(ref)]
             if earlier:
                 first = min(earlier, key=lambda w: int(w.settings.ref))
                 return HostView(
@@ -400,4 +401,4 @@ class Inventory:
             view = watched.view
             others = tuple(d for d in view.domains if d.uuid != uuid)
             domains = others if fresh is None else (*others, fresh)
-            watched.view = HostView(**{**view.__dict__, "domains": domains, "memory_free": free})
+            watched.view = dataclasses.replace(view, domains=domains, memory_free=free)

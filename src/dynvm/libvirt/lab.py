@@ -65,15 +65,16 @@ class Lab:
         return "\n".join(lines) + "\n"
 
 
-def running(daemon: str) -> bool:
-    pid_file = Path(f"/run/{daemon}.pid")
+def daemon_pid(daemon: str) -> int | None:
+    """The pid of a running ``daemon`` (libvirtd, virtlogd) from its pid file, or None.
+    A daemon that exited but that nobody reaped (no init here) is not running."""
     try:
-        pid = int(pid_file.read_text().strip())
+        pid = int(Path(f"/run/{daemon}.pid").read_text().strip())
         os.kill(pid, 0)
         status = Path(f"/proc/{pid}/status").read_text()
     except (OSError, ValueError):
-        return False
-    return "\nState:\tZ" not in status  # a daemon that exited but nobody reaped (no init here) is not running
+        return None
+    return None if "\nState:\tZ" in status else pid
 
 
 def start_daemons(timeout: float = 30.0) -> list[str]:
@@ -81,7 +82,7 @@ def start_daemons(timeout: float = 30.0) -> list[str]:
     daemons this call started."""
     started = []
     for daemon in DAEMONS:
-        if running(daemon):
+        if daemon_pid(daemon) is not None:
             continue
         binary = shutil.which(daemon) or f"/usr/sbin/{daemon}"
         if not Path(binary).exists():
@@ -186,22 +187,16 @@ def start(name: str, directory: Path, image: GuestImage, subnet: str = "") -> La
     return lab
 
 
-def stop(lab: Lab, remove_domains: bool = True) -> None:
-    """Remove what ``start`` made: the lab's domains (those on its pool), its pool and its
-    network, then stop the daemons it started."""
+def stop(lab: Lab) -> None:
+    """Remove what ``start`` made: the lab's guests, its pool and its network, then stop
+    the daemons it started."""
     quiet_errors()
     try:
         connection = libvirt.open(URI)
     except libvirt.libvirtError:
         connection = None
     if connection is not None:
-        if remove_domains:
-            for dom in connection.listAllDomains(0):
-                with contextlib.suppress(libvirt.libvirtError):
-                    if f"pool='{lab.name}'" in dom.XMLDesc(0) or f'pool="{lab.name}"' in dom.XMLDesc(0):
-                        if dom.isActive():
-                            dom.destroy()
-                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        _remove_guests(connection, lab)
         if lab.made_pool:
             _remove_pool(connection, lab.name)
         if lab.made_network:
@@ -210,6 +205,31 @@ def stop(lab: Lab, remove_domains: bool = True) -> None:
     if lab.pool_path is not None and lab.pool_path.name in ("pool", lab.name):  # only the folder start made
         shutil.rmtree(lab.pool_path, ignore_errors=True)
     stop_daemons(lab.started_daemons)
+
+
+def clear(lab: Lab, keep: str) -> None:
+    """Remove the lab's guests and every volume of its pool but ``keep`` (the base): the
+    lab as ``start`` left it."""
+    connection = libvirt.open(URI)
+    try:
+        _remove_guests(connection, lab)
+        for volume in connection.storagePoolLookupByName(lab.name).listAllVolumes(0):
+            if volume.name() != keep:
+                with contextlib.suppress(libvirt.libvirtError):
+                    volume.delete(0)
+    finally:
+        connection.close()
+
+
+def _remove_guests(connection: Any, lab: Lab) -> None:
+    """Stop and undefine every domain whose disk is in the lab's pool."""
+    for dom in connection.listAllDomains(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            disks = ET.fromstring(dom.XMLDesc(0)).iterfind("devices/disk/source")
+            if any(disk.get("pool") == lab.name for disk in disks):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
 
 def _remove_network(connection: Any, name: str) -> None:

@@ -17,7 +17,6 @@ reconcile (``engine/upkeep.py``) through ``LibvirtProvider.collect_leaks``."""
 from __future__ import annotations
 
 import logging
-import threading
 
 from ..provider import LeakJudge, QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
 from . import marker
@@ -26,9 +25,6 @@ from .provision import Provisioner
 from .settings import LibvirtHostSettings
 
 log = logging.getLogger(__name__)
-
-_first_seen: dict[str, float] = {}  # loose volume name -> when its quarantine began (this process)
-_first_seen_lock = threading.Lock()
 
 
 class LeakCollector:
@@ -40,7 +36,11 @@ class LeakCollector:
         installation: str,
         judge: LeakJudge,
         report: ReconcileReport,
+        loose_since: dict[str, float],
     ) -> None:
+        """``loose_since``: loose volume name -> when its quarantine began; kept by the
+        provider from one pass to the next (in memory: a volume carries no stamp)."""
+        self.loose_since = loose_since
         self.host = host
         self.view = view
         self.provisioner = provisioner
@@ -90,18 +90,14 @@ class LeakCollector:
         if verdict is Verdict.KEEP:
             return  # its create is under way (the domain is defined first, so this is brief)
         if verdict is Verdict.UNKNOWN:
-            with _first_seen_lock:
-                since = _first_seen.get(volume.name)
-            step = self.judge.quarantine_step(since)
+            step = self.judge.quarantine_step(self.loose_since.get(volume.name))
             if step is QuarantineStep.QUARANTINE:
-                with _first_seen_lock:
-                    _first_seen[volume.name] = self.judge.now()
+                self.loose_since[volume.name] = self.judge.now()
                 self.report.quarantined.append(volume.name)
             if step is not QuarantineStep.DESTROY:
                 return
         self.provisioner.delete_volume(volume.name)  # DestroyFailed: counted by the pass, tried again next time
-        with _first_seen_lock:
-            _first_seen.pop(volume.name, None)
+        self.loose_since.pop(volume.name, None)
         self.report.disks_destroyed.append(volume.name)
         log.warning("reconcile: deleted volume %s on %s: no VM or lease held it", volume.name, self.host.display)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from ..config import Settings
 from ..hosts import HostSettings
@@ -44,6 +45,8 @@ class LibvirtProvider:
         self._settings = settings
         self._installation = installation
         self._monotonic = monotonic
+        self._loose_since: dict[str, float] = {}  # leaks.LeakCollector's, from one pass to the next
+        self._hold_locks = tuple(threading.Lock() for _ in range(64))  # striped by VM: a hand-out reads, then writes
 
     # -- life ------------------------------------------------------------------------------
 
@@ -131,7 +134,12 @@ class LibvirtProvider:
     def _provisioner(self, host: HostSettings) -> Provisioner:
         common = self._settings().common
         return Provisioner(
-            libvirt_host(host), self.inventory, common.network_timeout_secs, self._installation(), self._monotonic
+            libvirt_host(host),
+            self.inventory,
+            common.network_timeout_secs,
+            self._installation(),
+            self._hold_locks,
+            self._monotonic,
         )
 
     def create(
@@ -163,11 +171,16 @@ class LibvirtProvider:
 
     # -- the installation's claim ------------------------------------------------------------
 
+    def _claim_connection(self, host: HostSettings) -> Any:
+        """The connection to keep the claim through: None while the host is down, or
+        counted under an earlier section (that one keeps it)."""
+        return self.inventory.connection(host.ref) if self._up(host) is not None else None
+
     def read_claim(self, host: HostSettings) -> str | None:
         """The installation's claim as the host keeps it: a libvirt secret (a value the host
         stores, readable by any client of it) named by the installation id
         (``marker.claim_secret``); None when there is none or the host is down."""
-        connection = self.inventory.connection(host.ref) if self._up(host) is not None else None
+        connection = self._claim_connection(host)
         if connection is None:
             return None
         try:
@@ -179,7 +192,7 @@ class LibvirtProvider:
         return value.decode()
 
     def write_claim(self, host: HostSettings, claim: str) -> None:
-        connection = self.inventory.connection(host.ref) if self._up(host) is not None else None
+        connection = self._claim_connection(host)
         if connection is None:
             return
         uuid = marker.claim_secret(self._installation())
@@ -229,7 +242,7 @@ class LibvirtProvider:
         if view is None:
             return
         leaks.LeakCollector(
-            libvirt_host(host), view, self._provisioner(host), self._installation(), judge, report
+            libvirt_host(host), view, self._provisioner(host), self._installation(), judge, report, self._loose_since
         ).run()
 
     def quarantined(self, host: HostSettings, keep_seconds: float) -> list[QuarantinedVm]:

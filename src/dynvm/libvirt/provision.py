@@ -19,11 +19,12 @@ keeps its name, and leak collection (``leaks.py``) deletes it later.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 ADDRESS_POLL = 0.05  # seconds between reads of the network's leases while a guest boots
 QEMU_OVERHEAD_MIB = 64  # what QEMU itself takes beside the guest's memory (measured: 60-70 MiB)
-
-_HOLD_LOCKS = tuple(threading.Lock() for _ in range(64))  # striped by VM: a hand-out reads and writes its mark
 
 
 def describe(name: str, image: str) -> str:
@@ -126,12 +125,16 @@ class Provisioner:
         inventory: Inventory,
         network_timeout: float,
         installation: str,
+        hold_locks: Sequence[threading.Lock],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``hold_locks``: the provider's, striped by VM (``hand_out`` reads a mark, then
+        writes it: one step within this process)."""
         self.host = host
         self.inventory = inventory
         self.network_timeout = network_timeout
         self.installation = installation
+        self.hold_locks = hold_locks
         self.clock = clock
 
     def _connection(self) -> Any:
@@ -291,7 +294,7 @@ class Provisioner:
             dom = connection.lookupByUUIDString(uuid)
         except libvirt.libvirtError as e:
             raise ProvisionError(f"{spec.name}: its ready VM is gone: {e.get_error_message()}", self.host.ref) from None
-        with _hold_lock(uuid):
+        with self.hold_locks[hash(uuid) % len(self.hold_locks)]:
             try:
                 view = domain_view(dom, addresses=False)
                 if marker.ownership(view.mark, self.installation) is not marker.Ownership.OURS or (
@@ -308,7 +311,7 @@ class Provisioner:
                         self.host.ref,
                     )
                 if spec.holder is not None and held is None:
-                    self._set_mark(dom, view.mark.__class__(**{**view.mark.__dict__, "holder": spec.holder}))
+                    self._set_mark(dom, dataclasses.replace(view.mark, holder=spec.holder))
                 if view.title != spec.name:
                     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
                     dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, spec.name, None, None, flags)
@@ -396,13 +399,9 @@ class Provisioner:
             return False
         if dom.isActive():
             dom.destroy()
-        self._set_mark(dom, marker.Mark(**{**view.mark.__dict__, "quarantined_at": now}))
+        self._set_mark(dom, dataclasses.replace(view.mark, quarantined_at=now))
         self.inventory.changed(self.host.ref, uuid)
         return True
-
-
-def _hold_lock(uuid: str) -> threading.Lock:
-    return _HOLD_LOCKS[hash(uuid) % len(_HOLD_LOCKS)]
 
 
 def _alive(connection: Any) -> bool:

@@ -75,7 +75,7 @@ class StaticProvider:
     def status(self, host: HostSettings) -> HostStatus:
         static = static_host(host)
         holds = self.holds.of(host.ref)
-        out = [h for h in holds.values() if h.state == OUT and static.machine(h.machine)]
+        out = [holds[name] for name in out_of_service(static, holds)]
         error = ""
         if out:
             shown = "; ".join(f"{h.machine}: {h.error}" for h in out)
@@ -102,7 +102,8 @@ class StaticProvider:
     ) -> HostRoom:
         static = static_host(host)
         holds = self.holds.of(host.ref)
-        in_service = [m for m in static.machines if holds.get(m.name, None) is None or holds[m.name].state != OUT]
+        out = out_of_service(static, holds)
+        in_service = [m for m in static.machines if m.name not in out]
         if empty:
             idle = len(in_service)
         else:
@@ -116,9 +117,7 @@ class StaticProvider:
         if os != static.os:
             return f"{host.section} holds no {os} machine"
         holds = self.holds.of(host.ref)
-        if static.machines and all(
-            holds.get(m.name) is not None and holds[m.name].state == OUT for m in static.machines
-        ):
+        if static.machines and len(out_of_service(static, holds)) == len(static.machines):
             return f"{host.section}: every machine is out of service (its reset failed)"
         return None
 
@@ -345,6 +344,11 @@ def run_reset(host: StaticHostSettings, machine: StaticMachine, lease_id: str) -
         said = (done.stderr or done.stdout).strip().splitlines()
         return f"the reset command exited {done.returncode}" + (f": {said[-1]}" if said else "")
     return ""
+
+
+def out_of_service(host: StaticHostSettings, holds: Mapping[str, Hold]) -> list[str]:
+    """The configured machines that are out of service, in the configuration's order."""
+    return [m.name for m in host.machines if (hold := holds.get(m.name)) is not None and hold.state == OUT]
 
 
 def machine_uuid(host: HostSettings, machine: StaticMachine) -> str:
