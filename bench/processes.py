@@ -11,8 +11,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from dynvm.api.server import serves_database
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -62,13 +65,18 @@ def serve_argv(config: Path, db: Path | str, port: int, *extra: str) -> list[str
     ]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
-    """Return once ``url``/healthz answers; ``RuntimeError`` if the process exits first or
-    ``timeout`` seconds pass."""
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float, db: Path | str | None = None) -> None:
+    """Return once ``url``/healthz answers (with ``db``: answers for that database, not
+    another process that took the port first); ``RuntimeError`` if the process exits first
+    or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
+    db_url = None if db is None else db if isinstance(db, str) else f"sqlite:///{db}"
     while True:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if db_url is not None:
+                if serves_database(url, db_url):
+                    return
+            elif httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -79,14 +87,32 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def start_serve(
+    config: Path, db: Path | str, *extra: str, port: int | None = None, timeout: float = 60, **popen: Any
+) -> tuple[subprocess.Popen, int]:
+    """``dynvm serve`` on ``port``, or on a free one (picked again should another process
+    bind it first), once it answers for ``db``: the process and its port."""
+    for _ in range(1 if port else 3):
+        chosen = port or free_port()
+        process = subprocess.Popen(serve_argv(config, db, chosen, *extra), **popen)
+        try:
+            wait_healthy(f"http://127.0.0.1:{chosen}", process, timeout, db)
+            return process, chosen
+        except RuntimeError:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+                raise
+            if port:
+                raise
+    raise RuntimeError("dynvm serve exited at start, on three ports in a row")
+
+
 @contextlib.contextmanager
 def serve_process(config: Path, db: Path, timeout: float = 60) -> Iterator[str]:
     """``dynvm serve`` on a free port; yields its base URL once /healthz answers."""
-    port = free_port()
-    process = subprocess.Popen(serve_argv(config, db, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    process, port = start_serve(config, db, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_healthy(url, process, timeout)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         _stop(process)

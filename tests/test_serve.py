@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bench.processes import free_port, serve_argv, wait_healthy
+from bench.processes import free_port, serve_argv, start_serve
 
 from dynvm.model import LeaseRequest
 from dynvm.sim.settings import Timing
@@ -27,16 +27,13 @@ class ServeProcess:
     """A ``dynvm serve`` process; ``db`` is a SQLite file or a database URL."""
 
     def __init__(self, config: Path, db: Path | str, *extra: str, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            serve_argv(config, db, self.port, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
         try:
-            wait_healthy(self.url, self.process, timeout=60)
+            self.process, self.port = start_serve(
+                config, db, *extra, port=port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         except RuntimeError as e:
-            self.process.kill()
-            pytest.fail(f"{e}: {self.process.communicate()[0]}")
+            pytest.fail(f"dynvm serve did not start: {e}")
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def metric(self, name: str) -> float:
         """A metric without labels, read from the process's ``/metrics``."""

@@ -448,6 +448,7 @@ def lab_command(
     import urllib.request
 
     from .api.server import PortTaken, bind
+    from .store.installation import installation_of
 
     console = Console()
     try:  # before anything starts: a lab must never report another process's service as its own
@@ -490,7 +491,7 @@ def lab_command(
                         break
                 except (OSError, ValueError):
                     time.sleep(0.2)
-            if serve.poll() is not None or answered.get("installation") != _installation_of(db_url):
+            if serve.poll() is not None or answered.get("installation") != installation_of(db_url):
                 console.print(f"Error: port {port} is answered by another service, not this lab's", style="red")
                 raise typer.Exit(1)
             console.print(f"dynvm serves {lab.what} at {base}  (config: {config_path})", markup=False)
@@ -576,19 +577,6 @@ def with_db_url(config_text: str, db_url: str) -> str:
     at = next(i for i, line in enumerate(lines) if line.strip() == "[common]")
     lines.insert(at + 1, f"db.url={db_url}")
     return "\n".join(lines) + "\n"
-
-
-def _installation_of(db_url: str) -> str | None:
-    from .store.db import Database
-    from .store.installation import InstallationStore
-
-    database = Database(db_url)
-    try:
-        return InstallationStore(database).installation_id()
-    except Exception:
-        return None
-    finally:
-        database.close()
 
 
 DbOption = Annotated[

@@ -17,6 +17,22 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
+def serves_database(url: str, db_url: str) -> bool:
+    """Whether the dynvm at ``url`` answers, and is the one serving ``db_url``: on a port
+    picked free a moment before, another process may have bound it first, and another
+    test's or lab's service must never be taken for one's own."""
+    import httpx
+
+    from ..store.installation import installation_of
+
+    try:
+        answer = httpx.get(f"{url}/healthz", params={"detail": "true"}, timeout=2)
+        answered = answer.json().get("installation") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return False
+    return answered is not None and answered == installation_of(db_url)
+
+
 class PortTaken(Exception):
     """The address is in use (or cannot be bound); the message says which."""
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import httpx
 
+from ..api.server import serves_database
 from ..store.db import Database
 from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
@@ -166,30 +167,28 @@ class LiveReplay:
         """The service, its clock reading the slice's start when it starts; yields its URL
         and the offset from wall time to its clock's reading at wall time 0 (so that its
         clock reads ``offset + speed * wall``)."""
-        port = _free_port()
-        argv = [sys.executable, "-m", "dynvm", "serve", "--config", str(config), "--db", f"sqlite:///{db_path}"]
-        argv += ["--port", str(port), "--log-level", "warning", "--clock-speed", f"{self.speed:g}"]
-        argv += ["--clock-start", f"{self.options.start:.3f}"]
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while not self._answers(url):
-                if process.poll() is not None:
-                    raise LiveReplayError("dynvm serve exited at start")
-                if time.monotonic() > deadline:
-                    raise LiveReplayError(f"dynvm serve did not answer within {START_TIMEOUT:.0f} s")
-                time.sleep(0.1)
-            yield url, self._offset(url)
-        finally:
-            _stop(process)
-
-    @staticmethod
-    def _answers(url: str) -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        db_url = f"sqlite:///{db_path}"
+        for _ in range(3):  # a port picked free may be taken before dynvm binds it: pick another
+            port = _free_port()
+            argv = [sys.executable, "-m", "dynvm", "serve", "--config", str(config), "--db", db_url]
+            argv += ["--port", str(port), "--log-level", "warning", "--clock-speed", f"{self.speed:g}"]
+            argv += ["--clock-start", f"{self.options.start:.3f}"]
+            process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + START_TIMEOUT
+                while not serves_database(url, db_url):
+                    if process.poll() is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        raise LiveReplayError(f"dynvm serve did not answer within {START_TIMEOUT:.0f} s")
+                    time.sleep(0.1)
+                else:
+                    yield url, self._offset(url)
+                    return
+            finally:
+                _stop(process)
+        raise LiveReplayError("dynvm serve exited at start")
 
     def _offset(self, url: str, samples: int = 7) -> float:
         """The service's clock against ours, from the quickest of a few readings (its time

@@ -55,3 +55,14 @@ class InstallationStore:
             )
             conn.execute(update(installation).values(id=new_id, created_at=now, claim_seq=0, claim_token=None))
             return old, int(ended or 0)
+
+
+def installation_of(db_url: str) -> str | None:
+    """The installation id a database holds, or None (not made yet, or not reachable)."""
+    database = Database(db_url)
+    try:
+        return InstallationStore(database).installation_id()
+    except Exception:
+        return None
+    finally:
+        database.close()
