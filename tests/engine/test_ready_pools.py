@@ -246,18 +246,15 @@ def test_a_queued_request_is_served_from_the_pool_and_the_pool_yields_to_a_queue
     wait_for(lambda: pool_of(services).refilling == 0 and len(engine.lease_store.pooled()) == 2, timeout=10)
     wait_for(lambda: pool_of(services).ready == 2, timeout=10)
     other = engine.submit(LeaseRequest("winjob", "windows"), 600)
-    engine.scheduler.run_pass()
-    assert engine.request_store.get(other.id).state == "queued"  # the pool's room is still taken
-    report = engine.ready_pools.tick()
-    assert len(report.yielded) == 1  # one idle ready VM per host per pass makes way
-    assert report.started == []  # and nothing refills while someone waits
+    engine.scheduler.run_pass()  # windows needs 6 CPUs: both idle ready VMs make way in this pass
+    assert [lease.name for lease in engine.lease_store.pooled() if lease.state == "ready"] == []
+    assert engine.ready_pools.tick().started == []  # and nothing refills while someone waits
 
     def served() -> bool:
-        engine.ready_pools.tick()
         engine.scheduler.run_pass()
         return engine.request_store.get(other.id).state == "ready"
 
-    wait_for(served, timeout=15, interval=0.1)  # windows needs 6 CPUs: two ready VMs make way
+    wait_for(served, timeout=15, interval=0.1)
 
 
 def test_refill_makes_at_most_refill_per_host_at_once_and_backs_off_a_failing_host(make_services, sim_lab):
@@ -439,3 +436,24 @@ def test_a_ready_vm_the_host_says_another_request_holds_is_never_handed_out(make
     again = dataclasses.replace(spec, holder="a-request-of-another-database")
     services.provider.hand_out(lab.host(), pooled.vm_ref, again)  # its own holder: idempotent
     assert xapi.VM.get_name_label(pooled.vm_ref) == "bob"
+
+
+def test_a_ready_vm_still_being_made_stops_and_gives_its_room_to_a_request():
+    """A VM being made for a pool cannot be destroyed like an idle one, but it must not hold
+    room a request needs either: its create is stopped, and the request gets the room."""
+    from dynvm.replay.model import VirtualClock
+    from dynvm.replay.runner import ReplayOptions, model_engine
+    from dynvm.states import LeaseState
+
+    clock = VirtualClock(1000.0)
+    options = ReplayOptions(hosts=1, policy="fixed", fixed={"centos": 8})
+    with model_engine({"centos", "windows"}, options, clock) as (engine, hosts):
+        assert len(engine.ready_pools.tick().started) == 8  # the whole host, all of it being made
+        wait_for(lambda: hosts.blocked == 8, timeout=10)  # each waits for its create time
+        [lease] = engine.acquire(LeaseRequest("urgent", "windows"))  # 6 CPUs: two must stop
+        assert lease.ip
+        ended = [x for x in engine.lease_store.ever_pooled() if x.state == LeaseState.FAILED]
+        assert len(ended) == 2
+        assert all("its room went to a request" in (x.error or "") for x in ended)
+        assert hosts.blocked == 6  # the other six are still being made
+        assert engine.ready_pools._backoff.waiting("1") == 0  # making way is no failure of the host

@@ -90,3 +90,27 @@ def test_targets_are_bounded_by_the_maximum_the_room_and_a_fair_share():
     assert shared["centos"].target == 30  # 60 of 80 wanted: three quarters of the room
     assert shared["windows"].target == 10
     assert {f.capped_by for f in shared.values()} == {"share"}
+
+
+def test_a_lab_its_demand_keeps_busy_has_no_pools_until_the_load_falls():
+    # 60 VMs an hour held 30 minutes each keep 30 VMs busy (Little's law)
+    sizing = LearnedSizing(margin=1.0)
+    t = MONDAY
+    while t < MONDAY + HOUR:
+        sizing.model.observe("centos", t, 1, hold=1800.0)
+        t += 60
+    now = MONDAY + HOUR
+    roomy = sizing.targets(now, {"centos": 65}, room={"centos": 100}, maxima={}, slots={"centos": 100})
+    assert roomy["centos"].target > 0  # 30 of 100 busy: the pool hides the create
+    busy = sizing.targets(now, {"centos": 65}, room={"centos": 10}, maxima={}, slots={"centos": 36})
+    assert sizing.load(busy, {"centos": 36}, {}) == pytest.approx(30 / 36, rel=0.05)
+    assert (busy["centos"].target, busy["centos"].capped_by) == (0, "busy")  # requests will wait anyway
+    # with no hold seen in the history, the ended leases' hold counts
+    fresh = LearnedSizing(margin=1.0)
+    steady(fresh, "centos", MONDAY, MONDAY + HOUR, per_hour=60)
+    unknown = fresh.targets(now, {"centos": 65}, room={"centos": 10}, maxima={}, slots={"centos": 36})
+    assert unknown["centos"].capped_by == ""  # no hold known: no load to judge by
+    known = fresh.targets(
+        now, {"centos": 65}, room={"centos": 10}, maxima={}, slots={"centos": 36}, holds={"centos": 1800}
+    )
+    assert known["centos"].target == 0

@@ -275,11 +275,17 @@ class Admission:
             self.ctx.leases.insert(conn, [new], [choice.need.memory])
         return new
 
-    def reserve_pool_vm(self, settings: Settings, os: str, blocked: set[str]) -> Lease | None:
+    def reserve_pool_vm(self, settings: Settings, os: str, blocked: set[str], headroom: int = 0) -> Lease | None:
         """Reserve room for one ready VM of ``os`` on the host with most room, not on a
         host in ``blocked``; None when none may take one now (nor if it would delay a
-        queued request)."""
+        queued request), or when room for no more than ``headroom`` VMs of ``os`` would be
+        left: room kept free for the requests expected while it is made."""
         with self._locked(settings) as (conn, reserved):
+            if (
+                headroom > 0
+                and placement.available(self._locked_candidates(settings, reserved, os, None, None)) <= headroom
+            ):
+                return None
             choice = self._place_one(settings, reserved, os, exclude=blocked)
             if choice is None:
                 return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,8 @@ from . import eta
 from .capacity import Capacity
 
 YIELD_SECONDS = 2.0  # how soon an idle ready-pool VM makes way for a waiting request (a pools pass)
-LEARN_EVERY = 30.0  # seconds between re-reading create and hold times from the ended leases
+LEARN_EVERY = 30.0  # seconds (the engine's clock) between reading the create and hold times of leases
+LEARN_KEEP = 500  # create and hold times kept per OS: the latest
 
 
 def user_of(record: RequestRecord) -> str:
@@ -89,8 +90,15 @@ class QueuePolicy:
         self.requests = requests
         self.clock = clock
         self._timing: eta.Timing | None = None
-        self._learned_at = -LEARN_EVERY
+        self._learned_at = float("-inf")
         self._hold: dict[str, float] = {}
+        # what was learned so far, per OS (the latest LEARN_KEEP), and where the next read starts
+        self._creates: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
+        self._holds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
+        self._fractions: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
+        self._made_since = self._ended_since = float("-inf")
+        self._made_seen: set[str] = set()  # ids read at the last read's latest moment (read again next time)
+        self._ended_seen: set[str] = set()
         # during a pass: what requests alike share (needs per host, whether they can ever
         # fit), computed once; templates and host sizes do not change within a pass
         self._memo: dict[tuple[object, ...], Any] | None = None
@@ -102,31 +110,47 @@ class QueuePolicy:
     # -- learning ----------------------------------------------------------------------
 
     def timing(self) -> eta.Timing:
-        """Create times and hold fractions per OS, from the leases that ended lately."""
-        now = time.monotonic()
+        """Create times and hold fractions per OS, learned from the leases made and ended
+        lately (the last ``LEARN_KEEP`` of each per OS); read again every ``LEARN_EVERY``
+        seconds of the engine's clock, only what is new since the last read."""
+        now = self.clock()
         if self._timing is None or now - self._learned_at >= LEARN_EVERY:
-            creates: dict[str, list[float]] = defaultdict(list)
-            fractions: dict[str, list[float]] = defaultdict(list)
-            holds: dict[str, list[float]] = defaultdict(list)
-            for lease in self.leases.recent_ended():
-                if lease.create_seconds:
-                    creates[lease.os].append(lease.create_seconds)
-                if lease.handed_over_at is not None and lease.released_at is not None:
-                    lifetime = lease.expires_at - lease.handed_over_at
-                    held = max(0.0, lease.released_at - lease.handed_over_at)
-                    holds[lease.os].append(held)
-                    if lifetime > 0:
-                        fractions[lease.os].append(min(1.0, held / lifetime))
+            self._learn()
             self._timing = eta.Timing(
-                create={os: statistics.median(v) for os, v in creates.items()},
-                hold_fraction={os: statistics.median(v) for os, v in fractions.items()},
+                create={os: statistics.median(v) for os, v in self._creates.items() if v},
+                hold_fraction={os: statistics.median(v) for os, v in self._fractions.items() if v},
             )
-            self._hold = {os: statistics.median(v) for os, v in holds.items()}
+            self._hold = {os: statistics.median(v) for os, v in self._holds.items() if v}
             self._learned_at = now
         return self._timing
 
-    def hold_seconds(self, settings: Settings) -> dict[str, float]:
+    def _learn(self) -> None:
+        made = self.leases.made_since(self._made_since)
+        for lease_id, os, _ready_at, seconds in made:
+            if lease_id not in self._made_seen:
+                self._creates[os].append(seconds)
+        if made:
+            self._made_since = made[-1][2]
+            self._made_seen = {row[0] for row in made if row[2] == self._made_since}
+        ended = self.leases.ended_since(self._ended_since)
+        for lease_id, os, handed_over_at, released_at, expires_at in ended:
+            if lease_id in self._ended_seen:
+                continue
+            held = max(0.0, released_at - handed_over_at)
+            self._holds[os].append(held)
+            lifetime = expires_at - handed_over_at
+            if lifetime > 0:
+                self._fractions[os].append(min(1.0, held / lifetime))
+        if ended:
+            self._ended_since = ended[-1][3]
+            self._ended_seen = {row[0] for row in ended if row[3] == self._ended_since}
+
+    def hold_seconds(self, settings: Settings, learned_only: bool = False) -> dict[str, float]:
+        """Per OS, the median hold of its ended leases; for an OS with none, its whole
+        lifetime (``learned_only``: left out)."""
         self.timing()
+        if learned_only:
+            return dict(self._hold)
         default = settings.common.expiry_minutes * 60
         return {os: self._hold.get(os, default) for os in settings.os_keys}
 
@@ -146,6 +170,8 @@ class QueuePolicy:
         for lease in self.leases.active():
             if lease.pooled and lease.state == LeaseState.READY:
                 end = now + YIELD_SECONDS  # an idle ready VM makes way for those who wait
+            elif lease.pooled:  # a ready VM being made makes way once it is made
+                end = max(now, lease.created_at + timing.create_seconds(lease.os)) + YIELD_SECONDS
             else:
                 end = eta.expected_end(
                     now, lease.os, lease.state, lease.handed_over_at, lease.created_at, lease.expires_at, timing
@@ -222,7 +248,7 @@ class QueuePolicy:
             need = candidate.needs[host_ref]
             releases.append(eta.Release(end, host_ref, member, need.cpus, need.memory, need.disk))
         after = self._head_eta(settings, snap.now, rooms, releases, head)
-        return after is None or after > before + 1.0
+        return after is None or after > before + 1e-3  # any later: a delay, however short
 
     # -- immediate requests ------------------------------------------------------------
 

@@ -12,7 +12,9 @@ gives way to real demand:
   pool has no VM on, is made cold; so is the rest of a request the pool cannot cover;
 - a request that does not fit takes the room of idle ready VMs of other OSes: they are
   destroyed first (``make_room``); while requests wait in the queue, nothing is refilled,
-  and idle VMs of OSes nobody waits for are recycled one per host per pass;
+  and every idle VM that holds room a waiting request could use is recycled at once, but
+  for those the queue itself will take (``make_way``, from the scheduler's pass): a pool
+  never makes anyone wait longer than no pool would;
 - refill runs on the leader only, at most ``[pools] refill.per.host`` creates at once per
   host, and backs off (``backoff.REFILL``) on a host whose create failed.
 
@@ -24,6 +26,7 @@ pool's target is recycled (destroyed; the pass after refills it). ``tick`` does 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -102,6 +105,9 @@ class ReadyPools:
         self._backoff = Backoff(REFILL)  # per host ref
         self._forecasts: dict[str, Forecast] = {}
         self._sized_at: tuple[float, float] | None = None  # (when, margin) of the last learned sizing
+        self._short_at = float("-inf")  # when a request last waited, or was refused, for room
+        self._making: dict[str, threading.Event] = {}  # lease id -> its stop, for the ready VMs this process makes
+        self._making_lock = threading.Lock()
 
     # -- targets ---------------------------------------------------------------------------
 
@@ -134,7 +140,7 @@ class ReadyPools:
             documents = [d for d in self.ctx.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS]
             demands = sorted([*requests_in_history(documents, now), *self._learned], key=lambda d: d.arrival_s)
             for demand in demands:
-                sizing.model.observe(demand.os, demand.arrival_s, demand.count)
+                sizing.model.observe(demand.os, demand.arrival_s, demand.count, demand.hold_s)
             self._sizing, self._loaded_at = sizing, now
         return self._sizing
 
@@ -161,7 +167,9 @@ class ReadyPools:
         room = self._room_by_os(settings, oses)
         maxima = {os: settings.ready_pools.maximum(os) for os in oses}
         create = {os: timing.create_seconds(os) for os in oses}
-        self._forecasts = sizing.targets(now, create, room, maxima, oses)
+        slots = self._slots_by_os(settings, oses)
+        holds = self.policy.hold_seconds(settings, learned_only=True)
+        self._forecasts = sizing.targets(now, create, room, maxima, oses, slots, holds)
         self._sized_at = (now, margin)
         return self._forecasts
 
@@ -179,6 +187,20 @@ class ReadyPools:
             mine = {lease.id for lease in ready if lease.os == os}
             self.stock.give_back_idle(candidates, exclude=mine, pooled=ready)
             out[os] = len(mine) + placement.available(candidates)
+        return out
+
+    def _slots_by_os(self, settings: Settings, oses: list[str]) -> dict[str, int]:
+        """Per OS, how many of its VMs the whole lab holds, empty (hosts that answer)."""
+        overcommit = settings.common.cpu_overcommit
+        rooms = {host.ref: self.ctx.provider.room(host, overcommit, [], empty=True) for host in settings.hosts}
+        out = {}
+        for os in oses:
+            total = 0
+            for host in settings.hosts:
+                room, need = rooms[host.ref], self.ctx.provider.need(host, os, None, None)
+                if room is not None and need is not None:
+                    total += room.fits(need)
+            out[os] = total
         return out
 
     def status(self) -> list[PoolStatus]:
@@ -210,28 +232,47 @@ class ReadyPools:
 
     # -- giving way to demand --------------------------------------------------------------
 
-    def make_room(self, settings: Settings, request: LeaseRequest, count: int) -> list[Lease]:
+    def make_room(
+        self,
+        settings: Settings,
+        request: LeaseRequest,
+        count: int,
+        keep: set[str] = frozenset(),  # type: ignore[assignment]  # read only
+    ) -> list[Lease]:
         """A request for ``count`` more VMs than fit now: destroy idle ready VMs (of any OS
-        but those it could take itself) until they would fit; the VMs destroyed, [] when
-        even that would not be enough (then nothing is destroyed)."""
+        but those it could take itself, and but ``keep``), the newest first, and if that is
+        not enough stop those this process is still making, until they would fit; the VMs
+        taken off the pools, [] when they fit already or even that would not be enough
+        (then nothing is touched). A stopped create gives its room back once it has
+        removed what it made (the caller tries again for ``ROOM_SHOWS_WITHIN``)."""
+        self._short_at = self._clock()
         own = self.stock.eligible(request.cpus, request.memory)  # then its own OS's ready VMs are its to take
-        idle = [
-            lease
-            for lease in self.ctx.leases.pooled()
-            if lease.state == LeaseState.READY
-            and (request.host_ref is None or lease.host_ref == request.host_ref)
-            and not (own and lease.os == request.os)
-        ]
-        if not idle:
+        with self._making_lock:
+            making = dict(self._making)
+        idle, being_made = [], []
+        for lease in self.ctx.leases.pooled():
+            if lease.id in keep or (own and lease.os == request.os):
+                continue
+            if request.host_ref is not None and lease.host_ref != request.host_ref:
+                continue
+            if lease.state == LeaseState.READY:
+                idle.append(lease)
+            elif lease.state == LeaseState.CREATING and lease.id in making:
+                being_made.append(lease)
+        if not idle and not being_made:
             return []
         reserved = self.capacity.reserved_now()
         candidates = self.capacity.candidates(
             settings, request.os, request.cpus, request.memory, reserved, request.host_ref
         )
-        if not candidates:
+        if not candidates or placement.available(candidates) >= count:
             return []
         victims: list[Lease] = []
-        for lease in sorted(idle, key=oldest_first):
+        newest_first = [
+            *sorted(idle, key=oldest_first, reverse=True),
+            *sorted(being_made, key=oldest_first, reverse=True),
+        ]
+        for lease in newest_first:
             if placement.available(candidates) >= count:
                 break
             target = next((c for c in candidates if c.host.ref == lease.host_ref), None)
@@ -241,8 +282,12 @@ class ReadyPools:
             victims.append(lease)
         if placement.available(candidates) < count:
             return []
+        ready = [lease for lease in victims if lease.state == LeaseState.READY]
         reason = "recycled: its room went to a request"
-        self.releaser.release(settings, victims, [LeaseState.READY], LeaseState.RELEASED, reason, pooled=True)
+        self.releaser.release(settings, ready, [LeaseState.READY], LeaseState.RELEASED, reason, pooled=True)
+        for lease in victims:
+            if lease.id in making:
+                making[lease.id].set()
         log.info("ready pools: recycled %s to make room for %s", ", ".join(v.name for v in victims), request.username)
         return victims
 
@@ -262,8 +307,9 @@ class ReadyPools:
             staying = [lease for lease in everything if lease.id not in gone]
             queued = self.ctx.requests.in_state(RequestState.QUEUED)
             if queued:
-                self._yield_to(settings, staying, queued, report)
-            else:
+                self._short_at = self._clock()
+                report.yielded = self._make_way(settings, [lease for lease in staying if is_idle(lease)], queued)
+            elif not self._lab_was_full(settings, targets):
                 self._refill(settings, staying, targets, report)
             return report
 
@@ -310,22 +356,56 @@ class ReadyPools:
         """The mirror had time to show a VM that just joined the pool."""
         return (lease.pooled_at or 0) < now - 5.0
 
-    def _yield_to(
-        self, settings: Settings, pooled: list[Lease], queued: list[RequestRecord], report: TickReport
-    ) -> None:
-        """Requests wait: refill nothing, and recycle one idle ready VM per host of an OS
-        nobody waits for (the scheduler serves those who wait for a pooled OS from it)."""
-        wanted = {record.os for record in queued}
-        seen: set[str] = set()
-        for lease in sorted(pooled, key=oldest_first):
-            if lease.state != LeaseState.READY or lease.os in wanted or lease.host_ref in seen:
-                continue
-            seen.add(lease.host_ref)
-            _, taken = self.releaser.release(
-                settings, [lease], [LeaseState.READY], LeaseState.RELEASED, "recycled: requests wait", pooled=True
-            )
-            if taken:
-                report.yielded.append(lease.name)
+    def make_way(self, waiting: list[RequestRecord]) -> list[str]:
+        """Requests wait for room: for each in turn, recycle the idle ready VMs whose room
+        lets it fit now (``make_room``), newest first, but never those the waiting requests
+        will take themselves (per OS, as many as they ask for, the oldest). The names
+        recycled.
+
+        Called by the scheduler's pass (on the leader) for the requests it leaves waiting,
+        and by the pools' own pass: a ready VM never holds room a waiting request could
+        start in, so a pool never makes the queue slower than no pool would. Never refills;
+        never touches a VM a request has taken."""
+        with self._lock:
+            if self.ctx.contested is not None or not waiting:
+                return []
+            settings = self.ctx.settings()
+            return self._make_way(settings, [lease for lease in self.ctx.leases.pooled() if is_idle(lease)], waiting)
+
+    def _lab_was_full(self, settings: Settings, targets: dict[str, int]) -> bool:
+        """A request waited or was refused for room less than one create time ago: a refill
+        now would take room the next such request needs, and a VM being made cannot make
+        way. In a lab too small for its demand, the pools then wait for a quiet moment."""
+        timing = self.policy.timing()
+        quiet = max((timing.create_seconds(os) for os, n in targets.items() if n > 0), default=0.0)
+        return self._clock() - self._short_at < quiet
+
+    def _make_way(self, settings: Settings, idle: list[Lease], waiting: list[RequestRecord]) -> list[str]:
+        self._short_at = self._clock()
+        queue_takes: set[str] = set()  # idle VMs the waiting requests will take themselves, the oldest
+        cold: list[tuple[RequestRecord, int]] = []  # each waiting request, and how many of its VMs need room
+        for record in waiting:
+            warm: list[Lease] = []
+            if self.stock.eligible(record.cpus, record.memory):
+                free = [
+                    lease
+                    for lease in sorted(idle, key=oldest_first)
+                    if lease.os == record.os
+                    and lease.id not in queue_takes
+                    and record.host_ref in (None, lease.host_ref)
+                ]
+                warm = free[: record.count]
+                queue_takes |= {lease.id for lease in warm}
+            cold.append((record, record.count - len(warm)))
+        recycled: list[str] = []
+        for record, count in cold:
+            if count > 0:
+                recycled += [
+                    lease.name for lease in self.make_room(settings, record.request(), count, keep=queue_takes)
+                ]
+        if recycled:
+            self.ctx.room_freed.set()
+        return recycled
 
     def _refill(self, settings: Settings, pooled: list[Lease], targets: dict[str, int], report: TickReport) -> None:
         targets = {os: n for os, n in targets.items() if n > 0}
@@ -334,17 +414,31 @@ class ReadyPools:
         pooled = [lease for lease in pooled if lease.state in (LeaseState.CREATING, LeaseState.READY)]
         have = Counter(lease.os for lease in pooled)
         busy = Counter(lease.host_ref for lease in pooled if lease.state == LeaseState.CREATING)
+        headroom = self._headroom(settings)
         for os in sorted(targets):
             for _ in range(max(0, targets[os] - have[os])):
-                lease = self._reserve_one(settings, os, busy)
+                lease = self._reserve_one(settings, os, busy, headroom)
                 if lease is None:
                     break
                 busy[lease.host_ref] += 1
                 have[os] += 1
                 report.started.append(lease.name)
-                self.ctx.builders.submit(self._make, settings, lease)
+                stop = threading.Event()
+                with self._making_lock:
+                    self._making[lease.id] = stop
+                self.ctx.builders.submit(self._make, settings, lease, stop)
 
-    def _reserve_one(self, settings: Settings, os: str, busy: Counter[str]) -> Lease | None:
+    def _headroom(self, settings: Settings) -> int:
+        """With learned sizing, how many VMs the requests expected within one create time
+        ask for, all OSes together: a refill never takes the room they would be made in. A
+        VM being made for a pool cannot make way, so in a lab too small for its demand a
+        refill would make a request wait that no pool would have; in a lab with room to
+        spare this holds nothing back."""
+        if settings.ready_pools.sizing != "learned":
+            return 0
+        return math.ceil(sum(f.rate_per_hour * f.create_seconds / 3600 for f in self.forecasts(settings).values()))
+
+    def _reserve_one(self, settings: Settings, os: str, busy: Counter[str], headroom: int = 0) -> Lease | None:
         """Reserve room for one ready VM of ``os`` on the host with most room that is not
         at its refill limit nor backing off; None when none may take one now."""
         blocked = {
@@ -352,21 +446,43 @@ class ReadyPools:
             for host in settings.hosts
             if busy[host.ref] >= settings.ready_pools.refill_per_host or self._backoff.waiting(host.ref) > 0
         }
-        return self.admission.reserve_pool_vm(settings, os, blocked)
+        return self.admission.reserve_pool_vm(settings, os, blocked, headroom)
 
-    def _make(self, settings: Settings, lease: Lease) -> None:
-        """Make one ready VM (a builder thread); it joins its pool once it answers."""
+    def _make(self, settings: Settings, lease: Lease, stop: threading.Event) -> None:
+        """Make one ready VM (a builder thread); it joins its pool once it answers. ``stop``:
+        set when it makes way for a request before it is made (``make_room``)."""
         ctx = self.ctx
         try:
-            ready = self.creator.create_one(settings, lease, pinned=True)
+            ready = self.creator.create_one(settings, lease, pinned=True, cancel=_MakingCancel(ctx.cancel, stop))
         except Exception as e:
+            if stop.is_set():
+                why = "recycled while it was made: its room went to a request"
+                ctx.leases.finish([lease.id], LeaseState.FAILED, self._clock(), why, by=Actor.BUILDER)
+                log.info("ready pools: %s %s", lease.name, why)
+                ctx.room_freed.set()
+                return
             ctx.leases.finish([lease.id], LeaseState.FAILED, self._clock(), str(e), by=Actor.BUILDER)
             delay = self._backoff.failed(lease.host_ref)
             log.warning("ready pools: %s on host %s failed: %s", lease.name, lease.host_ref, e)
             log.warning("ready pools: host %s failed a refill; left alone for %.0f s", lease.host_ref, delay)
             return
+        finally:
+            with self._making_lock:
+                self._making.pop(lease.id, None)
         self._backoff.succeeded(lease.host_ref)
         now = self._clock()
         if ctx.leases.mark_pooled(ready.id, now, now + settings.ready_pools.ready_ttl_minutes * 60) is None:
             log.info("ready pools: %s ended while it was made", lease.name)
         ctx.room_freed.set()  # a queued request may take it
+
+
+class _MakingCancel:
+    """What a ready-pool VM's create checks between its steps: dynvm stopping, or the VM
+    making way for a request (``ReadyPools.make_room``)."""
+
+    def __init__(self, stopping: threading.Event, stop: threading.Event) -> None:
+        self._stopping = stopping
+        self._stop = stop
+
+    def is_set(self) -> bool:
+        return self._stopping.is_set() or self._stop.is_set()

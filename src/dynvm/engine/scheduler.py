@@ -54,18 +54,21 @@ class Scheduler:
         requests: RequestStore,
         stock: ReadyStock,
         grant: Callable[[RequestRecord], bool],
+        make_way: Callable[[list[RequestRecord]], list[str]],
         wake: threading.Event,
         report: Callable[..., None],
         clock: Callable[[], float] = time.time,
         interval: float = 0.5,
     ) -> None:
-        """``grant``: serve a queued request now (``Queue.grant``); ``wake``: set by whoever
+        """``grant``: serve a queued request now (``Queue.grant``); ``make_way``: give the
+        waiting requests the room idle ready VMs hold (``ReadyPools.make_way``); ``wake``: set by whoever
         gives room back or queues a request; ``report``: the engine's listeners."""
         self._settings = settings
         self.policy = policy
         self.store = requests
         self.stock = stock
         self.grant = grant
+        self.make_way = make_way
         self.clock = clock
         self.interval = interval
         self._wake = wake
@@ -142,6 +145,17 @@ class Scheduler:
                     report.refused.append(record.id)
             else:
                 order.append(record)
+        left, snap = self._serve(settings, order, report)
+        if left and self.make_way(left):  # idle ready VMs gave their room back: serve again
+            left, snap = self._serve(settings, left, report)
+        report.waiting = len(left)
+        self._forecast(settings, snap, left)
+        return report
+
+    def _serve(
+        self, settings: Settings, order: list[RequestRecord], report: PassReport
+    ) -> tuple[list[RequestRecord], Snapshot]:
+        """Serve what may go now, in order; the requests left waiting and the last snapshot."""
         head: RequestRecord | None = None
         left: list[RequestRecord] = []
         snap = self.policy.fresh_snapshot(settings)
@@ -169,9 +183,7 @@ class Scheduler:
             if head is None:
                 head = record
             left.append(record)
-        report.waiting = len(left)
-        self._forecast(settings, snap, left)
-        return report
+        return left, snap
 
     def _end(self, record: RequestRecord, state: RequestState, message: str, kind: str) -> bool:
         """End a queued request that will not be served (a 429 saying why); whether it ended."""

@@ -97,7 +97,15 @@ class LeaseService:
         )
         self.queue = Queue(ctx, self.admission, self.builder, self.ready_pools, self.policy, self.tracker)
         self.scheduler = Scheduler(
-            settings, self.policy, ctx.requests, self.stock, self.queue.grant, ctx.room_freed, ctx.report, clock
+            settings,
+            self.policy,
+            ctx.requests,
+            self.stock,
+            self.queue.grant,
+            self.ready_pools.make_way,
+            ctx.room_freed,
+            ctx.report,
+            clock,
         )
         self.scheduler.events = lambda kind, record: ctx.request_event(kind, record.id)
         self.upkeep = Upkeep(ctx, self.releaser, self.creator, self.capacity)

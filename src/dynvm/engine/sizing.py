@@ -19,6 +19,10 @@ Per OS, from its arrivals (VMs asked for, and when):
    Poisson noise and the profile's own variance. ``margin=0`` keeps just the mean.
 6. **Bounds**: at most ``<os>.max`` (``[pools]``), at most what fits, and, when the OSes
    together want more than fits, each gets its share of the room in proportion to its need.
+7. **A busy lab has no pools.** By Little's law the demand keeps ``rate x mean hold`` VMs
+   busy; when that, all OSes together, is ``BUSY_LOAD`` or more of what the whole lab holds,
+   requests will wait for room anyway, and a ready VM only takes room (and a create) a
+   waiting request needs: every target is 0 (``capped_by="busy"``) until the load falls.
 
 Pure: arrivals and times in, targets out; no database, clock or thread of its own, so the
 service (``ready_pools.py``) and ``dynvm replay`` (virtual time) drive the same code.
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -40,6 +44,8 @@ KEEP_SECONDS = 4 * WEEK  # arrivals older than this are forgotten
 DEFAULT_MARGIN = 1.0
 PROFILE_DECAY = 0.5  # each period further back counts half as much: a changed schedule is learned in days
 DEFAULT_INTERVAL = 300.0  # how long a target holds before it is computed again
+BUSY_LOAD = 0.75  # the share of the lab the demand keeps busy from which the pools stand down
+HOLDS_KEPT = 1000  # hold times kept per OS (the latest) for the mean hold
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Forecast:
     weight: float  # the profile's share of the blend
     create_seconds: float
     margin: float
-    capped_by: str = ""  # "", "max", "room" or "share": what bounded the target
+    capped_by: str = ""  # "", "max", "room", "share" or "busy": what bounded the target
 
 
 class DemandModel:
@@ -66,13 +72,17 @@ class DemandModel:
         self._hours: dict[str, dict[int, int]] = defaultdict(dict)  # os -> hour index -> VMs
         self._first: dict[str, float] = {}
         self._recent: dict[str, list[tuple[float, int]]] = defaultdict(list)  # the last RECENT_SECONDS
+        self._holds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=HOLDS_KEPT))
 
     @property
     def oses(self) -> list[str]:
         return sorted(self._first)
 
-    def observe(self, os: str, at: float, count: int) -> None:
-        """``count`` VMs of ``os`` were asked for at ``at``."""
+    def observe(self, os: str, at: float, count: int, hold: float | None = None) -> None:
+        """``count`` VMs of ``os`` were asked for at ``at`` (and held ``hold`` seconds, when
+        known: a request from the history)."""
+        if hold is not None:
+            self._holds[os].append(hold)
         self._first.setdefault(os, at)
         self._first[os] = min(self._first[os], at)
         hours = self._hours[os]
@@ -82,6 +92,11 @@ class DemandModel:
         recent.append((at, count))
         if len(recent) > 1 and recent[-2][0] > at:
             recent.sort()
+
+    def mean_hold(self, os: str) -> float | None:
+        """The mean hold time of ``os``'s requests seen with one (None: none seen)."""
+        holds = self._holds.get(os)
+        return sum(holds) / len(holds) if holds else None
 
     def forget_before(self, at: float) -> None:
         for os, hours in self._hours.items():
@@ -166,12 +181,17 @@ class LearnedSizing:
         room: Mapping[str, int],
         maxima: Mapping[str, int],
         oses: Iterable[str] | None = None,
+        slots: Mapping[str, int] | None = None,
+        holds: Mapping[str, float] | None = None,
     ) -> dict[str, Forecast]:
         """Targets for every OS (those asked for, else every OS seen). ``maxima``: a
         ceiling per OS. ``room``: per OS, how many of its VMs would fit if the pools held
         nothing else (an OS without an entry is not bounded by room). When the OSes want
         more than fits together, each gets a share in proportion to its need: a target
-        takes ``target / room`` of the hosts, and the shares add up to at most all of them."""
+        takes ``target / room`` of the hosts, and the shares add up to at most all of them.
+        ``slots``: per OS, how many of its VMs the whole lab holds, empty; ``holds``: per
+        OS, its mean hold in seconds where the model has seen none: with both, a busy lab
+        (``BUSY_LOAD``) has no pools."""
         out: dict[str, Forecast] = {}
         for os in sorted(oses if oses is not None else self.model.oses):
             forecast = self.forecast(os, now, create_seconds.get(os, 60.0))
@@ -181,12 +201,25 @@ class LearnedSizing:
             if os in room and room[os] <= 0 and target > 0:
                 target, capped = 0, "room"
             out[os] = _with(forecast, target, capped)
+        if slots is not None and self.load(out, slots, holds or {}) >= BUSY_LOAD:
+            return {os: _with(f, 0, "busy") for os, f in out.items()}
         used = sum(f.target / room[os] for os, f in out.items() if os in room and room[os] > 0)
         if used > 1:
             for os, f in out.items():
                 if os in room and room[os] > 0 and f.target:
                     out[os] = _with(f, math.floor(f.target / used), "share")
         return out
+
+    def load(self, forecasts: Mapping[str, Forecast], slots: Mapping[str, int], holds: Mapping[str, float]) -> float:
+        """The share of the lab the forecast demand keeps busy: per OS, ``rate x mean
+        hold`` VMs over the VMs of that OS the lab holds, summed (an OS with no hold known
+        counts nothing)."""
+        load = 0.0
+        for os, forecast in forecasts.items():
+            hold = self.model.mean_hold(os) or holds.get(os)
+            if hold and slots.get(os, 0) > 0:
+                load += forecast.rate_per_hour * hold / HOUR / slots[os]
+        return load
 
 
 def _with(forecast: Forecast, target: int, capped: str) -> Forecast:

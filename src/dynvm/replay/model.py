@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..config import Settings, windows_os
 from ..engine.ready_stock import POOL_USER
 from ..hosts import HostSettings
-from ..model import CreatedVm, HeldElsewhere, NotDynvmVm, VmSpec
+from ..model import CreatedVm, HeldElsewhere, NotDynvmVm, ProvisionError, VmSpec
 from ..provider import (
     Cancel,
     DestroyResult,
@@ -74,14 +74,22 @@ class VirtualClock:
                 hosts.wakes.remove(at)
             hosts.blocked -= len(due)
 
-    def wait_until(self, at: float, hosts: ModelHosts) -> None:
+    def wait_until(self, at: float, hosts: ModelHosts, cancel: Cancel | None = None) -> bool:
+        """Block until the clock reaches ``at``; False, at once, when ``cancel`` is set first
+        (a ready-pool VM being made that makes way for a request)."""
         with self._moved:
             if at <= self.now:
-                return
+                return True
             hosts.blocked += 1
             hosts.wakes.append(at)
             self._waiting.add(hosts)
-            self._moved.wait_for(lambda: self.now >= at)  # advance() took it off the count
+            while self.now < at:  # advance() takes it off the count
+                if cancel is not None and cancel.is_set():
+                    hosts.wakes.remove(at)
+                    hosts.blocked -= 1
+                    return False
+                self._moved.wait(0.005)
+            return True
 
 
 @dataclass
@@ -198,8 +206,10 @@ class ModelHosts:
                 runs_at=self._clock() + self.create_seconds,
             )
             self._vms[host.ref][vm.ref] = vm
-        if spec.name.startswith(POOL_USER):  # a ready-pool VM is ready when a real one would be
-            self._clock.wait_until(vm.runs_at, self)
+        if spec.name.startswith(POOL_USER) and not self._clock.wait_until(vm.runs_at, self, cancel):
+            with self._lock:  # a ready-pool VM is ready when a real one would be, unless it makes way first
+                self._vms[host.ref].pop(vm.ref, None)
+            raise ProvisionError(f"{spec.name}: cancelled while it was made", host.ref)
         progress("ready")
         return CreatedVm(
             uuid=vm.ref,

@@ -27,7 +27,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,7 @@ class ReplayResult:
     refused: int = 0
     queued: int = 0
     warm: int = 0  # requests served whole from a ready pool
+    warm_vms: int = 0  # VMs handed out from a ready pool (a batch may take some warm, make the rest cold)
     ttv: list[float] = field(default_factory=list)  # per served request, trace seconds
     queue_waits: list[float] = field(default_factory=list)
     vm_seconds_used: float = 0.0
@@ -92,6 +93,10 @@ class ReplayResult:
             "refused": self.refused,
             "queued": self.queued,
             "queue_wait_p95_s": round(pct(self.queue_waits, 0.95), 1),
+            # over every request served (0 for one served at once): a policy that makes more
+            # requests wait shows here even when each waits less
+            "queue_wait_mean_s": round(sum(self.queue_waits) / len(self.ttv), 1) if self.ttv else 0.0,
+            "warm_vm_pct": round(self.warm_vms / self.vms * 100, 1) if self.vms else 0.0,
             "vm_hours_used": round(used, 2),
             "vm_hours_idle": round(idle, 2),
             "overhead_pct": round(idle / used * 100, 2) if used else 0.0,
@@ -128,6 +133,39 @@ def _config(path: Path, oses: Iterable[str], options: ReplayOptions) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def model_engine(
+    oses: Iterable[str], options: ReplayOptions, clock: VirtualClock
+) -> Iterator[tuple[LeaseService, ModelHosts]]:
+    """dynvm's engine (``LeaseService``) on ``options.hosts`` model hosts, a SQLite file in
+    memory-backed scratch space and ``clock``: what a replay runs, and what the engine bench
+    and the hot-path test measure. Stopped and removed on leaving."""
+    work = Path(tempfile.mkdtemp(prefix="dynvm-replay-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    try:
+        settings = load_settings(_config(work / "replay.ini", oses, options))
+        db = Database(f"sqlite:///{work / 'replay.db'}")
+        db.migrate()
+        hosts = ModelHosts(clock, options.create_seconds)
+        hosts.apply(settings)
+        service = LeaseService(
+            lambda: settings,
+            hosts,
+            LeaseStore(db),
+            HistoryStore(db, None, clock),
+            clock=clock,
+            pools_reload_seconds=None,  # the demand model learns from this replay alone
+        )
+        service.ready_pools.resize_seconds = RESIZE_SECONDS
+        try:
+            yield service, hosts
+        finally:
+            clock.advance(float("inf"))  # creates still waiting for the clock end now
+            service.shutdown(grace=5)
+            db.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 class Replay:
     skip_idle_passes = True  # tests turn it off to show that skipping changes nothing
 
@@ -149,34 +187,13 @@ class Replay:
 
     def run(self) -> ReplayResult:
         started = time.perf_counter()
-        work = Path(tempfile.mkdtemp(prefix="dynvm-replay-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-        try:
-            oses = {d.os for d in [*self.trace, *self.history]} or {"centos"}
-            settings = load_settings(_config(work / "replay.ini", oses, self.options))
-            db = Database(f"sqlite:///{work / 'replay.db'}")
-            db.migrate()
-            self.hosts = ModelHosts(self.clock, self.options.create_seconds)
-            self.hosts.apply(settings)
-            service = LeaseService(
-                lambda: settings,
-                self.hosts,
-                LeaseStore(db),
-                HistoryStore(db, None, self.clock),
-                clock=self.clock,
-                pools_reload_seconds=None,  # the demand model learns from this replay alone
-            )
-            service.ready_pools.resize_seconds = RESIZE_SECONDS
+        oses = {d.os for d in [*self.trace, *self.history]} or {"centos"}
+        with model_engine(oses, self.options, self.clock) as (service, hosts):
             if self.history:  # what a running lab would know at the slice's start
                 service.ready_pools.learn(self.history)
-            self.service = service
+            self.service, self.hosts = service, hosts
             self._play()
             self._account()
-            self.clock.advance(float("inf"))  # creates still waiting for the clock end now
-            self._settle()
-            service.shutdown(grace=5)
-            db.close()
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         self.result.wall_seconds = time.perf_counter() - started
         return self.result
 
@@ -229,9 +246,14 @@ class Replay:
             self._waiting[record.id] = (demand, self.clock.now)
             return
         handout = time.perf_counter() - started
-        self._served(demand, [lease.name for lease in leases], all(x.pooled_at for x in leases), handout, 0.0)
+        self._served(demand, leases, handout, 0.0)
 
-    def _served(self, demand: Demand, names: list[str], warm: bool, handout: float, waited: float) -> None:
+    def _served(self, demand: Demand, leases: list[Lease], handout: float, waited: float) -> None:
+        """A request's time is its slowest VM's: a handout when every VM came warm, else a create."""
+        names = [lease.name for lease in leases]
+        warm_vms = sum(1 for lease in leases if lease.pooled_at)
+        warm = warm_vms == len(leases)
+        self.result.warm_vms += warm_vms
         ttv = waited + (handout if warm else self.options.create_seconds)
         self.result.ttv.append(ttv)
         self.result.vms += len(names)
@@ -283,7 +305,7 @@ class Replay:
             leases = service.leases_of(request_id)
             waited = self.clock.now - arrived
             self.result.queue_waits.append(waited)
-            self._served(demand, [x.name for x in leases], all(x.pooled_at for x in leases), 0.0, waited)
+            self._served(demand, leases, 0.0, waited)
 
     def _account(self) -> None:
         end = self.trace[-1].arrival_s if self.trace else 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,8 +73,44 @@ class Database:
         with self.engine.connect() as connection, connection.begin():
             yield connection
 
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[StatementCount]:
+        """Count the statements sent to the database while the block runs (every thread's;
+        ``BEGIN`` and ``COMMIT`` are counted apart): what the hot-path test and the engine
+        bench measure. Not for serving: each statement then pays for a Python callback."""
+        count = StatementCount()
+
+        def seen(conn: Connection, cursor: object, statement: str, *args: object) -> None:
+            count.add(statement)
+
+        def committed(conn: Connection) -> None:
+            count.transactions += 1
+
+        event.listen(self.engine, "before_cursor_execute", seen)
+        event.listen(self.engine, "commit", committed)
+        try:
+            yield count
+        finally:
+            event.remove(self.engine, "before_cursor_execute", seen)
+            event.remove(self.engine, "commit", committed)
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+@dataclass
+class StatementCount:
+    """What ``Database.counting`` saw: statements (``BEGIN`` aside), and commits."""
+
+    statements: int = 0
+    transactions: int = 0
+    texts: list[str] = field(default_factory=list)
+
+    def add(self, statement: str) -> None:
+        if statement.startswith("BEGIN"):
+            return
+        self.statements += 1
+        self.texts.append(statement)
 
 
 def _sqlite_transactions(engine: Engine) -> None:

@@ -155,17 +155,35 @@ class LeaseStore:
         with self.db.read() as own:
             return [_lease(row) for row in own.execute(query)]
 
-    def recent_ended(self, limit: int = 2000) -> list[Lease]:
-        """The leases that ended last (released or expired, after a hand-over): what the
-        queue's forecast learns create and hold times from."""
+    def made_since(self, since: float, limit: int = 2000) -> list[tuple[str, str, float, float]]:
+        """(id, os, ready_at, create_seconds) of the leases whose VM was made at ``since``
+        or later, the latest ``limit`` of them, oldest first: what the queue's forecast
+        learns create times from (a lab's own, from its first VM on)."""
         query = (
-            select(leases)
-            .where(leases.c.state.in_([LeaseState.RELEASED, LeaseState.EXPIRED]) & leases.c.handed_over_at.is_not(None))
+            select(leases.c.id, leases.c.os, leases.c.ready_at, leases.c.create_seconds)
+            .where((leases.c.ready_at >= since) & leases.c.create_seconds.is_not(None))
+            .order_by(leases.c.ready_at.desc())
+            .limit(limit)
+        )
+        with self.db.read() as conn:
+            return [tuple(row) for row in reversed(conn.execute(query).all())]
+
+    def ended_since(self, since: float, limit: int = 2000) -> list[tuple[str, str, float, float, float]]:
+        """(id, os, handed_over_at, released_at, expires_at) of the leases a user held that
+        ended (released or expired) at ``since`` or later, the latest ``limit``, oldest
+        first: what the forecast learns hold times from."""
+        query = (
+            select(leases.c.id, leases.c.os, leases.c.handed_over_at, leases.c.released_at, leases.c.expires_at)
+            .where(
+                leases.c.state.in_([LeaseState.RELEASED, LeaseState.EXPIRED])
+                & leases.c.handed_over_at.is_not(None)
+                & (leases.c.released_at >= since)
+            )
             .order_by(leases.c.released_at.desc())
             .limit(limit)
         )
         with self.db.read() as conn:
-            return [_lease(row) for row in conn.execute(query)]
+            return [tuple(row) for row in reversed(conn.execute(query).all())]
 
     def pending_reservations(self, conn: Connection) -> list[dict[str, object]]:
         """Reservations of creates still in flight, with the lease they belong to."""
