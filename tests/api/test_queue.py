@@ -33,6 +33,18 @@ def test_legacy_wait_holds_the_answer_until_room_frees_and_answers_as_the_seed_d
     assert response.status_code == 200
     [line] = [x for x in response.text.splitlines() if ":" in x]
     assert line.strip().startswith('"patient": "127.77.0.')  # the seed's detailed format
+    # the ETAs given are measured against the waits, on the queue and on the dashboard (a
+    # wait under a second is not measured: tests/engine/test_queue.py measures real ones)
+    listing = service.get("/api/v1/queue")
+    assert listing.json() == []
+    samples = int(listing.headers["X-Dynvm-Eta-Error-Samples"])
+    shown = service.get("/api/v1/dashboard/queue").json()["eta_error"]
+    assert shown["samples"] == samples
+    if samples:
+        assert shown["p50"] == float(listing.headers["X-Dynvm-Eta-Error-P50"])
+    else:
+        assert "X-Dynvm-Eta-Error-P50" not in listing.headers
+        assert shown["p50"] is None
 
 
 def test_legacy_wait_that_runs_out_is_a_429_saying_how_long_it_waited(serve):

@@ -243,3 +243,31 @@ def test_a_request_whose_builder_died_goes_back_to_the_queue_while_its_caller_wa
     assert states["v1"] == RequestState.QUEUED
     assert states["caller-gone"] == "failed"
     assert states["immediate"] == "failed"
+
+
+def test_the_eta_of_requests_queued_behind_leases_that_expire_is_within_a_fifth_of_the_wait(make_services):
+    """Issue 27: on a full host whose leases end by expiry 40 s and 80 s ahead, the two
+    requests queued behind them were told 101 s and 145 s and served after 42 s and 84 s:
+    a create time of 65 s this lab does not have. The ETA uses the lab's own create time
+    (learned from the VMs it made, ended or not), and its error is measured and shown."""
+    clock = FakeClock(1_000_000.0)
+    services, _ = make_services(clock=clock, **SMALL)
+    engine = services.engine
+    engine.acquire(LeaseRequest("soon", "centos", expires_in_minutes=40 / 60))
+    engine.acquire(LeaseRequest("later", "centos", expires_in_minutes=80 / 60))
+    first = engine.submit(LeaseRequest("first", "centos"), 600)
+    second = engine.submit(LeaseRequest("second", "centos"), 600)
+    engine.scheduler.run_pass()
+    told = {r.id: engine.request_store.get(r.id).eta_first - r.created_at for r in (first, second)}
+    for at, record in ((40, first), (80, second)):
+        clock.advance(at - (clock() - 1_000_000.0))
+        engine.expire_due()
+        wait_for(lambda r=record: (engine.scheduler.run_pass(), state_of(services, r.id))[1] == "ready", timeout=20)
+    for record in (first, second):
+        served = engine.request_store.get(record.id)
+        waited = served.finished_at - served.created_at
+        assert abs(told[record.id] - waited) <= 0.2 * waited, (told[record.id], waited)
+    accuracy = engine.eta_accuracy()
+    assert accuracy.samples == 2
+    assert accuracy.p90 is not None
+    assert accuracy.p90 <= 0.2

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from .. import bounds
+from ..engine.eta import Accuracy
 from ..model import Lease, LeaseRequest, NoSuchLease, ReleaseFailed
 from ..runtime import Services
 from .deps import CallerDep, ServicesDep
@@ -334,10 +335,33 @@ class QueuedOut(BaseModel):
     eta_seconds: float | None
 
 
-@router.get("/queue", response_model=list[QueuedOut], responses=ERRORS)
-async def queue(services: ServicesDep, _: CallerDep) -> list[QueuedOut]:
-    """The requests waiting for room, in the order they will be served."""
-    return await anyio.to_thread.run_sync(queued, services)
+ETA_ERROR_HEADERS = {
+    "X-Dynvm-Eta-Error-P50": "the median of |ETA - actual wait| / actual wait over the requests served in the last "
+    "day (a fraction; absent when none waited)",
+    "X-Dynvm-Eta-Error-P90": "its 90th percentile",
+    "X-Dynvm-Eta-Error-Samples": "how many served requests it is measured on",
+}
+
+
+@router.get(
+    "/queue",
+    response_model=list[QueuedOut],
+    responses={**ERRORS, 200: {"headers": {k: {"description": v} for k, v in ETA_ERROR_HEADERS.items()}}},
+)
+async def queue(services: ServicesDep, _: CallerDep, response: Response) -> list[QueuedOut]:
+    """The requests waiting for room, in the order they will be served. The headers say
+    how accurate the queue's ETAs have been: the first ETA each request was given against
+    its actual wait, over the last day."""
+    out, accuracy = await anyio.to_thread.run_sync(_queue_and_accuracy, services)
+    response.headers["X-Dynvm-Eta-Error-Samples"] = str(accuracy.samples)
+    if accuracy.p50 is not None and accuracy.p90 is not None:
+        response.headers["X-Dynvm-Eta-Error-P50"] = f"{accuracy.p50:g}"
+        response.headers["X-Dynvm-Eta-Error-P90"] = f"{accuracy.p90:g}"
+    return out
+
+
+def _queue_and_accuracy(services: Services) -> tuple[list[QueuedOut], Accuracy]:
+    return queued(services), services.engine.eta_accuracy()
 
 
 def queued(services: Services) -> list[QueuedOut]:

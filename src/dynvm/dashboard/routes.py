@@ -128,12 +128,18 @@ async def overview(services: ServicesDep, caller: CallerDep) -> Any:
 
 
 def _queue(services: Services) -> dict[str, Any]:
-    return {"time": services.engine.clock(), "items": [item.model_dump() for item in queued(services)]}
+    accuracy = services.engine.eta_accuracy()
+    return {
+        "time": services.engine.clock(),
+        "items": [item.model_dump() for item in queued(services)],
+        "eta_error": {"samples": accuracy.samples, "p50": accuracy.p50, "p90": accuracy.p90},
+    }
 
 
 @router.get("/queue", responses=ERRORS)
 async def dashboard_queue(services: ServicesDep, _: CallerDep) -> Any:
-    """The queue, as ``/api/v1/queue`` answers it, with the service's time."""
+    """The queue, as ``/api/v1/queue`` answers it, with the service's time and the ETA's
+    measured error (its headers there)."""
     return await _timed(_queue, services)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..provider import HostRoom, Need
 
 MAX_FORECAST = 500  # queued requests forecast per pass; later ones wait for a nearer place
+ACCURACY_WINDOW = 24 * 3600.0  # the ETA's error is measured over the requests served in the last day
 
 
 @dataclass(frozen=True, order=True)
@@ -150,3 +151,26 @@ def expected_end(
     lifetime = expires_at - handed_over_at
     expected = handed_over_at + fraction * lifetime
     return expected if expected > now else max(now, expires_at)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """How far the first ETA each waiting request was given was from its actual wait:
+    ``|ETA - actual| / actual``, p50 and p90 (None: no request to measure)."""
+
+    samples: int
+    p50: float | None
+    p90: float | None
+
+
+def accuracy(outcomes: Iterable[tuple[float, float, float]]) -> Accuracy:
+    """From (queued at, first ETA, served at) of the requests served: the relative errors'
+    p50 and p90. A request served within a second of queueing has no wait to be wrong about."""
+    errors = sorted(abs(eta - served) / (served - queued) for queued, eta, served in outcomes if served - queued >= 1.0)
+    if not errors:
+        return Accuracy(0, None, None)
+
+    def pct(q: float) -> float:
+        return round(errors[min(len(errors) - 1, round(q * (len(errors) - 1)))], 3)
+
+    return Accuracy(len(errors), pct(0.5), pct(0.9))

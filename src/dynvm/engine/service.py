@@ -28,7 +28,7 @@ from ..store.installation import InstallationStore
 from ..store.leases import LeaseStore
 from ..store.replicas import ReplicaStore
 from ..store.requests import RequestRecord, RequestStore
-from . import placement
+from . import eta, placement
 from .admission import Admission
 from .build import Builder
 from .capacity import Capacity, HostReport
@@ -167,6 +167,11 @@ class LeaseService:
 
     def leases_of(self, request_id: str) -> list[Lease]:
         return self.queue.leases_of(request_id)
+
+    def eta_accuracy(self, window: float = eta.ACCURACY_WINDOW) -> eta.Accuracy:
+        """The queue's ETA, as measured: how far the first one each request was given was
+        from when it was served, over the requests served in the last ``window`` seconds."""
+        return eta.accuracy(self.ctx.requests.eta_outcomes(self.ctx.clock() - window))
 
     # -- held leases -------------------------------------------------------------------
 

@@ -308,6 +308,17 @@ class RequestStore:
                         )
                     conn.execute(update(requests).where(requests.c.id == request_id).values(**values))
 
+    def eta_outcomes(self, since: float) -> list[tuple[float, float, float]]:
+        """(created_at, eta_first, finished_at) of the requests that waited, were forecast,
+        and were served (ready) since ``since``: what the ETA's measured error is made of."""
+        query = select(requests.c.created_at, requests.c.eta_first, requests.c.finished_at).where(
+            (requests.c.state == RequestState.READY)
+            & requests.c.eta_first.is_not(None)
+            & (requests.c.finished_at >= since)
+        )
+        with self.db.read() as conn:
+            return [(float(c), float(e), float(f)) for c, e, f in conn.execute(query)]
+
     def forget_finished(self, before: float) -> int:
         """Drop requests that ended before ``before`` (their leases and history remain)."""
         with self.db.write() as conn:

@@ -243,6 +243,12 @@
       duration(q.age_seconds),
       q.eta ? `${clock(Date.parse(q.eta) / 1000)} (in ${duration(q.eta_seconds)})` : "not known yet",
     ]);
+    const error = data.eta_error;
+    const pct = (x) => `${Math.round(x * 100)} %`;
+    $("eta-error").textContent = error && error.samples
+      ? `ETA error over the last day: ${pct(error.p50)} median, ${pct(error.p90)} at p90 ` +
+        `(${error.samples} request${error.samples === 1 ? "" : "s"} that waited)`
+      : "ETA error: no request has waited in the last day.";
   }
 
   function renderLeases(data) {
