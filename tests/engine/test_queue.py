@@ -256,6 +256,7 @@ def test_the_eta_of_requests_queued_behind_leases_that_expire_is_within_a_fifth_
     engine.acquire(LeaseRequest("soon", "centos", expires_in_minutes=40 / 60))
     engine.acquire(LeaseRequest("later", "centos", expires_in_minutes=80 / 60))
     first = engine.submit(LeaseRequest("first", "centos"), 600)
+    clock.advance(1)  # queued a second apart: the queue's order is theirs
     second = engine.submit(LeaseRequest("second", "centos"), 600)
     engine.scheduler.run_pass()
     told = {r.id: engine.request_store.get(r.id).eta_first - r.created_at for r in (first, second)}

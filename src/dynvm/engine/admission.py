@@ -136,8 +136,9 @@ class Admission:
         return choice
 
     def reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
-        """Name the VMs, reserve their room and insert their leases, in one transaction;
-        ready-pool VMs of the OS are taken first, the rest made cold. ``immediate``: a
+        """Name the VMs, reserve their room, insert their leases and write them into the
+        request's row, in one transaction; ready-pool VMs of the OS are taken first, the
+        rest made cold. ``immediate``: a
         request that does not wait, which may take room (or ready VMs) only if that delays
         no queued request (``QueuePolicy.may_serve_now``)."""
         ctx = self.ctx
@@ -145,22 +146,20 @@ class Admission:
             raise ShuttingDown("dynvm is stopping; try again in a moment")
         self.validate(request)
         names = vm_names(request.username, request.count)
-        self._refuse_leased_names(ctx.leases.by_name(names), request)
-        self._refuse_names_of_others(request)
-        self._refuse_names_on_hosts(settings, names)
         now = ctx.clock()
         lifetime = capped_lifetime_minutes(settings, request.expires_in_minutes) * 60
         with self._locked(settings) as (conn, reserved):
+            # names are checked with the hosts locked, and only then: a prefix has no
+            # unique index, so two requests checking it at once must not both pass
             self._refuse_leased_names(ctx.leases.by_name(names, conn), request)
-            # read with the hosts locked: a prefix has no unique index, so two requests
-            # checking it at once must not both pass
             self._refuse_names_of_others(request, conn)
-            queued = ctx.requests.in_state(RequestState.QUEUED) if immediate else []
+            self._refuse_names_on_hosts(settings, names)  # the hosts' mirrors: no database read
+            queued = ctx.requests.in_state(RequestState.QUEUED, conn=conn) if immediate else []
             ready = []
             if self.stock.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):
                 # read with the hosts locked, so what another request took is seen taken
                 # (and those who wait for this OS are served from its pool first)
-                ready = self.stock.idle(settings, request.os, request.host_ref, limit=request.count)
+                ready = self.stock.idle(settings, request.os, request.host_ref, limit=request.count, conn=conn)
             warm = ready[: request.count]
             cold_names = names[len(warm) :]
             chosen: list[placement.Placement] = []
@@ -214,6 +213,11 @@ class Admission:
             ]
             if new:
                 ctx.leases.insert(conn, new, [choice.need.memory for choice in chosen])
+            progress = [
+                {"name": lease.name, "host": lease.host_ref, "stage": "reserved", "ip": None, "error": None}
+                for lease in taken + new
+            ]
+            ctx.requests.set_vms(request_id, progress, conn)  # its VMs, as the request's status shows them
         new = taken + new
         log.info(
             "request %s: %s x %s for %s on host(s) %s%s",

@@ -19,7 +19,7 @@ from concurrent.futures import Future, wait
 from ..config import Settings
 from ..model import CreateFailed, Lease, RequestCancelled
 from ..states import Actor, LeaseState, RequestState
-from ..store.requests import RequestStore
+from ..store.requests import RequestRecord, RequestStore
 from .context import EngineContext
 from .creator import Creator
 from .release import Releaser, side_by_side
@@ -130,9 +130,8 @@ class Builder:
             not_given, why = refused[0]
             others = f"; the other {len(new) - 1} VM(s) of the request were removed" if len(new) > 1 else ""
             raise CreateFailed(f"could not hand out {not_given.name}: {why}{others}")
-        self.tracker.flush(request_id)  # its VMs' last stages, before anyone reads it ready
         try:
-            handed = self._hand_over([lease.id for lease in ready], request_id)
+            handed, record = self._hand_over([lease.id for lease in ready], request_id)
         except RequestCancelled:
             self._cancelled(settings, ready, request_id)
         except _NotHandedOver:
@@ -148,8 +147,8 @@ class Builder:
             releaser.roll_back(settings, ready, "the request could not be handed over")
             raise
         ctx.requests.notify(request_id)  # its waiters answer now, not at their next look
-        self._report_handed_out(request_id, handed)
-        ctx.request_event("ready", request_id)
+        self._report_handed_out(record, handed)
+        ctx.report("request_event", "ready", record)
         return handed
 
     def _cold_for_refused_warm(
@@ -180,11 +179,13 @@ class Builder:
         in_order = [outcomes.get(lease.id, lease) for lease in ready]  # the answer keeps the request's order
         return [lease for lease in in_order if isinstance(lease, Lease)], still
 
-    def _hand_over(self, lease_ids: list[str], request_id: str) -> list[Lease]:
-        """The request turns ready and its leases' lifetimes start, in one transaction: a
-        cancel and a hand-over that race, the database decides, and only one happens."""
+    def _hand_over(self, lease_ids: list[str], request_id: str) -> tuple[list[Lease], RequestRecord]:
+        """The request turns ready, with its VMs' last stages, and its leases' lifetimes
+        start, in one transaction: a cancel and a hand-over that race, the database
+        decides, and only one happens. The leases handed over, and the request as it ends."""
         ctx = self.ctx
         with ctx.leases.db.write() as conn:
+            self.tracker.flush(request_id, conn)  # before anyone reads it ready
             if not ctx.requests.transition(
                 request_id, [RequestState.CREATING], RequestState.READY, by=Actor.BUILDER, conn=conn
             ):
@@ -192,7 +193,9 @@ class Builder:
             handed = ctx.leases.hand_over(conn, lease_ids, ctx.clock())
             if handed is None:
                 raise _NotHandedOver()
-            return handed
+            record = ctx.requests.get(request_id, conn)
+            assert record is not None  # it was just moved
+            return handed, record
 
     def _cancelled(self, settings: Settings, ready: list[Lease], request_id: str) -> None:
         self.releaser.roll_back(settings, ready, "its request was cancelled")
@@ -204,12 +207,9 @@ class Builder:
         )
         raise RequestCancelled("the request was cancelled; every VM made for it was removed")
 
-    def _report_handed_out(self, request_id: str, handed: list[Lease]) -> None:
+    def _report_handed_out(self, record: RequestRecord, handed: list[Lease]) -> None:
         """Time-to-VM, by how each VM came: from a ready pool, made for it, or after waiting."""
-        record = self.ctx.requests.get(request_id)
-        if record is None:
-            return
-        seconds = max(0.0, self.ctx.clock() - record.created_at)
+        seconds = max(0.0, (record.finished_at or self.ctx.clock()) - record.created_at)
         for lease in handed:
             how = "queued" if record.wait_until is not None else ("warm" if lease.pooled_at else "cold")
             self.ctx.report("handed_out", lease, how, seconds)

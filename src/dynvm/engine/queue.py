@@ -77,12 +77,10 @@ class Queue:
         settings = self.ctx.settings()
         new = self._reserve_or_refuse(settings, request, request_id)
         try:
-            leases = self.builder.build(settings, new, request_id, pinned=request.host_ref is not None)
+            return self.builder.build(settings, new, request_id, pinned=request.host_ref is not None)
         except Exception as e:
             self.tracker.finish(request_id, Actor.BUILDER, e)
-            raise
-        self.tracker.finish(request_id, Actor.BUILDER)
-        return leases
+            raise  # (a request built whole ended ready in its hand-over)
 
     def open_request(self, request: LeaseRequest, wait_seconds: float, origin: str) -> RequestRecord:
         """Accept a request: the one way in for both APIs, which then follow its row
@@ -145,9 +143,7 @@ class Queue:
         raise AssertionError("unreachable: Retrying reraises")
 
     def _reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
-        new = self.admission.reserve(settings, request, request_id, immediate)
-        self.tracker.placed(request_id, [(lease.name, lease.host_ref) for lease in new])
-        return new
+        return self.admission.reserve(settings, request, request_id, immediate)
 
     def refuse(self, request_id: str | None, request: LeaseRequest, error: LeaseError) -> None:
         """A request refused at once (nothing reserved): counted and logged, not kept

@@ -10,11 +10,10 @@ gives way to real demand:
 
 - a request asking for other ``cpus``/``mem`` than the template's, or pinned to a host the
   pool has no VM on, is made cold; so is the rest of a request the pool cannot cover;
-- a request that does not fit takes the room of idle ready VMs of other OSes: they are
-  destroyed first (``make_room``); while requests wait in the queue, nothing is refilled,
-  and every idle VM that holds room a waiting request could use is recycled at once, but
-  for those the queue itself will take (``make_way``, from the scheduler's pass): a pool
-  never makes anyone wait longer than no pool would;
+- a request that does not fit takes the room of idle ready VMs of other OSes, and of those
+  still being made; while requests wait, nothing is refilled and each waiting request gets
+  the room idle ready VMs hold (``giving_way.py``): a pool never makes anyone wait longer
+  than no pool would; a busy lab has no pools at all (``sizing.py``, ``BUSY_LOAD``);
 - refill runs on the leader only, at most ``[pools] refill.per.host`` creates at once per
   host, and backs off (``backoff.REFILL``) on a host whose create failed.
 
@@ -43,8 +42,9 @@ from .admission import Admission
 from .capacity import Capacity
 from .context import EngineContext
 from .creator import Creator
+from .giving_way import GivingWay, MakingCancel
 from .queue_policy import QueuePolicy
-from .ready_stock import ReadyStock, give_back, is_idle, oldest_first
+from .ready_stock import ReadyStock, is_idle, oldest_first
 from .release import Releaser
 from .sizing import KEEP_SECONDS, Forecast, LearnedSizing
 
@@ -105,9 +105,7 @@ class ReadyPools:
         self._backoff = Backoff(REFILL)  # per host ref
         self._forecasts: dict[str, Forecast] = {}
         self._sized_at: tuple[float, float] | None = None  # (when, margin) of the last learned sizing
-        self._short_at = float("-inf")  # when a request last waited, or was refused, for room
-        self._making: dict[str, threading.Event] = {}  # lease id -> its stop, for the ready VMs this process makes
-        self._making_lock = threading.Lock()
+        self.way = GivingWay(ctx, stock, capacity, releaser)
 
     # -- targets ---------------------------------------------------------------------------
 
@@ -232,64 +230,10 @@ class ReadyPools:
 
     # -- giving way to demand --------------------------------------------------------------
 
-    def make_room(
-        self,
-        settings: Settings,
-        request: LeaseRequest,
-        count: int,
-        keep: set[str] = frozenset(),  # type: ignore[assignment]  # read only
-    ) -> list[Lease]:
-        """A request for ``count`` more VMs than fit now: destroy idle ready VMs (of any OS
-        but those it could take itself, and but ``keep``), the newest first, and if that is
-        not enough stop those this process is still making, until they would fit; the VMs
-        taken off the pools, [] when they fit already or even that would not be enough
-        (then nothing is touched). A stopped create gives its room back once it has
-        removed what it made (the caller tries again for ``ROOM_SHOWS_WITHIN``)."""
-        self._short_at = self._clock()
-        own = self.stock.eligible(request.cpus, request.memory)  # then its own OS's ready VMs are its to take
-        with self._making_lock:
-            making = dict(self._making)
-        idle, being_made = [], []
-        for lease in self.ctx.leases.pooled():
-            if lease.id in keep or (own and lease.os == request.os):
-                continue
-            if request.host_ref is not None and lease.host_ref != request.host_ref:
-                continue
-            if lease.state == LeaseState.READY:
-                idle.append(lease)
-            elif lease.state == LeaseState.CREATING and lease.id in making:
-                being_made.append(lease)
-        if not idle and not being_made:
-            return []
-        reserved = self.capacity.reserved_now()
-        candidates = self.capacity.candidates(
-            settings, request.os, request.cpus, request.memory, reserved, request.host_ref
-        )
-        if not candidates or placement.available(candidates) >= count:
-            return []
-        victims: list[Lease] = []
-        newest_first = [
-            *sorted(idle, key=oldest_first, reverse=True),
-            *sorted(being_made, key=oldest_first, reverse=True),
-        ]
-        for lease in newest_first:
-            if placement.available(candidates) >= count:
-                break
-            target = next((c for c in candidates if c.host.ref == lease.host_ref), None)
-            if target is None:
-                continue
-            give_back(target.room, lease)
-            victims.append(lease)
-        if placement.available(candidates) < count:
-            return []
-        ready = [lease for lease in victims if lease.state == LeaseState.READY]
-        reason = "recycled: its room went to a request"
-        self.releaser.release(settings, ready, [LeaseState.READY], LeaseState.RELEASED, reason, pooled=True)
-        for lease in victims:
-            if lease.id in making:
-                making[lease.id].set()
-        log.info("ready pools: recycled %s to make room for %s", ", ".join(v.name for v in victims), request.username)
-        return victims
+    def make_room(self, settings: Settings, request: LeaseRequest, count: int) -> list[Lease]:
+        """A request for ``count`` more VMs than fit now: the pools give way
+        (``GivingWay.make_room``); the VMs taken off them."""
+        return self.way.make_room(settings, request, count)
 
     # -- the pass --------------------------------------------------------------------------
 
@@ -307,8 +251,8 @@ class ReadyPools:
             staying = [lease for lease in everything if lease.id not in gone]
             queued = self.ctx.requests.in_state(RequestState.QUEUED)
             if queued:
-                self._short_at = self._clock()
-                report.yielded = self._make_way(settings, [lease for lease in staying if is_idle(lease)], queued)
+                self.way.short_now()
+                report.yielded = self.way.make_way(settings, staying, queued)
             elif not self._lab_was_full(settings, targets):
                 self._refill(settings, staying, targets, report)
             return report
@@ -370,7 +314,7 @@ class ReadyPools:
             if self.ctx.contested is not None or not waiting:
                 return []
             settings = self.ctx.settings()
-            return self._make_way(settings, [lease for lease in self.ctx.leases.pooled() if is_idle(lease)], waiting)
+            return self.way.make_way(settings, self.ctx.leases.pooled(), waiting)
 
     def _lab_was_full(self, settings: Settings, targets: dict[str, int]) -> bool:
         """A request waited or was refused for room less than one create time ago: a refill
@@ -378,34 +322,7 @@ class ReadyPools:
         way. In a lab too small for its demand, the pools then wait for a quiet moment."""
         timing = self.policy.timing()
         quiet = max((timing.create_seconds(os) for os, n in targets.items() if n > 0), default=0.0)
-        return self._clock() - self._short_at < quiet
-
-    def _make_way(self, settings: Settings, idle: list[Lease], waiting: list[RequestRecord]) -> list[str]:
-        self._short_at = self._clock()
-        queue_takes: set[str] = set()  # idle VMs the waiting requests will take themselves, the oldest
-        cold: list[tuple[RequestRecord, int]] = []  # each waiting request, and how many of its VMs need room
-        for record in waiting:
-            warm: list[Lease] = []
-            if self.stock.eligible(record.cpus, record.memory):
-                free = [
-                    lease
-                    for lease in sorted(idle, key=oldest_first)
-                    if lease.os == record.os
-                    and lease.id not in queue_takes
-                    and record.host_ref in (None, lease.host_ref)
-                ]
-                warm = free[: record.count]
-                queue_takes |= {lease.id for lease in warm}
-            cold.append((record, record.count - len(warm)))
-        recycled: list[str] = []
-        for record, count in cold:
-            if count > 0:
-                recycled += [
-                    lease.name for lease in self.make_room(settings, record.request(), count, keep=queue_takes)
-                ]
-        if recycled:
-            self.ctx.room_freed.set()
-        return recycled
+        return self.way.short_within(quiet)
 
     def _refill(self, settings: Settings, pooled: list[Lease], targets: dict[str, int], report: TickReport) -> None:
         targets = {os: n for os, n in targets.items() if n > 0}
@@ -423,10 +340,7 @@ class ReadyPools:
                 busy[lease.host_ref] += 1
                 have[os] += 1
                 report.started.append(lease.name)
-                stop = threading.Event()
-                with self._making_lock:
-                    self._making[lease.id] = stop
-                self.ctx.builders.submit(self._make, settings, lease, stop)
+                self.ctx.builders.submit(self._make, settings, lease, self.way.making(lease.id))
 
     def _headroom(self, settings: Settings) -> int:
         """With learned sizing, how many VMs the requests expected within one create time
@@ -453,7 +367,7 @@ class ReadyPools:
         set when it makes way for a request before it is made (``make_room``)."""
         ctx = self.ctx
         try:
-            ready = self.creator.create_one(settings, lease, pinned=True, cancel=_MakingCancel(ctx.cancel, stop))
+            ready = self.creator.create_one(settings, lease, pinned=True, cancel=MakingCancel(ctx.cancel, stop))
         except Exception as e:
             if stop.is_set():
                 why = "recycled while it was made: its room went to a request"
@@ -467,22 +381,9 @@ class ReadyPools:
             log.warning("ready pools: host %s failed a refill; left alone for %.0f s", lease.host_ref, delay)
             return
         finally:
-            with self._making_lock:
-                self._making.pop(lease.id, None)
+            self.way.made(lease.id)
         self._backoff.succeeded(lease.host_ref)
         now = self._clock()
         if ctx.leases.mark_pooled(ready.id, now, now + settings.ready_pools.ready_ttl_minutes * 60) is None:
             log.info("ready pools: %s ended while it was made", lease.name)
         ctx.room_freed.set()  # a queued request may take it
-
-
-class _MakingCancel:
-    """What a ready-pool VM's create checks between its steps: dynvm stopping, or the VM
-    making way for a request (``ReadyPools.make_room``)."""
-
-    def __init__(self, stopping: threading.Event, stop: threading.Event) -> None:
-        self._stopping = stopping
-        self._stop = stop
-
-    def is_set(self) -> bool:
-        return self._stopping.is_set() or self._stop.is_set()

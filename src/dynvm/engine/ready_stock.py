@@ -8,6 +8,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+from sqlalchemy import Connection
+
 from ..config import Settings
 from ..model import Lease
 from ..provider import HostRoom, Provider
@@ -58,15 +60,23 @@ class ReadyStock:
         """Whether a request may take ready VMs: it asks for the template's own size."""
         return cpus is None and memory is None
 
-    def idle(self, settings: Settings, os: str, host_ref: str | None = None, limit: int | None = None) -> list[Lease]:
+    def idle(
+        self,
+        settings: Settings,
+        os: str,
+        host_ref: str | None = None,
+        limit: int | None = None,
+        conn: Connection | None = None,
+    ) -> list[Lease]:
         """Ready VMs of ``os`` waiting for a request (on ``host_ref`` when pinned), oldest
         first, and only those whose host shows them running with their address: a VM that
-        died or lost its address is never handed out. ``limit``: at most that many."""
+        died or lost its address is never handed out. ``limit``: at most that many;
+        ``conn``: read inside the caller's transaction."""
         now = self._clock()
         pooled = sorted(
             (
                 lease
-                for lease in self.leases.pooled()
+                for lease in self.leases.pooled(conn)
                 if lease.os == os
                 and is_idle(lease)
                 and lease.expires_at > now  # stale: the next pass recycles it

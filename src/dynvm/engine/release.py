@@ -272,7 +272,10 @@ class Releaser:
                     )
                     log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
                     return outcome
-        ctx.leases.finish([lease.id], final_state, ctx.clock(), reason or None, by=Actor.RELEASER)
+        with ctx.leases.db.write() as conn:  # the lease ends, and its VM's history says so, together
+            ctx.leases.finish([lease.id], final_state, ctx.clock(), reason or None, by=Actor.RELEASER, conn=conn)
+            current = ctx.leases.get(lease.id, conn) or lease
+            ctx.history.record_deleted(current, time.monotonic() - started, conn)
         if result.disks_left:
             outcome.finishing[lease.name] = (
                 f"{lease.name} is gone, but {len(result.disks_left)} of its disk(s) could not be deleted yet "
@@ -280,8 +283,6 @@ class Releaser:
             )
         else:
             outcome.released.append(lease.name)
-        current = ctx.leases.get(lease.id) or lease
-        ctx.history.record_deleted(current, time.monotonic() - started)
         ctx.report("ended", current, final_state)
         log.info("%s: %s%s", lease.name, final_state, f" ({reason})" if reason else "")
         return outcome

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy import Connection
+
 from ..states import REQUESTS, Actor, RequestState
 from ..store.requests import RequestRecord, RequestStore
 
@@ -52,15 +54,16 @@ class DurableTracker:
             except Exception:  # the database is away for a moment: the next change tries again
                 log.warning("writing request progress failed; retrying with the next change", exc_info=True)
 
-    def flush(self, request_id: str | None = None) -> None:
-        """Write what is gathered (only ``request_id``'s, when given) now."""
+    def flush(self, request_id: str | None = None, conn: Connection | None = None) -> None:
+        """Write what is gathered (only ``request_id``'s, when given) now (``conn``: inside
+        the caller's transaction: the hand-over)."""
         with self._lock:
             if request_id is None:
                 taken, self._pending = self._pending, {}
             else:
                 taken = {request_id: self._pending.pop(request_id)} if request_id in self._pending else {}
         try:
-            self.store.update_vms(taken)
+            self.store.update_vms(taken, conn)
         except Exception:
             with self._lock:  # put it back, older than anything gathered since
                 for rid, by_name in taken.items():
@@ -92,10 +95,6 @@ class DurableTracker:
         with self._lock:
             self._pending.pop(request_id, None)
         self.store.forget(request_id)
-
-    def placed(self, request_id: str, names_and_hosts: list[tuple[str, str]]) -> None:
-        vms = [{"name": n, "host": h, "stage": "reserved", "ip": None, "error": None} for n, h in names_and_hosts]
-        self.store.set_vms(request_id, vms)
 
     def stage(
         self,

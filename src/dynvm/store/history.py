@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from sqlalchemy import Float, func, insert, literal, select, update
+from sqlalchemy import Connection, Float, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..config import CouchbaseSettings
@@ -154,26 +154,33 @@ class HistoryStore:
         self._save(lease.vm_uuid, document)
         return document
 
-    def record_deleted(self, lease: Lease, delete_seconds: float) -> dict[str, Any] | None:
+    def record_deleted(
+        self, lease: Lease, delete_seconds: float, conn: Connection | None = None
+    ) -> dict[str, Any] | None:
+        """``conn``: inside the caller's transaction (the lease's end)."""
         if not lease.vm_uuid:
             return None
-        document = self.get(lease.vm_uuid)
+        document = self.get(lease.vm_uuid, conn)
         if document is None:
             return None
         done = deleted_document(document, self.clock(), delete_seconds)
-        self._save(lease.vm_uuid, done)
+        self._save(lease.vm_uuid, done, conn)
         return done
 
-    def get(self, vm_uuid: str) -> dict[str, Any] | None:
-        with self.db.read() as conn:
-            row = conn.execute(select(history.c.document).where(history.c.vm_uuid == vm_uuid)).first()
+    def get(self, vm_uuid: str, conn: Connection | None = None) -> dict[str, Any] | None:
+        query = select(history.c.document).where(history.c.vm_uuid == vm_uuid)
+        if conn is not None:
+            row = conn.execute(query).first()
+        else:
+            with self.db.read() as own:
+                row = own.execute(query).first()
         return dict(row.document) if row else None
 
     def all(self) -> list[dict[str, Any]]:
         with self.db.read() as conn:
             return [dict(r.document) for r in conn.execute(select(history.c.document).order_by(history.c.updated_at))]
 
-    def _save(self, vm_uuid: str, document: dict[str, Any]) -> None:
+    def _save(self, vm_uuid: str, document: dict[str, Any], conn: Connection | None = None) -> None:
         changes = {
             "document": document,
             "updated_at": self.clock(),
@@ -183,8 +190,11 @@ class HistoryStore:
         dialect = postgresql if not self.db.is_sqlite else sqlite
         statement = dialect.insert(history).values(vm_uuid=vm_uuid, **changes)
         statement = statement.on_conflict_do_update(index_elements=[history.c.vm_uuid], set_=changes)
-        with self.db.write() as conn:
+        if conn is not None:
             conn.execute(statement)
+            return
+        with self.db.write() as own:
+            own.execute(statement)
 
     def query(
         self,

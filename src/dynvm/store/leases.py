@@ -99,8 +99,8 @@ class LeaseStore:
     def by_request(self, request_id: str) -> list[Lease]:
         return self._select(leases.c.request_id == request_id)
 
-    def get(self, lease_id: str) -> Lease | None:
-        found = self._select(leases.c.id == lease_id)
+    def get(self, lease_id: str, conn: Connection | None = None) -> Lease | None:
+        found = self._select(leases.c.id == lease_id, conn)
         return found[0] if found else None
 
     def expired(self, now: float) -> list[Lease]:
@@ -267,22 +267,41 @@ class LeaseStore:
             return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
 
     def finish(
-        self, lease_ids: Sequence[str], state: LeaseState, now: float, error: str | None = None, *, by: Actor
+        self,
+        lease_ids: Sequence[str],
+        state: LeaseState,
+        now: float,
+        error: str | None = None,
+        *,
+        by: Actor,
+        conn: Connection | None = None,
     ) -> list[str]:
         """End leases (``released``, ``expired``, ``failed``) from whichever state ``by`` may
-        end them from (``states.LEASES``), and free their reservations; those ended."""
+        end them from (``states.LEASES``), and free their reservations; those ended.
+        ``conn``: inside the caller's transaction."""
         sources = LEASES.sources(state, by)
         if not lease_ids:
             return []
-        with self.db.write() as conn:
-            where = leases.c.id.in_(lease_ids) & leases.c.state.in_(sources)
-            ended = [row.id for row in conn.execute(select(leases.c.id).where(where).with_for_update())]
-            if ended:
-                conn.execute(
-                    update(leases).where(leases.c.id.in_(ended)).values(state=state, released_at=now, error=error)
-                )
-            conn.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
-            return ended
+        if conn is not None:
+            return self._finish(conn, lease_ids, sources, state, now, error)
+        with self.db.write() as own:
+            return self._finish(own, lease_ids, sources, state, now, error)
+
+    @staticmethod
+    def _finish(
+        conn: Connection,
+        lease_ids: Sequence[str],
+        sources: Sequence[LeaseState],
+        state: LeaseState,
+        now: float,
+        error: str | None,
+    ) -> list[str]:
+        where = leases.c.id.in_(lease_ids) & leases.c.state.in_(sources)
+        ended = [row.id for row in conn.execute(select(leases.c.id).where(where).with_for_update())]
+        if ended:
+            conn.execute(update(leases).where(leases.c.id.in_(ended)).values(state=state, released_at=now, error=error))
+        conn.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
+        return ended
 
     def set_state(
         self,

@@ -22,7 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, delete, false, select, update
+from sqlalchemy import Connection, bindparam, delete, false, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from .. import model
 from ..model import LeaseRequest
@@ -155,17 +156,23 @@ class RequestStore:
 
     # -- reading -----------------------------------------------------------------------
 
-    def get(self, request_id: str) -> RequestRecord | None:
-        with self.db.read() as conn:
-            row = conn.execute(select(requests).where(requests.c.id == request_id)).first()
+    def get(self, request_id: str, conn: Connection | None = None) -> RequestRecord | None:
+        query = select(requests).where(requests.c.id == request_id)
+        if conn is not None:
+            row = conn.execute(query).first()
+        else:
+            with self.db.read() as own:
+                row = own.execute(query).first()
         return _record(row) if row is not None else None
 
-    def in_state(self, *states: str) -> list[RequestRecord]:
-        with self.db.read() as conn:
-            rows = conn.execute(
-                select(requests).where(requests.c.state.in_(states)).order_by(requests.c.created_at, requests.c.id)
-            )
-            return [_record(row) for row in rows]
+    def in_state(self, *states: str, conn: Connection | None = None) -> list[RequestRecord]:
+        """The requests in these states, oldest first (``conn``: inside the caller's
+        transaction)."""
+        query = select(requests).where(requests.c.state.in_(states)).order_by(requests.c.created_at, requests.c.id)
+        if conn is not None:
+            return [_record(row) for row in conn.execute(query)]
+        with self.db.read() as own:
+            return [_record(row) for row in own.execute(query)]
 
     def started_since(self, since: float) -> list[tuple[str, float]]:
         """(user, started_at) of every request that got room since ``since``: what the
@@ -197,9 +204,13 @@ class RequestStore:
             conn.execute(requests.delete().where(requests.c.id == request_id))
 
     def ensure(self, record: RequestRecord) -> None:
-        """Insert unless a row with this id exists (a request announced before its work)."""
-        if self.get(record.id) is None:
-            self.insert(record)
+        """Insert unless a row with this id exists (a request announced before its work):
+        one statement, the database deciding."""
+        REQUESTS.check_born(record.state)
+        values = {k: getattr(record, k) for k in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
+        dialect = sqlite if self.db.is_sqlite else postgresql
+        with self.db.write() as conn:
+            conn.execute(dialect.insert(requests).values(**values).on_conflict_do_nothing(index_elements=["id"]))
 
     def transition(
         self,
@@ -262,28 +273,42 @@ class RequestStore:
         self.notify(request_id)
         return self.get(request_id)
 
-    def set_vms(self, request_id: str, vms: list[dict[str, Any]]) -> None:
-        with self.db.write() as conn:
-            conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+    def set_vms(self, request_id: str, vms: list[dict[str, Any]], conn: Connection | None = None) -> None:
+        """Write a request's VMs' progress whole (``conn``: inside the caller's transaction,
+        whose commit the caller awaits before anyone is told)."""
+        statement = update(requests).where(requests.c.id == request_id).values(vms=vms)
+        if conn is not None:
+            conn.execute(statement)
+            return
+        with self.db.write() as own:
+            own.execute(statement)
         self.notify(request_id)
 
-    def update_vms(self, changes: dict[str, dict[str, dict[str, Any]]]) -> None:
+    def update_vms(self, changes: dict[str, dict[str, dict[str, Any]]], conn: Connection | None = None) -> None:
         """Change VMs' progress entries (request id -> VM name -> fields), every request's
-        in one transaction (row-locked: a request's VMs progress side by side)."""
+        in one transaction (row-locked: a request's VMs progress side by side; ``conn``:
+        the caller's)."""
         if not changes:
             return
-        with self.db.write() as conn:
-            for request_id, by_name in changes.items():
-                query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
-                row = conn.execute(query).first()
-                if row is None:
-                    continue
-                vms = [dict(vm) for vm in row[0] or []]
-                for vm in vms:
-                    vm.update(by_name.get(vm["name"], {}))
-                conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+        if conn is not None:
+            self._update_vms(conn, changes)
+            return
+        with self.db.write() as own:
+            self._update_vms(own, changes)
         for request_id in changes:
             self.notify(request_id)
+
+    @staticmethod
+    def _update_vms(conn: Connection, changes: dict[str, dict[str, dict[str, Any]]]) -> None:
+        for request_id, by_name in changes.items():
+            query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
+            row = conn.execute(query).first()
+            if row is None:
+                continue
+            vms = [dict(vm) for vm in row[0] or []]
+            for vm in vms:
+                vm.update(by_name.get(vm["name"], {}))
+            conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
 
     def set_forecast(self, forecast: dict[str, tuple[int, float | None]]) -> None:
         """Write each queued request's position and ETA, where they changed."""
@@ -295,18 +320,23 @@ class RequestStore:
                     requests.c.id.in_(list(forecast)) & (requests.c.state == RequestState.QUEUED)
                 )
             ).all()
+            changed = []
             for request_id, position, eta_at in rows:
                 new_position, new_eta = forecast[request_id]
                 moved_eta = (eta_at is None) != (new_eta is None) or abs((eta_at or 0) - (new_eta or 0)) >= 1
                 if position != new_position or moved_eta:
-                    values: dict[str, Any] = {"position": new_position, "eta_at": new_eta}
-                    if new_eta is not None:
-                        conn.execute(
-                            update(requests)
-                            .where((requests.c.id == request_id) & requests.c.eta_first.is_(None))
-                            .values(eta_first=new_eta)
-                        )
-                    conn.execute(update(requests).where(requests.c.id == request_id).values(**values))
+                    changed.append({"b_id": request_id, "b_position": new_position, "b_eta": new_eta})
+            if changed:  # one statement for them all; the first ETA a request is given stays
+                statement = (
+                    update(requests)
+                    .where(requests.c.id == bindparam("b_id"))
+                    .values(
+                        position=bindparam("b_position"),
+                        eta_at=bindparam("b_eta"),
+                        eta_first=func.coalesce(requests.c.eta_first, bindparam("b_eta")),
+                    )
+                )
+                conn.execute(statement, changed)
 
     def eta_outcomes(self, since: float) -> list[tuple[float, float, float]]:
         """(created_at, eta_first, finished_at) of the requests that waited, were forecast,
