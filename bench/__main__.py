@@ -8,6 +8,7 @@ from rich.console import Console
 
 from bench import (
     dashboard_bench,
+    engine_bench,
     lease_bench,
     libvirt_bench,
     live_bench,
@@ -32,18 +33,27 @@ BENCHMARKS = {
     "live": live_bench.run,
     "dashboard": dashboard_bench.run,
     "libvirt": libvirt_bench.run,
+    "engine": engine_bench.run,
 }
 
 
 def main(argv: list[str]) -> None:
     console = Console(width=140)
+    scale = None
+    if "--scale" in argv:  # python -m bench sizing --scale 10
+        at = argv.index("--scale")
+        scale = float(argv[at + 1])
+        argv = argv[:at] + argv[at + 2 :]
     names = argv or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         console.print(f"Error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
         raise SystemExit(2)
     for name in names:
-        console.print(BENCHMARKS[name]())
+        if name == "sizing" and scale is not None:
+            console.print(sizing_bench.run(scale=scale))
+        else:
+            console.print(BENCHMARKS[name]())
 
 
 main(sys.argv[1:])

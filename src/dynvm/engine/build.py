@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 
 from ..config import Settings
@@ -94,10 +95,14 @@ class Builder:
     def _create_all(self, settings: Settings, new: list[Lease], pinned: bool, request_id: str) -> list[Lease]:
         ctx, releaser = self.ctx, self.releaser
         cancel = RequestCancel(ctx.cancel, ctx.requests, request_id)
-        futures: dict[str, Future[Lease]] = {
-            lease.id: ctx.creates.submit(self.creator.create_one, settings, lease, pinned, cancel) for lease in new
-        }
-        wait(futures.values())
+        futures: dict[str, Future[Lease]] = {}
+        if len(new) == 1:  # one VM is made on the calling thread: no hand-off to the create pool
+            futures[new[0].id] = _run_here(self.creator.create_one, settings, new[0], pinned, cancel)
+        else:
+            futures = {
+                lease.id: ctx.creates.submit(self.creator.create_one, settings, lease, pinned, cancel) for lease in new
+            }
+            wait(futures.values())
         ready, failed = [], []
         for lease in new:
             error = futures[lease.id].exception()
@@ -213,3 +218,13 @@ class Builder:
         for lease in handed:
             how = "queued" if record.wait_until is not None else ("warm" if lease.pooled_at else "cold")
             self.ctx.report("handed_out", lease, how, seconds)
+
+
+def _run_here(work: Callable[..., Lease], *args: object) -> Future[Lease]:
+    """``work(*args)`` on this thread, its outcome as a finished future."""
+    future: Future[Lease] = Future()
+    try:
+        future.set_result(work(*args))
+    except Exception as e:  # the future carries it, as the create pool's would
+        future.set_exception(e)
+    return future

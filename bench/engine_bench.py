@@ -1,0 +1,129 @@
+"""The engine's cost per request, before and after issue 27, side by side in one run:
+
+- **statements per hot path** (``dynvm.replay.hot_paths``: a reservation, a warm and a
+  cold getservers, a release, a scheduler pass, a pools pass), on this tree;
+- **leases reserved and released per second**: callers that getservers one VM and release
+  it, again and again, on model hosts (no xapi: the engine and its database alone), on
+  SQLite with one replica and on PostgreSQL with two, for this tree and for the tree
+  before the change (``BEFORE``, taken with ``git archive``), each in its own process
+  (``engine_worker.py``);
+- **a day at ten times the synthetic week's demand** (Monday, 140 model hosts, learned
+  pools) replayed in virtual time. The goal is a whole week in <= 90 s; a week is about
+  five such weekdays and two quiet days, so a day is what this bench can afford to run.
+
+PostgreSQL: ``DYNVM_BENCH_PG`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432``);
+each run gets a database of its own, dropped after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from io import BytesIO
+from pathlib import Path
+
+from rich.table import Table
+from sqlalchemy import create_engine, text
+
+from bench.demand import WeekShape, generate
+from dynvm.replay.hot_paths import hot_paths
+from dynvm.replay.runner import Replay, ReplayOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "7064336"  # main before issue 27
+PG = os.environ.get("DYNVM_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+SECONDS = 8.0
+THREADS = 4
+
+
+def _tree_before(work: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE, "src"], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(work, filter="data")
+    return work / "src"
+
+
+def _worker(src: Path, db: str, replicas: int) -> dict[str, float]:
+    command = [sys.executable, str(ROOT / "bench" / "engine_worker.py"), "--db", db]
+    command += ["--replicas", str(replicas), "--threads", str(THREADS), "--seconds", str(SECONDS)]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _pg_database() -> tuple[str, str]:
+    name = f"dynvm_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{PG}/{name}", name
+
+
+def _drop(name: str) -> None:
+    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _throughput(trees: dict[str, Path], work: Path) -> list[tuple[str, str, dict[str, float]]]:
+    out = []
+    for label, src in trees.items():
+        db = work / f"{label}.db"
+        out.append((label, "SQLite, 1 replica", _worker(src, f"sqlite:///{db}", 1)))
+        url, name = _pg_database()
+        try:
+            out.append((label, "PostgreSQL, 2 replicas", _worker(src, url, 2)))
+        finally:
+            _drop(name)
+    return out
+
+
+def _day_at_scale_10() -> dict[str, float | int]:
+    trace, past = generate(WeekShape(scale=10), seed=1), generate(WeekShape(days=14, scale=10), seed=2)
+    return Replay(trace, ReplayOptions(hosts=140, policy="learned", hours=24.0), past).run().summary()
+
+
+def run() -> Table:
+    with tempfile.TemporaryDirectory(prefix="dynvm-engine-bench-") as tmp:
+        work = Path(tmp)
+        trees = {"before": _tree_before(work / "before"), "after": ROOT / "src"}
+        rates = _throughput(trees, work)
+    paths = hot_paths()
+    started = time.perf_counter()
+    day = _day_at_scale_10()
+    day_wall = time.perf_counter() - started
+    table = Table(title=f"the engine's cost per request: {BEFORE} (before) and this tree (after)")
+    for column in ("measure", "before", "after", "after / before"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    by = {(label, backend): r for label, backend, r in rates}
+    for backend in ("SQLite, 1 replica", "PostgreSQL, 2 replicas"):
+        before, after = by[("before", backend)], by[("after", backend)]
+        table.add_row(
+            f"leases reserved + released / s, {backend}, {THREADS} callers each",
+            f"{before['per_second']:g}",
+            f"{after['per_second']:g}",
+            f"{after['per_second'] / before['per_second']:.2f} x",
+        )
+        table.add_row(
+            f"  statements per lease (getservers + release), {backend}",
+            f"{before['statements_per_lease']:g}",
+            f"{after['statements_per_lease']:g}",
+            f"{after['statements_per_lease'] / before['statements_per_lease']:.2f} x",
+        )
+    for cost in paths:
+        table.add_row(f"statements / transactions: {cost.path}", "", f"{cost.statements} / {cost.transactions}", "")
+    table.add_row(
+        "a Monday at 10x demand, 140 hosts, learned pools: replay wall time",
+        "",
+        f"{day_wall:.0f} s ({day['requests']} requests)",
+        "goal: a week <= 90 s",
+    )
+    return table

@@ -1,0 +1,54 @@
+"""The engine's hot paths send a fixed, small number of statements to the database,
+whatever the length of the queue or the size of the pools (issue 27: the engine's cost per
+request was SQLAlchemy's per statement, and a transaction each for what one could do).
+Counted with SQLAlchemy's events (``Database.counting``) on model hosts and a SQLite file."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynvm.replay.hot_paths import as_dict, hot_paths
+
+# statements, transactions: what each path may send for a request of one VM
+LIMITS = {
+    "reservation (its transaction)": (8, 1),
+    "getservers, warm": (16, 4),
+    "getservers, cold": (20, 5),
+    "release": (10, 4),
+    "scheduler pass": (8, 7),
+    "pools pass: nothing to do": (5, 5),
+    "pools pass: requests wait": (3, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def costs():
+    return {
+        "small": as_dict(hot_paths(waiting=5, ready=2)),
+        "large": as_dict(hot_paths(waiting=40, ready=12)),
+        "batch": as_dict(hot_paths(waiting=5, ready=2, count=3)),
+    }
+
+
+def test_each_hot_path_stays_within_its_statements_and_transactions(costs):
+    print()
+    for path, (statements, transactions) in LIMITS.items():
+        cost = costs["small"][path]
+        print(f"{path:32s} {cost.statements:3d} statements {cost.transactions:3d} transactions")
+        assert cost.statements <= statements, path
+        assert cost.transactions <= transactions, path
+
+
+def test_no_hot_path_grows_with_the_queue_or_the_pools(costs):
+    for path in LIMITS:
+        small, large = costs["small"][path], costs["large"][path]
+        assert (large.statements, large.transactions) == (small.statements, small.transactions), path
+
+
+def test_a_refill_costs_the_same_for_each_vm_it_starts_and_a_batch_for_each_vm_it_makes(costs):
+    small, large = costs["small"]["pools pass: refill"], costs["large"]["pools pass: refill"]
+    per_vm = (large.statements - small.statements) / ((12 + 1) - (2 + 1))  # ready + count VMs started
+    assert per_vm <= 4  # its reservation: what is reserved, the queue, the lease and its room
+    for path in ("getservers, warm", "getservers, cold", "release"):
+        one, three = costs["small"][path], costs["batch"][path]
+        assert three.transactions - one.transactions <= 2 * 2, path  # at most two more per extra VM
