@@ -12,6 +12,7 @@ those given to ``register`` (tests, embedders). The provider half of a kind is
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import re
@@ -46,8 +47,8 @@ class HostSettings:
     def section(self) -> str:
         return f"{self.section_prefix}{self.number}"
 
-    @property
-    def ref(self) -> str:
+    @functools.cached_property
+    def ref(self) -> str:  # asked for on every placement, host by host: made once
         return str(self.number)
 
     @property

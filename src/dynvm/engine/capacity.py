@@ -46,13 +46,14 @@ class Capacity:
         """Where a VM of ``os`` (``cpus``/``memory``: as asked, None: its template's) could
         go, host by host (``only``: on that host), counting ``reserved`` as taken."""
         out = []
+        by_host = reservations_by_host(reserved)
         for host in settings.hosts:
             if only is not None and host.ref != only:
                 continue
             need = self.provider.need(host, os, cpus, memory)
             if need is None:
                 continue
-            mine = [r for r in reserved if r["host_ref"] == host.ref]
+            mine = by_host.get(host.ref, [])
             room = self.provider.room(host, settings.common.cpu_overcommit, mine)
             if room is not None:
                 out.append(placement.Candidate(host, room, need))
@@ -137,12 +138,13 @@ class Capacity:
         settings = self._settings()
         reserved = self.reserved_now()
         out = []
+        by_host = reservations_by_host(reserved)
         for host in settings.hosts:
             status = self.provider.status(host)
             if status is None:
                 continue
             # the host's room is the same for every OS: read it once (a host holds hundreds of VMs)
-            mine = [r for r in reserved if r["host_ref"] == host.ref]
+            mine = by_host.get(host.ref, [])
             room = self.provider.room(host, settings.common.cpu_overcommit, mine)
             per_os = {}
             for os in sorted(host.templates):
@@ -174,3 +176,11 @@ class Capacity:
                 ]
             out[host.ref] = found
         return out
+
+
+def reservations_by_host(reserved: list[dict[str, object]]) -> dict[str, list[dict[str, object]]]:
+    """The reservations grouped by host ref: read once, not filtered again host by host."""
+    out: dict[str, list[dict[str, object]]] = {}
+    for row in reserved:
+        out.setdefault(str(row["host_ref"]), []).append(row)
+    return out

@@ -26,7 +26,7 @@ from ..states import LeaseState, RequestState
 from ..store.leases import LeaseStore
 from ..store.requests import RequestRecord, RequestStore
 from . import eta
-from .capacity import Capacity
+from .capacity import Capacity, reservations_by_host
 
 YIELD_SECONDS = 2.0  # how soon an idle ready-pool VM makes way for a waiting request (a pools pass)
 LEARN_EVERY = 30.0  # seconds (the engine's clock) between reading the create and hold times of leases
@@ -159,8 +159,9 @@ class QueuePolicy:
     def snapshot(self, settings: Settings, reserved: list[dict[str, object]]) -> Snapshot:
         now = self.clock()
         rooms: dict[str, HostRoom] = {}
+        by_host = reservations_by_host(reserved)
         for host in settings.hosts:
-            mine = [r for r in reserved if r["host_ref"] == host.ref]
+            mine = by_host.get(host.ref, [])
             room = self.provider.room(host, settings.common.cpu_overcommit, mine)
             if room is not None:
                 rooms[host.ref] = room

@@ -113,6 +113,8 @@ class ModelHosts:
         self._clock = clock
         self.create_seconds = create_seconds
         self._vms: dict[str, dict[str, ModelVm]] = {}  # host ref -> ref -> VM
+        self._used: dict[str, tuple[int, int, int]] = {}  # host ref -> its VMs' CPUs, memory, disk
+        self._leases: dict[str, set[str]] = {}  # host ref -> the leases of its VMs
         self._lock = threading.Lock()
         self._claims: dict[str, str] = {}  # host ref -> the installation's claim there
         self._addresses = 0
@@ -156,16 +158,17 @@ class ModelHosts:
     def room(
         self, host: HostSettings, overcommit: float, reserved: Iterable[Mapping[str, object]], empty: bool = False
     ) -> HostRoom | None:
-        with self._lock:
-            vms = [] if empty else list(self._vms.get(host.ref, {}).values())
-        made = {vm.lease_id for vm in vms}
         member = MemberRoom("", HOST_CPUS * overcommit, HOST_MEMORY - DOM0_MEMORY)
         room = HostRoom(host.ref, HOST_DISK, [member])
-        for vm in vms:  # a VM holds its room from its create on
-            member.cpus -= vm.cpus
-            member.memory -= vm.memory
-            room.disk -= vm.disk
-        for reservation in [] if empty else reserved:
+        if empty:
+            return room
+        with self._lock:  # a VM holds its room from its create on
+            cpus, memory, disk = self._used.get(host.ref, (0, 0, 0))
+            made = set(self._leases.get(host.ref, ()))
+        member.cpus -= cpus
+        member.memory -= memory
+        room.disk -= disk
+        for reservation in reserved:
             if reservation["lease_id"] in made:
                 continue
             member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
@@ -205,10 +208,10 @@ class ModelHosts:
                 ip=f"127.90.{(n >> 8) & 255}.{n & 255}",  # loopback: a replay never sends anything anywhere
                 runs_at=self._clock() + self.create_seconds,
             )
-            self._vms[host.ref][vm.ref] = vm
+            self._add(host.ref, vm)
         if spec.name.startswith(POOL_USER) and not self._clock.wait_until(vm.runs_at, self, cancel):
             with self._lock:  # a ready-pool VM is ready when a real one would be, unless it makes way first
-                self._vms[host.ref].pop(vm.ref, None)
+                self._remove(host.ref, vm.ref)
             raise ProvisionError(f"{spec.name}: cancelled while it was made", host.ref)
         progress("ready")
         return CreatedVm(
@@ -235,6 +238,22 @@ class ModelHosts:
                 vm.holder = spec.holder
             vm.name = spec.name
 
+    def _add(self, host_ref: str, vm: ModelVm) -> None:
+        """With the lock held."""
+        self._vms[host_ref][vm.ref] = vm
+        cpus, memory, disk = self._used.get(host_ref, (0, 0, 0))
+        self._used[host_ref] = (cpus + vm.cpus, memory + vm.memory, disk + vm.disk)
+        self._leases.setdefault(host_ref, set()).add(vm.lease_id)
+
+    def _remove(self, host_ref: str, machine_ref: str) -> None:
+        """With the lock held."""
+        vm = self._vms.get(host_ref, {}).pop(machine_ref, None)
+        if vm is None:
+            return
+        cpus, memory, disk = self._used[host_ref]
+        self._used[host_ref] = (cpus - vm.cpus, memory - vm.memory, disk - vm.disk)
+        self._leases[host_ref].discard(vm.lease_id)
+
     def pending_job(self, machine_ref: str) -> str | None:
         return None
 
@@ -248,7 +267,7 @@ class ModelHosts:
             vm = self._vms.get(host.ref, {}).get(machine_ref)
             if vm is not None and vm.holder not in (None, holder):
                 raise HeldElsewhere(f"{machine_ref} is held by request {vm.holder}")
-            self._vms.get(host.ref, {}).pop(machine_ref, None)
+            self._remove(host.ref, machine_ref)
         return DestroyResult()
 
     # -- the installation's claim ------------------------------------------------------------------
