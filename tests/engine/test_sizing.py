@@ -114,3 +114,20 @@ def test_a_lab_its_demand_keeps_busy_has_no_pools_until_the_load_falls():
         now, {"centos": 65}, room={"centos": 10}, maxima={}, slots={"centos": 36}, holds={"centos": 1800}
     )
     assert known["centos"].target == 0
+
+
+def test_batches_widen_the_margin_by_their_dispersion():
+    ones, batches = LearnedSizing(margin=1.0), LearnedSizing(margin=1.0)
+    t = MONDAY
+    while t < MONDAY + HOUR:  # 60 VMs an hour either way: one at a time, or four at once
+        ones.model.observe("centos", t, 1)
+        if round((t - MONDAY) / 60) % 4 == 0:
+            batches.model.observe("centos", t, 4)
+        t += 60
+    now = MONDAY + HOUR
+    single, batched = ones.forecast("centos", now, 65), batches.forecast("centos", now, 65)
+    assert batches.model.dispersion("centos") == 4.0  # E[c^2] / E[c] = 16 / 4
+    assert ones.model.dispersion("centos") == 1.0
+    expected = 60 * 65 / HOUR
+    assert single.target == math.ceil(expected + math.sqrt(expected))
+    assert batched.target == math.ceil(expected + math.sqrt(4 * expected))

@@ -15,8 +15,11 @@ Per OS, from its arrivals (VMs asked for, and when):
    as many VMs must be ready as arrive within a create time: ``rate x create_seconds``. The
    rate is the highest blended rate in the window from now to one create time plus one
    sizing interval ahead, so the pool ramps up before a forecast peak, not in it.
-5. **A safety margin**, the one knob: ``margin x sqrt(mean + spread)`` VMs more, from
-   Poisson noise and the profile's own variance. ``margin=0`` keeps just the mean.
+5. **A safety margin**, the one knob: ``margin x sqrt(mean x dispersion + spread)`` VMs
+   more, from the noise of arrivals and the profile's own variance. Requests come in
+   batches (a request for 8 VMs is 8 at once), so the VMs asked for within a create time
+   vary more than a Poisson count of VMs would: by ``dispersion = E[count^2] / E[count]``
+   of the OS's requests (1 when every request asks for one). ``margin=0`` keeps the mean.
 6. **Bounds**: at most ``<os>.max`` (``[pools]``), at most what fits, and, when the OSes
    together want more than fits, each gets its share of the room in proportion to its need.
 7. **A busy lab has no pools.** By Little's law the demand keeps ``rate x mean hold`` VMs
@@ -73,6 +76,7 @@ class DemandModel:
         self._first: dict[str, float] = {}
         self._recent: dict[str, list[tuple[float, int]]] = defaultdict(list)  # the last RECENT_SECONDS
         self._holds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=HOLDS_KEPT))
+        self._batches: dict[str, tuple[int, int]] = {}  # os -> (VMs asked for, sum of each request's count squared)
 
     @property
     def oses(self) -> list[str]:
@@ -81,6 +85,8 @@ class DemandModel:
     def observe(self, os: str, at: float, count: int, hold: float | None = None) -> None:
         """``count`` VMs of ``os`` were asked for at ``at`` (and held ``hold`` seconds, when
         known: a request from the history)."""
+        vms, squares = self._batches.get(os, (0, 0))
+        self._batches[os] = (vms + count, squares + count * count)
         if hold is not None:
             self._holds[os].append(hold)
         self._first.setdefault(os, at)
@@ -92,6 +98,12 @@ class DemandModel:
         recent.append((at, count))
         if len(recent) > 1 and recent[-2][0] > at:
             recent.sort()
+
+    def dispersion(self, os: str) -> float:
+        """``E[count^2] / E[count]`` of the OS's requests: how much more the VMs asked for
+        vary than a Poisson count of VMs (1: every request asks for one VM)."""
+        vms, squares = self._batches.get(os, (0, 0))
+        return max(1.0, squares / vms) if vms else 1.0
 
     def mean_hold(self, os: str) -> float | None:
         """The mean hold time of ``os``'s requests seen with one (None: none seen)."""
@@ -162,7 +174,8 @@ class LearnedSizing:
         rate, profile, variance, weight = best
         expected = rate * create_seconds / HOUR  # VMs asked for within one create time
         spread = variance * (create_seconds / HOUR) ** 2 * weight
-        target = expected + self.margin * math.sqrt(expected + spread) if expected > 0 else 0.0
+        noise = expected * self.model.dispersion(os)
+        target = expected + self.margin * math.sqrt(noise + spread) if expected > 0 else 0.0
         return Forecast(
             os=os,
             target=math.ceil(target - 1e-9),
