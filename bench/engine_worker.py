@@ -50,8 +50,9 @@ def main() -> None:
         services.append(service)
     statements = [0]
 
-    def seen(*_: object) -> None:
-        statements[0] += 1
+    def seen(conn: object, cursor: object, statement: str, *_: object) -> None:
+        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE is a statement of its own
+            statements[0] += 1
 
     for db in databases:
         event.listen(db.engine, "before_cursor_execute", seen)
