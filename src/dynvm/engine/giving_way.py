@@ -134,7 +134,7 @@ class GivingWay:
         self.short_now()
         with self._lock:
             making = set(self._making)
-        idle = [lease for lease in pooled if is_idle(lease)]
+        idle = sorted((lease for lease in pooled if is_idle(lease)), key=oldest_first)
         if not idle and not any(lease.id in making for lease in pooled):
             return []  # nothing holds room that could make way (the usual pass of a lab without pools)
         queue_takes: set[str] = set()  # idle VMs the waiting requests will take themselves, the oldest
@@ -144,7 +144,7 @@ class GivingWay:
             if self.stock.eligible(record.cpus, record.memory):
                 free = [
                     lease
-                    for lease in sorted(idle, key=oldest_first)
+                    for lease in idle
                     if lease.os == record.os
                     and lease.id not in queue_takes
                     and record.host_ref in (None, lease.host_ref)

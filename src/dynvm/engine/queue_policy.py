@@ -96,9 +96,7 @@ class QueuePolicy:
         self._creates: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
         self._holds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
         self._fractions: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
-        self._made_since = self._ended_since = float("-inf")
-        self._made_seen: set[str] = set()  # ids read at the last read's latest moment (read again next time)
-        self._ended_seen: set[str] = set()
+        self._made, self._ended = _ReadFrom(), _ReadFrom()
         # during a pass: what requests alike share (needs per host, whether they can ever
         # fit), computed once; templates and host sizes do not change within a pass
         self._memo: dict[tuple[object, ...], Any] | None = None
@@ -125,25 +123,15 @@ class QueuePolicy:
         return self._timing
 
     def _learn(self) -> None:
-        made = self.leases.made_since(self._made_since)
-        for lease_id, os, _ready_at, seconds in made:
-            if lease_id not in self._made_seen:
-                self._creates[os].append(seconds)
-        if made:
-            self._made_since = made[-1][2]
-            self._made_seen = {row[0] for row in made if row[2] == self._made_since}
-        ended = self.leases.ended_since(self._ended_since)
-        for lease_id, os, handed_over_at, released_at, expires_at in ended:
-            if lease_id in self._ended_seen:
-                continue
+        for _lease_id, os, _ready_at, seconds in self._made.new(self.leases.made_since(self._made.since), at=2):
+            self._creates[os].append(seconds)
+        ended = self._ended.new(self.leases.ended_since(self._ended.since), at=3)
+        for _lease_id, os, handed_over_at, released_at, expires_at in ended:
             held = max(0.0, released_at - handed_over_at)
             self._holds[os].append(held)
             lifetime = expires_at - handed_over_at
             if lifetime > 0:
                 self._fractions[os].append(min(1.0, held / lifetime))
-        if ended:
-            self._ended_since = ended[-1][3]
-            self._ended_seen = {row[0] for row in ended if row[3] == self._ended_since}
 
     def hold_seconds(self, settings: Settings, learned_only: bool = False) -> dict[str, float]:
         """Per OS, the median hold of its ended leases; for an OS with none, its whole
@@ -279,3 +267,21 @@ def copy_rooms(rooms: dict[str, HostRoom]) -> dict[str, HostRoom]:
         ref: HostRoom(room.ref, room.disk, [dataclasses.replace(m) for m in room.members])
         for ref, room in rooms.items()
     }
+
+
+class _ReadFrom:
+    """Where an incremental read of leases starts: the latest moment read (``since``; a
+    read takes rows at that moment or later), and the ids read at that moment, which the
+    next read returns again and ``new`` leaves out."""
+
+    def __init__(self) -> None:
+        self.since = float("-inf")
+        self._seen: set[str] = set()
+
+    def new(self, rows: Sequence[tuple[Any, ...]], at: int) -> list[tuple[Any, ...]]:
+        """The rows (id first, oldest first; ``row[at]`` their moment) not read before."""
+        fresh = [row for row in rows if row[0] not in self._seen]
+        if rows:
+            self.since = rows[-1][at]
+            self._seen = {row[0] for row in rows if row[at] == self.since}
+        return fresh

@@ -251,7 +251,6 @@ class ReadyPools:
             staying = [lease for lease in everything if lease.id not in gone]
             queued = self.ctx.requests.in_state(RequestState.QUEUED)
             if queued:
-                self.way.short_now()
                 report.yielded = self.way.make_way(settings, staying, queued)
             elif not self._lab_was_full(settings, targets):
                 self._refill(settings, staying, targets, report)
@@ -318,8 +317,8 @@ class ReadyPools:
 
     def _lab_was_full(self, settings: Settings, targets: dict[str, int]) -> bool:
         """A request waited or was refused for room less than one create time ago: a refill
-        now would take room the next such request needs, and a VM being made cannot make
-        way. In a lab too small for its demand, the pools then wait for a quiet moment."""
+        now would take room the next such request needs, and a VM being made that stops for
+        it has spent its create for nothing. The pools then wait for a quiet moment."""
         timing = self.policy.timing()
         quiet = max((timing.create_seconds(os) for os, n in targets.items() if n > 0), default=0.0)
         return self.way.short_within(quiet)
@@ -344,10 +343,9 @@ class ReadyPools:
 
     def _headroom(self, settings: Settings) -> int:
         """With learned sizing, how many VMs the requests expected within one create time
-        ask for, all OSes together: a refill never takes the room they would be made in. A
-        VM being made for a pool cannot make way, so in a lab too small for its demand a
-        refill would make a request wait that no pool would have; in a lab with room to
-        spare this holds nothing back."""
+        ask for, all OSes together: a refill never takes the room they would be made in (a
+        VM being made can stop for a request, but its room shows only once it has removed
+        what it made). In a lab with room to spare this holds nothing back."""
         if settings.ready_pools.sizing != "learned":
             return 0
         return math.ceil(sum(f.rate_per_hour * f.create_seconds / 3600 for f in self.forecasts(settings).values()))

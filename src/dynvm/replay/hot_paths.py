@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from ..engine.service import LeaseService
 from ..model import LeaseError, LeaseRequest
-from ..store.db import StatementCount
 from .model import ModelHosts, VirtualClock
 from .runner import ReplayOptions, model_engine
 
@@ -85,6 +84,3 @@ def hot_paths(waiting: int = 10, ready: int = 3, count: int = 1) -> list[PathCos
 
 def as_dict(costs: list[PathCost]) -> dict[str, PathCost]:
     return {cost.path: cost for cost in costs}
-
-
-__all__ = ["PathCost", "StatementCount", "as_dict", "hot_paths", "measure"]

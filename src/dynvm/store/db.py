@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +74,25 @@ class Database:
             yield connection
 
     @contextlib.contextmanager
+    def reading(self, conn: Connection | None) -> Iterator[Connection]:
+        """``conn`` when the caller reads inside its own transaction, else a read of its own."""
+        if conn is not None:
+            yield conn
+            return
+        with self.read() as own:
+            yield own
+
+    @contextlib.contextmanager
+    def writing(self, conn: Connection | None) -> Iterator[Connection]:
+        """``conn`` when the caller writes inside its own transaction (whose commit it awaits
+        before anyone is told), else a write transaction of its own."""
+        if conn is not None:
+            yield conn
+            return
+        with self.write() as own:
+            yield own
+
+    @contextlib.contextmanager
     def counting(self) -> Iterator[StatementCount]:
         """Count the statements sent to the database while the block runs (every thread's;
         ``BEGIN`` and ``COMMIT`` are counted apart): what the hot-path test and the engine
@@ -104,13 +123,10 @@ class StatementCount:
 
     statements: int = 0
     transactions: int = 0
-    texts: list[str] = field(default_factory=list)
 
     def add(self, statement: str) -> None:
-        if statement.startswith("BEGIN"):
-            return
-        self.statements += 1
-        self.texts.append(statement)
+        if not statement.startswith("BEGIN"):
+            self.statements += 1
 
 
 def _sqlite_transactions(engine: Engine) -> None:

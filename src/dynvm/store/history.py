@@ -168,12 +168,8 @@ class HistoryStore:
         return done
 
     def get(self, vm_uuid: str, conn: Connection | None = None) -> dict[str, Any] | None:
-        query = select(history.c.document).where(history.c.vm_uuid == vm_uuid)
-        if conn is not None:
-            row = conn.execute(query).first()
-        else:
-            with self.db.read() as own:
-                row = own.execute(query).first()
+        with self.db.reading(conn) as reading:
+            row = reading.execute(select(history.c.document).where(history.c.vm_uuid == vm_uuid)).first()
         return dict(row.document) if row else None
 
     def all(self) -> list[dict[str, Any]]:
@@ -190,11 +186,8 @@ class HistoryStore:
         dialect = postgresql if not self.db.is_sqlite else sqlite
         statement = dialect.insert(history).values(vm_uuid=vm_uuid, **changes)
         statement = statement.on_conflict_do_update(index_elements=[history.c.vm_uuid], set_=changes)
-        if conn is not None:
-            conn.execute(statement)
-            return
-        with self.db.write() as own:
-            own.execute(statement)
+        with self.db.writing(conn) as writing:
+            writing.execute(statement)
 
     def query(
         self,

@@ -150,10 +150,8 @@ class LeaseStore:
 
     def _select(self, where: object, conn: Connection | None = None) -> list[Lease]:
         query = select(leases).where(where).order_by(leases.c.name)  # type: ignore[arg-type]  # a where clause is built by the callers as a SQLAlchemy expression
-        if conn is not None:
-            return [_lease(row) for row in conn.execute(query)]
-        with self.db.read() as own:
-            return [_lease(row) for row in own.execute(query)]
+        with self.db.reading(conn) as reading:
+            return [_lease(row) for row in reading.execute(query)]
 
     def made_since(self, since: float, limit: int = 2000) -> list[tuple[str, str, float, float]]:
         """(id, os, ready_at, create_seconds) of the leases whose VM was made at ``since``
@@ -282,26 +280,15 @@ class LeaseStore:
         sources = LEASES.sources(state, by)
         if not lease_ids:
             return []
-        if conn is not None:
-            return self._finish(conn, lease_ids, sources, state, now, error)
-        with self.db.write() as own:
-            return self._finish(own, lease_ids, sources, state, now, error)
-
-    @staticmethod
-    def _finish(
-        conn: Connection,
-        lease_ids: Sequence[str],
-        sources: Sequence[LeaseState],
-        state: LeaseState,
-        now: float,
-        error: str | None,
-    ) -> list[str]:
-        where = leases.c.id.in_(lease_ids) & leases.c.state.in_(sources)
-        ended = [row.id for row in conn.execute(select(leases.c.id).where(where).with_for_update())]
-        if ended:
-            conn.execute(update(leases).where(leases.c.id.in_(ended)).values(state=state, released_at=now, error=error))
-        conn.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
-        return ended
+        with self.db.writing(conn) as writing:
+            where = leases.c.id.in_(lease_ids) & leases.c.state.in_(sources)
+            ended = [row.id for row in writing.execute(select(leases.c.id).where(where).with_for_update())]
+            if ended:
+                writing.execute(
+                    update(leases).where(leases.c.id.in_(ended)).values(state=state, released_at=now, error=error)
+                )
+            writing.execute(delete(reservations).where(reservations.c.lease_id.in_(lease_ids)))
+            return ended
 
     def set_state(
         self,

@@ -157,22 +157,16 @@ class RequestStore:
     # -- reading -----------------------------------------------------------------------
 
     def get(self, request_id: str, conn: Connection | None = None) -> RequestRecord | None:
-        query = select(requests).where(requests.c.id == request_id)
-        if conn is not None:
-            row = conn.execute(query).first()
-        else:
-            with self.db.read() as own:
-                row = own.execute(query).first()
+        with self.db.reading(conn) as reading:
+            row = reading.execute(select(requests).where(requests.c.id == request_id)).first()
         return _record(row) if row is not None else None
 
     def in_state(self, *states: str, conn: Connection | None = None) -> list[RequestRecord]:
         """The requests in these states, oldest first (``conn``: inside the caller's
         transaction)."""
         query = select(requests).where(requests.c.state.in_(states)).order_by(requests.c.created_at, requests.c.id)
-        if conn is not None:
-            return [_record(row) for row in conn.execute(query)]
-        with self.db.read() as own:
-            return [_record(row) for row in own.execute(query)]
+        with self.db.reading(conn) as reading:
+            return [_record(row) for row in reading.execute(query)]
 
     def started_since(self, since: float) -> list[tuple[str, float]]:
         """(user, started_at) of every request that got room since ``since``: what the
@@ -239,11 +233,9 @@ class RequestStore:
         )
         if to == RequestState.READY:  # a cancel asked for first wins over the hand-over
             statement = statement.where(requests.c.cancel_requested == false())
-        if conn is not None:
-            return conn.execute(statement).rowcount == 1
-        with self.db.write() as own:
-            moved = own.execute(statement).rowcount == 1
-        if moved:
+        with self.db.writing(conn) as writing:
+            moved = writing.execute(statement).rowcount == 1
+        if moved and conn is None:  # committed here: tell the waiters
             self.notify(request_id)
         return moved
 
@@ -276,13 +268,10 @@ class RequestStore:
     def set_vms(self, request_id: str, vms: list[dict[str, Any]], conn: Connection | None = None) -> None:
         """Write a request's VMs' progress whole (``conn``: inside the caller's transaction,
         whose commit the caller awaits before anyone is told)."""
-        statement = update(requests).where(requests.c.id == request_id).values(vms=vms)
-        if conn is not None:
-            conn.execute(statement)
-            return
-        with self.db.write() as own:
-            own.execute(statement)
-        self.notify(request_id)
+        with self.db.writing(conn) as writing:
+            writing.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+        if conn is None:  # committed here: tell the waiters
+            self.notify(request_id)
 
     def update_vms(self, changes: dict[str, dict[str, dict[str, Any]]], conn: Connection | None = None) -> None:
         """Change VMs' progress entries (request id -> VM name -> fields), every request's
@@ -290,25 +279,19 @@ class RequestStore:
         the caller's)."""
         if not changes:
             return
-        if conn is not None:
-            self._update_vms(conn, changes)
-            return
-        with self.db.write() as own:
-            self._update_vms(own, changes)
-        for request_id in changes:
-            self.notify(request_id)
-
-    @staticmethod
-    def _update_vms(conn: Connection, changes: dict[str, dict[str, dict[str, Any]]]) -> None:
-        for request_id, by_name in changes.items():
-            query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
-            row = conn.execute(query).first()
-            if row is None:
-                continue
-            vms = [dict(vm) for vm in row[0] or []]
-            for vm in vms:
-                vm.update(by_name.get(vm["name"], {}))
-            conn.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+        with self.db.writing(conn) as writing:
+            for request_id, by_name in changes.items():
+                query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
+                row = writing.execute(query).first()
+                if row is None:
+                    continue
+                vms = [dict(vm) for vm in row[0] or []]
+                for vm in vms:
+                    vm.update(by_name.get(vm["name"], {}))
+                writing.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+        if conn is None:  # committed here: tell the waiters
+            for request_id in changes:
+                self.notify(request_id)
 
     def set_forecast(self, forecast: dict[str, tuple[int, float | None]]) -> None:
         """Write each queued request's position and ETA, where they changed."""
