@@ -3,6 +3,7 @@ the project builds installs in a fresh venv and serves a lab from there."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import venv
@@ -12,8 +13,7 @@ import httpx
 import pytest
 from bench.processes import free_port, wait_healthy
 
-from dynvm import config
-from dynvm.xen import settings as xen_settings
+from dynvm import config, hosts
 
 from .conftest import REPO
 
@@ -23,17 +23,30 @@ DEPLOY = REPO / "deploy"
 def test_the_sample_config_loads_and_names_every_key(tmp_path: Path):
     settings = config.load_settings(DEPLOY / "dynvmservice.ini.sample")
     assert list(settings.warnings) == []
-    assert [host.section for host in settings.hosts] == ["xenhost1"]
     text = (DEPLOY / "dynvmservice.ini.sample").read_text()
-    every_key = (
-        config.KNOWN_COMMON_KEYS
-        | config.KNOWN_AUTH_KEYS
-        | config.KNOWN_QUOTA_KEYS
-        | config.KNOWN_COUCHBASE_KEYS
-        | xen_settings.KNOWN_KEYS  # the [xenhostN] section's own keys
-    )
-    missing = sorted(key for key in every_key if f"\n{key}=" not in text)
+    sections = dict(re.findall(r"^\[([^\]]+)\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S))
+    missing = []
+    for section, keys in config.SECTION_KEYS.items():
+        body = sections.get(section, "")
+        missing += [f"[{section}] {key}" for key in sorted(keys) if not re.search(rf"^{re.escape(key)}=", body, re.M)]
+        missing += [
+            f"[{section}] <os>{suffix}"
+            for suffix in config.SECTION_OS_SUFFIXES.get(section, ())
+            if not re.search(rf"^[a-z0-9_-]+{re.escape(suffix)}=", body, re.M)
+        ]
+    # one section of every kind of host dynvm has, with every key of that kind
+    for prefix in hosts.prefixes():
+        kind = hosts.kind(prefix)
+        assert kind is not None
+        [body] = [body for section, body in sections.items() if re.fullmatch(rf"{prefix}[1-9][0-9]*", section)] or [""]
+        missing += [
+            f"[{prefix}N] {key}" for key in sorted(kind.known_keys) if not re.search(rf"^{re.escape(key)}=", body, re.M)
+        ]
+        for suffix in (kind.os_key_suffix, *kind.os_key_extras):
+            if not re.search(rf"^[a-z0-9_-]+{re.escape(suffix)}=", body, re.M):
+                missing.append(f"[{prefix}N] <os>{suffix}")
     assert missing == [], f"the sample does not show {missing}"
+    assert {host.section for host in settings.hosts} == {s for s in sections if hosts.match(s)}
 
 
 def test_the_unit_and_the_image_run_dynvm_serve_as_a_non_root_user():

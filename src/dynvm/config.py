@@ -45,6 +45,18 @@ DEFAULT_PROBE_PORT = 22  # sshd
 DEFAULT_WINDOWS_PROBE_PORT = 5985  # WinRM over HTTP
 KNOWN_QUOTA_KEYS = {"max.count.per.request", "vms.per.user", "memory.gib.per.user"}
 KNOWN_COUCHBASE_KEYS = {"couchbase.server", "couchbase.bucket", "couchbase.username", "couchbase.userpassword"}
+# Every section dynvm reads besides the hosts' ([<kind prefix>N]): its keys, and the suffixes
+# of the per-OS keys it takes (<os><suffix>=). The sample config and the docs are checked
+# against this table.
+SECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "common": frozenset(KNOWN_COMMON_KEYS),
+    "auth": frozenset(KNOWN_AUTH_KEYS),
+    "quota": frozenset(KNOWN_QUOTA_KEYS),
+    "probe": frozenset(KNOWN_PROBE_KEYS),
+    "pools": frozenset(KNOWN_POOL_KEYS),
+    "couchbase": frozenset(KNOWN_COUCHBASE_KEYS),
+}
+SECTION_OS_SUFFIXES: Mapping[str, tuple[str, ...]] = {"probe": (".port",), "pools": (".ready", ".max")}
 
 
 class ConfigError(Exception):
@@ -252,7 +264,7 @@ class _Reader:
             owner = hosts.match(section)
             if owner is not None:
                 found.append(self.host(section, *owner))
-            elif section not in ("common", "couchbase", "auth", "quota", "probe", "pools"):
+            elif section not in SECTION_KEYS:
                 self.warn(section, None, "unknown section, ignored")
         numbers = [host.number for host in found]
         for number in sorted({n for n in numbers if numbers.count(n) > 1}):
@@ -279,13 +291,9 @@ class _Reader:
         if not self.parser.has_section(name):
             return {}
         values = dict(self.parser.items(name))
+        suffixes = per_os_suffix + SECTION_OS_SUFFIXES.get(name, ())
         for key in values:
-            per_os = (
-                (bool(per_os_suffix) and key.endswith(per_os_suffix))
-                or (name == "probe" and key.endswith(".port"))
-                or (name == "pools" and key.endswith((".ready", ".max")))
-            )
-            if key not in known and not per_os:
+            if key not in known and not (suffixes and key.endswith(suffixes)):
                 self.warn(name, key, "unknown key, ignored")
         return values
 
