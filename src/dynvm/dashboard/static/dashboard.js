@@ -333,7 +333,7 @@
   function drawPlot(id, options, data) {
     const element = $(id);
     if (typeof uPlot === "undefined") {
-      element.innerHTML = '<p class="note">The plot library is missing: run <code>make install</code>.</p>';
+      element.innerHTML = '<p class="note">The plot library is missing from this installation: build the wheel where npm is available (docs/DEPLOY.md).</p>';
       return;
     }
     state.plots[id]?.destroy();
