@@ -1,5 +1,5 @@
 """The lease and request state machines (``states.py``): one table, enforced by the stores
-and by the database, and drawn in the README."""
+and by the database, and drawn in docs/LIFECYCLES.md."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ from dynvm.store.db import Database
 from dynvm.store.leases import LeaseStore
 from dynvm.store.requests import RequestRecord, RequestStore
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+LIFECYCLES = Path(__file__).resolve().parents[1] / "docs" / "LIFECYCLES.md"
 
 
 @pytest.mark.parametrize("table", [LEASES, REQUESTS], ids=["lease", "request"])
 def test_the_readme_draws_the_table(table):
     found = re.search(
         rf"<!-- states:{table.name} -->\n```mermaid\n(.*?)\n```\n<!-- /states:{table.name} -->",
-        README.read_text(),
+        LIFECYCLES.read_text(),
         re.S,
     )
-    assert found, f"README.md has no states:{table.name} block"
-    assert found.group(1) == table.mermaid(), "README.md's diagram differs from states.py; paste:\n" + table.mermaid()
+    assert found, f"docs/LIFECYCLES.md has no states:{table.name} block"
+    assert found.group(1) == table.mermaid(), "docs/LIFECYCLES.md's diagram differs from states.py; paste:\n" + table.mermaid()
 
 
 @pytest.mark.parametrize("table", [LEASES, REQUESTS], ids=["lease", "request"])

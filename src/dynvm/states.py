@@ -5,7 +5,7 @@ This table is the one home of dynvm's lifecycle. The stores (``store/leases.py``
 table does not hold raises ``IllegalMove`` (a bug, never a caller's error). Each write is
 still a conditional UPDATE (``WHERE state IN <sources>``), so when two processes race for
 one row the database decides which move happened. The database itself refuses a state
-that is not here (check constraints, migration 0011), and the README's state diagram is
+that is not here (check constraints, migration 0011), and docs/LIFECYCLES.md's state diagram is
 drawn from this table (``mermaid``; a test keeps the two equal).
 """
 
@@ -142,7 +142,7 @@ class StateTable(Generic[S]):
         return found
 
     def mermaid(self) -> str:
-        """The table as a Mermaid state diagram (the README shows it)."""
+        """The table as a Mermaid state diagram (docs/LIFECYCLES.md shows it)."""
         lines = ["stateDiagram-v2"]
         for m in self.moves:
             source = "[*]" if m.source is None else _node(m.source)
