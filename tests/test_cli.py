@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from dynvm.auth import TokenStore
 from dynvm.cli import build_cli
+from dynvm.progress_log import ProgressLog
 from dynvm.store.db import Database
 
 
@@ -97,3 +98,93 @@ def test_an_ini_syntax_error_names_the_file_and_line(tmp_path):
     assert f"{bad}: not a valid ini file" in output
     assert "line 3" in output
     assert "secret-ish" not in output  # the line's content may hold a password
+
+
+def test_a_database_command_without_a_config_refuses_instead_of_making_one(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DYNVM_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for args in (
+        ["token", "list"],
+        ["token", "create", "alice"],
+        ["token", "revoke", "abc"],
+        ["installation", "show"],
+        ["history", "export", "--trace", str(tmp_path / "t.csv")],
+    ):
+        run = dynvm(*args)
+        assert run.exit_code == 2, (args, run.output)
+        assert "no configuration found" in run.output
+        assert "--db URL" in run.output
+    assert not list(tmp_path.rglob("*.db"))  # nothing made in the home folder, nor here
+    doctor = dynvm("doctor")
+    assert doctor.exit_code == 2
+    assert "no configuration found" in doctor.output
+
+
+def test_config_and_server_work_before_the_command_too(tmp_path: Path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    config = tmp_path / "dynvm.ini"
+    config.write_text(f"[common]\ndb.url={url}\n")
+    assert dynvm("token", "create", "alice", "--db", url).exit_code == 0
+    for args in (["--config", str(config), "token", "list"], ["token", "list", "--config", str(config)]):
+        listed = dynvm(*args)
+        assert listed.exit_code == 0, listed.output
+        assert "alice" in listed.stdout
+    monkeypatch.setenv("DYNVM_SERVER", "http://127.0.0.1:9")  # the option beats the variable
+    before = dynvm("--server", "http://127.0.0.1:1", "ls")
+    assert "cannot reach dynvm at http://127.0.0.1:1" in before.output
+    after = dynvm("--server", "http://127.0.0.1:1", "ls", "--server", "http://127.0.0.1:2")  # after wins
+    assert "cannot reach dynvm at http://127.0.0.1:2" in after.output
+
+
+def test_a_log_gets_a_line_when_the_request_moves_and_once_a_minute_else():
+    now = [0.0]
+    log = ProgressLog(clock=lambda: now[0])
+    said = []
+    base = {"id": "12345678", "vms": [], "eta": "t"}
+    for second in range(130):  # its ETA ticks down every second; its place changes once
+        now[0] = float(second)
+        status = {**base, "state": "queued", "position": 2 if second < 10 else 1, "eta_seconds": 130.0 - second}
+        said.append(log.line(status))
+    now[0] = 131.0
+    said.append(log.line({**base, "state": "creating"}))
+    said.append(log.line({**base, "state": "creating"}))
+    lines = [(at, line) for at, line in enumerate(said) if line is not None]
+    assert [at for at, _ in lines] == [0, 10, 70, 130]
+    assert lines[1][1] == "request 12345678: queued, number 1 in the queue, ready in about 120 s (t)"
+    assert lines[-1][1] == "request 12345678: creating"
+
+
+def _wide_lines(text: str, columns: int = 80) -> list[str]:
+    return [line for line in text.splitlines() if len(line) > columns]
+
+
+def test_the_help_reads_whole_at_80_columns():
+    app = build_cli()
+    groups = [[], ["token"], ["history"], ["installation"], ["image"]]
+    commands = [
+        [name]
+        for name in ("sim", "check-config", "doctor", "serve", "lab", "replay", "get", "release", "ls", "capacity")
+    ] + [["token", "create"], ["token", "list"], ["history", "export"], ["installation", "new"]]
+    for args in groups + commands:
+        shown = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert shown.exit_code == 0, (args, shown.output)
+        assert _wide_lines(shown.output) == [], args
+        cut = [line for line in shown.output.splitlines() if line.rstrip().endswith("...") and "Usage:" not in line]
+        assert cut == [], args  # click cuts a summary that does not fit with "..."
+
+
+def test_check_config_shows_a_long_address_whole_at_80_columns(tmp_path: Path):
+    address = "https://xenserver-prod-01.example.internal:443"
+    config = tmp_path / "dynvm.ini"
+    config.write_text(
+        f"[xenhost1]\nhost.name={address}\nhost.user=root\nhost.password=pw\n"
+        "host.storage.name=Local storage\ncentos.template=tmpl-cnt7.7\n"
+    )
+    shown = dynvm("check-config", "--config", str(config), columns=80)
+    assert shown.exit_code == 0, shown.output
+    assert _wide_lines(shown.output) == []
+    assert "…" not in shown.output
+    rows = [line.split("│") for line in shown.output.splitlines() if line.startswith("│")]
+    column = "".join(row[3].strip() for row in rows)  # the address column, its folded lines joined
+    assert column == address

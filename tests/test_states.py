@@ -26,7 +26,9 @@ def test_the_readme_draws_the_table(table):
         re.S,
     )
     assert found, f"docs/LIFECYCLES.md has no states:{table.name} block"
-    assert found.group(1) == table.mermaid(), "docs/LIFECYCLES.md's diagram differs from states.py; paste:\n" + table.mermaid()
+    assert found.group(1) == table.mermaid(), (
+        "docs/LIFECYCLES.md's diagram differs from states.py; paste:\n" + table.mermaid()
+    )
 
 
 @pytest.mark.parametrize("table", [LEASES, REQUESTS], ids=["lease", "request"])

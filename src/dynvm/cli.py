@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import bounds
+from .progress_log import ProgressLog, describe
 from .running_lab import RunningLab
 
 if TYPE_CHECKING:
-    from rich.text import Text
-
     from .auth import TokenStore
     from .client import DynvmClient
     from .config import Settings
@@ -37,40 +37,44 @@ def build_cli() -> typer.Typer:
         rich_markup_mode=None,  # help texts name config keys in brackets ([common] db.url): keep them
     )
     app.callback()(_root)
-    app.command("sim")(sim_command)
-    app.command("check-config")(check_config_command)
-    app.command("doctor")(doctor_command)
+    # click shows a command's first sentence in 'dynvm --help', cut with "..." past
+    # 78 - 6 - len("check-config") = 60 characters at any terminal width: these fit
+    app.command("sim", short_help="Run a simulated Xen lab (xapi XML-RPC) until Ctrl-C.")(sim_command)
+    app.command("check-config", short_help="Validate the config and list its hosts.")(check_config_command)
+    app.command("doctor", short_help="Log in to every host and check what the config names.")(doctor_command)
     app.command("serve")(serve_command)
-    app.command("lab")(lab_command)
-    app.command("replay")(replay_command)
+    app.command("lab", short_help="A lab and dynvm serving it on 127.0.0.1, until Ctrl-C.")(lab_command)
+    app.command("replay", short_help="Replay a demand trace and report what users saw.")(replay_command)
     tokens = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True, rich_markup_mode=None)
     tokens.command("create")(token_create_command)
     tokens.command("list")(token_list_command)
     tokens.command("revoke")(token_revoke_command)
     app.add_typer(tokens, name="token")
     history = typer.Typer(help="dynvm's VM history.", no_args_is_help=True, rich_markup_mode=None)
-    history.command("export")(history_export_command)
+    history.command("export", short_help="Export the history as a demand trace (CSV).")(history_export_command)
     app.add_typer(history, name="history")
     installation = typer.Typer(
         help="This database's installation: the id on every VM it makes.", no_args_is_help=True, rich_markup_mode=None
     )
-    installation.command("show")(installation_show_command)
-    installation.command("new")(installation_new_command)
+    installation.command("show", short_help="Print the installation id and its last claim.")(installation_show_command)
+    installation.command("new", short_help="Make this database (a copy) an installation of its own.")(
+        installation_new_command
+    )
     app.add_typer(installation, name="installation")
     image = typer.Typer(
         help="The tiny guest image for libvirt labs and tests.", no_args_is_help=True, rich_markup_mode=None
     )
-    image.command("build")(_image_build)
+    image.command("build", short_help="Build the tiny guest image from Debian packages.")(_image_build)
     app.add_typer(image, name="image")
-    for name, command in (
-        ("get", get_command),
-        ("release", release_command),
-        ("ls", ls_command),
-        ("capacity", capacity_command),
-        ("pools", pools_command),
-        ("extend", extend_command),
+    for name, command, short in (
+        ("get", get_command, "Get VMs, showing their progress; prints names and IPs."),
+        ("release", release_command, None),
+        ("ls", ls_command, None),
+        ("capacity", capacity_command, None),
+        ("pools", pools_command, "The ready pools: VMs kept booted per OS."),
+        ("extend", extend_command, None),
     ):
-        app.command(name)(command)
+        app.command(name, short_help=short)(command)
     return app
 
 
@@ -99,11 +103,38 @@ def _print_version(value: bool) -> None:
 
 
 def _root(
+    ctx: typer.Context,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server", envvar="DYNVM_SERVER", help="dynvm's URL, for get, release, ls, capacity, pools, extend."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="The .dynvmservice.ini, for the commands that read one.")
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", help="Print dynvm's version and exit.", is_eager=True, callback=_print_version)
     ] = False,
 ) -> None:
     """Disposable VMs on XenServer / XCP-ng hosts for CI pipelines."""
+    # 'dynvm --server URL ls' = 'dynvm ls --server URL': the values given before the command
+    # become the defaults of the command's own options (one given after it still wins)
+    given = {name: value for name, value in (("server", server), ("config", config)) if value is not None}
+    if given:
+        ctx.default_map = _defaults_for(ctx.command, given)
+
+
+def _defaults_for(group: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """A click ``default_map`` giving every command under ``group`` that has an option
+    named in ``given`` (server, config) that value."""
+    out: dict[str, Any] = {}
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # token, history, installation, image
+            out[name] = _defaults_for(command, given)
+        else:
+            out[name] = {p.name: given[p.name] for p in command.params if p.name in given}
+    return out
 
 
 def sim_command(
@@ -209,8 +240,8 @@ def sim_command(
         lab.write_config(config_path)
         title = f"dynvm sim: {hosts} host(s)" if pool_size == 1 else f"dynvm sim: {hosts} pool(s) of {pool_size}"
         table = Table(title=title, show_lines=False)
-        for column in ("section", "host", "xapi URL", "storage", "CPUs", "memory"):
-            table.add_column(column)
+        for column in ("section", "host", "xapi URL", "storage", "CPUs", "memory"):  # the URL whole
+            table.add_column(column, no_wrap=column == "xapi URL", overflow="fold")
         for index, node in enumerate(lab.nodes, start=1):
             spec = node.host.spec
             size = f"{spec.memory / 2**30:g} GiB"
@@ -247,14 +278,14 @@ ConfigOption = Annotated[
 ]
 
 
-def load_or_exit(config: Path | None, console: Console) -> Settings:
-    """Load the configuration, or print why it is invalid and exit with code 2."""
+def load_or_exit(config: Path | None, console: Console, hint: str = "") -> Settings:
+    """Load the configuration, or print why it is invalid (or missing) and exit with code 2."""
     from .config import ConfigError, load_settings, locate_config
 
     try:
         settings = load_settings(locate_config(config))
     except ConfigError as e:
-        console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"Error: {e}{hint}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for warning in settings.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
@@ -271,8 +302,8 @@ def check_config_command(
     console = Console()
     settings = load_or_exit(config, console)
     table = Table(title=f"{settings.source}: {len(settings.hosts)} host(s)")
-    for column in ("ref", "section", "address", "details", "OS keys"):
-        table.add_column(column)
+    for column in ("ref", "section", "address", "details", "OS keys"):  # fold: never cut a URL at 80 columns
+        table.add_column(column, overflow="fold" if column in ("address", "details") else "ellipsis")
     for host in settings.hosts:
         table.add_row(host.ref, host.section, host.address, host.details, str(len(host.templates)))
     console.print(table)
@@ -305,7 +336,8 @@ def doctor_command(
     with ThreadPoolExecutor(max_workers=min(16, len(settings.hosts))) as pool:
         reports = list(pool.map(lambda host: examine(host, timeout), settings.hosts))
     for report in reports:
-        table = Table(title=f"[{report.host.section}] {report.host.url}", title_justify="left", box=box.SIMPLE)
+        title = escape(f"[{report.host.section}] {report.host.url}")  # else rich takes [xenhost1] for a style
+        table = Table(title=title, title_justify="left", box=box.SIMPLE)
         for column in ("check", "", "detail"):
             table.add_column(column, overflow="fold")
         for check in report.checks:
@@ -496,7 +528,7 @@ def lab_command(
                 raise typer.Exit(1)
             console.print(f"dynvm serves {lab.what} at {base}  (config: {config_path})", markup=False)
             console.print(f"The dashboard: {base}/", markup=False)
-            console.print("Try the SPEC's example session:", style="bold")
+            console.print("Try a session (the README's, on this lab):", style="bold")
             os = lab.os
             for line in (
                 f"curl {base}/getavailablecount/{os}",
@@ -586,24 +618,16 @@ DbOption = Annotated[
 
 def database_url(config: Path | None, db: str | None, console: Console) -> str:
     """The database ``dynvm serve`` would use with the same ``--config`` and ``--db``:
-    ``--db``, else ``[common] db.url`` of the config, else the default SQLite file. A
-    config that is named (or found) but invalid is an error, not a silent default."""
-    from .config import ConfigError, load_settings, locate_config
+    ``--db``, else ``[common] db.url`` of the config, else the default SQLite file. Without
+    ``--db``, a config that cannot be found or read is an error (as for ``doctor``), never
+    a silent default: a command run on the wrong machine or from the wrong folder must not
+    make an empty database of its own and answer from it."""
     from .store.db import default_db_url
 
     if db is not None:
         return db
-    try:
-        path = locate_config(config)
-    except ConfigError:
-        if config is not None:
-            raise
-        return default_db_url()  # no config anywhere: the default database, as serve would fail to find one
-    try:
-        return load_settings(path).common.db_url or default_db_url()
-    except ConfigError as e:
-        console.print(f"Error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    settings = load_or_exit(config, console, hint=" (or name the database with --db URL)")
+    return settings.common.db_url or default_db_url()
 
 
 def _database(config: Path | None, db: str | None, console: Console) -> Database:
@@ -700,7 +724,7 @@ def _targets(text: str) -> dict[str, int]:
 
 
 def replay_command(
-    trace: Annotated[Path, typer.Argument(help="A demand trace: arrival_s,user,os,count,hold_s (see the README).")],
+    trace: Annotated[Path, typer.Argument(help="A demand trace: arrival_s,user,os,count,hold_s (see docs/REPLAY.md).")],
     history: Annotated[
         Path | None, typer.Option(help="A past trace loaded first, as a running lab would know it (learned sizing).")
     ] = None,
@@ -785,18 +809,14 @@ def history_export_command(
     config: ConfigOption = None,
     db: DbOption = None,
 ) -> None:
-    """Export the history as a demand trace: arrival_s,user,os,count,hold_s (see the README)."""
+    """Export the history as a demand trace: arrival_s,user,os,count,hold_s (see docs/REPLAY.md)."""
     import time
 
-    from .store.db import Database, describe_url
     from .store.history import HistoryStore
     from .trace import from_history, write_trace
 
     console = Console(stderr=True)
-    url = database_url(config, db, console)
-    console.print(f"database: {describe_url(url)}", style="dim", markup=False, highlight=False)
-    database = Database(url)
-    database.migrate()
+    database = _database(config, db, console)
     try:
         demands = from_history(HistoryStore(database).all(), time.time())
         rows = write_trace(trace, demands)
@@ -868,8 +888,8 @@ def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if epoch else "-"
 
 
-ServerOption = Annotated[
-    str | None, typer.Option("--server", envvar="DYNVM_SERVER", help="dynvm's URL (default http://127.0.0.1:5000).")
+ServerOption = Annotated[  # no envvar here: $DYNVM_SERVER must not override 'dynvm --server URL ls'
+    str | None, typer.Option("--server", help="dynvm's URL (else $DYNVM_SERVER, else http://127.0.0.1:5000).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
@@ -905,9 +925,13 @@ def get_command(
     ] = None,
     server: ServerOption = None,
     json_out: JsonOption = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result: no progress.")] = False,
 ) -> None:
-    """Get VMs: shows each one's progress live (while queued, its position and ETA) and
-    prints their IPs. Ctrl-C cancels the request; what was built for it is removed."""
+    """Get VMs: shows their progress, prints a "name ip" line per VM. Ctrl-C cancels.
+
+    In a terminal the progress is live (while queued: the place in the queue and the ETA);
+    in a log, a line when the state or the place changes, at most once a minute otherwise.
+    Ctrl-C cancels the request, and what was built for it is removed."""
     import getpass
     import json
     import secrets
@@ -931,16 +955,15 @@ def get_command(
     location = None
     try:
         location, status = client.request_leases({k: v for k, v in body.items() if v is not None})
-        if json_out:
+        if json_out or quiet:
             status = client.follow(location, lambda s: None)
-        elif not console.is_terminal:  # a log (CI): one line each time the request moves
-            said: list[str | Text] = []  # titles of _progress_table
+        elif not console.is_terminal:  # a log (CI): a line when the request moves, not every second
+            log = ProgressLog()
 
             def say(update: dict[str, Any]) -> None:
-                line = _progress_table(update).title or ""
-                if not said or said[-1] != line:
-                    said.append(line)
-                    console.print(line, soft_wrap=True, highlight=False)
+                line = log.line(update)
+                if line is not None:
+                    console.print(line, soft_wrap=True, highlight=False, markup=False)
 
             say(status)
             status = client.follow(location, say)
@@ -982,13 +1005,9 @@ def _minutes(text: str) -> float:
 
 
 def _progress_table(status: dict[str, Any]) -> Table:
-    title = f"request {status['id'][:8]}: {status['state']}"
-    if status["state"] == "queued" and status.get("position"):
-        eta = f", ready in about {status['eta_seconds']:.0f} s ({status['eta']})" if status.get("eta") else ""
-        title += f", number {status['position']} in the queue{eta}"
-    table = Table(title=title)
-    for column in ("VM", "host", "stage", "IP / error"):
-        table.add_column(column)
+    table = Table(title=describe(status))
+    for column in ("VM", "host", "stage", "IP / error"):  # a VM's name whole; an error folds
+        table.add_column(column, no_wrap=column in ("VM", "host"), overflow="fold")
     for vm in status["vms"]:
         table.add_row(vm["name"], vm["host"], vm["stage"], vm["ip"] or vm["error"] or "")
     return table
@@ -1053,9 +1072,10 @@ def ls_command(
     if json_out:
         typer.echo(json.dumps(leases, indent=2))
         return
-    table = Table()
-    for column in ("name", "os", "host", "state", "IP", "caller", "expires in"):
-        table.add_column(column)
+    # the name whole (release needs it), and room for 80 columns: one space between columns
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("name", "os", "host", "state", "IP", "caller", "expires"):
+        table.add_column(column, no_wrap=column in ("name", "state", "IP", "expires"), overflow="fold")
     for lease in leases:
         left = max(0, lease["expires_at"] - time.time())
         table.add_row(

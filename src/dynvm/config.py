@@ -2,7 +2,7 @@
 section and key; and ``ConfigWatcher``, which reloads it when it changes.
 
 Users bring the file their existing service used (SPEC.md §2) and it loads as is. Keys
-dynvm adds are listed in the README ("Configuration"). Passwords are kept in ``Secret``,
+dynvm adds are listed in docs/CONFIGURATION.md. Passwords are kept in ``Secret``,
 which never shows its value in a repr, a log line or an error.
 """
 

@@ -158,3 +158,18 @@ def test_ctrl_c_on_a_queued_get_cancels_the_request(serve):
     assert process.returncode == 130
     assert "cancelled" in err
     assert service.services.engine.request_store.get(queued.id).state == RequestState.CANCELLED
+
+
+def test_ls_reads_whole_at_80_columns(serve):
+    service = serve(hosts=2)
+    name = "ci-integration-build-4711-"
+    got = run(service, "get", "--count", "2", "--name", name, "--expires", "90")
+    assert got.exit_code == 0, got.output
+    env = {"DYNVM_SERVER": service.url, "DYNVM_TOKEN": "", "COLUMNS": "80"}
+    listed = CliRunner().invoke(build_cli(), ["ls"], env=env, terminal_width=80)
+    assert listed.exit_code == 0, listed.output
+    assert [line for line in listed.stdout.splitlines() if len(line) > 80] == []
+    assert "…" not in listed.stdout
+    for n in (1, 2):  # whole on one line, as release needs it
+        [row] = [line for line in listed.stdout.splitlines() if f"{name}{n} " in line]
+        assert "127.77." in row

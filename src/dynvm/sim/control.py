@@ -3,7 +3,7 @@ xapi. They are answered on every host's own port and on the lab's control port, 
 each takes the password of the host it acts on as its first argument (that is how a call
 on the control port picks its host). Answers use xapi's ``{Status, Value}`` envelope.
 
-The README's "control interface" section lists the methods; each is a ``_<name>``
+docs/SIMULATOR.md's "control interface" section lists the methods; each is a ``_<name>``
 method of ``Control`` below.
 """
 

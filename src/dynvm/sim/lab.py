@@ -140,7 +140,7 @@ class Lab:
         lines = [
             f"; Written by `dynvm sim` at {stamp}: {self._lab_words()} on 127.0.0.1.",
             f"; dynvm-sim-control: {self.control_endpoint.url}/",
-            ";   sim.* methods (see the README); each takes the host's password first.",
+            ";   sim.* methods (see docs/SIMULATOR.md); each takes the host's password first.",
             "",
             "[couchbase]",
             "; Fill in to also keep VM history in Couchbase; empty keeps it in dynvm's database only.",

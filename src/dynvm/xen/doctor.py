@@ -138,7 +138,9 @@ def examine(host: XenHostSettings, timeout: float = 10.0) -> HostReport:
             report.add(
                 "network",
                 bool(management),
-                "the management interface's" if management else "no management interface to attach VMs to",
+                "the management interface's network (host.network not set)"
+                if management
+                else "no management interface to attach VMs to",
             )
     except XenAPI.Failure as e:
         report.add("xapi", False, f"xapi error {' '.join(map(str, e.details))}")
