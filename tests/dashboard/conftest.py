@@ -71,10 +71,12 @@ def browser() -> Iterator[Browser]:
 def dashboard(sim_lab: Callable[..., SimLab], browser: Browser, tmp_path: Path) -> Iterator[Callable[..., Dashboard]]:
     made: list[tuple[ServeProcess, Page]] = []
 
-    def make(hosts: int = 2, auth: bool = False, viewport: tuple[int, int] = (1280, 800)) -> Dashboard:
+    def make(hosts: int = 2, auth: bool = False, viewport: tuple[int, int] = (1280, 800), pools: str = "") -> Dashboard:
+        """``pools``: the ``[pools]`` section's lines, e.g. ``centos.ready=1``."""
         lab = sim_lab(hosts=hosts)
         config = tmp_path / f"dashboard{len(made)}.ini"
-        config.write_text(newest_lab_config(tmp_path) + ("\n[auth]\nrequired=true\n" if auth else ""))
+        extra = ("\n[auth]\nrequired=true\n" if auth else "") + (f"\n[pools]\n{pools}\n" if pools else "")
+        config.write_text(newest_lab_config(tmp_path) + extra)
         db = tmp_path / f"dynvm{len(made)}.db"
         serve = ServeProcess(config, db)
         page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})

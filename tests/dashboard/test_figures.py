@@ -21,6 +21,7 @@ class Record:  # the fields of a request the figures read
     finished_at: float | None
     error_kind: str | None = None
     error: str | None = None
+    error_status: int | None = None
 
 
 def test_vms_in_use_count_from_creation_to_deletion_and_idle_pool_vms_do_not_count():
@@ -75,29 +76,35 @@ def test_time_to_vm_comes_from_served_requests_and_create_time_from_recent_vms()
     assert "windows" not in found["create"]  # nothing of it in the span
 
 
-def test_top_users_count_only_the_vm_hours_inside_the_span():
-    since = NOW - 24 * HOUR
-    lifetimes = [
-        ("alice", "centos", since - 10 * HOUR, 12 * HOUR, 60.0),  # 2 h inside
-        ("bob", "centos", NOW - 3 * HOUR, None, 60.0),  # 3 h, still running
-        ("bob", "centos", NOW - 2 * HOUR, 1 * HOUR, 60.0),  # 1 h
-        ("old", "centos", since - 10 * HOUR, 1 * HOUR, 60.0),  # gone before the span
-        (POOL_USER, "centos", NOW - 5 * HOUR, None, 60.0),
-    ]
-    found = figures.top_users(lifetimes, NOW, since)
-    assert found == [{"user": "bob", "vm_hours": 4.0, "vms": 2}, {"user": "alice", "vm_hours": 2.0, "vms": 1}]
-    assert figures.top_users(lifetimes, NOW, since, limit=1)[0]["user"] == "bob"
-
-
 def test_failures_are_grouped_by_reason_with_the_latest_message():
     since = NOW - HOUR
     requests = [
-        Record("centos", "failed", NOW - 900, NOW - 800, "NotEnoughCapacity", "no room for 3 centos"),
-        Record("centos", "failed", NOW - 700, NOW - 600, "NotEnoughCapacity", "no room for 8 centos"),
+        Record("centos", "failed", NOW - 900, NOW - 800, "NotEnoughCapacity", "no room for 3 centos", 429),
+        Record("centos", "failed", NOW - 700, NOW - 600, "NotEnoughCapacity", "no room for 8 centos", 429),
         Record("centos", "timed out", NOW - 500, NOW - 100),
         Record("centos", "ready", NOW - 50, NOW - 10),
-        Record("centos", "failed", since - 900, since - 100, "ProvisionError", "clone failed"),  # before the span
+        Record("centos", "failed", since - 900, since - 100, "ProvisionError", "clone failed", 500),  # before the span
     ]
     found = figures.failures(requests, since)
     assert [(f["reason"], f["count"]) for f in found] == [("NotEnoughCapacity", 2), ("timed out", 1)]
     assert found[0]["last_error"] == "no room for 8 centos"
+
+
+def test_refusals_and_create_failures_are_told_apart_in_words():
+    since = NOW - HOUR
+    requests = [
+        Record("centos", "failed", NOW - 900, NOW - 800, "QuotaExceeded", "q holds 12 VM(s)", 429),
+        Record("centos", "failed", NOW - 900, NOW - 700, "UnknownOs", "unknown OS 'x'", 400),
+        Record("centos", "failed", NOW - 900, NOW - 600, "CreateFailed", "no usable VM after 3 attempts", 502),
+        Record("centos", "failed", NOW - 900, NOW - 500, "ProvisionError", "clone failed", 500),
+        Record("centos", "timed out", NOW - 500, NOW - 100, "QueueTimedOut", "waited 5 min", 429),
+    ]
+    found = {f["reason"]: (f["group"], f["label"]) for f in figures.failures(requests, since)}
+    assert found == {
+        "QuotaExceeded": ("refused", "over a quota"),
+        "UnknownOs": ("refused", "unknown OS"),
+        "QueueTimedOut": ("refused", "waited too long in the queue"),
+        "CreateFailed": ("create_failed", "VM could not be made"),
+        "ProvisionError": ("create_failed", "VM could not be made"),
+    }
+    assert figures.reason_words("SomeNewError") == "some new error"  # never CamelCase on the page

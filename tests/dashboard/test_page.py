@@ -3,9 +3,13 @@ real ``dynvm serve`` process and a simulated lab over real sockets."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 from playwright.sync_api import expect
+
+from ..sim.simtools import wait_for
 
 LIVE_MS = 2000  # the page shows a change within 2 s
 LOAD_MS = 10_000  # the first load (the service's first answers) may take longer
@@ -209,3 +213,57 @@ def test_text_keeps_enough_contrast_against_its_background(dashboard):
         ratios = page.evaluate(CONTRAST, selector)
         assert ratios, selector
         assert min(ratios) >= 4.5, (selector, min(ratios))  # WCAG AA for normal text
+
+
+def test_the_summary_counts_in_words(dashboard):
+    lab = dashboard(hosts=1)
+    lab.lease("only")
+    lab.page.goto(lab.url)
+    expect(lab.page.locator("#summary")).to_contain_text("1 of 1 host up · 1 VM leased", timeout=LOAD_MS)
+
+
+def failed_create(lab, os: str = "centos") -> None:  # type: ignore[no-untyped-def]
+    """A create that fails all 3 tries; its message ends in a long word (an OpaqueRef)."""
+    lab.lab.control(0).fail_next("clone", "SR_BACKEND_FAILURE_44", 3)
+    body = {"os": os, "name": "broken", "wait_minutes": 1}
+    assert httpx.post(f"{lab.url}/api/v1/leases", params={"wait": "true"}, json=body, timeout=60).status_code == 502
+
+
+def timed_out_request(lab) -> None:  # type: ignore[no-untyped-def]
+    """The host filled, then a request that waits 3 s in the queue and times out."""
+    room = httpx.get(f"{lab.url}/api/v1/capacity", timeout=10).json()["centos"]
+    body = {"os": "centos", "name": "fill", "count": room}
+    assert httpx.post(f"{lab.url}/api/v1/leases", params={"wait": "true"}, json=body, timeout=60).is_success
+    body = {"os": "centos", "name": "late", "wait_minutes": 0.05}
+    assert httpx.post(f"{lab.url}/api/v1/leases", params={"wait": "true"}, json=body, timeout=60).status_code == 429
+
+
+def test_refusals_and_create_failures_are_apart_and_in_words(dashboard):
+    lab = dashboard(hosts=1)
+    failed_create(lab)
+    timed_out_request(lab)
+    page = lab.page
+    page.goto(lab.url)
+    expect(page.locator("#failures")).to_contain_text("VM could not be made", timeout=LOAD_MS)
+    expect(page.locator("#refusals")).to_contain_text("waited too long in the queue")
+    expect(page.locator("#failures")).not_to_contain_text("waited too long")
+    assert not re.search(r"\b(CreateFailed|QueueTimedOut)\b", page.locator("main").inner_text())
+
+
+def ready_vms(lab) -> int:  # type: ignore[no-untyped-def]
+    return httpx.get(f"{lab.url}/api/v1/dashboard/overview", timeout=10).json()["summary"]["ready"]
+
+
+def test_the_ready_pools_and_a_long_failure_fit_at_1280_and_on_a_phone(dashboard):
+    for width, height in ((1280, 800), (390, 844)):
+        lab = dashboard(hosts=1, viewport=(width, height), pools="centos.ready=1")
+        wait_for(lambda lab=lab: ready_vms(lab) == 1, timeout=30)  # the pool is full: no clone of its own left
+        failed_create(lab, os="centos7")  # an OS without a pool: no ready VM serves it
+        page = lab.page
+        page.goto(lab.url)
+        expect(page.locator("#pools tbody tr")).to_have_count(1, timeout=LOAD_MS)
+        expect(page.locator("#failures tbody tr")).to_have_count(1, timeout=LOAD_MS)
+        scroll, box = page.locator("#pools").evaluate("t => [t.parentElement.scrollWidth, t.parentElement.clientWidth]")
+        assert scroll <= box  # every column shows: nothing hidden to the right
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # 469 on a phone before
+        assert lab.errors == []

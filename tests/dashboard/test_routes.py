@@ -111,6 +111,7 @@ def test_a_ready_pool_vm_counts_from_its_hand_out_not_from_when_it_was_made(make
         clock.advance(360)  # held six minutes
         [top] = running.get("/api/v1/dashboard/users").json()
         assert (top["user"], top["vm_hours"]) == ("warm", 0.1)  # not the hour it waited in the pool
+        assert running.get("/api/v1/stats").json()["per_user"]["warm"]["vm_hours"] == 0.1  # one definition
     finally:
         running.stop()
 
@@ -120,3 +121,12 @@ def test_the_user_filter_takes_wildcards_as_characters(service):
     running.services.engine.acquire(LeaseRequest("a_b", "centos"))
     running.services.engine.acquire(LeaseRequest("axb", "centos"))
     assert [i["name"] for i in running.get("/api/v1/dashboard/leases", user="a_b").json()["items"]] == ["a_b"]
+
+
+def test_the_vms_of_one_request_are_listed_in_number_order(service):
+    running = service(hosts=2)
+    running.services.engine.acquire(LeaseRequest("fill", "centos", count=12))
+    names = [i["name"] for i in running.get("/api/v1/dashboard/leases").json()["items"]]
+    assert names == [f"fill{n}" for n in range(1, 13)]  # not fill1, fill10, fill11, fill12, fill2
+    page = running.get("/api/v1/dashboard/leases", limit=5, offset=5).json()["items"]
+    assert [i["name"] for i in page] == ["fill6", "fill7", "fill8", "fill9", "fill10"]

@@ -65,7 +65,7 @@ def lease(**changes: object) -> Lease:
 
 def test_a_created_document_has_every_field_of_the_spec():
     document = created_document(lease(), "172.23.0.10")
-    assert set(document) == SPEC_FIELDS
+    assert set(document) == SPEC_FIELDS | {"create_duration_ms"}
     assert document == {
         "ipaddr": "127.77.0.9",
         "origin": "172.23.0.10",
@@ -80,6 +80,7 @@ def test_a_created_document_has_every_field_of_the_spec():
         "name": "job421",
         "created_time": 1_800_000_042,
         "create_duration_secs": 43,
+        "create_duration_ms": 42600,
         "cpu": 4,
         "disk": 37580963840,
         "deleted_time": None,
@@ -90,7 +91,7 @@ def test_a_created_document_has_every_field_of_the_spec():
 
 def test_a_deleted_document_says_how_long_it_lived_and_who_used_it():
     document = deleted_document(created_document(lease(), "h"), 1_800_003_642.0, 7.4)
-    assert set(document) == SPEC_FIELDS
+    assert set(document) == SPEC_FIELDS | {"create_duration_ms"}
     assert document["state"] == "deleted"
     assert document["prevUser"] == "job42"
     assert document["deleted_time"] == 1_800_003_642
@@ -162,8 +163,9 @@ def check_stats_and_query(db: Database) -> None:
         "p95_create_secs": 300.0,
         "mean_lifetime_secs": None,  # still alive
     }
+    alive = clock.now - int(windows.ready_at)  # the Windows VM still held: it counts up to now
     assert stats["per_user"] == {
-        "ann": {"vms_created": 6, "vm_hours": round(5 * 600 / 3600, 2)},
+        "ann": {"vms_created": 6, "vm_hours": round((5 * 600 + alive) / 3600, 2)},
         "bob": {"vms_created": 15, "vm_hours": round(15 * 600 / 3600, 2)},
     }
     page, total = store.query(user="bob", state="deleted", limit=4, offset=2)
@@ -222,4 +224,43 @@ def test_imported_demand_reads_back_as_the_same_requests_and_is_never_exported(t
     assert requests_in_history(documents, 10_000.0) == past
     assert store.export_pending() == 0  # not this lab's VMs: nothing for the sink
     assert sent == []
+    db.close()
+
+
+def test_create_times_keep_their_fraction_of_a_second(tmp_path: Path):
+    db = Database(f"sqlite:///{tmp_path / 'h.db'}")
+    db.migrate()
+    store = HistoryStore(db, None, FakeClock())
+    store.record_created(lease(create_seconds=4.2), "h")
+    [(_, _, _, _, create)] = store.lifetimes(0)
+    assert create == pytest.approx(4.2)  # what the dashboard's create-time figures read
+    assert store.stats()["per_os"]["centos"]["mean_create_secs"] == 4.2
+    assert store.get(lease().vm_uuid)["create_duration_secs"] == 4  # the SPEC's field, whole seconds as before
+    db.close()
+
+
+def test_vm_hours_have_one_definition_for_the_stats_and_the_dashboard(tmp_path: Path):
+    """Held from the hand-out (not the time in a ready pool) to the deletion, or to now."""
+    db = Database(f"sqlite:///{tmp_path / 'h.db'}")
+    db.migrate()
+    clock = FakeClock()
+    store = HistoryStore(db, None, clock)
+    made = clock.now
+    alive = lease(id="a", vm_uuid=str(uuid.UUID(int=1)), username="alice", ready_at=made)
+    store.record_created(alive, "h")  # held 2 h, still alive
+    warm = lease(id="w", vm_uuid=str(uuid.UUID(int=2)), username="bob", ready_at=made, pooled_at=made)
+    store.record_created(warm, "h", handed_out_at=made + 3600)  # an hour in a pool, then held 1 h
+    clock.advance(2 * 3600)
+    store.record_deleted(warm, 1.0)
+    expected = [{"user": "alice", "vm_hours": 2.0, "vms": 1}, {"user": "bob", "vm_hours": 1.0, "vms": 1}]
+    assert store.vm_hours(None, clock.now) == expected
+    assert {u: v["vm_hours"] for u, v in store.stats()["per_user"].items()} == {"alice": 2.0, "bob": 1.0}
+    assert sorted(store.lifetimes(0)) == [  # the usage plot's rows: the same held time
+        ("alice", "centos", made, None, 42.6),
+        ("bob", "centos", made + 3600, 3600.0, 42.6),
+    ]
+    assert store.vm_hours(clock.now - 1800, clock.now) == [  # the last half hour only
+        {"user": "alice", "vm_hours": 0.5, "vms": 1},
+        {"user": "bob", "vm_hours": 0.5, "vms": 1},
+    ]
     db.close()

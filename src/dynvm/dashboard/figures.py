@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import Counter, defaultdict
+import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -87,34 +88,60 @@ def timings(lifetimes: Iterable[Lifetime], requests: Iterable[Any], since: float
     }
 
 
-def top_users(lifetimes: Iterable[Lifetime], now: float, since: float, limit: int = 10) -> list[dict[str, Any]]:
-    """Users by VM-hours held between ``since`` and ``now`` (a VM alive across ``since``
-    counts from then), most first."""
-    hours: defaultdict[str, float] = defaultdict(float)
-    vms: Counter[str] = Counter()
-    for user, _, created, lived, _ in lifetimes:
-        if user == POOL_USER:
-            continue
-        end = min(now, created + lived) if lived is not None else now
-        held = end - max(created, since)
-        if held > 0:
-            hours[user] += held / 3600
-            vms[user] += 1
-    return [
-        {"user": user, "vm_hours": round(h, 2), "vms": vms[user]}
-        for user, h in sorted(hours.items(), key=lambda item: (-item[1], item[0]))[:limit]
-    ]
+# What the page says for each reason (the engine's error kind, or a request's end state)
+REASONS = {
+    "NotEnoughCapacity": "not enough capacity",
+    "QuotaExceeded": "over a quota",
+    "UnknownOs": "unknown OS",
+    "NameInUse": "name already in use",
+    "BadRequest": "bad request",
+    "Forbidden": "not allowed",
+    "QueueTimedOut": "waited too long in the queue",
+    "timed out": "waited too long in the queue",
+    "RequestCancelled": "cancelled",
+    "cancelled": "cancelled",
+    "CreateFailed": "VM could not be made",
+    "ProvisionError": "VM could not be made",
+    "HostUnreachable": "host unreachable",
+    "ShuttingDown": "dynvm was stopping",
+}
+
+
+def reason_words(reason: str) -> str:
+    """``REASONS``, else the CamelCase kind in lower-case words (``SomeError``: "some error")."""
+    return REASONS.get(reason) or re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", reason).lower()
+
+
+def refused(record: Any) -> bool:
+    """Whether a request that ended without its VMs was refused (a 4xx: it could not, or
+    no longer should, be served as asked: capacity, quota, name, OS, its wait ran out, its
+    caller cancelled it) rather than failed while its VMs were made (a 5xx)."""
+    if record.state in ("timed out", "cancelled"):
+        return True
+    return record.error_status is not None and 400 <= record.error_status < 500
 
 
 def failures(requests: Iterable[Any], since: float) -> list[dict[str, Any]]:
     """Requests that ended without their VMs since ``since``, by reason (the engine's error
-    kind, or the state: timed out, cancelled), most first, with the latest message."""
+    kind, or the state: timed out, cancelled), most first, with the latest message. Each
+    says its ``group`` ("refused" or "create_failed", ``refused``) and its ``label`` in words."""
     found: dict[str, dict[str, Any]] = {}
     for record in requests:
         if record.state == "ready" or record.finished_at is None or record.finished_at < since:
             continue
         reason = record.error_kind or record.state
-        entry = found.setdefault(reason, {"reason": reason, "count": 0, "last_at": 0.0, "last_error": ""})
+        group = "refused" if refused(record) else "create_failed"
+        entry = found.setdefault(
+            f"{group}:{reason}",
+            {
+                "reason": reason,
+                "label": reason_words(reason),
+                "group": group,
+                "count": 0,
+                "last_at": 0.0,
+                "last_error": "",
+            },
+        )
         entry["count"] += 1
         if record.finished_at >= entry["last_at"]:
             entry["last_at"] = record.finished_at

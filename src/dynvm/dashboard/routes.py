@@ -208,8 +208,7 @@ async def timings(services: ServicesDep, _: CallerDep, days: Annotated[float, Qu
 
 def _users(services: Services, days: float, limit: int) -> list[dict[str, Any]]:
     now = services.engine.clock()
-    since = now - days * 86400
-    return figures.top_users(services.history.lifetimes(since), now, since, limit)
+    return services.history.vm_hours(now - days * 86400, now, limit)
 
 
 @router.get("/users", responses=ERRORS)

@@ -123,7 +123,10 @@ class LeaseStore:
         if os:
             where &= leases.c.os == os
         latest = func.coalesce(leases.c.handed_over_at, leases.c.created_at)
-        query = select(leases).where(where).order_by(latest.desc(), leases.c.name).limit(limit)
+        # the VMs of one request share that time; their names are <user>1 ... <user>N:
+        # shorter first, then as text, puts them in number order (fill2 before fill10)
+        order = (latest.desc(), leases.c.request_id, func.length(leases.c.name), leases.c.name)
+        query = select(leases).where(where).order_by(*order).limit(limit)
         with self.db.read() as conn:
             total = int(conn.execute(select(func.count()).select_from(leases).where(where)).scalar_one())
             return [_lease(row) for row in conn.execute(query.offset(offset))], total

@@ -99,6 +99,11 @@
     return `${(bytes / 2 ** 30).toFixed(bytes >= 100 * 2 ** 30 ? 0 : 1)} GiB`;
   }
 
+  // "1 VM", "2 VMs", "0 VMs"
+  function plural(n, one, many = `${one}s`) {
+    return `${n} ${n === 1 ? one : many}`;
+  }
+
   function now() {
     return Date.now() / 1000 + state.offset;
   }
@@ -170,7 +175,7 @@
     const s = data.summary;
     say(
       $("summary"),
-      `${s.hosts_up} of ${s.hosts} hosts up · ${s.leased} VMs leased · ${s.ready} ready in pools` +
+      `${s.hosts_up} of ${plural(s.hosts, "host")} up · ${plural(s.leased, "VM")} leased · ${s.ready} ready in pools` +
         (s.refilling ? ` (${s.refilling} being made)` : ""),
     );
     say($("who"), data.auth.user ? `signed in as ${data.auth.user}${data.auth.admin ? " (admin)" : ""}` : "");
@@ -431,13 +436,16 @@
   }
 
   function renderFailures(found) {
-    $("failures").hidden = found.length === 0;
-    $("failures-empty").hidden = found.length > 0;
-    syncRows($("failures").tBodies[0], found, (f) => f.reason, (f) => [
-      f.reason,
-      f.count,
-      `${clock(f.last_at)}: ${f.last_error}`,
-    ]);
+    for (const [table, group] of [["failures", "create_failed"], ["refusals", "refused"]]) {
+      const rows = found.filter((f) => f.group === group);
+      $(table).hidden = rows.length === 0;
+      $(`${table}-empty`).hidden = rows.length > 0;
+      syncRows($(table).tBodies[0], rows, (f) => f.reason, (f) => [
+        f.label,
+        f.count,
+        `${clock(f.last_at)}: ${f.last_error}`,
+      ]);
+    }
   }
 
   async function refreshPlots() {
