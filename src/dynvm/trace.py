@@ -110,7 +110,9 @@ def requests_in_history(documents: Iterable[Mapping[str, Any]], now: float) -> l
         if doc.get("pooled") and doc.get("handout_time"):
             arrival = float(doc["handout_time"])  # made ahead of demand: it arrived when taken
         else:
-            arrival = float(created) - float(doc.get("create_duration_secs") or 0)
+            millis = doc.get("create_duration_ms")  # dynvm's own; the seed's documents have whole seconds
+            create = float(millis) / 1000 if millis is not None else float(doc.get("create_duration_secs") or 0)
+            arrival = float(created) - create
         deleted = doc.get("deleted_time")
         end = float(deleted) if deleted is not None else now
         start = max(arrival, float(created))
