@@ -227,3 +227,25 @@ def assert_released(lab: Lab, name: str) -> None:
     leases = httpx.get(f"{lab.url}/api/v1/leases", timeout=30).json()
     held = [lease["name"] for lease in leases if lease["name"].startswith(name)] if name else []
     assert held == [], f"the example left {held} leased"
+
+
+def test_every_link_to_a_file_points_into_the_repository_and_exists():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", FENCE.sub("", page.read_text())):
+            if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path = (page.parent / target).resolve()
+            if not path.is_relative_to(REPO) or not path.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert broken == []
+
+
+def test_make_lab_serves_where_port_and_hosts_say():
+    planned = subprocess.run(
+        ["make", "-n", "lab", "PORT=5055", "HOSTS=2"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert planned.returncode == 0, planned.stderr
+    [lab] = [line for line in planned.stdout.splitlines() if "dynvm lab" in line]
+    assert "--port 5055" in lab
+    assert "--hosts 2" in lab
