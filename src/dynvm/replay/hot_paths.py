@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..engine.service import LeaseService
 from ..model import LeaseError, LeaseRequest
+from ..states import LeaseState
 from .model import ModelHosts, VirtualClock
 from .runner import ReplayOptions, model_engine
 
@@ -30,13 +31,21 @@ def measure(service: LeaseService, path: str, action: Callable[[], object]) -> P
     return PathCost(path, count.statements, count.transactions)
 
 
-def _settle(hosts: ModelHosts, clock: VirtualClock, creating: int) -> None:
-    """Let the pools' creates begun finish: they wait for the virtual clock."""
-    deadline = time.monotonic() + 10
+def _settle(service: LeaseService, hosts: ModelHosts, clock: VirtualClock, creating: int) -> None:
+    """Let the pools' creates begun finish: they wait for the virtual clock, then finish on
+    their threads; returns once the pool's VMs are all ready (a loaded machine, a CI run
+    beside other tests, takes longer than any fixed pause would allow)."""
+    deadline = time.monotonic() + 30
     while hosts.blocked < creating and time.monotonic() < deadline:
         time.sleep(0.005)
     clock.advance(clock.now + 3600)
-    time.sleep(0.05)
+    while time.monotonic() < deadline:
+        pooled = service.lease_store.pooled()
+        joined = [lease for lease in pooled if lease.state == LeaseState.READY and lease.pooled_at is not None]
+        if len(joined) >= creating:  # made, and joined its pool: the create's last write
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the pool's {creating} VMs were not ready within 30 s")
 
 
 def hot_paths(waiting: int = 10, ready: int = 3, count: int = 1) -> list[PathCost]:
@@ -48,7 +57,7 @@ def hot_paths(waiting: int = 10, ready: int = 3, count: int = 1) -> list[PathCos
     with model_engine({"centos", "windows"}, options, clock) as (service, hosts):
         pools = service.ready_pools
         out.append(measure(service, "pools pass: refill", pools.tick))
-        _settle(hosts, clock, ready + count)
+        _settle(service, hosts, clock, ready + count)
         out.append(measure(service, "pools pass: nothing to do", pools.tick))
         warm = LeaseRequest("warm", "centos", count=count)
         out.append(measure(service, "getservers, warm", lambda: service.acquire(warm)))
