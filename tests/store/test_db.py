@@ -50,3 +50,23 @@ def test_sqlite_writers_queue_in_the_process_and_leave_connections_to_readers(tm
     # one connection at a time: waiting writers hold none, so a reader always finds one
     assert held_at_once == [1] * 24
     db.close()
+
+
+def test_a_look_up_by_name_searches_the_active_name_index_instead_of_scanning_every_lease(tmp_path: Path):
+    """With the active states as bound parameters SQLite could not use the partial index
+    uq_leases_active_name and scanned every lease ever made: a by-name look-up (each
+    getservers and release makes one) grew with the history."""
+    from sqlalchemy import event
+
+    from dynvm.store.leases import LeaseStore
+
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    db.migrate()
+    seen: list[tuple[str, object]] = []
+    event.listen(db.engine, "before_cursor_execute", lambda c, cur, sql, params, ctx, many: seen.append((sql, params)))
+    LeaseStore(db).by_name(["ci421", "ci422"])
+    [(sql, params)] = [(sql, params) for sql, params in seen if "FROM leases" in sql]
+    with db.read() as conn:
+        plan = conn.connection.dbapi_connection.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+    assert [row[3] for row in plan] == ["SEARCH leases USING INDEX uq_leases_active_name (name=?)"]
+    db.close()

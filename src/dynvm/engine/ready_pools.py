@@ -135,7 +135,7 @@ class ReadyPools:
         stale = self._reload_seconds is not None and now - self._loaded_at >= self._reload_seconds
         if self._sizing is None or stale or self._sizing.margin != settings.ready_pools.margin:
             sizing = LearnedSizing(margin=settings.ready_pools.margin, interval=self.resize_seconds)
-            documents = [d for d in self.ctx.history.all() if float(d.get("created_time") or 0) >= now - KEEP_SECONDS]
+            documents = self.ctx.history.all(created_since=now - KEEP_SECONDS)
             demands = sorted([*requests_in_history(documents, now), *self._learned], key=lambda d: d.arrival_s)
             for demand in demands:
                 sizing.model.observe(demand.os, demand.arrival_s, demand.count, demand.hold_s)

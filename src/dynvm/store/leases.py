@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from ..model import CreatedVm, Lease, NameInUse
 from ..states import ACTIVE_LEASE_STATES, LEASES, Actor, LeaseState
 from .db import Database
-from .tables import host_locks, leases, reservations
+from .tables import active_lease, host_locks, leases, reservations
 
 LEASE_FIELDS = [c.name for c in leases.columns]
 
@@ -30,11 +30,11 @@ class LeaseStore:
     # -- reading -----------------------------------------------------------------------
 
     def active(self, conn: Connection | None = None) -> list[Lease]:
-        return self._select(leases.c.state.in_(ACTIVE_LEASE_STATES), conn)
+        return self._select(active_lease(), conn)
 
     def by_name(self, names: Iterable[str], conn: Connection | None = None) -> list[Lease]:
         """Active leases of these names; ready-pool VMs are nobody's lease yet and never match."""
-        where = leases.c.name.in_(list(names)) & leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false())
+        where = leases.c.name.in_(list(names)) & active_lease() & (leases.c.pooled == false())
         return self._select(where, conn)
 
     def held_by_others(self, caller: str | None, first: str, conn: Connection | None = None) -> list[Lease]:
@@ -43,7 +43,7 @@ class LeaseStore:
         prefix with a request starting so)."""
         pattern = first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         where = (
-            leases.c.state.in_(ACTIVE_LEASE_STATES)
+            active_lease()
             & (leases.c.pooled == false())
             & leases.c.caller.is_not(None)
             & leases.c.name.like(pattern, escape="\\")
@@ -69,11 +69,11 @@ class LeaseStore:
 
     def held(self, conn: Connection | None = None) -> list[Lease]:
         """Active leases a request made or took: not the ready pools' VMs."""
-        return self._select(leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false()), conn)
+        return self._select(active_lease() & (leases.c.pooled == false()), conn)
 
     def pooled(self, conn: Connection | None = None) -> list[Lease]:
         """The ready pools' VMs: being made (``creating``), ready, or being recycled."""
-        return self._select(leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == true()), conn)
+        return self._select(active_lease() & (leases.c.pooled == true()), conn)
 
     def ever_pooled(self) -> list[Lease]:
         """Every lease that was made as a ready-pool VM, in any state, handed out or not."""
@@ -116,7 +116,7 @@ class LeaseStore:
         """Held leases, the latest handed out first (a ready-pool VM counts from when it was
         taken), for a list that pages (the dashboard): those whose user or caller contains
         ``user`` (any case) and of ``os``; and how many match in all."""
-        where = leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false())
+        where = active_lease() & (leases.c.pooled == false())
         if user:
             pattern = "%" + user.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             where &= leases.c.username.ilike(pattern, escape="\\") | leases.c.caller.ilike(pattern, escape="\\")
@@ -133,7 +133,7 @@ class LeaseStore:
 
     def held_oses(self) -> list[str]:
         """The OSes of held leases (what a filter offers)."""
-        query = select(leases.c.os).where(leases.c.state.in_(ACTIVE_LEASE_STATES) & (leases.c.pooled == false()))
+        query = select(leases.c.os).where(active_lease() & (leases.c.pooled == false()))
         with self.db.read() as conn:
             return sorted(row.os for row in conn.execute(query.distinct()))
 
@@ -142,7 +142,7 @@ class LeaseStore:
         memory, summed by the database."""
         query = (
             select(leases.c.host_ref, func.count(), func.sum(leases.c.cpus), func.sum(leases.c.memory))
-            .where(leases.c.state.in_(ACTIVE_LEASE_STATES))
+            .where(active_lease())
             .group_by(leases.c.host_ref)
         )
         with self.db.read() as conn:
@@ -433,9 +433,7 @@ class LeaseStore:
         leases moved."""
         with self.db.write() as conn:
             moved = conn.execute(
-                update(leases)
-                .where((leases.c.host_ref == from_ref) & leases.c.state.in_(ACTIVE_LEASE_STATES))
-                .values(host_ref=to_ref)
+                update(leases).where((leases.c.host_ref == from_ref) & active_lease()).values(host_ref=to_ref)
             ).rowcount
             conn.execute(update(reservations).where(reservations.c.host_ref == from_ref).values(host_ref=to_ref))
             return int(moved or 0)
