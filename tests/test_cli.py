@@ -113,8 +113,9 @@ def test_a_database_command_without_a_config_refuses_instead_of_making_one(tmp_p
     ):
         run = dynvm(*args)
         assert run.exit_code == 2, (args, run.output)
-        assert "no configuration found" in run.output
-        assert "--db URL" in run.output
+        assert "no configuration found" in run.stderr
+        assert "--db URL" in run.stderr
+        assert run.stdout == ""  # nothing a script could take for an answer
     assert not list(tmp_path.rglob("*.db"))  # nothing made in the home folder, nor here
     doctor = dynvm("doctor")
     assert doctor.exit_code == 2

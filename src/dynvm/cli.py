@@ -279,16 +279,19 @@ ConfigOption = Annotated[
 
 
 def load_or_exit(config: Path | None, console: Console, hint: str = "") -> Settings:
-    """Load the configuration, or print why it is invalid (or missing) and exit with code 2."""
+    """Load the configuration, or print why it is invalid (or missing) and exit with code 2.
+    The error and the warnings go to stderr whatever ``console`` prints to: a script that
+    reads a command's output never reads them as its answer."""
     from .config import ConfigError, load_settings, locate_config
 
+    errors = console if console.stderr else Console(stderr=True)
     try:
         settings = load_settings(locate_config(config))
     except ConfigError as e:
-        console.print(f"Error: {e}{hint}", style="red", markup=False, highlight=False, soft_wrap=True)
+        errors.print(f"Error: {e}{hint}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for warning in settings.warnings:
-        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        errors.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     return settings
 
 
