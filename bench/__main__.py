@@ -9,6 +9,7 @@ from rich.console import Console
 from bench import (
     dashboard_bench,
     engine_bench,
+    history_bench,
     lease_bench,
     libvirt_bench,
     live_bench,
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "dashboard": dashboard_bench.run,
     "libvirt": libvirt_bench.run,
     "engine": engine_bench.run,
+    "history": history_bench.run,
 }
 
 

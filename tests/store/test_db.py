@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,21 +53,55 @@ def test_sqlite_writers_queue_in_the_process_and_leave_connections_to_readers(tm
     db.close()
 
 
+def _plans(db: Database, action: Callable[[], object]) -> list[list[str]]:
+    """The query plans of the statements on ``leases`` that ``action`` sends."""
+    from sqlalchemy import event
+
+    seen: list[tuple[str, object]] = []
+
+    def record(conn, cursor, sql, params, context, many):  # type: ignore[no-untyped-def]
+        seen.append((sql, params))
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    with db.read() as conn:
+        raw = conn.connection.dbapi_connection
+        return [
+            [row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()]
+            for sql, params in seen
+            if "FROM leases" in sql
+        ]
+
+
 def test_a_look_up_by_name_searches_the_active_name_index_instead_of_scanning_every_lease(tmp_path: Path):
     """With the active states as bound parameters SQLite could not use the partial index
     uq_leases_active_name and scanned every lease ever made: a by-name look-up (each
-    getservers and release makes one) grew with the history."""
-    from sqlalchemy import event
-
+    getservers and release makes one) grew with the history (``python -m bench history``)."""
     from dynvm.store.leases import LeaseStore
 
     db = Database(f"sqlite:///{tmp_path / 'd.db'}")
     db.migrate()
-    seen: list[tuple[str, object]] = []
-    event.listen(db.engine, "before_cursor_execute", lambda c, cur, sql, params, ctx, many: seen.append((sql, params)))
-    LeaseStore(db).by_name(["ci421", "ci422"])
-    [(sql, params)] = [(sql, params) for sql, params in seen if "FROM leases" in sql]
-    with db.read() as conn:
-        plan = conn.connection.dbapi_connection.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
-    assert [row[3] for row in plan] == ["SEARCH leases USING INDEX uq_leases_active_name (name=?)"]
+    [plan] = _plans(db, lambda: LeaseStore(db).by_name(["ci421", "ci422"]))
+    assert plan == ["SEARCH leases USING INDEX uq_leases_active_name (name=?)"]
+    db.close()
+
+
+def test_the_forecasts_and_the_pools_reads_search_by_time(tmp_path: Path):
+    """The leases made and ended since the forecast's last look, and the pool VMs of the
+    last day, are read through an index on that time, not through every lease that ever
+    ended (the state's index holds them all)."""
+    from dynvm.store.leases import LeaseStore
+
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    db.migrate()
+    store = LeaseStore(db)
+    [made] = _plans(db, lambda: store.made_since(1000.0))
+    [ended] = _plans(db, lambda: store.ended_since(1000.0))
+    [pooled] = _plans(db, lambda: store.pool_counts(1000.0))
+    assert made[0] == "SEARCH leases USING INDEX ix_leases_ready_at (ready_at>?)"
+    assert ended[0] == "SEARCH leases USING INDEX ix_leases_state_released (state=? AND released_at>?)"
+    assert pooled[0] == "SEARCH leases USING INDEX ix_leases_pooled_at (pooled_at>?)"
     db.close()

@@ -78,7 +78,7 @@ leases = Table(
     Index("ix_leases_state_expires", "state", "expires_at"),
     Index("ix_leases_pooled_os", "pooled", "os"),
     Index("ix_leases_ready_at", "ready_at"),  # the forecast's made_since
-    Index("ix_leases_released_at", "released_at"),  # the forecast's ended_since
+    Index("ix_leases_state_released", "state", "released_at"),  # the forecast's ended_since
     Index("ix_leases_pooled_at", "pooled_at"),  # the pools' counts of the last day
     CheckConstraint(_in(LeaseState), name="ck_leases_state"),
 )
