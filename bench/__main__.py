@@ -13,6 +13,7 @@ from bench import (
     lease_bench,
     libvirt_bench,
     live_bench,
+    newcomer_bench,
     pool_bench,
     pool_identity_bench,
     queue_bench,
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "libvirt": libvirt_bench.run,
     "engine": engine_bench.run,
     "history": history_bench.run,
+    "newcomer": newcomer_bench.run,
 }
 
 
