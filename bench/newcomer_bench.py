@@ -68,5 +68,7 @@ def run() -> Table:
         table.add_row("first getservers answered", f"{served:.1f} s" if served else "never")
         table.add_row(".venv made", f"{_size(clone / '.venv') / 2**20:.0f} MiB")
         table.add_row("progress lines before serving", str(len(steps)))
-        table.add_row("make lab's exit after Ctrl-C", str(lab.returncode))
+        time.sleep(1)
+        left = subprocess.run(["pgrep", "-f", str(clone)], capture_output=True, text=True).stdout.split()
+        table.add_row("processes left 1 s after Ctrl-C", str(len(left)))
     return table
