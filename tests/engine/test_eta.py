@@ -55,3 +55,16 @@ def test_a_lease_is_expected_back_after_the_share_of_its_lifetime_its_os_is_held
     assert expected_end(600, "centos", "releasing", 0, 0, 1000, TIMING) == 600
     # still being made: the create, then the share of its lifetime
     assert expected_end(100, "centos", "creating", None, 100, 1100, TIMING) == 100 + 10 + 500
+
+
+def test_an_os_with_no_lease_ended_yet_is_expected_to_be_held_as_the_labs_others_are():
+    """In a new lab the first OS to end a lease teaches the rest: a Windows lease is not
+    forecast to the expiry (12 h by default) because no Windows lease has ended yet, when
+    the lab's CentOS leases are held a tenth of theirs (an ETA 10x too long otherwise)."""
+    learned = Timing(create={"centos": 10.0}, hold_fraction={"centos": 0.1}, any_create=10.0, any_hold_fraction=0.1)
+    assert expected_end(100, "windows", "ready", 0, 0, 43_200, learned) == 4_320
+    assert expected_end(100, "windows", "creating", None, 100, 43_300, learned) == 100 + 10 + 4_320
+    # a lab that has ended nothing yet: held to the expiry, made in the seed's 65 s (an upper bound)
+    nothing = Timing(create={}, hold_fraction={})
+    assert expected_end(100, "windows", "ready", 0, 0, 43_200, nothing) == 43_200
+    assert nothing.create_seconds("windows") == 65.0

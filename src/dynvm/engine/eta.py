@@ -53,14 +53,25 @@ class Waiting:
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per OS, learned from ended leases (``default`` for an OS with none)."""
+    """Seconds per OS, learned from the leases made and ended. An OS with none yet takes
+    what the lab's other OSes show (``any_create``, ``any_hold_fraction``: over every OS),
+    and only a lab that has made or ended nothing the defaults: the seed's create time, and
+    a lease held to its expiry (an ETA that is then an upper bound)."""
 
     create: Mapping[str, float]
     hold_fraction: Mapping[str, float]
     default_create: float = 65.0  # the seed's own measured create time
+    any_create: float | None = None
+    any_hold_fraction: float | None = None
 
     def create_seconds(self, os: str) -> float:
-        return self.create.get(os, self.default_create)
+        found = self.create.get(os, self.any_create)
+        return self.default_create if found is None else found
+
+    def fraction_held(self, os: str) -> float:
+        """The share of its lifetime a lease of ``os`` is expected to be held."""
+        found = self.hold_fraction.get(os, self.any_hold_fraction)
+        return 1.0 if found is None else found
 
 
 def fit(rooms: Mapping[str, HostRoom], waiting: Waiting) -> list[tuple[str, str]] | None:
@@ -144,7 +155,7 @@ def expected_end(
     """When an active lease is expected to give its room back."""
     if state == "releasing":
         return now
-    fraction = timing.hold_fraction.get(os, 1.0)
+    fraction = timing.fraction_held(os)
     if handed_over_at is None:  # still being made: its lifetime has not started
         lifetime = expires_at - created_at
         return now + timing.create_seconds(os) + fraction * lifetime

@@ -114,9 +114,13 @@ class QueuePolicy:
         now = self.clock()
         if self._timing is None or now - self._learned_at >= LEARN_EVERY:
             self._learn()
+            creates = [s for v in self._creates.values() for s in v]
+            fractions = [f for v in self._fractions.values() for f in v]
             self._timing = eta.Timing(
                 create={os: statistics.median(v) for os, v in self._creates.items() if v},
                 hold_fraction={os: statistics.median(v) for os, v in self._fractions.items() if v},
+                any_create=statistics.median(creates) if creates else None,
+                any_hold_fraction=statistics.median(fractions) if fractions else None,
             )
             self._hold = {os: statistics.median(v) for os, v in self._holds.items() if v}
             self._learned_at = now
