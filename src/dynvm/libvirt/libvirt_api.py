@@ -1,5 +1,5 @@
 """The libvirt Python binding, where dynvm meets it: imported only when a ``[libvirthostN]``
-is configured (the binding is an optional extra: ``pip install 'dynvm[libvirt]'``), its
+is configured (the binding is an optional extra, ``libvirt``), its
 error printing silenced, and its event loop run once per process on a thread of its own."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ def _load() -> Any:
         import libvirt as binding
     except ImportError:
         raise LibvirtMissing(
-            "a [libvirthostN] section needs the libvirt binding: pip install 'dynvm[libvirt]' "
-            "(it builds against Debian's libvirt-dev, pkg-config, gcc and python3-dev)"
+            "a [libvirthostN] section needs the libvirt binding: install dynvm's libvirt extra "
+            "(pip install '<the dynvm wheel>[libvirt]'; it builds against Debian's libvirt-dev, "
+            "pkg-config, gcc and python3-dev)"
         ) from None
     return binding
 

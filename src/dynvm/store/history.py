@@ -102,7 +102,8 @@ class CouchbaseSink:
             from couchbase.options import ClusterOptions, ClusterTimeoutOptions
         except ImportError as e:
             raise RuntimeError(
-                "[couchbase] is filled in but the Couchbase SDK is missing: pip install 'dynvm[couchbase]'"
+                "[couchbase] is filled in but the Couchbase SDK is missing: install dynvm's couchbase extra "
+                "(pip install '<the dynvm wheel>[couchbase]')"
             ) from e
         from datetime import timedelta
 
