@@ -31,7 +31,7 @@ def vendor(target: Path, fresh: bool = False) -> None:
         npm = shutil.which("npm")
         if npm is None:
             sys.exit("the dashboard's front-end files need npm at build time (Debian: apt-get install nodejs npm)")
-        command = [npm, "ci", "--prefix", str(WEB), "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
+        command = [npm, "ci", "--prefix", str(WEB), "--ignore-scripts", "--no-audit", "--no-fund", "--no-update-notifier", "--loglevel=error"]
         subprocess.run(command, check=True)
     target.mkdir(parents=True, exist_ok=True)
     for name, source in FILES.items():

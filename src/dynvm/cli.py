@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def build_cli() -> typer.Typer:
     app = typer.Typer(
         name="dynvm",
-        help="Disposable VMs on XenServer / XCP-ng hosts for CI pipelines.",
+        help="Disposable VMs for CI pipelines, on XenServer / XCP-ng, libvirt/KVM or existing machines.",
         no_args_is_help=True,
         add_completion=False,
         rich_markup_mode=None,  # help texts name config keys in brackets ([common] db.url): keep them
@@ -117,7 +117,7 @@ def _root(
         bool, typer.Option("--version", help="Print dynvm's version and exit.", is_eager=True, callback=_print_version)
     ] = False,
 ) -> None:
-    """Disposable VMs on XenServer / XCP-ng hosts for CI pipelines."""
+    """Disposable VMs for CI pipelines, on XenServer / XCP-ng, libvirt/KVM or existing machines."""
     # 'dynvm --server URL ls' = 'dynvm ls --server URL': the values given before the command
     # become the defaults of the command's own options (one given after it still wins)
     given = {name: value for name, value in (("server", server), ("config", config)) if value is not None}
@@ -489,7 +489,11 @@ def lab_command(
     try:  # before anything starts: a lab must never report another process's service as its own
         bind("127.0.0.1", port).close()
     except PortTaken as e:
-        console.print(f"Error: {e}: another process serves it; stop it or give --port", style="red", markup=False)
+        console.print(
+            f"Error: {e}: another process serves it; stop it, or choose another port (--port N; make lab PORT=N)",
+            style="red",
+            markup=False,
+        )
         raise typer.Exit(1) from None
     stop = threading.Event()  # set by Ctrl-C or SIGTERM (handlers of our own: SIGINT may arrive ignored)
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -529,9 +533,10 @@ def lab_command(
             if serve.poll() is not None or answered.get("installation") != installation_of(db_url):
                 console.print(f"Error: port {port} is answered by another service, not this lab's", style="red")
                 raise typer.Exit(1)
-            console.print(f"dynvm serves {lab.what} at {base}  (config: {config_path})", markup=False)
+            console.print(f"dynvm serves {lab.what} at {base}", markup=False)
+            console.print(f"Its configuration: {config_path}", markup=False, soft_wrap=True)
             console.print(f"The dashboard: {base}/", markup=False)
-            console.print("Try a session (the README's, on this lab):", style="bold")
+            console.print("Try a session:", style="bold")
             os = lab.os
             for line in (
                 f"curl {base}/getavailablecount/{os}",
@@ -546,7 +551,10 @@ def lab_command(
                 console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
             console.print("Tokens (needed once [auth] required=true is set in the config):", style="bold", markup=False)
             console.print(
-                f"  dynvm token create $USER --config {config_path}", markup=False, highlight=False, soft_wrap=True
+                f"  {Path(sys.argv[0]).resolve().parent / 'dynvm'} token create $USER --config {config_path}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
             console.print("Ctrl-C stops both.", style="dim")
             while lab.alive() and serve.poll() is None and not stop.wait(0.5):
@@ -1075,22 +1083,36 @@ def ls_command(
     if json_out:
         typer.echo(json.dumps(leases, indent=2))
         return
-    # the name whole (release needs it), and room for 80 columns: one space between columns
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("name", "os", "host", "state", "IP", "caller", "expires"):
-        table.add_column(column, no_wrap=column in ("name", "state", "IP", "expires"), overflow="fold")
-    for lease in leases:
-        left = max(0, lease["expires_at"] - time.time())
-        table.add_row(
+    if not leases:
+        console.print(f"no leases{f' of {user}' if user else ''}", markup=False, highlight=False)
+        return
+    rows = [
+        (
             lease["name"],
             lease["os"],
             lease["host"],
             lease["state"],
             lease["ip"] or "",
             lease["caller"] or "-",
-            f"{left / 60:.0f} min",
+            f"{max(0, lease['expires_at'] - time.time()) / 60:.0f} min",
         )
-    console.print(table)
+        for lease in leases
+    ]
+    # the name whole (release needs it): a row each while that fits the terminal
+    headers = ("name", "os", "host", "state", "IP", "caller", "expires")
+    natural = sum(max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in headers:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    if natural + 2 * (len(headers) - 1) <= console.width:
+        console.print(table)
+        return
+    for name, os, host, state, ip, caller, expires in rows:  # too wide for a row each: a record each
+        console.print(name, markup=False, highlight=False, no_wrap=True, overflow="ignore", crop=False)
+        details = f"  {os} · host {host} · {state} · {ip or 'no IP yet'} · caller {caller} · expires in {expires}"
+        console.print(details, markup=False, highlight=False)
 
 
 def capacity_command(server: ServerOption = None, json_out: JsonOption = False) -> None:

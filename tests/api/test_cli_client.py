@@ -173,3 +173,14 @@ def test_ls_reads_whole_at_80_columns(serve):
     for n in (1, 2):  # whole on one line, as release needs it
         [row] = [line for line in listed.stdout.splitlines() if f"{name}{n} " in line]
         assert "127.77." in row
+    longer = "jenkins-myorg-myproject-feature-branch-build-123"  # too long for a row of seven columns
+    assert run(service, "get", "--name", longer, "--expires", "90").exit_code == 0
+    listed = CliRunner().invoke(build_cli(), ["ls"], env=env, terminal_width=80)
+    assert [line for line in listed.stdout.splitlines() if len(line) > 80] == []
+    lines = listed.stdout.splitlines()
+    assert longer in lines, listed.stdout
+    at = lines.index(longer)  # its name whole, on a line of its own
+    assert "centos · host" in lines[at + 1]
+    assert "127.77." in lines[at + 1]
+    assert "expires in 90 min" in lines[at + 1]
+    assert f"{name}1" in listed.stdout  # and the others too, whole
