@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import uuid
 
 import pytest
 
@@ -366,13 +367,14 @@ def test_a_clone_left_unprovisioned_by_a_crash_is_still_found_and_removed(make_s
 
     [lease] = services.engine.acquire(LeaseRequest("crashed", "centos"))
     services.engine.release_names(["crashed"])
-    clone = xapi.VM.clone(xapi.VM.get_by_name_label("tmpl-cnt7.7")[0], clone_name(lease.id))
+    name = clone_name(lease.id, services.engine.installation)
+    clone = xapi.VM.clone(xapi.VM.get_by_name_label("tmpl-cnt7.7")[0], name)
     xapi.VM.add_to_other_config(clone, MARKER_KEY, lease.id)  # marked for a lease that has ended
     xapi.VM.add_to_other_config(clone, INSTALLATION_KEY, services.engine.installation)
     assert xapi.VM.get_is_a_template(clone) is True
     wait_for(lambda: any(vm.ref == clone for vm in services.inventory.view("1").vms), timeout=5)
     assert all(t.ref != clone for t in services.inventory.view("1").templates)  # never offered as a template
-    assert services.engine.reconcile().orphans_destroyed == [clone_name(lease.id)]
+    assert services.engine.reconcile().orphans_destroyed == [name]
     assert lab.inventory_of() == baseline
 
 
@@ -394,8 +396,10 @@ def test_an_admins_template_made_from_a_dynvm_vm_is_never_taken_for_a_clone(make
 
 def test_a_clone_dynvm_died_before_marking_is_known_by_its_name(make_services):
     """kill -9 after VM.clone, before the marker: the clone is made under the name
-    dynvm-clone-<lease id>, which only this installation's leases have."""
-    from dynvm.xen.marker import clone_name
+    dynvm-clone-<lease id>-of-<installation id>. This installation's is removed; another
+    installation's, and one named the old way (no installation) for a lease this database
+    never had, are left alone."""
+    from dynvm.xen.marker import CLONE_NAME_PREFIX, clone_name
 
     clock = FakeClock()
     services, lab = make_services(clock=clock)
@@ -404,14 +408,41 @@ def test_a_clone_dynvm_died_before_marking_is_known_by_its_name(make_services):
     [lease] = services.engine.acquire(LeaseRequest("unmarked", "centos"))
     services.engine.release_names(["unmarked"])
     template = xapi.VM.get_by_name_label("tmpl-cnt7.7")[0]
-    ours = xapi.VM.clone(template, clone_name(lease.id))  # as the crash left it: no marker at all
-    stranger = xapi.VM.clone(template, clone_name("a-lease-this-database-never-had"))
-    wait_for(lambda: len([v for v in services.inventory.view("1").vms if v.name.startswith("dynvm-clone-")]) == 2, 5)
-    assert services.engine.reconcile().orphans_destroyed == [clone_name(lease.id)]
+    ours = xapi.VM.clone(template, clone_name(lease.id, services.engine.installation))  # no marker at all
+    others = xapi.VM.clone(template, clone_name(str(uuid.uuid4()), str(uuid.uuid4())))
+    old_stranger = xapi.VM.clone(template, f"{CLONE_NAME_PREFIX}a-lease-this-database-never-had")
+    wait_for(lambda: len([v for v in services.inventory.view("1").vms if v.name.startswith("dynvm-clone-")]) == 3, 5)
+    assert services.engine.reconcile().orphans_destroyed == [clone_name(lease.id, services.engine.installation)]
     assert ours not in xapi.VM.get_all()
-    assert MARKER_KEY not in xapi.VM.get_other_config(stranger)  # not ours: untouched
-    xapi.VM.destroy(stranger)
+    for stranger in (others, old_stranger):  # not ours: untouched
+        assert MARKER_KEY not in xapi.VM.get_other_config(stranger)
+        xapi.VM.destroy(stranger)
     assert lab.inventory_of() == baseline
+
+
+def test_a_clone_whose_lease_a_restored_database_forgot_is_quarantined_not_left_for_ever(make_services):
+    """The soak found it: a host stopped answering while a clone was made, so dynvm never
+    marked it, and a backup older than the clone was restored before the host came back.
+    The database no longer knew the lease, and the unmarked clone stayed on the host for
+    ever. Its name says which installation made it: it is quarantined like any VM of this
+    installation whose lease the database does not know."""
+    from dynvm.xen.marker import QUARANTINE_TAG, clone_name
+
+    clock = FakeClock()
+    services, lab = make_services(clock=clock)
+    xapi = lab.xapi()
+    forgotten = str(uuid.uuid4())  # a lease made after the backup the database came from
+    name = clone_name(forgotten, services.engine.installation)
+    clone = xapi.VM.clone(xapi.VM.get_by_name_label("tmpl-cnt7.7")[0], name)
+    wait_for(lambda: any(v.name == name for v in services.inventory.view("1").vms), 5)
+    report = services.engine.reconcile()
+    assert report.quarantined == [name]
+    assert QUARANTINE_TAG in xapi.VM.get_tags(clone)
+    assert xapi.VM.get_other_config(clone)[MARKER_KEY] == forgotten  # claimed: this installation's from now on
+    wait_for(lambda: [q.name for q in services.engine.quarantined()] == [name], timeout=5)
+    clock.advance(25 * HOUR)  # past [common] orphan.quarantine.hours (24)
+    assert services.engine.reconcile().orphans_destroyed == [name]
+    assert clone not in xapi.VM.get_all()
 
 
 def test_a_clone_is_named_for_its_lease_until_it_is_marked(make_services):

@@ -4,8 +4,10 @@ their marker (``marker.py``), each acted on as the engine's ``LeakJudge`` says.
 - a VM or disk whose lease ended (or that its lease left behind) is destroyed;
 - one whose lease this database does not know is quarantined: a VM is halted and tagged,
   a disk tagged; both are destroyed once the quarantine is over;
-- a clone named ``dynvm-clone-<lease>`` that dynvm died before marking is marked (the
-  lease in its name is one this database knows), then judged as any other;
+- a clone named ``dynvm-clone-<lease>-of-<installation>`` that dynvm died before marking
+  is marked when the name is this installation's (or, for a clone named before the
+  installation was in the name, when this database knows the lease), then judged as any
+  other: a lease this database forgot (restored from an older backup) is quarantined;
 - a VM marked before installation ids existed is claimed when its lease is active here,
   and left alone when this database does not know its lease.
 
@@ -22,7 +24,16 @@ import time
 from ..model import DestroyFailed
 from ..provider import LeakJudge, QuarantinedVm, QuarantineStep, ReconcileReport, Verdict
 from .inventory import DiskView, HostView, VmView
-from .marker import Ownership, holder_of, lease_of, lease_of_clone_name, marker, ownership, quarantined_at
+from .marker import (
+    Ownership,
+    holder_of,
+    installation_of_clone_name,
+    lease_of,
+    lease_of_clone_name,
+    marker,
+    ownership,
+    quarantined_at,
+)
 from .provision import Provisioner
 from .settings import XenHostSettings
 
@@ -60,8 +71,13 @@ class LeakCollector:
         owner = ownership(vm.other_config, self.installation)
         if owner is Ownership.NOT_DYNVM:
             made_for = lease_of_clone_name(vm.name)
-            if made_for is None or self.judge.verdict(made_for) is Verdict.UNKNOWN:
+            if made_for is None:
                 return  # never ours to touch
+            made_by = installation_of_clone_name(vm.name)
+            if made_by is not None and made_by != self.installation:
+                return  # another installation's clone
+            if made_by is None and self.judge.verdict(made_for) is Verdict.UNKNOWN:
+                return  # named before installations were: ours only if this database knows its lease
             self.provisioner.claim(vm.ref, made_for)
             log.warning(
                 "reconcile: %s on %s is a clone of lease %s that was never marked", vm.name, self.host.display, made_for

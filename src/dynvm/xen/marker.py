@@ -20,9 +20,14 @@ pool (``engine/claim.py``), renewed by its leader.
 VMs made before installations had ids carry only ``dynvm_lease``: they are this
 installation's when its database knows that lease, and are left alone otherwise.
 
-A clone is made under a name of its own, ``dynvm-clone-<lease id>``, and renamed once it
-is marked: a clone that lost its marker race (dynvm died between the clone and the
-marker) is still recognisable by that name, which holds a lease id only dynvm knows.
+A clone is made under a name of its own, ``dynvm-clone-<lease id>-of-<installation id>``,
+and renamed once it is marked: a clone that lost its marker race (dynvm died, or its host
+stopped answering, between the clone and the marker) is still recognisable by that name.
+Its lease id is one only dynvm knows; its installation id says whose it is even when the
+database no longer knows the lease (restored from a backup older than the clone), so that
+it is quarantined as any VM of an unknown lease, not left on the host for ever. Clones
+made before the installation was in the name (``dynvm-clone-<lease id>``) are known by
+their lease alone, as they always were.
 """
 
 from __future__ import annotations
@@ -55,15 +60,26 @@ def ownership(other_config: Mapping[str, str], installation: str) -> Ownership:
 
 
 CLONE_NAME_PREFIX = "dynvm-clone-"
+CLONE_OF = "-of-"  # never in a lease id (a UUID: hex digits and '-')
 
 
-def clone_name(lease_id: str) -> str:
+def clone_name(lease_id: str, installation: str) -> str:
     """The name a clone is made under, until it is marked and renamed."""
-    return f"{CLONE_NAME_PREFIX}{lease_id}"
+    return f"{CLONE_NAME_PREFIX}{lease_id}{CLONE_OF}{installation}"
 
 
 def lease_of_clone_name(name: str) -> str | None:
-    return name.removeprefix(CLONE_NAME_PREFIX) if name.startswith(CLONE_NAME_PREFIX) else None
+    """The lease a clone's name was made for (either form), None if it is no clone's name."""
+    if not name.startswith(CLONE_NAME_PREFIX):
+        return None
+    return name.removeprefix(CLONE_NAME_PREFIX).partition(CLONE_OF)[0]
+
+
+def installation_of_clone_name(name: str) -> str | None:
+    """The installation a clone's name says made it; None for a name without one."""
+    if not name.startswith(CLONE_NAME_PREFIX) or CLONE_OF not in name:
+        return None
+    return name.rpartition(CLONE_OF)[2]
 
 
 def marker(lease_id: str, installation: str) -> dict[str, str]:

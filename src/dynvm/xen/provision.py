@@ -189,7 +189,8 @@ class Provisioner:
                 # the clone's task is let go only once the clone is marked: should dynvm die
                 # in between, the task still names the VM and adopt_clone finds it (xapi
                 # keeps a finished task until it is destroyed)
-                task = self._begin(xapi, "VM.clone", template, clone_name(spec.lease_id), on_task=on_clone_task)
+                name = clone_name(spec.lease_id, self.installation)
+                task = self._begin(xapi, "VM.clone", template, name, on_task=on_clone_task)
                 try:
                     vm = self._outcome(xapi, task)
                     _set_keys(xapi, "VM", vm, marker(spec.lease_id, self.installation))
@@ -729,8 +730,8 @@ class Provisioner:
 
     def claim(self, vm: str, lease_id: str) -> None:
         """Write this installation's marker for ``lease_id`` on a VM and its disks: one
-        marked before installation ids existed, or a clone (``dynvm-clone-<lease>``) that
-        dynvm died before marking. The caller knows that lease is this installation's."""
+        marked before installation ids existed, or a clone (``marker.clone_name``) that
+        dynvm died before marking. The caller knows that VM is this installation's."""
         with self.pool.session() as xapi:
             try:
                 self._mark_vm_and_disks(xapi, vm, lease_id)
