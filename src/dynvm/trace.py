@@ -98,6 +98,16 @@ def from_history(documents: Iterable[Mapping[str, Any]], now: float) -> list[Dem
     return [Demand(round(d.arrival_s - origin, 3), d.user, d.os, d.count, d.hold_s) for d in found]
 
 
+def create_seconds(document: Mapping[str, Any]) -> float | None:
+    """A history document's create time: to the millisecond where dynvm wrote it
+    (``create_duration_ms``), else the seed's whole seconds; None if it has neither."""
+    millis = document.get("create_duration_ms")
+    if millis is not None:
+        return float(millis) / 1000
+    seconds = document.get("create_duration_secs")
+    return None if seconds is None else float(seconds)
+
+
 def requests_in_history(documents: Iterable[Mapping[str, Any]], now: float) -> list[Demand]:
     """The requests behind these history documents (one per VM), arrival in Unix seconds.
     A request arrived its create time before its VM was ready, or when a ready-pool VM was
@@ -110,9 +120,7 @@ def requests_in_history(documents: Iterable[Mapping[str, Any]], now: float) -> l
         if doc.get("pooled") and doc.get("handout_time"):
             arrival = float(doc["handout_time"])  # made ahead of demand: it arrived when taken
         else:
-            millis = doc.get("create_duration_ms")  # dynvm's own; the seed's documents have whole seconds
-            create = float(millis) / 1000 if millis is not None else float(doc.get("create_duration_secs") or 0)
-            arrival = float(created) - create
+            arrival = float(created) - (create_seconds(doc) or 0.0)
         deleted = doc.get("deleted_time")
         end = float(deleted) if deleted is not None else now
         start = max(arrival, float(created))

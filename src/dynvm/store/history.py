@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ..config import CouchbaseSettings
 from ..model import Lease
 from ..states import LeaseState
-from ..trace import Demand
+from ..trace import Demand, create_seconds
 from .db import Database
 from .tables import history
 
@@ -71,12 +71,9 @@ def deleted_document(document: dict[str, Any], deleted_at: float, delete_seconds
 
 def indexed(document: dict[str, Any]) -> dict[str, Any]:
     """The columns copied from a document. ``create_duration_secs`` keeps the sub-second
-    time (``create_duration_ms``) where the document has it: the column is a float, and the
-    create-time figures and ``/api/v1/stats`` read it, not the document's whole seconds."""
-    values = {column: document[column] for column in INDEXED}
-    if document.get("create_duration_ms") is not None:
-        values["create_duration_secs"] = document["create_duration_ms"] / 1000
-    return values
+    time (``trace.create_seconds``) where the document has it: the column is a float, and
+    the create-time figures and ``/api/v1/stats`` read it, not the document's whole seconds."""
+    return {column: document[column] for column in INDEXED} | {"create_duration_secs": create_seconds(document)}
 
 
 def held() -> tuple[ColumnElement[float], ColumnElement[float]]:
