@@ -1101,12 +1101,12 @@ def ls_command(
     # the name whole (release needs it): a row each while that fits the terminal
     headers = ("name", "os", "host", "state", "IP", "caller", "expires")
     natural = sum(max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True))
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in headers:
-        table.add_column(column, no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
     if natural + 2 * (len(headers) - 1) <= console.width:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in headers:
+            table.add_column(column, no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
         return
     for name, os, host, state, ip, caller, expires in rows:  # too wide for a row each: a record each
