@@ -4,6 +4,8 @@ name held by one active lease at a time exists in both."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -26,14 +28,16 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ..states import ACTIVE_LEASE_STATES, LeaseState, RequestState
 
-ACTIVE_SQL = "state IN ('creating', 'ready', 'releasing')"  # states.ACTIVE_LEASE_STATES, as the index is made
-
 metadata = MetaData()
 
 
-def _in(states: type[LeaseState] | type[RequestState]) -> str:
-    """The check that keeps a state column to the states dynvm knows (migration 0011)."""
+def _in(states: Iterable[LeaseState] | Iterable[RequestState]) -> str:
+    """``state IN (...)`` written out: the check that keeps a state column to the states
+    dynvm knows (migration 0011), and the active leases' partial index (migration 0001)."""
     return "state IN (" + ", ".join(f"'{state.value}'" for state in states) + ")"
+
+
+ACTIVE_SQL = _in(ACTIVE_LEASE_STATES)  # "state IN ('creating', 'ready', 'releasing')", as the index is made
 
 
 leases = Table(
