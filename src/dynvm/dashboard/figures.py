@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..engine.ready_stock import POOL_USER
+from ..states import RequestState
 
 # Histogram bin edges, seconds: fine where a warm handout lands, coarse where a create does.
 EDGES = (0.0, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800)
@@ -97,9 +98,9 @@ REASONS = {
     "BadRequest": "bad request",
     "Forbidden": "not allowed",
     "QueueTimedOut": "waited too long in the queue",
-    "timed out": "waited too long in the queue",
+    RequestState.TIMED_OUT: "waited too long in the queue",
     "RequestCancelled": "cancelled",
-    "cancelled": "cancelled",
+    RequestState.CANCELLED: "cancelled",
     "CreateFailed": "VM could not be made",
     "ProvisionError": "VM could not be made",
     "HostUnreachable": "host unreachable",
@@ -116,7 +117,7 @@ def refused(record: Any) -> bool:
     """Whether a request that ended without its VMs was refused (a 4xx: it could not, or
     no longer should, be served as asked: capacity, quota, name, OS, its wait ran out, its
     caller cancelled it) rather than failed while its VMs were made (a 5xx)."""
-    if record.state in ("timed out", "cancelled"):
+    if record.state in (RequestState.TIMED_OUT, RequestState.CANCELLED):
         return True
     return record.error_status is not None and 400 <= record.error_status < 500
 
