@@ -92,7 +92,7 @@ def test_a_wait_that_times_out_answers_with_the_request_still_under_way(tmp_path
     db.migrate()
     store = RequestStore(db)
     tracker = DurableTracker(store, "me")
-    tracker.start("r1", "alice", "centos", 1)
+    tracker.start(tracker.started("r1", "alice", "centos", 1))
     assert asyncio.run(store.wait_finished("r1", timeout=0.01)).state == "creating"
     assert asyncio.run(store.wait_finished("gone", timeout=0.01)) is None
     tracker.finish("r1", Actor.BUILDER)

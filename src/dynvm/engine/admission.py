@@ -135,12 +135,21 @@ class Admission:
         [choice] = placement.place(1, os, candidates)
         return choice
 
-    def reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
+    def reserve(
+        self,
+        settings: Settings,
+        request: LeaseRequest,
+        request_id: str,
+        immediate: bool,
+        record: RequestRecord | None = None,
+    ) -> list[Lease]:
         """Name the VMs, reserve their room, insert their leases and write them into the
         request's row, in one transaction; ready-pool VMs of the OS are taken first, the
         rest made cold. ``immediate``: a
         request that does not wait, which may take room (or ready VMs) only if that delays
-        no queued request (``QueuePolicy.may_serve_now``)."""
+        no queued request (``QueuePolicy.may_serve_now``). ``record``: the request's row,
+        written by this transaction unless it exists (a request that does not wait: one
+        refused leaves no row)."""
         ctx = self.ctx
         if ctx.stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
@@ -149,6 +158,8 @@ class Admission:
         now = ctx.clock()
         lifetime = capped_lifetime_minutes(settings, request.expires_in_minutes) * 60
         with self._locked(settings) as (conn, reserved):
+            if record is not None:
+                ctx.requests.ensure(record, conn)
             # names are checked with the hosts locked, and only then: a prefix has no
             # unique index, so two requests checking it at once must not both pass
             self._refuse_leased_names(ctx.leases.by_name(names, conn), request)

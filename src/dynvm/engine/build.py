@@ -11,6 +11,7 @@ flight are cancelled and rolled back).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -190,16 +191,17 @@ class Builder:
         decides, and only one happens. The leases handed over, and the request as it ends."""
         ctx = self.ctx
         with ctx.leases.db.write() as conn:
-            self.tracker.flush(request_id, conn)  # before anyone reads it ready
-            if not ctx.requests.transition(
+            record = ctx.requests.transition_to(
                 request_id, [RequestState.CREATING], RequestState.READY, by=Actor.BUILDER, conn=conn
-            ):
+            )
+            if record is None:
                 raise RequestCancelled("the request was cancelled before its VMs were handed over")
+            vms = self.tracker.flush(request_id, conn, current=record)  # its VMs' last stages, in the same commit
+            if vms is not None:
+                record = dataclasses.replace(record, vms=vms)
             handed = ctx.leases.hand_over(conn, lease_ids, ctx.clock())
             if handed is None:
                 raise _NotHandedOver()
-            record = ctx.requests.get(request_id, conn)
-            assert record is not None  # it was just moved
             return handed, record
 
     def _cancelled(self, settings: Settings, ready: list[Lease], request_id: str) -> None:

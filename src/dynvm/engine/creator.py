@@ -237,13 +237,14 @@ class Creator:
             self._stage(lease, "failed", error=str(e))
             self.ctx.report("create_failed", type(e).__name__)
             raise
-        ready = self.ctx.leases.mark_ready(lease.id, created, self.ctx.clock(), self.ctx.owner)
+        with self.ctx.leases.db.write() as conn:  # the lease turns ready, and its VM's history begins, together
+            ready = self.ctx.leases.mark_ready(lease.id, created, self.ctx.clock(), self.ctx.owner, conn)
+            if ready is not None and not ready.pooled:  # a ready-pool VM enters the history once a request takes it
+                self.ctx.history.record_created(ready, host.origin, conn=conn)
         if ready is None:  # another replica took this process for dead and failed the lease
             with contextlib.suppress(Exception):  # else reconcile removes it: its lease has ended
                 self.ctx.provider.destroy(host, created.ref, lease.id)
             raise ProvisionError(f"{lease.name}: the lease ended while its VM was being made", host.ref)
         self._stage(lease, "ready", ip=ready.ip)
-        if not ready.pooled:  # a ready-pool VM enters the history once a request takes it
-            self.ctx.history.record_created(ready, host.origin)
         self.ctx.report("created", ready)
         return ready

@@ -71,11 +71,11 @@ class Queue:
         try:
             self.admission.validate(request)
         except LeaseError as e:
-            self.refuse(None, request, e)
+            self.refuse(request, e)
             raise
-        self.tracker.start(request_id, request.username, request.os, request.count)
+        record = self.tracker.started(request_id, request.username, request.os, request.count)
         settings = self.ctx.settings()
-        new = self._reserve_or_refuse(settings, request, request_id)
+        new = self._reserve_or_refuse(settings, request, record)
         try:
             return self.builder.build(settings, new, request_id, pinned=request.host_ref is not None)
         except Exception as e:
@@ -92,38 +92,40 @@ class Queue:
         try:
             self.admission.validate(request)  # what can never be served is refused before it is written down
         except LeaseError as e:
-            self.refuse(None, request, e)
+            self.refuse(request, e)
             raise
         if wait_seconds > 0:
             return self.submit(request, wait_seconds, origin)
         request_id = request.request_id or str(uuid.uuid4())
         request = dataclasses.replace(request, request_id=request_id)
-        self.tracker.start(request_id, request.username, request.os, request.count, origin)
+        started = self.tracker.started(request_id, request.username, request.os, request.count, origin)
         settings = self.ctx.settings()
-        new = self._reserve_or_refuse(settings, request, request_id)
+        new = self._reserve_or_refuse(settings, request, started)
         record = self.ctx.requests.get(request_id)
-        assert record is not None  # written by tracker.start, ended only by this process
+        assert record is not None  # written by its reservation, ended only by this process
         self.ctx.builders.submit(self._build_request, settings, record, new, request.host_ref is not None)
         return record
 
-    def _reserve_or_refuse(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]:
-        """Reserve a request that does not wait; a refusal ends its row (``refuse``)."""
+    def _reserve_or_refuse(self, settings: Settings, request: LeaseRequest, record: RequestRecord) -> list[Lease]:
+        """Reserve a request that does not wait; its reservation writes its row. A refusal
+        leaves none (``refuse``); any other failure ends it failed, written for the purpose."""
         try:
-            return self._reserve_now(settings, request, request_id)
+            return self._reserve_now(settings, request, record)
         except LeaseError as e:
-            self.refuse(request_id, request, e)
+            self.refuse(request, e)
             raise
         except Exception as e:
-            self.tracker.finish(request_id, Actor.ADMISSION, e)
+            self.tracker.start(record)  # the reservation rolled its row back with it
+            self.tracker.finish(record.id, Actor.ADMISSION, e)
             raise
 
-    def _reserve_now(self, settings: Settings, request: LeaseRequest, request_id: str) -> list[Lease]:
+    def _reserve_now(self, settings: Settings, request: LeaseRequest, record: RequestRecord) -> list[Lease]:
         """Reserve a request that does not wait. When it does not fit, idle ready-pool VMs
         make way (``ReadyPools.make_room``) and it is tried again once their room shows
         (the hosts report a destroyed VM's room a moment later); else the shortage stands."""
         self.ready_pools.observe(request.os, request.count)
         try:
-            return self._reserve(settings, request, request_id, immediate=True)
+            return self._reserve(settings, request, record.id, immediate=True, record=record)
         except NotEnoughCapacity as shortage:
             queued = self.ctx.requests.in_state(RequestState.QUEUED)
             waits = any(r.os == request.os for r in queued)  # then it takes none
@@ -139,21 +141,22 @@ class Queue:
             reraise=True,
         ):
             with attempt:
-                return self._reserve(settings, request, request_id, immediate=True)
+                return self._reserve(settings, request, record.id, immediate=True, record=record)
         raise AssertionError("unreachable: Retrying reraises")
 
-    def _reserve(self, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool) -> list[Lease]:
-        return self.admission.reserve(settings, request, request_id, immediate)
+    def _reserve(
+        self,
+        settings: Settings,
+        request: LeaseRequest,
+        request_id: str,
+        immediate: bool,
+        record: RequestRecord | None = None,
+    ) -> list[Lease]:
+        return self.admission.reserve(settings, request, request_id, immediate, record)
 
-    def refuse(self, request_id: str | None, request: LeaseRequest, error: LeaseError) -> None:
-        """A request refused at once (nothing reserved): counted and logged, not kept
-        (``request_id``: its row, written before it was refused, goes)."""
-        if request_id is not None:
-            try:
-                self.tracker.refused(request_id)
-            except Exception:  # the answer stays the refusal; the row ends failed instead
-                log.warning("request %s: refused, but its row could not be removed", request_id, exc_info=True)
-                self.tracker.finish(request_id, Actor.ADMISSION, error)
+    def refuse(self, request: LeaseRequest, error: LeaseError) -> None:
+        """A request refused at once (nothing reserved): counted and logged, not kept (its
+        row, if its reservation began one, went with the reservation's roll-back)."""
         log.info("refused %s (%s x%d): %s", request.username, request.os, request.count, error)
         self.ctx.report("refused", type(error).__name__)
 
@@ -164,7 +167,7 @@ class Queue:
         try:
             return self._queue_request(request, wait_seconds, origin)
         except LeaseError as e:
-            self.refuse(None, request, e)
+            self.refuse(request, e)
             raise
 
     def _queue_request(self, request: LeaseRequest, wait_seconds: float, origin: str) -> RequestRecord:

@@ -180,11 +180,10 @@ class Releaser:
         if creating and len(creating) == len(held):
             raise NameInUse(f"{', '.join(creating)} still being created: release it once getservers has answered")
         outcome = ReleaseOutcome()
-        alive = ctx.live_owners()
+        releasing = [lease for lease in held if lease.state == LeaseState.RELEASING]
+        alive = ctx.live_owners() if releasing else set()  # read only when it decides something
         retry: dict[str, list[Lease]] = {}  # by the owner they must still have when taken
-        for lease in held:
-            if lease.state != LeaseState.RELEASING:
-                continue
+        for lease in releasing:
             if lease.owner in alive and (lease.owner != ctx.owner or self.is_releasing(lease.id)):
                 outcome.finishing[lease.name] = f"{lease.name} is already being released; dynvm finishes it"
             else:  # an earlier release that failed (owner RELEASE_RETRY), or whose process died
@@ -273,8 +272,8 @@ class Releaser:
                     log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
                     return outcome
         with ctx.leases.db.write() as conn:  # the lease ends, and its VM's history says so, together
-            ctx.leases.finish([lease.id], final_state, ctx.clock(), reason or None, by=Actor.RELEASER, conn=conn)
-            current = ctx.leases.get(lease.id, conn) or lease
+            ended = ctx.leases.end([lease.id], final_state, ctx.clock(), reason or None, by=Actor.RELEASER, conn=conn)
+            current = ended[0] if ended else (ctx.leases.get(lease.id, conn) or lease)
             ctx.history.record_deleted(current, time.monotonic() - started, conn)
         if result.disks_left:
             outcome.finishing[lease.name] = (

@@ -54,16 +54,20 @@ class DurableTracker:
             except Exception:  # the database is away for a moment: the next change tries again
                 log.warning("writing request progress failed; retrying with the next change", exc_info=True)
 
-    def flush(self, request_id: str | None = None, conn: Connection | None = None) -> None:
+    def flush(
+        self, request_id: str | None = None, conn: Connection | None = None, current: RequestRecord | None = None
+    ) -> list[dict[str, Any]] | None:
         """Write what is gathered (only ``request_id``'s, when given) now (``conn``: inside
-        the caller's transaction: the hand-over)."""
+        the caller's transaction: the hand-over; ``current``: that request as the
+        transaction has read it, whose VMs are then not read again). The VMs of
+        ``request_id`` as written, or None when it had nothing gathered."""
         with self._lock:
             if request_id is None:
                 taken, self._pending = self._pending, {}
             else:
                 taken = {request_id: self._pending.pop(request_id)} if request_id in self._pending else {}
         try:
-            self.store.update_vms(taken, conn)
+            written = self.store.update_vms(taken, conn, {current.id: current.vms} if current is not None else None)
         except Exception:
             with self._lock:  # put it back, older than anything gathered since
                 for rid, by_name in taken.items():
@@ -71,30 +75,28 @@ class DurableTracker:
                     merged = {n: {**c, **newer.get(n, {})} for n, c in by_name.items()}
                     self._pending[rid] = {**newer, **merged}
             raise
+        return written.get(request_id) if request_id is not None else None
 
-    def start(self, request_id: str, username: str, os: str, count: int, origin: str = "v1") -> None:
-        self.store.ensure(
-            RequestRecord(
-                id=request_id,
-                username=username,
-                os=os,
-                count=count,
-                state=RequestState.CREATING,
-                owner=self.owner,
-                builder=self.owner,
-                created_at=self.store.clock(),
-                started_at=self.store.clock(),
-                origin=origin,
-            )
+    def started(self, request_id: str, username: str, os: str, count: int, origin: str = "v1") -> RequestRecord:
+        """The row of a request that does not wait, as it starts (``creating``): written by
+        its reservation's transaction (``Admission.reserve``), so a request refused at
+        once leaves none; ``start`` writes it when no reservation will."""
+        now = self.store.clock()
+        return RequestRecord(
+            id=request_id,
+            username=username,
+            os=os,
+            count=count,
+            state=RequestState.CREATING,
+            owner=self.owner,
+            builder=self.owner,
+            created_at=now,
+            started_at=now,
+            origin=origin,
         )
 
-    def refused(self, request_id: str) -> None:
-        """The request was refused at once, before any VM was reserved for it (a 409, a
-        429, ...): it never started, so it leaves no row (its caller has the answer; the
-        metrics and the log count it)."""
-        with self._lock:
-            self._pending.pop(request_id, None)
-        self.store.forget(request_id)
+    def start(self, record: RequestRecord) -> None:
+        self.store.ensure(record)
 
     def stage(
         self,

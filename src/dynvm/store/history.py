@@ -8,14 +8,16 @@ never blocks or fails a request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Connection, Float, case, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, Connection, Float, Select, bindparam, case, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Insert
 
 from ..config import CouchbaseSettings
 from ..model import Lease
@@ -83,6 +85,25 @@ def held() -> tuple[ColumnElement[float], ColumnElement[float]]:
     request takes it, under that request's user."""
     handout = func.nullif(history.c.document["handout_time"].as_float(), 0)  # 0: never handed out
     return func.coalesce(handout, history.c.created_time), history.c.created_time + history.c.live_duration_secs
+
+
+@functools.cache
+def _save_statement(is_sqlite: bool) -> Insert:
+    """Insert a document, or replace it: one statement, built once per dialect."""
+    columns = ["document", "updated_at", "exported", *INDEXED, "create_duration_secs"]
+    dialect = sqlite if is_sqlite else postgresql
+    statement = dialect.insert(history).values(
+        vm_uuid=bindparam("b_vm_uuid"), **{c: bindparam(f"b_{c}") for c in columns}
+    )
+    upsert: Insert = statement.on_conflict_do_update(
+        index_elements=[history.c.vm_uuid], set_={c: statement.excluded[c] for c in columns}
+    )
+    return upsert
+
+
+@functools.cache
+def _document_statement() -> Select[tuple[Any]]:
+    return select(history.c.document).where(history.c.vm_uuid == bindparam("vm_uuid"))
 
 
 class HistorySink(Protocol):
@@ -163,13 +184,16 @@ class HistoryStore:
                 conn.execute(insert(history), rows)
         return len(rows)
 
-    def record_created(self, lease: Lease, origin: str, handed_out_at: float | None = None) -> dict[str, Any]:
-        """``handed_out_at``: a ready-pool VM a request took then (its document says so)."""
+    def record_created(
+        self, lease: Lease, origin: str, handed_out_at: float | None = None, conn: Connection | None = None
+    ) -> dict[str, Any]:
+        """``handed_out_at``: a ready-pool VM a request took then (its document says so).
+        ``conn``: inside the caller's transaction (the lease's turn to ready)."""
         assert lease.vm_uuid, "a VM is in the history once it exists"
         document = created_document(lease, origin)
         if lease.pooled_at is not None:
             document.update(pooled=True, pooled_time=int(lease.pooled_at), handout_time=int(handed_out_at or 0))
-        self._save(lease.vm_uuid, document)
+        self._save(lease.vm_uuid, document, conn)
         return document
 
     def record_deleted(
@@ -187,7 +211,7 @@ class HistoryStore:
 
     def get(self, vm_uuid: str, conn: Connection | None = None) -> dict[str, Any] | None:
         with self.db.reading(conn) as reading:
-            row = reading.execute(select(history.c.document).where(history.c.vm_uuid == vm_uuid)).first()
+            row = reading.execute(_document_statement(), {"vm_uuid": vm_uuid}).first()
         return dict(row.document) if row else None
 
     def all(self, created_since: float | None = None) -> list[dict[str, Any]]:
@@ -200,17 +224,10 @@ class HistoryStore:
             return [dict(r.document) for r in conn.execute(query)]
 
     def _save(self, vm_uuid: str, document: dict[str, Any], conn: Connection | None = None) -> None:
-        changes = {
-            "document": document,
-            "updated_at": self.clock(),
-            "exported": False,
-            **indexed(document),
-        }
-        dialect = postgresql if not self.db.is_sqlite else sqlite
-        statement = dialect.insert(history).values(vm_uuid=vm_uuid, **changes)
-        statement = statement.on_conflict_do_update(index_elements=[history.c.vm_uuid], set_=changes)
+        values = {"vm_uuid": vm_uuid, "document": document, "updated_at": self.clock(), "exported": False}
+        bound = {f"b_{column}": value for column, value in (values | indexed(document)).items()}
         with self.db.writing(conn) as writing:
-            writing.execute(statement)
+            writing.execute(_save_statement(self.db.is_sqlite), bound)
 
     def query(
         self,

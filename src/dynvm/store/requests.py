@@ -14,6 +14,7 @@ the other sees that it lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Insert, Select, Update
 
 from .. import model
 from ..model import LeaseRequest
@@ -144,6 +146,41 @@ def _record(row: Any) -> RequestRecord:
     return RequestRecord(**values)
 
 
+@functools.cache
+def _get_statement() -> Select[tuple[Any, ...]]:
+    return select(requests).where(requests.c.id == bindparam("id"))
+
+
+@functools.cache
+def _in_state_statement() -> Select[tuple[Any, ...]]:
+    where = requests.c.state.in_(bindparam("states", expanding=True))
+    return select(requests).where(where).order_by(requests.c.created_at, requests.c.id)
+
+
+@functools.cache
+def _ensure_statement(is_sqlite: bool) -> Insert:
+    dialect = sqlite if is_sqlite else postgresql
+    values: dict[str, Any] = {column: bindparam(f"b_{column}") for column in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
+    statement: Insert = dialect.insert(requests).values(**values).on_conflict_do_nothing(index_elements=["id"])
+    return statement
+
+
+@functools.cache
+def _set_vms_statement() -> Update:
+    return update(requests).where(requests.c.id == bindparam("b_id")).values(vms=bindparam("b_vms"))
+
+
+@functools.cache
+def _transition_statement(fields: tuple[str, ...], not_cancelled: bool, returning: bool) -> Update:
+    """A request's move: ``fields`` set (``b_<field>`` bound), from the states bound as
+    ``sources``; ``not_cancelled``: unless a cancel was asked for first."""
+    where = (requests.c.id == bindparam("b_id")) & requests.c.state.in_(bindparam("sources", expanding=True))
+    if not_cancelled:
+        where &= requests.c.cancel_requested == false()
+    statement = update(requests).where(where).values(**{f: bindparam(f"b_{f}") for f in fields})
+    return statement.returning(*requests.c) if returning else statement
+
+
 class RequestStore:
     """The ``requests`` table, and the in-process wake-ups that let a waiter on this
     replica hear of a change at once (a change made elsewhere is seen by polling)."""
@@ -158,15 +195,14 @@ class RequestStore:
 
     def get(self, request_id: str, conn: Connection | None = None) -> RequestRecord | None:
         with self.db.reading(conn) as reading:
-            row = reading.execute(select(requests).where(requests.c.id == request_id)).first()
+            row = reading.execute(_get_statement(), {"id": request_id}).first()
         return _record(row) if row is not None else None
 
     def in_state(self, *states: str, conn: Connection | None = None) -> list[RequestRecord]:
         """The requests in these states, oldest first (``conn``: inside the caller's
         transaction)."""
-        query = select(requests).where(requests.c.state.in_(states)).order_by(requests.c.created_at, requests.c.id)
         with self.db.reading(conn) as reading:
-            return [_record(row) for row in reading.execute(query)]
+            return [_record(row) for row in reading.execute(_in_state_statement(), {"states": list(states)})]
 
     def started_since(self, since: float) -> list[tuple[str, float]]:
         """(user, started_at) of every request that got room since ``since``: what the
@@ -192,19 +228,13 @@ class RequestStore:
         with self.db.write() as conn:
             conn.execute(requests.insert().values(**values))
 
-    def forget(self, request_id: str) -> None:
-        """Delete a request's row (one that never started)."""
-        with self.db.write() as conn:
-            conn.execute(requests.delete().where(requests.c.id == request_id))
-
-    def ensure(self, record: RequestRecord) -> None:
+    def ensure(self, record: RequestRecord, conn: Connection | None = None) -> None:
         """Insert unless a row with this id exists (a request announced before its work):
-        one statement, the database deciding."""
+        one statement, the database deciding (``conn``: inside the caller's transaction)."""
         REQUESTS.check_born(record.state)
-        values = {k: getattr(record, k) for k in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
-        dialect = sqlite if self.db.is_sqlite else postgresql
-        with self.db.write() as conn:
-            conn.execute(dialect.insert(requests).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+        values = {f"b_{k}": getattr(record, k) for k in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
+        with self.db.writing(conn) as writing:
+            writing.execute(_ensure_statement(self.db.is_sqlite), values)
 
     def transition(
         self,
@@ -220,24 +250,54 @@ class RequestStore:
         The move must be in the state table for ``by`` (``states.REQUESTS``), else
         ``IllegalMove``. ``conn``: inside the caller's transaction (the hand-over), whose
         commit the caller awaits before anyone is told."""
+        moved = self._move(request_id, from_states, to, by, conn, values, returning=False)
+        if moved is not None and conn is None:  # committed here: tell the waiters
+            self.notify(request_id)
+        return moved is not None
+
+    def transition_to(
+        self,
+        request_id: str,
+        from_states: Iterable[RequestState],
+        to: RequestState,
+        *,
+        by: Actor,
+        conn: Connection,
+        **values: Any,
+    ) -> RequestRecord | None:
+        """``transition`` inside the caller's transaction, returning the request as it now
+        is (None: it did not move), in the same statement."""
+        row = self._move(request_id, from_states, to, by, conn, values, returning=True)
+        return _record(row) if row is not None else None
+
+    def _move(
+        self,
+        request_id: str,
+        from_states: Iterable[RequestState],
+        to: RequestState,
+        by: Actor,
+        conn: Connection | None,
+        values: dict[str, Any],
+        returning: bool,
+    ) -> Any:
+        """The one UPDATE of every move: its row (``returning``), True when it moved
+        without, None when it did not."""
         sources = REQUESTS.check(from_states, to, by)
         now = self.clock()
         if to in FINAL_REQUEST_STATES:
             values.setdefault("finished_at", now)
         if to == RequestState.CREATING:
             values.setdefault("started_at", now)
-        statement = (
-            update(requests)
-            .where((requests.c.id == request_id) & requests.c.state.in_(sources))
-            .values(state=to, **values)
-        )
-        if to == RequestState.READY:  # a cancel asked for first wins over the hand-over
-            statement = statement.where(requests.c.cancel_requested == false())
+        values["state"] = to
+        fields = tuple(sorted(values))
+        # a cancel asked for first wins over the hand-over
+        statement = _transition_statement(fields, to == RequestState.READY, returning)
+        bound = {f"b_{f}": values[f] for f in fields} | {"b_id": request_id, "sources": list(sources)}
         with self.db.writing(conn) as writing:
-            moved = writing.execute(statement).rowcount == 1
-        if moved and conn is None:  # committed here: tell the waiters
-            self.notify(request_id)
-        return moved
+            result = writing.execute(statement, bound)
+            if returning:
+                return result.first()
+            return True if result.rowcount == 1 else None
 
     def end_cancelled(self, request_id: str, from_states: Iterable[RequestState], why: str, *, by: Actor) -> bool:
         """End the request ``cancelled`` (answered as a 409 saying ``why``)."""
@@ -269,29 +329,42 @@ class RequestStore:
         """Write a request's VMs' progress whole (``conn``: inside the caller's transaction,
         whose commit the caller awaits before anyone is told)."""
         with self.db.writing(conn) as writing:
-            writing.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+            writing.execute(_set_vms_statement(), {"b_id": request_id, "b_vms": vms})
         if conn is None:  # committed here: tell the waiters
             self.notify(request_id)
 
-    def update_vms(self, changes: dict[str, dict[str, dict[str, Any]]], conn: Connection | None = None) -> None:
+    def update_vms(
+        self,
+        changes: dict[str, dict[str, dict[str, Any]]],
+        conn: Connection | None = None,
+        current: dict[str, list[dict[str, Any]]] | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:
         """Change VMs' progress entries (request id -> VM name -> fields), every request's
         in one transaction (row-locked: a request's VMs progress side by side; ``conn``:
-        the caller's)."""
+        the caller's). ``current``: the VMs of requests the caller's transaction has
+        already read (and locked), not read again. The VMs as written, by request."""
         if not changes:
-            return
+            return {}
+        written: dict[str, list[dict[str, Any]]] = {}
         with self.db.writing(conn) as writing:
             for request_id, by_name in changes.items():
-                query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
-                row = writing.execute(query).first()
-                if row is None:
-                    continue
-                vms = [dict(vm) for vm in row[0] or []]
+                if current is not None and request_id in current:
+                    before = current[request_id]
+                else:
+                    query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
+                    row = writing.execute(query).first()
+                    if row is None:
+                        continue
+                    before = row[0] or []
+                vms = [dict(vm) for vm in before]
                 for vm in vms:
                     vm.update(by_name.get(vm["name"], {}))
-                writing.execute(update(requests).where(requests.c.id == request_id).values(vms=vms))
+                writing.execute(_set_vms_statement(), {"b_id": request_id, "b_vms": vms})
+                written[request_id] = vms
         if conn is None:  # committed here: tell the waiters
             for request_id in changes:
                 self.notify(request_id)
+        return written
 
     def set_forecast(self, forecast: dict[str, tuple[int, float | None]]) -> None:
         """Write each queued request's position and ETA, where they changed."""
