@@ -47,6 +47,33 @@ def _by_name_statement() -> Select[tuple[object, ...]]:
 
 
 @functools.cache
+def _active_statement(pooled: bool | None) -> Select[tuple[object, ...]]:
+    """Active leases: all of them (``pooled`` None), the ready pools' or the requests'."""
+    where = active_lease()
+    if pooled is not None:
+        where &= leases.c.pooled == (true() if pooled else false())
+    return select(leases).where(where).order_by(leases.c.name)
+
+
+@functools.cache
+def _held_by_others_statement(anonymous: bool) -> Select[tuple[object, ...]]:
+    where = (
+        active_lease()
+        & (leases.c.pooled == false())
+        & leases.c.caller.is_not(None)
+        & leases.c.name.like(bindparam("pattern"), escape="\\")
+    )
+    if not anonymous:
+        where &= leases.c.caller != bindparam("caller")
+    return select(leases).where(where).order_by(leases.c.name)
+
+
+@functools.cache
+def _reservations_statement() -> Select[tuple[object, ...]]:
+    return select(reservations)
+
+
+@functools.cache
 def _by_id_statement() -> Select[tuple[object, ...]]:
     return select(leases).where(leases.c.id == bindparam("id"))
 
@@ -114,27 +141,19 @@ class LeaseStore:
     # -- reading -----------------------------------------------------------------------
 
     def active(self, conn: Connection | None = None) -> list[Lease]:
-        return self._select(active_lease(), conn)
+        return self._rows(_active_statement(None), {}, conn)
 
     def by_name(self, names: Iterable[str], conn: Connection | None = None) -> list[Lease]:
         """Active leases of these names; ready-pool VMs are nobody's lease yet and never match."""
-        with self.db.reading(conn) as reading:
-            return [_lease(row) for row in reading.execute(_by_name_statement(), {"names": list(names)})]
+        return self._rows(_by_name_statement(), {"names": list(names)}, conn)
 
     def held_by_others(self, caller: str | None, first: str, conn: Connection | None = None) -> list[Lease]:
         """Active leases of authenticated callers other than ``caller`` (all of them for an
         anonymous one) whose names start with ``first`` (every name that can share a
         prefix with a request starting so)."""
         pattern = first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        where = (
-            active_lease()
-            & (leases.c.pooled == false())
-            & leases.c.caller.is_not(None)
-            & leases.c.name.like(pattern, escape="\\")
-        )
-        if caller is not None:
-            where = where & (leases.c.caller != caller)
-        return self._select(where, conn)
+        values = {"pattern": pattern} | ({"caller": caller} if caller is not None else {})
+        return self._rows(_held_by_others_statement(caller is None), values, conn)
 
     def released_names(self, names: Iterable[str], request_ids: Iterable[str]) -> set[str]:
         """Which of these names a lease of these requests held and that was released: what
@@ -153,11 +172,11 @@ class LeaseStore:
 
     def held(self, conn: Connection | None = None) -> list[Lease]:
         """Active leases a request made or took: not the ready pools' VMs."""
-        return self._select(active_lease() & (leases.c.pooled == false()), conn)
+        return self._rows(_active_statement(False), {}, conn)
 
     def pooled(self, conn: Connection | None = None) -> list[Lease]:
         """The ready pools' VMs: being made (``creating``), ready, or being recycled."""
-        return self._select(active_lease() & (leases.c.pooled == true()), conn)
+        return self._rows(_active_statement(True), {}, conn)
 
     def ever_pooled(self) -> list[Lease]:
         """Every lease that was made as a ready-pool VM, in any state, handed out or not."""
@@ -236,6 +255,12 @@ class LeaseStore:
     def in_state(self, *states: LeaseState) -> list[Lease]:
         return self._select(leases.c.state.in_(states))
 
+    def _rows(
+        self, statement: Select[tuple[object, ...]], values: dict[str, Any], conn: Connection | None
+    ) -> list[Lease]:
+        with self.db.reading(conn) as reading:
+            return [_lease(row) for row in reading.execute(statement, values)]
+
     def _select(self, where: object, conn: Connection | None = None) -> list[Lease]:
         query = select(leases).where(where).order_by(leases.c.name)  # type: ignore[arg-type]  # a where clause is built by the callers as a SQLAlchemy expression
         with self.db.reading(conn) as reading:
@@ -273,7 +298,7 @@ class LeaseStore:
 
     def pending_reservations(self, conn: Connection) -> list[dict[str, object]]:
         """Reservations of creates still in flight, with the lease they belong to."""
-        return [dict(row._mapping) for row in conn.execute(select(reservations))]
+        return [dict(row._mapping) for row in conn.execute(_reservations_statement())]
 
     # -- writing -----------------------------------------------------------------------
 
