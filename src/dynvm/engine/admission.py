@@ -158,8 +158,6 @@ class Admission:
         now = ctx.clock()
         lifetime = capped_lifetime_minutes(settings, request.expires_in_minutes) * 60
         with self._locked(settings) as (conn, reserved):
-            if record is not None:
-                ctx.requests.ensure(record, conn)
             # names are checked with the hosts locked, and only then: a prefix has no
             # unique index, so two requests checking it at once must not both pass
             self._refuse_leased_names(ctx.leases.by_name(names, conn), request)
@@ -228,7 +226,9 @@ class Admission:
                 {"name": lease.name, "host": lease.host_ref, "stage": "reserved", "ip": None, "error": None}
                 for lease in taken + new
             ]
-            ctx.requests.set_vms(request_id, progress, conn)  # its VMs, as the request's status shows them
+            # its VMs, as the request's status shows them: in its row as it is written, or into the row
+            if record is None or not ctx.requests.ensure(dataclasses.replace(record, vms=progress), conn):
+                ctx.requests.set_vms(request_id, progress, conn)
         new = taken + new
         log.info(
             "request %s: %s x %s for %s on host(s) %s%s",

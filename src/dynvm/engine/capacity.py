@@ -64,7 +64,8 @@ class Capacity:
         its pool: one made on a section that turned out to name a pool an earlier section
         counts (its leases move there at the next reconcile) holds room there at once."""
         rows = self.leases.pending_reservations(conn)
-        moved = self.same_pools(self._settings()) if rows else {}  # hot path: no look at hosts for no row
+        # hot path: only the hosts that hold a reservation are looked at
+        moved = self.same_pools(self._settings(), {str(row["host_ref"]) for row in rows}) if rows else {}
         if not moved:
             return rows
         return [{**row, "host_ref": moved.get(str(row["host_ref"]), row["host_ref"])} for row in rows]
@@ -75,11 +76,13 @@ class Capacity:
         with self.leases.db.read() as conn:
             return self.reservations(conn)
 
-    def same_pools(self, settings: Settings) -> dict[str, str]:
+    def same_pools(self, settings: Settings, among: set[str] | None = None) -> dict[str, str]:
         """Configured host ref -> the ref of the earlier section that counts its pool, for
-        every section that names a pool another section counts."""
+        every section (``among``: of these refs) that names a pool another section counts."""
         out = {}
         for host in settings.hosts:
+            if among is not None and host.ref not in among:
+                continue
             status = self.provider.status(host)
             if status is not None and status.same_pool_as:
                 out[host.ref] = status.same_pool_as

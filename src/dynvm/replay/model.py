@@ -103,6 +103,7 @@ class ModelVm:
     ip: str
     runs_at: float  # virtual time its create ends
     holder: str | None = None  # the request a hand-out gave it to
+    shown: Machine | None = None  # what ``machines`` showed of it last (the engine looks at every host per request)
 
 
 class ModelHosts:
@@ -285,25 +286,30 @@ class ModelHosts:
     def machines(self, host: HostSettings) -> list[Machine]:
         now = self._clock()
         with self._lock:
-            vms = list(self._vms.get(host.ref, {}).values())
-        return [
-            Machine(
+            return [self._shown(host, vm, now) for vm in self._vms.get(host.ref, {}).values()]
+
+    @staticmethod
+    def _shown(host: HostSettings, vm: ModelVm, now: float) -> Machine:
+        """With the lock held: the VM as its host shows it, made again only when it changed."""
+        running = vm.runs_at <= now
+        shown = vm.shown
+        if shown is None or shown.running != running or shown.name != vm.name:
+            shown = vm.shown = Machine(
                 host_ref=host.ref,
                 ref=vm.ref,
                 uuid=vm.ref,
                 name=vm.name,
                 description="",
-                power_state="Running" if vm.runs_at <= now else "Halted",
-                running=vm.runs_at <= now,
+                power_state="Running" if running else "Halted",
+                running=running,
                 vcpus=str(vm.cpus),
                 memory=str(vm.memory),
-                addresses=(vm.ip,) if vm.runs_at <= now else (),
+                addresses=(vm.ip,) if running else (),
                 networkinfo=vm.ip,
                 lease_id=vm.lease_id,
                 ours=True,
             )
-            for vm in vms
-        ]
+        return shown
 
     def made_for(self, host: HostSettings, machine: Machine, os: str) -> bool:
         return False

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, false, func, insert, select, true, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import Delete, Select, Update
 from sqlalchemy.sql.elements import BindParameter
@@ -66,6 +66,12 @@ def _held_by_others_statement(anonymous: bool) -> Select[tuple[object, ...]]:
     if not anonymous:
         where &= leases.c.caller != bindparam("caller")
     return select(leases).where(where).order_by(leases.c.name)
+
+
+@functools.cache
+def _lock_hosts_statement() -> Select[tuple[object, ...]]:
+    where = host_locks.c.ref.in_(_ids("refs"))
+    return select(host_locks.c.ref).where(where).order_by(host_locks.c.ref).with_for_update()
 
 
 @functools.cache
@@ -309,16 +315,19 @@ class LeaseStore:
         replicas doing that at once on PostgreSQL (READ COMMITTED) could both see the last
         slot free. ``SELECT ... FOR UPDATE`` on one row per host makes the second wait until
         the first commits, and its reads then see the first's reservations. Rows are created
-        on first use (``ON CONFLICT DO NOTHING``, so replicas may race to create them).
+        on first use (``ON CONFLICT DO NOTHING``, so replicas may race to create them), then
+        locked in turn: the common case is one statement.
         SQLite has no row locks: ``Database.write()`` opens BEGIN IMMEDIATE, which
         serialises writers for the whole database instead, so there is nothing to take."""
         if not refs or self.db.is_sqlite:
             return
-        dialect = sqlite if self.db.is_sqlite else postgresql
-        conn.execute(dialect.insert(host_locks).values([{"ref": ref} for ref in refs]).on_conflict_do_nothing())
-        conn.execute(
-            select(host_locks.c.ref).where(host_locks.c.ref.in_(refs)).order_by(host_locks.c.ref).with_for_update()
-        )
+        locked = {ref for (ref,) in conn.execute(_lock_hosts_statement(), {"refs": list(refs)})}
+        missing = sorted(set(refs) - locked)  # a host's first reservation (or a restored database)
+        if missing:
+            conn.execute(
+                postgresql.insert(host_locks).values([{"ref": ref} for ref in missing]).on_conflict_do_nothing()
+            )
+            conn.execute(_lock_hosts_statement(), {"refs": missing})
 
     def insert(self, conn: Connection, new: Sequence[Lease], reserve_memory: Sequence[int] | None = None) -> None:
         """Insert leases in state ``creating`` with their reservations; a name already held

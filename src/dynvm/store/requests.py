@@ -228,13 +228,14 @@ class RequestStore:
         with self.db.write() as conn:
             conn.execute(requests.insert().values(**values))
 
-    def ensure(self, record: RequestRecord, conn: Connection | None = None) -> None:
+    def ensure(self, record: RequestRecord, conn: Connection | None = None) -> bool:
         """Insert unless a row with this id exists (a request announced before its work):
-        one statement, the database deciding (``conn``: inside the caller's transaction)."""
+        one statement, the database deciding (``conn``: inside the caller's transaction).
+        Whether it inserted."""
         REQUESTS.check_born(record.state)
         values = {f"b_{k}": getattr(record, k) for k in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
         with self.db.writing(conn) as writing:
-            writing.execute(_ensure_statement(self.db.is_sqlite), values)
+            return bool(writing.execute(_ensure_statement(self.db.is_sqlite), values).rowcount == 1)
 
     def transition(
         self,
