@@ -1,7 +1,9 @@
 """One run of the engine bench (``engine_bench.py``), in its own process, on whichever dynvm
 is first on ``PYTHONPATH`` (this tree's, or the tree before the change): leases reserved
 and released per second by ``--replicas`` engines sharing one database and one set of
-model hosts, ``--threads`` callers each, for ``--seconds``. Prints one JSON line.
+model hosts, ``--threads`` callers each, for ``--seconds``. Prints one JSON line. The
+bench runs one such process per replica (``--replicas 1``, all but the first with
+``--no-migrate``, all beginning at ``--start-at``), as replicas are deployed.
 
 Uses only what both trees have: ``LeaseService``, the replay's ``ModelHosts`` and its
 ``_config``; statements are counted with SQLAlchemy's own events.
@@ -34,6 +36,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-migrate", action="store_true", help="the schema is there already (another replica)")
+    parser.add_argument("--tag", default="", help="begins this process's VM names (replicas never share one)")
+    parser.add_argument("--start-at", type=float, default=0.0, help="time.time() at which to begin (replicas together)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dynvm-engine-bench-"))
     settings = load_settings(_config(work / "bench.ini", {"centos"}, ReplayOptions(hosts=4, policy="none")))
@@ -43,7 +48,7 @@ def main() -> None:
     databases, services = [], []
     for n in range(args.replicas):
         db = Database(args.db)
-        if n == 0:
+        if n == 0 and not args.no_migrate:
             db.migrate()
         databases.append(db)
         service = LeaseService(lambda: settings, hosts, LeaseStore(db), HistoryStore(db, None, clock), clock=clock)
@@ -58,6 +63,7 @@ def main() -> None:
         event.listen(db.engine, "before_cursor_execute", seen)
     done = [0]
     lock = threading.Lock()
+    time.sleep(max(0.0, args.start_at - time.time()))
     stop = time.monotonic() + args.seconds
 
     def caller(service: LeaseService, name: str) -> None:
@@ -71,7 +77,7 @@ def main() -> None:
             done[0] += n
 
     threads = [
-        threading.Thread(target=caller, args=(service, f"r{r}t{t}"))
+        threading.Thread(target=caller, args=(service, f"{args.tag}r{r}t{t}"))
         for r, service in enumerate(services)
         for t in range(args.threads)
     ]
