@@ -6,7 +6,7 @@ transaction, locks the hosts, reads what is reserved, takes idle ready-pool VMs 
 places the rest, checks the quota, and inserts the leases with their reservations: two
 requests never both get the last slot. The same lock-and-place transaction
 (``_locked``, ``_place_one``) serves a create that moves to another host (``place_again``),
-a ready VM made cold (``reserve_in_place_of``) and a ready pool's refill (``reserve_pool_vm``).
+a ready VM made cold (``reserve_in_place_of``) and a pools pass's refills (``reserve_pool_vms``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -32,6 +33,7 @@ from ..model import (
     vm_names,
 )
 from ..states import RequestState
+from ..store.leases import reservation_row
 from ..store.requests import RequestRecord
 from . import placement
 from .capacity import Capacity
@@ -290,35 +292,56 @@ class Admission:
             self.ctx.leases.insert(conn, [new], [choice.need.memory])
         return new
 
-    def reserve_pool_vm(self, settings: Settings, os: str, blocked: set[str], headroom: int = 0) -> Lease | None:
-        """Reserve room for one ready VM of ``os`` on the host with most room, not on a
-        host in ``blocked``; None when none may take one now (nor if it would delay a
-        queued request), or when room for no more than ``headroom`` VMs of ``os`` would be
-        left: room kept free for the requests expected while it is made."""
+    def reserve_pool_vms(
+        self,
+        settings: Settings,
+        wanted: list[tuple[str, int]],
+        busy: Counter[str],
+        blocked: set[str],
+        headroom: int = 0,
+    ) -> list[Lease]:
+        """Reserve room for a pools pass's ready VMs, in one transaction: for each (OS, how
+        many) in turn, one VM at a time on the host with most room that is not in
+        ``blocked`` nor making ``[pools] refill.per.host`` VMs already (counted in ``busy``,
+        which this updates). An OS stops at the first VM that has no such host, would
+        leave room for no more than ``headroom`` VMs of it (room kept free for the requests
+        expected while it is made), or would delay a queued request."""
+        per_host = settings.ready_pools.refill_per_host
+        made: list[Lease] = []
+        memory: list[int] = []
         with self._locked(settings) as (conn, reserved):
-            if (
-                headroom > 0
-                and placement.available(self._locked_candidates(settings, reserved, os, None, None)) <= headroom
-            ):
-                return None
-            choice = self._place_one(settings, reserved, os, exclude=blocked)
-            if choice is None:
-                return None
-            record = RequestRecord.of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
-            if not self.policy.may_serve_now(settings, reserved, record):
-                return None
-            lease = choice.new_lease(
-                request_id=record.id,
-                name=pool_name(os),
-                username=POOL_USER,
-                os=os,
-                owner=self.ctx.owner,
-                now=self.ctx.clock(),
-                lifetime_seconds=settings.ready_pools.ready_ttl_minutes * 60,
-                pooled=True,
-            )
-            self.ctx.leases.insert(conn, [lease], [choice.need.memory])
-        return lease
+            reserved = list(reserved)  # and, as they are placed, this pass's own
+            for os, count in wanted:
+                candidates = self._locked_candidates(
+                    settings, reserved, os, None, None
+                )  # their rooms shrink as VMs are placed
+                for _ in range(count):
+                    if headroom > 0 and placement.available(candidates) <= headroom:
+                        break
+                    open_hosts = [c for c in candidates if c.host.ref not in blocked and busy[c.host.ref] < per_host]
+                    if placement.available(open_hosts) < 1:
+                        break
+                    record = RequestRecord.of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
+                    if not self.policy.may_serve_now(settings, reserved, record):
+                        break
+                    [choice] = placement.place(1, os, open_hosts)
+                    lease = choice.new_lease(
+                        request_id=record.id,
+                        name=pool_name(os),
+                        username=POOL_USER,
+                        os=os,
+                        owner=self.ctx.owner,
+                        now=self.ctx.clock(),
+                        lifetime_seconds=settings.ready_pools.ready_ttl_minutes * 60,
+                        pooled=True,
+                    )
+                    made.append(lease)
+                    memory.append(choice.need.memory)
+                    reserved.append(reservation_row(lease, choice.need.memory))
+                    busy[lease.host_ref] += 1
+            if made:
+                self.ctx.leases.insert(conn, made, memory)
+        return made
 
     # -- quota and names ---------------------------------------------------------------
 

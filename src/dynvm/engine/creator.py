@@ -237,8 +237,11 @@ class Creator:
             self._stage(lease, "failed", error=str(e))
             self.ctx.report("create_failed", type(e).__name__)
             raise
+        now = self.ctx.clock()
+        # a ready-pool VM joins its pool as it turns ready, for its ready TTL
+        pooled_until = now + settings.ready_pools.ready_ttl_minutes * 60 if lease.pooled else None
         with self.ctx.leases.db.write() as conn:  # the lease turns ready, and its VM's history begins, together
-            ready = self.ctx.leases.mark_ready(lease.id, created, self.ctx.clock(), self.ctx.owner, conn)
+            ready = self.ctx.leases.mark_ready(lease.id, created, now, self.ctx.owner, conn, pooled_until)
             if ready is not None and not ready.pooled:  # a ready-pool VM enters the history once a request takes it
                 self.ctx.history.record_created(ready, host.origin, conn=conn)
         if ready is None:  # another replica took this process for dead and failed the lease

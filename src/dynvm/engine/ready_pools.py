@@ -330,16 +330,13 @@ class ReadyPools:
         pooled = [lease for lease in pooled if lease.state in (LeaseState.CREATING, LeaseState.READY)]
         have = Counter(lease.os for lease in pooled)
         busy = Counter(lease.host_ref for lease in pooled if lease.state == LeaseState.CREATING)
-        headroom = self._headroom(settings)
-        for os in sorted(targets):
-            for _ in range(max(0, targets[os] - have[os])):
-                lease = self._reserve_one(settings, os, busy, headroom)
-                if lease is None:
-                    break
-                busy[lease.host_ref] += 1
-                have[os] += 1
-                report.started.append(lease.name)
-                self.ctx.builders.submit(self._make, settings, lease, self.way.making(lease.id))
+        wanted = [(os, targets[os] - have[os]) for os in sorted(targets) if targets[os] > have[os]]
+        if not wanted:
+            return
+        backing_off = {host.ref for host in settings.hosts if self._backoff.waiting(host.ref) > 0}
+        for lease in self.admission.reserve_pool_vms(settings, wanted, busy, backing_off, self._headroom(settings)):
+            report.started.append(lease.name)
+            self.ctx.builders.submit(self._make, settings, lease, self.way.making(lease.id))
 
     def _headroom(self, settings: Settings) -> int:
         """With learned sizing, how many VMs the requests expected within one create time
@@ -349,16 +346,6 @@ class ReadyPools:
         if settings.ready_pools.sizing != "learned":
             return 0
         return math.ceil(sum(f.rate_per_hour * f.create_seconds / 3600 for f in self.forecasts(settings).values()))
-
-    def _reserve_one(self, settings: Settings, os: str, busy: Counter[str], headroom: int = 0) -> Lease | None:
-        """Reserve room for one ready VM of ``os`` on the host with most room that is not
-        at its refill limit nor backing off; None when none may take one now."""
-        blocked = {
-            host.ref
-            for host in settings.hosts
-            if busy[host.ref] >= settings.ready_pools.refill_per_host or self._backoff.waiting(host.ref) > 0
-        }
-        return self.admission.reserve_pool_vm(settings, os, blocked, headroom)
 
     def _make(self, settings: Settings, lease: Lease, stop: threading.Event) -> None:
         """Make one ready VM (a builder thread); it joins its pool once it answers. ``stop``:
@@ -380,8 +367,6 @@ class ReadyPools:
             return
         finally:
             self.way.made(lease.id)
-        self._backoff.succeeded(lease.host_ref)
-        now = self._clock()
-        if ctx.leases.mark_pooled(ready.id, now, now + settings.ready_pools.ready_ttl_minutes * 60) is None:
-            log.info("ready pools: %s ended while it was made", lease.name)
+        self._backoff.succeeded(lease.host_ref)  # it joined its pool as it turned ready (``Creator``)
+        log.debug("ready pools: %s ready on host %s", ready.name, ready.host_ref)
         ctx.room_freed.set()  # a queued request may take it

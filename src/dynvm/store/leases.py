@@ -36,6 +36,22 @@ def _lease(row: Sequence[Any]) -> Lease:
     return Lease(**values)
 
 
+def reservation_row(lease: Lease, memory: int) -> dict[str, object]:
+    """The reservation a new lease holds until its VM is made (``memory``: what it holds of
+    the host's): what ``insert`` writes, and what a transaction placing more VMs before it
+    inserts them counts."""
+    return {
+        "lease_id": lease.id,
+        "host_ref": lease.host_ref,
+        "member": lease.member,
+        "cpus": lease.cpus,
+        "memory": memory,
+        "disk": lease.disk,
+        "owner": lease.owner,
+        "created_at": lease.created_at,
+    }
+
+
 def _ids(name: str = "ids") -> BindParameter[Any]:
     return bindparam(name, expanding=True)
 
@@ -109,12 +125,16 @@ def _free_statement() -> Delete:
 
 
 @functools.cache
-def _mark_ready_statement() -> Update:
+def _mark_ready_statement(pooled: bool) -> Update:
+    """``pooled``: a ready-pool VM, which joins its pool in the same statement."""
     where = (leases.c.id == bindparam("b_id")) & (leases.c.state == LeaseState.CREATING)
     where &= leases.c.owner == bindparam("expect_owner")
     fields = ("vm_uuid", "vm_ref", "ip", "os_version", "cpus", "memory", "disk", "template", "member")
     values: dict[str, Any] = {field: bindparam(f"v_{field}") for field in fields}
     values |= {"state": LeaseState.READY, "ready_at": bindparam("now"), "create_seconds": bindparam("seconds")}
+    if pooled:
+        where &= leases.c.pooled == true()
+        values |= {"pooled_at": bindparam("now"), "expires_at": bindparam("pooled_until")}
     return update(leases).where(where).values(**values).returning(*leases.c)
 
 
@@ -341,29 +361,21 @@ class LeaseStore:
             conn.execute(insert(leases), [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new])
         except IntegrityError:
             raise NameInUse("a VM name of this request is already in use by another lease") from None
-        conn.execute(
-            insert(reservations),
-            [
-                {
-                    "lease_id": lease.id,
-                    "host_ref": lease.host_ref,
-                    "member": lease.member,
-                    "cpus": lease.cpus,
-                    "memory": memory,
-                    "disk": lease.disk,
-                    "owner": lease.owner,
-                    "created_at": lease.created_at,
-                }
-                for lease, memory in zip(new, reserve, strict=True)
-            ],
-        )
+        conn.execute(insert(reservations), [reservation_row(lease, m) for lease, m in zip(new, reserve, strict=True)])
 
     def mark_ready(
-        self, lease_id: str, vm: CreatedVm, now: float, owner: str, conn: Connection | None = None
+        self,
+        lease_id: str,
+        vm: CreatedVm,
+        now: float,
+        owner: str,
+        conn: Connection | None = None,
+        pooled_until: float | None = None,
     ) -> Lease | None:
         """The lease's VM is ready. None (nothing changed) if the lease is no longer being
         created by ``owner``: another replica took it for dead and failed it meanwhile.
-        ``conn``: inside the caller's transaction (which writes the VM's history with it)."""
+        ``conn``: inside the caller's transaction (which writes the VM's history with it).
+        ``pooled_until``: a ready-pool VM joins its pool now, until then (its ready TTL)."""
         LEASES.check([LeaseState.CREATING], LeaseState.READY, Actor.BUILDER)
         values = {
             "v_vm_uuid": vm.uuid,
@@ -379,7 +391,9 @@ class LeaseStore:
             "seconds": vm.create_seconds,
         }
         with self.db.writing(conn) as writing:
-            row = writing.execute(_mark_ready_statement(), {"b_id": lease_id, "expect_owner": owner, **values}).first()
+            statement = _mark_ready_statement(pooled_until is not None)
+            values |= {"pooled_until": pooled_until} if pooled_until is not None else {}
+            row = writing.execute(statement, {"b_id": lease_id, "expect_owner": owner, **values}).first()
             if row is None:
                 return None
             writing.execute(_free_statement(), {"ids": [lease_id]})
@@ -463,18 +477,6 @@ class LeaseStore:
             return None  # the caller's transaction rolls back what did move
         found = {lease.id: lease for lease in map(_lease, rows)}
         return [found[lease_id] for lease_id in lease_ids]
-
-    def mark_pooled(self, lease_id: str, now: float, expires_at: float) -> Lease | None:
-        """A ready-pool VM is ready: it joins its pool until ``expires_at`` (its ready TTL)."""
-        with self.db.write() as conn:
-            done = conn.execute(
-                update(leases)
-                .where((leases.c.id == lease_id) & (leases.c.state == LeaseState.READY) & (leases.c.pooled == true()))
-                .values(pooled_at=now, expires_at=expires_at)
-            )
-            if done.rowcount != 1:
-                return None
-            return _lease(conn.execute(select(leases).where(leases.c.id == lease_id)).one())
 
     def take_pooled(self, conn: Connection, lease: Lease, new: Lease) -> bool:
         """Give a ready-pool VM to a request, inside its reservation's transaction: it takes
