@@ -125,7 +125,7 @@ class Queue:
         (the hosts report a destroyed VM's room a moment later); else the shortage stands."""
         self.ready_pools.observe(request.os, request.count)
         try:
-            return self._reserve(settings, request, record.id, immediate=True, record=record)
+            return self.admission.reserve(settings, request, record.id, immediate=True, record=record)
         except NotEnoughCapacity as shortage:
             queued = self.ctx.requests.in_state(RequestState.QUEUED)
             waits = any(r.os == request.os for r in queued)  # then it takes none
@@ -141,18 +141,8 @@ class Queue:
             reraise=True,
         ):
             with attempt:
-                return self._reserve(settings, request, record.id, immediate=True, record=record)
+                return self.admission.reserve(settings, request, record.id, immediate=True, record=record)
         raise AssertionError("unreachable: Retrying reraises")
-
-    def _reserve(
-        self,
-        settings: Settings,
-        request: LeaseRequest,
-        request_id: str,
-        immediate: bool,
-        record: RequestRecord | None = None,
-    ) -> list[Lease]:
-        return self.admission.reserve(settings, request, request_id, immediate, record)
 
     def refuse(self, request: LeaseRequest, error: LeaseError) -> None:
         """A request refused at once (nothing reserved): counted and logged, not kept (its
@@ -206,7 +196,7 @@ class Queue:
         request = record.request()
         settings = ctx.settings()
         try:
-            new = self._reserve(settings, request, record.id, immediate=False)
+            new = self.admission.reserve(settings, request, record.id, immediate=False)
         except NotEnoughCapacity:
             ctx.requests.transition(
                 record.id, creating, RequestState.QUEUED, by=Actor.SCHEDULER, builder=None, started_at=None

@@ -272,7 +272,9 @@ class Releaser:
                     log.warning("%s: destroy failed (%s); reconcile will retry", lease.name, e)
                     return outcome
         with ctx.leases.db.write() as conn:  # the lease ends, and its VM's history says so, together
-            ended = ctx.leases.end([lease.id], final_state, ctx.clock(), reason or None, by=Actor.RELEASER, conn=conn)
+            ended = ctx.leases.finish(
+                [lease.id], final_state, ctx.clock(), reason or None, by=Actor.RELEASER, conn=conn
+            )
             current = ended[0] if ended else (ctx.leases.get(lease.id, conn) or lease)
             ctx.history.record_deleted(current, time.monotonic() - started, conn)
         if result.disks_left:

@@ -408,23 +408,10 @@ class LeaseStore:
         *,
         by: Actor,
         conn: Connection | None = None,
-    ) -> list[str]:
-        """End leases (``released``, ``expired``, ``failed``) from whichever state ``by`` may
-        end them from (``states.LEASES``), and free their reservations; those ended.
-        ``conn``: inside the caller's transaction."""
-        return [lease.id for lease in self.end(lease_ids, state, now, error, by=by, conn=conn)]
-
-    def end(
-        self,
-        lease_ids: Sequence[str],
-        state: LeaseState,
-        now: float,
-        error: str | None = None,
-        *,
-        by: Actor,
-        conn: Connection | None = None,
     ) -> list[Lease]:
-        """``finish``, returning the leases ended as they are now."""
+        """End leases (``released``, ``expired``, ``failed``) from whichever state ``by`` may
+        end them from (``states.LEASES``), and free their reservations; those ended, as they
+        now are. ``conn``: inside the caller's transaction."""
         sources = LEASES.sources(state, by)
         if not lease_ids:
             return []
