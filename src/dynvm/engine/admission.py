@@ -26,7 +26,6 @@ from ..model import (
     BadRequest,
     Lease,
     LeaseRequest,
-    NameInUse,
     NotEnoughCapacity,
     QuotaExceeded,
     ShuttingDown,
@@ -35,7 +34,7 @@ from ..model import (
 from ..states import RequestState
 from ..store.leases import reservation_row
 from ..store.requests import RequestRecord
-from . import placement
+from . import names, placement
 from .capacity import Capacity
 from .context import EngineContext
 from .queue_policy import QueuePolicy
@@ -86,8 +85,8 @@ class Admission:
 
     def refuse_names_taken(self, request: LeaseRequest) -> None:
         """409 when the request's names are leased, or fall under another user's prefix."""
-        self._refuse_leased_names(self.ctx.leases.by_name(vm_names(request.username, request.count)), request)
-        self._refuse_names_of_others(request)
+        names.refuse_leased(self.ctx.leases.by_name(vm_names(request.username, request.count)), request)
+        names.refuse_under_others(self.ctx, request)
 
     # -- the lock-and-place transaction ------------------------------------------------
 
@@ -156,15 +155,15 @@ class Admission:
         if ctx.stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
         self.validate(request)
-        names = vm_names(request.username, request.count)
+        wanted = vm_names(request.username, request.count)
         now = ctx.clock()
         lifetime = capped_lifetime_minutes(settings, request.expires_in_minutes) * 60
         with self._locked(settings) as (conn, reserved):
             # names are checked with the hosts locked, and only then: a prefix has no
             # unique index, so two requests checking it at once must not both pass
-            self._refuse_leased_names(ctx.leases.by_name(names, conn), request)
-            self._refuse_names_of_others(request, conn)
-            self._refuse_names_on_hosts(settings, names)  # the hosts' mirrors: no database read
+            names.refuse_leased(ctx.leases.by_name(wanted, conn), request)
+            names.refuse_under_others(ctx, request, conn)
+            names.refuse_on_hosts(ctx, settings, wanted)  # the hosts' mirrors: no database read
             queued = ctx.requests.in_state(RequestState.QUEUED, conn=conn) if immediate else []
             ready = []
             if self.stock.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):
@@ -172,7 +171,7 @@ class Admission:
                 # (and those who wait for this OS are served from its pool first)
                 ready = self.stock.idle(settings, request.os, request.host_ref, limit=request.count, conn=conn)
             warm = ready[: request.count]
-            cold_names = names[len(warm) :]
+            cold_names = wanted[len(warm) :]
             chosen: list[placement.Placement] = []
             if cold_names:
                 candidates = self._locked_candidates(
@@ -191,7 +190,7 @@ class Admission:
             memory = [lease.memory for lease in warm] + [c.need.static_max for c in chosen]
             self._check_quota(settings, request, memory, conn)
             taken = []
-            for name, lease in zip(names, warm, strict=False):
+            for name, lease in zip(wanted, warm, strict=False):
                 mine = dataclasses.replace(
                     lease,
                     request_id=request_id,
@@ -343,7 +342,7 @@ class Admission:
                 self.ctx.leases.insert(conn, made, memory)
         return made
 
-    # -- quota and names ---------------------------------------------------------------
+    # -- quota -------------------------------------------------------------------------
 
     def _check_quota(self, settings: Settings, request: LeaseRequest, memory: list[int], conn: Connection) -> None:
         """Per-user limits, counted inside the reservation's transaction. The user is the
@@ -364,48 +363,3 @@ class Admission:
                 f"{subject} holds {held / 1024**3:g} GiB of VM memory; {sum(memory) / 1024**3:g} GiB more would "
                 f"pass the limit of {quota.memory_per_user / 1024**3:g} GiB ([quota] memory.gib.per.user)"
             )
-
-    def _refuse_names_of_others(self, request: LeaseRequest, conn: Connection | None = None) -> None:
-        """With tokens, a name prefix is its first holder's until all of its VMs are gone:
-        409 when this request's names fall under another user's prefix (bob's ``al3``
-        under alice's ``al1``, ``al2``), or another user's names fall under this one's. An
-        anonymous request (``[auth] required=false``) may not take a token holder's either;
-        anonymous leases own no prefix, as the seed's never did."""
-        mine = vm_names(request.username, request.count)
-        for lease in self.ctx.leases.held_by_others(request.caller, request.username[0], conn):
-            theirs_over_mine = any(_under(name, lease.username) for name in mine)
-            if theirs_over_mine or _under(lease.name, request.username):
-                raise NameInUse(
-                    f"names under {lease.username if theirs_over_mine else request.username!r} belong to "
-                    f"{lease.caller} while {lease.name} is leased: use another name"
-                )
-
-    @staticmethod
-    def _refuse_leased_names(taken: list[Lease], request: LeaseRequest) -> None:
-        """409, with the command that releases exactly the names that clash: the same
-        user and count when they are all of them, else the names one by one."""
-        if not taken:
-            return
-        clash = sorted(lease.name for lease in taken)
-        if clash == sorted(vm_names(request.username, request.count)):
-            how = f"releaseservers/{request.username}?count={request.count}"
-        else:
-            how = f"dynvm release {' '.join(clash)}"
-        raise NameInUse(f"{', '.join(clash)} already leased by dynvm: release them first ({how}) or use another name")
-
-    def _refuse_names_on_hosts(self, settings: Settings, names: list[str]) -> None:
-        wanted = set(names)
-        for host in settings.hosts:
-            clash = sorted(wanted & {machine.name for machine in self.ctx.provider.machines(host)})
-            if clash:
-                raise NameInUse(
-                    f"{', '.join(clash)} already exist(s) on host {host.ref}: choose another name "
-                    "(dynvm never reuses or touches a VM it did not create)"
-                )
-
-
-def _under(name: str, prefix: str) -> bool:
-    """``name`` is ``prefix`` itself or ``prefix`` and digits: a name a request for
-    ``prefix`` makes (SPEC.md: ``<username>``, or ``<username>1`` ... ``<username>N``)."""
-    rest = name[len(prefix) :] if name.startswith(prefix) else None
-    return rest is not None and (rest == "" or (rest.isascii() and rest.isdigit()))
