@@ -51,6 +51,10 @@ class Database:
             _sqlite_transactions(self.engine)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # PostgreSQL reads without BEGIN and COMMIT: under READ COMMITTED each statement sees
+        # what was committed when it began, in a transaction or not, so a read transaction
+        # gave nothing but two more round trips. SQLite's read transaction is one snapshot.
+        self._reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (run at every start; cheap when current)."""
@@ -70,7 +74,7 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as connection, connection.begin():
+        with self._reader.connect() as connection, connection.begin():
             yield connection
 
     @contextlib.contextmanager
