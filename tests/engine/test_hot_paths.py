@@ -91,3 +91,28 @@ def test_no_statement_of_a_replayed_hour_scans_a_table_that_grows_with_the_histo
         and "SET handed_over_at = COALESCE" not in statement  # migration 0009, once
     }
     assert scans == {}
+
+
+def test_a_pools_pass_reserves_all_its_refills_in_one_transaction_within_the_per_host_limit():
+    """Every refill of a pass is placed under one lock (the rooms shrink as it goes) and
+    inserted together, however many; no host is given more than ``refill.per.host``."""
+    import dataclasses
+    from collections import Counter
+
+    from dynvm.replay.model import VirtualClock
+    from dynvm.replay.runner import ReplayOptions, model_engine
+
+    options = ReplayOptions(hosts=4, policy="fixed", fixed={"centos": 1, "windows": 1})
+    with model_engine({"centos", "windows"}, options, VirtualClock(1000.0)) as (service, _):
+        settings = dataclasses.replace(
+            service.settings, ready_pools=dataclasses.replace(service.settings.ready_pools, refill_per_host=2)
+        )
+        busy: Counter[str] = Counter({"1": 2})  # host 1 makes its most already
+        with service.lease_store.db.counting() as count:
+            made = service.admission.reserve_pool_vms(settings, [("centos", 4), ("windows", 9)], busy, {"2"})
+        assert count.transactions == 1
+        per_host = Counter(lease.host_ref for lease in made)
+        assert set(per_host) == {"3", "4"}  # host 1 is at its limit, host 2 is blocked (backing off)
+        assert per_host == {"3": 2, "4": 2}
+        assert [lease.os for lease in made] == ["centos"] * 4  # the limit is reached before windows' turn
+        assert {lease.id for lease in service.lease_store.pooled()} == {lease.id for lease in made}

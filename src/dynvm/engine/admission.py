@@ -182,7 +182,7 @@ class Admission:
                 except NotEnoughCapacity as e:
                     raise NotEnoughCapacity(self.capacity.explain_shortage(settings, str(e), request)) from None
                 cold = dataclasses.replace(RequestRecord.of(request, request_id), count=len(cold_names))
-                if queued and not self.policy.may_serve_now(settings, reserved, cold):
+                if queued and not self.policy.may_serve_now(settings, reserved, cold, queued):
                     raise NotEnoughCapacity(
                         f"not enough capacity for {request.count} {request.os} VM(s) now: {len(queued)} request(s) "
                         "wait in the queue for the room it would take; ask with wait=<minutes> to queue behind them"
@@ -310,6 +310,7 @@ class Admission:
         memory: list[int] = []
         with self._locked(settings) as (conn, reserved):
             reserved = list(reserved)  # and, as they are placed, this pass's own
+            queued = self.ctx.requests.in_state(RequestState.QUEUED, conn=conn)
             for os, count in wanted:
                 candidates = self._locked_candidates(
                     settings, reserved, os, None, None
@@ -321,7 +322,7 @@ class Admission:
                     if placement.available(open_hosts) < 1:
                         break
                     record = RequestRecord.of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
-                    if not self.policy.may_serve_now(settings, reserved, record):
+                    if not self.policy.may_serve_now(settings, reserved, record, queued):
                         break
                     [choice] = placement.place(1, os, open_hosts)
                     lease = choice.new_lease(

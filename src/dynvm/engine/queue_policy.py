@@ -245,10 +245,18 @@ class QueuePolicy:
 
     # -- immediate requests ------------------------------------------------------------
 
-    def may_serve_now(self, settings: Settings, reserved: list[dict[str, object]], candidate: RequestRecord) -> bool:
+    def may_serve_now(
+        self,
+        settings: Settings,
+        reserved: list[dict[str, object]],
+        candidate: RequestRecord,
+        queued: list[RequestRecord] | None = None,
+    ) -> bool:
         """For a request that does not wait: may it take room now, with requests queued?
-        Called inside the reservation's transaction (the rooms are as locked)."""
-        queued = self.requests.in_state(RequestState.QUEUED)
+        Called inside the reservation's transaction (the rooms are as locked; ``queued``:
+        the queue as that transaction read it, else read here)."""
+        if queued is None:
+            queued = self.requests.in_state(RequestState.QUEUED)
         if not queued:
             return True
         head = self.order(queued)[0]
