@@ -156,6 +156,7 @@ def model_engine(
             pools_reload_seconds=None,  # the demand model learns from this replay alone
         )
         service.ready_pools.resize_seconds = RESIZE_SECONDS
+        service.ready_pools.pass_seconds = TICK_SECONDS  # a VM taken is refilled at the next pass
         try:
             yield service, hosts
         finally:
