@@ -42,8 +42,8 @@ from ..trace import Demand
 from .model import ModelHosts, VirtualClock
 
 WEEK_SECONDS = 7 * 24 * 3600.0
-TICK_SECONDS = 60.0  # a pools pass (and a scheduler pass, when requests wait), in trace time
-RESIZE_SECONDS = 300.0  # learned targets hold this long in a replay (the service: a minute)
+TICK_SECONDS = 10.0  # a pools pass (and a scheduler pass, when requests wait), in trace time (the service: a second)
+RESIZE_SECONDS = 60.0  # learned targets hold this long in a replay, as in the service
 POLICIES = ("none", "fixed", "learned")
 
 
