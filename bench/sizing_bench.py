@@ -34,7 +34,7 @@ from dynvm.replay.runner import Replay, ReplayOptions
 
 HOSTS = {1.0: 14, 10.0: 140}
 MARGINS = {1.0: (0.5, 1.0, 2.0, 3.0, 6.0, 13.0, 16.0), 10.0: (1.0, 3.0)}
-FIXED_TOTALS = {1.0: (6, 12, 24, 36), 10.0: (15, 30, 60)}
+FIXED_TOTALS = {1.0: (6, 12, 24, 36), 10.0: (15, 24, 30, 60)}  # 24 at 10x: about learned margin 1's idle
 SLICE = {1.0: (0.0, None), 10.0: (0.0, 12.0)}  # (from hour, hours): a whole week, or a slice of it
 MAXIMA = {1.0: 20, 10.0: 200}  # learned sizing's <os>.max: ten times the demand, ten times the ceiling
 LAB_SIZES = (8, 14, 40)  # at scale 1: no pool against learned, lab by lab
