@@ -280,13 +280,18 @@ class Replay:
 
     def _settle(self) -> None:
         """Refills and grants are made by the engine's builder threads: let them finish
-        (the model makes a VM at once; its virtual create time is in ``runs_at``)."""
+        (the model makes a VM at once; its virtual create time is in ``runs_at``), up to a
+        made ready-pool VM joining its pool (else the next pass would find it there with
+        nothing changed, and a skipped pass would leave it)."""
         deadline = time.monotonic() + 30
         leases = self.service.lease_store
         while time.monotonic() < deadline:
             creating = len(leases.in_state(LeaseState.CREATING))
-            if creating == self.hosts.blocked and (
-                not self._waiting or not self.service.request_store.in_state(RequestState.CREATING)
+            joining = any(lease.state == LeaseState.READY and lease.pooled_at is None for lease in leases.pooled())
+            if (
+                creating == self.hosts.blocked
+                and not joining
+                and (not self._waiting or not self.service.request_store.in_state(RequestState.CREATING))
             ):
                 return  # all that is left waits for the virtual clock
             time.sleep(0.001)
