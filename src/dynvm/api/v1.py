@@ -392,7 +392,7 @@ def queued(services: Services) -> list[QueuedOut]:
 class ForecastOut(BaseModel):
     target: int = Field(description="the learned target, before the <os>.ready floor")
     rate_per_hour: float = Field(
-        description="VMs asked per hour the target was sized on (the blend, at its peak ahead)"
+        description="VMs asked per hour the target was sized on (the blend at its peak ahead; a burst: burst_per_hour)"
     )
     profile_per_hour: float | None = Field(
         description="the hour-of-week (or -day) profile's rate; null: no profile yet"

@@ -79,7 +79,7 @@ class Forecast:
 
     os: str
     target: int
-    rate_per_hour: float  # the blended rate the target was sized on (VMs asked per hour)
+    rate_per_hour: float  # the blended hourly rate (VMs asked per hour) sized on, unless burst_per_hour says otherwise
     profile_per_hour: float | None  # the profile's rate for now (None: no profile yet)
     recent_per_hour: float
     weight: float  # the profile's share of the blend
