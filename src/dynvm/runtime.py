@@ -145,6 +145,7 @@ class Services:
             )
         self.watcher.start()
         leading = self.leadership.is_leader
+        self.engine.ready_pools.pass_seconds = self.intervals.pools  # learned sizing's lead: a refill waits for it
         self._loops = [
             Background("heartbeat", self.intervals.reap, self.engine.heartbeat),
             Background("reaper", self.intervals.reap, self.engine.expire_due, leading),

@@ -392,7 +392,7 @@ def queued(services: Services) -> list[QueuedOut]:
 class ForecastOut(BaseModel):
     target: int = Field(description="the learned target, before the <os>.ready floor")
     rate_per_hour: float = Field(
-        description="VMs asked per hour the target was sized on (the blend, at its peak ahead)"
+        description="VMs asked per hour the target was sized on (the blend at its peak ahead; a burst: burst_per_hour)"
     )
     profile_per_hour: float | None = Field(
         description="the hour-of-week (or -day) profile's rate; null: no profile yet"
@@ -402,6 +402,12 @@ class ForecastOut(BaseModel):
     create_seconds: float = Field(description="the median create time it hides (Little's law)")
     margin: float = Field(description="the safety margin ([pools] sizing.margin)")
     capped_by: str = Field(description='"", "max" (<os>.max), "room" or "share" (the OSes did not fit together)')
+    burst_per_hour: float | None = Field(
+        default=None, description="in an hour that comes in a burst (a nightly wave): the rate sized on, by its bins"
+    )
+    batch_target: int = Field(
+        default=0, description="the ready VMs that serve whole the batches worth their idle hours (engine/sizing.py)"
+    )
 
 
 class PoolOut(BaseModel):

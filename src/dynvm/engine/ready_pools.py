@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 COUNTS_WINDOW = 24 * 3600.0  # handed out / recycled are counted over the last day
 RESIZE_SECONDS = 60.0  # learned targets are computed again this often
 RELOAD_SECONDS = 600.0  # and the demand model is read again from the history (other replicas' requests)
+PASS_SECONDS = 1.0  # how often the pools pass runs (runtime.Intervals.pools): a VM taken waits this long for its refill
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class ReadyPools:
         self._clock = ctx.clock
         self._reload_seconds = reload_seconds
         self.resize_seconds = RESIZE_SECONDS
+        self.pass_seconds = PASS_SECONDS
         self._sizing: LearnedSizing | None = None
         self._loaded_at = 0.0
         self._learned: list[Demand] = []  # demand given by ``learn``, kept across reloads
@@ -134,7 +136,9 @@ class ReadyPools:
         every ``reload_seconds``; in between, the requests this process sees."""
         stale = self._reload_seconds is not None and now - self._loaded_at >= self._reload_seconds
         if self._sizing is None or stale or self._sizing.margin != settings.ready_pools.margin:
-            sizing = LearnedSizing(margin=settings.ready_pools.margin, interval=self.resize_seconds)
+            sizing = LearnedSizing(
+                margin=settings.ready_pools.margin, interval=self.resize_seconds, pass_seconds=self.pass_seconds
+            )
             documents = self.ctx.history.all(created_since=now - KEEP_SECONDS)
             demands = sorted([*requests_in_history(documents, now), *self._learned], key=lambda d: d.arrival_s)
             for demand in demands:

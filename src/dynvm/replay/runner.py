@@ -42,8 +42,8 @@ from ..trace import Demand
 from .model import ModelHosts, VirtualClock
 
 WEEK_SECONDS = 7 * 24 * 3600.0
-TICK_SECONDS = 60.0  # a pools pass (and a scheduler pass, when requests wait), in trace time
-RESIZE_SECONDS = 300.0  # learned targets hold this long in a replay (the service: a minute)
+TICK_SECONDS = 10.0  # a pools pass (and a scheduler pass, when requests wait), in trace time (the service: a second)
+RESIZE_SECONDS = 60.0  # learned targets hold this long in a replay, as in the service
 POLICIES = ("none", "fixed", "learned")
 
 
@@ -156,6 +156,7 @@ def model_engine(
             pools_reload_seconds=None,  # the demand model learns from this replay alone
         )
         service.ready_pools.resize_seconds = RESIZE_SECONDS
+        service.ready_pools.pass_seconds = TICK_SECONDS  # a VM taken is refilled at the next pass
         try:
             yield service, hosts
         finally:
@@ -279,13 +280,18 @@ class Replay:
 
     def _settle(self) -> None:
         """Refills and grants are made by the engine's builder threads: let them finish
-        (the model makes a VM at once; its virtual create time is in ``runs_at``)."""
+        (the model makes a VM at once; its virtual create time is in ``runs_at``), up to a
+        made ready-pool VM joining its pool (else the next pass would find it there with
+        nothing changed, and a skipped pass would leave it)."""
         deadline = time.monotonic() + 30
         leases = self.service.lease_store
         while time.monotonic() < deadline:
             creating = len(leases.in_state(LeaseState.CREATING))
-            if creating == self.hosts.blocked and (
-                not self._waiting or not self.service.request_store.in_state(RequestState.CREATING)
+            joining = any(lease.state == LeaseState.READY and lease.pooled_at is None for lease in leases.pooled())
+            if (
+                creating == self.hosts.blocked
+                and not joining
+                and (not self._waiting or not self.service.request_store.in_state(RequestState.CREATING))
             ):
                 return  # all that is left waits for the virtual clock
             time.sleep(0.001)
