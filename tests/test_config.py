@@ -278,3 +278,12 @@ def test_the_readiness_probe_is_sshd_or_winrm_unless_the_config_says_otherwise(t
 def test_a_bad_probe_line_is_an_error_naming_it(tmp_path: Path, line: str):
     with pytest.raises(ConfigError, match=r"\[probe\]"):
         load_settings(write(tmp_path / "bad.ini", SEED_FILE + f"\n[probe]\n{line}\n"))
+
+
+def test_learned_sizings_ceiling_is_a_line_or_a_quarter_of_the_lab_and_never_under_ten():
+    from dynvm.config import ReadyPoolSettings
+
+    pools = ReadyPoolSettings(maxima={"windows": 3})
+    assert pools.maximum("windows", slots=1000) == 3  # an <os>.max line is the ceiling, whatever the lab
+    assert pools.maximum("centos", slots=16) == 10  # a small lab keeps the old ceiling
+    assert pools.maximum("centos", slots=1120) == 280  # 140 hosts: a nightly wave is not capped at 10

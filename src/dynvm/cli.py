@@ -744,7 +744,10 @@ def replay_command(
     policy: Annotated[str, typer.Option(help="Ready pools: none, fixed (--fixed) or learned.")] = "learned",
     fixed: Annotated[str, typer.Option(help="Fixed targets per OS: centos=4,windows=1.")] = "",
     margin: Annotated[float, typer.Option(min=0, help="Learned sizing's safety margin.")] = 1.0,
-    maximum: Annotated[int, typer.Option(min=0, help="Learned sizing's ceiling per OS (<os>.max).")] = 20,
+    maximum: Annotated[
+        int | None,
+        typer.Option(min=0, help="Learned sizing's ceiling per OS (<os>.max; default: from the lab's size)."),
+    ] = None,
     wait_minutes: Annotated[float, typer.Option(min=0, help="How long a request that does not fit waits.")] = 60.0,
     from_hour: Annotated[float, typer.Option(min=0, help="Replay from this hour of the trace on.")] = 0.0,
     hours: Annotated[

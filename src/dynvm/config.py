@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import logging
+import math
 import os
 import re
 import threading
@@ -39,7 +40,8 @@ DEFAULT_QUARANTINE_HOURS = 24.0
 KNOWN_AUTH_KEYS = {"required"}
 KNOWN_PROBE_KEYS = {"enabled", "port"}  # and <os>.port
 KNOWN_POOL_KEYS = {"ready.ttl.minutes", "refill.per.host", "sizing", "sizing.margin"}  # and <os>.ready, <os>.max
-DEFAULT_POOL_MAX = 10
+DEFAULT_POOL_MAX = 10  # learned sizing's ceiling per OS without an <os>.max line, at least...
+DEFAULT_POOL_MAX_SHARE = 0.25  # ...and this share of the VMs of that OS the whole lab holds
 DEFAULT_READY_TTL_MINUTES = 120.0
 DEFAULT_PROBE_PORT = 22  # sshd
 DEFAULT_WINDOWS_PROBE_PORT = 5985  # WinRM over HTTP
@@ -157,8 +159,13 @@ class ReadyPoolSettings:
     def target(self, os: str) -> int:
         return self.targets.get(os, 0)
 
-    def maximum(self, os: str) -> int:
-        return self.maxima.get(os, DEFAULT_POOL_MAX)
+    def maximum(self, os: str, slots: int = 0) -> int:
+        """Learned sizing's ceiling for ``os``: its ``<os>.max``, else ``DEFAULT_POOL_MAX`` or a
+        quarter of the ``slots`` the lab holds of it, whichever is more (a fixed ceiling
+        that suits four hosts caps a nightly wave on a hundred)."""
+        if os in self.maxima:
+            return self.maxima[os]
+        return max(DEFAULT_POOL_MAX, math.ceil(DEFAULT_POOL_MAX_SHARE * slots))
 
 
 @dataclass(frozen=True)

@@ -167,9 +167,9 @@ class ReadyPools:
         timing = self.policy.timing()
         oses = settings.os_keys
         room = self._room_by_os(settings, oses)
-        maxima = {os: settings.ready_pools.maximum(os) for os in oses}
-        create = {os: timing.create_seconds(os) for os in oses}
         slots = self._slots_by_os(settings, oses)
+        maxima = {os: settings.ready_pools.maximum(os, slots.get(os, 0)) for os in oses}
+        create = {os: timing.create_seconds(os) for os in oses}
         holds = self.policy.hold_seconds(settings, learned_only=True)
         self._forecasts = sizing.targets(now, create, room, maxima, oses, slots, holds)
         self._sized_at = (now, margin)

@@ -54,7 +54,7 @@ class ReplayOptions:
     policy: str = "learned"
     fixed: Mapping[str, int] = field(default_factory=dict)  # targets per OS, policy "fixed"
     margin: float = 1.0
-    maximum: int = 20  # <os>.max for learned sizing
+    maximum: int | None = None  # <os>.max for learned sizing (None: the default, from the lab's size)
     wait_minutes: float = 60.0  # how long a request that does not fit waits in the queue
     start: float = 0.0  # replay the trace from this trace second on (a slice)
     hours: float | None = None  # and this many hours of it (None: to its end)
@@ -115,7 +115,8 @@ def replay_sections(oses: Iterable[str], options: ReplayOptions) -> dict[str, di
         pools = {"ready.ttl.minutes": "100000", "refill.per.host": "1000"}
         if options.policy == "learned":
             pools |= {"sizing": "learned", "sizing.margin": f"{options.margin:g}"}
-            pools |= {f"{os}.max": str(options.maximum) for os in sorted(oses)}
+            if options.maximum is not None:
+                pools |= {f"{os}.max": str(options.maximum) for os in sorted(oses)}
         else:
             pools |= {f"{os}.ready": str(n) for os, n in sorted(options.fixed.items())}
         sections["pools"] = pools
@@ -280,18 +281,15 @@ class Replay:
 
     def _settle(self) -> None:
         """Refills and grants are made by the engine's builder threads: let them finish
-        (the model makes a VM at once; its virtual create time is in ``runs_at``), up to a
-        made ready-pool VM joining its pool (else the next pass would find it there with
-        nothing changed, and a skipped pass would leave it)."""
+        (the model makes a VM at once; its virtual create time is in ``runs_at``). A made
+        ready-pool VM has joined its pool once it is no longer creating: it joins as it
+        turns ready, in one statement (else a skipped pass could leave it outside)."""
         deadline = time.monotonic() + 30
         leases = self.service.lease_store
         while time.monotonic() < deadline:
             creating = len(leases.in_state(LeaseState.CREATING))
-            joining = any(lease.state == LeaseState.READY and lease.pooled_at is None for lease in leases.pooled())
-            if (
-                creating == self.hosts.blocked
-                and not joining
-                and (not self._waiting or not self.service.request_store.in_state(RequestState.CREATING))
+            if creating == self.hosts.blocked and (
+                not self._waiting or not self.service.request_store.in_state(RequestState.CREATING)
             ):
                 return  # all that is left waits for the virtual clock
             time.sleep(0.001)
