@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from dynvm.engine.sizing import DAY, HOUR, WARM_PER_IDLE_HOUR, LearnedSizing, _compound_poisson
+from dynvm.engine.demand_model import DAY, HOUR
+from dynvm.engine.sizing import WARM_PER_IDLE_HOUR, LearnedSizing, _compound_poisson
 
 MONDAY = 1_800_000_000.0 - (1_800_000_000.0 % (7 * DAY))  # a week boundary: hour-of-week 0
 

@@ -42,11 +42,12 @@ from .admission import Admission
 from .capacity import Capacity
 from .context import EngineContext
 from .creator import Creator
+from .demand_model import KEEP_SECONDS
 from .giving_way import GivingWay, MakingCancel
 from .queue_policy import QueuePolicy
 from .ready_stock import ReadyStock, is_idle, oldest_first
 from .release import Releaser
-from .sizing import KEEP_SECONDS, Forecast, LearnedSizing
+from .sizing import Forecast, LearnedSizing
 
 log = logging.getLogger(__name__)
 
