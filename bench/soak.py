@@ -19,7 +19,9 @@ what was left on the hosts:
 - VMs handed to two users (0): one VM (by uuid, as the host says) answered to two users;
 - copies of the database that served (0);
 - dead VMs handed out (0): an answered IP whose VM was not running with that IP;
-- VMs handed out before their sshd answered (0): the readiness probe's promise;
+- VMs handed out before their sshd answered (0): the readiness probe's promise (a VM whose
+  pool a fault that silences guests hit between the ask and the look is not judged: which
+  came first is unknown; they are counted apart);
 - over-commits (0): a host whose running VMs had more vCPUs or memory than it has;
 - leases lost (0): a release answered 404 for a lease still within its lifetime (a lease
   answered after the restored backup was taken is the restore's to forget, counted apart);
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import random
 import secrets
@@ -46,6 +49,7 @@ import threading
 import time
 import xmlrpc.client
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +110,28 @@ class Tally:
     restored_ages: list[float] = field(default_factory=list)  # seconds: how old each restored backup was
     copies_started: list[str] = field(default_factory=list)  # a copy of the database that served
     handed_twice: list[str] = field(default_factory=list)  # one VM (by uuid) answered to two users
+    # faults that silence a pool's running guests (their sshd stops answering): (pool, from, to)
+    silences: list[tuple[int, float, float]] = field(default_factory=list)
+    unjudged: int = 0  # handed-out VMs whose pool such a fault hit between the ask and the look
+
+    @contextlib.contextmanager
+    def silencing(self, pool: int) -> Iterator[None]:
+        """While a fault that can silence ``pool``'s guests lasts (and a moment after)."""
+        began = time.time()
+        with self.lock:
+            self.silences.append((pool, began, math.inf))
+            index = len(self.silences) - 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.silences[index] = (pool, began, time.time() + 1.0)
+
+    def silenced(self, pool: int, start: float, end: float) -> bool:
+        """Whether a silencing fault on ``pool`` overlapped ``[start, end]``: a guest dynvm
+        saw answer may have stopped since, and the observer cannot tell which came first."""
+        with self.lock:
+            return any(p == pool and began <= end and start <= until for p, began, until in self.silences)
 
     def answered(self, response: httpx.Response) -> None:
         with self.lock:
@@ -216,10 +242,10 @@ class Lab:
                 out.append(f"{cls} {record['name_label']!r} on pool {int(index) + 1}: {state} {marked}".rstrip())
         return out
 
-    def vm_with_ip(self, name: str, ip: str) -> tuple[bool | None, str | None]:
-        """Is a VM of that name running with that IP (None: a pool did not answer), and the
-        uuid of the VM of that name that has (or last had) that IP."""
-        uuid = None
+    def vm_with_ip(self, name: str, ip: str) -> tuple[bool | None, str | None, int | None]:
+        """Is a VM of that name running with that IP (None: a pool did not answer), the
+        uuid of the VM of that name that has (or last had) that IP, and its pool's index."""
+        uuid, pool = None, None
         try:
             for index in range(len(self.pools)):
                 xapi = self.xapi(index)
@@ -228,13 +254,13 @@ class Lab:
                     if record["guest_metrics"] == "OpaqueRef:NULL":
                         continue
                     if ip in xapi.VM_guest_metrics.get_networks(record["guest_metrics"]).values():
-                        uuid = str(record["uuid"])
+                        uuid, pool = str(record["uuid"]), index
                         if record["power_state"] == "Running":
-                            return True, uuid
-            return False, uuid
+                            return True, uuid, pool
+            return False, uuid, pool
         except Exception:
             self.forget_sessions()
-            return None, uuid
+            return None, uuid, pool
 
 
 class Servers:
@@ -369,15 +395,19 @@ def client(number: int, servers: Servers, lab: Lab, tally: Tally, until: float, 
                         grants = [Grant(n, ip, sent, received, lifetime) for n, ip in answer.json().items()]
                         tally.granted(grants)
                         for grant in grants:
-                            running, grant.uuid = lab.vm_with_ip(grant.name, grant.ip)
+                            running, grant.uuid, pool = lab.vm_with_ip(grant.name, grant.ip)
                             answers = probe.answers(grant.ip, lab.service_port)
+                            looked = time.time()
                             # a look that ended after the lease could have expired says nothing
                             # (a hung pool holds the observer's calls for seconds)
-                            if time.time() >= grant.sent + grant.lifetime:
+                            if looked >= grant.sent + grant.lifetime:
                                 continue
                             if running is False:
                                 with tally.lock:
                                     tally.dead.append(f"{grant.name} {grant.ip}")
+                            elif not answers and (pool is None or tally.silenced(pool, grant.sent, looked)):
+                                with tally.lock:  # its pool was hit meanwhile: which came first is unknown
+                                    tally.unjudged += 1
                             elif not answers:
                                 with tally.lock:
                                     tally.deaf.append(f"{grant.name} {grant.ip}:{lab.service_port}")
@@ -492,6 +522,25 @@ def evacuate_where_it_fits(xapi, member: str) -> None:  # type: ignore[no-untype
                     break
 
 
+def _master_dies(lab: Lab, control: SimControlClient, pool: int, hold: float, stop: threading.Event) -> None:
+    """The master goes; after a while an admin makes a member the master, and the old one
+    comes back as its member."""
+    master, _ = _members(lab, pool)
+    control.member_down(master, "refuse")
+    stop.wait(hold)
+    heir = (master + 1) % lab.pool_size
+    port = lab.pools[pool].url.rsplit(":", 1)[1]  # type: ignore[attr-defined]
+    url = f"http://127.0.0.{heir + 1}:{port}"
+    password = lab.pools[pool].password.reveal()  # type: ignore[attr-defined]
+    local = XenAPI.Session(url)
+    local._session = xmlrpc.client.ServerProxy(url).session.slave_local_login_with_password("root", password)["Value"]
+    local.xenapi.pool.emergency_transition_to_master()
+    local.xenapi.pool.recover_slaves()
+    lab.forget_sessions()
+    stop.wait(hold)
+    control.member_up(master)  # back as a member of the new master
+
+
 def inject(kind: str, lab: Lab, servers: Servers, tally: Tally, rng: random.Random, stop: threading.Event) -> None:
     pool = rng.randrange(len(lab.control))
     control = lab.control[pool]
@@ -503,9 +552,10 @@ def inject(kind: str, lab: Lab, servers: Servers, tally: Tally, rng: random.Rand
             stop.wait(rng.uniform(0.5, 3))
             servers.start(index)
         case "pool refuses connections" | "pool hangs":
-            control.host_down("refuse" if "refuses" in kind else "hang")
-            stop.wait(hold)
-            control.host_up()
+            with tally.silencing(pool):
+                control.host_down("refuse" if "refuses" in kind else "hang")
+                stop.wait(hold)
+                control.host_up()
         case "APIPA on 30% of boots":
             control.set_apipa_rate(0.3)
             stop.wait(hold * 2)
@@ -525,9 +575,10 @@ def inject(kind: str, lab: Lab, servers: Servers, tally: Tally, rng: random.Rand
         case "sessions invalidated":
             control.invalidate_sessions()
         case "sshd never answers":
-            control.service_never(True)
-            stop.wait(hold)
-            control.service_never(False)
+            with tally.silencing(pool):
+                control.service_never(True)
+                stop.wait(hold)
+                control.service_never(False)
         case "slow pool (300 ms a call)":
             control.set_timing({"latency_ms": 300})
             stop.wait(hold)
@@ -535,15 +586,17 @@ def inject(kind: str, lab: Lab, servers: Servers, tally: Tally, rng: random.Rand
         case "a member goes down" | "a member hangs" | "a slow member (300 ms a call)":
             master, _ = _members(lab, pool)
             member = rng.choice([p for p in range(lab.pool_size) if p != master])
-            if "slow" in kind:
-                control.member_slow(member, 0.3)
-            else:
-                control.member_down(member, "hang" if "hangs" in kind else "refuse")
-            stop.wait(hold * 2)
-            if "slow" in kind:
-                control.member_slow(member, 0)
-            else:
-                control.member_up(member)
+            with contextlib.ExitStack() as silence:
+                if "slow" in kind:
+                    control.member_slow(member, 0.3)
+                else:
+                    silence.enter_context(tally.silencing(pool))
+                    control.member_down(member, "hang" if "hangs" in kind else "refuse")
+                stop.wait(hold * 2)
+                if "slow" in kind:
+                    control.member_slow(member, 0)
+                else:
+                    control.member_up(member)
         case "maintenance: a member disabled and evacuated":
             master, members = _members(lab, pool)
             xapi = lab.xapi(pool)
@@ -582,22 +635,8 @@ def inject(kind: str, lab: Lab, servers: Servers, tally: Tally, rng: random.Rand
                 with tally.lock:
                     tally.copies_started.append(time.strftime("%H:%M:%S"))
         case "the master dies: emergency transition":
-            master, _ = _members(lab, pool)
-            control.member_down(master, "refuse")
-            stop.wait(hold)
-            heir = (master + 1) % lab.pool_size
-            port = lab.pools[pool].url.rsplit(":", 1)[1]  # type: ignore[attr-defined]
-            url = f"http://127.0.0.{heir + 1}:{port}"
-            password = lab.pools[pool].password.reveal()  # type: ignore[attr-defined]
-            local = XenAPI.Session(url)
-            local._session = xmlrpc.client.ServerProxy(url).session.slave_local_login_with_password("root", password)[
-                "Value"
-            ]
-            local.xenapi.pool.emergency_transition_to_master()
-            local.xenapi.pool.recover_slaves()
-            lab.forget_sessions()
-            stop.wait(hold)
-            control.member_up(master)  # back as a member of the new master
+            with tally.silencing(pool):
+                _master_dies(lab, control, pool, hold, stop)
 
 
 def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event) -> None:
@@ -788,6 +827,7 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     row("  users the restores forgot (not lost)", len(tally.forgotten))
     row("dead VMs handed out", len(tally.dead), 0)
     row("VMs handed out before their sshd answered", len(tally.deaf), 0)
+    row("  not judged: a fault silenced their pool meanwhile", tally.unjudged)
     row("over-commits", len(tally.overcommits), 0)
     row("leases lost", len(tally.lost), 0)
     row("5xx other than 502", five, 0)
