@@ -760,7 +760,7 @@ def replay_command(
     json_out: JsonOption = False,
 ) -> None:
     """Replay a demand trace on dynvm's own engine and report what users saw: in virtual time
-    (a week in under a minute), or with --live against real processes (a few hours of trace)."""
+    (a week in minutes), or with --live against real processes (a few hours of trace)."""
     import json
 
     from rich.progress import Progress
