@@ -312,9 +312,8 @@ class Admission:
             reserved = list(reserved)  # and, as they are placed, this pass's own
             queued = self.ctx.requests.in_state(RequestState.QUEUED, conn=conn)
             for os, count in wanted:
-                candidates = self._locked_candidates(
-                    settings, reserved, os, None, None
-                )  # their rooms shrink as VMs are placed
+                # their rooms shrink as this OS's VMs are placed; the next OS's see them in ``reserved``
+                candidates = self._locked_candidates(settings, reserved, os, None, None)
                 for _ in range(count):
                     if headroom > 0 and placement.available(candidates) <= headroom:
                         break

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config import Settings
 from ..provider import HostRoom, Provider
-from ..states import LeaseState, RequestState
+from ..states import LeaseState
 from ..store.leases import LeaseStore
 from ..store.requests import RequestRecord, RequestStore
 from . import eta
@@ -250,13 +250,11 @@ class QueuePolicy:
         settings: Settings,
         reserved: list[dict[str, object]],
         candidate: RequestRecord,
-        queued: list[RequestRecord] | None = None,
+        queued: list[RequestRecord],
     ) -> bool:
         """For a request that does not wait: may it take room now, with requests queued?
         Called inside the reservation's transaction (the rooms are as locked; ``queued``:
-        the queue as that transaction read it, else read here)."""
-        if queued is None:
-            queued = self.requests.in_state(RequestState.QUEUED)
+        the queue as that transaction read it)."""
         if not queued:
             return True
         head = self.order(queued)[0]

@@ -229,9 +229,8 @@ class LeaseStore:
         return self._select(leases.c.request_id == request_id)
 
     def get(self, lease_id: str, conn: Connection | None = None) -> Lease | None:
-        with self.db.reading(conn) as reading:
-            row = reading.execute(_by_id_statement(), {"id": lease_id}).first()
-        return _lease(row) if row is not None else None
+        found = self._rows(_by_id_statement(), {"id": lease_id}, conn)
+        return found[0] if found else None
 
     def expired(self, now: float) -> list[Lease]:
         """Ready leases past their expiry. A lease whose request has not handed it over yet
@@ -288,9 +287,9 @@ class LeaseStore:
             return [_lease(row) for row in reading.execute(statement, values)]
 
     def _select(self, where: object, conn: Connection | None = None) -> list[Lease]:
+        """Leases by a condition built for each call (the paths that are not hot)."""
         query = select(leases).where(where).order_by(leases.c.name)  # type: ignore[arg-type]  # a where clause is built by the callers as a SQLAlchemy expression
-        with self.db.reading(conn) as reading:
-            return [_lease(row) for row in reading.execute(query)]
+        return self._rows(query, {}, conn)
 
     def made_since(self, since: float, limit: int = 2000) -> list[tuple[str, str, float, float]]:
         """(id, os, ready_at, create_seconds) of the leases whose VM was made at ``since``

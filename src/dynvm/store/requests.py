@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, false, func, select, update
+from sqlalchemy import Connection, Row, bindparam, delete, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Insert, Select, Update
 
@@ -171,14 +171,15 @@ def _set_vms_statement() -> Update:
 
 
 @functools.cache
-def _transition_statement(fields: tuple[str, ...], not_cancelled: bool, returning: bool) -> Update:
+def _transition_statement(fields: tuple[str, ...], not_cancelled: bool, whole: bool) -> Update:
     """A request's move: ``fields`` set (``b_<field>`` bound), from the states bound as
-    ``sources``; ``not_cancelled``: unless a cancel was asked for first."""
+    ``sources``; ``not_cancelled``: unless a cancel was asked for first. It returns the
+    row as moved (``whole``), else its id: no row, no move."""
     where = (requests.c.id == bindparam("b_id")) & requests.c.state.in_(bindparam("sources", expanding=True))
     if not_cancelled:
         where &= requests.c.cancel_requested == false()
     statement = update(requests).where(where).values(**{f: bindparam(f"b_{f}") for f in fields})
-    return statement.returning(*requests.c) if returning else statement
+    return statement.returning(*requests.c) if whole else statement.returning(requests.c.id)
 
 
 class RequestStore:
@@ -251,10 +252,10 @@ class RequestStore:
         The move must be in the state table for ``by`` (``states.REQUESTS``), else
         ``IllegalMove``. ``conn``: inside the caller's transaction (the hand-over), whose
         commit the caller awaits before anyone is told."""
-        moved = self._move(request_id, from_states, to, by, conn, values, returning=False)
-        if moved is not None and conn is None:  # committed here: tell the waiters
+        moved = self._move(request_id, from_states, to, by, conn, values, whole=False) is not None
+        if moved and conn is None:  # committed here: tell the waiters
             self.notify(request_id)
-        return moved is not None
+        return moved
 
     def transition_to(
         self,
@@ -268,7 +269,7 @@ class RequestStore:
     ) -> RequestRecord | None:
         """``transition`` inside the caller's transaction, returning the request as it now
         is (None: it did not move), in the same statement."""
-        row = self._move(request_id, from_states, to, by, conn, values, returning=True)
+        row = self._move(request_id, from_states, to, by, conn, values, whole=True)
         return _record(row) if row is not None else None
 
     def _move(
@@ -279,10 +280,10 @@ class RequestStore:
         by: Actor,
         conn: Connection | None,
         values: dict[str, Any],
-        returning: bool,
-    ) -> Any:
-        """The one UPDATE of every move: its row (``returning``), True when it moved
-        without, None when it did not."""
+        whole: bool,
+    ) -> Row[Any] | None:
+        """The one UPDATE of every move: the row it moved (``whole``: every column, else
+        the id), None when it did not move."""
         sources = REQUESTS.check(from_states, to, by)
         now = self.clock()
         if to in FINAL_REQUEST_STATES:
@@ -292,13 +293,10 @@ class RequestStore:
         values["state"] = to
         fields = tuple(sorted(values))
         # a cancel asked for first wins over the hand-over
-        statement = _transition_statement(fields, to == RequestState.READY, returning)
+        statement = _transition_statement(fields, to == RequestState.READY, whole)
         bound = {f"b_{f}": values[f] for f in fields} | {"b_id": request_id, "sources": list(sources)}
         with self.db.writing(conn) as writing:
-            result = writing.execute(statement, bound)
-            if returning:
-                return result.first()
-            return True if result.rowcount == 1 else None
+            return writing.execute(statement, bound).first()
 
     def end_cancelled(self, request_id: str, from_states: Iterable[RequestState], why: str, *, by: Actor) -> bool:
         """End the request ``cancelled`` (answered as a 409 saying ``why``)."""
