@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynvm.engine.placement import Candidate, place
+from dynvm.engine.placement import Candidate, Spread, place
 from dynvm.hosts import HostSettings
 from dynvm.model import NotEnoughCapacity
 from dynvm.provider import HostRoom, MemberRoom, Need
@@ -44,3 +44,27 @@ def test_placement_in_a_pool_names_the_member_with_most_room():
     chosen = place(4, "centos", [Candidate(host("1"), room, need)])
     assert [p.member for p in chosen] == ["m2", "m2", "m1", "m2"]  # a tie: more memory left wins
     assert {p.host.ref for p in chosen} == {"1"}
+
+
+def test_a_spread_places_one_vm_at_a_time_only_where_it_is_allowed():
+    """A pools pass places VMs one at a time on hosts it may use (not backing off, not
+    making too many at once): the spread weighs each host's room once and keeps it as
+    VMs are placed, and the rooms are the candidates' own."""
+    need = Need(4, 4 * GiB, 0, "t")
+    rooms = {"1": lone("1", 32, 128 * GiB), "2": lone("2", 16, 128 * GiB), "3": lone("3", 8, 128 * GiB)}
+    spread = Spread(Candidate(host(ref), room, need) for ref, room in rooms.items())
+    assert spread.available() == 8 + 4 + 2
+
+    def not_one(c: Candidate) -> bool:
+        return c.host.ref != "1"
+
+    assert spread.available(not_one) == 6
+    taken = [spread.take(not_one) for _ in range(6)]
+    assert [p.host.ref for p in taken if p is not None] == ["2", "2", "2", "3", "2", "3"]
+    assert spread.take(not_one) is None  # hosts 2 and 3 are full; host 1 is not allowed
+    assert spread.available() == 8
+    assert spread.available(not_one) == 0
+    assert [rooms[ref].members[0].cpus for ref in ("2", "3")] == [0, 0]  # taken from the rooms themselves
+    last = spread.take()
+    assert last is not None
+    assert last.host.ref == "1"

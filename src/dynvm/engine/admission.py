@@ -306,6 +306,10 @@ class Admission:
         leave room for no more than ``headroom`` VMs of it (room kept free for the requests
         expected while it is made), or would delay a queued request."""
         per_host = settings.ready_pools.refill_per_host
+
+        def is_open(c: placement.Candidate) -> bool:
+            return c.host.ref not in blocked and busy[c.host.ref] < per_host
+
         made: list[Lease] = []
         memory: list[int] = []
         with self._locked(settings) as (conn, reserved):
@@ -313,17 +317,18 @@ class Admission:
             queued = self.ctx.requests.in_state(RequestState.QUEUED, conn=conn)
             for os, count in wanted:
                 # their rooms shrink as this OS's VMs are placed; the next OS's see them in ``reserved``
-                candidates = self._locked_candidates(settings, reserved, os, None, None)
+                spread = placement.Spread(self._locked_candidates(settings, reserved, os, None, None))
                 for _ in range(count):
-                    if headroom > 0 and placement.available(candidates) <= headroom:
+                    if headroom > 0 and spread.available() <= headroom:
                         break
-                    open_hosts = [c for c in candidates if c.host.ref not in blocked and busy[c.host.ref] < per_host]
-                    if placement.available(open_hosts) < 1:
+                    if spread.available(is_open) < 1:
                         break
                     record = RequestRecord.of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
                     if not self.policy.may_serve_now(settings, reserved, record, queued):
                         break
-                    [choice] = placement.place(1, os, open_hosts)
+                    choice = spread.take(is_open)
+                    if choice is None:
+                        break
                     lease = choice.new_lease(
                         request_id=record.id,
                         name=pool_name(os),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..hosts import HostSettings
@@ -95,9 +95,44 @@ def available(candidates: Iterable[Candidate]) -> int:
     return sum(c.room.fits(c.need) for c in candidates)
 
 
+class Spread:
+    """Candidates and how many more VMs each fits, kept as VMs are placed one at a time:
+    placing a VM changes one host's room, so only that host is weighed again. What
+    ``place`` and a pools pass (which places a VM at a time, across every host) use.
+    The rooms are the candidates' own: a VM placed here has taken its room there."""
+
+    def __init__(self, candidates: Iterable[Candidate]) -> None:
+        self.candidates = list(candidates)
+        self._fits = [c.room.fits(c.need) for c in self.candidates]
+        self._order = [-int(c.host.ref) if c.host.ref.isdigit() else 0 for c in self.candidates]
+
+    def available(self, among: Callable[[Candidate], bool] | None = None) -> int:
+        """How many more VMs fit, on every candidate or on those ``among`` allows."""
+        if among is None:
+            return sum(self._fits)
+        return sum(fits for c, fits in zip(self.candidates, self._fits, strict=True) if among(c))
+
+    def take(self, among: Callable[[Candidate], bool] | None = None) -> Placement | None:
+        """Place one VM on the candidate (of those ``among`` allows) with most room for it,
+        the lower host ref first; None when none has room."""
+        best = -1
+        for i, c in enumerate(self.candidates):
+            if self._fits[i] < 1 or (among is not None and not among(c)):
+                continue
+            if best < 0 or (self._fits[i], self._order[i]) > (self._fits[best], self._order[best]):
+                best = i
+        if best < 0:
+            return None
+        chosen = self.candidates[best]
+        member = chosen.room.take(chosen.need)
+        self._fits[best] = chosen.room.fits(chosen.need)
+        return Placement(chosen, member)
+
+
 def place(count: int, os: str, candidates: list[Candidate]) -> list[Placement]:
     """A pool and a member per VM, most room first; ``NotEnoughCapacity`` when they do not fit."""
-    room_left = available(candidates)
+    spread = Spread(candidates)
+    room_left = spread.available()
     if count > room_left:
         raise NotEnoughCapacity(
             f"not enough capacity for {count} {os} VM(s): {room_left} can be made now"
@@ -105,6 +140,7 @@ def place(count: int, os: str, candidates: list[Candidate]) -> list[Placement]:
         )
     chosen = []
     for _ in range(count):
-        best = max(candidates, key=lambda c: (c.room.fits(c.need), -int(c.host.ref)))
-        chosen.append(Placement(best, best.room.take(best.need)))
+        one = spread.take()
+        assert one is not None  # room_left counted it
+        chosen.append(one)
     return chosen

@@ -76,10 +76,8 @@ class ReadyStock:
         pooled = sorted(
             (
                 lease
-                for lease in self.leases.pooled(conn)
-                if lease.os == os
-                and is_idle(lease)
-                and lease.expires_at > now  # stale: the next pass recycles it
+                for lease in self.leases.idle_pooled(os, conn)
+                if lease.expires_at > now  # stale: the next pass recycles it
                 and (host_ref is None or lease.host_ref == host_ref)
             ),
             key=oldest_first,

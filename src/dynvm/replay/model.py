@@ -165,13 +165,12 @@ class ModelHosts:
             return room
         with self._lock:  # a VM holds its room from its create on
             cpus, memory, disk = self._used.get(host.ref, (0, 0, 0))
-            made = set(self._leases.get(host.ref, ()))
+            made = self._leases.get(host.ref, set())
+            reserved = [r for r in reserved if r["lease_id"] not in made]  # those not made yet
         member.cpus -= cpus
         member.memory -= memory
         room.disk -= disk
         for reservation in reserved:
-            if reservation["lease_id"] in made:
-                continue
             member.cpus -= int(reservation["cpus"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
             member.memory -= int(reservation["memory"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers
             room.disk -= int(reservation["disk"])  # type: ignore[call-overload]  # a reservation row is dict[str, object]; these columns are integers

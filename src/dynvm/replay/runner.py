@@ -287,7 +287,7 @@ class Replay:
         deadline = time.monotonic() + 30
         leases = self.service.lease_store
         while time.monotonic() < deadline:
-            creating = len(leases.in_state(LeaseState.CREATING))
+            creating = leases.count_in_state(LeaseState.CREATING)
             if creating == self.hosts.blocked and (
                 not self._waiting or not self.service.request_store.in_state(RequestState.CREATING)
             ):

@@ -72,6 +72,23 @@ def _active_statement(pooled: bool | None) -> Select[tuple[object, ...]]:
 
 
 @functools.cache
+def _idle_pooled_statement() -> Select[tuple[object, ...]]:
+    """A pool's VMs of one OS that are ready and in it: what a request may take."""
+    where = (
+        (leases.c.state == LeaseState.READY.value)
+        & (leases.c.pooled == true())
+        & leases.c.pooled_at.is_not(None)
+        & (leases.c.os == bindparam("os"))
+    )
+    return select(leases).where(where).order_by(leases.c.name)
+
+
+@functools.cache
+def _count_in_state_statement() -> Select[int]:
+    return select(func.count()).select_from(leases).where(leases.c.state == bindparam("state"))
+
+
+@functools.cache
 def _held_by_others_statement(anonymous: bool) -> Select[tuple[object, ...]]:
     where = (
         active_lease()
@@ -204,6 +221,11 @@ class LeaseStore:
         """The ready pools' VMs: being made (``creating``), ready, or being recycled."""
         return self._rows(_active_statement(True), {}, conn)
 
+    def idle_pooled(self, os: str, conn: Connection | None = None) -> list[Lease]:
+        """The ready pool's VMs of ``os`` that are ready and in it (``ready_stock.is_idle``):
+        a request's look at the pool reads its own OS's VMs alone."""
+        return self._rows(_idle_pooled_statement(), {"os": os}, conn)
+
     def ever_pooled(self) -> list[Lease]:
         """Every lease that was made as a ready-pool VM, in any state, handed out or not."""
         return self._select((leases.c.pooled == true()) | leases.c.pooled_at.is_not(None))
@@ -279,6 +301,10 @@ class LeaseStore:
 
     def in_state(self, *states: LeaseState) -> list[Lease]:
         return self._select(leases.c.state.in_(states))
+
+    def count_in_state(self, state: LeaseState) -> int:
+        with self.db.read() as conn:
+            return conn.execute(_count_in_state_statement(), {"state": state.value}).scalar_one()
 
     def _rows(
         self, statement: Select[tuple[object, ...]], values: dict[str, Any], conn: Connection | None
