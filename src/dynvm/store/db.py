@@ -3,16 +3,16 @@
 SQLite (the default, a file in ``~/.local/share/dynvm/``) runs in WAL mode with a busy
 time-out; ``Database.write()`` opens ``BEGIN IMMEDIATE`` so that writers queue up instead
 of failing mid-transaction, which is what makes a reservation's check-then-insert atomic.
-Within the process, writers first queue on a lock: SQLite's own busy handler waits by
-sleeping and polling (up to 100 ms a turn), and each waiting writer would hold a pooled
-connection meanwhile, so a burst of writers would starve quick readers of connections.
-PostgreSQL gets the same guarantee from row locks (``host_locks``, ``FOR UPDATE``).
+Within the process, writers take turns on one connection (``group_commit.py``): SQLite's
+own busy handler waits by sleeping and polling (up to 100 ms a turn), and each waiting
+writer would hold a pooled connection meanwhile, so a burst of writers would starve quick
+readers of connections; and writers queued together share one commit. PostgreSQL gets the
+same guarantee from row locks (``host_locks``, ``FOR UPDATE``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+
+from .group_commit import GroupCommit
 
 if TYPE_CHECKING:
     import sqlite3
@@ -43,12 +45,13 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        self._writer = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        self._group: GroupCommit | None = None
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
             _sqlite_transactions(self.engine)
+            self._group = GroupCommit(self.engine)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         # PostgreSQL reads without BEGIN and COMMIT: under READ COMMITTED each statement sees
@@ -66,14 +69,27 @@ class Database:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
-        """A transaction that may write; on SQLite it holds the write lock from the start."""
-        with self._writer, self.engine.connect() as connection:
-            connection = connection.execution_options(dynvm_immediate=True)
-            with connection.begin():
+        """A transaction that may write; on SQLite it holds the write lock from the start,
+        and returns once committed (with the writers queued behind it: ``group_commit.py``)."""
+        if self._group is not None:
+            with self._group.transaction() as connection:
                 yield connection
+            return
+        with self.engine.connect() as connection, connection.begin():
+            yield connection
+
+    def queued_writers(self) -> int:
+        """Writers waiting for their turn (SQLite; always 0 on PostgreSQL)."""
+        return self._group.queued if self._group is not None else 0
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
+        """A read; on SQLite, inside this thread's write, the write's own connection (which
+        sees what the writes committed with it wrote before it)."""
+        current = self._group.current() if self._group is not None else None
+        if current is not None:
+            yield current
+            return
         with self._reader.connect() as connection, connection.begin():
             yield connection
 
