@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .config import Settings
@@ -87,6 +87,10 @@ class HostRoom:
     def fits(self, need: Need) -> int:
         by_disk = self.disk // need.disk if need.disk > 0 else 1 << 30
         return max(0, min(sum(m.fits(need) for m in self.members), by_disk))
+
+    def copy(self) -> HostRoom:
+        """A room of its own to take from (its members copied)."""
+        return HostRoom(self.ref, self.disk, [replace(m) for m in self.members])
 
     def take(self, need: Need) -> str:
         """Take one VM's room on the member with most room for it; its ref."""

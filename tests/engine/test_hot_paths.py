@@ -16,8 +16,8 @@ LIMITS = {
     "getservers, cold": (15, 3),
     "release": (6, 3),
     "scheduler pass": (8, 7),
-    "pools pass: nothing to do": (5, 5),
-    "pools pass: requests wait": (3, 3),
+    "pools pass: nothing to do": (4, 4),
+    "pools pass: requests wait": (2, 2),
 }
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -105,3 +106,42 @@ def test_the_forecasts_and_the_pools_reads_search_by_time(tmp_path: Path):
     assert ended[0] == "SEARCH leases USING INDEX ix_leases_state_released (state=? AND released_at>?)"
     assert pooled[0] == "SEARCH leases USING INDEX ix_leases_pooled_at (pooled_at>?)"
     db.close()
+
+
+def test_a_lease_read_from_its_row_is_the_lease_its_fields_make(tmp_path: Path):
+    """``_lease`` fills a ``Lease`` from a row without its ``__init__`` (hundreds a pools
+    pass): only sound while the table's columns are the dataclass's fields, no more, no
+    fewer, and the lease then equals, and hashes as, one made the usual way."""
+    import dataclasses
+
+    from dynvm.model import Lease
+    from dynvm.states import LeaseState
+    from dynvm.store.leases import LEASE_FIELDS, _lease
+
+    assert sorted(LEASE_FIELDS) == sorted(f.name for f in dataclasses.fields(Lease))
+    made = Lease(
+        id="l1",
+        request_id="r1",
+        name="vm-1",
+        username="u",
+        os="centos",
+        host_ref="1",
+        state=LeaseState.READY,
+        cpus=4,
+        memory=4 << 30,
+        disk=35 << 30,
+        created_at=1.0,
+        expires_at=2.0,
+        owner="o",
+        pooled=True,
+        pooled_at=1.5,
+    )
+    row = [getattr(made, name) for name in LEASE_FIELDS]
+    row[LEASE_FIELDS.index("state")] = "ready"  # as the database returns it
+    read = _lease(row)
+    assert read == made
+    assert hash(read) == hash(made)
+    assert read.state is LeaseState.READY
+    assert dataclasses.replace(read, name="vm-2") == dataclasses.replace(made, name="vm-2")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        read.name = "vm-3"  # type: ignore[misc]  # frozen, as one made by __init__

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from ..config import Settings
 from ..hosts import HostSettings
 from ..model import LeaseRequest, UnknownOs
-from ..provider import HostStatus, Machine, Provider
+from ..provider import HostRoom, HostStatus, Machine, Provider
 from ..store.leases import LeaseStore
 from . import placement
 
@@ -42,22 +42,35 @@ class Capacity:
         memory: int | None,
         reserved: list[dict[str, object]],
         only: str | None = None,
+        rooms: dict[str, HostRoom | None] | None = None,
     ) -> list[placement.Candidate]:
         """Where a VM of ``os`` (``cpus``/``memory``: as asked, None: its template's) could
-        go, host by host (``only``: on that host), counting ``reserved`` as taken."""
+        go, host by host (``only``: on that host), counting ``reserved`` as taken.
+        ``rooms``: every host's room as ``rooms`` weighed it with the same ``reserved``
+        (copied here; a look at every OS weighs each host once)."""
         out = []
-        by_host = reservations_by_host(reserved)
+        by_host = reservations_by_host(reserved) if rooms is None else {}
         for host in settings.hosts:
             if only is not None and host.ref != only:
                 continue
             need = self.provider.need(host, os, cpus, memory)
             if need is None:
                 continue
-            mine = by_host.get(host.ref, [])
-            room = self.provider.room(host, settings.common.cpu_overcommit, mine)
+            if rooms is not None:
+                weighed = rooms.get(host.ref)
+                room = weighed.copy() if weighed is not None else None
+            else:
+                room = self.provider.room(host, settings.common.cpu_overcommit, by_host.get(host.ref, []))
             if room is not None:
                 out.append(placement.Candidate(host, room, need))
         return out
+
+    def rooms(self, settings: Settings, reserved: list[dict[str, object]]) -> dict[str, HostRoom | None]:
+        """Every host's room, ``reserved`` counted as taken: what ``candidates`` copies for
+        each OS when one look weighs them all (a room does not depend on the OS)."""
+        by_host = reservations_by_host(reserved)
+        overcommit = settings.common.cpu_overcommit
+        return {host.ref: self.provider.room(host, overcommit, by_host.get(host.ref, [])) for host in settings.hosts}
 
     def reservations(self, conn: Connection) -> list[dict[str, object]]:
         """The reservations of creates in flight, each on the configured host that counts

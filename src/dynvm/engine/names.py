@@ -46,7 +46,7 @@ def refuse_on_hosts(ctx: EngineContext, settings: Settings, names: list[str]) ->
     """409 when a machine on a host (dynvm's or not) already has one of the names."""
     wanted = set(names)
     for host in settings.hosts:
-        clash = sorted(wanted & {machine.name for machine in ctx.provider.machines(host)})
+        clash = sorted({machine.name for machine in ctx.provider.machines(host) if machine.name in wanted})
         if clash:
             raise NameInUse(
                 f"{', '.join(clash)} already exist(s) on host {host.ref}: choose another name "

@@ -184,9 +184,10 @@ class ReadyPools:
         ``LeaseService.available_count``, in one read for all OSes)."""
         reserved = self.capacity.reserved_now()
         ready = [lease for lease in self.ctx.leases.pooled() if is_idle(lease)]
+        rooms = self.capacity.rooms(settings, reserved)
         out = {}
         for os in oses:
-            candidates = self.capacity.candidates(settings, os, None, None, reserved)
+            candidates = self.capacity.candidates(settings, os, None, None, reserved, rooms=rooms)
             mine = {lease.id for lease in ready if lease.os == os}
             self.stock.give_back_idle(candidates, exclude=mine, pooled=ready)
             out[os] = len(mine) + placement.available(candidates)
@@ -268,9 +269,10 @@ class ReadyPools:
         now = self._clock()
         pooled = [lease for lease in everything if is_idle(lease)]
         going: dict[str, tuple[Lease, str]] = {}
-        alive = self.ctx.live_processes()
-        for lease in everything:  # made, but its maker died before it joined the pool
-            if lease.state == LeaseState.READY and lease.pooled_at is None and lease.owner not in alive:
+        unjoined = [lease for lease in everything if lease.state == LeaseState.READY and lease.pooled_at is None]
+        alive = self.ctx.live_processes() if unjoined else set()  # read only when it decides something
+        for lease in unjoined:  # made, but its maker died before it joined the pool
+            if lease.owner not in alive:
                 going[lease.id] = (lease, "recycled: its maker stopped before it joined the pool")
         running: dict[str, dict[str, tuple[str, ...]]] = {}  # host ref -> uuid -> addresses, read once a pass
         for lease in pooled:
