@@ -7,9 +7,9 @@
   SQLite with one replica and on PostgreSQL with two, for this tree and for the tree
   before the change (``BEFORE``, taken with ``git archive``), each in its own process
   (``engine_worker.py``);
-- **a day at ten times the synthetic week's demand** (Monday, 140 model hosts, learned
-  pools) replayed in virtual time. The goal is a whole week in <= 90 s; a week is about
-  five such weekdays and two quiet days, so a day is what this bench can afford to run.
+- **a week at ten times the synthetic week's demand** (29,310 requests, 140 model hosts,
+  learned pools) replayed in virtual time: the goal is <= 90 s. It is the longest part of
+  this bench (minutes, until the goal is met).
 
 PostgreSQL: ``DYNVM_BENCH_PG`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432``);
 each run gets a database of its own, dropped after.
@@ -109,9 +109,9 @@ def _throughput(trees: dict[str, Path], work: Path) -> list[tuple[str, str, dict
     return out
 
 
-def _day_at_scale_10() -> dict[str, float | int]:
+def _week_at_scale_10() -> dict[str, float | int]:
     trace, past = generate(WeekShape(scale=10), seed=1), generate(WeekShape(days=14, scale=10), seed=2)
-    return Replay(trace, ReplayOptions(hosts=140, policy="learned", hours=24.0), past).run().summary()
+    return Replay(trace, ReplayOptions(hosts=140, policy="learned"), past).run().summary()
 
 
 def run() -> Table:
@@ -121,8 +121,8 @@ def run() -> Table:
         rates = _throughput(trees, work)
     paths = hot_paths()
     started = time.perf_counter()
-    day = _day_at_scale_10()
-    day_wall = time.perf_counter() - started
+    week = _week_at_scale_10()
+    week_wall = time.perf_counter() - started
     table = Table(title=f"the engine's cost per request: {BEFORE} (before) and this tree (after)")
     for column in ("measure", "before", "after", "after / before"):
         table.add_column(column, justify="left" if column == "measure" else "right")
@@ -144,9 +144,9 @@ def run() -> Table:
     for cost in paths:
         table.add_row(f"statements / transactions: {cost.path}", "", f"{cost.statements} / {cost.transactions}", "")
     table.add_row(
-        "a Monday at 10x demand, 140 hosts, learned pools: replay wall time",
+        "a week at 10x demand, 140 hosts, learned pools: replay wall time",
         "",
-        f"{day_wall:.0f} s ({day['requests']} requests)",
-        "goal: a week <= 90 s",
+        f"{week_wall:.0f} s ({week['requests']} requests)",
+        "goal: <= 90 s",
     )
     return table
