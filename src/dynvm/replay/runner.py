@@ -36,11 +36,11 @@ from ..config import load_settings
 from ..engine.context import LeaseEvents
 from ..engine.service import LeaseService
 from ..model import Lease, LeaseError, LeaseRequest
-from ..store.requests import RequestRecord
 from ..states import LeaseState, RequestState
 from ..store.db import Database
 from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
+from ..store.requests import RequestRecord
 from ..trace import Demand
 from .model import ModelHosts, VirtualClock
 
