@@ -26,21 +26,18 @@ import math
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import load_settings
-from ..engine.context import LeaseEvents
 from ..engine.service import LeaseService
 from ..model import Lease, LeaseError, LeaseRequest
 from ..states import LeaseState, RequestState
 from ..store.db import Database
 from ..store.history import HistoryStore
 from ..store.leases import LeaseStore
-from ..store.requests import RequestRecord
 from ..trace import Demand
 from .model import ModelHosts, VirtualClock
 
@@ -171,30 +168,6 @@ def model_engine(
         shutil.rmtree(work, ignore_errors=True)
 
 
-class _Moves(LeaseEvents):
-    """Wakes the replay's wait for the builders (``_settle``) as soon as one of them ends a
-    create or moves a request, instead of it polling the database every millisecond."""
-
-    def __init__(self) -> None:
-        self.moved = threading.Condition()
-
-    def _wake(self) -> None:
-        with self.moved:
-            self.moved.notify_all()
-
-    def created(self, lease: Lease) -> None:
-        self._wake()
-
-    def create_failed(self, reason: str) -> None:
-        self._wake()
-
-    def ended(self, lease: Lease, state: str) -> None:
-        self._wake()
-
-    def request_event(self, kind: str, record: RequestRecord) -> None:
-        self._wake()
-
-
 class Replay:
     skip_idle_passes = True  # tests turn it off to show that skipping changes nothing
 
@@ -210,7 +183,6 @@ class Replay:
         self._seq = itertools.count()
         self._waiting: dict[str, tuple[Demand, float]] = {}  # request id -> (demand, arrival)
         self._changed = True  # something happened since the last pools pass
-        self._moves = _Moves()
 
     def _at(self, t: float, kind: str, payload: object = None) -> None:
         heapq.heappush(self._events, (t, next(self._seq), kind, payload))
@@ -222,7 +194,6 @@ class Replay:
             if self.history:  # what a running lab would know at the slice's start
                 service.ready_pools.learn(self.history)
             self.service, self.hosts = service, hosts
-            service.events = self._moves
             self._play()
             self._account()
         self.result.wall_seconds = time.perf_counter() - started
@@ -316,13 +287,12 @@ class Replay:
         deadline = time.monotonic() + 30
         leases = self.service.lease_store
         while time.monotonic() < deadline:
-            with self._moves.moved:  # a builder that moves on meanwhile wakes the wait below
-                creating = leases.count_in_state(LeaseState.CREATING)
-                if creating == self.hosts.blocked and (
-                    not self._waiting or not self.service.request_store.in_state(RequestState.CREATING)
-                ):
-                    return  # all that is left waits for the virtual clock
-                self._moves.moved.wait(0.005)  # or look again: some moves report nothing
+            creating = leases.count_in_state(LeaseState.CREATING)
+            if creating == self.hosts.blocked and (
+                not self._waiting or not self.service.request_store.in_state(RequestState.CREATING)
+            ):
+                return  # all that is left waits for the virtual clock
+            time.sleep(0.001)
 
     def _serve_queue(self) -> None:
         service = self.service
