@@ -83,7 +83,8 @@ def _active_statement(pooled: bool | None) -> Select[tuple[object, ...]]:
 def _idle_pooled_statement() -> Select[tuple[object, ...]]:
     """A pool's VMs of one OS that are ready and in it: what a request may take."""
     where = (
-        (leases.c.state == LeaseState.READY.value)
+        active_lease()  # implies the active-only index's condition, as SQLite must see it written
+        & (leases.c.state == LeaseState.READY.value)
         & (leases.c.pooled == true())
         & leases.c.pooled_at.is_not(None)
         & (leases.c.os == bindparam("os"))

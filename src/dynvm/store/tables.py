@@ -80,7 +80,13 @@ leases = Table(
         postgresql_where=text(ACTIVE_SQL),
     ),
     Index("ix_leases_state_expires", "state", "expires_at"),
-    Index("ix_leases_pooled_os", "pooled", "os"),
+    Index(  # the pools' VMs and the requests' leases, active only (every lease ever made is not)
+        "ix_leases_active_pooled_os",
+        "pooled",
+        "os",
+        sqlite_where=text(ACTIVE_SQL),
+        postgresql_where=text(ACTIVE_SQL),
+    ),
     Index("ix_leases_ready_at", "ready_at"),  # the forecast's made_since
     Index("ix_leases_state_released", "state", "released_at"),  # the forecast's ended_since
     Index("ix_leases_pooled_at", "pooled_at"),  # the pools' counts of the last day
