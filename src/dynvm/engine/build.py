@@ -24,7 +24,7 @@ from ..states import Actor, LeaseState, RequestState
 from ..store.requests import RequestRecord, RequestStore
 from .context import EngineContext
 from .creator import Creator
-from .release import Releaser, side_by_side
+from .release import Releaser
 from .tracker import DurableTracker
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class Builder:
                 return e
 
         going = [lease for lease in ready if lease.id in warm]
-        outcomes = dict(zip([lease.id for lease in going], side_by_side(replace, going, "cold"), strict=True))
+        outcomes = dict(zip([lease.id for lease in going], self.ctx.side_by_side.map(replace, going), strict=True))
         made = [outcome for outcome in outcomes.values() if isinstance(outcome, Lease)]
         still += [(lease, outcome) for lease in going if isinstance(outcome := outcomes[lease.id], Exception)]
         still += self.creator.hold(settings, made)

@@ -22,6 +22,7 @@ from ..store.leases import LeaseStore
 from ..store.replicas import ReplicaStore
 from ..store.requests import RequestRecord, RequestStore
 from .claim import ClaimKeeper, Contested
+from .side_by_side import SideBySide
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,12 @@ class EngineContext:
     # a request's build waits on its VMs' creates: never in the create pool, or a full pool
     # of builds would wait for creates that no thread is left to run
     builders: ThreadPoolExecutor = field(init=False)
+    side_by_side: SideBySide = field(init=False)  # destroys and hand-outs of several VMs at once
 
     def __post_init__(self) -> None:
         self.creates = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="create")
         self.builders = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="build")
+        self.side_by_side = SideBySide()
 
     def report(self, event: str, *args: object) -> None:
         """Tell the listeners (metrics); a failing listener never fails the lease work."""

@@ -20,7 +20,7 @@ from ..states import Actor, LeaseState
 from .admission import Admission
 from .context import EngineContext
 from .ready_stock import pool_name
-from .release import Releaser, side_by_side
+from .release import Releaser
 from .tracker import DurableTracker
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Creator:
         host says another request holds is refused, whatever this database says). A
         ready-pool VM takes its lease's name here. Side by side, as destroys are. The VMs
         that could not be held, and why."""
-        outcomes = side_by_side(lambda lease: self._hold_one(settings, lease), ready, "hand-out")
+        outcomes = self.ctx.side_by_side.map(lambda lease: self._hold_one(settings, lease), ready)
         return [(lease, error) for lease, error in zip(ready, outcomes, strict=True) if error is not None]
 
     def _hold_one(self, settings: Settings, lease: Lease) -> Exception | None:

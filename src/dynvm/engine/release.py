@@ -11,10 +11,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from ..bounds import capped_lifetime_minutes
 from ..config import Settings
@@ -36,20 +33,8 @@ from .context import EngineContext
 from .tracker import DurableTracker
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-DESTROYS_AT_ONCE = 32  # per release or reaper pass: enough to overlap, few enough not to flood a host
 RELEASE_RETRY = "release-retry"  # the owner of a lease whose destroy failed: whichever replica leads retries it
-
-
-def side_by_side(work: Callable[[Lease], T], leases: list[Lease], name: str) -> list[T]:
-    """``work`` for each lease, at most ``DESTROYS_AT_ONCE`` at a time, results in order: on
-    short-lived threads of its own (not the create pool, so it still runs while dynvm
-    stops); one lease is done on the calling thread."""
-    if len(leases) <= 1:
-        return [work(lease) for lease in leases]
-    with ThreadPoolExecutor(min(len(leases), DESTROYS_AT_ONCE), thread_name_prefix=name) as pool:
-        return list(pool.map(work, leases))
 
 
 @dataclass
@@ -230,7 +215,7 @@ class Releaser:
         """Destroy these leases' VMs side by side: releasing eight VMs, or reaping a hundred,
         takes about as long as the slowest destroy, not the sum."""
         outcome = ReleaseOutcome()
-        for one in side_by_side(lambda lease: self._destroy(settings, lease, final_state, reason), leases, "destroy"):
+        for one in self.ctx.side_by_side.map(lambda lease: self._destroy(settings, lease, final_state, reason), leases):
             outcome.add(one)
         return outcome
 

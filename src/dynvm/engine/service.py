@@ -240,3 +240,4 @@ class LeaseService:
         ctx.cancel.set()  # a build not started yet runs now, sees it, and rolls back what it reserved
         ctx.builders.shutdown(wait=True)
         ctx.creates.shutdown(wait=True, cancel_futures=True)
+        ctx.side_by_side.shutdown()  # last: the builds' roll-backs destroyed through it
