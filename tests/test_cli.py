@@ -138,6 +138,26 @@ def test_config_and_server_work_before_the_command_too(tmp_path: Path, monkeypat
     assert "cannot reach dynvm at http://127.0.0.1:2" in after.output
 
 
+def test_config_works_between_a_group_and_its_command(tmp_path: Path):
+    """``dynvm history --config X export`` is where people put it too: the group takes the
+    options its commands have, as the root does, and one given after the command wins."""
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    config = tmp_path / "dynvm.ini"
+    config.write_text(f"[common]\ndb.url={url}\n")
+    assert dynvm("token", "create", "alice", "--db", url).exit_code == 0
+    listed = dynvm("token", "--config", str(config), "list")
+    assert listed.exit_code == 0, listed.output
+    assert "alice" in listed.stdout
+    trace = tmp_path / "trace.csv"
+    exported = dynvm("history", "--config", str(config), "export", "--trace", str(trace))
+    assert exported.exit_code == 0, exported.output
+    assert trace.read_text().startswith("arrival_s,user,os,count,hold_s")
+    elsewhere = tmp_path / "other.ini"
+    elsewhere.write_text(f"[common]\ndb.url=sqlite:///{tmp_path / 'other.db'}\n")
+    after = dynvm("token", "--config", str(elsewhere), "list", "--config", str(config))  # after wins
+    assert "alice" in after.stdout
+
+
 def test_a_log_gets_a_line_when_the_request_moves_and_once_a_minute_else():
     now = [0.0]
     log = ProgressLog(clock=lambda: now[0])

@@ -49,9 +49,11 @@ def build_cli() -> typer.Typer:
     tokens.command("create")(token_create_command)
     tokens.command("list")(token_list_command)
     tokens.command("revoke")(token_revoke_command)
+    tokens.callback()(_group_options)
     app.add_typer(tokens, name="token")
     history = typer.Typer(help="dynvm's VM history.", no_args_is_help=True, rich_markup_mode=None)
     history.command("export", short_help="Export the history as a demand trace (CSV).")(history_export_command)
+    history.callback()(_group_options)
     app.add_typer(history, name="history")
     installation = typer.Typer(
         help="This database's installation: the id on every VM it makes.", no_args_is_help=True, rich_markup_mode=None
@@ -60,6 +62,7 @@ def build_cli() -> typer.Typer:
     installation.command("new", short_help="Make this database (a copy) an installation of its own.")(
         installation_new_command
     )
+    installation.callback()(_group_options)
     app.add_typer(installation, name="installation")
     image = typer.Typer(
         help="The tiny guest image for libvirt labs and tests.", no_args_is_help=True, rich_markup_mode=None
@@ -123,6 +126,22 @@ def _root(
     given = {name: value for name, value in (("server", server), ("config", config)) if value is not None}
     if given:
         ctx.default_map = _defaults_for(ctx.command, given)
+
+
+def _group_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="The .dynvmservice.ini, for the commands that read one.")
+    ] = None,
+) -> None:
+    """'dynvm history --config X export' = 'dynvm history export --config X', as at the
+    root: the value becomes the default of the group's commands (one given after the
+    command still wins; this one wins over one given before the group)."""
+    if config is None:
+        return
+    inherited = ctx.default_map or {}
+    mine = _defaults_for(ctx.command, {"config": config})
+    ctx.default_map = {name: {**inherited.get(name, {}), **values} for name, values in mine.items()}
 
 
 def _defaults_for(group: Any, given: dict[str, Any]) -> dict[str, Any]:
