@@ -54,8 +54,8 @@ def test_sqlite_writers_queue_in_the_process_and_leave_connections_to_readers(tm
     db.close()
 
 
-def _plans(db: Database, action: Callable[[], object]) -> list[list[str]]:
-    """The query plans of the statements on ``leases`` that ``action`` sends."""
+def _plans(db: Database, action: Callable[[], object], table: str = "leases") -> list[list[str]]:
+    """The query plans of the statements on ``table`` that ``action`` sends."""
     from sqlalchemy import event
 
     seen: list[tuple[str, object]] = []
@@ -73,7 +73,7 @@ def _plans(db: Database, action: Callable[[], object]) -> list[list[str]]:
         return [
             [row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()]
             for sql, params in seen
-            if "FROM leases" in sql
+            if f"FROM {table}" in sql
         ]
 
 
@@ -132,6 +132,23 @@ def test_the_forecasts_and_the_pools_reads_search_by_time(tmp_path: Path):
     assert made[0] == "SEARCH leases USING INDEX ix_leases_ready_at (ready_at>?)"
     assert ended[0] == "SEARCH leases USING INDEX ix_leases_state_released (state=? AND released_at>?)"
     assert pooled[0] == "SEARCH leases USING INDEX ix_leases_pooled_at (pooled_at>?)"
+    db.close()
+
+
+def test_the_queues_reads_by_time_search_by_time(tmp_path: Path):
+    """A finished request's row stays a week (its status stays readable). The scheduler's
+    fairness reads the requests started in its window on every pass while requests wait,
+    and the dashboard the requests finished in the last day: through an index on those
+    times, not through a week of requests."""
+    from dynvm.store.requests import RequestStore
+
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    db.migrate()
+    store = RequestStore(db)
+    [started] = _plans(db, lambda: store.started_since(1000.0), table="requests")
+    [finished] = _plans(db, lambda: store.finished_since(1000.0), table="requests")
+    assert started[0] == "SEARCH requests USING INDEX ix_requests_started_at (started_at>?)"
+    assert finished[0] == "SEARCH requests USING INDEX ix_requests_finished_at (finished_at>?)"
     db.close()
 
 

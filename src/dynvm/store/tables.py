@@ -226,6 +226,8 @@ requests = Table(
     Column("eta_first", Float),
     Column("vms", JSON, nullable=False),
     Index("ix_requests_state_created", "state", "created_at"),
+    Index("ix_requests_started_at", "started_at"),  # the scheduler's fairness window
+    Index("ix_requests_finished_at", "finished_at"),  # the dashboard's and stats' last day
     CheckConstraint(_in(RequestState), name="ck_requests_state"),
 )
 
