@@ -130,11 +130,9 @@ class Admission:
         refused: Iterable[tuple[str, str]] = (),
     ) -> placement.Placement | None:
         """Where one VM goes, inside the locked transaction; None when nowhere has room."""
-        candidates = self._locked_candidates(settings, reserved, os, cpus, memory, only, exclude, refused)
-        if placement.available(candidates) < 1:
-            return None
-        [choice] = placement.place(1, os, candidates)
-        return choice
+        return placement.Spread(
+            self._locked_candidates(settings, reserved, os, cpus, memory, only, exclude, refused)
+        ).take()
 
     def reserve(
         self,
