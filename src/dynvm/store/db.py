@@ -13,17 +13,19 @@ same guarantee from row locks (``host_locks``, ``FOR UPDATE``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql import ClauseElement
 
 from .group_commit import GroupCommit
+from .prepared import Outcome, Prepared, execute, execute_many
 
 if TYPE_CHECKING:
     import sqlite3
@@ -58,6 +60,26 @@ class Database:
         # what was committed when it began, in a transaction or not, so a read transaction
         # gave nothing but two more round trips. SQLite's read transaction is one snapshot.
         self._reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._prepared: dict[tuple[ClauseElement, tuple[str, ...]], Prepared] = {}
+
+    def prepare(self, statement: ClauseElement, column_keys: tuple[str, ...] = ()) -> Prepared:
+        """``statement`` compiled for this database, once (``prepared.py``): only for
+        statements built once, which live as long as the process."""
+        key = (statement, column_keys)
+        known = self._prepared.get(key)
+        if known is None:
+            known = self._prepared[key] = Prepared(statement, self.engine.dialect, column_keys)
+        return known
+
+    def run(self, conn: Connection, statement: ClauseElement, values: Mapping[str, Any] | None = None) -> Outcome:
+        """Execute a statement built once, in ``conn``'s transaction, straight through the
+        driver (``prepared.py``)."""
+        return execute(self.prepare(statement), conn, values or {})
+
+    def run_many(self, conn: Connection, statement: ClauseElement, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert ``rows`` (each with the same columns) with an INSERT built once."""
+        if rows:
+            execute_many(self.prepare(statement, tuple(rows[0])), conn, rows)
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (run at every start; cheap when current)."""

@@ -211,8 +211,8 @@ class HistoryStore:
 
     def get(self, vm_uuid: str, conn: Connection | None = None) -> dict[str, Any] | None:
         with self.db.reading(conn) as reading:
-            row = reading.execute(_document_statement(), {"vm_uuid": vm_uuid}).first()
-        return dict(row.document) if row else None
+            row = self.db.run(reading, _document_statement(), {"vm_uuid": vm_uuid}).first()
+        return dict(row[0]) if row else None
 
     def all(self, created_since: float | None = None) -> list[dict[str, Any]]:
         """Every document (``created_since``: of the VMs created then or later, read through
@@ -227,7 +227,7 @@ class HistoryStore:
         values = {"vm_uuid": vm_uuid, "document": document, "updated_at": self.clock(), "exported": False}
         bound = {f"b_{column}": value for column, value in (values | indexed(document)).items()}
         with self.db.writing(conn) as writing:
-            writing.execute(_save_statement(self.db.is_sqlite), bound)
+            self.db.run(writing, _save_statement(self.db.is_sqlite), bound)
 
     def query(
         self,

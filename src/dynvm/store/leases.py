@@ -15,10 +15,10 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, false, func, insert, select, true, update
+from sqlalchemy import Connection, Table, bindparam, delete, false, func, insert, select, true, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql import Delete, Select, Update
+from sqlalchemy.sql import Delete, Insert, Select, Update
 from sqlalchemy.sql.elements import BindParameter
 
 from ..model import CreatedVm, Lease, NameInUse
@@ -114,6 +114,12 @@ def _held_by_others_statement(anonymous: bool) -> Select[tuple[object, ...]]:
 def _lock_hosts_statement() -> Select[tuple[object, ...]]:
     where = host_locks.c.ref.in_(_ids("refs"))
     return select(host_locks.c.ref).where(where).order_by(host_locks.c.ref).with_for_update()
+
+
+@functools.cache
+def _insert_statement(table: Table) -> Insert:
+    """An insert of whole rows (their columns: ``Database.run_many``)."""
+    return insert(table)
 
 
 @functools.cache
@@ -313,18 +319,20 @@ class LeaseStore:
 
     def count_in_state(self, state: LeaseState) -> int:
         with self.db.read() as conn:
-            return conn.execute(_count_in_state_statement(), {"state": state.value}).scalar_one()
+            return int(self.db.run(conn, _count_in_state_statement(), {"state": state.value}).scalar_one())
 
     def _rows(
         self, statement: Select[tuple[object, ...]], values: dict[str, Any], conn: Connection | None
     ) -> list[Lease]:
+        """Leases by a statement built once (``prepared.py``)."""
         with self.db.reading(conn) as reading:
-            return [_lease(row) for row in reading.execute(statement, values)]
+            return [_lease(row) for row in self.db.run(reading, statement, values)]
 
     def _select(self, where: object, conn: Connection | None = None) -> list[Lease]:
         """Leases by a condition built for each call (the paths that are not hot)."""
         query = select(leases).where(where).order_by(leases.c.name)  # type: ignore[arg-type]  # a where clause is built by the callers as a SQLAlchemy expression
-        return self._rows(query, {}, conn)
+        with self.db.reading(conn) as reading:
+            return [_lease(row) for row in reading.execute(query)]
 
     def made_since(self, since: float, limit: int = 2000) -> list[tuple[str, str, float, float]]:
         """(id, os, ready_at, create_seconds) of the leases whose VM was made at ``since``
@@ -358,7 +366,7 @@ class LeaseStore:
 
     def pending_reservations(self, conn: Connection) -> list[dict[str, object]]:
         """Reservations of creates still in flight, with the lease they belong to."""
-        return [dict(row._mapping) for row in conn.execute(_reservations_statement())]
+        return self.db.run(conn, _reservations_statement()).mappings()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -375,13 +383,13 @@ class LeaseStore:
         serialises writers for the whole database instead, so there is nothing to take."""
         if not refs or self.db.is_sqlite:
             return
-        locked = {ref for (ref,) in conn.execute(_lock_hosts_statement(), {"refs": list(refs)})}
+        locked = {ref for (ref,) in self.db.run(conn, _lock_hosts_statement(), {"refs": list(refs)})}
         missing = sorted(set(refs) - locked)  # a host's first reservation (or a restored database)
         if missing:
             conn.execute(
                 postgresql.insert(host_locks).values([{"ref": ref} for ref in missing]).on_conflict_do_nothing()
             )
-            conn.execute(_lock_hosts_statement(), {"refs": missing})
+            self.db.run(conn, _lock_hosts_statement(), {"refs": missing})
 
     def insert(self, conn: Connection, new: Sequence[Lease], reserve_memory: Sequence[int] | None = None) -> None:
         """Insert leases in state ``creating`` with their reservations; a name already held
@@ -392,10 +400,13 @@ class LeaseStore:
             LEASES.check_born(lease.state)
         reserve = list(reserve_memory) if reserve_memory is not None else [lease.memory for lease in new]
         try:
-            conn.execute(insert(leases), [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new])
+            self.db.run_many(
+                conn, _insert_statement(leases), [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new]
+            )
         except IntegrityError:
             raise NameInUse("a VM name of this request is already in use by another lease") from None
-        conn.execute(insert(reservations), [reservation_row(lease, m) for lease, m in zip(new, reserve, strict=True)])
+        rows = [reservation_row(lease, m) for lease, m in zip(new, reserve, strict=True)]
+        self.db.run_many(conn, _insert_statement(reservations), rows)
 
     def mark_ready(
         self,
@@ -427,10 +438,10 @@ class LeaseStore:
         with self.db.writing(conn) as writing:
             statement = _mark_ready_statement(pooled_until is not None)
             values |= {"pooled_until": pooled_until} if pooled_until is not None else {}
-            row = writing.execute(statement, {"b_id": lease_id, "expect_owner": owner, **values}).first()
+            row = self.db.run(writing, statement, {"b_id": lease_id, "expect_owner": owner, **values}).first()
             if row is None:
                 return None
-            writing.execute(_free_statement(), {"ids": [lease_id]})
+            self.db.run(writing, _free_statement(), {"ids": [lease_id]})
             return _lease(row)
 
     def finish(
@@ -451,8 +462,8 @@ class LeaseStore:
             return []
         with self.db.writing(conn) as writing:
             values = {"ids": list(lease_ids), "sources": list(sources), "b_state": state, "now": now, "b_error": error}
-            ended = [_lease(row) for row in writing.execute(_finish_statement(), values)]
-            writing.execute(_free_statement(), {"ids": list(lease_ids)})
+            ended = [_lease(row) for row in self.db.run(writing, _finish_statement(), values)]
+            self.db.run(writing, _free_statement(), {"ids": list(lease_ids)})
             return ended
 
     def set_state(
@@ -481,7 +492,7 @@ class LeaseStore:
         values |= {"expect_owner": expect_owner} if expect_owner is not None else {}
         values |= {"b_owner": owner} if owner else {}
         with self.db.write() as conn:
-            return [lease_id for (lease_id,) in conn.execute(statement, values)]
+            return [lease_id for (lease_id,) in self.db.run(conn, statement, values)]
 
     def set_owner(self, lease_id: str, owner: str) -> None:
         with self.db.write() as conn:
@@ -493,7 +504,7 @@ class LeaseStore:
         or none: None unless every one of them is still ready and not handed over yet; the
         caller must then roll its transaction back, which undoes what moved. Returned in the
         order of ``lease_ids`` (the order of the answer)."""
-        rows = conn.execute(_hand_over_statement(), {"ids": list(lease_ids), "now": now}).all()
+        rows = self.db.run(conn, _hand_over_statement(), {"ids": list(lease_ids), "now": now}).rows
         if len(rows) != len(set(lease_ids)):
             return None  # the caller's transaction rolls back what did move
         found = {lease.id: lease for lease in map(_lease, rows)}
@@ -515,7 +526,7 @@ class LeaseStore:
             "v_expires_at": lease.created_at + new.lifetime,
         }
         try:
-            done = conn.execute(_take_pooled_statement(), values)
+            done = self.db.run(conn, _take_pooled_statement(), values)
         except IntegrityError:
             raise NameInUse(f"{new.name} is already in use by another lease") from None
         return done.rowcount == 1

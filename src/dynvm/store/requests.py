@@ -18,12 +18,12 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, delete, false, func, select, update
+from sqlalchemy import Connection, bindparam, delete, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Insert, Select, Update
 
@@ -138,8 +138,8 @@ def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def _record(row: Any) -> RequestRecord:
-    values = dict(row._mapping)
+def _record(row: Mapping[str, Any]) -> RequestRecord:
+    values = dict(row)
     values["vms"] = list(values.get("vms") or [])
     values["cancel_requested"] = bool(values.get("cancel_requested"))
     values["state"] = RequestState(values["state"])
@@ -196,14 +196,15 @@ class RequestStore:
 
     def get(self, request_id: str, conn: Connection | None = None) -> RequestRecord | None:
         with self.db.reading(conn) as reading:
-            row = reading.execute(_get_statement(), {"id": request_id}).first()
-        return _record(row) if row is not None else None
+            rows = self.db.run(reading, _get_statement(), {"id": request_id}).mappings()
+        return _record(rows[0]) if rows else None
 
     def in_state(self, *states: str, conn: Connection | None = None) -> list[RequestRecord]:
         """The requests in these states, oldest first (``conn``: inside the caller's
         transaction)."""
         with self.db.reading(conn) as reading:
-            return [_record(row) for row in reading.execute(_in_state_statement(), {"states": list(states)})]
+            found = self.db.run(reading, _in_state_statement(), {"states": list(states)})
+            return [_record(row) for row in found.mappings()]
 
     def started_since(self, since: float) -> list[tuple[str, float]]:
         """(user, started_at) of every request that got room since ``since``: what the
@@ -219,7 +220,7 @@ class RequestStore:
         what the dashboard's time-to-VM and failures are counted from."""
         query = select(requests).where(requests.c.finished_at >= since).order_by(requests.c.finished_at)
         with self.db.read() as conn:
-            return [_record(row) for row in conn.execute(query)]
+            return [_record(dict(row._mapping)) for row in conn.execute(query)]
 
     # -- writing -----------------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class RequestStore:
         REQUESTS.check_born(record.state)
         values = {f"b_{k}": getattr(record, k) for k in requests.columns.keys()}  # noqa: SIM118 - a ColumnCollection
         with self.db.writing(conn) as writing:
-            return bool(writing.execute(_ensure_statement(self.db.is_sqlite), values).rowcount == 1)
+            return self.db.run(writing, _ensure_statement(self.db.is_sqlite), values).rowcount == 1
 
     def transition(
         self,
@@ -281,7 +282,7 @@ class RequestStore:
         conn: Connection | None,
         values: dict[str, Any],
         whole: bool,
-    ) -> Row[Any] | None:
+    ) -> dict[str, Any] | None:
         """The one UPDATE of every move: the row it moved (``whole``: every column, else
         the id), None when it did not move."""
         sources = REQUESTS.check(from_states, to, by)
@@ -296,7 +297,8 @@ class RequestStore:
         statement = _transition_statement(fields, to == RequestState.READY, whole)
         bound = {f"b_{f}": values[f] for f in fields} | {"b_id": request_id, "sources": list(sources)}
         with self.db.writing(conn) as writing:
-            return writing.execute(statement, bound).first()
+            rows = self.db.run(writing, statement, bound).mappings()
+            return rows[0] if rows else None
 
     def end_cancelled(self, request_id: str, from_states: Iterable[RequestState], why: str, *, by: Actor) -> bool:
         """End the request ``cancelled`` (answered as a 409 saying ``why``)."""
@@ -328,7 +330,7 @@ class RequestStore:
         """Write a request's VMs' progress whole (``conn``: inside the caller's transaction,
         whose commit the caller awaits before anyone is told)."""
         with self.db.writing(conn) as writing:
-            writing.execute(_set_vms_statement(), {"b_id": request_id, "b_vms": vms})
+            self.db.run(writing, _set_vms_statement(), {"b_id": request_id, "b_vms": vms})
         if conn is None:  # committed here: tell the waiters
             self.notify(request_id)
 
