@@ -222,3 +222,24 @@ def test_each_writer_after_the_first_is_a_savepoint_of_the_batch(db: Database):
         "RELEASE dynvm_writer",
         "COMMIT",
     ]
+
+
+def test_a_read_sends_sqlite_no_transaction_of_its_own_and_still_sees_what_was_committed(db: Database):
+    """A read's BEGIN and COMMIT bought nothing (each statement reads its own snapshot, as
+    on PostgreSQL) and cost two calls a read."""
+    statements = traced(db)
+    with db.read() as conn:
+        before = conn.execute(text("SELECT count(*) FROM rows")).scalar_one()
+    with db.write() as conn:
+        conn.execute(text("INSERT INTO rows VALUES ('seen')"))
+    with db.read() as conn:
+        after = conn.execute(text("SELECT count(*) FROM rows")).scalar_one()
+    assert after == before + 1
+    read = [s for s in statements if not s.startswith("PRAGMA")]
+    assert read == [
+        "SELECT count(*) FROM rows",
+        "BEGIN IMMEDIATE",
+        "INSERT INTO rows VALUES ('seen')",
+        "COMMIT",
+        "SELECT count(*) FROM rows",
+    ]

@@ -56,10 +56,16 @@ class Database:
             self._group = GroupCommit(self.engine)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-        # PostgreSQL reads without BEGIN and COMMIT: under READ COMMITTED each statement sees
-        # what was committed when it began, in a transaction or not, so a read transaction
-        # gave nothing but two more round trips. SQLite's read transaction is one snapshot.
-        self._reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Reads run without BEGIN and COMMIT. On PostgreSQL, under READ COMMITTED each
+        # statement sees what was committed when it began, in a transaction or not, so a
+        # read transaction gave nothing but two more round trips. SQLite then reads each
+        # statement from its own snapshot, as PostgreSQL does; no caller relies on more
+        # (the engine runs on both). SQLite's is an option of ours (``_begin``):
+        # SQLAlchemy's AUTOCOMMIT would hand pysqlite its own transaction handling back.
+        if self.is_sqlite:
+            self._reader = self.engine.execution_options(dynvm_read=True)
+        else:
+            self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._prepared: dict[tuple[ClauseElement, tuple[str, ...]], Prepared] = {}
 
     def prepare(self, statement: ClauseElement, column_keys: tuple[str, ...] = ()) -> Prepared:
@@ -186,7 +192,10 @@ def _sqlite_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        immediate = connection.get_execution_options().get("dynvm_immediate", False)
+        options = connection.get_execution_options()
+        if options.get("dynvm_read", False):
+            return  # each read statement its own snapshot (``Database.read``); COMMIT is then a no-op
+        immediate = options.get("dynvm_immediate", False)
         # straight to the driver: through SQLAlchemy's execution a BEGIN cost as much as
         # one of the engine's statements, on every transaction
         driver = cast("sqlite3.Connection", connection.connection.driver_connection)
