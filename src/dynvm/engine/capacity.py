@@ -46,8 +46,9 @@ class Capacity:
     ) -> list[placement.Candidate]:
         """Where a VM of ``os`` (``cpus``/``memory``: as asked, None: its template's) could
         go, host by host (``only``: on that host), counting ``reserved`` as taken.
-        ``rooms``: every host's room as ``rooms`` weighed it with the same ``reserved``
-        (copied here; a look at every OS weighs each host once)."""
+        ``rooms``: every host's room as ``rooms`` weighed it with the same ``reserved``,
+        shared, not copied (a look at every OS weighs each host once): the caller only
+        reads them, or copies one before it changes it (``ReadyStock.give_back_idle``)."""
         out = []
         by_host = reservations_by_host(reserved) if rooms is None else {}
         for host in settings.hosts:
@@ -57,8 +58,7 @@ class Capacity:
             if need is None:
                 continue
             if rooms is not None:
-                weighed = rooms.get(host.ref)
-                room = weighed.copy() if weighed is not None else None
+                room = rooms.get(host.ref)
             else:
                 room = self.provider.room(host, settings.common.cpu_overcommit, by_host.get(host.ref, []))
             if room is not None:

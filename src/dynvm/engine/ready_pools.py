@@ -189,7 +189,7 @@ class ReadyPools:
         for os in oses:
             candidates = self.capacity.candidates(settings, os, None, None, reserved, rooms=rooms)
             mine = {lease.id for lease in ready if lease.os == os}
-            self.stock.give_back_idle(candidates, exclude=mine, pooled=ready)
+            candidates = self.stock.give_back_idle(candidates, exclude=mine, pooled=ready)
             out[os] = len(mine) + placement.available(candidates)
         return out
 

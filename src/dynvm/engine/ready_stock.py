@@ -5,6 +5,7 @@ sizing the pools is ``ready_pools.py``'s; taking one is ``admission.py``'s trans
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 
@@ -102,11 +103,20 @@ class ReadyStock:
 
     def give_back_idle(
         self, candidates: list[placement.Candidate], exclude: set[str], pooled: list[Lease] | None = None
-    ) -> None:
-        """Count the room of every ready VM no request has (but ``exclude``) as free in
-        ``candidates``: what a request could have once they make way. ``pooled``: the pools
-        as already read."""
-        by_host = {c.host.ref: c for c in candidates}
+    ) -> list[placement.Candidate]:
+        """``candidates`` with the room of every ready VM no request has (but ``exclude``)
+        counted as free: what a request could have once they make way. ``pooled``: the
+        pools as already read. The rooms given are never changed: a host that gets room
+        back gets a copy of its own, the others keep theirs (shared rooms cost nothing)."""
+        by_host = {c.host.ref: n for n, c in enumerate(candidates)}
+        out = list(candidates)
+        copied: set[int] = set()
         for lease in self.leases.pooled() if pooled is None else pooled:
-            if lease.state == LeaseState.READY and lease.id not in exclude and lease.host_ref in by_host:
-                give_back(by_host[lease.host_ref].room, lease)
+            n = by_host.get(lease.host_ref)
+            if n is None or lease.state != LeaseState.READY or lease.id in exclude:
+                continue
+            if n not in copied:
+                out[n] = dataclasses.replace(out[n], room=out[n].room.copy())
+                copied.add(n)
+            give_back(out[n].room, lease)
+        return out

@@ -194,7 +194,7 @@ class LeaseService:
         self.capacity.check_os(settings, os)
         candidates = self.capacity.candidates(settings, os, None, None, self.capacity.reserved_now())
         ready = self.stock.idle(settings, os)
-        self.stock.give_back_idle(candidates, exclude={lease.id for lease in ready})
+        candidates = self.stock.give_back_idle(candidates, exclude={lease.id for lease in ready})
         return len(ready) + placement.available(candidates)
 
     def host_statuses(self) -> dict[str, HostStatus]:
