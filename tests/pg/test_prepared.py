@@ -146,3 +146,35 @@ def test_a_lost_postgresql_link_invalidates_the_connection(fresh_pg: str):
     with db.read() as conn:  # the pool hands out a working connection again
         assert db.run(conn, BY_IDS, {"ids": ["id1"]}).rows == []
     db.close()
+
+
+def test_a_reservation_ends_with_its_create_and_only_then_on_either_database(db: Database):
+    """On PostgreSQL the move and the end of its reservation are one statement
+    (``_mark_ready_and_free_statement``, ``_finish_and_free_statement``); on SQLite two.
+    Either way: a VM made by its owner frees its lease's room held in ``reservations``; a
+    stale owner's changes nothing and frees nothing; an end frees what is left."""
+    from dynvm.model import CreatedVm
+    from dynvm.states import Actor, LeaseState
+    from dynvm.store.leases import LeaseStore
+
+    from .test_replicas import lease
+
+    store = LeaseStore(db)
+    made, failed = lease("made"), lease("failed")
+    with db.write() as conn:
+        store.insert(conn, [made, failed])
+
+    def reserved() -> set[str]:
+        with db.read() as conn:
+            return {str(row["lease_id"]) for row in store.pending_reservations(conn)}
+
+    vm = CreatedVm(uuid="u-made", ref="OpaqueRef:m", name="made", ip="127.0.0.9", cpus=4, memory=1 << 30)
+    assert store.mark_ready(made.id, vm, 5.0, owner="someone else") is None
+    assert reserved() == {made.id, failed.id}
+    ready = store.mark_ready(made.id, vm, 5.0, owner=made.owner)
+    assert ready is not None
+    assert (ready.state, ready.ip, ready.ready_at) == (LeaseState.READY, "127.0.0.9", 5.0)
+    assert reserved() == {failed.id}
+    [ended] = store.finish([failed.id], LeaseState.FAILED, 6.0, "no room", by=Actor.BUILDER)
+    assert (ended.id, ended.state, ended.released_at, ended.error) == (failed.id, LeaseState.FAILED, 6.0, "no room")
+    assert reserved() == set()

@@ -157,6 +157,24 @@ def _free_statement() -> Delete:
 
 
 @functools.cache
+def _finish_and_free_statement() -> Select[tuple[object, ...]]:
+    """PostgreSQL: ``_finish_statement`` and ``_free_statement`` in one round trip (a
+    statement in WITH may change rows; both run on one snapshot, and touch different
+    tables)."""
+    ended = _finish_statement().cte("ended")
+    return select(ended).add_cte(_free_statement().cte("freed"))
+
+
+@functools.cache
+def _mark_ready_and_free_statement(pooled: bool) -> Select[tuple[object, ...]]:
+    """PostgreSQL: ``_mark_ready_statement`` and, if the lease turned ready, the end of its
+    reservation, in one round trip."""
+    made = _mark_ready_statement(pooled).cte("made")
+    freed = delete(reservations).where(reservations.c.lease_id.in_(select(made.c.id))).cte("freed")
+    return select(made).add_cte(freed)
+
+
+@functools.cache
 def _mark_ready_statement(pooled: bool) -> Update:
     """``pooled``: a ready-pool VM, which joins its pool in the same statement."""
     where = (leases.c.id == bindparam("b_id")) & (leases.c.state == LeaseState.CREATING)
@@ -435,10 +453,13 @@ class LeaseStore:
             "now": now,
             "seconds": vm.create_seconds,
         }
+        pooled = pooled_until is not None
+        values |= {"b_id": lease_id, "expect_owner": owner} | ({"pooled_until": pooled_until} if pooled else {})
         with self.db.writing(conn) as writing:
-            statement = _mark_ready_statement(pooled_until is not None)
-            values |= {"pooled_until": pooled_until} if pooled_until is not None else {}
-            row = self.db.run(writing, statement, {"b_id": lease_id, "expect_owner": owner, **values}).first()
+            if not self.db.is_sqlite:  # one round trip
+                row = self.db.run(writing, _mark_ready_and_free_statement(pooled), values).first()
+                return _lease(row) if row is not None else None
+            row = self.db.run(writing, _mark_ready_statement(pooled), values).first()
             if row is None:
                 return None
             self.db.run(writing, _free_statement(), {"ids": [lease_id]})
@@ -462,6 +483,8 @@ class LeaseStore:
             return []
         with self.db.writing(conn) as writing:
             values = {"ids": list(lease_ids), "sources": list(sources), "b_state": state, "now": now, "b_error": error}
+            if not self.db.is_sqlite:  # one round trip
+                return [_lease(row) for row in self.db.run(writing, _finish_and_free_statement(), values)]
             ended = [_lease(row) for row in self.db.run(writing, _finish_statement(), values)]
             self.db.run(writing, _free_statement(), {"ids": list(lease_ids)})
             return ended
