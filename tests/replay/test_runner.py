@@ -134,3 +134,31 @@ def test_a_batch_takes_the_ready_vms_there_are_and_makes_the_rest_cold():
     assert result["warm_vm_pct"] == pytest.approx(100 / 3, abs=0.1)  # one of three came warm
     assert result["warm_requests"] == 0  # the request waited for its slowest VM
     assert result["ttv_p95_s"] == 65.0
+
+
+def test_a_pool_at_its_target_skips_the_pass_and_one_below_it_does_not(monkeypatch: pytest.MonkeyPatch):
+    """Requests for an OS without a pool, and their releases, change nothing a pools pass
+    would do while the pool holds its target: the replay counts the pools' stock
+    (``LeaseStore.pool_stock``) instead of running the pass. A request that takes the
+    pool's VM leaves it below its target, and the next pass refills it."""
+    from dynvm.engine.ready_pools import ReadyPools
+
+    passes: list[float] = []
+    tick = ReadyPools.tick
+
+    def counted(self: ReadyPools) -> object:
+        passes.append(self.ctx.clock())
+        return tick(self)
+
+    monkeypatch.setattr(ReadyPools, "tick", counted)
+    week = [
+        Demand(600.0, "d1", "debian", 1, 60),
+        Demand(900.0, "d2", "debian", 1, 60),
+        Demand(1200.0, "c1", "centos", 1, 60),
+        Demand(1800.0, "c2", "centos", 1, 60),
+    ]
+    result = Replay(week, ReplayOptions(hosts=2, policy="fixed", fixed={"centos": 1})).run().summary()
+    # the first fill, and a refill after each centos request took the VM (the arrival and
+    # the pass fall on the same second); none for the debian requests and their releases
+    assert passes == [0.0, 1200.0, 1800.0]
+    assert (result["requests"], result["warm_requests"]) == (4, 2)  # c1 and c2 found one ready

@@ -108,6 +108,7 @@ def test_the_hot_reads_of_active_leases_search_only_the_active_ones(tmp_path: Pa
         "idle_pooled": lambda: store.idle_pooled("centos"),
         "held_by_others (anonymous)": lambda: store.held_by_others(None, "c"),
         "held_by_others": lambda: store.held_by_others("bob", "c"),
+        "pool_stock": store.pool_stock,
     }
     active_only = {"uq_leases_active_name", "ix_leases_active_pooled_os"}
     for what, read in reads.items():

@@ -8,7 +8,8 @@ or waits in the queue up to ``wait_minutes``), VMs are released after their hold
 ``TICK_SECONDS`` the pools' pass runs (and the scheduler's, when requests wait). A pass is
 skipped when nothing happened since the last one (no arrival, release or finished create)
 and learned sizing would not compute its targets again: it would do what the last one did,
-which is nothing (``tests/replay`` checks that skipping changes no figure).
+which is nothing; nor when every pool holds exactly its target, no request waits and
+the targets hold (``_at_targets``). ``tests/replay`` checks that skipping changes no figure.
 
 Time to VM: a request served whole from a ready pool counts the handout as measured (wall
 time, in seconds); one with any VM made for it counts the create time; one that waited
@@ -269,7 +270,8 @@ class Replay:
 
     def _tick(self) -> None:
         pools = self.service.ready_pools
-        idle = not self._changed and not self._waiting and not pools.targets_due(self.service.settings)
+        settings = self.service.settings
+        idle = not self._waiting and not pools.targets_due(settings) and (not self._changed or self._at_targets())
         if idle and self.skip_idle_passes:
             return
         self._changed = False
@@ -278,6 +280,14 @@ class Replay:
             self._settle()  # the refills have begun and wait for the clock
         if self._waiting:
             self._serve_queue()
+
+    def _at_targets(self) -> bool:
+        """Every pool holds exactly its target (made or being made): a pass would then
+        recycle nothing (none over target; in a replay none expires, stops or loses its
+        host) and refill nothing, whatever happened since the last. One count, where a
+        pass reads every pool VM."""
+        targets = {os: n for os, n in self.service.ready_pools.targets(self.service.settings).items() if n > 0}
+        return self.service.lease_store.pool_stock() == targets
 
     def _settle(self) -> None:
         """Refills and grants are made by the engine's builder threads: let them finish

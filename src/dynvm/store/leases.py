@@ -15,10 +15,10 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, false, func, insert, select, true, update
+from sqlalchemy import Connection, Table, bindparam, delete, false, func, insert, literal_column, select, true, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql import Delete, Insert, Select, Update
+from sqlalchemy.sql import ColumnElement, Delete, Insert, Select, Update
 from sqlalchemy.sql.elements import BindParameter
 
 from ..model import CreatedVm, Lease, NameInUse
@@ -90,6 +90,14 @@ def _idle_pooled_statement() -> Select[tuple[object, ...]]:
         & (leases.c.os == bindparam("os"))
     )
     return select(leases).where(where).order_by(leases.c.name)
+
+
+@functools.cache
+def _pool_stock_statement() -> Select[tuple[str, int]]:
+    stock_states = (LeaseState.CREATING, LeaseState.READY)
+    stocked: list[ColumnElement[str]] = [literal_column(f"'{state.value}'") for state in stock_states]
+    where = active_lease() & (leases.c.pooled == true()) & leases.c.state.in_(stocked)
+    return select(leases.c.os, func.count()).where(where).group_by(leases.c.os)
 
 
 @functools.cache
@@ -262,6 +270,12 @@ class LeaseStore:
     def ever_pooled(self) -> list[Lease]:
         """Every lease that was made as a ready-pool VM, in any state, handed out or not."""
         return self._select((leases.c.pooled == true()) | leases.c.pooled_at.is_not(None))
+
+    def pool_stock(self) -> dict[str, int]:
+        """Per OS, the ready pools' VMs being made or ready (what a pools pass counts as
+        its stock), counted by the database: no OS without one."""
+        with self.db.read() as conn:
+            return {os: int(n) for os, n in self.db.run(conn, _pool_stock_statement())}
 
     def pool_counts(self, since: float) -> dict[str, tuple[int, int]]:
         """Per OS, since ``since``: ready-pool VMs handed out to a request, and those that
