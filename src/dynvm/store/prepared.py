@@ -20,9 +20,10 @@ life of its ``Database``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -171,21 +172,10 @@ def execute(prepared: Prepared, conn: Connection, values: Mapping[str, Any]) -> 
         rows = [tuple(row) for row in result] if result.returns_rows else []
         return Outcome(rows, result.rowcount, prepared.columns)
     sql, parameters = prepared.bind(values)
-    if not conn.in_transaction():
-        conn.begin()
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    cursor = driver.cursor()
-    try:
-        for listener in conn.dispatch.before_cursor_execute:
-            listener(conn, cursor, sql, parameters, None, False)
+    with _driver_cursor(conn, sql, parameters, many=False) as cursor:
         cursor.execute(sql, parameters)
         rows = cursor.fetchall() if cursor.description is not None else []
         return Outcome(prepared.convert(rows, cursor.description), cursor.rowcount, prepared.columns)
-    except conn.dialect.loaded_dbapi.Error as error:
-        raise _as_sqlalchemy_error(conn, cursor, error, sql, parameters) from error
-    finally:
-        cursor.close()
 
 
 def execute_many(prepared: Prepared, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -194,6 +184,14 @@ def execute_many(prepared: Prepared, conn: Connection, rows: Sequence[Mapping[st
     if not rows:
         return
     parameters = [prepared.bind(row)[1] for row in rows]
+    with _driver_cursor(conn, prepared.sql, parameters, many=True) as cursor:
+        cursor.executemany(prepared.sql, parameters)
+
+
+@contextlib.contextmanager
+def _driver_cursor(conn: Connection, sql: str, parameters: Any, many: bool) -> Iterator[Any]:
+    """A cursor of ``conn``'s driver connection, in its transaction, once the statement
+    listeners have seen what it will run; the driver's errors raised as SQLAlchemy's."""
     if not conn.in_transaction():
         conn.begin()
     driver = conn.connection.driver_connection
@@ -201,10 +199,10 @@ def execute_many(prepared: Prepared, conn: Connection, rows: Sequence[Mapping[st
     cursor = driver.cursor()
     try:
         for listener in conn.dispatch.before_cursor_execute:
-            listener(conn, cursor, prepared.sql, parameters, None, True)
-        cursor.executemany(prepared.sql, parameters)
+            listener(conn, cursor, sql, parameters, None, many)
+        yield cursor
     except conn.dialect.loaded_dbapi.Error as error:
-        raise _as_sqlalchemy_error(conn, cursor, error, prepared.sql, parameters) from error
+        raise _as_sqlalchemy_error(conn, cursor, error, sql, parameters) from error
     finally:
         cursor.close()
 
