@@ -4,6 +4,7 @@ real ``dynvm serve`` process and a simulated lab over real sockets."""
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -267,3 +268,38 @@ def test_the_ready_pools_and_a_long_failure_fit_at_1280_and_on_a_phone(dashboard
         assert scroll <= box  # every column shows: nothing hidden to the right
         assert page.evaluate("document.documentElement.scrollWidth") <= width  # 469 on a phone before
         assert lab.errors == []
+
+
+def test_what_was_asked_with_a_token_is_never_shown_once_signed_out(dashboard):
+    """A refresh asked with alice's token, answered after she signed out, is dropped: the
+    page shows nothing without a token, however late the answers come."""
+    lab = dashboard(auth=True)
+    alice = lab.token("alice")
+    lab.lease("alices-vm", token=alice)
+    page = lab.page
+    held: list[object] = []
+    holding = [False]
+
+    def hold_alices(route, request):  # type: ignore[no-untyped-def]
+        if holding[0] and request.headers.get("authorization") == f"Bearer {alice}":
+            held.append(route)  # answered only once she has signed out
+        else:
+            route.continue_()
+
+    page.route("**/api/v1/**", hold_alices)
+    page.goto(lab.url)
+    expect(page.get_by_role("dialog")).to_be_visible(timeout=LOAD_MS)
+    page.get_by_label("API token").fill(alice)
+    page.get_by_role("button", name="Use token").click()
+    expect(page.locator("#lease-table tbody tr", has_text="alices-vm")).to_be_visible(timeout=LIVE_MS)
+    holding[0] = True
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(100)  # the next refresh is asked, and held
+    assert held
+    page.get_by_role("button", name="Sign out").click()
+    holding[0] = False
+    for route in held:
+        route.continue_()  # type: ignore[attr-defined]
+    page.wait_for_timeout(LIVE_MS)
+    expect(page.locator("#lease-table tbody tr")).to_have_count(0)

@@ -486,12 +486,18 @@
     }
     polling = true;
     state.again = false;
+    const asked = token();
     try {
       const [overview, leases, queue] = await Promise.all([
         api("/api/v1/dashboard/overview"),
         api(leasesPath()),
         api("/api/v1/dashboard/queue"),
       ]);
+      if (token() !== asked) {
+        // signed out (or in as someone else) while it was asked: what the old token may see is never shown
+        state.again = true;
+        return;
+      }
       state.offset = overview.time - Date.now() / 1000;
       renderOverview(overview);
       renderLeases(leases);
