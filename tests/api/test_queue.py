@@ -114,3 +114,27 @@ def test_a_cancel_of_a_ready_request_is_a_409(serve):
     refused = service.http.delete(location)
     assert refused.status_code == 409
     assert "release them instead" in refused.json()["detail"]
+
+
+def test_the_eta_error_in_the_queues_headers_is_the_dashboards_to_the_digit(serve):
+    """A large error (an ETA from an expiry hours ahead, met by an early release) lost its
+    last digits in the header (six significant ones): 32921.7 against the dashboard's
+    32921.702."""
+    from sqlalchemy import insert
+
+    from dynvm.store.tables import requests
+
+    service = serve(**SMALL)
+    now = time.time()
+    with service.services.engine.request_store.db.write() as conn:
+        conn.execute(
+            insert(requests).values(
+                id="r-eta", username="early", os="centos", count=1, state="ready", owner="t", vms=[],
+                created_at=now - 2.0, eta_first=now + 65_843.404, finished_at=now,
+            )
+        )  # fmt: skip
+    listing = service.get("/api/v1/queue")
+    shown = service.get("/api/v1/dashboard/queue").json()["eta_error"]
+    assert shown["p50"] == 32921.702
+    assert listing.headers["X-Dynvm-Eta-Error-P50"] == "32921.702"
+    assert float(listing.headers["X-Dynvm-Eta-Error-P90"]) == shown["p90"]

@@ -355,8 +355,8 @@ async def queue(services: ServicesDep, _: CallerDep, response: Response) -> list
     out, accuracy = await anyio.to_thread.run_sync(_queue_and_accuracy, services)
     response.headers["X-Dynvm-Eta-Error-Samples"] = str(accuracy.samples)
     if accuracy.p50 is not None and accuracy.p90 is not None:
-        response.headers["X-Dynvm-Eta-Error-P50"] = f"{accuracy.p50:g}"
-        response.headers["X-Dynvm-Eta-Error-P90"] = f"{accuracy.p90:g}"
+        response.headers["X-Dynvm-Eta-Error-P50"] = str(accuracy.p50)  # as the dashboard shows it, every digit kept
+        response.headers["X-Dynvm-Eta-Error-P90"] = str(accuracy.p90)
     return out
 
 
