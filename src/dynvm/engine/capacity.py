@@ -66,8 +66,8 @@ class Capacity:
         return out
 
     def rooms(self, settings: Settings, reserved: list[dict[str, object]]) -> dict[str, HostRoom | None]:
-        """Every host's room, ``reserved`` counted as taken: what ``candidates`` copies for
-        each OS when one look weighs them all (a room does not depend on the OS)."""
+        """Every host's room, ``reserved`` counted as taken: what ``candidates`` shares
+        among the OSes when one look weighs them all (a room does not depend on the OS)."""
         by_host = reservations_by_host(reserved)
         overcommit = settings.common.cpu_overcommit
         return {host.ref: self.provider.room(host, overcommit, by_host.get(host.ref, [])) for host in settings.hosts}

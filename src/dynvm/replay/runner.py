@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import load_settings
+from ..config import Settings, load_settings
 from ..engine.service import LeaseService
 from ..model import Lease, LeaseError, LeaseRequest
 from ..states import LeaseState, RequestState
@@ -271,7 +271,9 @@ class Replay:
     def _tick(self) -> None:
         pools = self.service.ready_pools
         settings = self.service.settings
-        idle = not self._waiting and not pools.targets_due(settings) and (not self._changed or self._at_targets())
+        idle = (
+            not self._waiting and not pools.targets_due(settings) and (not self._changed or self._at_targets(settings))
+        )
         if idle and self.skip_idle_passes:
             return
         self._changed = False
@@ -281,12 +283,12 @@ class Replay:
         if self._waiting:
             self._serve_queue()
 
-    def _at_targets(self) -> bool:
+    def _at_targets(self, settings: Settings) -> bool:
         """Every pool holds exactly its target (made or being made): a pass would then
         recycle nothing (none over target; in a replay none expires, stops or loses its
         host) and refill nothing, whatever happened since the last. One count, where a
         pass reads every pool VM."""
-        targets = {os: n for os, n in self.service.ready_pools.targets(self.service.settings).items() if n > 0}
+        targets = {os: n for os, n in self.service.ready_pools.targets(settings).items() if n > 0}
         return self.service.lease_store.pool_stock() == targets
 
     def _settle(self) -> None:

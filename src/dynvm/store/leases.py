@@ -96,6 +96,7 @@ def _idle_pooled_statement() -> Select[tuple[object, ...]]:
 def _pool_stock_statement() -> Select[tuple[str, int]]:
     stock_states = (LeaseState.CREATING, LeaseState.READY)
     stocked: list[ColumnElement[str]] = [literal_column(f"'{state.value}'") for state in stock_states]
+    # active_lease() as written implies the active-only index's condition, as SQLite must see it
     where = active_lease() & (leases.c.pooled == true()) & leases.c.state.in_(stocked)
     return select(leases.c.os, func.count()).where(where).group_by(leases.c.os)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -53,12 +52,14 @@ class Prepared:
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
                 self.binds[name] = process
-        self.columns: list[str] = [str(getattr(c, "key", None) or getattr(c, "name", "")) for c in _returned(statement)]
-        self._types = [c.type for c in _returned(statement)]
+        returned = _returned(statement)
+        self.columns: list[str] = [str(getattr(c, "key", None) or getattr(c, "name", "")) for c in returned]
+        self._types = [c.type for c in returned]
         self._results: list[Processor | None] | None = None  # from the first result's column types
         self._dialect = dialect
+        # per lengths of the IN lists; threads that meet a new length at once compute the
+        # same entry, and the last one kept is as good as the first
         self._expanded: dict[tuple[int, ...], tuple[str, list[str]]] = {}
-        self._lock = threading.Lock()
 
     # -- binding ---------------------------------------------------------------------------
 
@@ -85,8 +86,7 @@ class Prepared:
         names: list[str] = []
         for name in self.names:
             names += [f"{name}_{n}" for n in range(1, sizes[name] + 1)] if name in sizes else [name]
-        with self._lock:
-            self._expanded[lengths] = (sql, names)
+        self._expanded[lengths] = (sql, names)
         return sql, names
 
     def bind(self, values: Mapping[str, Any]) -> tuple[str, Sequence[Any] | dict[str, Any]]:
