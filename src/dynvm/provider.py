@@ -85,8 +85,13 @@ class HostRoom:
         return sum(m.memory for m in self.members)
 
     def fits(self, need: Need) -> int:
-        by_disk = self.disk // need.disk if need.disk > 0 else 1 << 30
-        return max(0, min(sum(m.fits(need) for m in self.members), by_disk))
+        """How many VMs of ``need`` fit: weighed for every host at every look, so a host of
+        one member (most of them) is weighed without a generator."""
+        members = self.members
+        fit = members[0].fits(need) if len(members) == 1 else sum(m.fits(need) for m in members)
+        if need.disk > 0:
+            fit = min(fit, self.disk // need.disk)
+        return max(0, fit)
 
     def copy(self) -> HostRoom:
         """A room of its own to take from (its members copied)."""

@@ -119,6 +119,7 @@ class ModelHosts:
         self._lock = threading.Lock()
         self._claims: dict[str, str] = {}  # host ref -> the installation's claim there
         self._addresses = 0
+        self._needs: dict[tuple[str, str, int | None, int | None], Need] = {}  # see ``need``
         self.blocked = 0  # ready-pool creates waiting for the virtual clock
         self.wakes: list[float] = []  # when each of them ends
 
@@ -150,11 +151,16 @@ class ModelHosts:
         return HostStatus(host.ref, up=True, state="up", name=f"model-{host.ref}", cpus=HOST_CPUS, running_vms=running)
 
     def need(self, host: HostSettings, os: str, cpus: int | None, memory: int | None) -> Need | None:
-        if os not in host.templates:
+        template = host.templates.get(os)
+        if template is None:
             return None
-        vcpus, static_max, disk = size_of(os)
-        vcpus, static_max = cpus or vcpus, memory or static_max
-        return Need(vcpus, static_max, disk, host.templates[os], static_max)
+        key = (template, os, cpus, memory)
+        need = self._needs.get(key)
+        if need is None:  # a Need is frozen: one per size and template, shared by every look
+            vcpus, static_max, disk = size_of(os)
+            vcpus, static_max = cpus or vcpus, memory or static_max
+            need = self._needs[key] = Need(vcpus, static_max, disk, template, static_max)
+        return need
 
     def room(
         self, host: HostSettings, overcommit: float, reserved: Iterable[Mapping[str, object]], empty: bool = False

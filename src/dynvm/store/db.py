@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql import ClauseElement
 
 from .group_commit import GroupCommit
+from .liveness import check_on_checkout
 from .prepared import Outcome, Prepared, execute, execute_many
 
 if TYPE_CHECKING:
@@ -55,7 +56,9 @@ class Database:
             _sqlite_transactions(self.engine)
             self._group = GroupCommit(self.engine)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            # checked as it leaves the pool without a round trip unless it needs one (``liveness.py``)
+            self.engine = create_engine(url, pool_size=10, max_overflow=20)
+            check_on_checkout(self.engine)
         # Reads run without BEGIN and COMMIT. On PostgreSQL, under READ COMMITTED each
         # statement sees what was committed when it began, in a transaction or not, so a
         # read transaction gave nothing but two more round trips. SQLite then reads each

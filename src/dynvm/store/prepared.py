@@ -109,22 +109,23 @@ class Prepared:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _processors(self, description: Sequence[Sequence[Any]]) -> list[Processor | None]:
+    def _processors(self, cursor: Any) -> list[Processor | None]:
         """Per returned column, SQLAlchemy's conversion for the driver's column type (as
-        SQLAlchemy asks it, of the first result's description)."""
+        SQLAlchemy asks it, of the first result's description). Read once: psycopg builds
+        a description anew each time it is asked for."""
         if self._results is None:
             self._results = [
                 kind.dialect_impl(self._dialect).result_processor(self._dialect, column[1])
-                for kind, column in zip(self._types, description, strict=True)
+                for kind, column in zip(self._types, cursor.description, strict=True)
             ]
         return self._results
 
-    def convert(
-        self, rows: list[tuple[Any, ...]], description: Sequence[Sequence[Any]] | None
-    ) -> list[tuple[Any, ...]]:
-        if not rows or description is None:
+    def convert(self, rows: list[tuple[Any, ...]], cursor: Any) -> list[tuple[Any, ...]]:
+        """``rows`` as ``cursor`` (the driver's, which returned them) gave them, with
+        SQLAlchemy's conversions applied."""
+        if not rows:
             return rows
-        processors = self._processors(description)
+        processors = self._processors(cursor)
         if not any(processors):
             return rows
         pairs = [(n, p) for n, p in enumerate(processors) if p is not None]
@@ -174,8 +175,8 @@ def execute(prepared: Prepared, conn: Connection, values: Mapping[str, Any]) -> 
     sql, parameters = prepared.bind(values)
     with _driver_cursor(conn, sql, parameters, many=False) as cursor:
         cursor.execute(sql, parameters)
-        rows = cursor.fetchall() if cursor.description is not None else []
-        return Outcome(prepared.convert(rows, cursor.description), cursor.rowcount, prepared.columns)
+        rows = cursor.fetchall() if prepared.columns else []  # a statement that returns none has no columns
+        return Outcome(prepared.convert(rows, cursor), cursor.rowcount, prepared.columns)
 
 
 def execute_many(prepared: Prepared, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
