@@ -11,9 +11,9 @@ from dynvm.replay.hot_paths import as_dict, hot_paths
 
 # statements, transactions: what each path may send for a request of one VM
 LIMITS = {
-    "reservation (its transaction)": (8, 1),
-    "getservers, warm": (12, 3),
-    "getservers, cold": (15, 3),
+    "reservation (its transaction)": (7, 1),
+    "getservers, warm": (10, 3),
+    "getservers, cold": (13, 3),
     "release": (6, 3),
     "scheduler pass": (8, 7),
     "pools pass: nothing to do": (4, 4),

@@ -118,6 +118,36 @@ def test_the_hot_reads_of_active_leases_search_only_the_active_ones(tmp_path: Pa
     db.close()
 
 
+def test_the_names_in_a_requests_way_are_read_at_once_each_half_through_its_own_index(tmp_path: Path):
+    """A reservation reads the leases of its names and the other callers' leases under its
+    first letter in one statement (``LeaseStore.in_the_way``): the same leases as the two
+    reads it replaces, and neither half scans (an ``OR`` would make SQLite scan them all)."""
+    from dynvm.store.leases import LeaseStore
+
+    from ..pg.test_replicas import lease
+
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    db.migrate()
+    store = LeaseStore(db)
+    rows = [("ci1", "alice"), ("ci2", "bob"), ("cx", "bob"), ("c_", "carol"), ("dz", "bob"), ("ca", None)]
+    with db.write() as conn:
+        store.insert(conn, [lease(name, caller=caller) for name, caller in rows])
+    for caller, first, names in (("alice", "c", ["ci1", "ci2"]), (None, "c", ["ci2", "dz"]), ("bob", "d", ["zz"])):
+        named, others = store.in_the_way(names, caller, first)
+        assert [x.name for x in named] == [x.name for x in store.by_name(names)]
+        assert [x.name for x in others] == [x.name for x in store.held_by_others(caller, first)]
+    named, others = store.in_the_way(["ci1", "ci2"], "alice", "c")
+    assert [x.name for x in named] == ["ci1", "ci2"]
+    assert [x.name for x in others] == ["c_", "ci2", "cx"]  # bob's ci2 is both: in each list, as from each read
+    [plan] = _plans(db, lambda: store.in_the_way(["ci1", "ci2"], "alice", "c"))
+    searches = [line for line in plan if line.startswith(("SEARCH", "SCAN"))]
+    assert searches == [
+        "SEARCH leases USING INDEX uq_leases_active_name (name=?)",
+        "SEARCH leases USING INDEX ix_leases_active_pooled_os (pooled=?)",
+    ]
+    db.close()
+
+
 def test_the_forecasts_and_the_pools_reads_search_by_time(tmp_path: Path):
     """The leases made and ended since the forecast's last look, and the pool VMs of the
     last day, are read through an index on that time, not through every lease that ever

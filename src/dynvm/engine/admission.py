@@ -85,8 +85,7 @@ class Admission:
 
     def refuse_names_taken(self, request: LeaseRequest) -> None:
         """409 when the request's names are leased, or fall under another user's prefix."""
-        names.refuse_leased(self.ctx.leases.by_name(vm_names(request.username, request.count)), request)
-        names.refuse_under_others(self.ctx, request)
+        names.refuse_taken(self.ctx, request)
 
     # -- the lock-and-place transaction ------------------------------------------------
 
@@ -159,8 +158,7 @@ class Admission:
         with self._locked(settings) as (conn, reserved):
             # names are checked with the hosts locked, and only then: a prefix has no
             # unique index, so two requests checking it at once must not both pass
-            names.refuse_leased(ctx.leases.by_name(wanted, conn), request)
-            names.refuse_under_others(ctx, request, conn)
+            names.refuse_taken(ctx, request, conn)
             names.refuse_on_hosts(ctx, settings, wanted)  # the hosts' mirrors: no database read
             queued = ctx.requests.in_state(RequestState.QUEUED, conn=conn) if immediate else []
             ready = []

@@ -25,15 +25,25 @@ def refuse_leased(taken: list[Lease], request: LeaseRequest) -> None:
     raise NameInUse(f"{', '.join(clash)} already leased by dynvm: release them first ({how}) or use another name")
 
 
-def refuse_under_others(ctx: EngineContext, request: LeaseRequest, conn: Connection | None = None) -> None:
+def refuse_taken(ctx: EngineContext, request: LeaseRequest, conn: Connection | None = None) -> None:
+    """``refuse_leased``, then ``refuse_under_others``, on one read of the leases in their
+    way (``LeaseStore.in_the_way``). ``conn``: the reservation's transaction, with the
+    hosts locked (a prefix has no unique index)."""
+    wanted = vm_names(request.username, request.count)
+    named, others = ctx.leases.in_the_way(wanted, request.caller, request.username[0], conn)
+    refuse_leased(named, request)
+    refuse_under_others(others, request)
+
+
+def refuse_under_others(others: list[Lease], request: LeaseRequest) -> None:
     """With tokens, a name prefix is its first holder's until all of its VMs are gone: 409
     when this request's names fall under another user's prefix (bob's ``al3`` under
     alice's ``al1``, ``al2``), or another user's names fall under this one's. An anonymous
     request (``[auth] required=false``) may not take a token holder's either; anonymous
-    leases own no prefix, as the seed's never did. ``conn``: the reservation's transaction,
-    with the hosts locked (a prefix has no unique index)."""
+    leases own no prefix, as the seed's never did. ``others``: the active leases of other
+    callers whose names start as the request's (``LeaseStore.held_by_others``)."""
     mine = vm_names(request.username, request.count)
-    for lease in ctx.leases.held_by_others(request.caller, request.username[0], conn):
+    for lease in others:
         theirs_over_mine = any(_under(name, lease.username) for name in mine)
         if theirs_over_mine or _under(lease.name, request.username):
             raise NameInUse(

@@ -15,10 +15,24 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, false, func, insert, literal_column, select, true, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    false,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql import ColumnElement, Delete, Insert, Select, Update
+from sqlalchemy.sql import ColumnElement, CompoundSelect, Delete, Insert, Select, Update
 from sqlalchemy.sql.elements import BindParameter
 
 from ..model import CreatedVm, Lease, NameInUse
@@ -44,6 +58,15 @@ def _lease(row: Sequence[Any]) -> Lease:
     return lease
 
 
+def _starting_with(first: str) -> str:
+    """A LIKE pattern (escaped by ``\\``) of the names that start with ``first``."""
+    return first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _by_name(lease: Lease) -> str:
+    return lease.name
+
+
 def reservation_row(lease: Lease, memory: int) -> dict[str, object]:
     """The reservation a new lease holds until its VM is made (``memory``: what it holds of
     the host's): what ``insert`` writes, and what a transaction placing more VMs before it
@@ -66,8 +89,11 @@ def _ids(name: str = "ids") -> BindParameter[Any]:
 
 @functools.cache
 def _by_name_statement() -> Select[tuple[object, ...]]:
-    where = leases.c.name.in_(_ids("names")) & active_lease() & (leases.c.pooled == false())
-    return select(leases).where(where).order_by(leases.c.name)
+    return select(leases).where(_by_name_where()).order_by(leases.c.name)
+
+
+def _by_name_where() -> ColumnElement[bool]:
+    return leases.c.name.in_(_ids("names")) & active_lease() & (leases.c.pooled == false())
 
 
 @functools.cache
@@ -108,6 +134,10 @@ def _count_in_state_statement() -> Select[int]:
 
 @functools.cache
 def _held_by_others_statement(anonymous: bool) -> Select[tuple[object, ...]]:
+    return select(leases).where(_held_by_others_where(anonymous)).order_by(leases.c.name)
+
+
+def _held_by_others_where(anonymous: bool) -> ColumnElement[bool]:
     where = (
         active_lease()
         & (leases.c.pooled == false())
@@ -116,7 +146,17 @@ def _held_by_others_statement(anonymous: bool) -> Select[tuple[object, ...]]:
     )
     if not anonymous:
         where &= leases.c.caller != bindparam("caller")
-    return select(leases).where(where).order_by(leases.c.name)
+    return where
+
+
+@functools.cache
+def _in_the_way_statement(anonymous: bool) -> CompoundSelect[tuple[object, ...]]:
+    """``_by_name_statement`` and ``_held_by_others_statement`` in one round trip, each
+    row tagged with the one it came from (a row of both comes twice, as from both): each
+    half searches its own index, where one ``OR`` would make SQLite scan every lease."""
+    named = select(leases, literal(True).label("named")).where(_by_name_where())
+    others = select(leases, literal(False).label("named")).where(_held_by_others_where(anonymous))
+    return union_all(named, others)
 
 
 @functools.cache
@@ -236,9 +276,23 @@ class LeaseStore:
         """Active leases of authenticated callers other than ``caller`` (all of them for an
         anonymous one) whose names start with ``first`` (every name that can share a
         prefix with a request starting so)."""
-        pattern = first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        pattern = _starting_with(first)
         values = {"pattern": pattern} | ({"caller": caller} if caller is not None else {})
         return self._rows(_held_by_others_statement(caller is None), values, conn)
+
+    def in_the_way(
+        self, names: Iterable[str], caller: str | None, first: str, conn: Connection | None = None
+    ) -> tuple[list[Lease], list[Lease]]:
+        """``by_name(names)`` and ``held_by_others(caller, first)``, read at once: what a
+        reservation checks a request's names against."""
+        pattern = _starting_with(first)
+        values = {"names": list(names), "pattern": pattern} | ({"caller": caller} if caller is not None else {})
+        named: list[Lease] = []
+        others: list[Lease] = []
+        with self.db.reading(conn) as reading:
+            for row in self.db.run(reading, _in_the_way_statement(caller is None), values):
+                (named if row[-1] else others).append(_lease(row[:-1]))
+        return sorted(named, key=_by_name), sorted(others, key=_by_name)
 
     def released_names(self, names: Iterable[str], request_ids: Iterable[str]) -> set[str]:
         """Which of these names a lease of these requests held and that was released: what

@@ -185,6 +185,10 @@ def execute_many(prepared: Prepared, conn: Connection, rows: Sequence[Mapping[st
     if not rows:
         return
     parameters = [prepared.bind(row)[1] for row in rows]
+    if len(parameters) == 1:  # psycopg's executemany sets up a pipeline even for one row
+        with _driver_cursor(conn, prepared.sql, parameters[0], many=False) as cursor:
+            cursor.execute(prepared.sql, parameters[0])
+        return
     with _driver_cursor(conn, prepared.sql, parameters, many=True) as cursor:
         cursor.executemany(prepared.sql, parameters)
 
