@@ -93,6 +93,11 @@ class HostRoom:
             fit = min(fit, self.disk // need.disk)
         return max(0, fit)
 
+    def shape(self) -> tuple[object, ...]:
+        """What decides how many VMs of any need fit here (``placement.Weigher``): its
+        disk and each member's room, the members' refs aside."""
+        return (self.disk, *((m.cpus, m.memory, m.disk) for m in self.members))
+
     def copy(self) -> HostRoom:
         """A room of its own to take from (its members copied)."""
         return HostRoom(self.ref, self.disk, [replace(m) for m in self.members])

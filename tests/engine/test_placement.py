@@ -68,3 +68,34 @@ def test_a_spread_places_one_vm_at_a_time_only_where_it_is_allowed():
     last = spread.take()
     assert last is not None
     assert last.host.ref == "1"
+
+
+def test_the_weigher_weighs_each_room_shape_and_need_once_and_answers_as_the_room_does(monkeypatch):
+    """A forecast weighs every host for every OS; the ``Weigher`` gives what ``fits`` gives
+    and weighs a room shape and need it has seen (another host alike) from memory."""
+    from dynvm.engine.placement import Weigher
+
+    small, windows = Need(4, 4 * GiB, 35 * GiB, "t"), Need(6, 6 * GiB, 71 * GiB, "w")
+    rooms = [
+        lone("1", 32, 128 * GiB, 500 * GiB),
+        lone("2", 32, 128 * GiB, 500 * GiB),  # as host 1
+        lone("3", 8, 128 * GiB, 500 * GiB),  # fewer CPUs
+        lone("4", 32, 128 * GiB, 100 * GiB),  # less disk
+        HostRoom("5", 500 * GiB, [MemberRoom("a", 32, 128 * GiB), MemberRoom("b", 4, 8 * GiB)]),
+        HostRoom("6", 500 * GiB, [MemberRoom("a", 32, 128 * GiB, 70 * GiB)]),  # its own storage
+    ]
+    weigher, weighed = Weigher(), []
+    fits = HostRoom.fits
+
+    def counted(room: HostRoom, need: Need) -> int:
+        weighed.append((room.ref, need.template))
+        return fits(room, need)
+
+    monkeypatch.setattr(HostRoom, "fits", counted)  # count what the weigher weighs anew
+    for need in (small, windows):
+        assert [weigher.fits(room, need) for room in rooms] == [fits(room, need) for room in rooms]
+    monkeypatch.undo()
+    assert ("2", "t") not in weighed and ("2", "w") not in weighed  # host 2 is host 1's shape
+    assert len(weighed) == 2 * (len(rooms) - 1)
+    candidates = [Candidate(host(str(n)), room, small) for n, room in enumerate(rooms, 1)]
+    assert weigher.available(candidates) == sum(room.fits(small) for room in rooms)

@@ -95,6 +95,25 @@ def available(candidates: Iterable[Candidate]) -> int:
     return sum(c.room.fits(c.need) for c in candidates)
 
 
+class Weigher:
+    """``HostRoom.fits``, each room shape and need weighed once: a look at every OS over
+    every host (a forecast) meets the same rooms again and again, empty hosts and hosts
+    that hold alike. Made for one look and dropped after it (it keeps what it weighed)."""
+
+    def __init__(self) -> None:
+        self._fits: dict[tuple[tuple[object, ...], Need], int] = {}
+
+    def fits(self, room: HostRoom, need: Need) -> int:
+        key = (room.shape(), need)
+        fit = self._fits.get(key)
+        if fit is None:
+            fit = self._fits[key] = room.fits(need)
+        return fit
+
+    def available(self, candidates: Iterable[Candidate]) -> int:
+        return sum(self.fits(c.room, c.need) for c in candidates)
+
+
 class Spread:
     """Candidates and how many more VMs each fits, kept as VMs are placed one at a time:
     placing a VM changes one host's room, so only that host is weighed again. What

@@ -167,8 +167,9 @@ class ReadyPools:
         sizing = self._model(settings, now)
         timing = self.policy.timing()
         oses = settings.os_keys
-        room = self._room_by_os(settings, oses)
-        slots = self._slots_by_os(settings, oses)
+        weigher = placement.Weigher()
+        room = self._room_by_os(settings, oses, weigher)
+        slots = self._slots_by_os(settings, oses, weigher)
         maxima = {os: settings.ready_pools.maximum(os, slots.get(os, 0)) for os in oses}
         create = {os: timing.create_seconds(os) for os in oses}
         holds = self.policy.hold_seconds(settings, learned_only=True)
@@ -178,7 +179,7 @@ class ReadyPools:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _room_by_os(self, settings: Settings, oses: list[str]) -> dict[str, int]:
+    def _room_by_os(self, settings: Settings, oses: list[str], weigher: placement.Weigher) -> dict[str, int]:
         """Per OS, how many of its VMs the pools could hold if they held nothing else: its
         ready VMs, and what fits with every other idle ready VM's room given back (as
         ``LeaseService.available_count``, in one read for all OSes)."""
@@ -190,21 +191,21 @@ class ReadyPools:
             candidates = self.capacity.candidates(settings, os, None, None, reserved, rooms=rooms)
             mine = {lease.id for lease in ready if lease.os == os}
             candidates = self.stock.give_back_idle(candidates, exclude=mine, pooled=ready)
-            out[os] = len(mine) + placement.available(candidates)
+            out[os] = len(mine) + weigher.available(candidates)
         return out
 
-    def _slots_by_os(self, settings: Settings, oses: list[str]) -> dict[str, int]:
+    def _slots_by_os(self, settings: Settings, oses: list[str], weigher: placement.Weigher) -> dict[str, int]:
         """Per OS, how many of its VMs the whole lab holds, empty (hosts that answer)."""
         overcommit = settings.common.cpu_overcommit
-        rooms = {host.ref: self.ctx.provider.room(host, overcommit, [], empty=True) for host in settings.hosts}
-        out = {}
-        for os in oses:
-            total = 0
-            for host in settings.hosts:
-                room, need = rooms[host.ref], self.ctx.provider.need(host, os, None, None)
-                if room is not None and need is not None:
-                    total += room.fits(need)
-            out[os] = total
+        out = dict.fromkeys(oses, 0)
+        for host in settings.hosts:
+            room = self.ctx.provider.room(host, overcommit, [], empty=True)
+            if room is None:
+                continue
+            for os in oses:
+                need = self.ctx.provider.need(host, os, None, None)
+                if need is not None:
+                    out[os] += weigher.fits(room, need)
         return out
 
     def status(self) -> list[PoolStatus]:
