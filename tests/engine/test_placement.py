@@ -95,7 +95,7 @@ def test_the_weigher_weighs_each_room_shape_and_need_once_and_answers_as_the_roo
     for need in (small, windows):
         assert [weigher.fits(room, need) for room in rooms] == [fits(room, need) for room in rooms]
     monkeypatch.undo()
-    assert ("2", "t") not in weighed and ("2", "w") not in weighed  # host 2 is host 1's shape
+    assert [ref for ref, _ in weighed].count("2") == 0  # host 2 is host 1's shape
     assert len(weighed) == 2 * (len(rooms) - 1)
     candidates = [Candidate(host(str(n)), room, small) for n, room in enumerate(rooms, 1)]
     assert weigher.available(candidates) == sum(room.fits(small) for room in rooms)
