@@ -160,6 +160,30 @@ def _in_the_way_statement(anonymous: bool) -> CompoundSelect[tuple[object, ...]]
 
 
 @functools.cache
+def _made_since_statement() -> Select[tuple[object, ...]]:
+    return (
+        select(leases.c.id, leases.c.os, leases.c.ready_at, leases.c.create_seconds)
+        .where((leases.c.ready_at >= bindparam("since")) & leases.c.create_seconds.is_not(None))
+        .order_by(leases.c.ready_at.desc())
+        .limit(bindparam("limit"))
+    )
+
+
+@functools.cache
+def _ended_since_statement() -> Select[tuple[object, ...]]:
+    return (
+        select(leases.c.id, leases.c.os, leases.c.handed_over_at, leases.c.released_at, leases.c.expires_at)
+        .where(
+            leases.c.state.in_(_ids("states"))
+            & leases.c.handed_over_at.is_not(None)
+            & (leases.c.released_at >= bindparam("since"))
+        )
+        .order_by(leases.c.released_at.desc())
+        .limit(bindparam("limit"))
+    )
+
+
+@functools.cache
 def _lock_hosts_statement() -> Select[tuple[object, ...]]:
     where = host_locks.c.ref.in_(_ids("refs"))
     return select(host_locks.c.ref).where(where).order_by(host_locks.c.ref).with_for_update()
@@ -425,31 +449,18 @@ class LeaseStore:
         """(id, os, ready_at, create_seconds) of the leases whose VM was made at ``since``
         or later, the latest ``limit`` of them, oldest first: what the queue's forecast
         learns create times from (a lab's own, from its first VM on)."""
-        query = (
-            select(leases.c.id, leases.c.os, leases.c.ready_at, leases.c.create_seconds)
-            .where((leases.c.ready_at >= since) & leases.c.create_seconds.is_not(None))
-            .order_by(leases.c.ready_at.desc())
-            .limit(limit)
-        )
         with self.db.read() as conn:
-            return [tuple(row) for row in reversed(conn.execute(query).all())]
+            rows = self.db.run(conn, _made_since_statement(), {"since": since, "limit": limit})
+            return [tuple(row) for row in reversed(rows.rows)]
 
     def ended_since(self, since: float, limit: int = 2000) -> list[tuple[str, str, float, float, float]]:
         """(id, os, handed_over_at, released_at, expires_at) of the leases a user held that
         ended (released or expired) at ``since`` or later, the latest ``limit``, oldest
         first: what the forecast learns hold times from."""
-        query = (
-            select(leases.c.id, leases.c.os, leases.c.handed_over_at, leases.c.released_at, leases.c.expires_at)
-            .where(
-                leases.c.state.in_([LeaseState.RELEASED, LeaseState.EXPIRED])
-                & leases.c.handed_over_at.is_not(None)
-                & (leases.c.released_at >= since)
-            )
-            .order_by(leases.c.released_at.desc())
-            .limit(limit)
-        )
+        values = {"since": since, "limit": limit, "states": [LeaseState.RELEASED.value, LeaseState.EXPIRED.value]}
         with self.db.read() as conn:
-            return [tuple(row) for row in reversed(conn.execute(query).all())]
+            rows = self.db.run(conn, _ended_since_statement(), values)
+            return [tuple(row) for row in reversed(rows.rows)]
 
     def pending_reservations(self, conn: Connection) -> list[dict[str, object]]:
         """Reservations of creates still in flight, with the lease they belong to."""
