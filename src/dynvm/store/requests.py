@@ -171,6 +171,11 @@ def _set_vms_statement() -> Update:
 
 
 @functools.cache
+def _vms_for_update_statement() -> Select[tuple[Any]]:
+    return select(requests.c.vms).where(requests.c.id == bindparam("b_id")).with_for_update()
+
+
+@functools.cache
 def _transition_statement(fields: tuple[str, ...], not_cancelled: bool, whole: bool) -> Update:
     """A request's move: ``fields`` set (``b_<field>`` bound), from the states bound as
     ``sources``; ``not_cancelled``: unless a cancel was asked for first. It returns the
@@ -352,15 +357,14 @@ class RequestStore:
                 if current is not None and request_id in current:
                     before = current[request_id]
                 else:
-                    query = select(requests.c.vms).where(requests.c.id == request_id).with_for_update()
-                    row = writing.execute(query).first()
+                    row = self.db.run(writing, _vms_for_update_statement(), {"b_id": request_id}).first()
                     if row is None:
                         continue
                     before = row[0] or []
                 vms = [dict(vm) for vm in before]
                 for vm in vms:
                     vm.update(by_name.get(vm["name"], {}))
-                writing.execute(_set_vms_statement(), {"b_id": request_id, "b_vms": vms})
+                self.db.run(writing, _set_vms_statement(), {"b_id": request_id, "b_vms": vms})
                 written[request_id] = vms
         if conn is None:  # committed here: tell the waiters
             for request_id in changes:
