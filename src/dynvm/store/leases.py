@@ -63,10 +63,6 @@ def _starting_with(first: str) -> str:
     return first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _by_name(lease: Lease) -> str:
-    return lease.name
-
-
 def reservation_row(lease: Lease, memory: int) -> dict[str, object]:
     """The reservation a new lease holds until its VM is made (``memory``: what it holds of
     the host's): what ``insert`` writes, and what a transaction placing more VMs before it
@@ -152,11 +148,12 @@ def _held_by_others_where(anonymous: bool) -> ColumnElement[bool]:
 @functools.cache
 def _in_the_way_statement(anonymous: bool) -> CompoundSelect[tuple[object, ...]]:
     """``_by_name_statement`` and ``_held_by_others_statement`` in one round trip, each
-    row tagged with the one it came from (a row of both comes twice, as from both): each
-    half searches its own index, where one ``OR`` would make SQLite scan every lease."""
+    row tagged with the one it came from (a row of both comes twice, as from both), in the
+    database's order of names as theirs: each half searches its own index, where one
+    ``OR`` would make SQLite scan every lease."""
     named = select(leases, literal(True).label("named")).where(_by_name_where())
     others = select(leases, literal(False).label("named")).where(_held_by_others_where(anonymous))
-    return union_all(named, others)
+    return union_all(named, others).order_by(leases.c.name)
 
 
 @functools.cache
@@ -316,7 +313,7 @@ class LeaseStore:
         with self.db.reading(conn) as reading:
             for row in self.db.run(reading, _in_the_way_statement(caller is None), values):
                 (named if row[-1] else others).append(_lease(row[:-1]))
-        return sorted(named, key=_by_name), sorted(others, key=_by_name)
+        return named, others
 
     def released_names(self, names: Iterable[str], request_ids: Iterable[str]) -> set[str]:
         """Which of these names a lease of these requests held and that was released: what
