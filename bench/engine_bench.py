@@ -124,8 +124,8 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
 
 def _spread(runs: list[dict[str, float]]) -> str:
     """The median rate and the range of the rounds."""
-    rates = sorted(r["per_second"] for r in runs)
-    return f"{statistics.median(rates):g} ({rates[0]:g}-{rates[-1]:g})"
+    rates = [r["per_second"] for r in runs]
+    return f"{_median(runs, 'per_second'):g} ({min(rates):g}-{max(rates):g})"
 
 
 def _week_at_scale_10() -> dict[str, float | int]:
