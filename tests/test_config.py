@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -287,3 +288,15 @@ def test_learned_sizings_ceiling_is_a_line_or_a_quarter_of_the_lab_and_never_und
     assert pools.maximum("windows", slots=1000) == 3  # an <os>.max line is the ceiling, whatever the lab
     assert pools.maximum("centos", slots=16) == 10  # a small lab keeps the old ceiling
     assert pools.maximum("centos", slots=1120) == 280  # 140 hosts: a nightly wave is not capped at 10
+
+
+def test_a_host_is_found_by_its_ref_in_the_settings_it_belongs_to(tmp_path: Path) -> None:
+    path = tmp_path / ".dynvmservice.ini"
+    path.write_text(SEED_FILE)
+    settings = load_settings(path)
+    for host in settings.hosts:
+        assert settings.host(host.ref) is host
+    assert settings.host("999") is None
+    fewer = dataclasses.replace(settings, hosts=settings.hosts[1:])  # as providers.py narrows them to one kind
+    assert fewer.host(settings.hosts[0].ref) is None
+    assert fewer.host(settings.hosts[1].ref) is settings.hosts[1]

@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from . import hosts
@@ -181,7 +182,16 @@ class Settings:
     warnings: tuple[str, ...] = ()
 
     def host(self, ref: str) -> HostSettings | None:
-        return next((h for h in self.hosts if h.ref == ref), None)
+        return self._hosts_by_ref.get(ref)
+
+    @cached_property
+    def _hosts_by_ref(self) -> dict[str, HostSettings]:
+        """The hosts by ref, the first section of a ref winning: ``host`` is asked for every
+        lease a pass or a placement looks at, on labs of hundreds of hosts."""
+        out: dict[str, HostSettings] = {}
+        for host in self.hosts:
+            out.setdefault(host.ref, host)
+        return out
 
     @property
     def os_keys(self) -> list[str]:

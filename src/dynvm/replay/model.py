@@ -12,6 +12,7 @@ room back at once. Nothing here talks to anything: no sockets.
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -120,6 +121,7 @@ class ModelHosts:
         self._claims: dict[str, str] = {}  # host ref -> the installation's claim there
         self._addresses = 0
         self._needs: dict[tuple[str, str, int | None, int | None], Need] = {}  # see ``need``
+        self._listed: dict[str, tuple[float, list[Machine]]] = {}  # see ``machines``
         self.blocked = 0  # ready-pool creates waiting for the virtual clock
         self.wakes: list[float] = []  # when each of them ends
 
@@ -243,10 +245,12 @@ class ModelHosts:
                     raise HeldElsewhere(f"{machine_ref} is held by request {vm.holder}")
                 vm.holder = spec.holder
             vm.name = spec.name
+            self._listed.pop(host.ref, None)
 
     def _add(self, host_ref: str, vm: ModelVm) -> None:
         """With the lock held."""
         self._vms[host_ref][vm.ref] = vm
+        self._listed.pop(host_ref, None)
         cpus, memory, disk = self._used.get(host_ref, (0, 0, 0))
         self._used[host_ref] = (cpus + vm.cpus, memory + vm.memory, disk + vm.disk)
         self._leases.setdefault(host_ref, set()).add(vm.lease_id)
@@ -256,6 +260,7 @@ class ModelHosts:
         vm = self._vms.get(host_ref, {}).pop(machine_ref, None)
         if vm is None:
             return
+        self._listed.pop(host_ref, None)
         cpus, memory, disk = self._used[host_ref]
         self._used[host_ref] = (cpus - vm.cpus, memory - vm.memory, disk - vm.disk)
         self._leases[host_ref].discard(vm.lease_id)
@@ -289,9 +294,19 @@ class ModelHosts:
     # -- what this installation owns -------------------------------------------------------------
 
     def machines(self, host: HostSettings) -> list[Machine]:
+        """The host's VMs as it shows them. The engine looks at every host for every
+        request (names in use) and pass; the list is made again only when a VM came, went
+        or was renamed there, or one of its creates ended since (``_listed``: the list, and
+        the first time a create there ends)."""
         now = self._clock()
         with self._lock:
-            return [self._shown(host, vm, now) for vm in self._vms.get(host.ref, {}).values()]
+            listed = self._listed.get(host.ref)
+            if listed is not None and now < listed[0]:
+                return list(listed[1])
+            vms = self._vms.get(host.ref, {}).values()
+            shown = [self._shown(host, vm, now) for vm in vms]
+            self._listed[host.ref] = (min((vm.runs_at for vm in vms if vm.runs_at > now), default=math.inf), shown)
+            return list(shown)
 
     @staticmethod
     def _shown(host: HostSettings, vm: ModelVm, now: float) -> Machine:
