@@ -160,6 +160,12 @@ class ReadyPoolSettings:
     def target(self, os: str) -> int:
         return self.targets.get(os, 0)
 
+    def keeps(self, os: str) -> bool:
+        """Whether ``os`` may have ready VMs: a target, or learned sizing (which may give
+        any OS a pool). A request for another OS never reads the pools (a pool taken out
+        of the configuration keeps its VMs only until the next pass recycles them)."""
+        return self.sizing == "learned" or self.targets.get(os, 0) > 0
+
     def maximum(self, os: str, slots: int = 0) -> int:
         """Learned sizing's ceiling for ``os``: its ``<os>.max``, else ``DEFAULT_POOL_MAX`` or a
         quarter of the ``slots`` the lab holds of it, whichever is more (a fixed ceiling

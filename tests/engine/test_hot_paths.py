@@ -11,9 +11,9 @@ from dynvm.replay.hot_paths import as_dict, hot_paths
 
 # statements, transactions: what each path may send for a request of one VM
 LIMITS = {
-    "reservation (its transaction)": (7, 1),
+    "reservation (its transaction)": (6, 1),  # of an OS without a pool: the pools are not read
     "getservers, warm": (10, 3),
-    "getservers, cold": (13, 3),
+    "getservers, cold": (12, 3),  # of an OS without a pool
     "release": (6, 3),
     "scheduler pass": (8, 7),
     "pools pass: nothing to do": (4, 4),

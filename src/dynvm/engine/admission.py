@@ -162,7 +162,8 @@ class Admission:
             names.refuse_on_hosts(ctx, settings, wanted)  # the hosts' mirrors: no database read
             queued = ctx.requests.in_state(RequestState.QUEUED, conn=conn) if immediate else []
             ready = []
-            if self.stock.eligible(request.cpus, request.memory) and not any(r.os == request.os for r in queued):
+            takes = self.stock.eligible(request.cpus, request.memory) and settings.ready_pools.keeps(request.os)
+            if takes and not any(r.os == request.os for r in queued):
                 # read with the hosts locked, so what another request took is seen taken
                 # (and those who wait for this OS are served from its pool first)
                 ready = self.stock.idle(settings, request.os, request.host_ref, limit=request.count, conn=conn)
