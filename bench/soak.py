@@ -7,7 +7,8 @@ injects, one at a time and in random order, the faults real labs have: kill -9 o
 start, destroy and disk destroy, sessions invalidated, a slow host, guests whose sshd never
 answers, pool members down or in maintenance, a new master, an operator restoring the
 oldest of the backups taken while the soak runs (one a minute in, then every 5 minutes),
-and a copy of the database started as a second dynvm (it must refuse to serve). A ready
+a copy of the database started as a second dynvm (it must refuse to serve), and, on
+PostgreSQL, the server cutting every connection of the replicas at once. A ready
 pool of CentOS VMs (``[pools]``) is handed out and refilled throughout.
 At the end every fault is lifted, everything held is released, the pool's target drops to
 0, and the soak waits for reconcile. Then it prints what the users would have seen and
@@ -25,7 +26,9 @@ what was left on the hosts:
 - over-commits (0): a host whose running VMs had more vCPUs or memory than it has;
 - leases lost (0): a release answered 404 for a lease still within its lifetime (a lease
   answered after the restored backup was taken is the restore's to forget, counted apart);
-- 5xx other than 502 (0).
+- 5xx other than 502 (0), but for a 503 saying the database did not answer in the
+  seconds after PostgreSQL cut its connections: a statement in flight then fails, and its
+  request with it (counted apart).
 
 Run on SQLite (one process) and on PostgreSQL (two replicas sharing a database), each for
 ``--minutes`` (default 10; ``SOAK_MINUTES`` for ``make soak``). Everything binds 127.0.0.1.
@@ -60,6 +63,7 @@ from rich.table import Table
 
 from bench.processes import free_port, serve_argv, sim_process, wait_healthy
 from dynvm import probe
+from dynvm.api.errors import DATABASE_DOWN
 from dynvm.config import load_settings
 from dynvm.sim.control import SimControlClient
 from dynvm.xen.marker import MARKER_KEY
@@ -113,6 +117,8 @@ class Tally:
     # faults that silence a pool's running guests (their sshd stops answering): (pool, from, to)
     silences: list[tuple[int, float, float]] = field(default_factory=list)
     unjudged: int = 0  # handed-out VMs whose pool such a fault hit between the ask and the look
+    database_cuts: list[float] = field(default_factory=list)  # when PostgreSQL cut every connection
+    database_down: int = 0  # 503s saying the database did not answer, just after such a cut
 
     @contextlib.contextmanager
     def silencing(self, pool: int) -> Iterator[None]:
@@ -137,8 +143,15 @@ class Tally:
         with self.lock:
             self.requests += 1
             self.statuses[response.status_code] += 1
-            if response.status_code >= 500 and response.status_code != 502:
+            if response.status_code == 503 and DATABASE_DOWN in response.text and self._just_cut():
+                self.database_down += 1  # a statement in flight when its connection was cut: try again
+            elif response.status_code >= 500 and response.status_code != 502:
                 self.server_errors.append(f"{response.status_code} {response.request.url.path}: {response.text[:200]}")
+
+    def _just_cut(self) -> bool:
+        """With the lock held: PostgreSQL cut its connections within ``CUT_ANSWERS`` seconds."""
+        now = time.time()
+        return any(at <= now <= at + CUT_ANSWERS for at in self.database_cuts)
 
     def granted(self, grants: list[Grant]) -> None:
         with self.lock:
@@ -481,7 +494,10 @@ FAULTS = (
     "the master dies: emergency transition",
     "restore the oldest backup",
     "start a copy of the database",
+    "PostgreSQL cuts every connection",
 )
+POSTGRES_ONLY = ("PostgreSQL cuts every connection",)
+CUT_ANSWERS = 10.0  # seconds after a cut in which a 503 "the database does not answer" is its doing
 
 
 ONLY: tuple[str, ...] = ()  # --faults: inject only these (a rehearsal of some of them)
@@ -634,14 +650,28 @@ def inject(kind: str, lab: Lab, servers: Servers, tally: Tally, rng: random.Rand
             if servers.start_copy(copy, servers.log_dir):
                 with tally.lock:
                     tally.copies_started.append(time.strftime("%H:%M:%S"))
+        case "PostgreSQL cuts every connection":
+            # a failover, a restart, a proxy that drops its links: every backend of the
+            # soak's database ends, idle or mid-statement, under the replicas' load
+            assert isinstance(servers.db, str), "PostgreSQL only (faults_for)"
+            with tally.lock:
+                tally.database_cuts.append(time.time())
+            cut_connections(servers.db.rsplit("/", 1)[1])
         case "the master dies: emergency transition":
             with tally.silencing(pool):
                 _master_dies(lab, control, pool, hold, stop)
 
 
+def faults_for(backend: str) -> tuple[str, ...]:
+    """The faults a soak on ``backend`` injects: SQLite has no connection to cut."""
+    kinds = ONLY or FAULTS
+    return kinds if backend == "postgres" else tuple(kind for kind in kinds if kind not in POSTGRES_ONLY)
+
+
 def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event) -> None:
-    while not stop.wait(rng.uniform(8, 20)) and time.monotonic() < until:
-        kind = rng.choice(ONLY or FAULTS)
+    kinds = faults_for("sqlite" if isinstance(servers.db, Path) else "postgres")
+    while not stop.wait(rng.uniform(8, 20)) and time.monotonic() < until and kinds:
+        kind = rng.choice(kinds)
         with tally.lock:
             tally.faults[kind] += 1
         try:
@@ -704,6 +734,20 @@ def fresh_postgres() -> tuple[str, str]:
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", name
+
+
+def cut_connections(name: str) -> int:
+    """End every backend of database ``name`` but this one, as a server restart does; how
+    many it ended."""
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()) AS ended",
+            (name,),
+        ).fetchone()
+    return int(ended[0]) if ended else 0
 
 
 def drop_postgres(name: str) -> None:
@@ -814,7 +858,7 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     row("VMs granted", len(tally.grants))
     row("  of them from a ready pool", tally.warm)
     row("faults injected", sum(tally.faults.values()))
-    for kind in FAULTS:
+    for kind in faults_for(backend):
         row(f"  {kind}", tally.faults.get(kind, 0))
     row("VMs left behind", figures["vms_left"], 0)
     row("disks left behind", figures["disks_left"], 0)
@@ -830,7 +874,9 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     row("  not judged: a fault silenced their pool meanwhile", tally.unjudged)
     row("over-commits", len(tally.overcommits), 0)
     row("leases lost", len(tally.lost), 0)
-    row("5xx other than 502", five, 0)
+    if "PostgreSQL cuts every connection" in faults_for(backend):
+        row("  503s: a statement in flight when PostgreSQL cut its connection", tally.database_down)
+    row("5xx other than 502 (and those 503s)", five - tally.database_down, 0)
     return out
 
 
