@@ -457,3 +457,35 @@ def test_a_ready_vm_still_being_made_stops_and_gives_its_room_to_a_request():
         assert all("its room went to a request" in (x.error or "") for x in ended)
         assert hosts.blocked == 6  # the other six are still being made
         assert engine.ready_pools._backoff.waiting("1") == 0  # making way is no failure of the host
+
+
+def test_the_forecasts_room_per_os_is_what_a_request_of_that_os_could_have() -> None:
+    """``_room_by_os`` weighs every OS in one look, each host's room given back once per OS
+    whose idle VMs it holds: per OS, it is what ``available_count`` says a request of that
+    OS could have (its idle VMs, and the room every other OS's idle VMs give back), and what
+    weighing each OS's candidates on their own, as it once did, gave."""
+    from dynvm.engine import placement
+    from dynvm.replay.hot_paths import _settle
+    from dynvm.replay.model import VirtualClock
+    from dynvm.replay.runner import ReplayOptions, model_engine
+
+    clock = VirtualClock(1000.0)
+    options = ReplayOptions(hosts=3, policy="fixed", fixed={"centos": 5, "windows": 3})
+    with model_engine({"centos", "windows", "debian"}, options, clock) as (service, hosts):
+        service.ready_pools.tick()
+        _settle(service, hosts, clock, 8)
+        service.acquire(LeaseRequest("held", "debian", count=4))  # some room taken for good
+        service.acquire(LeaseRequest("warm", "centos", count=2))  # and two idle VMs taken off
+        settings = service.settings
+        oses = settings.os_keys
+        room = service.ready_pools._room_by_os(settings, oses, placement.Weigher())
+        assert room == {os: service.available_count(os) for os in oses}
+        stock, capacity = service.ready_pools.stock, service.capacity
+        reserved = capacity.reserved_now()
+        idle = [lease for lease in service.lease_store.pooled() if lease.pooled and lease.pooled_at is not None]
+        for os in oses:
+            mine = {lease.id for lease in idle if lease.os == os}
+            alone = stock.give_back_idle(capacity.candidates(settings, os, None, None, reserved), mine, idle)
+            assert room[os] == len(mine) + placement.available(alone), os
+        # the look met idle VMs of two OSes (each OS's room has the other's given back) and an OS with none
+        assert sorted(lease.os for lease in idle) == ["centos"] * 3 + ["windows"] * 3

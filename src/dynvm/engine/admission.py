@@ -312,9 +312,11 @@ class Admission:
         with self._locked(settings) as (conn, reserved):
             reserved = list(reserved)  # and, as they are placed, this pass's own
             queued = self.ctx.requests.in_state(RequestState.QUEUED, conn=conn)
+            # every host's room weighed once for all the OSes: a VM placed takes its room
+            # there (``Spread.take``), and the next OS's candidates share that room
+            rooms = self.capacity.rooms(settings, reserved)
             for os, count in wanted:
-                # their rooms shrink as this OS's VMs are placed; the next OS's see them in ``reserved``
-                spread = placement.Spread(self._locked_candidates(settings, reserved, os, None, None))
+                spread = placement.Spread(self.capacity.candidates(settings, os, None, None, reserved, rooms=rooms))
                 for _ in range(count):
                     if headroom > 0 and spread.available() <= headroom:
                         break

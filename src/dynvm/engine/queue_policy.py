@@ -13,9 +13,8 @@ next).
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from ..store.leases import LeaseStore
 from ..store.requests import RequestRecord, RequestStore
 from . import eta
 from .capacity import Capacity, reservations_by_host
+from .latest import Latest, median_of_sorted
 
 YIELD_SECONDS = 2.0  # how soon an idle ready-pool VM makes way for a waiting request (a pools pass)
 LEARN_EVERY = 30.0  # seconds (the engine's clock) between reading the create and hold times of leases
@@ -93,9 +93,11 @@ class QueuePolicy:
         self._learned_at = float("-inf")
         self._hold: dict[str, float] = {}
         # what was learned so far, per OS (the latest LEARN_KEEP), and where the next read starts
-        self._creates: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
-        self._holds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
-        self._fractions: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LEARN_KEEP))
+        self._all_creates: list[float] = []  # every OS's kept create times, in order
+        self._all_fractions: list[float] = []
+        self._creates: dict[str, Latest] = defaultdict(lambda: Latest(LEARN_KEEP, self._all_creates))
+        self._holds: dict[str, Latest] = defaultdict(lambda: Latest(LEARN_KEEP))
+        self._fractions: dict[str, Latest] = defaultdict(lambda: Latest(LEARN_KEEP, self._all_fractions))
         self._made, self._ended = _ReadFrom(), _ReadFrom()
         # during a pass: what requests alike share (needs per host, whether they can ever
         # fit), computed once; templates and host sizes do not change within a pass
@@ -114,15 +116,14 @@ class QueuePolicy:
         now = self.clock()
         if self._timing is None or now - self._learned_at >= LEARN_EVERY:
             self._learn()
-            creates = [s for v in self._creates.values() for s in v]
-            fractions = [f for v in self._fractions.values() for f in v]
+            creates, fractions = self._all_creates, self._all_fractions
             self._timing = eta.Timing(
-                create={os: statistics.median(v) for os, v in self._creates.items() if v},
-                hold_fraction={os: statistics.median(v) for os, v in self._fractions.items() if v},
-                any_create=statistics.median(creates) if creates else None,
-                any_hold_fraction=statistics.median(fractions) if fractions else None,
+                create={os: v.median() for os, v in self._creates.items() if v},
+                hold_fraction={os: v.median() for os, v in self._fractions.items() if v},
+                any_create=median_of_sorted(creates) if creates else None,
+                any_hold_fraction=median_of_sorted(fractions) if fractions else None,
             )
-            self._hold = {os: statistics.median(v) for os, v in self._holds.items() if v}
+            self._hold = {os: v.median() for os, v in self._holds.items() if v}
             self._learned_at = now
         return self._timing
 

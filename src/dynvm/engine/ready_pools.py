@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from ..backoff import REFILL, Backoff
 from ..config import Settings
 from ..model import Lease, LeaseRequest
+from ..provider import HostRoom
 from ..states import Actor, LeaseState, RequestState
 from ..store.requests import RequestRecord
 from ..trace import Demand, requests_in_history
@@ -45,7 +46,7 @@ from .creator import Creator
 from .demand_model import KEEP_SECONDS
 from .giving_way import GivingWay, MakingCancel
 from .queue_policy import QueuePolicy
-from .ready_stock import ReadyStock, is_idle, oldest_first
+from .ready_stock import ReadyStock, give_back, is_idle, oldest_first
 from .release import Releaser
 from .sizing import Forecast, LearnedSizing
 
@@ -182,16 +183,35 @@ class ReadyPools:
     def _room_by_os(self, settings: Settings, oses: list[str], weigher: placement.Weigher) -> dict[str, int]:
         """Per OS, how many of its VMs the pools could hold if they held nothing else: its
         ready VMs, and what fits with every other idle ready VM's room given back (as
-        ``LeaseService.available_count``, in one read for all OSes)."""
+        ``LeaseService.available_count``, in one read for all OSes). A host's room is
+        weighed once per OS, and given back once per OS whose idle VMs it holds (plus once
+        for the OSes it holds none of): not copied for every OS."""
         reserved = self.capacity.reserved_now()
         ready = [lease for lease in self.ctx.leases.pooled() if is_idle(lease)]
         rooms = self.capacity.rooms(settings, reserved)
-        out = {}
-        for os in oses:
-            candidates = self.capacity.candidates(settings, os, None, None, reserved, rooms=rooms)
-            mine = {lease.id for lease in ready if lease.os == os}
-            candidates = self.stock.give_back_idle(candidates, exclude=mine, pooled=ready)
-            out[os] = len(mine) + weigher.available(candidates)
+        idle_on: dict[str, list[Lease]] = {}
+        for lease in ready:
+            idle_on.setdefault(lease.host_ref, []).append(lease)
+        out = {os: sum(1 for lease in ready if lease.os == os) for os in oses}
+        for host in settings.hosts:
+            room = rooms.get(host.ref)
+            if room is None:
+                continue
+            idle = idle_on.get(host.ref, [])
+            kept = {lease.os for lease in idle}
+            # the OS whose idle VMs stay (None: none) -> the room with the others' given back
+            given: dict[str | None, HostRoom] = {} if idle else {None: room}
+            for os in oses:
+                need = self.ctx.provider.need(host, os, None, None)
+                if need is None:
+                    continue
+                stays = os if os in kept else None
+                if stays not in given:
+                    given[stays] = back = room.copy()
+                    for lease in idle:
+                        if lease.os != stays:
+                            give_back(back, lease)
+                out[os] += weigher.fits(given[stays], need)
         return out
 
     def _slots_by_os(self, settings: Settings, oses: list[str], weigher: placement.Weigher) -> dict[str, int]:
