@@ -63,6 +63,32 @@ def test_the_schema_behaves_as_on_sqlite(fresh_pg):
     db.close()
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_leases_and_their_reservations_are_inserted_together_and_a_clash_leaves_neither(db_url, batch):
+    """On PostgreSQL one statement writes a lease and its reservation (``insert``); on
+    SQLite two. Either way a batch's reservations hold what each lease was given, and a name
+    in use leaves no lease and no reservation of the batch behind."""
+    db = Database(db_url)
+    db.migrate()
+    store = LeaseStore(db)
+    first = [lease(f"job{n}", memory=(n + 1) * GiB) for n in range(batch)]
+    with db.write() as conn:
+        store.insert(conn, first, [(n + 1) * GiB + 17 for n in range(batch)])
+    with db.read() as conn:
+        held = {row["lease_id"]: row for row in store.pending_reservations(conn)}
+    assert {lease.id: held[lease.id]["memory"] for lease in first} == {
+        lease.id: (n + 1) * GiB + 17 for n, lease in enumerate(first)
+    }
+    assert all(held[lease.id]["cpus"] == 4 and held[lease.id]["host_ref"] == "1" for lease in first)
+    clashing = [lease(f"other{n}") for n in range(batch - 1)] + [lease(f"job{batch - 1}")]
+    with pytest.raises(NameInUse), db.write() as conn:
+        store.insert(conn, clashing)
+    with db.read() as conn:
+        assert sorted(row["lease_id"] for row in store.pending_reservations(conn)) == sorted(x.id for x in first)
+    assert sorted(x.name for x in store.active()) == sorted(x.name for x in first)
+    db.close()
+
+
 def test_history_stats_and_queries_agree_with_sqlite(fresh_pg):
     db = Database(fresh_pg)
     db.migrate()

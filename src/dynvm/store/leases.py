@@ -193,6 +193,16 @@ def _insert_statement(table: Table) -> Insert:
 
 
 @functools.cache
+def _insert_with_reservation_statement() -> Insert:
+    """PostgreSQL: a lease and its reservation in one round trip (a statement in WITH
+    runs once whether or not the outer one reads it); each column bound as ``l_<column>``
+    for the lease, ``r_<column>`` for the reservation."""
+    born = insert(leases).values({f: bindparam(f"l_{f}") for f in LEASE_FIELDS}).cte("born")
+    holds = insert(reservations).values({c.name: bindparam(f"r_{c.name}") for c in reservations.columns})
+    return holds.add_cte(born)
+
+
+@functools.cache
 def _reservations_statement() -> Select[tuple[object, ...]]:
     return select(reservations)
 
@@ -494,14 +504,20 @@ class LeaseStore:
         for lease in new:
             LEASES.check_born(lease.state)
         reserve = list(reserve_memory) if reserve_memory is not None else [lease.memory for lease in new]
+        born = [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new]
+        holds = [reservation_row(lease, m) for lease, m in zip(new, reserve, strict=True)]
         try:
-            self.db.run_many(
-                conn, _insert_statement(leases), [{f: getattr(lease, f) for f in LEASE_FIELDS} for lease in new]
-            )
-        except IntegrityError:
+            if not self.db.is_sqlite:  # one round trip
+                rows = [
+                    {f"l_{f}": v for f, v in lease.items()} | {f"r_{c}": v for c, v in hold.items()}
+                    for lease, hold in zip(born, holds, strict=True)
+                ]
+                self.db.run_many(conn, _insert_with_reservation_statement(), rows)
+                return
+            self.db.run_many(conn, _insert_statement(leases), born)
+        except IntegrityError:  # the reservation's key is the new lease's own
             raise NameInUse("a VM name of this request is already in use by another lease") from None
-        rows = [reservation_row(lease, m) for lease, m in zip(new, reserve, strict=True)]
-        self.db.run_many(conn, _insert_statement(reservations), rows)
+        self.db.run_many(conn, _insert_statement(reservations), holds)
 
     def mark_ready(
         self,
