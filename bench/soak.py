@@ -2,7 +2,8 @@
 
 Clients get, hold and release VMs through the legacy and v1 APIs (some of them waiting in
 the queue with ``wait=``, so queued and creating requests meet every fault) while a fault thread
-injects, one at a time and in random order, the faults real labs have: kill -9 of a
+injects, one at a time, every kind once in a shuffled order before any comes again (a
+10-minute run meets each), the faults real labs have: kill -9 of a
 ``dynvm serve``, a host refusing or hanging, APIPA and DHCP exhaustion, failing clone,
 start, destroy and disk destroy, sessions invalidated, a slow host, guests whose sshd never
 answers, pool members down or in maintenance, a new master, an operator restoring the
@@ -670,8 +671,12 @@ def faults_for(backend: str) -> tuple[str, ...]:
 
 def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event) -> None:
     kinds = faults_for("sqlite" if isinstance(servers.db, Path) else "postgres")
+    deck: list[str] = []
     while not stop.wait(rng.uniform(8, 20)) and time.monotonic() < until and kinds:
-        kind = rng.choice(kinds)
+        if not deck:  # every kind once, in a shuffled order, before any comes again
+            deck = list(kinds)
+            rng.shuffle(deck)
+        kind = deck.pop()
         with tally.lock:
             tally.faults[kind] += 1
         try:
