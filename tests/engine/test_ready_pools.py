@@ -489,3 +489,40 @@ def test_the_forecasts_room_per_os_is_what_a_request_of_that_os_could_have() -> 
             assert room[os] == len(mine) + placement.available(alone), os
         # the look met idle VMs of two OSes (each OS's room has the other's given back) and an OS with none
         assert sorted(lease.os for lease in idle) == ["centos"] * 3 + ["windows"] * 3
+
+
+def test_a_pool_taken_out_of_the_configuration_is_not_taken_from_until_its_vms_are_recycled() -> None:
+    """Its idle VMs are like another OS's: a request of its OS is made cold (the pools are
+    not even read), the scheduler does not count them as covering a queued request, and
+    the next pass recycles them. Every part asks ``ReadyStock.eligible``, so none counts
+    on ready VMs another part would not take."""
+    from dynvm.replay.hot_paths import _settle
+    from dynvm.replay.model import VirtualClock
+    from dynvm.replay.runner import ReplayOptions, model_engine
+    from dynvm.states import RequestState
+
+    clock = VirtualClock(1000.0)
+    options = ReplayOptions(hosts=2, policy="fixed", fixed={"centos": 2})
+    with model_engine({"centos", "windows"}, options, clock) as (service, hosts):
+        service.ready_pools.tick()
+        _settle(service, hosts, clock, 2)
+        stock, settings = service.ready_pools.stock, service.settings
+        assert stock.eligible(settings, "centos", None, None)
+        assert not stock.eligible(settings, "windows", None, None)  # no pool is kept for it
+        assert not stock.eligible(settings, "centos", 8, None)  # another size than the template's
+        learned = dataclasses.replace(settings.ready_pools, targets={}, sizing="learned")
+        assert stock.eligible(dataclasses.replace(settings, ready_pools=learned), "windows", None, None)
+        without = dataclasses.replace(settings, ready_pools=dataclasses.replace(settings.ready_pools, targets={}))
+        service.ctx.settings = lambda: without
+        idle = {lease.id for lease in service.lease_store.pooled()}
+        assert len(idle) == 2
+        with service.lease_store.db.counting() as count:
+            [lease] = service.acquire(LeaseRequest("after", "centos"))
+        assert lease.pooled_at is None  # made cold
+        assert lease.id not in idle
+        assert count.statements == 12  # a cold getservers, which does not read the pools
+        record = service.submit(LeaseRequest("waiting", "centos"), 3600, "v1")
+        assert not service.scheduler._served_warm(without, record, {})  # not served as if warm
+        assert service.request_store.get(record.id).state == RequestState.QUEUED
+        service.ready_pools.tick()
+        assert {lease.id for lease in service.lease_store.pooled()} & idle == set()  # recycled

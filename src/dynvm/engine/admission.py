@@ -162,7 +162,7 @@ class Admission:
             names.refuse_on_hosts(ctx, settings, wanted)  # the hosts' mirrors: no database read
             queued = ctx.requests.in_state(RequestState.QUEUED, conn=conn) if immediate else []
             ready = []
-            takes = self.stock.eligible(request.cpus, request.memory) and settings.ready_pools.keeps(request.os)
+            takes = self.stock.eligible(settings, request.os, request.cpus, request.memory)
             if takes and not any(r.os == request.os for r in queued):
                 # read with the hosts locked, so what another request took is seen taken
                 # (and those who wait for this OS are served from its pool first)

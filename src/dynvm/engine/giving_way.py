@@ -82,7 +82,9 @@ class GivingWay:
         removed what it made (the caller tries again for ``ROOM_SHOWS_WITHIN``). ``pooled``:
         the pools' VMs as the caller read them."""
         self.short_now()
-        own = self.stock.eligible(request.cpus, request.memory)  # then its own OS's ready VMs are its to take
+        own = self.stock.eligible(
+            settings, request.os, request.cpus, request.memory
+        )  # then its own OS's ready VMs are its to take
         with self._lock:
             making = dict(self._making)
         idle, being_made = [], []
@@ -141,7 +143,7 @@ class GivingWay:
         cold: list[tuple[RequestRecord, int]] = []  # each waiting request, and how many of its VMs need room
         for record in waiting:
             warm: list[Lease] = []
-            if self.stock.eligible(record.cpus, record.memory):
+            if self.stock.eligible(settings, record.os, record.cpus, record.memory):
                 free = [
                     lease
                     for lease in idle

@@ -129,7 +129,7 @@ class Queue:
         except NotEnoughCapacity as shortage:
             queued = self.ctx.requests.in_state(RequestState.QUEUED)
             waits = any(r.os == request.os for r in queued)  # then it takes none
-            takes = self.ready_pools.stock.eligible(request.cpus, request.memory) and not waits
+            takes = self.ready_pools.stock.eligible(settings, request.os, request.cpus, request.memory) and not waits
             warm = len(self.ready_pools.stock.idle(settings, request.os, request.host_ref)) if takes else 0
             cold = request.count - min(warm, request.count)
             if not self.ready_pools.make_room(settings, request, cold):

@@ -57,9 +57,11 @@ class ReadyStock:
         self._clock = clock
 
     @staticmethod
-    def eligible(cpus: int | None, memory: int | None) -> bool:
-        """Whether a request may take ready VMs: it asks for the template's own size."""
-        return cpus is None and memory is None
+    def eligible(settings: Settings, os: str, cpus: int | None, memory: int | None) -> bool:
+        """Whether a request may take ready VMs: it asks for the template's own size, of an
+        OS a pool is kept for (``ReadyPoolSettings.keeps``; the idle VMs left of a pool taken
+        out of the configuration are like other OSes' until the next pass recycles them)."""
+        return cpus is None and memory is None and settings.ready_pools.keeps(os)
 
     def idle(
         self,

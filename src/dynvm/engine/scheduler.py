@@ -203,7 +203,7 @@ class Scheduler:
     def _served_warm(self, settings: Settings, record: RequestRecord, warm: dict[tuple[str, str | None], int]) -> bool:
         """Serve a request its ready pool covers whole (it takes no new room, so it delays
         no one); True when it was."""
-        if not self.stock.eligible(record.cpus, record.memory):
+        if not self.stock.eligible(settings, record.os, record.cpus, record.memory):
             return False
         key = (record.os, record.host_ref)
         if key not in warm:
