@@ -669,8 +669,10 @@ def faults_for(backend: str) -> tuple[str, ...]:
     return kinds if backend == "postgres" else tuple(kind for kind in kinds if kind not in POSTGRES_ONLY)
 
 
-def faults(lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event) -> None:
-    kinds = faults_for("sqlite" if isinstance(servers.db, Path) else "postgres")
+def faults(
+    backend: str, lab: Lab, servers: Servers, tally: Tally, until: float, rng: random.Random, stop: threading.Event
+) -> None:
+    kinds = faults_for(backend)
     deck: list[str] = []
     while not stop.wait(rng.uniform(8, 20)) and time.monotonic() < until and kinds:
         if not deck:  # every kind once, in a shuffled order, before any comes again
@@ -741,18 +743,15 @@ def fresh_postgres() -> tuple[str, str]:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", name
 
 
-def cut_connections(name: str) -> int:
-    """End every backend of database ``name`` but this one, as a server restart does; how
-    many it ended."""
+def cut_connections(name: str) -> None:
+    """End every backend of database ``name`` but this one, as a server restart does."""
     import psycopg
 
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        ended = conn.execute(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = %s AND pid <> pg_backend_pid()) AS ended",
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
             (name,),
-        ).fetchone()
-    return int(ended[0]) if ended else 0
+        )
 
 
 def drop_postgres(name: str) -> None:
@@ -800,7 +799,7 @@ def _soak(backend: str, minutes: float, seed: int, work: Path, databases: list[s
             threading.Thread(target=client, args=(n, servers, lab, tally, until, random.Random(seed * 100 + n)))
             for n in range(CLIENTS)
         ]
-        threads.append(threading.Thread(target=faults, args=(lab, servers, tally, until, rng, stop)))
+        threads.append(threading.Thread(target=faults, args=(backend, lab, servers, tally, until, rng, stop)))
         watcher = threading.Thread(target=sampler, args=(lab, tally, stop))
         threads.append(threading.Thread(target=backups, args=(servers, stop)))
         started = time.monotonic()
