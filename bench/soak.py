@@ -878,8 +878,10 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     row("  not judged: a fault silenced their pool meanwhile", tally.unjudged)
     row("over-commits", len(tally.overcommits), 0)
     row("leases lost", len(tally.lost), 0)
-    if "PostgreSQL cuts every connection" in faults_for(backend):
-        row("  503s: a statement in flight when PostgreSQL cut its connection", tally.database_down)
+    if "PostgreSQL cuts every connection" not in faults_for(backend):
+        row("5xx other than 502", five, 0)
+        return out
+    row("  503s: a statement in flight when PostgreSQL cut its connection", tally.database_down)
     row("5xx other than 502 (and those 503s)", five - tally.database_down, 0)
     return out
 
