@@ -100,6 +100,7 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: int = 0
     statuses: Counter = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)  # the 429s, by why (``why_refused``)
     faults: Counter = field(default_factory=Counter)
     connection_errors: int = 0
     grants: list[Grant] = field(default_factory=list)
@@ -144,6 +145,8 @@ class Tally:
         with self.lock:
             self.requests += 1
             self.statuses[response.status_code] += 1
+            if response.status_code == 429:
+                self.refusals[why_refused(response.text)] += 1
             if response.status_code == 503 and DATABASE_DOWN in response.text and self._just_cut():
                 self.database_down += 1  # a statement in flight when its connection was cut: try again
             elif response.status_code >= 500 and response.status_code != 502:
@@ -179,6 +182,19 @@ class Tally:
                     if old.received < new.received < old.valid_until:
                         early = old.valid_until - new.received
                         self.doubles.append(f"{ip}: {new.name} got it {early:.2f} s before {old.name} let it go")
+
+
+REFUSALS = {  # what a 429 says -> why it was refused
+    "after waiting": "waited its wait= and no room came",
+    "wait in the queue for the room": "queued requests come first",
+    "not enough capacity for": "the hosts were full",
+}
+
+
+def why_refused(answer: str) -> str:
+    """Why a getservers was answered 429, by its message: the soak's clients fill the lab on
+    purpose, so most should say it was full, or that the queue came first."""
+    return next((why for words, why in REFUSALS.items() if words in answer), f"other: {answer[:80]}")
 
 
 class Lab:
@@ -858,6 +874,8 @@ def table(backend: str, tally: Tally, figures: dict[str, object], minutes: float
     five = sum(n for status, n in tally.statuses.items() if status >= 500 and status != 502)
     row("requests answered", tally.requests)
     row("  by status", ", ".join(f"{s}: {n}" for s, n in sorted(tally.statuses.items())))
+    for why, n in tally.refusals.most_common():
+        row(f"  429: {why}", n)
     row("  connection errors (dynvm serve killed)", tally.connection_errors)
     row("VMs granted", len(tally.grants))
     row("  of them from a ready pool", tally.warm)

@@ -272,3 +272,27 @@ def test_the_eta_of_requests_queued_behind_leases_that_expire_is_within_a_fifth_
     assert accuracy.samples == 2
     assert accuracy.p90 is not None
     assert accuracy.p90 <= 0.2
+
+
+def test_the_soak_tells_its_429s_apart_by_what_dynvm_says(make_services):
+    """The soak counts its 429s by why (``bench.soak.why_refused``): the hosts full, the
+    queue's head first, or a wait that ran out. It reads the words the engine says."""
+    from bench.soak import why_refused
+
+    clock = FakeClock()
+    services, _ = make_services(clock=clock, **SMALL)
+    engine = services.engine
+    engine.acquire(LeaseRequest("holder", "centos", count=2))
+    with pytest.raises(NotEnoughCapacity) as full:
+        engine.acquire(LeaseRequest("more", "centos"))
+    assert why_refused(str(full.value)) == "the hosts were full"
+    head = engine.submit(LeaseRequest("head", "centos", count=2), wait_seconds=60)
+    engine.release_names(["holder2"])  # room for one: the head needs two, and comes first
+    with pytest.raises(NotEnoughCapacity) as behind:
+        engine.acquire(LeaseRequest("pushy", "centos"))
+    assert why_refused(str(behind.value)) == "queued requests come first"
+    clock.advance(61)
+    engine.scheduler.run_pass()
+    record = engine.request_store.get(head.id)
+    assert record.state == "timed out"
+    assert why_refused(record.error) == "waited its wait= and no room came"
