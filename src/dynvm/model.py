@@ -252,3 +252,15 @@ ANONYMOUS = Caller()
 def vm_names(username: str, count: int) -> list[str]:
     """``count=1``: the VM is named after the user; more: ``<user>1`` ... ``<user><count>``."""
     return [username] if count == 1 else [f"{username}{n}" for n in range(1, count + 1)]
+
+
+NAME_DIGITS = "0123456789"  # what a request adds to its username to name its VMs
+
+
+def name_root(name: str) -> str:
+    """A name without its trailing digits. Two names of which one is the other plus
+    digits have one root; so do a username and every name a request for it makes: two
+    callers' names can only clash under one root (``engine/names.py``), and the database
+    finds the leases under a root by an index of this same expression
+    (``store/tables.py``: ``rtrim(name, '0123456789')``)."""
+    return name.rstrip(NAME_DIGITS)

@@ -106,11 +106,11 @@ def test_the_hot_reads_of_active_leases_search_only_the_active_ones(tmp_path: Pa
         "pooled": store.pooled,
         "held": store.held,
         "idle_pooled": lambda: store.idle_pooled("centos"),
-        "held_by_others (anonymous)": lambda: store.held_by_others(None, "c"),
-        "held_by_others": lambda: store.held_by_others("bob", "c"),
+        "held_by_others (anonymous)": lambda: store.held_by_others(None, "ci"),
+        "held_by_others": lambda: store.held_by_others("bob", "ci"),
         "pool_stock": store.pool_stock,
     }
-    active_only = {"uq_leases_active_name", "ix_leases_active_pooled_os"}
+    active_only = {"uq_leases_active_name", "ix_leases_active_pooled_os", "ix_leases_active_root"}
     for what, read in reads.items():
         [plan] = _plans(db, read)
         index = plan[0].partition(" USING INDEX ")[2].partition(" ")[0]
@@ -120,8 +120,10 @@ def test_the_hot_reads_of_active_leases_search_only_the_active_ones(tmp_path: Pa
 
 def test_the_names_in_a_requests_way_are_read_at_once_each_half_through_its_own_index(tmp_path: Path):
     """A reservation reads the leases of its names and the other callers' leases under its
-    first letter in one statement (``LeaseStore.in_the_way``): the same leases as the two
-    reads it replaces, and neither half scans (an ``OR`` would make SQLite scan them all)."""
+    username's root in one statement (``LeaseStore.in_the_way``): the same leases as the two
+    reads it replaces, and neither half scans (an ``OR`` would make SQLite scan them all):
+    the other callers' half finds its root in ``ix_leases_active_root``, not by going
+    through every active lease."""
     from dynvm.store.leases import LeaseStore
 
     from ..pg.test_replicas import lease
@@ -129,21 +131,23 @@ def test_the_names_in_a_requests_way_are_read_at_once_each_half_through_its_own_
     db = Database(f"sqlite:///{tmp_path / 'd.db'}")
     db.migrate()
     store = LeaseStore(db)
-    rows = [("ci1", "alice"), ("ci2", "bob"), ("cx", "bob"), ("c_", "carol"), ("dz", "bob"), ("ca", None)]
+    rows = [("ci1", "alice"), ("ci2", "bob"), ("ci", "dave"), ("cx", "bob"), ("c_", "carol"), ("dz", "bob")]
     with db.write() as conn:
-        store.insert(conn, [lease(name, caller=caller) for name, caller in rows])
-    for caller, first, names in (("alice", "c", ["ci1", "ci2"]), (None, "c", ["ci2", "dz"]), ("bob", "d", ["zz"])):
-        named, others = store.in_the_way(names, caller, first)
+        store.insert(conn, [lease(name, caller=caller) for name, caller in [*rows, ("ci3", None)]])
+    for caller, root, names in (("alice", "ci", ["ci1", "ci2"]), (None, "ci", ["ci2", "dz"]), ("bob", "d", ["zz"])):
+        named, others = store.in_the_way(names, caller, root)
         assert [x.name for x in named] == [x.name for x in store.by_name(names)]
-        assert [x.name for x in others] == [x.name for x in store.held_by_others(caller, first)]
-    named, others = store.in_the_way(["ci1", "ci2"], "alice", "c")
+        assert [x.name for x in others] == [x.name for x in store.held_by_others(caller, root)]
+    named, others = store.in_the_way(["ci1", "ci2"], "alice", "ci")
     assert [x.name for x in named] == ["ci1", "ci2"]
-    assert [x.name for x in others] == ["c_", "ci2", "cx"]  # bob's ci2 is both: in each list, as from each read
-    [plan] = _plans(db, lambda: store.in_the_way(["ci1", "ci2"], "alice", "c"))
+    # bob's ci2 is both (in each list, as from each read); cx and c_ have other roots, and
+    # the anonymous ci3 owns no prefix
+    assert [x.name for x in others] == ["ci", "ci2"]
+    [plan] = _plans(db, lambda: store.in_the_way(["ci1", "ci2"], "alice", "ci"))
     searches = [line for line in plan if line.startswith(("SEARCH", "SCAN"))]
     assert searches == [
         "SEARCH leases USING INDEX uq_leases_active_name (name=?)",
-        "SEARCH leases USING INDEX ix_leases_active_pooled_os (pooled=?)",
+        "SEARCH leases USING INDEX ix_leases_active_root (<expr>=?)",
     ]
     db.close()
 

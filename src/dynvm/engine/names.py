@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Connection
 
 from ..config import Settings
-from ..model import Lease, LeaseRequest, NameInUse, vm_names
+from ..model import Lease, LeaseRequest, NameInUse, name_root, vm_names
 from .context import EngineContext
 
 
@@ -30,7 +30,7 @@ def refuse_taken(ctx: EngineContext, request: LeaseRequest, conn: Connection | N
     way (``LeaseStore.in_the_way``). ``conn``: the reservation's transaction, with the
     hosts locked (a prefix has no unique index)."""
     wanted = vm_names(request.username, request.count)
-    named, others = ctx.leases.in_the_way(wanted, request.caller, request.username[0], conn)
+    named, others = ctx.leases.in_the_way(wanted, request.caller, name_root(request.username), conn)
     refuse_leased(named, request)
     refuse_under_others(others, request)
 
@@ -41,7 +41,7 @@ def refuse_under_others(others: list[Lease], request: LeaseRequest) -> None:
     alice's ``al1``, ``al2``), or another user's names fall under this one's. An anonymous
     request (``[auth] required=false``) may not take a token holder's either; anonymous
     leases own no prefix, as the seed's never did. ``others``: the active leases of other
-    callers whose names start as the request's (``LeaseStore.held_by_others``)."""
+    callers whose names have the root of the request's (``LeaseStore.held_by_others``)."""
     mine = vm_names(request.username, request.count)
     for lease in others:
         theirs_over_mine = any(_under(name, lease.username) for name in mine)

@@ -38,7 +38,7 @@ from sqlalchemy.sql.elements import BindParameter
 from ..model import CreatedVm, Lease, NameInUse
 from ..states import ACTIVE_LEASE_STATES, LEASES, Actor, LeaseState
 from .db import Database
-from .tables import active_lease, host_locks, leases, reservations
+from .tables import active_lease, host_locks, leases, reservations, root_of_name
 
 LEASE_FIELDS = [c.name for c in leases.columns]
 
@@ -56,11 +56,6 @@ def _lease(row: Sequence[Any]) -> Lease:
     lease = object.__new__(Lease)
     lease.__dict__.update(values)
     return lease
-
-
-def _starting_with(first: str) -> str:
-    """A LIKE pattern (escaped by ``\\``) of the names that start with ``first``."""
-    return first.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def reservation_row(lease: Lease, memory: int) -> dict[str, object]:
@@ -138,7 +133,7 @@ def _held_by_others_where(anonymous: bool) -> ColumnElement[bool]:
         active_lease()
         & (leases.c.pooled == false())
         & leases.c.caller.is_not(None)
-        & leases.c.name.like(bindparam("pattern"), escape="\\")
+        & (root_of_name() == bindparam("root"))
     )
     if not anonymous:
         where &= leases.c.caller != bindparam("caller")
@@ -303,21 +298,20 @@ class LeaseStore:
         """Active leases of these names; ready-pool VMs are nobody's lease yet and never match."""
         return self._rows(_by_name_statement(), {"names": list(names)}, conn)
 
-    def held_by_others(self, caller: str | None, first: str, conn: Connection | None = None) -> list[Lease]:
+    def held_by_others(self, caller: str | None, root: str, conn: Connection | None = None) -> list[Lease]:
         """Active leases of authenticated callers other than ``caller`` (all of them for an
-        anonymous one) whose names start with ``first`` (every name that can share a
-        prefix with a request starting so)."""
-        pattern = _starting_with(first)
-        values = {"pattern": pattern} | ({"caller": caller} if caller is not None else {})
+        anonymous one) whose names have the root ``root`` (``model.name_root``: every name
+        that can clash with a request whose username has that root), through the index
+        ``ix_leases_active_root``."""
+        values = {"root": root} | ({"caller": caller} if caller is not None else {})
         return self._rows(_held_by_others_statement(caller is None), values, conn)
 
     def in_the_way(
-        self, names: Iterable[str], caller: str | None, first: str, conn: Connection | None = None
+        self, names: Iterable[str], caller: str | None, root: str, conn: Connection | None = None
     ) -> tuple[list[Lease], list[Lease]]:
-        """``by_name(names)`` and ``held_by_others(caller, first)``, read at once: what a
+        """``by_name(names)`` and ``held_by_others(caller, root)``, read at once: what a
         reservation checks a request's names against."""
-        pattern = _starting_with(first)
-        values = {"names": list(names), "pattern": pattern} | ({"caller": caller} if caller is not None else {})
+        values = {"names": list(names), "root": root} | ({"caller": caller} if caller is not None else {})
         named: list[Lease] = []
         others: list[Lease] = []
         with self.db.reading(conn) as reading:

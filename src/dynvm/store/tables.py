@@ -21,11 +21,13 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    func,
     literal_column,
     text,
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from ..model import NAME_DIGITS
 from ..states import ACTIVE_LEASE_STATES, LeaseState, RequestState
 
 metadata = MetaData()
@@ -92,6 +94,16 @@ leases = Table(
     Index("ix_leases_pooled_at", "pooled_at"),  # the pools' counts of the last day
     CheckConstraint(_in(LeaseState), name="ck_leases_state"),
 )
+
+
+def root_of_name() -> ColumnElement[str]:
+    """A lease's ``name_root`` in SQL, as the index ``ix_leases_active_root`` is made: the
+    digits written into the statement (a bound parameter would not match the index)."""
+    return func.rtrim(leases.c.name, literal_column(f"'{NAME_DIGITS}'"))
+
+
+# the other callers' leases a request's names could clash with: those under its root
+Index("ix_leases_active_root", root_of_name(), sqlite_where=text(ACTIVE_SQL), postgresql_where=text(ACTIVE_SQL))
 
 # What an in-flight create holds on a host until its VM runs (then the host's own figures
 # count it) or the create fails.
