@@ -8,7 +8,9 @@
   before the change (``BEFORE``, taken with ``git archive``), each in its own process
   (``engine_worker.py``), in ``ROUNDS`` rounds with the trees in turn: the median and the
   range of the rounds are printed (this machine's speed drifts by a fifth from minute to
-  minute; one run each would compare the drift as much as the trees);
+  minute; one run each would compare the drift as much as the trees), and the ratio of
+  each round's two runs, which met the same minute (a ratio of the medians can pair a
+  fast minute of one tree with a slow one of the other);
 - **a week at ten times the synthetic week's demand** (29,310 requests, 140 model hosts,
   learned pools) replayed in virtual time: the goal is <= 90 s. It is the longest part of
   this bench (minutes, until the goal is met).
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "7064336"  # main before issue 27
 PG = os.environ.get("DYNVM_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 SQLITE, POSTGRES = "SQLite, 1 replica", "PostgreSQL, 2 replicas"
-ROUNDS = 3  # each throughput measured this many times, the trees in turn (``_throughput``)
+ROUNDS = 5  # each throughput measured this many times, the trees in turn (``_throughput``)
 SECONDS = 8.0
 THREADS = 4
 
@@ -122,6 +124,13 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
+def _paired(before: list[dict[str, float]], after: list[dict[str, float]]) -> str:
+    """The after / before ratio of each round (its two runs ran one after the other, so they
+    met the same minute of this machine), as the median and the range of the rounds."""
+    ratios = [a["per_second"] / b["per_second"] for b, a in zip(before, after, strict=True)]
+    return f"{statistics.median(ratios):.2f} x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def _spread(runs: list[dict[str, float]]) -> str:
     """The median rate and the range of the rounds."""
     rates = [r["per_second"] for r in runs]
@@ -153,6 +162,7 @@ def run() -> Table:
             _spread(after),
             f"{_median(after, 'per_second') / _median(before, 'per_second'):.2f} x",
         )
+        table.add_row(f"  after / before, round by round: median (range) of {ROUNDS}", "", "", _paired(before, after))
         table.add_row(
             f"  statements per lease (getservers + release), {backend}",
             f"{_median(before, 'statements_per_lease'):g}",
