@@ -10,35 +10,20 @@ import pytest
 
 from dynvm.engine.names import refuse_under_others
 from dynvm.model import Lease, LeaseRequest, NameInUse, name_root, vm_names
-from dynvm.states import LeaseState
+
+from ..pg.test_replicas import lease
 
 USERNAMES = ["a", "a1", "a12", "a2", "a21", "ab", "a1b", "a1b2", "1", "12", "b", "x9y9"]
 COUNTS = [1, 2, 3, 12]
 
 
 def _lease(username: str, name: str) -> Lease:
-    return Lease(
-        id=f"{name}-id",
-        request_id="r",
-        name=name,
-        username=username,
-        os="centos",
-        host_ref="1",
-        template="t",
-        state=LeaseState.READY,
-        cpus=1,
-        memory=1,
-        disk=1,
-        created_at=0.0,
-        expires_at=1.0,
-        owner="o",
-        caller=f"{username}-caller",
-    )
+    return lease(name, username=username, caller=f"{username}-caller")
 
 
-def _clashes(request: LeaseRequest, lease: Lease) -> bool:
+def _clashes(request: LeaseRequest, theirs: Lease) -> bool:
     try:
-        refuse_under_others([lease], request)
+        refuse_under_others([theirs], request)
     except NameInUse:
         return True
     return False
