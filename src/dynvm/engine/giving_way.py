@@ -82,9 +82,8 @@ class GivingWay:
         removed what it made (the caller tries again for ``ROOM_SHOWS_WITHIN``). ``pooled``:
         the pools' VMs as the caller read them."""
         self.short_now()
-        own = self.stock.eligible(
-            settings, request.os, request.cpus, request.memory
-        )  # then its own OS's ready VMs are its to take
+        # then its own OS's ready VMs are its to take
+        own = self.stock.eligible(settings, request.os, request.cpus, request.memory)
         with self._lock:
             making = dict(self._making)
         idle, being_made = [], []
