@@ -6,9 +6,10 @@ import threading
 from pathlib import Path
 
 from dynvm.config import load_settings
+from dynvm.engine.ready_stock import POOL_USER
 from dynvm.hosts import HostSettings
 from dynvm.model import VmSpec
-from dynvm.replay.model import ModelHosts, VirtualClock
+from dynvm.replay.model import CountedBuilders, ModelHosts, VirtualClock
 from dynvm.replay.runner import ReplayOptions, _config
 
 
@@ -51,3 +52,34 @@ def test_a_listing_handed_out_is_the_callers_own(tmp_path: Path) -> None:
     mine = hosts.machines(host)
     mine.clear()
     assert [m.name for m in hosts.machines(host)] == ["alice"]
+
+
+def test_the_replay_is_told_when_its_builds_have_ended_or_wait_for_the_clock(tmp_path: Path) -> None:
+    """``CountedBuilders.settled``: not while a build runs; yes once every build has ended
+    or waits for the virtual clock; not again once the clock wakes a create, until its
+    build has ended."""
+    hosts, clock, host = _hosts(tmp_path)
+    builders = CountedBuilders(clock)
+    try:
+        go = threading.Event()
+        running = builders.submit(go.wait, 5)
+        assert not builders.settled(hosts, timeout=0.05)  # a build runs
+        go.set()
+        running.result(timeout=5)
+        assert builders.settled(hosts, timeout=5)
+        spec = VmSpec(name=f"{POOL_USER}-centos-1", os="centos", template="model-centos", lease_id="lease-pool")
+        made = builders.submit(lambda: hosts.create(host, spec, lambda *_: None, threading.Event(), lambda _: None, 1))
+        assert builders.settled(hosts, timeout=5)  # its create waits for the clock
+        assert hosts.blocked == 1
+        assert not made.done()
+        finish = threading.Event()
+        after = builders.submit(finish.wait, 5)
+        clock.advance(clock.now + 65.0)  # the create's end: it is woken
+        assert not builders.settled(hosts, timeout=0.05)  # the other build still runs
+        finish.set()
+        after.result(timeout=5)
+        assert builders.settled(hosts, timeout=5)
+        assert made.result(timeout=5).ref
+        assert hosts.blocked == 0
+    finally:
+        builders.shutdown(wait=True)

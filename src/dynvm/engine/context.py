@@ -11,7 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from ..config import Settings
 from ..model import Lease
@@ -68,11 +68,13 @@ class EngineContext:
     # a request's build waits on its VMs' creates: never in the create pool, or a full pool
     # of builds would wait for creates that no thread is left to run
     builders: ThreadPoolExecutor = field(init=False)
+    # the builders' pool when given: a replay's, which counts the work running on it (``replay/model.py``)
+    given_builders: InitVar[ThreadPoolExecutor | None] = None
     side_by_side: SideBySide = field(init=False)  # destroys and hand-outs of several VMs at once
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, given_builders: ThreadPoolExecutor | None) -> None:
         self.creates = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="create")
-        self.builders = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="build")
+        self.builders = given_builders or ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="build")
         self.side_by_side = SideBySide()
 
     def report(self, event: str, *args: object) -> None:

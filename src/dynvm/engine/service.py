@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from ..config import Settings
 from ..model import ANONYMOUS, Caller, Lease, LeaseRequest
@@ -57,9 +58,11 @@ class LeaseService:
         owner: str | None = None,
         events: LeaseEvents | None = None,
         pools_reload_seconds: float | None = RELOAD_SECONDS,
+        builders: ThreadPoolExecutor | None = None,
     ) -> None:
         """``pools_reload_seconds``: how often the ready pools' demand model is read again
-        from the history (None: once; ``dynvm replay``)."""
+        from the history (None: once; ``dynvm replay``). ``builders``: the pool the builds
+        and refills run on (None: one of its own; a replay gives one that counts them)."""
         db = lease_store.db
         ctx = EngineContext(
             settings=settings,
@@ -73,6 +76,7 @@ class LeaseService:
             owner=process_name(owner),
             events=events or LeaseEvents(),
             max_workers=max_workers,
+            given_builders=builders,
         )
         self.ctx = ctx
         self.installation_store = InstallationStore(db)

@@ -16,7 +16,9 @@ import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from ..config import Settings, windows_os
 from ..engine.ready_stock import POOL_USER
@@ -44,6 +46,10 @@ HOST_DISK = 2 * 1024 * GiB
 SIZES = {"linux": (4, 4 * GiB, 35 * GiB), "windows": (6, 6 * GiB, 71 * GiB)}  # vCPUs, memory, disk
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
 def size_of(os: str) -> tuple[int, int, int]:
     return SIZES["windows" if windows_os(os) else "linux"]
 
@@ -58,6 +64,8 @@ class VirtualClock:
         self.now = start
         self._moved = threading.Condition()
         self._waiting: set[ModelHosts] = set()  # the hosts whose creates wait for this clock
+        # told when a create begins to wait for this clock, or a build ends (``CountedBuilders``)
+        self.work_moved = threading.Condition()
 
     def __call__(self) -> float:
         return self.now
@@ -95,6 +103,8 @@ class VirtualClock:
             hosts.blocked += 1
             hosts.wakes.append(at)
             self._waiting.add(hosts)
+            with self.work_moved:
+                self.work_moved.notify_all()
             while self.now < at:  # advance() takes it off the count
                 if cancel is not None and cancel.is_set():
                     hosts.wakes.remove(at)
@@ -102,6 +112,40 @@ class VirtualClock:
                     return False
                 self._moved.wait(CANCEL_LOOK)
             return True
+
+
+class CountedBuilders(ThreadPoolExecutor):
+    """The engine's builders' pool in a replay (``LeaseService(builders=...)``): it counts
+    the builds and refills running on it, so that the replay knows, without asking the
+    database, when all its engine has left to do waits for the virtual clock (``settled``)."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(max_workers=256, thread_name_prefix="build")
+        self._clock = clock
+        self.running = 0
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        with self._clock.work_moved:
+            self.running += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done(None)
+            raise
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _: object) -> None:
+        with self._clock.work_moved:
+            self.running -= 1
+            self._clock.work_moved.notify_all()
+
+    def settled(self, hosts: ModelHosts, timeout: float) -> bool:
+        """Wait until every build and refill has ended or waits for the clock (a create
+        the clock has woken is no longer counted as waiting: ``VirtualClock.advance``).
+        False when ``timeout`` (wall seconds) passed first."""
+        with self._clock.work_moved:
+            return self._clock.work_moved.wait_for(lambda: self.running <= hosts.blocked, timeout)
 
 
 @dataclass
