@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import IntegrityError
 
 from dynvm.store.db import Database
@@ -188,7 +188,7 @@ def test_a_batch_commits_after_at_most_max_members_writers(db: Database):
 def traced(db: Database) -> list[str]:
     """Every statement SQLite runs from now on, savepoints sent to the driver included."""
     statements: list[str] = []
-    db.engine.dispose()
+    db.close()  # its connections, the writers' kept one too, are made again, traced
 
     def connected(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_connection.set_trace_callback(statements.append)
@@ -243,3 +243,26 @@ def test_a_read_sends_sqlite_no_transaction_of_its_own_and_still_sees_what_was_c
         "COMMIT",
         "SELECT count(*) FROM rows",
     ]
+
+
+def test_writers_keep_their_connection_from_one_transaction_to_the_next(db: Database):
+    """Checking a connection out of the pool for every write cost more than a statement. A
+    writer whose body raised leaves it rolled back and clean for the next."""
+    checkouts: list[object] = []
+    event.listen(db.engine, "checkout", lambda dbapi, record, proxy: checkouts.append(dbapi))
+    with db.write() as conn:
+        conn.execute(text("INSERT INTO rows VALUES ('one')"))
+    first = len(checkouts)  # none when the fixture's write kept one already
+
+    def two_then_a_taken_name(conn: Connection) -> None:
+        conn.execute(text("INSERT INTO rows VALUES ('two')"))
+        conn.execute(text("INSERT INTO rows VALUES ('one')"))
+
+    with pytest.raises(IntegrityError), db.write() as conn:
+        two_then_a_taken_name(conn)
+    for name in ("three", "four"):
+        with db.write() as conn:
+            conn.execute(text(f"INSERT INTO rows VALUES ('{name}')"))
+    assert first <= 1
+    assert len(checkouts) == first
+    assert committed(db) == {"one", "three", "four"}
