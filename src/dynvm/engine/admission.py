@@ -320,10 +320,12 @@ class Admission:
                 for _ in range(count):
                     if headroom > 0 and spread.available() <= headroom:
                         break
-                    if spread.available(is_open) < 1:
-                        break
                     record = RequestRecord.of(LeaseRequest(username=POOL_USER, os=os, count=1), str(uuid.uuid4()))
-                    if not self.policy.may_serve_now(settings, reserved, record, queued):
+                    # (with no queue it may: then take() alone says whether an open host has room)
+                    if queued and (
+                        spread.available(is_open) < 1
+                        or not self.policy.may_serve_now(settings, reserved, record, queued)
+                    ):
                         break
                     choice = spread.take(is_open)
                     if choice is None:

@@ -124,11 +124,12 @@ class Spread:
         self.candidates = list(candidates)
         self._fits = [c.room.fits(c.need) for c in self.candidates]
         self._order = [-int(c.host.ref) if c.host.ref.isdigit() else 0 for c in self.candidates]
+        self._total = sum(self._fits)  # kept as VMs are placed: a pools pass asks before each
 
     def available(self, among: Callable[[Candidate], bool] | None = None) -> int:
         """How many more VMs fit, on every candidate or on those ``among`` allows."""
         if among is None:
-            return sum(self._fits)
+            return self._total
         return sum(fits for c, fits in zip(self.candidates, self._fits, strict=True) if among(c))
 
     def take(self, among: Callable[[Candidate], bool] | None = None) -> Placement | None:
@@ -144,7 +145,9 @@ class Spread:
             return None
         chosen = self.candidates[best]
         member = chosen.room.take(chosen.need)
-        self._fits[best] = chosen.room.fits(chosen.need)
+        fits = chosen.room.fits(chosen.need)
+        self._total += fits - self._fits[best]
+        self._fits[best] = fits
         return Placement(chosen, member)
 
 
