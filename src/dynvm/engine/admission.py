@@ -1,12 +1,20 @@
 """Admission: whether a request may have VMs, and the one transaction that gives it room.
 
 ``validate`` refuses at once what can never be served as asked. ``reserve`` names the VMs
-(SPEC.md §1), refuses names held by a lease or by any VM on any host, then, in one write
-transaction, locks the hosts, reads what is reserved, takes idle ready-pool VMs first and
+(SPEC.md §1), then, in one write transaction, locks the hosts, refuses names held by a
+lease or by any VM on any host, reads what is reserved, takes idle ready-pool VMs first and
 places the rest, checks the quota, and inserts the leases with their reservations: two
 requests never both get the last slot. The same lock-and-place transaction
 (``_locked``, ``_place_one``) serves a create that moves to another host (``place_again``),
 a ready VM made cold (``reserve_in_place_of``) and a pools pass's refills (``reserve_pool_vms``).
+
+The locks: every reservation is inserted with its host's lock held, and room is decided by
+what is reserved as read with that lock held. A getservers on PostgreSQL whose decision
+depends on its hosts alone locks only the hosts it places on (``_may_lock_narrowly``), so
+two of them on different hosts do not wait for each other; everything else locks every
+host. Names that could clash are checked one after the other under the lock of their root
+(``LeaseStore.lock_names``), and with a host's lock held (a replica of the version before
+checks them with every host locked, and takes no root's lock).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from ..model import (
     NotEnoughCapacity,
     QuotaExceeded,
     ShuttingDown,
+    name_root,
     vm_names,
 )
 from ..states import RequestState
@@ -41,6 +50,11 @@ from .queue_policy import QueuePolicy
 from .ready_stock import POOL_USER, ReadyStock, pool_name
 
 log = logging.getLogger(__name__)
+
+
+class _RoomTakenMeanwhile(Exception):
+    """A reservation that locked only the hosts it chose found their room taken between
+    its read without a lock and its read with their locks (``Admission._place_on_locked``)."""
 
 
 class Admission:
@@ -92,7 +106,8 @@ class Admission:
     @contextmanager
     def _locked(self, settings: Settings) -> Iterator[tuple[Connection, list[dict[str, object]]]]:
         """A write transaction with every host's lock taken, and what is reserved as read
-        under those locks: the only way room is ever given."""
+        under those locks: how room is given, but for a getservers that may lock only the
+        hosts it places on (``reserve``)."""
         with self.ctx.leases.db.write() as conn:
             self.ctx.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             yield conn, self.capacity.reservations(conn)
@@ -147,43 +162,71 @@ class Admission:
         request that does not wait, which may take room (or ready VMs) only if that delays
         no queued request (``QueuePolicy.may_serve_now``). ``record``: the request's row,
         written by this transaction unless it exists (a request that does not wait: one
-        refused leaves no row)."""
-        ctx = self.ctx
-        if ctx.stopping.is_set():
+        refused leaves no row).
+
+        Which locks it takes: the lock of its names' root, always (``LeaseStore.lock_names``),
+        then every host's, unless it may lock only the hosts it places on
+        (``_may_lock_narrowly``): on PostgreSQL, two such reservations on different hosts
+        then run side by side. One of those that finds the room of its hosts taken
+        meanwhile starts again with every host locked."""
+        if self.ctx.stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
         self.validate(request)
+        if self._may_lock_narrowly(settings, request, immediate):
+            try:
+                return self._reserve(settings, request, request_id, immediate, record, narrowly=True)
+            except _RoomTakenMeanwhile:
+                log.debug(
+                    "request %s: the room of the hosts it chose was taken meanwhile; again, locking every host",
+                    request_id,
+                )
+        return self._reserve(settings, request, request_id, immediate, record, narrowly=False)
+
+    def _may_lock_narrowly(self, settings: Settings, request: LeaseRequest, immediate: bool) -> bool:
+        """A reservation may lock only the hosts it places on when what it decides depends
+        on those hosts alone: on PostgreSQL (SQLite's writers take turns: nothing to gain),
+        for a request that does not wait (the queue's turn is weighed over every host), with
+        no per-user quota (counted over every host) and no ready pool it could take from
+        (which idle VM another request took is seen with every host locked)."""
+        quota = settings.quota
+        return (
+            immediate
+            and not self.ctx.leases.db.is_sqlite
+            and not quota.vms_per_user
+            and not quota.memory_per_user
+            and not self.stock.eligible(settings, request.os, request.cpus, request.memory)
+        )
+
+    def _reserve(
+        self,
+        settings: Settings,
+        request: LeaseRequest,
+        request_id: str,
+        immediate: bool,
+        record: RequestRecord | None,
+        narrowly: bool,
+    ) -> list[Lease]:
+        ctx = self.ctx
         wanted = vm_names(request.username, request.count)
         now = ctx.clock()
         lifetime = capped_lifetime_minutes(settings, request.expires_in_minutes) * 60
-        with self._locked(settings) as (conn, reserved):
-            # names are checked with the hosts locked, and only then: a prefix has no
-            # unique index, so two requests checking it at once must not both pass
+        with ctx.leases.db.write() as conn:
+            # a name prefix has no unique index: two requests whose names could clash
+            # check them one after the other, under the lock of their names' root...
+            ctx.leases.lock_names(conn, name_root(request.username))
+            hosts = self._lock_the_hosts_it_would_place_on(conn, settings, request) if narrowly else None
+            if hosts is None:
+                ctx.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
+            # ...and of at least one host: a replica of an older version, which takes no
+            # root's lock, checks them with every host locked
             names.refuse_taken(ctx, request, conn)
             names.refuse_on_hosts(ctx, settings, wanted)  # the hosts' mirrors: no database read
-            queued = ctx.requests.in_state(RequestState.QUEUED, conn=conn) if immediate else []
-            ready = []
-            takes = self.stock.eligible(settings, request.os, request.cpus, request.memory)
-            if takes and not any(r.os == request.os for r in queued):
-                # read with the hosts locked, so what another request took is seen taken
-                # (and those who wait for this OS are served from its pool first)
-                ready = self.stock.idle(settings, request.os, request.host_ref, limit=request.count, conn=conn)
-            warm = ready[: request.count]
+            warm: list[Lease] = []
+            if hosts is not None:
+                chosen = self._place_on_locked(conn, settings, request, hosts)
+            else:
+                warm, chosen = self._choose_with_every_host_locked(conn, settings, request, request_id, immediate)
             cold_names = wanted[len(warm) :]
-            chosen: list[placement.Placement] = []
-            if cold_names:
-                candidates = self._locked_candidates(
-                    settings, reserved, request.os, request.cpus, request.memory, only=request.host_ref
-                )
-                try:
-                    chosen = placement.place(len(cold_names), request.os, candidates)
-                except NotEnoughCapacity as e:
-                    raise NotEnoughCapacity(self.capacity.explain_shortage(settings, str(e), request)) from None
-                cold = dataclasses.replace(RequestRecord.of(request, request_id), count=len(cold_names))
-                if queued and not self.policy.may_serve_now(settings, reserved, cold, queued):
-                    raise NotEnoughCapacity(
-                        f"not enough capacity for {request.count} {request.os} VM(s) now: {len(queued)} request(s) "
-                        "wait in the queue for the room it would take; ask with wait=<minutes> to queue behind them"
-                    )
             memory = [lease.memory for lease in warm] + [c.need.static_max for c in chosen]
             self._check_quota(settings, request, memory, conn)
             taken = []
@@ -238,6 +281,78 @@ class Admission:
             f" ({len(taken)} from the ready pool)" if taken else "",
         )
         return new
+
+    def _choose_with_every_host_locked(
+        self, conn: Connection, settings: Settings, request: LeaseRequest, request_id: str, immediate: bool
+    ) -> tuple[list[Lease], list[placement.Placement]]:
+        """With every host locked, choose: the ready VMs the request takes, and where the
+        rest are made. Refuses when they do not fit, or would delay a queued request."""
+        ctx = self.ctx
+        reserved = self.capacity.reservations(conn)
+        queued = ctx.requests.in_state(RequestState.QUEUED, conn=conn) if immediate else []
+        ready = []
+        takes = self.stock.eligible(settings, request.os, request.cpus, request.memory)
+        if takes and not any(r.os == request.os for r in queued):
+            # read with the hosts locked, so what another request took is seen taken
+            # (and those who wait for this OS are served from its pool first)
+            ready = self.stock.idle(settings, request.os, request.host_ref, limit=request.count, conn=conn)
+        warm = ready[: request.count]
+        cold = request.count - len(warm)
+        if not cold:
+            return warm, []
+        try:
+            chosen = placement.place(cold, request.os, self._candidates_for(settings, request, reserved))
+        except NotEnoughCapacity as e:
+            raise NotEnoughCapacity(self.capacity.explain_shortage(settings, str(e), request)) from None
+        record = dataclasses.replace(RequestRecord.of(request, request_id), count=cold)
+        if queued and not self.policy.may_serve_now(settings, reserved, record, queued):
+            raise NotEnoughCapacity(
+                f"not enough capacity for {request.count} {request.os} VM(s) now: {len(queued)} request(s) "
+                "wait in the queue for the room it would take; ask with wait=<minutes> to queue behind them"
+            )
+        return warm, chosen
+
+    def _candidates_for(
+        self, settings: Settings, request: LeaseRequest, reserved: list[dict[str, object]]
+    ) -> list[placement.Candidate]:
+        """Where the request's VMs could go, ``reserved`` counted as taken."""
+        return self._locked_candidates(
+            settings, reserved, request.os, request.cpus, request.memory, only=request.host_ref
+        )
+
+    def _lock_the_hosts_it_would_place_on(
+        self, conn: Connection, settings: Settings, request: LeaseRequest
+    ) -> list[str] | None:
+        """Place the request's VMs (all made cold) as the reservations read without a lock
+        say, and lock only the hosts chosen; their refs. None when it is every host's lock
+        that must decide (nothing is locked then): requests wait (whether this one may go
+        before them is weighed over every host), or that read finds no room (the refusal
+        then says why, host by host, after the names are checked)."""
+        if self.ctx.requests.in_state(RequestState.QUEUED, conn=conn):
+            return None
+        seen = self._candidates_for(settings, request, self.capacity.reservations(conn))
+        try:
+            guess = placement.place(request.count, request.os, seen)
+        except NotEnoughCapacity:
+            return None
+        refs = sorted({choice.host.ref for choice in guess})
+        self.ctx.leases.lock_hosts(conn, refs)
+        return refs
+
+    def _place_on_locked(
+        self, conn: Connection, settings: Settings, request: LeaseRequest, refs: list[str]
+    ) -> list[placement.Placement]:
+        """Place the request's VMs among the hosts ``refs`` whose locks this transaction
+        holds, as the reservations read now say: every reservation on a host is inserted
+        with that host's lock held, so this is what their room really is. Raises
+        ``_RoomTakenMeanwhile`` when their room went to others since the read without a lock."""
+        locked = [
+            c for c in self._candidates_for(settings, request, self.capacity.reservations(conn)) if c.host.ref in refs
+        ]
+        try:
+            return placement.place(request.count, request.os, locked)
+        except NotEnoughCapacity:
+            raise _RoomTakenMeanwhile from None
 
     def place_again(
         self,

@@ -12,11 +12,13 @@ its WHERE again on the row as that one left it, so two releasers never both move
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Integer,
     Table,
     bindparam,
     delete,
@@ -179,6 +181,25 @@ def _ended_since_statement() -> Select[tuple[object, ...]]:
 def _lock_hosts_statement() -> Select[tuple[object, ...]]:
     where = host_locks.c.ref.in_(_ids("refs"))
     return select(host_locks.c.ref).where(where).order_by(host_locks.c.ref).with_for_update()
+
+
+# the advisory locks of name roots are PostgreSQL's two-key kind, under this first key: apart
+# from the one-key lock the leader holds (``leadership.py``), whatever the hashes
+NAMES_LOCK_SPACE = 0x64796E76  # "dynv"
+
+
+@functools.cache
+def _lock_names_statement() -> Select[tuple[object, ...]]:
+    space = bindparam("space", type_=Integer)
+    return select(func.pg_advisory_xact_lock(space, bindparam("key", type_=Integer)))
+
+
+def names_lock_key(root: str) -> int:
+    """The advisory lock of a name root (``lock_names``): 32 bits of a hash of it, the
+    same in every replica and every version (Python's own ``hash`` is salted per process).
+    Two roots that share a key only check their names one after the other."""
+    digest = hashlib.blake2b(f"dynvm names {root}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 @functools.cache
@@ -475,7 +496,9 @@ class LeaseStore:
         Why row locks: a reservation reads what is reserved, decides, then inserts; two
         replicas doing that at once on PostgreSQL (READ COMMITTED) could both see the last
         slot free. ``SELECT ... FOR UPDATE`` on one row per host makes the second wait until
-        the first commits, and its reads then see the first's reservations. Rows are created
+        the first commits, and its reads then see the first's reservations. A reservation
+        locks every host, or only those it places on (``Admission``): what matters is that
+        a reservation on a host is only ever inserted with that host's lock held. Rows are created
         on first use (``ON CONFLICT DO NOTHING``, so replicas may race to create them), then
         locked in turn: the common case is one statement.
         SQLite has no row locks: ``Database.write()`` opens BEGIN IMMEDIATE, which
@@ -489,6 +512,16 @@ class LeaseStore:
                 postgresql.insert(host_locks).values([{"ref": ref} for ref in missing]).on_conflict_do_nothing()
             )
             self.db.run(conn, _lock_hosts_statement(), {"refs": missing})
+
+    def lock_names(self, conn: Connection, root: str) -> None:
+        """Take the lock of a name root for the rest of the transaction: two reservations
+        whose names could clash (they have one root: ``model.name_root``) check them one
+        after the other, each seeing what the other inserted. A prefix has no unique index,
+        and since a reservation may lock only the hosts it places on (``Admission``), two
+        of them can hold no host lock in common. On PostgreSQL an advisory lock (no row,
+        nothing written); on SQLite, whose writers take turns, nothing to take."""
+        if not self.db.is_sqlite:
+            self.db.run(conn, _lock_names_statement(), {"space": NAMES_LOCK_SPACE, "key": names_lock_key(root)})
 
     def insert(self, conn: Connection, new: Sequence[Lease], reserve_memory: Sequence[int] | None = None) -> None:
         """Insert leases in state ``creating`` with their reservations; a name already held
