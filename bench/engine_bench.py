@@ -170,7 +170,9 @@ def run() -> Table:
             f"{_median(after, 'statements_per_lease') / _median(before, 'statements_per_lease'):.2f} x",
         )
     for cost in paths:
-        table.add_row(f"statements / transactions: {cost.path}", "", f"{cost.statements} / {cost.transactions}", "")
+        table.add_row(
+            f"statements / write transactions: {cost.path}", "", f"{cost.statements} / {cost.transactions}", ""
+        )
     table.add_row(
         "a week at 10x demand, 140 hosts, learned pools: replay wall time",
         "",

@@ -175,7 +175,8 @@ class Database:
 
 @dataclass
 class StatementCount:
-    """What ``Database.counting`` saw: statements (``BEGIN`` aside), and commits."""
+    """What ``Database.counting`` saw: statements (``BEGIN`` aside), and commits: the
+    write transactions (a read opens none, ``Database.read``)."""
 
     statements: int = 0
     transactions: int = 0
