@@ -1,5 +1,5 @@
-"""A reservation on PostgreSQL that locks only the hosts it places on
-(``Admission._place_narrowly``), and the lock of its names' root
+"""A getservers on PostgreSQL that locks only the hosts it places on
+(``HostLocks``), and the lock of its names' root
 (``LeaseStore.lock_names``): what each one lets run side by side, and what each one makes
 wait. A second connection holds the locks a competing replica would hold, so that each
 race happens in the order the test says, not by chance. The engine runs on model hosts
@@ -7,8 +7,9 @@ race happens in the order the test says, not by chance. The engine runs on model
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,9 @@ from sqlalchemy import Connection, create_engine, text
 
 from dynvm.config import Settings, load_settings
 from dynvm.engine.service import LeaseService
+from dynvm.hosts import HostSettings
 from dynvm.model import Lease, LeaseRequest, NameInUse
+from dynvm.provider import HostStatus
 from dynvm.replay.model import ModelHosts, VirtualClock
 from dynvm.replay.runner import ReplayOptions, _config
 from dynvm.store.db import Database
@@ -32,24 +35,48 @@ T = TypeVar("T")
 WAITS = 0.5  # wall seconds in which a reservation that does not wait for a lock is done
 
 
+class TwoSectionsOfOnePool(ModelHosts):
+    """Model hosts whose section 2 names the pool section 1 counts (``same_pool_as``), as a
+    replica that has found it out sees them."""
+
+    def status(self, host: HostSettings) -> HostStatus | None:
+        status = super().status(host)
+        return dataclasses.replace(status, same_pool_as="1") if status is not None and host.ref == "2" else status
+
+
 @pytest.fixture
-def engine(fresh_pg: str, tmp_path: Path) -> Iterator[tuple[LeaseService, Database, Settings]]:
-    """dynvm's engine on two empty model hosts and the test's PostgreSQL database; the
-    hosts' lock rows made by a first lease, released."""
-    settings = load_settings(_config(tmp_path / "two.ini", {"centos"}, ReplayOptions(hosts=2, policy="none")))
-    clock = VirtualClock(1_000_000.0)
-    hosts = ModelHosts(clock, 65.0)
-    hosts.apply(settings)
-    db = Database(fresh_pg)
-    db.migrate()
-    service = LeaseService(lambda: settings, hosts, LeaseStore(db), HistoryStore(db, None, clock), clock=clock)
-    service.acquire(LeaseRequest("first", "centos", count=2))  # one on each host: both rows exist
-    service.release_names(["first1", "first2"])
-    try:
-        yield service, db, settings
-    finally:
+def make_engine(fresh_pg: str, tmp_path: Path) -> Iterator[Callable[..., tuple[LeaseService, Database, Settings]]]:
+    """dynvm's engine on two empty model hosts and the test's PostgreSQL database, with
+    ``extra`` lines in its configuration; the hosts' lock rows made by a first lease,
+    released."""
+    made: list[tuple[LeaseService, Database]] = []
+
+    def make(extra: str = "", hosts_kind: type[ModelHosts] = ModelHosts) -> tuple[LeaseService, Database, Settings]:
+        path = _config(tmp_path / "two.ini", {"centos"}, ReplayOptions(hosts=2, policy="none"))
+        path.write_text(path.read_text() + "\n" + extra)
+        settings = load_settings(path)
+        clock = VirtualClock(1_000_000.0)
+        hosts = hosts_kind(clock, 65.0)
+        hosts.apply(settings)
+        db = Database(fresh_pg)
+        db.migrate()
+        service = LeaseService(lambda: settings, hosts, LeaseStore(db), HistoryStore(db, None, clock), clock=clock)
+        made.append((service, db))
+        with competitor(fresh_pg) as conn:  # both hosts' lock rows, as a first reservation makes them
+            conn.execute(text("INSERT INTO host_locks (ref) VALUES ('1'), ('2') ON CONFLICT DO NOTHING"))
+        return service, db, settings
+
+    yield make
+    for service, db in made:
         service.shutdown(grace=5)
         db.close()
+
+
+@pytest.fixture
+def engine(
+    make_engine: Callable[..., tuple[LeaseService, Database, Settings]],
+) -> tuple[LeaseService, Database, Settings]:
+    return make_engine()
 
 
 @contextmanager
@@ -128,7 +155,7 @@ def test_a_host_whose_room_went_to_another_meanwhile_is_not_over_committed(engin
 
 
 def test_names_that_could_clash_are_checked_one_after_the_other_and_others_go_on(engine, fresh_pg):
-    """bob asks for ``al`` while another replica, holding the lock of the root ``al``,
+    """bob asks for ``al7`` while another replica, holding the lock of the root ``al``,
     gives alice ``al1``: bob waits for it, then is refused (a name prefix is its first
     holder's). Meanwhile a request under another root goes on."""
     service, _, _ = engine
@@ -138,8 +165,8 @@ def test_names_that_could_clash_are_checked_one_after_the_other_and_others_go_on
                 text("SELECT pg_advisory_xact_lock(:space, :key)"),
                 {"space": NAMES_LOCK_SPACE, "key": names_lock_key("al")},
             )
-            bob = pool.submit(lambda: service.acquire(LeaseRequest("al", "centos", caller="bob")))
-            until_it_waits(fresh_pg, bob)
+            bob = pool.submit(lambda: service.acquire(LeaseRequest("al7", "centos", caller="bob")))
+            until_it_waits(fresh_pg, bob)  # "al7" has the root "al": its lock, not one of "al7"
             zed = pool.submit(lambda: service.acquire(LeaseRequest("zed", "centos", caller="zed")))
             assert [v.name for v in zed.result(timeout=WAITS * 10)] == ["zed"]
             assert not bob.done()
@@ -171,3 +198,36 @@ def test_a_replica_of_the_version_before_which_takes_no_roots_lock_still_has_its
             LeaseStore(Database(fresh_pg)).insert(older, [lease("al1", username="al", caller="alice")])
         with pytest.raises(NameInUse, match="alice"):
             bob.result(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("why", "extra"),
+    [
+        ("a per-user quota is counted over every host", "[quota]\nvms.per.user=10\n"),
+        ("which ready VM another request took is seen with every host locked", "[pools]\ncentos.ready=1\n"),
+    ],
+)
+def test_a_getservers_whose_decision_is_not_its_hosts_alone_locks_every_host(make_engine, fresh_pg, why, extra):
+    service, _, _ = make_engine(extra)
+    with ThreadPoolExecutor(1) as pool:
+        with competitor(fresh_pg) as other:
+            lock_host(other, "2")  # it would place on host 1
+            call = pool.submit(lambda: service.acquire(LeaseRequest("dave", "centos")))
+            until_it_waits(fresh_pg, call)
+            assert not call.done(), why
+        [placed] = call.result(timeout=10)
+    assert placed.host_ref == "1"
+
+
+def test_a_host_is_locked_with_every_section_that_names_its_pool(make_engine, fresh_pg):
+    """Section 2 names the pool section 1 counts: a replica that has not found that out yet
+    places on section 2 and locks it, so one that places on section 1 locks both."""
+    service, _, _ = make_engine(hosts_kind=TwoSectionsOfOnePool)
+    with ThreadPoolExecutor(1) as pool:
+        with competitor(fresh_pg) as other:
+            lock_host(other, "2")  # the replica that does not know
+            call = pool.submit(lambda: service.acquire(LeaseRequest("erin", "centos", host_ref="1")))
+            until_it_waits(fresh_pg, call)
+            assert not call.done()
+        [placed] = call.result(timeout=10)
+    assert placed.host_ref == "1"

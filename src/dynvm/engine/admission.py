@@ -8,13 +8,9 @@ requests never both get the last slot. The same lock-and-place transaction
 (``_locked``, ``_place_one``) serves a create that moves to another host (``place_again``),
 a ready VM made cold (``reserve_in_place_of``) and a pools pass's refills (``reserve_pool_vms``).
 
-The locks: every reservation is inserted with its host's lock held, and room is decided by
-what is reserved as read with that lock held. A getservers on PostgreSQL whose decision
-depends on its hosts alone locks only the hosts it places on (``_may_lock_narrowly``), so
-two of them on different hosts do not wait for each other; everything else locks every
-host. Names that could clash are checked one after the other under the lock of their root
-(``LeaseStore.lock_names``), and with a host's lock held (a replica of the version before
-checks them with every host locked, and takes no root's lock).
+Which hosts' locks: ``host_locks.py``. Names that could clash are checked one after the
+other under the lock of their root (``LeaseStore.lock_names``), and with a host's lock held
+(a replica of the version before checks them with every host locked, and takes no root's).
 """
 
 from __future__ import annotations
@@ -46,15 +42,12 @@ from ..store.requests import RequestRecord
 from . import names, placement
 from .capacity import Capacity
 from .context import EngineContext
+from .host_locks import HostLocks, RoomTakenMeanwhile
 from .queue_policy import QueuePolicy
+from .quota import check_quota
 from .ready_stock import POOL_USER, ReadyStock, pool_name
 
 log = logging.getLogger(__name__)
-
-
-class _RoomTakenMeanwhile(Exception):
-    """A reservation that locked only the hosts it chose found their room taken between
-    its read without a lock and its read with their locks (``Admission._place_on_locked``)."""
 
 
 class Admission:
@@ -63,6 +56,7 @@ class Admission:
         self.capacity = capacity
         self.stock = stock
         self.policy = policy
+        self.host_locks = HostLocks(ctx, capacity, stock)
 
     # -- refusing at once --------------------------------------------------------------
 
@@ -106,8 +100,7 @@ class Admission:
     @contextmanager
     def _locked(self, settings: Settings) -> Iterator[tuple[Connection, list[dict[str, object]]]]:
         """A write transaction with every host's lock taken, and what is reserved as read
-        under those locks: how room is given, but for a getservers that may lock only the
-        hosts it places on (``reserve``)."""
+        under those locks (a getservers may lock fewer: ``reserve``)."""
         with self.ctx.leases.db.write() as conn:
             self.ctx.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             yield conn, self.capacity.reservations(conn)
@@ -164,38 +157,20 @@ class Admission:
         written by this transaction unless it exists (a request that does not wait: one
         refused leaves no row).
 
-        Which locks it takes: the lock of its names' root, always (``LeaseStore.lock_names``),
-        then every host's, unless it may lock only the hosts it places on
-        (``_may_lock_narrowly``): on PostgreSQL, two such reservations on different hosts
-        then run side by side. One of those that finds the room of its hosts taken
-        meanwhile starts again with every host locked."""
+        Its locks: its names' root's, then every host's or only those it places on
+        (``host_locks.py``); if their room was taken meanwhile, again with every host's."""
         if self.ctx.stopping.is_set():
             raise ShuttingDown("dynvm is stopping; try again in a moment")
         self.validate(request)
-        if self._may_lock_narrowly(settings, request, immediate):
+        if self.host_locks.may_lock_narrowly(settings, request, immediate):
             try:
                 return self._reserve(settings, request, request_id, immediate, record, narrowly=True)
-            except _RoomTakenMeanwhile:
+            except RoomTakenMeanwhile:
                 log.debug(
                     "request %s: the room of the hosts it chose was taken meanwhile; again, locking every host",
                     request_id,
                 )
         return self._reserve(settings, request, request_id, immediate, record, narrowly=False)
-
-    def _may_lock_narrowly(self, settings: Settings, request: LeaseRequest, immediate: bool) -> bool:
-        """A reservation may lock only the hosts it places on when what it decides depends
-        on those hosts alone: on PostgreSQL (SQLite's writers take turns: nothing to gain),
-        for a request that does not wait (the queue's turn is weighed over every host), with
-        no per-user quota (counted over every host) and no ready pool it could take from
-        (which idle VM another request took is seen with every host locked)."""
-        quota = settings.quota
-        return (
-            immediate
-            and not self.ctx.leases.db.is_sqlite
-            and not quota.vms_per_user
-            and not quota.memory_per_user
-            and not self.stock.eligible(settings, request.os, request.cpus, request.memory)
-        )
 
     def _reserve(
         self,
@@ -214,7 +189,7 @@ class Admission:
             # a name prefix has no unique index: two requests whose names could clash
             # check them one after the other, under the lock of their names' root...
             ctx.leases.lock_names(conn, name_root(request.username))
-            hosts = self._lock_the_hosts_it_would_place_on(conn, settings, request) if narrowly else None
+            hosts = self.host_locks.lock_the_hosts_it_would_place_on(conn, settings, request) if narrowly else None
             if hosts is None:
                 ctx.leases.lock_hosts(conn, [h.ref for h in settings.hosts])
             # ...and of at least one host: a replica of an older version, which takes no
@@ -223,12 +198,12 @@ class Admission:
             names.refuse_on_hosts(ctx, settings, wanted)  # the hosts' mirrors: no database read
             warm: list[Lease] = []
             if hosts is not None:
-                chosen = self._place_on_locked(conn, settings, request, hosts)
+                chosen = self.host_locks.place_on_locked(conn, settings, request, hosts)
             else:
                 warm, chosen = self._choose_with_every_host_locked(conn, settings, request, request_id, immediate)
             cold_names = wanted[len(warm) :]
             memory = [lease.memory for lease in warm] + [c.need.static_max for c in chosen]
-            self._check_quota(settings, request, memory, conn)
+            check_quota(ctx, settings, request, memory, conn)
             taken = []
             for name, lease in zip(wanted, warm, strict=False):
                 mine = dataclasses.replace(
@@ -301,7 +276,10 @@ class Admission:
         if not cold:
             return warm, []
         try:
-            chosen = placement.place(cold, request.os, self._candidates_for(settings, request, reserved))
+            candidates = self._locked_candidates(
+                settings, reserved, request.os, request.cpus, request.memory, only=request.host_ref
+            )
+            chosen = placement.place(cold, request.os, candidates)
         except NotEnoughCapacity as e:
             raise NotEnoughCapacity(self.capacity.explain_shortage(settings, str(e), request)) from None
         record = dataclasses.replace(RequestRecord.of(request, request_id), count=cold)
@@ -311,48 +289,6 @@ class Admission:
                 "wait in the queue for the room it would take; ask with wait=<minutes> to queue behind them"
             )
         return warm, chosen
-
-    def _candidates_for(
-        self, settings: Settings, request: LeaseRequest, reserved: list[dict[str, object]]
-    ) -> list[placement.Candidate]:
-        """Where the request's VMs could go, ``reserved`` counted as taken."""
-        return self._locked_candidates(
-            settings, reserved, request.os, request.cpus, request.memory, only=request.host_ref
-        )
-
-    def _lock_the_hosts_it_would_place_on(
-        self, conn: Connection, settings: Settings, request: LeaseRequest
-    ) -> list[str] | None:
-        """Place the request's VMs (all made cold) as the reservations read without a lock
-        say, and lock only the hosts chosen; their refs. None when it is every host's lock
-        that must decide (nothing is locked then): requests wait (whether this one may go
-        before them is weighed over every host), or that read finds no room (the refusal
-        then says why, host by host, after the names are checked)."""
-        if self.ctx.requests.in_state(RequestState.QUEUED, conn=conn):
-            return None
-        seen = self._candidates_for(settings, request, self.capacity.reservations(conn))
-        try:
-            guess = placement.place(request.count, request.os, seen)
-        except NotEnoughCapacity:
-            return None
-        refs = sorted({choice.host.ref for choice in guess})
-        self.ctx.leases.lock_hosts(conn, refs)
-        return refs
-
-    def _place_on_locked(
-        self, conn: Connection, settings: Settings, request: LeaseRequest, refs: list[str]
-    ) -> list[placement.Placement]:
-        """Place the request's VMs among the hosts ``refs`` whose locks this transaction
-        holds, as the reservations read now say: every reservation on a host is inserted
-        with that host's lock held, so this is what their room really is. Raises
-        ``_RoomTakenMeanwhile`` when their room went to others since the read without a lock."""
-        locked = [
-            c for c in self._candidates_for(settings, request, self.capacity.reservations(conn)) if c.host.ref in refs
-        ]
-        try:
-            return placement.place(request.count, request.os, locked)
-        except NotEnoughCapacity:
-            raise _RoomTakenMeanwhile from None
 
     def place_again(
         self,
@@ -462,25 +398,3 @@ class Admission:
             if made:
                 self.ctx.leases.insert(conn, made, memory)
         return made
-
-    # -- quota -------------------------------------------------------------------------
-
-    def _check_quota(self, settings: Settings, request: LeaseRequest, memory: list[int], conn: Connection) -> None:
-        """Per-user limits, counted inside the reservation's transaction. The user is the
-        caller when authenticated, else the name the VMs are requested under."""
-        quota = settings.quota
-        if not quota.vms_per_user and not quota.memory_per_user:
-            return
-        subject = request.caller or request.username
-        mine = [lease for lease in self.ctx.leases.active(conn) if (lease.caller or lease.username) == subject]
-        if quota.vms_per_user and len(mine) + request.count > quota.vms_per_user:
-            raise QuotaExceeded(
-                f"{subject} holds {len(mine)} VM(s); {request.count} more would pass the limit of "
-                f"{quota.vms_per_user} ([quota] vms.per.user): release some first"
-            )
-        held = sum(lease.memory for lease in mine)
-        if quota.memory_per_user and held + sum(memory) > quota.memory_per_user:
-            raise QuotaExceeded(
-                f"{subject} holds {held / 1024**3:g} GiB of VM memory; {sum(memory) / 1024**3:g} GiB more would "
-                f"pass the limit of {quota.memory_per_user / 1024**3:g} GiB ([quota] memory.gib.per.user)"
-            )
